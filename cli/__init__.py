@@ -1,0 +1,1 @@
+"""The zsdense command-line application (installed as ``zsdense.cli``)."""

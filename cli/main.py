@@ -1,0 +1,131 @@
+"""``zsdense`` console entry: a lazily loaded click group with one error policy.
+
+Sub-commands live in their own modules and are imported only when used, so ``zsdense --version``
+and ``zsdense info`` start fast and a broken optional dependency only affects its command. Every
+:class:`~zsdense.errors.ZsdenseError` is printed as ``error: <message>`` without a traceback and
+exits with its ``exit_code`` (2); input failures inside batch runs exit 3 after the summary.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+
+import click
+
+import zsdense
+
+# command name -> "module:attribute"; loaded on first use
+LAZY_COMMANDS: dict[str, str] = {
+    "anomaly": "zsdense.cli.anomaly:anomaly_cmd",
+    "openvocab": "zsdense.cli.openvocab:openvocab_cmd",
+    "refer": "zsdense.cli.refer:refer_cmd",
+    "run": "zsdense.cli.run:run_cmd",
+    "eval": "zsdense.cli.eval:eval_group",
+    "models": "zsdense.cli.models:models_group",
+}
+
+
+def _available(spec: str) -> bool:
+    module = spec.split(":", 1)[0]
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+class LazyGroup(click.Group):
+    """A group whose sub-commands are imported when invoked (or listed in --help)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        lazy = [n for n, spec in LAZY_COMMANDS.items() if _available(spec)]
+        return sorted(set(super().list_commands(ctx)) | set(lazy))
+
+    def get_command(self, ctx: click.Context, name: str):
+        cmd = super().get_command(ctx, name)
+        if cmd is not None:
+            return cmd
+        spec = LAZY_COMMANDS.get(name)
+        if spec is None or not _available(spec):
+            return None
+        module, attr = spec.split(":", 1)
+        return getattr(importlib.import_module(module), attr)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(zsdense.__version__, prog_name="zsdense")
+def cli() -> None:
+    """Zero-shot dense perception on frozen CLIP, DINOv2 and SAM: anomaly, open-vocabulary and
+    referring segmentation from one pipeline.
+
+    Exit codes: 0 success, 2 usage or setup error (bad option, missing weights), 3 some inputs
+    failed (see results.jsonl), 130 interrupted (rerun to resume).
+    """
+
+
+@cli.command()
+def info() -> None:
+    """Versions, device, precision and the folders where weights are looked for."""
+    import platform
+
+    import torch
+
+    from zsdense.models import registry
+    from zsdense.runtime import resolve_device, resolve_precision
+
+    dev = resolve_device("auto")
+    lines = [
+        f"zsdense      {zsdense.__version__}",
+        f"python       {platform.python_version()} ({sys.executable})",
+        f"torch        {torch.__version__} (cuda available: {torch.cuda.is_available()})",
+    ]
+    for mod in ("open_clip", "transformers", "segment_anything", "numpy", "PIL", "cv2",
+                "tifffile", "scipy", "pydicom", "nibabel", "ray", "spacy"):
+        try:
+            m = importlib.import_module(mod)
+            ver = getattr(m, "__version__", "installed")
+        except Exception:  # noqa: BLE001 - info must never fail on an optional package
+            ver = "not installed"
+        lines.append(f"{mod:<12} {ver}")
+    lines.append(f"device       {dev} (auto)")
+    lines.append(f"precision    {str(resolve_precision('auto', dev)).replace('torch.', '')} (auto)")
+    if dev.type == "cpu":
+        lines.append(f"cpu threads  {torch.get_num_threads()}")
+    lines.append("weights dirs (searched in order):")
+    for d in registry.search_locations():
+        lines.append(f"  {d}")
+    offline = registry.is_offline()
+    lines.append(f"downloads    {'disabled (offline)' if offline else 'allowed'}")
+    click.echo("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: run the CLI with the zsdense error policy."""
+    from zsdense.errors import ZsdenseError
+
+    try:
+        rc = cli.main(args=argv, prog_name="zsdense", standalone_mode=False)
+    except ZsdenseError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted: rerun the same command to resume", err=True)
+        sys.exit(130)
+    if isinstance(rc, int) and rc != 0:
+        sys.exit(rc)
+    sys.exit(0)
+
+
+if __name__ == "__main__":  # python -m zsdense.cli.main
+    if os.environ.get("ZSDENSE_DEBUG"):  # full tracebacks for developers
+        cli()
+    else:
+        main()

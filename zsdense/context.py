@@ -1,0 +1,61 @@
+"""Per-image state shared by every head: the decoded image and each encoder output once.
+
+A head asks ``ctx.get(key, compute)`` for an encoder output (e.g. ``("sam", "vit_b")`` or
+``("clip-dense", arch, size, variant)``); the first head to ask computes it, every later head
+(of the same or another task) reuses it. ``ctx.computed`` counts the computations per key so
+tests and benchmarks can prove that each encoder ran once per image.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable
+
+import numpy as np
+
+
+@dataclass
+class ImageContext:
+    image: np.ndarray  # (H, W, 3) float32 RGB in [0, 1]
+    meta: dict = field(default_factory=dict)
+    cache: dict = field(default_factory=dict, repr=False)
+    computed: Counter = field(default_factory=Counter, repr=False)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(H, W) of the image."""
+        return int(self.image.shape[0]), int(self.image.shape[1])
+
+    @property
+    def image_u8(self) -> np.ndarray:
+        """(H, W, 3) uint8, rounded; what SAM and PIL-based references consume."""
+        u8 = self.cache.get("_u8")
+        if u8 is None:
+            u8 = np.clip(np.round(self.image * 255.0), 0, 255).astype(np.uint8)
+            self.cache["_u8"] = u8
+        return u8
+
+    def get(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+        """The cached value for ``key``, computing (and counting) it on first use."""
+        if key not in self.cache:
+            self.cache[key] = compute()
+            self.computed[key] += 1
+        return self.cache[key]
+
+    def sam_state(self, sam, *, capture_last_attn: bool = False):
+        """SAM's encoding of this image, computed at most once per SAM model.
+
+        A state captured with the last block's attention also serves requests without it.
+        """
+        key = ("sam", sam.arch)
+        state = self.cache.get(key)
+        if state is None or (capture_last_attn and state.last_attn is None):
+            state = sam.encode(self.image_u8, capture_last_attn=capture_last_attn)
+            self.cache[key] = state
+            self.computed[key] += 1
+        return state
+
+    def release(self) -> None:
+        """Drop cached encoder outputs (after every head of this image has run)."""
+        self.cache.clear()

@@ -1,0 +1,41 @@
+"""The one exception family a user can cause.
+
+Every problem that a user can fix (a bad file, a missing checkpoint, a wrong option) raises a
+subclass of :class:`ZsdenseError` with a message that says what went wrong and what to do. The CLI
+prints the message without a traceback and exits with ``exit_code``.
+"""
+
+from __future__ import annotations
+
+
+class ZsdenseError(Exception):
+    """Base class of every user-facing error; ``exit_code`` is what the CLI exits with."""
+
+    exit_code: int = 2
+
+
+class InputError(ZsdenseError):
+    """An input file cannot be read or is not a usable image."""
+
+    def __init__(self, path: object, problem: str):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+class WeightsError(ZsdenseError):
+    """A checkpoint is missing, corrupt or has the wrong hash."""
+
+
+class ConfigError(ZsdenseError):
+    """An option, preset, class list or prompt file is invalid."""
+
+
+class DependencyError(ZsdenseError):
+    """An optional dependency needed for this feature is not installed."""
+
+    def __init__(self, package: str, extra: str, feature: str):
+        super().__init__(
+            f"{feature} needs the optional package '{package}'; "
+            f"install it with: pip install 'zsdense[{extra}]'"
+        )

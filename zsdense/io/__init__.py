@@ -1,0 +1,63 @@
+"""Image I/O at the edges of the pipeline: readers, input listing, atomic writers, manifest."""
+
+from __future__ import annotations
+
+from zsdense.io.inputs import InputItem, list_inputs, output_stem
+from zsdense.io.manifest import Manifest, is_complete, record_error, record_key, record_ok
+from zsdense.io.readers import (
+    DEFAULT_MAX_PIXELS,
+    SUPPORTED_EXTENSIONS,
+    ImageRecord,
+    detect_format,
+    iter_image_records,
+    read_image,
+    read_image_records,
+    to_float_rgb,
+)
+from zsdense.io.writers import (
+    atomic_path,
+    jet_colors,
+    mask_to_rle,
+    rle_to_mask,
+    to_jsonable,
+    voc_palette,
+    write_json,
+    write_label_png,
+    write_map_npy,
+    write_map_tiff,
+    write_mask_png,
+    write_overlay_jpg,
+    write_rle_json,
+)
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "SUPPORTED_EXTENSIONS",
+    "ImageRecord",
+    "InputItem",
+    "Manifest",
+    "atomic_path",
+    "detect_format",
+    "is_complete",
+    "iter_image_records",
+    "jet_colors",
+    "list_inputs",
+    "mask_to_rle",
+    "output_stem",
+    "read_image",
+    "read_image_records",
+    "record_error",
+    "record_key",
+    "record_ok",
+    "rle_to_mask",
+    "to_float_rgb",
+    "to_jsonable",
+    "voc_palette",
+    "write_json",
+    "write_label_png",
+    "write_map_npy",
+    "write_map_tiff",
+    "write_mask_png",
+    "write_overlay_jpg",
+    "write_rle_json",
+]

@@ -1,0 +1,406 @@
+"""CLIP through open_clip: the model plus the pieces the dense heads need as plain tensors.
+
+The dense-feature algorithms (``zsdense.dense``) never patch open_clip classes. They ask this
+wrapper for the token stream after any block, for a block's weights (ln_1, in-projection,
+out-projection, MLP) and for the head (ln_post, proj), and compute their variants as functions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from zsdense.errors import ConfigError, WeightsError
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# Architectures we name (open_clip config names). ``tiny`` versions keep patch size and native
+# grid but use few layers and small widths with random weights from a fixed seed.
+CLIP_ARCHS = ("ViT-B-16", "ViT-L-14-336", "ViT-L-14", "ViT-B-32")
+TINY_SEED = 0
+
+
+@dataclass(frozen=True)
+class BlockWeights:
+    """The pieces of one residual attention block, as plain tensors / callables."""
+
+    ln_1: torch.nn.Module
+    in_proj_weight: torch.Tensor  # (3C, C)
+    in_proj_bias: torch.Tensor | None  # (3C,)
+    out_proj_weight: torch.Tensor  # (C, C)
+    out_proj_bias: torch.Tensor | None  # (C,)
+    ln_2: torch.nn.Module
+    mlp: torch.nn.Module
+    num_heads: int
+
+    @property
+    def width(self) -> int:
+        return self.in_proj_weight.shape[1]
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+
+@dataclass
+class ClipModel:
+    """An open_clip CLIP with its preprocessing constants and cached helpers."""
+
+    model: torch.nn.Module  # open_clip.CLIP
+    arch: str
+    is_random: bool = False
+    mean: tuple[float, float, float] = OPENAI_MEAN
+    std: tuple[float, float, float] = OPENAI_STD
+    _pos_cache: dict = field(default_factory=dict, repr=False)
+    _tokenizer: object = field(default=None, repr=False)
+
+    # ---- structure -------------------------------------------------------------------------
+    @property
+    def visual(self) -> torch.nn.Module:
+        return self.model.visual
+
+    @property
+    def blocks(self) -> list[torch.nn.Module]:
+        return list(self.model.visual.transformer.resblocks)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.model.visual.transformer.resblocks)
+
+    @property
+    def width(self) -> int:
+        return int(self.model.visual.class_embedding.shape[0])
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.visual.proj.shape[1])
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.model.visual.conv1.kernel_size[0])
+
+    @property
+    def native_grid(self) -> int:
+        return int(math.isqrt(self.model.visual.positional_embedding.shape[0] - 1))
+
+    @property
+    def native_size(self) -> int:
+        return self.native_grid * self.patch_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.visual.proj.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.visual.proj.dtype
+
+    def block(self, i: int) -> BlockWeights:
+        """Weights of block ``i`` (0-based)."""
+        blk = self.model.visual.transformer.resblocks[i]
+        attn = blk.attn
+        return BlockWeights(
+            ln_1=blk.ln_1,
+            in_proj_weight=attn.in_proj_weight,
+            in_proj_bias=attn.in_proj_bias,
+            out_proj_weight=attn.out_proj.weight,
+            out_proj_bias=attn.out_proj.bias,
+            ln_2=blk.ln_2,
+            mlp=blk.mlp,
+            num_heads=int(attn.num_heads),
+        )
+
+    def to(self, device: str | torch.device) -> ClipModel:
+        self.model.to(device)
+        self._pos_cache.clear()
+        return self
+
+    # ---- image side ------------------------------------------------------------------------
+    def normalize(self, images_bchw: torch.Tensor) -> torch.Tensor:
+        """[0,1] RGB (B,3,H,W) -> CLIP-normalised input."""
+        mean = torch.tensor(self.mean, device=images_bchw.device, dtype=images_bchw.dtype)
+        std = torch.tensor(self.std, device=images_bchw.device, dtype=images_bchw.dtype)
+        return (images_bchw - mean[:, None, None]) / std[:, None, None]
+
+    def pos_embed(self, grid_hw: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+        """Positional embedding (1 + gh*gw, C) for a patch grid, class slot unchanged.
+
+        ``mode``: ``"native"`` (grid must equal the native one), ``"bilinear"`` (Crane:
+        ``F.interpolate(size=grid, mode="bilinear", align_corners=False)``), ``"bicubic-scale"``
+        (Trident / ProxyCLIP / SCLIP family: bicubic with ``scale_factor=((g+0.1)/G)``), or
+        ``"bicubic"`` (size-based bicubic). Cached per (grid, mode).
+        """
+        gh, gw = int(grid_hw[0]), int(grid_hw[1])
+        key = (gh, gw, mode)
+        pe = self.model.visual.positional_embedding
+        cached = self._pos_cache.get(key)
+        if cached is not None and cached.device == pe.device and cached.dtype == pe.dtype:
+            return cached
+        G = self.native_grid
+        cls_pe, grid_pe = pe[:1], pe[1:]
+        if (gh, gw) == (G, G) or mode == "native":
+            if (gh, gw) != (G, G):
+                raise ConfigError(f"grid {gh}x{gw} differs from the native {G}x{G}")
+            out = pe
+        else:
+            g = grid_pe.reshape(1, G, G, -1).permute(0, 3, 1, 2)  # (1, C, G, G)
+            if mode == "bilinear":
+                g = F.interpolate(g, size=(gh, gw), mode="bilinear", align_corners=False)
+            elif mode == "bicubic":
+                g = F.interpolate(g, size=(gh, gw), mode="bicubic", align_corners=False)
+            elif mode == "bicubic-scale":
+                g = F.interpolate(
+                    g,
+                    scale_factor=((gh + 0.1) / G, (gw + 0.1) / G),
+                    mode="bicubic",
+                    align_corners=False,
+                )
+                if g.shape[-2:] != (gh, gw):  # pragma: no cover - float rounding guard
+                    raise RuntimeError(f"scale-factor resize gave {tuple(g.shape[-2:])}")
+            else:
+                raise ConfigError(f"unknown positional-embedding resize mode {mode!r}")
+            g = g.permute(0, 2, 3, 1).reshape(gh * gw, -1)
+            out = torch.cat([cls_pe, g], dim=0)
+        out = out.detach()
+        self._pos_cache[key] = out
+        return out
+
+    def embed(self, x_bchw: torch.Tensor, pos_mode: str = "bilinear") -> torch.Tensor:
+        """Patch embedding + class token + positional embedding + ln_pre -> (B, 1+N, C)."""
+        v = self.model.visual
+        x = v.conv1(x_bchw.to(v.conv1.weight.dtype))  # (B, C, gh, gw)
+        gh, gw = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)  # (B, N, C)
+        cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1)
+        x = x + self.pos_embed((gh, gw), pos_mode).to(x.dtype)
+        return v.ln_pre(x)
+
+    def run_blocks(
+        self, x_bnc: torch.Tensor, start: int = 0, stop: int | None = None
+    ) -> torch.Tensor:
+        """Run blocks ``start..stop-1`` (0-based) on batch-first tokens (B, N, C)."""
+        blocks = self.model.visual.transformer.resblocks
+        stop = len(blocks) if stop is None else stop
+        for i in range(start, stop):
+            x_bnc = blocks[i](x_bnc)
+        return x_bnc
+
+    def forward_layers(
+        self, x_bnc: torch.Tensor, layers: Sequence[int]
+    ) -> dict[int, torch.Tensor]:
+        """Residual tokens after each listed block (1-based block numbers, as papers count)."""
+        want = sorted(set(int(i) for i in layers))
+        out: dict[int, torch.Tensor] = {}
+        blocks = self.model.visual.transformer.resblocks
+        for i, blk in enumerate(blocks, start=1):
+            if i > want[-1]:
+                break
+            x_bnc = blk(x_bnc)
+            if i in want:
+                out[i] = x_bnc
+        return out
+
+    def head(self, tokens_bnc: torch.Tensor) -> torch.Tensor:
+        """ln_post then projection: (..., C) -> (..., D), not normalised."""
+        v = self.model.visual
+        return v.ln_post(tokens_bnc) @ v.proj
+
+    def encode_image_global(self, x_bchw: torch.Tensor, pos_mode: str = "bilinear") -> torch.Tensor:
+        """Global image embedding (B, D), L2-normalised, on any input size."""
+        x = self.run_blocks(self.embed(x_bchw, pos_mode))
+        return F.normalize(self.head(x[:, 0]), dim=-1)
+
+    # ---- text side -------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            import open_clip
+
+            self._tokenizer = open_clip.get_tokenizer("ViT-B-16")  # the shared CLIP BPE
+        return self._tokenizer
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.tokenizer(list(texts)).to(self.device)
+
+    @torch.no_grad()
+    def encode_text(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        """L2-normalised text embeddings (T, D)."""
+        outs = []
+        texts = list(texts)
+        for i in range(0, len(texts), batch_size):
+            tok = self.tokenize(texts[i : i + batch_size])
+            outs.append(F.normalize(self.model.encode_text(tok).float(), dim=-1))
+        return torch.cat(outs, dim=0)
+
+
+# ---- construction ----------------------------------------------------------------------------
+
+
+def _infer_config(sd: dict[str, torch.Tensor]) -> dict:
+    """open_clip CLIP constructor arguments from an OpenAI-layout state dict."""
+    try:
+        width = sd["visual.conv1.weight"].shape[0]
+        patch = sd["visual.conv1.weight"].shape[-1]
+        n_pos = sd["visual.positional_embedding"].shape[0]
+        layers = len(
+            {k.split(".")[3] for k in sd if k.startswith("visual.transformer.resblocks.")}
+        )
+        embed_dim = sd["visual.proj"].shape[1]
+        t_width = sd["ln_final.weight"].shape[0]
+        t_layers = len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")})
+        ctx = sd["positional_embedding"].shape[0]
+        vocab = sd["token_embedding.weight"].shape[0]
+    except KeyError as exc:
+        raise WeightsError(
+            f"not an OpenAI/open_clip CLIP state dict (missing key {exc.args[0]!r})"
+        ) from None
+    grid = math.isqrt(n_pos - 1)
+    return dict(
+        embed_dim=embed_dim,
+        vision_cfg=dict(
+            layers=layers,
+            width=width,
+            patch_size=patch,
+            image_size=grid * patch,
+            head_width=64,
+        ),
+        text_cfg=dict(
+            context_length=ctx,
+            vocab_size=vocab,
+            width=t_width,
+            heads=max(1, t_width // 64),
+            layers=t_layers,
+        ),
+        quick_gelu=True,
+    )
+
+
+def clip_from_state_dict(
+    sd: dict[str, torch.Tensor], *, arch: str = "custom", is_random: bool = False
+) -> ClipModel:
+    """Build an open_clip CLIP (float32, QuickGELU as OpenAI) and load ``sd`` strictly."""
+    import open_clip
+
+    sd = {k: v for k, v in sd.items() if k not in ("input_resolution", "context_length", "vocab_size")}
+    cfg = _infer_config(sd)
+    model = open_clip.CLIP(**cfg)
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as exc:
+        raise WeightsError(f"CLIP state dict does not fit {arch}: {exc}") from None
+    model = model.float().eval().requires_grad_(False)
+    return ClipModel(model=model, arch=arch, is_random=is_random)
+
+
+def _tiny_cfg(arch: str) -> dict:
+    import open_clip
+
+    try:
+        full = open_clip.get_model_config(arch)
+    except Exception:  # pragma: no cover - open_clip versions differ in what they raise
+        full = None
+    if full is None:
+        raise ConfigError(f"unknown CLIP architecture {arch!r}; known: {', '.join(CLIP_ARCHS)}")
+    v = full["vision_cfg"]
+    return dict(
+        embed_dim=64,
+        vision_cfg=dict(
+            layers=6,
+            width=128,
+            patch_size=v["patch_size"],
+            image_size=v["image_size"],
+            head_width=64,
+        ),
+        text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=1, layers=2),
+        quick_gelu=True,
+    )
+
+
+def build_tiny_clip(arch: str = "ViT-B-16", seed: int = TINY_SEED) -> ClipModel:
+    """The same architecture family with 6 layers, width 128, random weights (fixed seed).
+
+    LayerNorm weights are perturbed away from 1/0 so that tests exercise them.
+    """
+    import open_clip
+
+    gen_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = open_clip.CLIP(**_tiny_cfg(arch))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("ln_post.weight") or ".ln_" in name or name.startswith("ln_"):
+                    if name.endswith("weight"):
+                        p.add_(0.1 * torch.randn_like(p))
+                    else:
+                        p.add_(0.05 * torch.randn_like(p))
+                if name.endswith("in_proj_bias"):
+                    p.add_(0.1 * torch.randn_like(p))
+    finally:
+        torch.random.set_rng_state(gen_state)
+    model = model.float().eval().requires_grad_(False)
+    return ClipModel(model=model, arch=f"tiny-{arch}", is_random=True)
+
+
+def load_clip(
+    arch: str = "ViT-B-16",
+    *,
+    pretrained: str = "openai",
+    weights_dir: str | None = None,
+    device: str | torch.device = "cpu",
+    download: bool | None = None,
+) -> ClipModel:
+    """Load a real CLIP checkpoint through the weights registry (``clip-<arch>-<pretrained>``)."""
+    from zsdense.models import registry
+
+    name = f"clip-{arch}-{pretrained}"
+    path = registry.resolve(name, weights_dir=weights_dir, download=download)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt"))
+        if not files:
+            raise WeightsError(f"{path}: no weights file in the checkpoint directory for {name}")
+        path = files[0]
+    sd = registry.load_state_dict_file(path)
+    clip = clip_from_state_dict(sd, arch=arch)
+    return clip.to(device)
+
+
+def preprocess_images(
+    images: Sequence[np.ndarray],
+    size: int | tuple[int, int],
+    *,
+    interpolation: str = "bicubic",
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """Float RGB (H,W,3) images in [0,1] -> (B,3,h,w) tensor resized like PIL (no crop).
+
+    Bicubic resizing goes through PIL on 8-bit data when the input is 8-bit-representable, to
+    match the reference implementations (``PIL.Image.resize(BICUBIC)``); otherwise it resizes the
+    float data with PIL's float mode per channel, which keeps 16-bit precision.
+    """
+    from PIL import Image
+
+    h, w = (size, size) if isinstance(size, int) else size
+    resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}[
+        interpolation
+    ]
+    out = np.empty((len(images), 3, h, w), dtype=np.float32)
+    for i, img in enumerate(images):
+        u8 = np.round(img * 255.0)
+        if np.allclose(u8, img * 255.0, atol=1e-3):
+            pil = Image.fromarray(u8.astype(np.uint8), mode="RGB")
+            out[i] = np.asarray(pil.resize((w, h), resample), dtype=np.float32).transpose(
+                2, 0, 1
+            ) / 255.0
+        else:
+            for c in range(3):
+                ch = Image.fromarray(np.ascontiguousarray(img[..., c], dtype=np.float32), mode="F")
+                out[i, c] = np.asarray(ch.resize((w, h), resample), dtype=np.float32)
+    return torch.from_numpy(out).to(device)

@@ -1,0 +1,213 @@
+"""SAM through segment_anything: one encoder pass per image, reusable by every head.
+
+``SamModel.encode`` runs the image encoder once and returns a :class:`SamImageState` holding the
+embedding and, on request, the last encoder block's attention probabilities and values (what
+Trident needs), captured with a forward hook that recomputes them from the block's input. A
+predictor bound to that state (``SamModel.predictor_for``) answers prompts without re-encoding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+
+import numpy as np
+import torch
+
+from zsdense.errors import WeightsError
+
+SAM_ARCHS = {
+    # arch: (embed_dim, depth, heads, global_attn_indexes)
+    "vit_b": (768, 12, 12, (2, 5, 8, 11)),
+    "vit_l": (1024, 24, 16, (5, 11, 17, 23)),
+    "vit_h": (1280, 32, 16, (7, 15, 23, 31)),
+}
+TINY_SEED = 2
+
+
+@dataclass
+class SamImageState:
+    """Everything SAM computed for one image (tensors on the model's device)."""
+
+    embedding: torch.Tensor  # (1, 256, 64, 64) image embedding
+    original_size: tuple[int, int]  # (H, W) of the image given to SAM
+    input_size: tuple[int, int]  # (h, w) after ResizeLongestSide, before padding
+    last_attn: torch.Tensor | None = None  # (heads, N, N) last encoder block, N = gh*gw
+    last_v: torch.Tensor | None = None  # (heads, gh, gw, head_dim)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return int(self.embedding.shape[-2]), int(self.embedding.shape[-1])
+
+
+def _build(arch: str, tiny: bool):
+    from segment_anything.modeling import (
+        ImageEncoderViT,
+        MaskDecoder,
+        PromptEncoder,
+        Sam,
+        TwoWayTransformer,
+    )
+
+    embed_dim, depth, heads, glob = SAM_ARCHS[arch]
+    dec_depth, dec_mlp = 2, 2048
+    if tiny:
+        embed_dim, depth, heads, glob = 64, 2, 2, (1,)
+        dec_depth, dec_mlp = 1, 256
+    prompt_dim, image_size, patch = 256, 1024, 16
+    emb = image_size // patch
+    return Sam(
+        image_encoder=ImageEncoderViT(
+            depth=depth,
+            embed_dim=embed_dim,
+            img_size=image_size,
+            mlp_ratio=4,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            num_heads=heads,
+            patch_size=patch,
+            qkv_bias=True,
+            use_rel_pos=True,
+            global_attn_indexes=glob,
+            window_size=14,
+            out_chans=prompt_dim,
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=prompt_dim,
+            image_embedding_size=(emb, emb),
+            input_image_size=(image_size, image_size),
+            mask_in_chans=16,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(
+                depth=dec_depth, embedding_dim=prompt_dim, mlp_dim=dec_mlp, num_heads=8
+            ),
+            transformer_dim=prompt_dim,
+            iou_head_depth=3,
+            iou_head_hidden_dim=256,
+        ),
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
+    )
+
+
+@dataclass
+class SamModel:
+    model: torch.nn.Module  # segment_anything.modeling.Sam
+    arch: str
+    is_random: bool = False
+    encoder_calls: int = 0  # how many times the image encoder ran (tests prove reuse with it)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def img_size(self) -> int:
+        return int(self.model.image_encoder.img_size)
+
+    def to(self, device: str | torch.device) -> SamModel:
+        self.model.to(device)
+        return self
+
+    @torch.no_grad()
+    def encode(self, image_u8_hwc: np.ndarray, *, capture_last_attn: bool = False) -> SamImageState:
+        """Run SAM's image encoder once on an 8-bit RGB image."""
+        from segment_anything.modeling.image_encoder import add_decomposed_rel_pos
+        from segment_anything.utils.transforms import ResizeLongestSide
+
+        if image_u8_hwc.dtype != np.uint8 or image_u8_hwc.ndim != 3 or image_u8_hwc.shape[2] != 3:
+            raise ValueError("SamModel.encode expects an (H, W, 3) uint8 RGB image")
+        transform = ResizeLongestSide(self.img_size)
+        x = transform.apply_image(image_u8_hwc)
+        x_t = torch.as_tensor(x, device=self.device).permute(2, 0, 1).contiguous()[None]
+        input_size = tuple(int(s) for s in x_t.shape[-2:])
+        x_t = self.model.preprocess(x_t.float())
+
+        captured: dict[str, torch.Tensor] = {}
+        handle = None
+        if capture_last_attn:
+            attn_mod = self.model.image_encoder.blocks[-1].attn
+
+            def hook(module, args, _out):
+                (xin,) = args  # (B, H, W, C) after norm1 (global block: no windows)
+                b, h, w, _ = xin.shape
+                qkv = module.qkv(xin).reshape(b, h * w, 3, module.num_heads, -1)
+                q, k, v = qkv.permute(2, 0, 3, 1, 4).reshape(3, b * module.num_heads, h * w, -1)
+                attn = (q * module.scale) @ k.transpose(-2, -1)
+                if module.use_rel_pos:
+                    attn = add_decomposed_rel_pos(
+                        attn, q, module.rel_pos_h, module.rel_pos_w, (h, w), (h, w)
+                    )
+                captured["attn"] = attn.softmax(dim=-1)  # (heads, N, N) for b == 1
+                captured["v"] = v.reshape(b * module.num_heads, h, w, -1)
+
+            handle = attn_mod.register_forward_hook(hook)
+        try:
+            emb = self.model.image_encoder(x_t)
+        finally:
+            if handle is not None:
+                handle.remove()
+        self.encoder_calls += 1
+        return SamImageState(
+            embedding=emb,
+            original_size=(int(image_u8_hwc.shape[0]), int(image_u8_hwc.shape[1])),
+            input_size=input_size,  # type: ignore[arg-type]
+            last_attn=captured.get("attn"),
+            last_v=captured.get("v"),
+        )
+
+    def predictor_for(self, state: SamImageState):
+        """A ``SamPredictor`` bound to an already encoded image (no second encoder pass)."""
+        from segment_anything import SamPredictor
+
+        pred = SamPredictor(self.model)
+        pred.reset_image()
+        pred.features = state.embedding
+        pred.original_size = state.original_size
+        pred.input_size = state.input_size
+        pred.is_image_set = True
+        return pred
+
+
+def build_sam(arch: str = "vit_b", *, tiny: bool = False, seed: int = TINY_SEED) -> SamModel:
+    """SAM architecture with random weights (fixed seed); ``tiny``: 2 encoder blocks, width 64."""
+    if arch not in SAM_ARCHS:
+        raise WeightsError(f"unknown SAM architecture {arch!r}; known: {', '.join(SAM_ARCHS)}")
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = _build(arch, tiny)
+        if tiny:
+            with torch.no_grad():  # rel-pos tables start at zero: give them content
+                for blk in model.image_encoder.blocks:
+                    blk.attn.rel_pos_h.normal_(0, 0.1)
+                    blk.attn.rel_pos_w.normal_(0, 0.1)
+    finally:
+        torch.random.set_rng_state(state)
+    model = model.float().eval().requires_grad_(False)
+    return SamModel(model=model, arch=("tiny-" if tiny else "") + arch, is_random=True)
+
+
+def load_sam(
+    arch: str = "vit_b",
+    *,
+    weights_dir: str | None = None,
+    device: str | torch.device = "cpu",
+    download: bool | None = None,
+) -> SamModel:
+    """Load an official SAM checkpoint (``sam-<arch>``) through the registry, weights_only."""
+    from zsdense.models import registry
+
+    if arch not in SAM_ARCHS:
+        raise WeightsError(f"unknown SAM architecture {arch!r}; known: {', '.join(SAM_ARCHS)}")
+    path = registry.resolve(f"sam-{arch}", weights_dir=weights_dir, download=download)
+    sd = registry.load_state_dict_file(path)
+    model = _build(arch, tiny=False)
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as exc:
+        raise WeightsError(f"{path}: SAM weights do not fit {arch}: {exc}") from None
+    model = model.float().eval().requires_grad_(False)
+    return SamModel(model=model, arch=arch).to(device)
