@@ -1,0 +1,128 @@
+"""Input listing: files, folders, globs, hidden files, duplicates, mirroring, stem collisions."""
+
+from __future__ import annotations
+
+from pathlib import Path, PurePosixPath
+
+import pytest
+
+from zsdense.errors import InputError
+from zsdense.io.inputs import InputItem, list_inputs, output_stem, strip_extension
+
+
+def _touch(p: Path, data: bytes = b"x") -> Path:
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(data)
+    return p
+
+
+@pytest.fixture()
+def tree(tmp_path: Path) -> Path:
+    d = tmp_path / "data"
+    for rel in (
+        "b.png",
+        "a.JPG",
+        "sub/c.tif",
+        "sub/deeper/d.nii.gz",
+        "sub/e.dcm",
+        "notes.txt",
+        ".hidden.png",
+        ".cache/f.png",
+        "sub/.g.png",
+    ):
+        _touch(d / rel)
+    _touch(d / "sub" / "IM0001", b"\x00" * 128 + b"DICM" + b"\x00" * 10)  # bare DICOM name
+    _touch(d / "sub" / "README", b"just text")
+    return d
+
+
+def test_folder_recursed_sorted_filtered(tree: Path) -> None:
+    items = list_inputs([tree])
+    rels = [str(i.rel) for i in items]
+    assert rels == ["a.JPG", "b.png", "sub/IM0001", "sub/c.tif", "sub/deeper/d.nii.gz", "sub/e.dcm"]
+    assert all(i.path.is_file() for i in items)
+    assert items[1].path == tree / "b.png"
+
+
+def test_explicit_file_always_included(tree: Path) -> None:
+    items = list_inputs([tree / "notes.txt", tree / ".hidden.png"])
+    assert [str(i.rel) for i in items] == ["notes.txt", ".hidden.png"]
+
+
+def test_glob_patterns_and_rel_to_root(tree: Path) -> None:
+    items = list_inputs([str(tree / "**" / "*.tif"), str(tree / "*.png")])
+    assert [str(i.rel) for i in items] == ["sub/c.tif", "b.png"]
+    items = list_inputs([str(tree / "su?")])  # a glob matching a folder walks it
+    assert "sub/deeper/d.nii.gz" in [str(i.rel) for i in items]
+    items = list_inputs([str(tree / "*")])  # non-images filtered out of glob matches
+    assert "notes.txt" not in [str(i.rel) for i in items]
+    assert not any(".cache" in str(i.rel) or ".hidden" in str(i.rel) for i in items)
+
+
+def test_duplicates_removed(tree: Path) -> None:
+    items = list_inputs([tree / "b.png", tree, str(tree / "*.png")])
+    paths = [i.path.resolve() for i in items]
+    assert len(paths) == len(set(paths)) == 6
+    assert items[0].rel == PurePosixPath("b.png")
+
+
+def test_nothing_matched_raises(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="no such file or folder") as ei:
+        list_inputs([tmp_path / "nope.png"])
+    assert "nope.png" in str(ei.value)
+    with pytest.raises(InputError, match="no supported image files match"):
+        list_inputs([str(tmp_path / "*.png")])
+    (tmp_path / "empty").mkdir()
+    _touch(tmp_path / "empty" / "x.txt")
+    with pytest.raises(InputError, match="folder contains no supported image files"):
+        list_inputs([tmp_path / "empty"])
+
+
+def test_output_stem_mirrors_tree(tree: Path, tmp_path: Path) -> None:
+    items = {str(i.rel): i for i in list_inputs([tree])}
+    out = tmp_path / "out"
+    assert output_stem(out, items["sub/c.tif"]) == out / "sub" / "c"
+    assert output_stem(out, items["sub/deeper/d.nii.gz"], ".s012") == out / "sub/deeper/d.s012"
+    assert output_stem(out, items["sub/e.dcm"], ".f003") == out / "sub" / "e.f003"
+    assert output_stem(out, items["sub/IM0001"]) == out / "sub" / "IM0001"
+    direct = InputItem(Path("/x/y/img.v2.png"), PurePosixPath("img.v2.png"))
+    assert output_stem(out, direct) == out / "img.v2"
+    assert strip_extension(PurePosixPath("a/b.NII.GZ")) == PurePosixPath("a/b")
+
+
+def test_stem_collisions_get_distinct_outputs(tmp_path: Path) -> None:
+    _touch(tmp_path / "a" / "x.png")
+    _touch(tmp_path / "b" / "x.png")
+    _touch(tmp_path / "c" / "x.png")
+    _touch(tmp_path / "c" / "x.jpg")
+    items = list_inputs([tmp_path / "a" / "x.png", tmp_path / "b" / "x.png", tmp_path / "c"])
+    stems = [output_stem("o", i) for i in items]
+    assert len(set(stems)) == len(items) == 4
+    assert stems[0] == Path("o/x") and stems[1] == Path("o/x.png")
+    assert all(str(i.rel).endswith((".png", ".jpg")) for i in items)
+
+
+def test_bundled_assets_list_and_read() -> None:
+    from zsdense.io.readers import read_image_records
+
+    assets = Path(__file__).resolve().parents[1] / "assets"
+    if not assets.is_dir():
+        pytest.skip(f"assets folder not found at {assets}")
+    items = list_inputs([assets / "inspection", assets / "scenes", assets / "medical"])
+    names = {i.path.name for i in items}
+    assert {
+        "brick.png",
+        "grass.png",
+        "gravel.png",
+        "gravel_scratch.png",
+        "coffee.png",
+        "chelsea.png",
+        "CT_small.dcm",
+    } <= names
+    total = sum(p.stat().st_size for p in assets.rglob("*") if p.is_file())
+    assert total < 1_000_000
+    for item in items:
+        if item.path.suffix == ".dcm":
+            pytest.importorskip("pydicom")
+        recs = read_image_records(item.path)
+        assert recs[0].image.shape[2] == 3 and max(recs[0].image.shape[:2]) <= 512

@@ -1,0 +1,352 @@
+"""Writers: atomic files, lossless masks/labels/maps, overlay, COCO RLE vs pycocotools, manifest."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from zsdense.errors import InputError
+from zsdense.io import manifest as manifest_mod
+from zsdense.io.manifest import Manifest, is_complete, record_error, record_key, record_ok
+from zsdense.io.writers import (
+    atomic_path,
+    jet_colors,
+    mask_to_rle,
+    rle_to_mask,
+    to_jsonable,
+    voc_palette,
+    write_json,
+    write_label_png,
+    write_map_npy,
+    write_map_tiff,
+    write_mask_png,
+    write_overlay_jpg,
+    write_rle_json,
+)
+
+RNG = np.random.default_rng(1)
+
+
+def _files(d: Path) -> list[str]:
+    return sorted(p.name for p in d.iterdir())
+
+
+# ---------------------------------------------------------------------------------- atomic
+
+
+def test_atomic_path_success_creates_parents_and_leaves_no_temp(tmp_path: Path) -> None:
+    final = tmp_path / "a" / "b" / "x.mask.png"
+    with atomic_path(final) as tmp:
+        assert tmp.parent == final.parent and tmp.name.startswith(".")
+        assert tmp.suffix == ".png"  # encoders can infer the format
+        assert not final.exists()
+        tmp.write_bytes(b"data")
+    assert final.read_bytes() == b"data"
+    assert _files(final.parent) == ["x.mask.png"]
+
+
+def test_atomic_path_failure_keeps_old_file_and_removes_temp(tmp_path: Path) -> None:
+    final = tmp_path / "x.json"
+    final.write_text("old")
+    with pytest.raises(RuntimeError, match="midway"):
+        with atomic_path(final) as tmp:
+            tmp.write_text("half-writ")
+            raise RuntimeError("midway")
+    assert final.read_text() == "old"
+    assert _files(tmp_path) == ["x.json"]
+
+
+def test_encoder_failing_midway_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
+    def half_save(self, fp, format=None, **kw):  # writes some bytes, then dies
+        Path(fp).write_bytes(b"\x89PNG partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Image.Image, "save", half_save)
+    with pytest.raises(OSError, match="disk full"):
+        write_mask_png(tmp_path / "out" / "m.mask.png", np.ones((4, 4), bool))
+    assert _files(tmp_path / "out") == []
+
+    import tifffile
+
+    def half_tiff(path, *a, **k):
+        Path(path).write_bytes(b"II*\x00partial")
+        raise ValueError("encoder crashed")
+
+    monkeypatch.setattr(tifffile, "imwrite", half_tiff)
+    with pytest.raises(ValueError):
+        write_map_tiff(tmp_path / "out" / "m.map.tiff", np.zeros((2, 2), np.float32))
+    assert _files(tmp_path / "out") == []
+
+
+def test_atomic_path_body_writing_nothing_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="nothing was written"):
+        with atomic_path(tmp_path / "x.bin"):
+            pass
+    assert _files(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------- masks / maps
+
+
+def test_mask_png_is_8bit_0_255(tmp_path: Path) -> None:
+    m = RNG.random((7, 9)) > 0.5
+    p = write_mask_png(tmp_path / "m.mask.png", m)
+    with Image.open(p) as im:
+        assert im.mode == "L" and im.format == "PNG"
+        a = np.asarray(im)
+    assert set(np.unique(a)) <= {0, 255}
+    np.testing.assert_array_equal(a == 255, m)
+    with pytest.raises(ValueError, match=r"\(H, W\)"):
+        write_mask_png(tmp_path / "bad.png", np.zeros((2, 2, 2), bool))
+
+
+def test_voc_palette_known_values() -> None:
+    pal = voc_palette()
+    assert pal.shape == (256, 3) and pal.dtype == np.uint8
+    assert pal[:5].tolist() == [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0], [0, 0, 128]]
+    assert pal[15].tolist() == [192, 128, 128]  # VOC "person"
+    assert pal[255].tolist() == [224, 224, 192]  # VOC "void" colour
+    assert len({tuple(c) for c in pal}) == 256
+
+
+def test_label_png_palette_roundtrip_and_limits(tmp_path: Path) -> None:
+    lab = RNG.integers(0, 21, (10, 12))
+    p = write_label_png(tmp_path / "l.png", lab)
+    with Image.open(p) as im:
+        assert im.mode == "P"
+        np.testing.assert_array_equal(np.asarray(im), lab)
+        pal = np.array(im.getpalette()[: 21 * 3]).reshape(-1, 3)
+    np.testing.assert_array_equal(pal, voc_palette(21))
+
+    custom = [(1, 2, 3), (250, 251, 252)]
+    write_label_png(tmp_path / "c.png", np.array([[0, 1]]), palette=custom)
+    with Image.open(tmp_path / "c.png") as im:
+        assert np.asarray(im.convert("RGB")).tolist() == [[[1, 2, 3], [250, 251, 252]]]
+
+    big = np.full((2, 2), 256)
+    with pytest.raises(ValueError, match="0..255"):
+        write_label_png(tmp_path / "big.png", big)
+    with pytest.raises(ValueError, match="palette has 2 colours"):
+        write_label_png(tmp_path / "p.png", np.array([[0, 2]]), palette=custom)
+    assert not (tmp_path / "big.png").exists()
+
+
+def test_map_tiff_and_npy_lossless(tmp_path: Path) -> None:
+    tifffile = pytest.importorskip("tifffile")
+    a = RNG.standard_normal((20, 30)).astype(np.float32)
+    a[0, 0] = np.nan
+    write_map_tiff(tmp_path / "a.map.tiff", a)
+    b = tifffile.imread(tmp_path / "a.map.tiff")
+    assert b.dtype == np.float32 and b.shape == (20, 30)
+    np.testing.assert_array_equal(b, a)  # NaN == NaN under assert_array_equal
+
+    k = RNG.random((3, 8, 9)).astype(np.float32)
+    write_map_tiff(tmp_path / "k.map.tiff", k, metadata={"class_names": ["a", "b", "c"]})
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "k.map.tiff"), k)
+    with tifffile.TiffFile(tmp_path / "k.map.tiff") as t:
+        assert t.shaped_metadata[0]["class_names"] == ["a", "b", "c"]
+
+    write_map_npy(tmp_path / "k.probs.npy", k)
+    np.testing.assert_array_equal(np.load(tmp_path / "k.probs.npy"), k)
+    write_map_npy(tmp_path / "odd.bin", k)  # name used as given, no '.npy' appended
+    assert (tmp_path / "odd.bin").exists() and not (tmp_path / "odd.bin.npy").exists()
+
+
+# ---------------------------------------------------------------------------------- overlay
+
+
+def test_overlay_heat_labels_mask_legend_caption(tmp_path: Path) -> None:
+    img = np.full((64, 96, 3), 0.5, np.float32)
+    heat = np.zeros((64, 96), np.float32)
+    heat[:, 48:] = 10.0  # right half hot
+    p = write_overlay_jpg(tmp_path / "h.overlay.jpg", img, heat=heat)
+    with Image.open(p) as im:
+        assert im.format == "JPEG" and im.size == (96, 64)
+        o = np.asarray(im).astype(float) / 255
+    hot, cold = jet_colors(np.array(1.0)), jet_colors(np.array(0.0))
+    np.testing.assert_allclose(o[32, 80], 0.5 * 0.5 + 0.5 * hot, atol=0.04)
+    np.testing.assert_allclose(o[32, 10], 0.5 * 0.5 + 0.5 * cold, atol=0.04)
+
+    lab = np.zeros((64, 96), int)
+    lab[:, 40:] = 2  # "sofa" covers most pixels: first legend entry
+    mask = np.zeros((64, 96), bool)
+    mask[34:60, 10:40] = True
+    write_overlay_jpg(
+        tmp_path / "l.overlay.jpg",
+        img,
+        labels=lab,
+        class_names=["bg", "cat", "sofa"],
+        mask=mask,
+        caption="a caption that is long enough to wrap onto two lines of text",
+    )
+    with Image.open(tmp_path / "l.overlay.jpg") as im:
+        w, h = im.size
+        o = np.asarray(im).astype(float)
+    assert w == 96 and h > 64  # caption strip added under the image
+    assert o[62, 80] == pytest.approx(0.5 * 127.5 + 0.5 * np.array([0, 128, 0]), abs=8)
+    assert o[59, 25, 1] > 170 and o[59, 25, 0] < 100  # green outline on the mask border
+    assert o[45, 25] == pytest.approx([63.75] * 3, abs=8)  # inside: grey + black label 0
+    assert o[9, 9] == pytest.approx([0, 128, 0], abs=35)  # legend swatch of "sofa"
+    assert o[4, 40].min() > 200  # legend box is white
+    assert o[h - 3, 90].max() < 40  # black strip
+
+
+def test_jet_endpoints() -> None:
+    np.testing.assert_allclose(
+        jet_colors(np.array([0.0, 0.5, 1.0])), [[0, 0, 0.5], [0.5, 1, 0.5], [0.5, 0, 0]], atol=1e-6
+    )
+
+
+# ---------------------------------------------------------------------------------- RLE
+
+
+def _masks() -> list[np.ndarray]:
+    out = [
+        np.zeros((5, 7), bool),
+        np.ones((5, 7), bool),
+        np.zeros((1, 1), bool),
+        np.ones((1, 1), bool),
+    ]
+    for _ in range(40):
+        h, w = (int(v) for v in RNG.integers(1, 50, 2))
+        out.append(RNG.random((h, w)) < RNG.random())
+    big = np.zeros((480, 640), bool)
+    big[100:400, 30:600] = True
+    big[200:210, :] = False
+    out.append(big)
+    return out
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools vs numpy 2
+def test_rle_matches_pycocotools_both_ways() -> None:
+    mask_api = pytest.importorskip("pycocotools.mask")
+    for m in _masks():
+        ref = mask_api.encode(np.asfortranarray(m.astype(np.uint8)))
+        mine = mask_to_rle(m)
+        assert mine["size"] == [int(v) for v in ref["size"]]
+        assert mine["counts"] == ref["counts"].decode("ascii")
+        np.testing.assert_array_equal(rle_to_mask(mine), m)
+        np.testing.assert_array_equal(rle_to_mask(ref), m)  # bytes counts accepted
+        np.testing.assert_array_equal(
+            mask_api.decode({"size": mine["size"], "counts": mine["counts"].encode()}), m
+        )
+        assert int(mask_api.area(ref)) == int(m.sum())
+
+
+def test_rle_uncompressed_counts_and_errors() -> None:
+    m = np.array([[0, 1], [1, 1]], bool)  # column-major: 0,1,1,1 -> counts [1, 3]
+    np.testing.assert_array_equal(rle_to_mask({"size": [2, 2], "counts": [1, 3]}), m)
+    with pytest.raises(ValueError, match="sum to"):
+        rle_to_mask({"size": [2, 2], "counts": [1, 2]})
+
+
+def test_rle_and_json_are_strict(tmp_path: Path) -> None:
+    rle = mask_to_rle(np.eye(4, dtype=bool))
+    write_rle_json(tmp_path / "m.rle.json", {"mask": rle, "score": float("nan")})
+    text = (tmp_path / "m.rle.json").read_text()
+    assert "NaN" not in text
+    obj = json.loads(text)
+    assert obj["score"] is None
+    np.testing.assert_array_equal(rle_to_mask(obj["mask"]), np.eye(4, dtype=bool))
+
+    write_json(
+        tmp_path / "x.json",
+        {
+            "a": np.float32(1.5),
+            "b": np.arange(3),
+            "c": Path("p"),
+            "d": (1, float("inf")),
+            "e": np.int64(7),
+        },
+    )
+    assert json.loads((tmp_path / "x.json").read_text()) == {
+        "a": 1.5,
+        "b": [0, 1, 2],
+        "c": "p",
+        "d": [1, None],
+        "e": 7,
+    }
+    with pytest.raises(TypeError):
+        to_jsonable(object())
+
+
+# ---------------------------------------------------------------------------------- manifest
+
+
+def test_manifest_append_load_last_wins_and_partial_line(tmp_path: Path) -> None:
+    man = Manifest(tmp_path / "out" / "results.jsonl")
+    assert man.load() == {}
+    man.append(record_error("a.png", InputError("a.png", "file is empty (0 bytes)")))
+    man.append(
+        record_ok("b.dcm", suffix=".f001", scores={"s": np.float32(0.25), "bad": float("nan")})
+    )
+    man.append(record_ok("a.png", scores={"image_score": 0.9}))
+    lines = (tmp_path / "out" / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and all(json.loads(ln) for ln in lines)
+    assert "NaN" not in lines[1]
+
+    # simulate a crash mid-write: a trailing partial line
+    with open(man.path, "ab") as f:
+        f.write(b'{"input": "c.png", "status": "o')
+    got = man.load()
+    assert set(got) == {"a.png", "b.dcm.f001"}
+    assert got["a.png"]["status"] == "ok"  # last record wins
+    assert got["b.dcm.f001"]["scores"] == {"s": 0.25, "bad": None}
+    assert man.skipped_lines == 1
+
+    man.append(record_ok("c.png"))  # must not be glued onto the fragment
+    got = Manifest(man.path).load()
+    assert got["c.png"]["status"] == "ok" and len(got) == 3
+
+
+def test_record_helpers_and_completeness(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    (out / "sub" / "x.mask.png").write_bytes(b"png")
+    rec = record_ok(
+        "in/sub/x.png",
+        outputs={"mask": "sub/x.mask.png", "map": str(out / "m")},
+        timing={"total_s": 0.1},
+        warnings=["tiny model"],
+    )
+    assert rec["key"] == "in/sub/x.png" and rec["status"] == "ok" and rec["error"] is None
+    assert set(rec) >= {
+        "input",
+        "key",
+        "status",
+        "error",
+        "outputs",
+        "scores",
+        "meta",
+        "timing",
+        "warnings",
+    }
+    man = Manifest(out / "results.jsonl")
+    assert not man.is_complete(rec)  # map missing
+    (out / "m").write_bytes(b"")
+    assert man.is_complete(rec)
+    assert not is_complete(rec)  # relative path without a base: not found from cwd
+
+    err = record_error("y.png", ValueError("boom"), suffix=".s003")
+    assert err["status"] == "error" and err["error"] == "ValueError: boom"
+    assert err["key"] == "y.png.s003" and not man.is_complete(err)
+    ue = record_error("z.png", InputError("z.png", "not a valid PNG file"))
+    assert ue["error"] == "z.png: not a valid PNG file"
+    assert record_key({"input": "q.nii", "suffix": ".s001"}) == "q.nii.s001"
+
+    man.append(rec)
+    man.append(err)
+    assert man.completed_keys() == {"in/sub/x.png"}
+
+
+def test_manifest_append_fsyncs(tmp_path: Path, monkeypatch) -> None:
+    calls = []
+    real = os.fsync
+    monkeypatch.setattr(manifest_mod.os, "fsync", lambda fd: (calls.append(fd), real(fd)))
+    Manifest(tmp_path / "r.jsonl").append(record_ok("a.png"))
+    assert calls, "append must fsync"

@@ -1,0 +1,487 @@
+"""Write masks, label maps, float maps, overlays, COCO RLE and JSON, each one atomically.
+
+Every writer goes through :func:`atomic_path`: the encoder writes a hidden temporary file in the
+destination folder, which is renamed over the final name with ``os.replace`` only once it is
+complete. A run killed mid-write therefore leaves either the previous file or no file, never a
+half-written one, and a rerun can trust that an existing output is whole. The temporary name keeps
+the final extension (encoders pick the format from it) and starts with a dot (folder listings skip
+it).
+
+Formats (lossless unless said otherwise):
+
+* ``*.mask.png``: 8-bit grayscale, 0 / 255.
+* label PNG: palette (``P``) image, one byte per pixel, default palette the PASCAL VOC colormap.
+* ``*.map.tiff``: float32 ``(H, W)`` or ``(K, H, W)`` (K pages), zlib-compressed, via tifffile.
+* ``*.npy``: ``np.save`` without pickle.
+* ``*.overlay.jpg``: for people only (lossy), heat map / labels / mask outline / legend / caption.
+* COCO RLE: ``{"size": [H, W], "counts": str}``, byte-identical to pycocotools' compressed RLE.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+__all__ = [
+    "atomic_path",
+    "voc_palette",
+    "write_mask_png",
+    "write_label_png",
+    "write_map_tiff",
+    "write_map_npy",
+    "write_overlay_jpg",
+    "mask_to_rle",
+    "rle_to_mask",
+    "write_rle_json",
+    "write_json",
+    "to_jsonable",
+    "jet_colors",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomic files and JSON
+# ----------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def atomic_path(final_path: str | Path, *, fsync: bool = False) -> Iterator[Path]:
+    """Yield a temporary path next to ``final_path``; on success rename it over ``final_path``.
+
+    Parents are created. If the body raises, the temporary file is deleted and the exception
+    propagates; ``final_path`` is untouched. ``fsync=True`` also flushes the file to disk before
+    the rename (for data that must survive a power loss, not only a killed process).
+    """
+    final = Path(final_path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    name = final.name
+    ext = "".join(final.suffixes[-1:])
+    stem = name[: len(name) - len(ext)] if ext else name
+    tmp = final.parent / f".{stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}{ext}"
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise RuntimeError(f"atomic_path: nothing was written to the temporary file {tmp}")
+        if fsync:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.replace(tmp, final)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Make ``obj`` strict-JSON-serialisable: non-finite floats -> None, numpy -> Python, Path ->
+    str, tuples/sets -> lists, dict keys -> str."""
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, int):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, np.generic):
+        return to_jsonable(obj.item())
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, bytes):
+        return obj.decode("ascii", errors="replace")
+    if hasattr(obj, "__fspath__"):
+        return os.fspath(obj)
+    raise TypeError(f"cannot serialise {type(obj).__name__} to JSON")
+
+
+def dumps_strict(obj: Any, *, indent: int | None = None) -> str:
+    """Strict JSON text (no NaN/Infinity) of ``to_jsonable(obj)``."""
+    return json.dumps(to_jsonable(obj), allow_nan=False, ensure_ascii=False, indent=indent)
+
+
+def write_json(path: str | Path, obj: Any, *, indent: int | None = 2) -> Path:
+    """Write ``obj`` as strict JSON (UTF-8), atomically; non-finite floats become null."""
+    text = dumps_strict(obj, indent=indent) + "\n"
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Masks, label maps, float maps
+# ----------------------------------------------------------------------------------------------
+
+
+def _as_mask(mask: np.ndarray) -> np.ndarray:
+    m = np.asarray(mask)
+    if m.ndim != 2:
+        raise ValueError(f"mask must be (H, W), got shape {m.shape}")
+    return m if m.dtype == np.bool_ else m != 0
+
+
+def write_mask_png(path: str | Path, mask: np.ndarray) -> Path:
+    """Write a binary mask ``(H, W)`` (bool; non-bool: ``!= 0``) as an 8-bit 0/255 PNG."""
+    m = _as_mask(mask)
+    img = Image.fromarray(np.ascontiguousarray(m.astype(np.uint8) * np.uint8(255)))
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
+    return Path(path)
+
+
+def voc_palette(n: int = 256) -> np.ndarray:
+    """The PASCAL VOC colormap: ``(n, 3)`` uint8, label ``i``'s colour from its bits shuffled.
+
+    Bit ``3j + c`` of the label sets bit ``7 - j`` of channel ``c`` (0 -> black, 1 -> (128, 0, 0),
+    2 -> (0, 128, 0), 3 -> (128, 128, 0), ...).
+    """
+    out = np.zeros((n, 3), dtype=np.uint8)
+    for i in range(n):
+        c, r, g, b = i, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        out[i] = (r, g, b)
+    return out
+
+
+def _palette_array(palette: Any, need: int) -> np.ndarray:
+    """Palette as ``(256, 3)`` uint8; user entries first, VOC colours for the rest."""
+    full = voc_palette(256)
+    if palette is None:
+        return full
+    pal = np.asarray(palette)
+    if pal.ndim == 1:
+        if pal.size % 3:
+            raise ValueError("a flat palette must hold a multiple of 3 values (r, g, b, ...)")
+        pal = pal.reshape(-1, 3)
+    if pal.ndim != 2 or pal.shape[1] != 3:
+        raise ValueError(f"palette must be (K, 3) RGB, got shape {pal.shape}")
+    if pal.shape[0] > 256:
+        raise ValueError(f"a PNG palette holds at most 256 colours, got {pal.shape[0]}")
+    if pal.shape[0] < need:
+        raise ValueError(f"palette has {pal.shape[0]} colours but labels go up to {need - 1}")
+    if np.issubdtype(pal.dtype, np.floating) and pal.size and float(pal.max()) <= 1.0:
+        pal = np.round(pal * 255.0)
+    full[: pal.shape[0]] = np.clip(pal, 0, 255).astype(np.uint8)
+    return full
+
+
+def _check_labels(labels: np.ndarray) -> np.ndarray:
+    lab = np.asarray(labels)
+    if lab.ndim != 2:
+        raise ValueError(f"labels must be (H, W), got shape {lab.shape}")
+    if not (np.issubdtype(lab.dtype, np.integer) or lab.dtype == np.bool_):
+        raise ValueError(f"labels must be integers, got dtype {lab.dtype}")
+    if lab.size:
+        lo, hi = int(lab.min()), int(lab.max())
+        if lo < 0 or hi > 255:
+            raise ValueError(
+                f"a label PNG holds labels 0..255 only, got values {lo}..{hi}; "
+                "write the label map as .npy or .tiff instead"
+            )
+    return lab.astype(np.uint8)
+
+
+def write_label_png(path: str | Path, labels: np.ndarray, palette: Any = None) -> Path:
+    """Write an integer label map ``(H, W)`` (0..255) as a palette PNG.
+
+    ``palette``: ``(K, 3)`` RGB (uint8, or floats in [0, 1]) for labels ``0..K-1``; defaults to
+    the PASCAL VOC colormap. The pixel values are the labels themselves, so the file reads back
+    losslessly with ``np.asarray(Image.open(path))``.
+    """
+    lab = _check_labels(labels)
+    need = int(lab.max()) + 1 if lab.size else 1
+    pal = _palette_array(palette, need)
+    img = Image.frombytes("P", (lab.shape[1], lab.shape[0]), np.ascontiguousarray(lab).tobytes())
+    img.putpalette(pal.reshape(-1).tolist())
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
+    return Path(path)
+
+
+def write_map_tiff(path: str | Path, arr: np.ndarray, *, metadata: dict | None = None) -> Path:
+    """Write a float map ``(H, W)`` or ``(K, H, W)`` as lossless float32 TIFF (zlib).
+
+    ``(K, H, W)`` becomes K pages; ``tifffile.imread`` returns the same shape. ``metadata`` (e.g.
+    ``{"class_names": [...]}``) is stored as JSON in the image description.
+    """
+    import tifffile
+
+    a = np.asarray(arr, dtype=np.float32)
+    if a.ndim not in (2, 3):
+        raise ValueError(f"map must be (H, W) or (K, H, W), got shape {a.shape}")
+    md: dict[str, Any] = {"axes": "YX" if a.ndim == 2 else "QYX"}
+    if metadata:
+        md.update(to_jsonable(metadata))
+    with atomic_path(path) as tmp:
+        tifffile.imwrite(tmp, a, photometric="minisblack", compression="zlib", metadata=md)
+    return Path(path)
+
+
+def write_map_npy(path: str | Path, arr: np.ndarray) -> Path:
+    """Write an array with ``np.save`` (no pickle), atomically; the name is used as given."""
+    a = np.asarray(arr)
+    if a.dtype == object:
+        raise ValueError("object arrays cannot be written without pickle")
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, a, allow_pickle=False)
+    return Path(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Overlay (for people)
+# ----------------------------------------------------------------------------------------------
+
+
+def jet_colors(x: np.ndarray) -> np.ndarray:
+    """Jet-like colour map: ``x`` in [0, 1] ``(...)`` -> RGB float ``(..., 3)`` in [0, 1]."""
+    x = np.clip(np.asarray(x, dtype=np.float32), 0.0, 1.0)
+    r = np.clip(1.5 - np.abs(4.0 * x - 3.0), 0.0, 1.0)
+    g = np.clip(1.5 - np.abs(4.0 * x - 2.0), 0.0, 1.0)
+    b = np.clip(1.5 - np.abs(4.0 * x - 1.0), 0.0, 1.0)
+    return np.stack([r, g, b], axis=-1)
+
+
+def _resize(a: np.ndarray, hw: tuple[int, int], nearest: bool) -> np.ndarray:
+    if a.shape[:2] == hw:
+        return a
+    if nearest:
+        ri = (np.arange(hw[0]) * a.shape[0] // hw[0]).clip(0, a.shape[0] - 1)
+        ci = (np.arange(hw[1]) * a.shape[1] // hw[1]).clip(0, a.shape[1] - 1)
+        return a[ri][:, ci]
+    img = Image.fromarray(np.ascontiguousarray(a, dtype=np.float32))
+    return np.asarray(img.resize((hw[1], hw[0]), Image.Resampling.BILINEAR), dtype=np.float32)
+
+
+def _outline(m: np.ndarray, width: int) -> np.ndarray:
+    """Inner boundary of a boolean mask, ``width`` pixels thick."""
+    inner = m.copy()
+    for _ in range(width):
+        p = np.pad(inner, 1, mode="constant", constant_values=False)
+        inner = p[1:-1, 1:-1] & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+    return m & ~inner
+
+
+def _font(size: int) -> Any:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _text_size(draw: ImageDraw.ImageDraw, text: str, font: Any) -> tuple[int, int]:
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    return right - left, bottom - top
+
+
+def write_overlay_jpg(
+    path: str | Path,
+    image: np.ndarray,
+    *,
+    heat: np.ndarray | None = None,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    labels: np.ndarray | None = None,
+    palette: Any = None,
+    class_names: Sequence[str] | None = None,
+    mask: np.ndarray | None = None,
+    mask_color: tuple[int, int, int] = (0, 255, 0),
+    caption: str | None = None,
+    alpha: float = 0.5,
+    quality: int = 90,
+    max_legend: int = 20,
+) -> Path:
+    """Write a human-readable overlay JPEG of ``image`` (``(H, W, 3)`` float in [0, 1]).
+
+    ``heat`` ``(h, w)`` is normalised with ``vmin``/``vmax`` (default: its finite min/max),
+    coloured with a jet map and blended with ``alpha``; ``labels`` ``(h, w)`` are blended with
+    their ``palette`` colours (VOC by default) and, with ``class_names``, a legend lists the
+    classes present (largest first, at most ``max_legend``). ``mask`` gets a coloured outline.
+    ``caption`` is drawn in a black strip under the image. Maps of another size are resized to
+    the image (bilinear for heat, nearest for labels and mask).
+    """
+    img = np.asarray(image, dtype=np.float32)
+    if img.ndim == 2:
+        img = np.repeat(img[:, :, None], 3, axis=2)
+    if img.ndim != 3 or img.shape[2] != 3:
+        raise ValueError(f"image must be (H, W, 3), got shape {img.shape}")
+    hw = (img.shape[0], img.shape[1])
+    out = np.clip(img, 0.0, 1.0)
+    if heat is not None:
+        h = _resize(np.asarray(heat, dtype=np.float32), hw, nearest=False)
+        finite = np.isfinite(h)
+        lo = vmin if vmin is not None else (float(h[finite].min()) if finite.any() else 0.0)
+        hi = vmax if vmax is not None else (float(h[finite].max()) if finite.any() else 1.0)
+        norm = (h - lo) / (hi - lo) if hi > lo else np.zeros_like(h)
+        norm = np.where(finite, norm, 0.0)
+        out = (1.0 - alpha) * out + alpha * jet_colors(norm)
+    legend: list[tuple[str, tuple[int, int, int]]] = []
+    if labels is not None:
+        lab = _resize(_check_labels(labels), hw, nearest=True)
+        pal = _palette_array(palette, int(lab.max()) + 1 if lab.size else 1)
+        out = (1.0 - alpha) * out + alpha * (pal[lab].astype(np.float32) / 255.0)
+        if class_names:
+            counts = np.bincount(lab.ravel(), minlength=256)
+            present = [int(i) for i in np.argsort(-counts, kind="stable") if counts[i] > 0]
+            for i in present[:max_legend]:
+                name = class_names[i] if i < len(class_names) else f"label {i}"
+                legend.append((str(name), tuple(int(v) for v in pal[i])))
+            if len(present) > max_legend:
+                legend.append((f"+{len(present) - max_legend} more", (0, 0, 0)))
+    rgb = (np.clip(out, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    if mask is not None:
+        m = _resize(_as_mask(mask), hw, nearest=True)
+        width = max(1, round(min(hw) / 256))
+        rgb[_outline(m, width)] = np.asarray(mask_color, dtype=np.uint8)
+    pil = Image.fromarray(rgb)
+    font_size = max(10, min(hw) // 40)
+    font = _font(font_size)
+    if legend:
+        draw = ImageDraw.Draw(pil)
+        pad, sw = 4, font_size
+        sizes = [_text_size(draw, name, font) for name, _ in legend]
+        line_h = max(sw, max(s[1] for s in sizes)) + 2
+        box_w = pad * 3 + sw + max(s[0] for s in sizes)
+        box_h = pad * 2 + line_h * len(legend)
+        draw.rectangle([0, 0, box_w, box_h], fill=(255, 255, 255))
+        for k, (name, color) in enumerate(legend):
+            y = pad + k * line_h
+            draw.rectangle([pad, y, pad + sw, y + sw], fill=color, outline=(0, 0, 0))
+            draw.text((pad * 2 + sw, y), name, fill=(0, 0, 0), font=font)
+    if caption:
+        probe = ImageDraw.Draw(pil)
+        lines = _wrap(caption, probe, font, max(hw[1] - 8, 16))
+        line_h = max(_text_size(probe, ln or " ", font)[1] for ln in lines) + 4
+        strip_h = line_h * len(lines) + 8
+        canvas = Image.new("RGB", (hw[1], hw[0] + strip_h), (0, 0, 0))
+        canvas.paste(pil, (0, 0))
+        draw = ImageDraw.Draw(canvas)
+        for k, ln in enumerate(lines):
+            draw.text((4, hw[0] + 4 + k * line_h), ln, fill=(255, 255, 255), font=font)
+        pil = canvas
+    with atomic_path(path) as tmp:
+        pil.save(tmp, format="JPEG", quality=int(quality))
+    return Path(path)
+
+
+def _wrap(text: str, draw: ImageDraw.ImageDraw, font: Any, width: int) -> list[str]:
+    lines: list[str] = []
+    for para in text.splitlines() or [""]:
+        cur = ""
+        for word in para.split(" "):
+            trial = f"{cur} {word}" if cur else word
+            if cur and _text_size(draw, trial, font)[0] > width:
+                lines.append(cur)
+                cur = word
+            else:
+                cur = trial
+        lines.append(cur)
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------
+# COCO RLE
+# ----------------------------------------------------------------------------------------------
+
+
+def _runs(mask: np.ndarray) -> list[int]:
+    """Alternating run lengths (zeros first) of the column-major flattening of ``mask``."""
+    flat = np.asarray(mask, dtype=bool).ravel(order="F")
+    if flat.size == 0:
+        return []
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    bounds = np.concatenate([[0], change, [flat.size]])
+    runs = np.diff(bounds).tolist()
+    if flat[0]:
+        runs.insert(0, 0)
+    return [int(r) for r in runs]
+
+
+def _counts_to_string(counts: Sequence[int]) -> str:
+    """COCO's compressed counts string (delta against the count two back, 5-bit LEB128-like)."""
+    chars: list[str] = []
+    for i, c in enumerate(counts):
+        x = int(c)
+        if i > 2:
+            x -= int(counts[i - 2])
+        more = True
+        while more:
+            ch = x & 0x1F
+            x >>= 5
+            more = (x != -1) if (ch & 0x10) else (x != 0)
+            if more:
+                ch |= 0x20
+            chars.append(chr(ch + 48))
+    return "".join(chars)
+
+
+def _string_to_counts(s: str | bytes) -> list[int]:
+    data = s.encode("ascii") if isinstance(s, str) else bytes(s)
+    counts: list[int] = []
+    p = 0
+    while p < len(data):
+        x, k, more = 0, 0, True
+        while more:
+            if p >= len(data):
+                raise ValueError("truncated RLE counts string")
+            c = data[p] - 48
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and (c & 0x10):
+                x |= -1 << (5 * k)
+        if len(counts) > 2:
+            x += counts[-2]
+        counts.append(x)
+    return counts
+
+
+def mask_to_rle(mask: np.ndarray) -> dict:
+    """Binary mask ``(H, W)`` -> COCO compressed RLE ``{"size": [H, W], "counts": str}``.
+
+    Identical to ``pycocotools.mask.encode(np.asfortranarray(mask.astype(np.uint8)))`` with the
+    counts decoded to ``str`` (so it is JSON-ready).
+    """
+    m = _as_mask(mask)
+    return {"size": [int(m.shape[0]), int(m.shape[1])], "counts": _counts_to_string(_runs(m))}
+
+
+def rle_to_mask(rle: dict) -> np.ndarray:
+    """COCO RLE (compressed ``str``/``bytes`` counts, or uncompressed list counts) -> bool
+    ``(H, W)``."""
+    h, w = (int(v) for v in rle["size"])
+    counts = rle["counts"]
+    runs = list(counts) if isinstance(counts, (list, tuple)) else _string_to_counts(counts)
+    if sum(runs) != h * w:
+        raise ValueError(f"RLE counts sum to {sum(runs)}, expected {h * w} for size [{h}, {w}]")
+    values = np.zeros(len(runs), dtype=bool)
+    values[1::2] = True
+    flat = np.repeat(values, runs)
+    return flat.reshape((h, w), order="F")
+
+
+def write_rle_json(path: str | Path, obj: Any) -> Path:
+    """Write an RLE dict (or any structure holding RLEs) as strict JSON, atomically."""
+    return write_json(path, obj, indent=None)
