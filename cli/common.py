@@ -19,23 +19,50 @@ FORMATS = ("tiff", "npy", "rle", "none")
 def runtime_options(f: Callable) -> Callable:
     """--models, --device, --precision, --weights-dir, --batch-size, --offline, --max-pixels."""
     opts = [
-        click.option("--models", type=click.Choice(["default", "tiny"]), default="default",
-                     show_default=True,
-                     help="'tiny': random-weight models for smoke runs (results meaningless)."),
-        click.option("--device", default="auto", show_default=True,
-                     help="auto, cpu, cuda, cuda:N or mps."),
-        click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
-                     default="auto", show_default=True,
-                     help="Autocast precision; auto = fp32 on CPU, bf16/fp16 on CUDA."),
-        click.option("--weights-dir", type=click.Path(file_okay=False), default=None,
-                     envvar="ZSDENSE_WEIGHTS",
-                     help="Folder with checkpoints (searched first; env ZSDENSE_WEIGHTS)."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
-                     help="Images per encoder batch."),
-        click.option("--offline", is_flag=True, default=False,
-                     help="Never download weights; fail with instructions if one is missing."),
-        click.option("--max-pixels", type=click.IntRange(min=1), default=200_000_000,
-                     show_default=True, help="Refuse images larger than this (decompression bombs)."),
+        click.option(
+            "--models",
+            type=click.Choice(["default", "tiny"]),
+            default="default",
+            show_default=True,
+            help="'tiny': random-weight models for smoke runs (results meaningless).",
+        ),
+        click.option(
+            "--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps."
+        ),
+        click.option(
+            "--precision",
+            type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+            default="auto",
+            show_default=True,
+            help="Autocast precision; auto = fp32 on CPU, bf16/fp16 on CUDA.",
+        ),
+        click.option(
+            "--weights-dir",
+            type=click.Path(file_okay=False),
+            default=None,
+            envvar="ZSDENSE_WEIGHTS",
+            help="Folder with checkpoints (searched first; env ZSDENSE_WEIGHTS).",
+        ),
+        click.option(
+            "--batch-size",
+            type=click.IntRange(min=1),
+            default=4,
+            show_default=True,
+            help="Images per encoder batch.",
+        ),
+        click.option(
+            "--offline",
+            is_flag=True,
+            default=False,
+            help="Never download weights; fail with instructions if one is missing.",
+        ),
+        click.option(
+            "--max-pixels",
+            type=click.IntRange(min=1),
+            default=200_000_000,
+            show_default=True,
+            help="Refuse images larger than this (decompression bombs).",
+        ),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -45,18 +72,40 @@ def runtime_options(f: Callable) -> Callable:
 def output_options(f: Callable) -> Callable:
     """--out, --format, --force, --retry-errors, --no-overlay."""
     opts = [
-        click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
-                     help="Output folder; the input tree is mirrored inside it."),
-        click.option("--format", "fmt", type=click.Choice(FORMATS), default="tiff",
-                     show_default=True,
-                     help="Float maps as tiff or npy; 'rle' also writes COCO RLE JSON masks; "
-                     "'none' writes masks and overlays only."),
-        click.option("--no-overlay", is_flag=True, default=False,
-                     help="Skip the JPEG overlays (faster on huge batches)."),
-        click.option("--force", is_flag=True, default=False,
-                     help="Recompute every input even if its outputs are complete."),
-        click.option("--retry-errors", is_flag=True, default=False,
-                     help="Recompute inputs whose earlier result was an error."),
+        click.option(
+            "--out",
+            "out_dir",
+            required=True,
+            type=click.Path(file_okay=False),
+            help="Output folder; the input tree is mirrored inside it.",
+        ),
+        click.option(
+            "--format",
+            "fmt",
+            type=click.Choice(FORMATS),
+            default="tiff",
+            show_default=True,
+            help="Float maps as tiff or npy; 'rle' also writes COCO RLE JSON masks; "
+            "'none' writes masks and overlays only.",
+        ),
+        click.option(
+            "--no-overlay",
+            is_flag=True,
+            default=False,
+            help="Skip the JPEG overlays (faster on huge batches).",
+        ),
+        click.option(
+            "--force",
+            is_flag=True,
+            default=False,
+            help="Recompute every input even if its outputs are complete.",
+        ),
+        click.option(
+            "--retry-errors",
+            is_flag=True,
+            default=False,
+            help="Recompute inputs whose earlier result was an error.",
+        ),
         click.option("--quiet", "-q", is_flag=True, default=False, help="No progress output."),
     ]
     for opt in reversed(opts):
@@ -64,28 +113,50 @@ def output_options(f: Callable) -> Callable:
     return f
 
 
-def make_segmenter(models: str = "default", device: str = "auto", precision: str = "auto",
-                   weights_dir: str | None = None, batch_size: int = 4, offline: bool = False,
-                   max_pixels: int = 200_000_000, **_: Any):
+def make_segmenter(
+    models: str = "default",
+    device: str = "auto",
+    precision: str = "auto",
+    weights_dir: str | None = None,
+    batch_size: int = 4,
+    offline: bool = False,
+    max_pixels: int = 200_000_000,
+    **_: Any,
+):
     """A Segmenter from the runtime options."""
     from zsdense.api import Segmenter
 
     if offline:
         os.environ["ZSDENSE_OFFLINE"] = "1"
-    return Segmenter(device=device, models=models, precision=precision, weights_dir=weights_dir,
-                     download=False if offline else None, batch_size=batch_size,
-                     max_pixels=max_pixels)
+    return Segmenter(
+        device=device,
+        models=models,
+        precision=precision,
+        weights_dir=weights_dir,
+        download=False if offline else None,
+        batch_size=batch_size,
+        max_pixels=max_pixels,
+    )
 
 
-def run_cli_batch(seg, items, out_dir: str | Path, tasks: Sequence, *, force: bool = False,
-                  retry_errors: bool = False, quiet: bool = False) -> int:
+def run_cli_batch(
+    seg,
+    items,
+    out_dir: str | Path,
+    tasks: Sequence,
+    *,
+    force: bool = False,
+    retry_errors: bool = False,
+    quiet: bool = False,
+) -> int:
     """Run the batch, print the summary, return the exit code (0 ok, 3 some failed, 130 stop)."""
     from zsdense.engine.local import run_batch
 
     if not items:
         raise ConfigError("no inputs to process")
-    summary = run_batch(seg, items, out_dir, tasks, force=force, retry_errors=retry_errors,
-                        progress=not quiet)
+    summary = run_batch(
+        seg, items, out_dir, tasks, force=force, retry_errors=retry_errors, progress=not quiet
+    )
     click.echo(f"zsdense: {summary.format()}", err=True)
     for key, msg in summary.errors[:20]:
         click.echo(f"  failed: {key}: {msg}", err=True)

@@ -81,8 +81,20 @@ def info() -> None:
         f"python       {platform.python_version()} ({sys.executable})",
         f"torch        {torch.__version__} (cuda available: {torch.cuda.is_available()})",
     ]
-    for mod in ("open_clip", "transformers", "segment_anything", "numpy", "PIL", "cv2",
-                "tifffile", "scipy", "pydicom", "nibabel", "ray", "spacy"):
+    for mod in (
+        "open_clip",
+        "transformers",
+        "segment_anything",
+        "numpy",
+        "PIL",
+        "cv2",
+        "tifffile",
+        "scipy",
+        "pydicom",
+        "nibabel",
+        "ray",
+        "spacy",
+    ):
         try:
             m = importlib.import_module(mod)
             ver = getattr(m, "__version__", "installed")

@@ -72,8 +72,9 @@ def test_pos_embed_modes_keep_class_slot_and_resize(clip):
     # hand check of the bilinear rule: F.interpolate(size, align_corners=False)
     g = pe[1:].reshape(1, 14, 14, -1).permute(0, 3, 1, 2)
     ref = F.interpolate(g, size=(20, 17), mode="bilinear", align_corners=False)
-    assert torch.allclose(clip.pos_embed((20, 17), "bilinear")[1:],
-                          ref.permute(0, 2, 3, 1).reshape(340, -1))
+    assert torch.allclose(
+        clip.pos_embed((20, 17), "bilinear")[1:], ref.permute(0, 2, 3, 1).reshape(340, -1)
+    )
 
 
 def test_any_input_size_runs(clip):
@@ -93,8 +94,9 @@ def test_state_dict_roundtrip_builds_same_model(clip):
     sd = clip.model.state_dict()
     other = clip_from_state_dict(dict(sd))
     x = clip.normalize(torch.rand(1, 3, 224, 224))
-    assert torch.allclose(other.encode_image_global(x, "native"),
-                          clip.encode_image_global(x, "native"), atol=1e-6)
+    assert torch.allclose(
+        other.encode_image_global(x, "native"), clip.encode_image_global(x, "native"), atol=1e-6
+    )
 
 
 def test_text_encoder_uses_real_tokenizer(clip):
@@ -153,7 +155,7 @@ def test_sam_capture_matches_block_output_and_reuse():
     assert torch.allclose(state.last_attn.sum(-1), torch.ones(heads, n), atol=1e-4)
     # A · v, merged over heads and projected, must equal the attention module's own output
     gh, gw = state.last_v.shape[1:3]
-    av = (state.last_attn @ state.last_v.reshape(heads, n, -1))  # (heads, N, d)
+    av = state.last_attn @ state.last_v.reshape(heads, n, -1)  # (heads, N, d)
     merged = av.reshape(heads, gh, gw, -1).permute(1, 2, 0, 3).reshape(1, gh, gw, -1)
     assert torch.allclose(blk.attn.proj(merged), seen["out"], atol=1e-4)
     assert state.embedding.shape == (1, 256, 64, 64) and state.input_size == (768, 1024)

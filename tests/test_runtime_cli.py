@@ -73,8 +73,13 @@ def test_cli_version_and_help():
 
 
 def test_cli_info_runs(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "zsdense.cli.main", "info"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "zsdense.cli.main", "info"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "zsdense" in proc.stdout and "torch" in proc.stdout and "weights dirs" in proc.stdout
 
@@ -97,6 +102,11 @@ def test_cli_error_policy_no_traceback(tmp_path):
         assert exc.value.code == 2
     finally:
         m.cli.commands.pop("boom-test", None)
-    proc = subprocess.run([sys.executable, "-m", "zsdense.cli.main", "no-such-command"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "zsdense.cli.main", "no-such-command"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

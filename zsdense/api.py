@@ -109,23 +109,38 @@ class Segmenter:
         from zsdense.models import get_clip
 
         self._warn_tiny()
-        return get_clip(arch, models=self.config.models, device=str(self.device),
-                        weights_dir=self.config.weights_dir, download=self.config.download,
-                        pretrained=pretrained)
+        return get_clip(
+            arch,
+            models=self.config.models,
+            device=str(self.device),
+            weights_dir=self.config.weights_dir,
+            download=self.config.download,
+            pretrained=pretrained,
+        )
 
     def dinov2(self, name: str = "dinov2-reg-base"):
         from zsdense.models import get_dinov2
 
         self._warn_tiny()
-        return get_dinov2(name, models=self.config.models, device=str(self.device),
-                          weights_dir=self.config.weights_dir, download=self.config.download)
+        return get_dinov2(
+            name,
+            models=self.config.models,
+            device=str(self.device),
+            weights_dir=self.config.weights_dir,
+            download=self.config.download,
+        )
 
     def sam(self, arch: str = "vit_b"):
         from zsdense.models import get_sam
 
         self._warn_tiny()
-        return get_sam(arch, models=self.config.models, device=str(self.device),
-                       weights_dir=self.config.weights_dir, download=self.config.download)
+        return get_sam(
+            arch,
+            models=self.config.models,
+            device=str(self.device),
+            weights_dir=self.config.weights_dir,
+            download=self.config.download,
+        )
 
     # ---- images -----------------------------------------------------------------------------
     def context(self, image: Any) -> ImageContext:
@@ -141,38 +156,53 @@ class Segmenter:
         return [self.context(im) for im in images]
 
     # ---- tasks ------------------------------------------------------------------------------
-    def anomaly(self, image: Any, object_name: str | None = None, preset: str = "crane",
-                **options: Any):
+    def anomaly(
+        self, image: Any, object_name: str | None = None, preset: str = "crane", **options: Any
+    ):
         """Anomaly map, mask and image score for one image (see ``anomaly_batch``)."""
         return self.anomaly_batch([image], object_name=object_name, preset=preset, **options)[0]
 
-    def anomaly_batch(self, images: Sequence[Any], object_name: str | None = None,
-                      preset: str = "crane", **options: Any) -> list:
+    def anomaly_batch(
+        self,
+        images: Sequence[Any],
+        object_name: str | None = None,
+        preset: str = "crane",
+        **options: Any,
+    ) -> list:
         """Anomaly results for several images, batched through the encoders. ``preset='musc'``
         scores the images against each other and needs at least 5 of one category."""
         from zsdense.tasks.anomaly import run_anomaly
 
-        return run_anomaly(self, self.contexts(images), object_name=object_name, preset=preset,
-                           **options)
+        return run_anomaly(
+            self, self.contexts(images), object_name=object_name, preset=preset, **options
+        )
 
-    def open_vocab(self, image: Any, classes: Sequence[str] | str, preset: str = "trident",
-                   **options: Any):
+    def open_vocab(
+        self, image: Any, classes: Sequence[str] | str, preset: str = "trident", **options: Any
+    ):
         """Label map over ``classes`` (names; synonyms separated by '; ')."""
         return self.open_vocab_batch([image], classes=classes, preset=preset, **options)[0]
 
-    def open_vocab_batch(self, images: Sequence[Any], classes: Sequence[str] | str,
-                         preset: str = "trident", **options: Any) -> list:
+    def open_vocab_batch(
+        self,
+        images: Sequence[Any],
+        classes: Sequence[str] | str,
+        preset: str = "trident",
+        **options: Any,
+    ) -> list:
         from zsdense.tasks.openvocab import run_open_vocab
 
-        return run_open_vocab(self, self.contexts(images), classes=classes, preset=preset,
-                              **options)
+        return run_open_vocab(
+            self, self.contexts(images), classes=classes, preset=preset, **options
+        )
 
     def refer(self, image: Any, text: str, preset: str = "hybridgl", **options: Any):
         """One mask for a referring expression."""
         return self.refer_batch([image], [text], preset=preset, **options)[0]
 
-    def refer_batch(self, images: Sequence[Any], texts: Sequence[str], preset: str = "hybridgl",
-                    **options: Any) -> list:
+    def refer_batch(
+        self, images: Sequence[Any], texts: Sequence[str], preset: str = "hybridgl", **options: Any
+    ) -> list:
         """One result per (image, text) pair; repeated images reuse their proposals/features
         when the same ImageContext object is passed."""
         from zsdense.tasks.referring import run_refer
@@ -180,30 +210,39 @@ class Segmenter:
         return run_refer(self, self.contexts(images), list(texts), preset=preset, **options)
 
 
-def segment_anomalies(images: Sequence[Any], object_name: str | None = None, preset: str = "crane",
-                      **kwargs: Any) -> list:
+def segment_anomalies(
+    images: Sequence[Any], object_name: str | None = None, preset: str = "crane", **kwargs: Any
+) -> list:
     """One call: anomaly results for a list of images (``Segmenter`` kwargs accepted)."""
     seg_kw, opts = _split_kwargs(kwargs)
-    return Segmenter(**seg_kw).anomaly_batch(images, object_name=object_name, preset=preset,
-                                             **opts)
+    return Segmenter(**seg_kw).anomaly_batch(images, object_name=object_name, preset=preset, **opts)
 
 
-def segment_open_vocab(images: Sequence[Any], classes: Sequence[str] | str,
-                       preset: str = "trident", **kwargs: Any) -> list:
+def segment_open_vocab(
+    images: Sequence[Any], classes: Sequence[str] | str, preset: str = "trident", **kwargs: Any
+) -> list:
     """One call: open-vocabulary label maps for a list of images."""
     seg_kw, opts = _split_kwargs(kwargs)
     return Segmenter(**seg_kw).open_vocab_batch(images, classes=classes, preset=preset, **opts)
 
 
-def segment_referring(images: Sequence[Any], texts: Sequence[str], preset: str = "hybridgl",
-                      **kwargs: Any) -> list:
+def segment_referring(
+    images: Sequence[Any], texts: Sequence[str], preset: str = "hybridgl", **kwargs: Any
+) -> list:
     """One call: one mask per (image, expression) pair."""
     seg_kw, opts = _split_kwargs(kwargs)
     return Segmenter(**seg_kw).refer_batch(images, texts, preset=preset, **opts)
 
 
-_SEGMENTER_KW = ("device", "models", "precision", "weights_dir", "download", "batch_size",
-                 "max_pixels")
+_SEGMENTER_KW = (
+    "device",
+    "models",
+    "precision",
+    "weights_dir",
+    "download",
+    "batch_size",
+    "max_pixels",
+)
 
 
 def _split_kwargs(kwargs: dict) -> tuple[dict, dict]:

@@ -32,8 +32,15 @@ def _check_models(models: str) -> None:
         raise ConfigError(f"unknown model set {models!r}; choose one of: {', '.join(MODEL_SETS)}")
 
 
-def get_clip(arch: str, *, models: str = "default", device: str = "cpu", weights_dir=None,
-             download=None, pretrained: str = "openai"):
+def get_clip(
+    arch: str,
+    *,
+    models: str = "default",
+    device: str = "cpu",
+    weights_dir=None,
+    download=None,
+    pretrained: str = "openai",
+):
     """The CLIP ``arch`` (open_clip name), real weights or ``tiny`` random ones, cached."""
     from zsdense.models import clip
 
@@ -43,13 +50,20 @@ def get_clip(arch: str, *, models: str = "default", device: str = "cpu", weights
         return _cached(key, lambda: clip.build_tiny_clip(arch).to(device))
     return _cached(
         key,
-        lambda: clip.load_clip(arch, pretrained=pretrained, weights_dir=weights_dir,
-                               device=device, download=download),
+        lambda: clip.load_clip(
+            arch, pretrained=pretrained, weights_dir=weights_dir, device=device, download=download
+        ),
     )
 
 
-def get_dinov2(name: str = "dinov2-reg-base", *, models: str = "default", device: str = "cpu",
-               weights_dir=None, download=None):
+def get_dinov2(
+    name: str = "dinov2-reg-base",
+    *,
+    models: str = "default",
+    device: str = "cpu",
+    weights_dir=None,
+    download=None,
+):
     """DINOv2 by registry name (``dinov2-reg-base``...), real or ``tiny``, cached."""
     from zsdense.models import dinov2
 
@@ -59,13 +73,18 @@ def get_dinov2(name: str = "dinov2-reg-base", *, models: str = "default", device
         return _cached(key, lambda: dinov2.build_dinov2(name, tiny=True).to(device))
     return _cached(
         key,
-        lambda: dinov2.load_dinov2(name, weights_dir=weights_dir, device=device,
-                                   download=download),
+        lambda: dinov2.load_dinov2(name, weights_dir=weights_dir, device=device, download=download),
     )
 
 
-def get_sam(arch: str = "vit_b", *, models: str = "default", device: str = "cpu",
-            weights_dir=None, download=None):
+def get_sam(
+    arch: str = "vit_b",
+    *,
+    models: str = "default",
+    device: str = "cpu",
+    weights_dir=None,
+    download=None,
+):
     """SAM ``vit_b|vit_l|vit_h``, real or ``tiny``, cached."""
     from zsdense.models import sam
 

@@ -192,9 +192,7 @@ class ClipModel:
             x_bnc = blocks[i](x_bnc)
         return x_bnc
 
-    def forward_layers(
-        self, x_bnc: torch.Tensor, layers: Sequence[int]
-    ) -> dict[int, torch.Tensor]:
+    def forward_layers(self, x_bnc: torch.Tensor, layers: Sequence[int]) -> dict[int, torch.Tensor]:
         """Residual tokens after each listed block (1-based block numbers, as papers count)."""
         want = sorted(set(int(i) for i in layers))
         out: dict[int, torch.Tensor] = {}
@@ -249,9 +247,7 @@ def _infer_config(sd: dict[str, torch.Tensor]) -> dict:
         width = sd["visual.conv1.weight"].shape[0]
         patch = sd["visual.conv1.weight"].shape[-1]
         n_pos = sd["visual.positional_embedding"].shape[0]
-        layers = len(
-            {k.split(".")[3] for k in sd if k.startswith("visual.transformer.resblocks.")}
-        )
+        layers = len({k.split(".")[3] for k in sd if k.startswith("visual.transformer.resblocks.")})
         embed_dim = sd["visual.proj"].shape[1]
         t_width = sd["ln_final.weight"].shape[0]
         t_layers = len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")})
@@ -288,7 +284,9 @@ def clip_from_state_dict(
     """Build an open_clip CLIP (float32, QuickGELU as OpenAI) and load ``sd`` strictly."""
     import open_clip
 
-    sd = {k: v for k, v in sd.items() if k not in ("input_resolution", "context_length", "vocab_size")}
+    sd = {
+        k: v for k, v in sd.items() if k not in ("input_resolution", "context_length", "vocab_size")
+    }
     cfg = _infer_config(sd)
     model = open_clip.CLIP(**cfg)
     try:
@@ -396,9 +394,10 @@ def preprocess_images(
         u8 = np.round(img * 255.0)
         if np.allclose(u8, img * 255.0, atol=1e-3):
             pil = Image.fromarray(u8.astype(np.uint8), mode="RGB")
-            out[i] = np.asarray(pil.resize((w, h), resample), dtype=np.float32).transpose(
-                2, 0, 1
-            ) / 255.0
+            out[i] = (
+                np.asarray(pil.resize((w, h), resample), dtype=np.float32).transpose(2, 0, 1)
+                / 255.0
+            )
         else:
             for c in range(3):
                 ch = Image.fromarray(np.ascontiguousarray(img[..., c], dtype=np.float32), mode="F")

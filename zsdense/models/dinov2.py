@@ -66,7 +66,7 @@ class DinoModel:
 
     @torch.no_grad()
     def patch_features(self, x_norm_bchw: torch.Tensor) -> torch.Tensor:
-        """Patch features (B, C, H/p, W/p) of an ImageNet-normalised batch, class and registers dropped."""
+        """Patch features (B, C, H/p, W/p) of a normalised batch; class and registers dropped."""
         b, _, h, w = x_norm_bchw.shape
         gh, gw = h // self.patch_size, w // self.patch_size
         t = self.tokens(x_norm_bchw)[:, 1 + self.num_registers :]
@@ -110,7 +110,9 @@ def _config(hub_id: str, tiny: bool):
     return cls(**kw)
 
 
-def build_dinov2(name: str = "dinov2-reg-base", *, tiny: bool = False, seed: int = TINY_SEED) -> DinoModel:
+def build_dinov2(
+    name: str = "dinov2-reg-base", *, tiny: bool = False, seed: int = TINY_SEED
+) -> DinoModel:
     """Architecture with random weights (fixed seed); ``tiny`` shrinks it to 2 layers, width 64."""
     from transformers import Dinov2Model, Dinov2WithRegistersModel
 
@@ -134,7 +136,7 @@ def load_dinov2(
     device: str | torch.device = "cpu",
     download: bool | None = None,
 ) -> DinoModel:
-    """Load DINOv2 from an HF-format directory (config.json + model.safetensors) via the registry."""
+    """Load DINOv2 from an HF directory (config.json + model.safetensors) via the registry."""
     from transformers import AutoConfig, Dinov2Model, Dinov2WithRegistersModel
 
     from zsdense.models import registry
@@ -148,19 +150,13 @@ def load_dinov2(
     except Exception as exc:
         raise WeightsError(f"{directory}: cannot read the DINOv2 config.json ({exc})") from None
     cls = Dinov2WithRegistersModel if "with_registers" in cfg.model_type else Dinov2Model
-    model = cls(cfg)
-    weights = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("*.bin"))
-    if not weights:
+    if not any(directory.glob("*.safetensors")):
         raise WeightsError(f"{directory}: no model.safetensors for {name}")
-    sd = registry.load_state_dict_file(weights[0])
-    # HF checkpoints may prefix keys with the model's base name.
-    prefix = cls.base_model_prefix + "."
-    sd = {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in sd.items()}
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise WeightsError(
-            f"{weights[0]}: DINOv2 weights do not fit {name} "
-            f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})"
-        )
+    # from_pretrained maps the published key names (attention.attention.query...) onto the
+    # in-memory module names; safetensors only, never unpickling.
+    try:
+        model = cls.from_pretrained(str(directory), local_files_only=True, use_safetensors=True)
+    except Exception as exc:  # noqa: BLE001 - any failure here is a weights problem
+        raise WeightsError(f"{directory}: DINOv2 weights do not fit {name} ({exc})") from None
     model = model.float().eval().requires_grad_(False)
     return DinoModel(model=model, name=name).to(device)
