@@ -196,12 +196,12 @@ class Segmenter:
             self, self.contexts(images), classes=classes, preset=preset, **options
         )
 
-    def refer(self, image: Any, text: str, preset: str = "hybridgl", **options: Any):
+    def refer(self, image: Any, text: str, preset: str | None = None, **options: Any):
         """One mask for a referring expression."""
         return self.refer_batch([image], [text], preset=preset, **options)[0]
 
     def refer_batch(
-        self, images: Sequence[Any], texts: Sequence[str], preset: str = "hybridgl", **options: Any
+        self, images: Sequence[Any], texts: Sequence[str], preset: str | None = None, **options: Any
     ) -> list:
         """One result per (image, text) pair; repeated images reuse their proposals/features
         when the same ImageContext object is passed."""
@@ -227,7 +227,7 @@ def segment_open_vocab(
 
 
 def segment_referring(
-    images: Sequence[Any], texts: Sequence[str], preset: str = "hybridgl", **kwargs: Any
+    images: Sequence[Any], texts: Sequence[str], preset: str | None = None, **kwargs: Any
 ) -> list:
     """One call: one mask per (image, expression) pair."""
     seg_kw, opts = _split_kwargs(kwargs)

@@ -134,10 +134,212 @@ ANOMALY_PRESETS: dict[str, AnomalyPreset] = {
 # --- end anomaly ---
 
 # --- openvocab ---
+OPENVOCAB_METHODS = ("trident", "proxyclip", "sclip", "clearclip", "naclip")
+
+
+@dataclass(frozen=True)
+class OpenVocabPreset:
+    """One open-vocabulary method with its constants (specs/openvocab.md).
+
+    ``method`` picks the pipeline: ``trident`` (splice-then-segment + SAM aggregation),
+    ``proxyclip`` (VFM-proxy attention, segment-then-splice) or a CLIP-only last block
+    (``sclip``, ``clearclip``, ``naclip``). Dataset presets override the size/threshold fields.
+    """
+
+    name: str
+    method: str
+    clip_arch: str = "ViT-B-16"
+    vfm: str | None = None  # DINOv2 registry name (trident, proxyclip)
+    sam_arch: str | None = None  # trident
+    short_side: int = 336  # mmseg resize: scale by min(max_long_side/long, short_side/short)
+    max_long_side: int = 2048
+    crop: int = 336
+    stride: int = 112
+    whole_image: bool = False  # one pass over the whole (padded) image instead of windows
+    pad_multiple: int = 56  # crops zero-padded to a multiple of this (segment-then-splice)
+    logit_scale: float = 40.0
+    prob_thd: float = 0.0  # max probability below this -> background (class 0)
+    beta: float = 1.2  # ProxyCLIP / Trident proxy attention
+    gamma: float = 3.0
+    cos_fac: float = 1.2  # Trident aggregation threshold factor
+    refine_neg_cos: bool = True  # False: a negative tau becomes 0.6 (ADE, Cityscapes)
+    sam_strips: int = 1  # Trident: SAM attention from this many vertical strips (City: 2)
+    chunk_rows: int | None = 1024  # rows of W computed at once (None: all)
+    upscale_small: bool = True  # Trident: sides below the crop are upscaled (reference crashes)
+    sam_refine: bool = False  # Trident post-processing with SAM prompts
+    coarse_thresh: float = 0.0
+    sam_iou_thresh: float = 0.8
+    sam_mask_coef: float = 0.005
+    min_area: int = 225  # components smaller than this (at half resolution) get no prompt
+    reference_prompts: bool = True  # reproduce Trident's prompt frame + 3-D dense prompt
+    naclip_sigma: float = 5.0
+    pamr: bool = False  # NACLIP post-processing
+    pamr_iters: int = 10
+    pamr_dilations: tuple[int, ...] = (8, 16)
+    upsample: str = "bilinear"  # bilinear | jbu (joint bilateral, K-channel scores only)
+    window_batch: int | None = None  # windows per forward (None: all windows of an image)
+
+
+# Method presets. prob_thd is 0 here (a user's class list need not start with a background);
+# the dataset presets (voc21, context60, coco-object) set the benchmarks' thresholds.
+OPENVOCAB_PRESETS: dict[str, OpenVocabPreset] = {
+    "trident": OpenVocabPreset(
+        "trident", "trident", vfm="dinov2-reg-base", sam_arch="vit_b", short_side=448,
+        crop=336, stride=224, coarse_thresh=0.2,
+    ),
+    # Trident with prompts mapped in SAM's true frame and a (B,1,256,256) dense prompt
+    "trident-fixed": OpenVocabPreset(
+        "trident-fixed", "trident", vfm="dinov2-reg-base", sam_arch="vit_b", short_side=448,
+        crop=336, stride=224, coarse_thresh=0.2, reference_prompts=False,
+    ),
+    "proxyclip": OpenVocabPreset(
+        "proxyclip", "proxyclip", vfm="dinov2-reg-base", short_side=336, crop=336, stride=112,
+    ),
+    "sclip": OpenVocabPreset("sclip", "sclip", short_side=336, crop=224, stride=112,
+                             pad_multiple=16),
+    "clearclip": OpenVocabPreset("clearclip", "clearclip", short_side=448, crop=448, stride=224,
+                                 logit_scale=50.0, pad_multiple=16),
+    "naclip": OpenVocabPreset("naclip", "naclip", short_side=336, crop=224, stride=112,
+                              pamr=True, pad_multiple=16),
+}
+
+OPENVOCAB_DATASETS = (
+    "voc21", "voc20", "context60", "context59", "coco-object", "coco-stuff", "cityscapes", "ade20k"
+)
+
+# Per-dataset overrides, per method (data from the references' configs; see the spec).
+# Trident: short side, stride, prob_thd, coarse_thresh, cos_fac, refine_neg_cos (+ SAM strips).
+_TRIDENT_DS = {
+    "voc21": dict(short_side=448, stride=224, prob_thd=0.2, coarse_thresh=0.2, cos_fac=1.2),
+    "context60": dict(short_side=576, stride=224, prob_thd=0.15, coarse_thresh=0.15, cos_fac=1.2),
+    "coco-object": dict(short_side=448, stride=224, prob_thd=0.25, coarse_thresh=0.25,
+                        cos_fac=1.2),
+    "voc20": dict(short_side=336, stride=112, prob_thd=0.0, coarse_thresh=0.2, cos_fac=0.0),
+    "context59": dict(short_side=576, stride=224, prob_thd=0.0, coarse_thresh=0.15, cos_fac=1.2),
+    "coco-stuff": dict(short_side=448, stride=224, prob_thd=0.0, coarse_thresh=0.05, cos_fac=1.2),
+    "cityscapes": dict(short_side=688, stride=224, prob_thd=0.0, coarse_thresh=0.10, cos_fac=3.0,
+                       refine_neg_cos=False, sam_strips=2),
+    "ade20k": dict(short_side=576, stride=224, prob_thd=0.0, coarse_thresh=0.05, cos_fac=1.2,
+                   refine_neg_cos=False),
+}
+_PROXYCLIP_DS = {
+    "voc21": dict(short_side=336, prob_thd=0.2),
+    "context60": dict(short_side=336, prob_thd=0.15),
+    "coco-object": dict(short_side=336, prob_thd=0.25),
+    "voc20": dict(short_side=336, prob_thd=0.0),
+    "context59": dict(short_side=336, prob_thd=0.0),
+    "coco-stuff": dict(short_side=336, prob_thd=0.0),
+    "cityscapes": dict(short_side=448, crop=224, stride=112, prob_thd=0.0),
+    "ade20k": dict(short_side=448, prob_thd=0.0),
+}
+_ZERO_THD = {ds: dict(prob_thd=0.0) for ds in OPENVOCAB_DATASETS}
+OPENVOCAB_DATASET_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "trident": _TRIDENT_DS,
+    "proxyclip": _PROXYCLIP_DS,
+    "sclip": {**_ZERO_THD, "voc21": dict(logit_scale=65.0, prob_thd=0.1)},
+    "clearclip": dict(_ZERO_THD),
+    "naclip": {**_ZERO_THD, "voc21": dict(whole_image=True), "voc20": dict(whole_image=True)},
+}
+
+
+def openvocab_preset(
+    name: str = "trident", dataset: str | None = None, **overrides: Any
+) -> OpenVocabPreset:
+    """The named preset, with a dataset preset's values and then ``overrides`` applied."""
+    base = pick_preset(OPENVOCAB_PRESETS, name, "open-vocabulary")
+    if dataset is not None:
+        if dataset not in OPENVOCAB_DATASETS:
+            raise ConfigError(
+                f"unknown dataset preset {dataset!r}; "
+                f"choose one of: {', '.join(OPENVOCAB_DATASETS)}"
+            )
+        base = replace(base, **OPENVOCAB_DATASET_PRESETS[base.method].get(dataset, {}))
+    return with_overrides(base, **overrides)
+
+
 # --- end openvocab ---
 
 # --- referring ---
+@dataclass(frozen=True)
+class ReferPreset:
+    """Referring segmentation (HybridGL): proposals, mask features, text, scoring.
+
+    ``hybridgl`` reproduces the reference code (``specs/referring.md``) except that candidate
+    counts never carry over between queries and an image without SAM proposals falls back to the
+    whole image (flagged in ``meta``) instead of crashing. ``hybridgl+`` (the default) also fixes
+    the reference's defects: the "right"/"east" relation fires, "up"/"down" get vertical ramps,
+    NaN guards (zero-area boxes, a mask covering the whole image, a flat heat map), and R and C
+    are mixed on comparable scales (``mix="scaled"``: both turned into distributions over the
+    top-k1 candidates, R by normalising R_raw, C by a softmax), and "within" no longer counts a
+    candidate as inside itself.
+    """
+
+    name: str = "hybridgl"
+    clip_arch: str = "ViT-B-16"
+    sam_arch: str = "vit_b"
+    # proposals: SAM automatic masks (HybridGL/TAS settings)
+    points_per_side: int = 8
+    # models="tiny": 2x2 prompts (SAM's mask decoder keeps its full width even when tiny)
+    tiny_points_per_side: int = 2
+    points_per_batch: int = 64
+    pred_iou_thresh: float = 0.7
+    stability_score_thresh: float = 0.7
+    stability_score_offset: float = 1.0
+    box_nms_thresh: float = 0.7
+    min_mask_region_area: int = 800
+    # hybrid mask features
+    view_size: int | None = None  # None: the CLIP's native input (224 for ViT-B/16)
+    fusion: str = "G2L"  # G2L | L2G | G2L&L2G
+    fusion_blocks: int = 3  # fused last blocks (10-12 of ViT-B/16)
+    grid_antialias: bool = False  # the reference's pinned torchvision: no antialias
+    feature_batch: int = 32  # masks per encoder batch (2x views)
+    # text and scores
+    parser: str = "auto"  # auto (spaCy if installed with a model) | spacy | fallback
+    logit_scale: float = 100.0
+    k1: int = 3  # candidates T: top-k1 by P
+    k2: int = 6  # context masks U: top-k2 by Q
+    alpha: float = 0.6  # F = (1 - alpha)·R + alpha·C
+    beta_big: float = 1.95
+    beta_small: float = 1.5
+    beta_default: float = 1.8
+    heat_variant: str = "clearclip"  # dense CLIP last-block variant for the heat map of p
+    heat_size: int | None = None  # None: native CLIP input size
+    # defect fixes (off in the reference preset)
+    right_relation: bool = False
+    vertical_ramps: bool = False
+    nan_guards: bool = False
+    mix: str = "reference"  # reference | scaled
+    within_self: bool = True  # the reference counts b = a in "within" (ratio 1 for itself)
+    # optional SAM refinement of the chosen mask (box + heat-map peak)
+    refine: bool = False
+    top_candidates: int = 3  # candidates reported in the result
+
+
+REFER_PRESETS: dict[str, ReferPreset] = {
+    "hybridgl": ReferPreset(),
+    "hybridgl+": ReferPreset(
+        name="hybridgl+",
+        right_relation=True,
+        vertical_ramps=True,
+        nan_guards=True,
+        mix="scaled",
+        within_self=False,
+    ),
+}
+DEFAULT_REFER_PRESET = "hybridgl+"
 # --- end referring ---
 
 # --- engine ---
+@dataclass(frozen=True)
+class EngineConfig:
+    """Batch-runner defaults (local and Ray engines)."""
+
+    read_workers: int = 2  # decoding threads running ahead of the encoders
+    progress_interval_s: float = 10.0  # plain progress lines when stderr is not a terminal
+    orphan_temp_max_age_s: float = 86400.0  # temp files of dead writers are removed at start
+    ray_workers: int = 1  # model actors
+    ray_gpus_per_worker: float = 0.0
+
+
+ENGINE = EngineConfig()
 # --- end engine ---

@@ -1,0 +1,222 @@
+"""``zsdense anomaly``: anomaly maps, defect masks and image scores (Crane, Crane+, musc)."""
+
+from __future__ import annotations
+
+import click
+
+from zsdense.cli.common import batch_command, make_segmenter, run_cli_batch
+
+PRESET_CHOICES = ("crane", "crane+", "musc")
+ATTN_CHOICES = ("qq+kk+vv", "vv", "qq", "kk", "qq+kk", "(q+k+v)^2")
+
+
+def anomaly_task(
+    seg, *, object_name: str | None, preset: str, options: dict, fmt: str, overlay: bool
+):
+    """The TaskSpec of ``zsdense anomaly``: ``run_anomaly`` per batch (the whole set for musc),
+    the engine's writer, and the decision thresholds in the manifest's scores."""
+    from zsdense.engine.local import TaskSpec
+    from zsdense.engine.multitask import write_result
+    from zsdense.tasks.anomaly import run_anomaly
+
+    opts = dict(options)
+
+    def run(ctxs, params):
+        return run_anomaly(seg, ctxs, object_name=object_name, preset=preset, **opts)
+
+    def write(result, ctx, stem, params):
+        got = write_result(result, ctx, stem, params, fmt=fmt, overlay=overlay)
+        scores = got.setdefault("scores", {})
+        scores["threshold"] = float(result.threshold)
+        scores["threshold_source"] = result.meta.get("threshold_source")
+        scores["image_threshold"] = result.image_threshold
+        scores["label"] = result.label
+        scores["defect_area"] = round(float(result.mask.mean()), 6) if result.mask.size else 0.0
+        return got
+
+    return TaskSpec(
+        name="anomaly", run=run, write=write, group="all" if preset == "musc" else "batch"
+    )
+
+
+@click.command("anomaly")
+@click.argument("data", nargs=-1, required=True)
+@click.option(
+    "--object",
+    "object_name",
+    default=None,
+    help='Object name for the prompt ensemble ("screw", "pcb"); default "object". '
+    "Learned prompts are object-agnostic.",
+)
+@click.option(
+    "--preset",
+    type=click.Choice(PRESET_CHOICES),
+    default="crane",
+    show_default=True,
+    help="crane (CLIP ViT-L/14-336, E-Attn), crane+ (plus DINOv2 D-Attn), musc (the "
+    "images of one product score each other; needs >= 5 images, no prompts).",
+)
+@click.option(
+    "--prompts",
+    default=None,
+    help="learned (default: the published Crane checkpoint for the preset), ensemble "
+    "(training-free prompt ensemble), a registry name (crane-mvtec, crane-visa, "
+    "crane+-mvtec, crane+-visa, crane+-mvtec-epoch1), a prompt-learner .pth file, or a .json "
+    "ensemble (normal_states, abnormal_states, templates).",
+)
+@click.option(
+    "--threshold",
+    type=float,
+    default=None,
+    help="Pixel threshold on the anomaly map (mask = map >= T). Default: calibrated "
+    "with --calibrate-with, else 0.5 (the map is an anomaly probability).",
+)
+@click.option(
+    "--calibrate-with",
+    type=click.Path(exists=True),
+    default=None,
+    help="Folder (or file / glob) of known-good images: the pixel threshold is the max "
+    "over their maps and the image threshold the max of their scores.",
+)
+@click.option(
+    "--calibrate-percentile",
+    type=click.FloatRange(0, 100),
+    default=None,
+    help="With --calibrate-with: use this percentile of the good pixels/scores "
+    "instead of the max (e.g. 99.9).",
+)
+@click.option(
+    "--image-threshold",
+    type=float,
+    default=None,
+    help="Image label = score >= this (no label without it or --calibrate-with).",
+)
+@click.option(
+    "--domain",
+    type=click.Choice(["industrial", "medical"]),
+    default="industrial",
+    show_default=True,
+    help="medical: the papers' medical settings (crane+: softmax-first fusion and the "
+    "epoch-1 checkpoint).",
+)
+@click.option(
+    "--dataset",
+    default=None,
+    help="Benchmark the data comes from; 'mvtec' selects the VisA-trained prompts as "
+    "in the papers (otherwise the MVTec-trained ones).",
+)
+@click.option(
+    "--eattn-layers",
+    default=None,
+    help="Per-layer E-Attn maps, e.g. 6,12,18,24 (the paper's description; NOT the "
+    "published configuration). Default 'as-run': the last block only.",
+)
+@click.option(
+    "--attn-type",
+    type=click.Choice(ATTN_CHOICES),
+    default=None,
+    help="E-Attn correlation (default qq+kk+vv).",
+)
+@click.option(
+    "--dattn-mean",
+    type=click.Choice(["image", "batch"]),
+    default=None,
+    help="crane+: mean of the DINO similarity per image (default; batch-independent) "
+    "or over the batch (Crane's exact behaviour, results depend on the batch).",
+)
+@click.option(
+    "--image-size",
+    type=click.IntRange(min=28),
+    default=None,
+    help="Model input size (default 518 as the papers; must be a multiple of 14).",
+)
+@batch_command
+def anomaly_cmd(
+    data,
+    object_name,
+    preset,
+    prompts,
+    threshold,
+    calibrate_with,
+    calibrate_percentile,
+    image_threshold,
+    domain,
+    dataset,
+    eattn_layers,
+    attn_type,
+    dattn_mean,
+    image_size,
+    out_dir,
+    fmt,
+    no_overlay,
+    force,
+    retry_errors,
+    quiet,
+    **runtime,
+) -> int:
+    """Anomaly segmentation: per image an anomaly map, a defect mask and a score.
+
+    \b
+    Examples:
+      zsdense anomaly parts/ --out res --preset crane+
+      zsdense anomaly parts/ --out res --calibrate-with good_parts/ --object "metal nut"
+      zsdense anomaly lot_42/ --out res --preset musc --threshold 0.3
+      zsdense anomaly assets/inspection --out res --models tiny     (offline smoke run)
+
+    Outputs in OUT, mirroring the inputs: <name>.mask.png (0/255 defect mask),
+    <name>.map.tiff|npy (float32 anomaly map at the original size), <name>.overlay.jpg, and
+    one line per image in OUT/results.jsonl with the score, the label (with an image
+    threshold) and the thresholds used. Exit codes: 0 all ok, 3 some images failed, 2 usage.
+    """
+    from zsdense.config import ANOMALY_PRESETS
+    from zsdense.engine.local import items_from_data
+    from zsdense.errors import ConfigError
+    from zsdense.tasks.anomaly import resolve_preset
+
+    options: dict = {"domain": domain}
+    for key, val in (
+        ("prompts", prompts),
+        ("threshold", threshold),
+        ("calibrate_with", calibrate_with),
+        ("calibrate_percentile", calibrate_percentile),
+        ("image_threshold", image_threshold),
+        ("dataset", dataset),
+        ("eattn_layers", eattn_layers),
+        ("attn_type", attn_type),
+        ("dattn_mean", dattn_mean),
+        ("image_size", image_size),
+    ):
+        if val is not None:
+            options[key] = val
+    if calibrate_percentile is not None and calibrate_with is None:
+        raise click.UsageError("--calibrate-percentile needs --calibrate-with DIR")
+    if image_size is not None and image_size % 14:
+        raise click.UsageError("--image-size must be a multiple of the patch size 14")
+    # validate the preset options before any model loads
+    resolve_preset(
+        preset,
+        **{
+            k: v
+            for k, v in options.items()
+            if k in ("prompts", "eattn_layers", "attn_type", "dattn_mean", "image_size")
+        },
+    )
+    items = items_from_data(data)
+    need = ANOMALY_PRESETS["musc"].musc_min_images
+    if preset == "musc" and 0 < len(items) < need:
+        raise ConfigError(
+            f"--preset musc scores the images against each other and needs at least {need} "
+            f"images of one product; DATA has {len(items)}. Use --preset crane or crane+"
+        )
+    seg = make_segmenter(**runtime)
+    task = anomaly_task(
+        seg,
+        object_name=object_name,
+        preset=preset,
+        options=options,
+        fmt=fmt,
+        overlay=not no_overlay,
+    )
+    return run_cli_batch(
+        seg, items, out_dir, [task], force=force, retry_errors=retry_errors, quiet=quiet
+    )

@@ -1,0 +1,173 @@
+"""Attention primitives over a block's weights (no patched classes).
+
+Every dense-feature variant (Crane's E-Attn / D-Attn here, the open-vocabulary last-block
+variants in ``lastblock.py``) needs the same few pieces: q, k, v from a block's in-projection
+applied to its ``ln_1`` output, split into heads; heads merged back; the block's out-projection;
+and attention maps built from self-correlations (q·qᵀ, k·kᵀ, v·vᵀ, ...). They live here so that
+every variant computes them the same way, batched over images and heads (no Python loop over
+heads).
+
+Layouts: tokens batch-first ``(B, N, C)``; per-head tensors ``(B, H, N, d)`` with ``C = H·d``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from zsdense.errors import ConfigError
+
+# Attention types of Crane's E-Attn (and AnomalyCLIP's V-V). Each sum term is a separate softmax;
+# the sum is deliberately not renormalised (as in the reference).
+CORRELATION_TYPES: dict[str, tuple[str, ...]] = {
+    "qq+kk+vv": ("q", "k", "v"),
+    "vv": ("v",),
+    "qq": ("q",),
+    "kk": ("k",),
+    "qq+kk": ("q", "k"),
+    "(q+k+v)^2": ("qkv",),
+}
+
+
+def split_heads(x_bnc: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(B, N, C) -> (B, H, N, C/H)."""
+    b, n, c = x_bnc.shape
+    return x_bnc.reshape(b, n, num_heads, c // num_heads).transpose(1, 2)
+
+
+def merge_heads(x_bhnd: torch.Tensor) -> torch.Tensor:
+    """(B, H, N, d) -> (B, N, H·d): the inverse of :func:`split_heads`."""
+    b, h, n, d = x_bhnd.shape
+    return x_bhnd.transpose(1, 2).reshape(b, n, h * d)
+
+
+def qkv_tokens(block_weights, x_ln_bnc: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """q, k, v (each (B, N, C)) = the block's in-projection (with bias) of ``ln_1(x)``.
+
+    ``x_ln_bnc`` is the block's *normalised* input (``ln_1`` already applied).
+    """
+    qkv = F.linear(x_ln_bnc, block_weights.in_proj_weight, block_weights.in_proj_bias)
+    return qkv.chunk(3, dim=-1)
+
+
+def qkv_heads(block_weights, x_ln_bnc: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """q, k, v split into heads, each (B, H, N, d), from ``ln_1``-normalised tokens (B, N, C)."""
+    h = block_weights.num_heads
+    q, k, v = qkv_tokens(block_weights, x_ln_bnc)
+    return split_heads(q, h), split_heads(k, h), split_heads(v, h)
+
+
+def out_proj(block_weights, x_bnc: torch.Tensor) -> torch.Tensor:
+    """The block's attention out-projection (with bias): (B, N, C) -> (B, N, C)."""
+    return F.linear(x_bnc, block_weights.out_proj_weight, block_weights.out_proj_bias)
+
+
+def plain_attention(block_weights, x_ln_bnc: torch.Tensor) -> torch.Tensor:
+    """The block's ordinary multi-head self-attention output (after out_proj): (B, N, C).
+
+    Equals ``attn(ln_1(x))`` of the open_clip block; used to run a block without calling its
+    module when the inputs are needed anyway.
+    """
+    q, k, v = qkv_heads(block_weights, x_ln_bnc)
+    out = F.scaled_dot_product_attention(q, k, v)
+    return out_proj(block_weights, merge_heads(out))
+
+
+def self_correlation_attention(
+    q_bhnd: torch.Tensor,
+    k_bhnd: torch.Tensor,
+    v_bhnd: torch.Tensor,
+    attn_type: str = "qq+kk+vv",
+    scale: float | None = None,
+) -> torch.Tensor:
+    """E-Attn attention weights (B, H, N, N): a sum of row-softmaxes of self-correlations.
+
+    ``qq+kk+vv``: softmax(s·qqᵀ) + softmax(s·kkᵀ) + softmax(s·vvᵀ) (not renormalised); ``vv``,
+    ``qq``, ``kk``, ``qq+kk`` likewise; ``(q+k+v)^2``: q, k, v concatenated along the head
+    dimension, one softmax at scale s/√3. ``s`` defaults to head_dim^-0.5.
+    Each term is one matmul + softmax batched over images and heads.
+    """
+    try:
+        terms = CORRELATION_TYPES[attn_type]
+    except KeyError:
+        raise ConfigError(
+            f"unknown attention type {attn_type!r}; choose one of {', '.join(CORRELATION_TYPES)}"
+        ) from None
+    d = q_bhnd.shape[-1]
+    s = d**-0.5 if scale is None else scale
+    if terms == ("qkv",):
+        x = torch.cat([q_bhnd, k_bhnd, v_bhnd], dim=-1)  # (B, H, N, 3d)
+        return torch.softmax((s / math.sqrt(3.0)) * (x @ x.transpose(-1, -2)), dim=-1)
+    src = {"q": q_bhnd, "k": k_bhnd, "v": v_bhnd}
+    if len(terms) == 1:
+        x = src[terms[0]]
+        return torch.softmax(s * (x @ x.transpose(-1, -2)), dim=-1)
+    # One batched (over B and H) softmax per term, accumulated in place: a stacked (T,B,H,N,N)
+    # tensor would triple the peak memory for the same arithmetic.
+    a = None
+    for t in terms:
+        x = src[t]
+        p = torch.softmax(s * (x @ x.transpose(-1, -2)), dim=-1)  # (B, H, N, N)
+        a = p if a is None else a.add_(p)
+    return a
+
+
+def dual_attention_heads(
+    q_bhnd: torch.Tensor,
+    k_bhnd: torch.Tensor,
+    v_bhnd: torch.Tensor,
+    attn_type: str = "qq+kk+vv",
+    *,
+    with_plain: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(plain ``softmax(s·qkᵀ)·v``, E-Attn ``A·v``), each (B, H, N, d), without forming N×N.
+
+    ``A·v = Σ_t softmax(s·x_t x_tᵀ)·v`` is evaluated as a sum of fused scaled-dot-product
+    attentions ``sdpa(x_t, x_t, v)`` (linearity of the product in A), stacked along the batch axis
+    with the plain attention ``sdpa(q, k, v)`` so that one kernel call serves every term, every
+    head and every image. Same numbers as :func:`self_correlation_attention` ``@ v`` (to float
+    rounding) at a fraction of the memory.
+    """
+    try:
+        terms = CORRELATION_TYPES[attn_type]
+    except KeyError:
+        raise ConfigError(
+            f"unknown attention type {attn_type!r}; choose one of {', '.join(CORRELATION_TYPES)}"
+        ) from None
+    b = q_bhnd.shape[0]
+    if terms == ("qkv",):
+        x = torch.cat([q_bhnd, k_bhnd, v_bhnd], dim=-1)
+        s = q_bhnd.shape[-1] ** -0.5 / math.sqrt(3.0)
+        corr = F.scaled_dot_product_attention(x, x, v_bhnd, scale=s)
+        plain = F.scaled_dot_product_attention(q_bhnd, k_bhnd, v_bhnd) if with_plain else None
+        return plain, corr
+    src = {"q": q_bhnd, "k": k_bhnd, "v": v_bhnd}
+    qs = ([q_bhnd] if with_plain else []) + [src[t] for t in terms]
+    ks = ([k_bhnd] if with_plain else []) + [src[t] for t in terms]
+    n_calls = len(qs)
+    out = F.scaled_dot_product_attention(
+        torch.cat(qs), torch.cat(ks), v_bhnd.repeat(n_calls, 1, 1, 1)
+    )  # (n_calls·B, H, N, d)
+    out = out.unflatten(0, (n_calls, b))
+    if with_plain:
+        return out[0], out[1:].sum(dim=0)
+    return None, out.sum(dim=0)
+
+
+def correlation_attention_output(
+    block_weights,
+    x_ln_bnc: torch.Tensor,
+    attn_type: str = "qq+kk+vv",
+    *,
+    qkv: Sequence[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """out_proj(A · v) with A from :func:`self_correlation_attention`: (B, N, C).
+
+    ``qkv`` may pass precomputed ``qkv_heads`` output to avoid a second in-projection.
+    """
+    q, k, v = qkv if qkv is not None else qkv_heads(block_weights, x_ln_bnc)
+    _, y = dual_attention_heads(q, k, v, attn_type, with_plain=False)
+    return out_proj(block_weights, merge_heads(y))

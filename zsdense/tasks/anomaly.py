@@ -1,0 +1,489 @@
+"""Anomaly segmentation head: Crane / Crane+ maps and scores, batch mutual scoring, decisions.
+
+``run_anomaly(seg, ctxs, object_name=..., preset=...)`` is what ``Segmenter.anomaly_batch`` and
+the CLI call. Per image it returns an :class:`AnomalyResult` at the original image size:
+
+- ``anomaly_map`` (H, W) float32: the abnormal probability map, computed at the preset's input
+  size (518), Gaussian-smoothed there (σ=4, scipy's reflect mode) and resized bilinearly;
+- ``score``: Crane's score-based pooling (or MuSc's max-of-map score, min-max normalised over
+  the set and smoothed over CLIP neighbours);
+- ``mask = anomaly_map >= threshold``; ``label = score >= image_threshold`` (None without one).
+
+Decisions. ``threshold``: a fixed value, else one calibrated from known-good images
+(``calibrate_with``: the max over their maps, or the ``calibrate_percentile``-th percentile of
+their pixels), else 0.5 on the probability map (``ANOMALY_DEFAULT_THRESHOLD``; for ``musc``,
+whose maps are distances, pass a threshold or calibrate). ``image_threshold``: a fixed value, else
+calibrated from the good images' scores the same way, else None (no label). Every result records
+the thresholds used and where they came from in ``meta``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Hashable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from zsdense.config import (
+    ANOMALY_DEFAULT_THRESHOLD,
+    ANOMALY_PRESETS,
+    AnomalyPreset,
+    pick_preset,
+    with_overrides,
+)
+from zsdense.errors import ConfigError
+
+DOMAINS = ("industrial", "medical")
+
+
+@dataclass
+class AnomalyResult:
+    """One image's anomaly output, at the original image size (numpy, JSON-able meta)."""
+
+    score: float
+    anomaly_map: np.ndarray  # (H, W) float32
+    mask: np.ndarray  # (H, W) bool
+    label: bool | None
+    threshold: float
+    image_threshold: float | None
+    meta: dict = field(default_factory=dict)
+    model_map: np.ndarray | None = field(default=None, repr=False)  # (S, S) smoothed, at input size
+
+
+# ---- options -------------------------------------------------------------------------------
+
+_DECISION_KEYS = ("threshold", "image_threshold", "calibrate_with", "calibrate_percentile")
+_RUN_KEYS = ("domain", "dataset", "batch_size", "keep_model_map")
+
+
+def parse_layers(value: Any) -> tuple[int, ...] | None:
+    """``--eattn-layers``: ``"6,12,18,24"`` or a sequence -> tuple; ``"as-run"`` -> None."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        v = value.strip().lower()
+        if v in ("", "as-run", "asrun", "last", "none"):
+            return None
+        try:
+            return tuple(int(x) for x in v.replace(" ", "").split(",") if x)
+        except ValueError:
+            raise ConfigError(
+                f"--eattn-layers {value!r}: give block numbers like 6,12,18,24 or 'as-run'"
+            ) from None
+    return tuple(int(x) for x in value)
+
+
+def resolve_preset(preset: str | AnomalyPreset, **overrides: Any) -> AnomalyPreset:
+    """The preset with overrides applied (``eattn_layers`` parsed; unknown names -> ConfigError)."""
+    base = (
+        preset
+        if isinstance(preset, AnomalyPreset)
+        else pick_preset(ANOMALY_PRESETS, preset, "anomaly")
+    )
+    ov = dict(overrides)
+    layers_given = "eattn_layers" in ov
+    layers = parse_layers(ov.pop("eattn_layers", None))
+    cfg = with_overrides(base, **ov)
+    if layers_given:
+        from dataclasses import replace
+
+        cfg = replace(cfg, eattn_layers=layers)
+    if cfg.dattn_mean not in ("image", "batch"):
+        raise ConfigError(f"--dattn-mean must be 'image' or 'batch', not {cfg.dattn_mean!r}")
+    return cfg
+
+
+def split_options(options: dict) -> tuple[dict, dict, dict]:
+    """(preset overrides, decision options, run options)."""
+    opts = dict(options)
+    decision = {k: opts.pop(k) for k in list(opts) if k in _DECISION_KEYS}
+    run = {k: opts.pop(k) for k in list(opts) if k in _RUN_KEYS}
+    return opts, decision, run
+
+
+# ---- text side -----------------------------------------------------------------------------
+
+
+def choose_checkpoint(cfg: AnomalyPreset, domain: str, dataset: str | None) -> str:
+    """The published protocol: MVTec -> the VisA-trained prompts, medical -> the medical ones."""
+    if domain == "medical":
+        return cfg.checkpoint_medical
+    if dataset and dataset.lower().replace("-", "").replace("_", "") in ("mvtec", "mvtecad"):
+        return cfg.checkpoint_mvtec
+    return cfg.checkpoint
+
+
+def text_features(
+    seg,
+    clip,
+    cfg: AnomalyPreset,
+    object_name: str | None,
+    *,
+    domain: str = "industrial",
+    dataset: str | None = None,
+    explicit: bool = False,
+) -> tuple[torch.Tensor, dict]:
+    """T (2, D) on the CLIP device and a meta dict saying which prompts were used.
+
+    ``cfg.prompts``: ``learned`` (the preset's registry checkpoint for this domain/dataset),
+    ``ensemble``, a registry name or a ``.pth`` path. Learned prompts need a text tower of their
+    width (768: ViT-L/14); when the default ``learned`` meets another width (the ``tiny`` models)
+    the ensemble is used instead and the meta says so. An explicit checkpoint that does not fit
+    is a ConfigError.
+    """
+    from zsdense.text import anomaly_prompts as ap
+
+    spec = cfg.prompts
+    meta: dict = {}
+    if spec == "learned":
+        name = choose_checkpoint(cfg, domain, dataset)
+        text_width = int(clip.model.ln_final.weight.shape[0])
+        if text_width != 768 and not explicit:
+            meta["prompts_note"] = (
+                f"learned prompts ({name}) need a 768-wide text tower; this CLIP ({clip.arch}) "
+                f"has {text_width}: used the '{cfg.prompt_ensemble}' ensemble instead"
+            )
+            spec = "ensemble"
+        else:
+            spec = name
+    if spec == "ensemble" or str(spec).endswith(".json"):
+        ens = cfg.prompt_ensemble if spec == "ensemble" else str(spec)
+        key = ("anomaly-ensemble", clip.arch, ens, object_name or "")
+        if key not in seg.text_cache:
+            seg.text_cache[key] = ap.ensemble_text_features(clip, object_name, ens)
+        meta.update(
+            prompts="ensemble",
+            prompt_ensemble=ens,
+            object=object_name or ap.DEFAULT_OBJECT,
+        )
+        return seg.text_cache[key], meta
+    key = ("anomaly-learned", clip.arch, spec, cfg.deep_prompt_fp16)
+    if key not in seg.text_cache:
+        lp = ap.resolve_learned_prompts(
+            spec, weights_dir=seg.config.weights_dir, download=seg.config.download
+        )
+        seg.text_cache[key] = ap.learned_text_features(clip, lp, deep_fp16=cfg.deep_prompt_fp16)
+    meta.update(prompts="learned", prompt_checkpoint=spec)
+    if object_name:
+        meta["object_note"] = "learned prompts are object-agnostic: --object is not used"
+    return seg.text_cache[key], meta
+
+
+# ---- per-image caching of batched encoder work ---------------------------------------------
+
+
+def batched_get(ctxs: Sequence, key: Hashable, compute: Callable[[list], list]) -> list:
+    """``ctx.get(key)`` for every context, computing the missing ones in one batched call."""
+    missing = [c for c in ctxs if key not in c.cache]
+    if missing:
+        values = compute(missing)
+        for c, v in zip(missing, values):
+            c.cache[key] = v
+            c.computed[key] += 1
+    return [c.cache[key] for c in ctxs]
+
+
+def model_input(ctxs: Sequence, size: int, device) -> torch.Tensor:
+    """[0, 1] RGB batch (B, 3, size, size): whole image, PIL bicubic, no crop."""
+    from zsdense.models.clip import preprocess_images
+
+    return preprocess_images([c.image for c in ctxs], size, device=device)
+
+
+# ---- crane / crane+ ------------------------------------------------------------------------
+
+
+def _crane_batch_features(seg, cfg: AnomalyPreset, ctxs: list) -> list[dict]:
+    from zsdense.dense.crane import (
+        crane_features,
+        dino_input_from_clip,
+        scale_block,
+        scale_layers,
+    )
+
+    clip = seg.clip(cfg.clip_arch)
+    n_layers = clip.num_layers
+    start = scale_block(cfg.eattn_start_block, n_layers)
+    layers = None if cfg.eattn_layers is None else scale_layers(cfg.eattn_layers, n_layers)
+    x01 = model_input(ctxs, cfg.image_size, seg.device)
+    x = clip.normalize(x01)
+    dino_feats = None
+    with seg.autocast():
+        if cfg.use_dattn:
+            dino = seg.dinov2(cfg.dino_name)
+            d_in = dino.normalize(dino_input_from_clip(x, clip.mean, clip.std))
+            dino_feats = dino.patch_features(d_in).float()
+        f = crane_features(
+            clip,
+            x,
+            start_block=start,
+            attn_type=cfg.attn_type,
+            layers=layers,
+            dino_feats_bchw=dino_feats,
+            dattn_beta=cfg.dattn_beta,
+            dattn_gamma=cfg.dattn_gamma,
+            dattn_mean=cfg.dattn_mean,
+            dattn_value_source=cfg.dattn_value_source,
+        )
+    maps = torch.stack([m.float() for m in f.maps], dim=1)  # (B, L, N, D)
+    glob = f.global_embed.float()
+    info = {
+        "start_block": start,
+        "layers": list(layers) if layers else "as-run",
+        "map_names": f.names,
+        "grid": list(f.grid),
+    }
+    return [
+        {"maps": maps[i], "global": glob[i], "grid": f.grid, "info": info} for i in range(len(ctxs))
+    ]
+
+
+@torch.no_grad()
+def crane_model_maps(
+    seg, cfg: AnomalyPreset, ctxs: list, text: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Smoothed maps (B, S, S) at the input size and scores (B,) for a batch of contexts."""
+    from zsdense.dense.crane import crane_maps
+    from zsdense.dense.smoothing import smooth_maps
+
+    key = (
+        "anomaly-crane",
+        cfg.clip_arch,
+        cfg.image_size,
+        cfg.attn_type,
+        cfg.eattn_start_block,
+        cfg.eattn_layers,
+        cfg.use_dattn,
+        cfg.dino_name,
+        cfg.dattn_beta,
+        cfg.dattn_gamma,
+        cfg.dattn_mean,
+        cfg.dattn_value_source,
+        tuple(id(c) for c in ctxs) if cfg.use_dattn and cfg.dattn_mean == "batch" else None,
+    )
+    feats = batched_get(ctxs, key, lambda cs: _crane_batch_features(seg, cfg, cs))
+    maps = torch.stack([f["maps"] for f in feats], dim=1)  # (L, B, N, D)
+    glob = torch.stack([f["global"] for f in feats], dim=0)
+    size = (cfg.image_size, cfg.image_size)
+    r = crane_maps(
+        list(maps),
+        text.float().to(maps.device),
+        glob,
+        grid=feats[0]["grid"],
+        size=size,
+        soft_mean=cfg.soft_mean,
+        temperature=cfg.temperature,
+        alpha=cfg.fusion_alpha,
+    )
+    smoothed = smooth_maps(r.anomaly_map, cfg.sigma, cfg.smoothing_backend)
+    return smoothed, r.anomaly_score, dict(feats[0]["info"])
+
+
+# ---- decisions -----------------------------------------------------------------------------
+
+
+def resize_map(map_hw: torch.Tensor, size_hw: tuple[int, int]) -> np.ndarray:
+    """(S, S) -> (H, W) float32 numpy, bilinear (align_corners=False)."""
+    m = map_hw.float()
+    if tuple(m.shape[-2:]) != tuple(size_hw):
+        m = F.interpolate(m[None, None], size=tuple(size_hw), mode="bilinear", align_corners=False)[
+            0, 0
+        ]
+    return m.cpu().numpy().astype(np.float32, copy=False)
+
+
+def calibrate_threshold(values: Sequence[np.ndarray], percentile: float | None = None) -> float:
+    """Max of known-good values (maps or scores), or their ``percentile``-th percentile."""
+    flat = np.concatenate([np.asarray(v, dtype=np.float64).ravel() for v in values])
+    if flat.size == 0:
+        raise ConfigError("calibration needs at least one known-good image")
+    if percentile is None:
+        return float(flat.max())
+    if not 0.0 <= float(percentile) <= 100.0:
+        raise ConfigError(f"--calibrate-percentile must be in [0, 100], got {percentile}")
+    return float(np.percentile(flat, float(percentile)))
+
+
+def _calibration_images(source: Any) -> list:
+    """A folder / file / glob / list of paths or arrays -> a list of image inputs."""
+    if isinstance(source, (str, Path)):
+        from zsdense.io import list_inputs
+
+        items = list_inputs([source])
+        if not items:
+            raise ConfigError(f"--calibrate-with {source}: no images found")
+        return [it.path for it in items]
+    return list(source)
+
+
+def calibration(seg, cfg: AnomalyPreset, object_name, source, percentile, run_kw) -> dict:
+    """Thresholds from known-good images (cached on the Segmenter per source and settings)."""
+    key = (
+        "anomaly-calibration",
+        cfg,
+        object_name,
+        str(source) if isinstance(source, (str, Path)) else id(source),
+        percentile,
+        tuple(sorted((k, str(v)) for k, v in run_kw.items())),
+    )
+    cache = seg.text_cache
+    if key not in cache:
+        imgs = _calibration_images(source)
+        ctxs = seg.contexts(imgs)
+        res = _run_core(seg, cfg, ctxs, object_name, run_kw)
+        cache[key] = {
+            "threshold": calibrate_threshold([r[0] for r in res], percentile),
+            "image_threshold": calibrate_threshold([np.array([r[1]]) for r in res], percentile),
+            "n_images": len(ctxs),
+            "rule": "max" if percentile is None else f"percentile {percentile}",
+        }
+    return cache[key]
+
+
+# ---- the run -------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _run_core(seg, cfg: AnomalyPreset, ctxs: list, object_name, run_kw: dict):
+    """[(map (H, W) float32, score, model map (S, S) tensor, meta)] for the contexts."""
+    domain = run_kw.get("domain") or "industrial"
+    if cfg.method == "musc":
+        from zsdense.tasks.musc import run_musc
+
+        maps, scores, info = run_musc(seg, cfg, ctxs)
+        meta = {"musc": info}
+    else:
+        clip = seg.clip(cfg.clip_arch)
+        text, tmeta = text_features(
+            seg,
+            clip,
+            cfg,
+            object_name,
+            domain=domain,
+            dataset=run_kw.get("dataset"),
+            explicit=run_kw.get("_prompts_explicit", False),
+        )
+        bs = int(run_kw.get("batch_size") or seg.config.batch_size)
+        maps_l, scores_l = [], []
+        info: dict = {}
+        for i in range(0, len(ctxs), bs):
+            m, s, info = crane_model_maps(seg, cfg, ctxs[i : i + bs], text)
+            maps_l.append(m.cpu())
+            scores_l.append(s.cpu())
+        maps = torch.cat(maps_l, dim=0)
+        scores = torch.cat(scores_l, dim=0)
+        meta = {**tmeta, "eattn": info}
+    out = []
+    for c, m, s in zip(ctxs, maps, scores):
+        out.append((resize_map(m, c.size), float(s), m, meta))
+    return out
+
+
+def run_anomaly(
+    seg,
+    ctxs: Sequence,
+    *,
+    object_name: str | None = None,
+    preset: str = "crane",
+    **options: Any,
+) -> list[AnomalyResult]:
+    """Anomaly results for ``ctxs`` (see the module docstring for every option).
+
+    Options: any :class:`~zsdense.config.AnomalyPreset` field (``attn_type``, ``eattn_layers``
+    e.g. ``"6,12,18,24"``, ``dattn_mean``, ``soft_mean``, ``sigma``, ``prompts``...), plus
+    ``domain`` (industrial | medical: medical turns on ``soft_mean_medical`` and the medical
+    checkpoint), ``dataset`` (``"mvtec"`` selects the VisA-trained prompts as the papers do),
+    ``threshold``, ``image_threshold``, ``calibrate_with``, ``calibrate_percentile``,
+    ``batch_size``, ``keep_model_map`` (attach the smoothed map at the input size).
+    """
+    overrides, decision, run_kw = split_options(options)
+    domain = run_kw.get("domain") or "industrial"
+    if domain not in DOMAINS:
+        raise ConfigError(f"--domain must be one of {', '.join(DOMAINS)}, not {domain!r}")
+    prompts_explicit = overrides.get("prompts") is not None
+    cfg = resolve_preset(preset, **overrides)
+    if domain == "medical" and "soft_mean" not in overrides:
+        from dataclasses import replace
+
+        cfg = replace(cfg, soft_mean=cfg.soft_mean_medical)
+    run_kw["_prompts_explicit"] = prompts_explicit
+    ctxs = list(ctxs)
+    if not ctxs:
+        return []
+
+    # decisions
+    thr = decision.get("threshold")
+    ithr = decision.get("image_threshold")
+    thr_src = "fixed" if thr is not None else None
+    ithr_src = "fixed" if ithr is not None else None
+    calib = None
+    if decision.get("calibrate_with") is not None and (thr is None or ithr is None):
+        calib = calibration(
+            seg,
+            cfg,
+            object_name,
+            decision["calibrate_with"],
+            decision.get("calibrate_percentile"),
+            run_kw,
+        )
+        if thr is None:
+            thr, thr_src = calib["threshold"], "calibrated"
+        if ithr is None:
+            ithr, ithr_src = calib["image_threshold"], "calibrated"
+    if thr is None:
+        thr, thr_src = ANOMALY_DEFAULT_THRESHOLD, "default"
+    thr = float(thr)
+    ithr = None if ithr is None else float(ithr)
+
+    core = _run_core(seg, cfg, ctxs, object_name, run_kw)
+    results = []
+    for amap, score, model_map, meta in core:
+        m = dict(seg.result_meta())
+        m.update(meta)
+        m.update(
+            preset=cfg.name,
+            method=cfg.method,
+            domain=domain,
+            image_size=cfg.image_size,
+            clip_arch=cfg.clip_arch,
+            soft_mean=cfg.soft_mean,
+            sigma=cfg.sigma,
+            threshold=thr,
+            threshold_source=thr_src,
+            image_threshold=ithr,
+            image_threshold_source=ithr_src,
+        )
+        if cfg.method == "crane":
+            m.update(
+                attn_type=cfg.attn_type,
+                eattn_layers=("as-run" if cfg.eattn_layers is None else list(cfg.eattn_layers)),
+            )
+            if cfg.use_dattn:
+                m.update(
+                    dino=cfg.dino_name,
+                    dattn_mean=cfg.dattn_mean,
+                    dattn_value_source=cfg.dattn_value_source,
+                )
+        if calib is not None:
+            m["calibration"] = {k: calib[k] for k in ("n_images", "rule")}
+        if thr_src == "default" and cfg.method == "musc":
+            m["threshold_note"] = (
+                "musc maps are patch distances, not probabilities: pass "
+                "--threshold or --calibrate-with for a meaningful mask"
+            )
+        results.append(
+            AnomalyResult(
+                score=score,
+                anomaly_map=amap,
+                mask=amap >= thr,
+                label=None if ithr is None else bool(score >= ithr),
+                threshold=thr,
+                image_threshold=ithr,
+                meta=m,
+                model_map=model_map.numpy() if run_kw.get("keep_model_map") else None,
+            )
+        )
+    return results
