@@ -15,7 +15,6 @@ and shared by all heads that run on it (``Segmenter.run``).
 from __future__ import annotations
 
 import sys
-import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -87,10 +86,10 @@ class Segmenter:
         return self.config.models == "tiny"
 
     def _warn_tiny(self) -> None:
+        """One stderr line per Segmenter when random-weight models are used."""
         if self.random_weights and not self._warned:
             self._warned = True
             print(TINY_WARNING, file=sys.stderr)
-            warnings.warn(TINY_WARNING, stacklevel=3)
 
     def result_meta(self) -> dict:
         """Metadata every result carries (model set, precision, the random-weights flag)."""
@@ -208,6 +207,16 @@ class Segmenter:
         from zsdense.tasks.referring import run_refer
 
         return run_refer(self, self.contexts(images), list(texts), preset=preset, **options)
+
+    def run(self, image: Any, tasks: Sequence[dict | str]) -> dict:
+        """Several heads on one image with one shared encoder pass: ``{task name: result}``.
+
+        ``tasks``: e.g. ``["anomaly", {"task": "openvocab", "classes": ["cat", "sofa"]},
+        {"task": "refer", "text": "the cat on the left"}]`` (see ``zsdense.engine.multitask``).
+        """
+        from zsdense.engine.multitask import run_tasks
+
+        return run_tasks(self, image, tasks)
 
 
 def segment_anomalies(

@@ -1,0 +1,304 @@
+"""Ray Data engine: the same runs as the local engine, spread over a Ray cluster.
+
+Pipeline: file listing (driver) → ``flat_map(decode_item)`` Ray tasks (one row per image: DICOM
+frame, NIfTI slice, TIFF page, or an error row) → ``map_batches(SegmentBatch,
+compute=ActorPoolStrategy(size=workers), num_gpus=gpus_per_worker)``: each actor holds one
+Segmenter and its heads, computes a batch, writes the outputs atomically itself and returns one
+manifest record per image → the driver appends each record to ``results.jsonl`` as it arrives.
+Resume, ``--force`` / ``--retry-errors``, compaction, report and volume maps are the local
+engine's (:func:`zsdense.engine.local.plan_run` / ``finish_run``), so the two engines are
+interchangeable on one output folder.
+
+Ray stays optional: it is imported only here, and a missing Ray is a DependencyError.
+:class:`SegmentBatch` and :func:`decode_item` are plain Python, unit-tested without Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path, PurePosixPath
+from typing import Any, Sequence
+
+import numpy as np
+
+from zsdense.context import ImageContext
+from zsdense.engine.local import (
+    MANIFEST_NAME,
+    RunSummary,
+    WorkItem,
+    _Progress,
+    clean_orphan_temp_files,
+    error_message,
+    finish_run,
+    plan_run,
+    process_units,
+    read_units,
+)
+from zsdense.errors import ConfigError, DependencyError
+
+
+def _require_ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as exc:
+        raise DependencyError("ray", "ray", "--engine ray") from exc
+    return ray
+
+
+# ---- rows ----------------------------------------------------------------------------------
+
+
+def item_row(item: WorkItem, done_suffixes: Sequence[str] = ()) -> dict:
+    """A work item as a plain row (strings only: safe for Arrow and pickling)."""
+    return {
+        "key": item.key,
+        "path": str(item.path),
+        "abspath": str(Path(item.path).resolve()),
+        "rel": str(item.rel),
+        "stem": "" if item.stem is None else str(item.stem),
+        "params": json.dumps(item.params),
+        "done": json.dumps(list(done_suffixes)),
+    }
+
+
+def row_item(row: dict) -> WorkItem:
+    stem = str(row.get("stem") or "")
+    return WorkItem(
+        key=str(row["key"]),
+        path=Path(str(row["path"])),
+        rel=PurePosixPath(str(row["rel"])),
+        params=json.loads(str(row.get("params") or "{}")),
+        stem=PurePosixPath(stem) if stem else None,
+    )
+
+
+def decode_item(row: dict, max_pixels: int | None = None) -> list[dict]:
+    """One item row -> one row per image (float32 bytes + shape + meta JSON) or one error row."""
+    item = row_item(row)
+    base = {k: row[k] for k in ("key", "path", "rel", "stem", "params")}
+    done = set(json.loads(str(row.get("done") or "[]")))
+    try:  # workers may run in another folder: read from the absolute path
+        units = read_units(row_item(dict(row, path=row.get("abspath") or row["path"])),
+                           max_pixels)
+    except Exception as exc:  # noqa: BLE001 - recorded, never raised
+        msg = error_message(exc)
+        if row.get("abspath") and row["abspath"] != row["path"]:  # name it as the user did
+            msg = msg.replace(str(row["abspath"]), str(row["path"]))
+        return [dict(base, suffix="", n_units=1, image=b"", shape="", meta="{}",
+                     error=msg, error_type=type(exc).__name__)]
+    out = []
+    for suffix, ctx in units:
+        if suffix in done:
+            continue
+        img = np.ascontiguousarray(ctx.image, dtype=np.float32)
+        if ctx.meta.get("source") is not None:
+            ctx.meta["source"] = str(item.path)  # as the user gave it, like the local engine
+        out.append(dict(base, suffix=suffix, n_units=len(units), image=img.tobytes(),
+                        shape=json.dumps(list(img.shape)), meta=json.dumps(_jsonable(ctx.meta)),
+                        error="", error_type=""))
+    return out
+
+
+def _jsonable(meta: dict) -> dict:
+    from zsdense.engine.local import _jsonable_meta
+
+    return _jsonable_meta(meta)
+
+
+class _RowError(Exception):
+    """An error carried by a decode row (keeps the original type name in the record)."""
+
+    def __init__(self, message: str, type_name: str):
+        super().__init__(message)
+        self.type_name = type_name
+
+
+class SegmentBatch:
+    """The per-batch callable of ``map_batches``: holds a Segmenter and the task heads.
+
+    ``__call__`` takes a column batch (``dict[str, np.ndarray]``, as Ray's numpy batch format
+    gives it) of decoded rows, runs the heads on the images (one batch; one by one after a
+    failure), writes outputs under ``out_dir`` and returns ``{"record": [JSON text, ...]}``.
+    """
+
+    def __init__(self, seg_kwargs: dict, task_cfgs: list, out_dir: str, fmt: str = "tiff",
+                 overlay: bool = True, seg: Any = None, torch_threads: int | None = None):
+        from zsdense.engine.multitask import build_task_specs
+
+        if torch_threads:  # CPU actors sharing a machine: don't oversubscribe its cores
+            import torch
+
+            torch.set_num_threads(int(torch_threads))
+
+        if seg is None:
+            from zsdense.api import Segmenter
+
+            seg = Segmenter(**seg_kwargs)
+        self.seg = seg
+        self.tasks = build_task_specs(seg, task_cfgs, fmt=fmt, overlay=overlay)
+        self.out_dir = Path(out_dir)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+        from zsdense.engine.local import error_record
+
+        n = len(batch["key"])
+        records: list[dict] = []
+        units = []
+        for i in range(n):
+            row = {k: _item(v, i) for k, v in batch.items()}
+            item = row_item(row)
+            n_units = int(row.get("n_units") or 1)
+            if row.get("error"):
+                exc = _RowError(str(row["error"]), str(row.get("error_type") or "Error"))
+                rec = error_record(item, str(row.get("suffix") or ""), self.tasks, n_units, exc)
+                rec["error"] = str(row["error"])
+                rec["error_type"] = exc.type_name
+                records.append(rec)
+                continue
+            shape = tuple(json.loads(str(row["shape"])))
+            img = np.frombuffer(bytes(row["image"]), dtype=np.float32).reshape(shape).copy()
+            ctx = ImageContext(image=img, meta=json.loads(str(row["meta"])))
+            units.append((item, str(row.get("suffix") or ""), ctx, n_units))
+        if units:
+            process_units(self.seg, units, self.tasks, self.out_dir, records.append)
+        from zsdense.io.writers import dumps_strict
+
+        return {"record": np.array([dumps_strict(r) for r in records], dtype=object)}
+
+
+def _item(v: Any, i: int) -> Any:
+    x = v[i]
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
+
+
+# ---- the driver ----------------------------------------------------------------------------
+
+
+def run_ray(
+    items: Sequence[WorkItem],
+    out_dir: str | Path,
+    task_cfgs: Sequence[dict | str],
+    *,
+    seg_kwargs: dict | None = None,
+    fmt: str = "tiff",
+    overlay: bool = True,
+    force: bool = False,
+    retry_errors: bool = False,
+    batch_size: int = 4,
+    workers: int = 1,
+    gpus_per_worker: float = 0.0,
+    cpus_per_worker: float | None = None,
+    address: str | None = None,
+    progress: bool = True,
+    report: bool = True,
+    volume_maps: bool = False,
+    max_pixels: int | None = None,
+) -> RunSummary:
+    """Run ``task_cfgs`` (task configs, see :mod:`zsdense.engine.multitask`) over ``items`` on
+    Ray; same manifest, outputs, resume rules and summary as :func:`run_batch`."""
+    ray = _require_ray()
+    from ray.data import ActorPoolStrategy
+
+    from zsdense.engine.multitask import parse_task_option
+    from zsdense.io import Manifest
+
+    t_start = time.perf_counter()
+    cfgs = [parse_task_option(c) if isinstance(c, str) else dict(c) for c in task_cfgs]
+    for c in cfgs:
+        if str(c.get("task")) == "anomaly" and str(c.get("preset")) == "musc":
+            raise ConfigError("preset 'musc' scores images against each other: use --engine local")
+    seg_kwargs = dict(seg_kwargs or {})
+    if max_pixels is None:
+        max_pixels = seg_kwargs.get("max_pixels", 200_000_000)
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    clean_orphan_temp_files(out_dir)
+    plan = plan_run(items, out_dir, force=force, retry_errors=retry_errors)
+    manifest = Manifest(out_dir / MANIFEST_NAME)
+    summary = RunSummary(skipped=plan.skipped)
+    summary.failed += plan.skipped_failed
+    for key in plan.done_keys:
+        summary.skipped += 1
+        summary.failed += plan.previous.get(key, {}).get("status") != "ok"
+
+    rows = []
+    for it in plan.todo:
+        done = [k[len(it.key):] for k in plan.done_keys if k.startswith(it.key)
+                and plan.previous.get(k, {}).get("item") == it.key]
+        rows.append(item_row(it, done))
+
+    if rows:
+        if not ray.is_initialized():
+            init_kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
+                                       "configure_logging": False}
+            if address:
+                init_kw["address"] = address
+            ray.init(**init_kw)
+        cluster_cpus = float(ray.cluster_resources().get("CPU", 1.0))
+        if cpus_per_worker is None:
+            # leave at least one CPU for the decode tasks, or the pipeline cannot progress
+            cpus_per_worker = max(0.25, min(1.0, (cluster_cpus - 1.0) / workers))
+        torch_threads = max(1, int(cluster_cpus // workers))
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        try:
+            ctx.print_on_execution_start = False
+        except AttributeError:  # pragma: no cover - older Ray
+            pass
+        prog = _Progress(len(rows), progress)
+        seen_items: set[str] = set()
+        ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 4 * workers)))
+        ds = ds.flat_map(decode_item, fn_kwargs={"max_pixels": max_pixels})
+        ds = ds.map_batches(
+            SegmentBatch,
+            fn_constructor_kwargs={"seg_kwargs": seg_kwargs, "task_cfgs": cfgs,
+                                   "out_dir": str(out_dir), "fmt": fmt, "overlay": overlay,
+                                   "torch_threads": None if gpus_per_worker else torch_threads},
+            batch_size=batch_size,
+            batch_format="numpy",
+            compute=ActorPoolStrategy(size=workers),
+            num_gpus=gpus_per_worker or None,
+            num_cpus=cpus_per_worker,
+        )
+        try:
+            for row in ds.iter_rows():
+                rec = json.loads(str(row["record"]))
+                manifest.append(rec)
+                summary.total += 1
+                if rec.get("status") == "ok":
+                    summary.ok += 1
+                else:
+                    summary.failed += 1
+                    summary.errors.append((rec["key"], rec.get("error")))
+                if rec.get("item") not in seen_items:
+                    seen_items.add(rec.get("item"))
+                    prog.update(1, summary.failed)
+        except KeyboardInterrupt:
+            summary.interrupted = True
+            summary.not_started = len(rows) - len(seen_items)
+            print("\nzsdense: interrupted; records received so far are saved", file=sys.stderr)
+        finally:
+            prog.close()
+            finish_run(out_dir, items, summary, report=report, volume_maps=volume_maps)
+    else:
+        finish_run(out_dir, items, summary, report=report, volume_maps=volume_maps)
+    summary.wall_seconds = time.perf_counter() - t_start
+    summary.stage_seconds["ray"] = summary.wall_seconds
+    return summary
+
+
+def ray_available() -> bool:
+    """True if Ray Data can be imported (tests skip otherwise)."""
+    try:
+        _require_ray()
+        return True
+    except DependencyError:
+        return False
+
+
+__all__ = ["SegmentBatch", "decode_item", "item_row", "row_item", "run_ray", "ray_available"]

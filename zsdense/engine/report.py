@@ -1,0 +1,152 @@
+"""``report.html``: a static page over the whole manifest, for a person to look at a run.
+
+It opens from the file system (no server, no network, no external scripts or styles): one row
+per manifest record with its overlay thumbnail (a relative link to the overlay JPEG, so the page
+stays small for tens of thousands of inputs), status, scores and error message. Failures come
+first; clicking a column header sorts by it (inline JavaScript, numeric where the column is
+numeric). Rewritten atomically at the end of every run.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+_STYLE = """
+body{font-family:system-ui,sans-serif;margin:1em;color:#222}
+table{border-collapse:collapse;width:100%}
+th,td{border:1px solid #ccc;padding:4px 6px;vertical-align:top;font-size:13px}
+th{background:#eee;cursor:pointer;position:sticky;top:0;user-select:none}
+th.sorted-asc::after{content:" \\25B2"} th.sorted-desc::after{content:" \\25BC"}
+tr.error{background:#fde8e8} td.err{color:#a00;max-width:40em;word-break:break-word}
+img{max-width:160px;max-height:160px;display:block}
+.summary span{margin-right:1.5em} .num{text-align:right;font-variant-numeric:tabular-nums}
+"""
+
+_SCRIPT = """
+(function(){
+  var table=document.getElementById('runs'); if(!table) return;
+  var heads=table.tHead.rows[0].cells;
+  function val(cell){var v=cell.getAttribute('data-v');
+    if(v===null) v=cell.textContent; var n=parseFloat(v);
+    return (v!=='' && !isNaN(n) && isFinite(v)) ? n : v.toLowerCase();}
+  function sortBy(col){
+    var th=heads[col], desc=!th.classList.contains('sorted-desc');
+    for(var i=0;i<heads.length;i++) heads[i].classList.remove('sorted-asc','sorted-desc');
+    th.classList.add(desc?'sorted-desc':'sorted-asc');
+    var body=table.tBodies[0], rows=Array.prototype.slice.call(body.rows);
+    rows.sort(function(a,b){
+      var x=val(a.cells[col]), y=val(b.cells[col]);
+      var ex=(x===''), ey=(y==='');
+      if(ex!==ey) return ex?1:-1;               // empty cells last
+      if(typeof x!==typeof y){x=String(x);y=String(y);}
+      var c = x<y?-1:(x>y?1:0); return desc?-c:c;});
+    rows.forEach(function(r){body.appendChild(r);});
+  }
+  for(var i=0;i<heads.length;i++){(function(i){
+    heads[i].addEventListener('click',function(){sortBy(i);});})(i);}
+})();
+"""
+
+
+def _flat_scores(scores: Any, prefix: str = "") -> dict[str, float | str]:
+    """Nested score dicts -> flat ``{"task.score": value}`` with numbers and short strings."""
+    out: dict[str, float | str] = {}
+    if isinstance(scores, dict):
+        for k, v in scores.items():
+            name = f"{prefix}{k}"
+            if isinstance(v, dict):
+                out.update(_flat_scores(v, name + "."))
+            elif isinstance(v, bool):
+                out[name] = str(v).lower()
+            elif isinstance(v, (int, float)):
+                out[name] = float(v)
+            elif isinstance(v, str) and len(v) < 80:
+                out[name] = v
+    return out
+
+
+def _overlays(outputs: Any) -> list[str]:
+    if not isinstance(outputs, dict):
+        return []
+    found = []
+    for k, v in outputs.items():
+        if isinstance(v, dict):
+            found.extend(_overlays(v))
+        elif k == "overlay" and isinstance(v, str):
+            found.append(v)
+    return found
+
+
+def _href(path: str) -> str:
+    from urllib.parse import quote
+
+    return quote(path.replace("\\", "/"), safe="/._-~")
+
+
+def render_report(records: Iterable[dict], title: str = "zsdense run") -> str:
+    """HTML text for ``records`` (manifest records; output paths relative to the page)."""
+    recs = list(records)
+    recs.sort(key=lambda r: 0 if r.get("status") != "ok" else 1)  # stable: failures first
+    score_cols: list[str] = []
+    flat = []
+    for r in recs:
+        f = _flat_scores(r.get("scores", {}))
+        flat.append(f)
+        for k in f:
+            if k not in score_cols:
+                score_cols.append(k)
+    n_ok = sum(r.get("status") == "ok" for r in recs)
+    n_err = len(recs) - n_ok
+    esc = html.escape
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>",
+        f"<title>{esc(title)}</title><style>{_STYLE}</style></head><body>",
+        f"<h1>{esc(title)}</h1><p class='summary'><span>{len(recs)} images</span>"
+        f"<span>{n_ok} ok</span><span>{n_err} failed</span>"
+        f"<span>written {esc(time.strftime('%Y-%m-%d %H:%M:%S'))}</span></p>",
+        "<p>Click a column header to sort. Failures are listed first.</p>",
+        "<table id='runs'><thead><tr><th>#</th><th>status</th><th>input</th><th>overlay</th>",
+    ]
+    parts += [f"<th>{esc(c)}</th>" for c in score_cols]
+    parts.append("<th>error / warnings</th></tr></thead><tbody>")
+    for i, (r, f) in enumerate(zip(recs, flat)):
+        ok = r.get("status") == "ok"
+        cls = "" if ok else " class='error'"
+        thumbs = "".join(
+            f"<a href='{_href(p)}'><img loading='lazy' src='{_href(p)}' alt='overlay'></a>"
+            for p in _overlays(r.get("outputs", {}))
+        )
+        row = [
+            f"<tr{cls}><td class='num' data-v='{i}'>{i + 1}</td>",
+            f"<td>{esc(str(r.get('status', '?')))}</td>",
+            f"<td>{esc(str(r.get('key', r.get('input', ''))))}</td><td>{thumbs}</td>",
+        ]
+        for c in score_cols:
+            v = f.get(c, "")
+            if isinstance(v, float):
+                row.append(f"<td class='num' data-v='{v!r}'>{v:.4g}</td>")
+            else:
+                row.append(f"<td data-v='{esc(str(v))}'>{esc(str(v))}</td>")
+        warn = r.get("meta", {}).get("image", {}).get("warnings", []) if ok else []
+        msg = r.get("error") or "; ".join(str(w) for w in warn or [])
+        row.append(f"<td class='err'>{esc(str(msg or ''))}</td></tr>")
+        parts.append("".join(row))
+    parts.append(f"</tbody></table><script>{_SCRIPT}</script></body></html>\n")
+    return "".join(parts)
+
+
+def write_report(out_dir: str | Path, title: str | None = None) -> Path:
+    """Write ``out_dir/report.html`` from ``out_dir/results.jsonl`` (atomically)."""
+    from zsdense.engine.local import MANIFEST_NAME, REPORT_NAME
+    from zsdense.io import Manifest, atomic_path
+
+    out_dir = Path(out_dir)
+    records = Manifest(out_dir / MANIFEST_NAME).load().values()
+    text = render_report(records, title or f"zsdense run: {out_dir.name}")
+    path = out_dir / REPORT_NAME
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return path

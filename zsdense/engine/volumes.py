@@ -1,0 +1,134 @@
+"""Write per-slice float maps of NIfTI inputs back as NIfTI volumes with the input's affine.
+
+Why: a radiologist's viewer overlays a map on the scan only when it shares the scan's voxel grid
+and affine. After a run, for each NIfTI input whose slices are all ``ok`` in the manifest, the
+slice maps (``.map.tiff`` / ``.map.npy``, one per slice) are read back from disk (so slices done
+by an earlier, interrupted run count too), un-rotated from the display view the reader used
+(``np.rot90`` of the voxel slice) and stacked along the slicing axis:
+``<stem>.map.nii.gz`` (one task) or ``<stem>.<task>.map.nii.gz``. A ``(K, H, W)`` map (class
+probabilities) gives a 4D volume ``(X, Y, Z, K)``. The file is gzip-compressed with a fixed
+timestamp, so the same maps give the same bytes, and written atomically.
+"""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from zsdense.errors import DependencyError
+
+
+def _read_map(path: Path) -> np.ndarray:
+    if path.suffix == ".npy":
+        return np.load(path, allow_pickle=False)
+    import tifffile
+
+    return tifffile.imread(path)
+
+
+def _maps_by_task(outputs: dict) -> dict[str | None, str]:
+    """``{"map": p}`` -> ``{None: p}``; ``{task: {"map": p}}`` -> ``{task: p}``."""
+    found: dict[str | None, str] = {}
+    if isinstance(outputs.get("map"), str):
+        found[None] = outputs["map"]
+    for k, v in outputs.items():
+        if isinstance(v, dict) and isinstance(v.get("map"), str):
+            found[k] = v["map"]
+    return found
+
+
+def slice_to_voxels(map_hw: np.ndarray) -> np.ndarray:
+    """Inverse of the reader's display view: ``(H, W[, ...])`` -> the voxel slice ``(n0, n1)``."""
+    return np.rot90(map_hw, k=-1, axes=(0, 1))
+
+
+def volume_from_slices(
+    slices: dict[int, np.ndarray], shape: Sequence[int], axis: int
+) -> np.ndarray:
+    """Stack display-view slice maps (index -> ``(H, W)`` or ``(K, H, W)``) into the volume."""
+    first = next(iter(slices.values()))
+    extra = () if first.ndim == 2 else (first.shape[0],)
+    vol = np.zeros(tuple(shape[:3]) + extra, dtype=np.float32)
+    for k, m in slices.items():
+        m = np.asarray(m, dtype=np.float32)
+        if m.ndim == 3:
+            m = np.moveaxis(m, 0, -1)  # (H, W, K)
+        sl = slice_to_voxels(m)
+        index = [slice(None)] * 3
+        index[axis] = k
+        vol[tuple(index)] = sl
+    return vol
+
+
+def write_nifti_gz(path: Path, vol: np.ndarray, affine: np.ndarray, like=None) -> Path:
+    """Write ``vol`` as a gzipped NIfTI-1 with ``affine`` (units/qform copied from ``like``)."""
+    try:
+        import nibabel
+    except ImportError as exc:
+        raise DependencyError("nibabel", "medical", "writing NIfTI volume maps") from exc
+    from zsdense.io import atomic_path
+
+    header = None
+    if like is not None:
+        header = like.header.copy()
+        header.set_data_dtype(np.float32)
+    img = nibabel.Nifti1Image(vol.astype(np.float32), affine, header=header)
+    img.header.set_data_dtype(np.float32)
+    img.header["scl_slope"] = 1.0
+    img.header["scl_inter"] = 0.0
+    raw = img.to_bytes()
+    data = gzip.compress(raw, compresslevel=6, mtime=0)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return path
+
+
+def write_volume_maps(out_dir: str | Path, items: Sequence) -> list[Path]:
+    """For every NIfTI item with all slices ok, write its map volume(s); returns the paths."""
+    from zsdense.engine.local import MANIFEST_NAME, out_stem
+    from zsdense.io import Manifest
+
+    out_dir = Path(out_dir)
+    records = Manifest(out_dir / MANIFEST_NAME).load().values()
+    by_item: dict[str, list[dict]] = {}
+    for r in records:
+        if (r.get("meta", {}).get("image", {}) or {}).get("format") == "nifti":
+            by_item.setdefault(str(r.get("item")), []).append(r)
+    written: list[Path] = []
+    for it in items:
+        recs = by_item.get(it.key)
+        if not recs:
+            continue
+        expected = max(int(r.get("item_records", 1) or 1) for r in recs)
+        if len(recs) < expected or any(r.get("status") != "ok" for r in recs):
+            continue
+        meta0 = recs[0]["meta"]["image"]
+        axis = meta0.get("axis")
+        shape = meta0.get("volume_shape")
+        if axis is None or not shape or len(shape) != 3:
+            continue  # a 2D NIfTI: its single map is already the result
+        try:
+            import nibabel
+
+            like = nibabel.load(str(it.path))
+            affine = np.asarray(like.affine, dtype=float)
+        except Exception:  # the input moved: fall back to the affine kept in the manifest
+            like = None
+            affine = np.asarray(meta0.get("affine") or np.eye(4), dtype=float)
+        tasks = _maps_by_task(recs[0].get("outputs", {}))
+        for task in tasks:
+            slices: dict[int, np.ndarray] = {}
+            for r in recs:
+                p = _maps_by_task(r.get("outputs", {})).get(task)
+                k = r["meta"]["image"].get("slice")
+                if p is None or k is None:
+                    break
+                slices[int(k)] = _read_map(out_dir / p)
+            else:
+                vol = volume_from_slices(slices, shape, int(axis))
+                stem = out_stem(out_dir, it, "", task)
+                written.append(write_nifti_gz(Path(f"{stem}.map.nii.gz"), vol, affine, like))
+    return written
