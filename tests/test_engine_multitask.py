@@ -218,3 +218,20 @@ def test_queries_on_one_image_decode_once_and_share_encoders(tmp_path, seg):
     assert [r["key"] for r in recs] == [f"img000.png#q{i}" for i in range(3)]
     assert all(r["encoders"] == {"dummy-enc": 1} for r in recs)
     assert (tmp_path / "out" / "img000.q2.mask.png").is_file()
+
+
+def test_refer_given_before_openvocab_still_encodes_sam_once(seg):
+    """Task order must not matter: the head needing SAM's attention runs first."""
+    pytest.importorskip("zsdense.tasks.openvocab")
+    pytest.importorskip("zsdense.tasks.referring")
+    img = (np.random.RandomState(5).rand(40, 56, 3) * 255).astype(np.uint8)
+    ctx = seg.context(img)
+    sam = seg.sam("vit_b")
+    before = sam.encoder_calls
+    res = run_tasks(seg, ctx, [
+        {"task": "refer", "text": "the cat on the left"},
+        {"task": "openvocab", "classes": ["cat", "sofa"]},
+    ])
+    assert list(res) == ["refer", "openvocab"]  # results keep the order asked for
+    assert sam.encoder_calls - before == 1
+    assert res["refer"].mask.shape == (40, 56) and res["openvocab"].labels.shape == (40, 56)

@@ -179,7 +179,13 @@ class Segmenter:
     def open_vocab(
         self, image: Any, classes: Sequence[str] | str, preset: str = "trident", **options: Any
     ):
-        """Label map over ``classes`` (names; synonyms separated by '; ')."""
+        """Label map over ``classes``.
+
+        ``classes``: a list of names or one string (``"sky; cloud, cat"``): ``,`` separates
+        classes, ``;`` synonyms of one class, ``NAME: a; b`` names a class; ``file:voc21``
+        loads a shipped list. Options include ``dataset="voc21"`` (benchmark settings),
+        ``sam_refine=True``, ``prob_thd=...``, ``upsample="jbu"``.
+        """
         return self.open_vocab_batch([image], classes=classes, preset=preset, **options)[0]
 
     def open_vocab_batch(

@@ -381,13 +381,25 @@ def build_task_spec(seg, cfg: dict | str, *, fmt: str = "tiff", overlay: bool = 
 
 def build_task_specs(seg, cfgs: Sequence[dict | str], *, fmt: str = "tiff",
                      overlay: bool = True) -> list[TaskSpec]:
-    """Task configs -> TaskSpecs (names must be unique: they name the output files)."""
+    """Task configs -> TaskSpecs (names must be unique: they name the output files).
+
+    Heads that need SAM's last-block attention (open-vocab) run first, so the one SAM encoding
+    of an image captures it and every later head (referring) reuses that encoding.
+    """
+    cfgs = sorted(cfgs, key=_sam_attention_first)
     specs = [build_task_spec(seg, c, fmt=fmt, overlay=overlay) for c in cfgs]
     names = [s.name for s in specs]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ConfigError(f"task name(s) {', '.join(dup)} given twice; set name=... on one")
     return specs
+
+
+def _sam_attention_first(cfg: dict | str) -> int:
+    """Sort key: open-vocab tasks (which capture SAM's attention) before the others."""
+    kind = cfg if isinstance(cfg, str) else str(cfg.get("task", ""))
+    kind = kind.split(":", 1)[0].lower()
+    return 0 if TASK_ALIASES.get(kind, kind) == "openvocab" else 1
 
 
 # ---- the Python API: Segmenter.run --------------------------------------------------------
@@ -405,7 +417,8 @@ def run_tasks(seg, image_or_ctx: Any, tasks: Sequence[dict | str]) -> dict[str, 
     if not cfgs:
         raise ConfigError("run() needs at least one task")
     out: dict[str, Any] = {}
-    for cfg in cfgs:
+    order = {task_name(c): i for i, c in enumerate(cfgs)}
+    for cfg in sorted(cfgs, key=_sam_attention_first):
         name = task_name(cfg)
         if name in out:
             raise ConfigError(f"task name {name!r} given twice; set 'name' on one")
@@ -418,4 +431,4 @@ def run_tasks(seg, image_or_ctx: Any, tasks: Sequence[dict | str]) -> dict[str, 
         if kind not in ("anomaly", "openvocab", "refer"):
             raise ConfigError(f"unknown task {kind!r}")
         out[name] = task_runner(seg, kind, _normalise_options(kind, cfg))([ctx], [{}])[0]
-    return out
+    return {k: out[k] for k in sorted(out, key=order.__getitem__)}

@@ -135,12 +135,17 @@ class SamModel:
                 b, h, w, _ = xin.shape
                 qkv = module.qkv(xin).reshape(b, h * w, 3, module.num_heads, -1)
                 q, k, v = qkv.permute(2, 0, 3, 1, 4).reshape(3, b * module.num_heads, h * w, -1)
-                attn = (q * module.scale) @ k.transpose(-2, -1)
-                if module.use_rel_pos:
-                    attn = add_decomposed_rel_pos(
-                        attn, q, module.rel_pos_h, module.rel_pos_w, (h, w), (h, w)
-                    )
-                captured["attn"] = attn.softmax(dim=-1)  # (heads, N, N) for b == 1
+                # One head at a time into a preallocated tensor: the peak stays at the stored
+                # (heads, N, N) probabilities plus one head's temporaries (ViT-H: 16 x 4096^2).
+                probs = torch.empty(q.shape[0], h * w, h * w, dtype=q.dtype, device=q.device)
+                for i in range(q.shape[0]):
+                    logits = (q[i : i + 1] * module.scale) @ k[i : i + 1].transpose(-2, -1)
+                    if module.use_rel_pos:
+                        logits = add_decomposed_rel_pos(
+                            logits, q[i : i + 1], module.rel_pos_h, module.rel_pos_w, (h, w), (h, w)
+                        )
+                    probs[i] = logits[0].softmax(dim=-1)
+                captured["attn"] = probs  # (heads, N, N) for b == 1
                 captured["v"] = v.reshape(b * module.num_heads, h, w, -1)
 
             handle = attn_mod.register_forward_hook(hook)
