@@ -114,6 +114,7 @@ class Segmenter:
             device=str(self.device),
             weights_dir=self.config.weights_dir,
             download=self.config.download,
+            dtype=self.dtype,
             pretrained=pretrained,
         )
 
@@ -127,6 +128,7 @@ class Segmenter:
             device=str(self.device),
             weights_dir=self.config.weights_dir,
             download=self.config.download,
+            dtype=self.dtype,
         )
 
     def sam(self, arch: str = "vit_b"):
@@ -139,6 +141,7 @@ class Segmenter:
             device=str(self.device),
             weights_dir=self.config.weights_dir,
             download=self.config.download,
+            dtype=self.dtype,
         )
 
     # ---- images -----------------------------------------------------------------------------

@@ -171,3 +171,37 @@ def correlation_attention_output(
     q, k, v = qkv if qkv is not None else qkv_heads(block_weights, x_ln_bnc)
     _, y = dual_attention_heads(q, k, v, attn_type, with_plain=False)
     return out_proj(block_weights, merge_heads(y))
+
+
+def vfm_guided_attention(
+    feats_bchw: torch.Tensor,
+    beta: float = 1.2,
+    gamma: float = 3.0,
+    *,
+    mean: str = "image",
+) -> torch.Tensor:
+    """Attention (B, N, N) from a vision foundation model's patch features (B, C, h, w).
+
+    The one implementation behind ProxyCLIP's proxy attention and Crane+'s D-Attn: channels
+    L2-normalised, ``S = Zᵀ Z`` (cosine, diagonal included), ``S' = γ (S − β·mean(S))``,
+    entries with ``S' < 0`` set to −∞, row softmax; one A is shared by every head. ``mean``:
+    ``"image"`` (alias ``"window"``) takes one mean per batch element; ``"batch"`` one scalar
+    over the whole batch (Crane as run; Trident over its windows).
+
+    The diagonal is each row's maximum (cosine 1), so it is masked only when the whole row is;
+    the references then produce NaN. Here such a row keeps its diagonal: the token attends to
+    itself. Every other row is unchanged.
+    """
+    b = feats_bchw.shape[0]
+    z = F.normalize(feats_bchw.flatten(2).float(), dim=1)  # (B, C, N)
+    sim = z.transpose(1, 2) @ z  # (B, N, N)
+    if mean == "batch":
+        m = sim.mean()
+    elif mean in ("image", "window"):
+        m = sim.reshape(b, -1).mean(dim=1).view(b, 1, 1)
+    else:
+        raise ConfigError(f"unknown similarity-mean scope {mean!r}; use 'image' or 'batch'")
+    sim = gamma * (sim - beta * m)
+    neg = sim < 0
+    neg &= ~torch.eye(sim.shape[-1], dtype=torch.bool, device=sim.device)
+    return torch.softmax(sim.masked_fill(neg, float("-inf")), dim=-1)

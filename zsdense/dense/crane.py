@@ -34,6 +34,7 @@ from zsdense.dense.attention import (
     merge_heads,
     out_proj,
     qkv_heads,
+    vfm_guided_attention,
 )
 from zsdense.errors import ConfigError
 
@@ -176,23 +177,11 @@ def dattn_weights(
 
     ``mean="batch"``: one scalar mean over the whole (B, N, N) similarity tensor (Crane as run;
     an image's result then depends on its batch); ``"image"``: one mean per image (default).
-    Entries with S' < 0 get weight exactly 0. The diagonal is never masked: it is the row maximum
-    (cosine 1), so this only changes rows that would otherwise be all −∞ (NaN in the reference).
+    The same attention as ProxyCLIP's: :func:`zsdense.dense.attention.vfm_guided_attention`.
     """
-    z = F.normalize(dino_feats_bchw.flatten(2).float(), dim=1)  # (B, C, N)
-    s = z.transpose(1, 2) @ z  # (B, N, N)
-    if mean == "batch":
-        m = s.mean()
-    elif mean == "image":
-        m = s.mean(dim=(1, 2), keepdim=True)
-    else:
+    if mean not in ("image", "batch"):
         raise ConfigError(f"--dattn-mean must be 'image' or 'batch', not {mean!r}")
-    s = (s - m * beta) * gamma
-    masked = s < 0
-    eye = torch.eye(s.shape[-1], dtype=torch.bool, device=s.device)
-    masked &= ~eye
-    s = s.masked_fill(masked, float("-inf"))
-    return torch.softmax(s, dim=-1)
+    return vfm_guided_attention(dino_feats_bchw, beta, gamma, mean=mean)
 
 
 def dattn_raw(

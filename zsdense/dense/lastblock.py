@@ -29,6 +29,7 @@ from zsdense.dense.attention import (
     qkv_heads,
     self_correlation_attention,
     split_heads,
+    vfm_guided_attention,
 )
 from zsdense.errors import ConfigError
 
@@ -102,29 +103,13 @@ def proxy_attention(
 ) -> torch.Tensor:
     """ProxyCLIP's attention (B, N, N) from VFM patch features (B, C, h, w), N = h·w row-major.
 
-    ``S = F̂ᵀF̂`` (channels L2-normalised), ``S' = γ(S - β·mean(S))``, ``S' < 0 → -inf``, row
-    softmax. ``mean_scope="window"`` takes one mean per window (ProxyCLIP, which runs windows one
-    at a time); ``"batch"`` one mean over all windows of the batch (Trident).
-    Guard (not in the references, which give NaN): when ``mean(S) > 1/β`` a whole row would be
-    ``-inf``; such a row keeps its diagonal entry, i.e. the token attends to itself.
+    ``mean_scope="window"``: one mean per window (ProxyCLIP, which runs windows one at a time);
+    ``"batch"``: one mean over all windows of the batch (Trident). The computation is shared with
+    Crane+'s D-Attn: :func:`zsdense.dense.attention.vfm_guided_attention`.
     """
-    b = vfm_bchw.shape[0]
-    f = F.normalize(vfm_bchw.flatten(2), dim=1)  # (B, C, N)
-    sim = f.transpose(1, 2) @ f  # (B, N, N)
-    if mean_scope == "batch":
-        mean = sim.mean()
-    elif mean_scope == "window":
-        mean = sim.reshape(b, -1).mean(dim=1).view(b, 1, 1)
-    else:
+    if mean_scope not in ("window", "batch"):
         raise ConfigError(f"unknown mean scope {mean_scope!r}; use 'window' or 'batch'")
-    sim = gamma * (sim - beta * mean)
-    neg = sim < 0
-    dead = neg.all(dim=-1)  # (B, N) rows that would be all -inf
-    if bool(dead.any()):
-        eye = torch.eye(sim.shape[-1], dtype=torch.bool, device=sim.device)
-        neg = neg & ~(dead[..., None] & eye)
-    sim = sim.masked_fill(neg, float("-inf"))
-    return torch.softmax(sim, dim=-1)
+    return vfm_guided_attention(vfm_bchw, beta, gamma, mean=mean_scope).to(vfm_bchw.dtype)
 
 
 def proxyclip_last_block(

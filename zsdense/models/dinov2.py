@@ -61,7 +61,8 @@ class DinoModel:
     @torch.no_grad()
     def tokens(self, x_norm_bchw: torch.Tensor) -> torch.Tensor:
         """``last_hidden_state`` (B, 1 + R + N, C): after the final LayerNorm."""
-        out = self.model(pixel_values=x_norm_bchw.to(self.device))
+        dtype = next(self.model.parameters()).dtype
+        out = self.model(pixel_values=x_norm_bchw.to(self.device, dtype))
         return out.last_hidden_state
 
     @torch.no_grad()

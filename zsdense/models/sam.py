@@ -123,7 +123,8 @@ class SamModel:
         x = transform.apply_image(image_u8_hwc)
         x_t = torch.as_tensor(x, device=self.device).permute(2, 0, 1).contiguous()[None]
         input_size = tuple(int(s) for s in x_t.shape[-2:])
-        x_t = self.model.preprocess(x_t.float())
+        enc_dtype = self.model.image_encoder.patch_embed.proj.weight.dtype
+        x_t = self.model.preprocess(x_t.float()).to(enc_dtype)
 
         captured: dict[str, torch.Tensor] = {}
         handle = None
@@ -155,12 +156,13 @@ class SamModel:
             if handle is not None:
                 handle.remove()
         self.encoder_calls += 1
+        attn, v = captured.get("attn"), captured.get("v")
         return SamImageState(
-            embedding=emb,
+            embedding=emb.float(),
             original_size=(int(image_u8_hwc.shape[0]), int(image_u8_hwc.shape[1])),
             input_size=input_size,  # type: ignore[arg-type]
-            last_attn=captured.get("attn"),
-            last_v=captured.get("v"),
+            last_attn=None if attn is None else attn.float(),
+            last_v=None if v is None else v.float(),
         )
 
     def predictor_for(self, state: SamImageState):
