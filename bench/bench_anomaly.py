@@ -31,15 +31,10 @@ def peak_rss_mb() -> float:
 
 
 def build_models():
-    import open_clip
-
-    from zsdense.models.clip import ClipModel
+    from zsdense.models.clip import build_random_clip
     from zsdense.models.dinov2 import build_dinov2
 
-    torch.manual_seed(0)
-    cfg = open_clip.get_model_config("ViT-L-14-336")
-    model = open_clip.CLIP(**cfg, quick_gelu=True).float().eval().requires_grad_(False)
-    clip = ClipModel(model=model, arch="ViT-L-14-336", is_random=True)
+    clip = build_random_clip("ViT-L-14-336")
     dino = build_dinov2("dinov2-reg-base", tiny=False)
     return clip, dino
 

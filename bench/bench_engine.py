@@ -41,29 +41,6 @@ def make_data(folder: Path, n: int, size: tuple[int, int]) -> list[Path]:
     return paths
 
 
-def install_full_size_random(arch: str, device: str = "cpu") -> None:
-    """Put full-size random-weight encoders into the model cache under models='default', so the
-    full-size presets run without downloading weights (timings only; results meaningless)."""
-    import open_clip
-    import torch
-
-    from zsdense.models import _CACHE, _LOCK
-    from zsdense.models.clip import ClipModel
-    from zsdense.models.dinov2 import build_dinov2
-    from zsdense.models.sam import build_sam
-
-    cfg = dict(open_clip.get_model_config(arch))
-    cfg["quick_gelu"] = True
-    torch.manual_seed(0)
-    clip_model = open_clip.CLIP(**cfg).float().eval().requires_grad_(False)
-    with _LOCK:
-        _CACHE[("clip", arch, "openai", "default", device, "None")] = ClipModel(
-            model=clip_model, arch=arch, is_random=True).to(device)
-        _CACHE[("dinov2", "dinov2-reg-base", "default", device, "None")] = build_dinov2(
-            "dinov2-reg-base").to(device)
-        _CACHE[("sam", "vit_b", "default", device, "None")] = build_sam("vit_b").to(device)
-
-
 def api_one_by_one(seg, paths, cfg, out: Path, fmt="npy") -> float:
     """Each image: read, run the head alone, write its outputs (what a simple script does)."""
     from zsdense.engine.multitask import run_tasks, task_name, write_result
@@ -101,8 +78,10 @@ def best(fn, repeat: int):
 
 
 def bench_local(label, seg, data_dir, paths, cfg, batch_size, repeat=1):
-    print(f"[{label}] local runner vs one-by-one API: task {cfg}, {len(paths)} images, "
-          f"batch {batch_size}")
+    print(
+        f"[{label}] local runner vs one-by-one API: task {cfg}, {len(paths)} images, "
+        f"batch {batch_size}"
+    )
     from zsdense.engine.multitask import run_tasks
 
     run_tasks(seg, paths[0], [cfg])  # warm-up: build models, text embeddings
@@ -111,8 +90,10 @@ def bench_local(label, seg, data_dir, paths, cfg, batch_size, repeat=1):
     t_run, c_run = best(lambda: runner(seg, data_dir, [cfg], tmp / "run", batch_size), repeat)
     n = len(paths)
     print(f"    API one by one : {n / t_api:7.3f} img/s  ({t_api:.1f}s wall, {c_api:.1f}s CPU)")
-    print(f"    local runner   : {n / t_run:7.3f} img/s  ({t_run:.1f}s wall, {c_run:.1f}s CPU)  "
-          f"speed-up x{t_api / t_run:.2f} wall, x{c_api / c_run:.2f} CPU (target >= 1.3)")
+    print(
+        f"    local runner   : {n / t_run:7.3f} img/s  ({t_run:.1f}s wall, {c_run:.1f}s CPU)  "
+        f"speed-up x{t_api / t_run:.2f} wall, x{c_api / c_run:.2f} CPU (target >= 1.3)"
+    )
     shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -123,8 +104,10 @@ def bench_multi(label, seg, data_dir, n, cfgs, batch_size, repeat=2):
     img = next(Path(data_dir).iterdir())
     run_tasks(seg, img, cfgs)  # warm-up
     tmp = Path(tempfile.mkdtemp(prefix="zsb-"))
-    singles = [best(lambda c=c, i=i: runner(seg, data_dir, [c], tmp / f"s{i}", batch_size),
-                    repeat) for i, c in enumerate(cfgs)]
+    singles = [
+        best(lambda c=c, i=i: runner(seg, data_dir, [c], tmp / f"s{i}", batch_size), repeat)
+        for i, c in enumerate(cfgs)
+    ]
     both = best(lambda: runner(seg, data_dir, cfgs, tmp / "both", batch_size), repeat)
     sam = seg.sam("vit_b")
     t0, c0 = time.perf_counter(), time.process_time()
@@ -133,11 +116,16 @@ def bench_multi(label, seg, data_dir, n, cfgs, batch_size, repeat=2):
     shared, shared_cpu = time.perf_counter() - t0, time.process_time() - c0
     for k, what in ((0, "wall"), (1, "CPU")):
         tot = sum(s[k] for s in singles)
-        print(f"    {what:4s} single runs: " + " + ".join(f"{s[k]:.1f}s" for s in singles)
-              + f" = {tot:.1f}s; shared pass {both[k]:.1f}s: saves {tot - both[k]:.1f}s "
-              f"({100 * (1 - both[k] / tot):.0f}%)")
-    print(f"    the shared SAM encoder alone takes {shared:.1f}s wall / {shared_cpu:.1f}s CPU "
-          "for these images (target: savings >= that)")
+        print(
+            f"    {what:4s} single runs: "
+            + " + ".join(f"{s[k]:.1f}s" for s in singles)
+            + f" = {tot:.1f}s; shared pass {both[k]:.1f}s: saves {tot - both[k]:.1f}s "
+            f"({100 * (1 - both[k] / tot):.0f}%)"
+        )
+    print(
+        f"    the shared SAM encoder alone takes {shared:.1f}s wall / {shared_cpu:.1f}s CPU "
+        "for these images (target: savings >= that)"
+    )
     shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -150,22 +138,38 @@ def bench_ray(data_dir, n, cfg, batch_size):
         return
     import ray
 
-    print(f"[ray] Ray Data engine, tiny models, task {cfg}, {n} images, local Ray "
-          f"({os.cpu_count()} CPUs)")
+    print(
+        f"[ray] Ray Data engine, tiny models, task {cfg}, {n} images, local Ray "
+        f"({os.cpu_count()} CPUs)"
+    )
     t0 = time.perf_counter()
-    ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
+    ray.init(
+        num_cpus=os.cpu_count() or 2,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+    )
     print(f"    ray.init       : {time.perf_counter() - t0:.1f}s (not counted below)")
     items = items_from_data([data_dir])
     tmp = Path(tempfile.mkdtemp(prefix="zsb-"))
     for workers in (1, 2):
         t0 = time.perf_counter()
-        s = run_ray(items, tmp / f"w{workers}", [cfg], seg_kwargs={"models": "tiny",
-                    "device": "cpu"}, batch_size=batch_size, workers=workers, progress=False,
-                    report=False, fmt="npy")
+        s = run_ray(
+            items,
+            tmp / f"w{workers}",
+            [cfg],
+            seg_kwargs={"models": "tiny", "device": "cpu"},
+            batch_size=batch_size,
+            workers=workers,
+            progress=False,
+            report=False,
+            fmt="npy",
+        )
         dt = time.perf_counter() - t0
-        print(f"    {workers} worker(s)    : {n / dt:7.3f} img/s  ({dt:.1f}s incl. actor start-up,"
-              f" {s.ok} ok, {s.failed} failed)")
+        print(
+            f"    {workers} worker(s)    : {n / dt:7.3f} img/s  ({dt:.1f}s incl. actor start-up,"
+            f" {s.ok} ok, {s.failed} failed)"
+        )
     ray.shutdown()
     shutil.rmtree(tmp, ignore_errors=True)
 
@@ -183,8 +187,10 @@ def main() -> None:
 
     from zsdense.api import Segmenter
 
-    print(f"zsdense engine benchmark; torch {torch.__version__}, {torch.get_num_threads()} "
-          f"threads, {os.cpu_count()} CPUs; python {sys.version.split()[0]}")
+    print(
+        f"zsdense engine benchmark; torch {torch.__version__}, {torch.get_num_threads()} "
+        f"threads, {os.cpu_count()} CPUs; python {sys.version.split()[0]}"
+    )
     root = Path(tempfile.mkdtemp(prefix="zsbench-"))
     try:
         tiny_dir = root / "tiny"
@@ -194,20 +200,32 @@ def main() -> None:
         bench_local("tiny", seg, tiny_dir, paths, anomaly, 4, args.repeat)
         multi_dir = root / "multi"
         make_data(multi_dir, args.n_multi, (240, 320))
-        bench_multi("tiny", seg, multi_dir, args.n_multi, [
-            {"task": "openvocab", "preset": "trident", "classes": ["sky", "tree", "road"]},
-            {"task": "refer", "text": "the object on the left"}], 4, args.repeat)
+        bench_multi(
+            "tiny",
+            seg,
+            multi_dir,
+            args.n_multi,
+            [
+                {"task": "openvocab", "preset": "trident", "classes": ["sky", "tree", "road"]},
+                {"task": "refer", "text": "the object on the left"},
+            ],
+            4,
+            args.repeat,
+        )
         if not args.skip_ray:
             bench_ray(tiny_dir, args.n, anomaly, 4)
         if not args.skip_full:
-            install_full_size_random("ViT-B-16")
             full_dir = root / "full"
             fpaths = make_data(full_dir, args.n_full, (240, 320))
-            fseg = Segmenter(device="cpu", models="default", precision="fp32", batch_size=4)
-            full = {"task": "anomaly", "preset": "crane", "object": "object",
-                    "clip_arch": "ViT-B-16", "prompts": "ensemble"}
-            bench_local("full-size ViT-B/16 crane, random weights", fseg, full_dir, fpaths,
-                        full, 4)
+            fseg = Segmenter(device="cpu", models="random", precision="fp32", batch_size=4)
+            full = {
+                "task": "anomaly",
+                "preset": "crane",
+                "object": "object",
+                "clip_arch": "ViT-B-16",
+                "prompts": "ensemble",
+            }
+            bench_local("full-size ViT-B/16 crane, random weights", fseg, full_dir, fpaths, full, 4)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

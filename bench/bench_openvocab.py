@@ -57,16 +57,11 @@ class BenchSegmenter:
 
 
 def build_models():
-    import open_clip
-
-    from zsdense.models.clip import ClipModel
+    from zsdense.models.clip import build_random_clip
     from zsdense.models.dinov2 import build_dinov2
     from zsdense.models.sam import build_sam
 
-    torch.manual_seed(0)
-    cfg = open_clip.get_model_config("ViT-B-16")
-    model = open_clip.CLIP(**cfg, quick_gelu=True).float().eval().requires_grad_(False)
-    clip = ClipModel(model=model, arch="ViT-B-16-random", is_random=True)
+    clip = build_random_clip("ViT-B-16")
     dino = build_dinov2("dinov2-reg-base", tiny=False)
     sam = build_sam("vit_b", tiny=False)
     return clip, dino, sam
@@ -76,8 +71,9 @@ def images(n: int, first: int = 0) -> list[tuple[str, np.ndarray]]:
     from PIL import Image
 
     files = sorted((REPO / "assets" / "scenes").glob("*.png"))[first : first + n]
-    out = [(f.name, np.asarray(Image.open(f).convert("RGB"), dtype=np.float32) / 255.0)
-           for f in files]
+    out = [
+        (f.name, np.asarray(Image.open(f).convert("RGB"), dtype=np.float32) / 255.0) for f in files
+    ]
     rng = np.random.default_rng(0)
     while len(out) < n:  # generated scenes when the assets are missing
         arr = np.full((240, 320, 3), 0.45, np.float32) + rng.normal(0, 0.05, (240, 320, 3))
@@ -155,8 +151,14 @@ def child(args) -> None:
         for _ in range(args.repeat):
             ctx = ImageContext(image=img)
             t, c = time.perf_counter(), time.process_time()
-            r = run_open_vocab(seg, [ctx], classes=CLASSES, preset="trident",
-                               dataset=args.dataset, chunk_rows=chunk)[0]
+            r = run_open_vocab(
+                seg,
+                [ctx],
+                classes=CLASSES,
+                preset="trident",
+                dataset=args.dataset,
+                chunk_rows=chunk,
+            )[0]
             total, total_cpu = time.perf_counter() - t, time.process_time() - c
             rec["total_s"] = min(total, rec.get("total_s", float("inf")))
             rec["total_cpu"] = min(total_cpu, rec.get("total_cpu", float("inf")))
@@ -166,8 +168,15 @@ def child(args) -> None:
                 for k, val in b.items():
                     timed = k.endswith("_s") or k.endswith("_cpu")
                     rec[k] = min(val, rec.get(k, float("inf"))) if timed else val
-        rec.update({"image": name, "hw": list(img.shape[:2]), "peak_rss_mb": peak_rss_mb(),
-                    "rss_after_warmup_mb": base, "sam_grid": r.meta.get("sam_grid")})
+        rec.update(
+            {
+                "image": name,
+                "hw": list(img.shape[:2]),
+                "peak_rss_mb": peak_rss_mb(),
+                "rss_after_warmup_mb": base,
+                "sam_grid": r.meta.get("sam_grid"),
+            }
+        )
         print("RESULT " + json.dumps(rec), flush=True)
 
 
@@ -202,42 +211,64 @@ def main() -> None:
     runs = {}
     for mode, chunk, bare in (("chunked", args.chunk, True), ("unchunked", 0, False)):
         t = time.perf_counter()
-        extra = ["--child", "--images", str(args.images), "--first", str(args.first),
-                 "--dataset", args.dataset, "--chunk",
-                 str(chunk), "--repeat", str(args.repeat if bare else 1)]
+        extra = [
+            "--child",
+            "--images",
+            str(args.images),
+            "--first",
+            str(args.first),
+            "--dataset",
+            args.dataset,
+            "--chunk",
+            str(chunk),
+            "--repeat",
+            str(args.repeat if bare else 1),
+        ]
         runs[mode] = launch(extra + (["--bare"] if bare else []))
         print(f"[{mode}: child process {time.perf_counter() - t:.0f}s]", flush=True)
     for rec in runs["chunked"]:
         grid = [str(g) for g in rec["sam_grid"]]
         rec["agg_chunked"] = launch(["--agg", "--grid", *grid, "--chunk", str(args.chunk)])[0]
         rec["agg_unchunked"] = launch(["--agg", "--grid", *grid, "--chunk", "0"])[0]
-    print(f"Trident ({args.dataset} preset), CPU, {args.threads} threads, full-size random "
-          f"weights (CLIP ViT-B/16, DINOv2-reg-base, SAM ViT-B); chunk_rows={args.chunk}")
-    hdr = (f"{'image':<15}{'size':>8}{'grid':>6}{'win':>4} {'clock':>6}{'total':>7}{'clip':>6}"
-           f"{'dino':>6}{'sam':>7}{'bare':>7}{'ratio':>7} | {'peak MB chunk/none':>18} | "
-           f"{'agg extra MB chunk/none':>23}{'agg s':>11}")
+    print(
+        f"Trident ({args.dataset} preset), CPU, {args.threads} threads, full-size random "
+        f"weights (CLIP ViT-B/16, DINOv2-reg-base, SAM ViT-B); chunk_rows={args.chunk}"
+    )
+    hdr = (
+        f"{'image':<15}{'size':>8}{'grid':>6}{'win':>4} {'clock':>6}{'total':>7}{'clip':>6}"
+        f"{'dino':>6}{'sam':>7}{'bare':>7}{'ratio':>7} | {'peak MB chunk/none':>18} | "
+        f"{'agg extra MB chunk/none':>23}{'agg s':>11}"
+    )
     print(hdr)
     for a, b in zip(runs["chunked"], runs["unchunked"]):
         ac, au = a["agg_chunked"], a["agg_unchunked"]
         for clock, suf in (("cpu", "_cpu"), ("wall", "_s")):
             bare = a["clip" + suf] + a["dino" + suf] + a["sam" + suf]
-            head = (f"{a['image'][:14]:<15}{'x'.join(map(str, a['hw'])):>8}"
-                    f"{'x'.join(map(str, a['sam_grid'])):>6}{a['windows']:>4}")
-            line = (f"{head if suf == '_cpu' else ' ' * len(head)} {clock:>6}"
-                    f"{a['total' + suf]:>7.2f}{a['clip' + suf]:>6.2f}{a['dino' + suf]:>6.2f}"
-                    f"{a['sam' + suf]:>7.2f}{bare:>7.2f}{a['total' + suf] / bare:>7.3f}")
+            head = (
+                f"{a['image'][:14]:<15}{'x'.join(map(str, a['hw'])):>8}"
+                f"{'x'.join(map(str, a['sam_grid'])):>6}{a['windows']:>4}"
+            )
+            line = (
+                f"{head if suf == '_cpu' else ' ' * len(head)} {clock:>6}"
+                f"{a['total' + suf]:>7.2f}{a['clip' + suf]:>6.2f}{a['dino' + suf]:>6.2f}"
+                f"{a['sam' + suf]:>7.2f}{bare:>7.2f}{a['total' + suf] / bare:>7.3f}"
+            )
             if suf == "_cpu":
-                line += (f" | {a['peak_rss_mb']:>8.0f} /{b['peak_rss_mb']:>8.0f} | "
-                         f"{ac['extra_mb']:>10.0f} /{au['extra_mb']:>10.0f}"
-                         f"{ac['agg_s']:>5.2f}/{au['agg_s']:.2f}")
+                line += (
+                    f" | {a['peak_rss_mb']:>8.0f} /{b['peak_rss_mb']:>8.0f} | "
+                    f"{ac['extra_mb']:>10.0f} /{au['extra_mb']:>10.0f}"
+                    f"{ac['agg_s']:>5.2f}/{au['agg_s']:.2f}"
+                )
             print(line)
         print(f"{'':<33}unchunked run: total {b['total_s']:.2f} s wall, {b['total_cpu']:.2f} s cpu")
-    print("total = run_open_vocab (text classifier cached); bare = CLIP + DINOv2 on the same "
-          "windows + one SAM encoder pass without capture; seconds, minima over runs; cpu = "
-          "process CPU time (robust on a shared machine), wall = elapsed.\n"
-          "peak MB = the process's peak resident set after the image (the SAM attention capture "
-          "in the hook, heads x 4096 x 4096 float32 plus its temporaries, sets it in both "
-          "modes); agg extra MB = the aggregation's own extra memory on that grid.")
+    print(
+        "total = run_open_vocab (text classifier cached); bare = CLIP + DINOv2 on the same "
+        "windows + one SAM encoder pass without capture; seconds, minima over runs; cpu = "
+        "process CPU time (robust on a shared machine), wall = elapsed.\n"
+        "peak MB = the process's peak resident set after the image (the SAM attention capture "
+        "in the hook, heads x 4096 x 4096 float32 plus its temporaries, sets it in both "
+        "modes); agg extra MB = the aggregation's own extra memory on that grid."
+    )
 
 
 if __name__ == "__main__":

@@ -50,15 +50,10 @@ class BenchSegmenter:
 
 
 def build_models():
-    import open_clip
-
-    from zsdense.models.clip import ClipModel
+    from zsdense.models.clip import build_random_clip
     from zsdense.models.sam import build_sam
 
-    torch.manual_seed(0)
-    cfg = open_clip.get_model_config("ViT-B-16")
-    model = open_clip.CLIP(**cfg, quick_gelu=True).float().eval().requires_grad_(False)
-    clip = ClipModel(model=model, arch="ViT-B-16-random", is_random=True)
+    clip = build_random_clip("ViT-B-16")
     sam = build_sam("vit_b", tiny=False)
     return clip, sam
 

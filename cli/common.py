@@ -21,10 +21,11 @@ def runtime_options(f: Callable) -> Callable:
     opts = [
         click.option(
             "--models",
-            type=click.Choice(["default", "tiny"]),
+            type=click.Choice(["default", "tiny", "random"]),
             default="default",
             show_default=True,
-            help="'tiny': random-weight models for smoke runs (results meaningless).",
+            help="'tiny': small random-weight models for smoke runs; 'random': full-size "
+            "architectures with random weights for benchmarks (results meaningless).",
         ),
         click.option(
             "--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps."

@@ -636,8 +636,8 @@ def eval_refer(
 
 def _run_config(preset: str, models: str) -> dict:
     cfg: dict[str, Any] = {"preset": preset, "models": models}
-    if models == "tiny":
-        cfg["warning"] = "random weights (--models tiny): these numbers are NOT meaningful"
+    if models in ("tiny", "random"):
+        cfg["warning"] = f"random weights (--models {models}): these numbers are NOT meaningful"
     return cfg
 
 

@@ -9,12 +9,27 @@ from zsdense.errors import ConfigError
 
 PRESET_CHOICES = ("trident", "trident-fixed", "proxyclip", "sclip", "clearclip", "naclip")
 DATASET_CHOICES = (
-    "voc21", "voc20", "context60", "context59", "coco-object", "coco-stuff", "cityscapes", "ade20k"
+    "voc21",
+    "voc20",
+    "context60",
+    "context59",
+    "coco-object",
+    "coco-stuff",
+    "cityscapes",
+    "ade20k",
 )
 
 
-def openvocab_task(seg, *, classes, preset: str, dataset: str | None, fmt: str, overlay: bool,
-                   options: dict | None = None):
+def openvocab_task(
+    seg,
+    *,
+    classes,
+    preset: str,
+    dataset: str | None,
+    fmt: str,
+    overlay: bool,
+    options: dict | None = None,
+):
     """The TaskSpec of ``zsdense openvocab``: run_open_vocab per batch, the engine's writer plus
     the classes present and their areas in the manifest."""
     from zsdense.engine.local import TaskSpec
@@ -42,34 +57,84 @@ def openvocab_task(seg, *, classes, preset: str, dataset: str | None, fmt: str, 
 
 @click.command("openvocab")
 @click.argument("data", nargs=-1, required=True)
-@click.option("--classes", "classes_str", default=None,
-              help='Classes separated by ",", synonyms of one class by ";" '
-              '(e.g. "sky; cloud, cat, sofa; couch"). "NAME: a; b" names a class whose '
-              "queries are a and b. The first class is the background of --prob-thd.")
-@click.option("--classes-file", default=None,
-              help="A text file with one class per line (synonyms separated by ';'), or a "
-              "shipped list: " + ", ".join(DATASET_CHOICES) + ".")
-@click.option("--preset", type=click.Choice(PRESET_CHOICES), default="trident",
-              show_default=True,
-              help="trident (CLIP+DINOv2+SAM), trident-fixed (its SAM prompt quirks fixed), "
-              "proxyclip (CLIP+DINOv2), sclip / clearclip / naclip (CLIP only, fastest).")
-@click.option("--dataset-preset", type=click.Choice(DATASET_CHOICES), default=None,
-              help="Benchmark settings (input size, stride, thresholds) of a dataset.")
-@click.option("--sam-refine", is_flag=True, default=False,
-              help="Trident: refine the labels with SAM prompts from connected components.")
-@click.option("--prob-thd", type=float, default=None,
-              help="Pixels whose best class probability is below this become class 0.")
-@click.option("--short-side", type=click.IntRange(min=32), default=None,
-              help="Resize the image so its short side is this (default: the preset's).")
-@click.option("--upsample", type=click.Choice(["bilinear", "jbu"]), default=None,
-              help="Score upsampling: bilinear (the references) or joint bilateral (edge-aware).")
-@click.option("--save-probs/--no-save-probs", default=False, show_default=True,
-              help="Also write the per-class probabilities (K, H, W) as .map.tiff / .map.npy "
-              "(--format).")
+@click.option(
+    "--classes",
+    "classes_str",
+    default=None,
+    help='Classes separated by ",", synonyms of one class by ";" '
+    '(e.g. "sky; cloud, cat, sofa; couch"). "NAME: a; b" names a class whose '
+    "queries are a and b. The first class is the background of --prob-thd.",
+)
+@click.option(
+    "--classes-file",
+    default=None,
+    help="A text file with one class per line (synonyms separated by ';'), or a "
+    "shipped list: " + ", ".join(DATASET_CHOICES) + ".",
+)
+@click.option(
+    "--preset",
+    type=click.Choice(PRESET_CHOICES),
+    default="trident",
+    show_default=True,
+    help="trident (CLIP+DINOv2+SAM), trident-fixed (its SAM prompt quirks fixed), "
+    "proxyclip (CLIP+DINOv2), sclip / clearclip / naclip (CLIP only, fastest).",
+)
+@click.option(
+    "--dataset-preset",
+    type=click.Choice(DATASET_CHOICES),
+    default=None,
+    help="Benchmark settings (input size, stride, thresholds) of a dataset.",
+)
+@click.option(
+    "--sam-refine",
+    is_flag=True,
+    default=False,
+    help="Trident: refine the labels with SAM prompts from connected components.",
+)
+@click.option(
+    "--prob-thd",
+    type=float,
+    default=None,
+    help="Pixels whose best class probability is below this become class 0.",
+)
+@click.option(
+    "--short-side",
+    type=click.IntRange(min=32),
+    default=None,
+    help="Resize the image so its short side is this (default: the preset's).",
+)
+@click.option(
+    "--upsample",
+    type=click.Choice(["bilinear", "jbu"]),
+    default=None,
+    help="Score upsampling: bilinear (the references) or joint bilateral (edge-aware).",
+)
+@click.option(
+    "--save-probs/--no-save-probs",
+    default=False,
+    show_default=True,
+    help="Also write the per-class probabilities (K, H, W) as .map.tiff / .map.npy (--format).",
+)
 @batch_command
-def openvocab_cmd(data, classes_str, classes_file, preset, dataset_preset, sam_refine, prob_thd,
-                  short_side, upsample, save_probs, out_dir, fmt, no_overlay, force, retry_errors,
-                  quiet, **runtime) -> int:
+def openvocab_cmd(
+    data,
+    classes_str,
+    classes_file,
+    preset,
+    dataset_preset,
+    sam_refine,
+    prob_thd,
+    short_side,
+    upsample,
+    save_probs,
+    out_dir,
+    fmt,
+    no_overlay,
+    force,
+    retry_errors,
+    quiet,
+    **runtime,
+) -> int:
     """Open-vocabulary segmentation: a label map over your classes for every image in DATA.
 
     \b
@@ -116,8 +181,15 @@ def openvocab_cmd(data, classes_str, classes_file, preset, dataset_preset, sam_r
         raise click.UsageError("--sam-refine needs --preset trident or trident-fixed")
     items = items_from_data(data)
     seg = make_segmenter(**runtime)
-    task = openvocab_task(seg, classes=classes, preset=preset, dataset=dataset_preset,
-                          fmt=fmt if save_probs else "none", overlay=not no_overlay,
-                          options=options)
-    return run_cli_batch(seg, items, out_dir, [task], force=force, retry_errors=retry_errors,
-                         quiet=quiet)
+    task = openvocab_task(
+        seg,
+        classes=classes,
+        preset=preset,
+        dataset=dataset_preset,
+        fmt=fmt if save_probs else "none",
+        overlay=not no_overlay,
+        options=options,
+    )
+    return run_cli_batch(
+        seg, items, out_dir, [task], force=force, retry_errors=retry_errors, quiet=quiet
+    )

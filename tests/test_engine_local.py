@@ -48,8 +48,14 @@ def seg():
 
 
 def cli(args, cwd, **kw):
-    return subprocess.run([sys.executable, "-m", "zsdense.cli.main", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=120, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "zsdense.cli.main", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        **kw,
+    )
 
 
 def temp_files(root: Path) -> list[Path]:
@@ -58,8 +64,11 @@ def temp_files(root: Path) -> list[Path]:
 
 def output_bytes(root: Path) -> dict[str, bytes]:
     skip = {MANIFEST_NAME, "report.html"}
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name not in skip}
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name not in skip
+    }
 
 
 # ---- batching and overlap ----------------------------------------------------------------
@@ -67,8 +76,9 @@ def output_bytes(root: Path) -> dict[str, bytes]:
 
 def test_reads_overlap_compute_and_images_are_batched(tmp_path, seg):
     """Decoding of batch b+1 runs while batch b computes: wall time < read + compute time."""
-    items = [WorkItem(key=f"k{i}", path=tmp_path / f"k{i}", rel=Path(f"k{i}.png"))
-             for i in range(8)]
+    items = [
+        WorkItem(key=f"k{i}", path=tmp_path / f"k{i}", rel=Path(f"k{i}.png")) for i in range(8)
+    ]
     read_s, run_s = 0.3, 0.15
     sizes = []
 
@@ -85,8 +95,17 @@ def test_reads_overlap_compute_and_images_are_batched(tmp_path, seg):
         return {"outputs": {}, "scores": {"v": res}}
 
     t0 = time.perf_counter()
-    summary = run_batch(seg, items, tmp_path / "out", [TaskSpec("t", run, write)], batch_size=2,
-                        read_workers=2, reader=reader, progress=False, report=False)
+    summary = run_batch(
+        seg,
+        items,
+        tmp_path / "out",
+        [TaskSpec("t", run, write)],
+        batch_size=2,
+        read_workers=2,
+        reader=reader,
+        progress=False,
+        report=False,
+    )
     wall = time.perf_counter() - t0
     assert sizes == [2, 2, 2, 2]
     assert summary.ok == 8 and summary.exit_code == 0
@@ -101,8 +120,15 @@ def test_reads_overlap_compute_and_images_are_batched(tmp_path, seg):
 def test_summary_progress_lines_and_stage_times(tmp_path, seg, capsys):
     make_images(tmp_path / "d", 5)
     items = items_from_data([tmp_path / "d"])
-    summary = run_batch(seg, items, tmp_path / "out", [dummy_spec(name="dummy")], batch_size=2,
-                        progress=True, progress_interval=0.0)
+    summary = run_batch(
+        seg,
+        items,
+        tmp_path / "out",
+        [dummy_spec(name="dummy")],
+        batch_size=2,
+        progress=True,
+        progress_interval=0.0,
+    )
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if "inputs" in ln and "ETA" in ln]
     assert len(lines) == 3  # one line per batch (interval 0): 2, 4, 5 of 5
@@ -117,12 +143,24 @@ def test_failing_batch_retried_one_image_at_a_time(tmp_path, seg):
     make_images(tmp_path / "d", 5)
     items = items_from_data([tmp_path / "d"])
     # fail_batch: any batch of >1 image raises (simulated OOM): every image still succeeds
-    s = run_batch(seg, items, tmp_path / "o1", [dummy_spec(name="d", fail_batch=True)],
-                  batch_size=4, progress=False)
+    s = run_batch(
+        seg,
+        items,
+        tmp_path / "o1",
+        [dummy_spec(name="d", fail_batch=True)],
+        batch_size=4,
+        progress=False,
+    )
     assert (s.ok, s.failed) == (5, 0)
     # one bad image only fails itself
-    s = run_batch(seg, items, tmp_path / "o2", [dummy_spec(name="d", fail="img002")],
-                  batch_size=4, progress=False)
+    s = run_batch(
+        seg,
+        items,
+        tmp_path / "o2",
+        [dummy_spec(name="d", fail="img002")],
+        batch_size=4,
+        progress=False,
+    )
     assert (s.ok, s.failed, s.exit_code) == (4, 1, 3)
     recs = {r["key"]: r for r in load_records(tmp_path / "o2")}
     assert recs["img002.png"]["status"] == "error"
@@ -224,17 +262,44 @@ def test_mixed_folder_one_line_per_input_exit_3(tmp_path):
     Image.new("L", (1200, 1000)).save(d / "huge.png")  # over --max-pixels below
     gif = tmp_path / "anim.gif"
     Image.new("RGB", (8, 8)).save(gif)  # named directly: an unsupported format
-    r = cli(["run", "mixed", "anim.gif", "--out", "out", "--task",
-             "zsdense.engine.dummy:spec,name=dummy", "--models", "tiny", "--max-pixels",
-             "1000000", "-q"], cwd=tmp_path)
+    r = cli(
+        [
+            "run",
+            "mixed",
+            "anim.gif",
+            "--out",
+            "out",
+            "--task",
+            "zsdense.engine.dummy:spec,name=dummy",
+            "--models",
+            "tiny",
+            "--max-pixels",
+            "1000000",
+            "-q",
+        ],
+        cwd=tmp_path,
+    )
     assert r.returncode == 3, r.stderr
     recs = [json.loads(x) for x in (tmp_path / "out" / MANIFEST_NAME).read_text().splitlines()]
     keys = [x["key"] for x in recs]
-    assert sorted(keys) == sorted(["img000.png", "img001.png", "img002.png", "truncated.png",
-                                   "zero.png", "text.jpg", "huge.png", "anim.gif"])
+    assert sorted(keys) == sorted(
+        [
+            "img000.png",
+            "img001.png",
+            "img002.png",
+            "truncated.png",
+            "zero.png",
+            "text.jpg",
+            "huge.png",
+            "anim.gif",
+        ]
+    )
     status = {x["key"]: (x["status"], x.get("error") or "") for x in recs}
-    assert [k for k, v in status.items() if v[0] == "ok"] == ["img000.png", "img001.png",
-                                                              "img002.png"]
+    assert [k for k, v in status.items() if v[0] == "ok"] == [
+        "img000.png",
+        "img001.png",
+        "img002.png",
+    ]
     assert "empty" in status["zero.png"][1]
     assert "limit" in status["huge.png"][1]
     assert "unsupported" in status["anim.gif"][1]
@@ -264,17 +329,30 @@ def _count_lines(path: Path) -> int:
 
 def test_sigkill_at_several_points_then_resume_equals_clean_run(tmp_path):
     make_images(tmp_path / "data", 32)
-    args = ["run", "data", "--task", "zsdense.engine.dummy:spec,name=dummy,sleep=0.02",
-            "--models", "tiny", "--batch-size", "4", "-q"]
+    args = [
+        "run",
+        "data",
+        "--task",
+        "zsdense.engine.dummy:spec,name=dummy,sleep=0.02",
+        "--models",
+        "tiny",
+        "--batch-size",
+        "4",
+        "-q",
+    ]
     r = cli(args + ["--out", "clean"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     clean = tmp_path / "clean"
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     for kill_at in (0, 3, 11, 22):  # manifest lines present when SIGKILL arrives (0: startup)
-        p = subprocess.Popen([sys.executable, "-m", "zsdense.cli.main", *args, "--out", "out"],
-                             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+        p = subprocess.Popen(
+            [sys.executable, "-m", "zsdense.cli.main", *args, "--out", "out"],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 60
         while _count_lines(out / MANIFEST_NAME) < kill_at and p.poll() is None:
             assert time.monotonic() < deadline
@@ -289,8 +367,7 @@ def test_sigkill_at_several_points_then_resume_equals_clean_run(tmp_path):
                 f.write(b'{"key": "img0')
     r = cli(args + ["--out", "out"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert records_without_timing(load_records(out)) == records_without_timing(
-        load_records(clean))
+    assert records_without_timing(load_records(out)) == records_without_timing(load_records(clean))
     assert output_bytes(out) == output_bytes(clean)
     assert len((out / MANIFEST_NAME).read_text().splitlines()) == 32
     assert temp_files(out) == []
@@ -298,11 +375,26 @@ def test_sigkill_at_several_points_then_resume_equals_clean_run(tmp_path):
 
 def test_sigint_finishes_batch_exits_130_and_resumes(tmp_path):
     make_images(tmp_path / "data", 12)
-    args = ["run", "data", "--out", "out", "--task",
-            "zsdense.engine.dummy:spec,name=dummy,sleep=0.1", "--models", "tiny",
-            "--batch-size", "3", "-q"]
-    p = subprocess.Popen([sys.executable, "-m", "zsdense.cli.main", *args], cwd=tmp_path,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = [
+        "run",
+        "data",
+        "--out",
+        "out",
+        "--task",
+        "zsdense.engine.dummy:spec,name=dummy,sleep=0.1",
+        "--models",
+        "tiny",
+        "--batch-size",
+        "3",
+        "-q",
+    ]
+    p = subprocess.Popen(
+        [sys.executable, "-m", "zsdense.cli.main", *args],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     man = tmp_path / "out" / MANIFEST_NAME
     deadline = time.monotonic() + 60
     while _count_lines(man) < 1:
@@ -322,8 +414,9 @@ def test_sigint_finishes_batch_exits_130_and_resumes(tmp_path):
 def test_sigint_handler_restored_after_run(tmp_path, seg):
     make_images(tmp_path / "d", 1)
     before = signal.getsignal(signal.SIGINT)
-    run_batch(seg, items_from_data([tmp_path / "d"]), tmp_path / "o", [dummy_spec()],
-              progress=False)
+    run_batch(
+        seg, items_from_data([tmp_path / "d"]), tmp_path / "o", [dummy_spec()], progress=False
+    )
     assert signal.getsignal(signal.SIGINT) is before
     assert threading.active_count() >= 1
 

@@ -71,7 +71,9 @@ sleep = 0.0
         tasks_from_mapping({"task": [{"task": "anomaly"}], "anomaly": {}})
     assert parse_task_option("anomaly:crane+") == {"task": "anomaly", "preset": "crane+"}
     assert parse_task_option("openvocab,classes=cat;sofa") == {
-        "task": "openvocab", "classes": ["cat", "sofa"]}
+        "task": "openvocab",
+        "classes": ["cat", "sofa"],
+    }
     assert parse_task_option("pkg.mod:fn,x=1") == {"task": "pkg.mod:fn", "x": "1"}
     with pytest.raises(ConfigError):
         parse_task_option("segment-everything")
@@ -117,8 +119,7 @@ def test_two_tasks_share_one_context_per_image(tmp_path, seg):
     s1 = run_batch(seg, items, tmp_path / "o1", [tracked("a")], progress=False)
     s2 = run_batch(seg, items, tmp_path / "o2", [tracked("b")], progress=False)
     assert s1.ok == s2.ok == 5
-    n = sum(r["encoders"]["shared-enc"] for d in ("o1", "o2")
-            for r in load_records(tmp_path / d))
+    n = sum(r["encoders"]["shared-enc"] for d in ("o1", "o2") for r in load_records(tmp_path / d))
     assert n == 10
 
 
@@ -129,12 +130,17 @@ def test_real_tiny_heads_share_sam_and_every_encoder_once(tmp_path, seg):
     pytest.importorskip("zsdense.tasks.referring")
     (tmp_path / "d").mkdir()
     Image.fromarray((np.random.RandomState(3).rand(48, 64, 3) * 255).astype(np.uint8)).save(
-        tmp_path / "d" / "scene.png")
+        tmp_path / "d" / "scene.png"
+    )
     items = items_from_data([tmp_path / "d"])
-    specs = build_task_specs(seg, [
-        {"task": "openvocab", "classes": ["cat", "sofa", "background"]},
-        {"task": "refer", "text": "the cat on the left"},
-    ], fmt="npy")
+    specs = build_task_specs(
+        seg,
+        [
+            {"task": "openvocab", "classes": ["cat", "sofa", "background"]},
+            {"task": "refer", "text": "the cat on the left"},
+        ],
+        fmt="npy",
+    )
     sam = seg.sam("vit_b")
     before = sam.encoder_calls
     s = run_batch(seg, items, tmp_path / "out", specs, progress=False)
@@ -156,10 +162,14 @@ def test_real_tiny_heads_share_sam_and_every_encoder_once(tmp_path, seg):
 def test_run_tasks_api_shares_the_context(seg):
     img = (np.random.RandomState(1).rand(20, 30, 3) * 255).astype(np.uint8)
     ctx = seg.context(img)
-    res = run_tasks(seg, ctx, [
-        {"task": "zsdense.engine.dummy:spec", "name": "one", "encoder": "e"},
-        {"task": "zsdense.engine.dummy:spec", "name": "two", "encoder": "e"},
-    ])
+    res = run_tasks(
+        seg,
+        ctx,
+        [
+            {"task": "zsdense.engine.dummy:spec", "name": "one", "encoder": "e"},
+            {"task": "zsdense.engine.dummy:spec", "name": "two", "encoder": "e"},
+        ],
+    )
     assert set(res) == {"one", "two"}
     assert ctx.computed[("e",)] == 1
     np.testing.assert_array_equal(res["one"]["map"], res["two"]["map"])
@@ -173,20 +183,43 @@ def test_run_tasks_api_shares_the_context(seg):
 def test_cli_run_with_config_file(tmp_path):
     make_images(tmp_path / "d", 3)
     (tmp_path / "run.toml").write_text(
-        '[run]\nbatch_size = 2\n'
+        "[run]\nbatch_size = 2\n"
         '[[task]]\ntask = "zsdense.engine.dummy:spec"\nname = "a"\nencoder = "e"\n'
         '[[task]]\ntask = "zsdense.engine.dummy:spec"\nname = "b"\nencoder = "e"\n'
-        'fmt = "npy"\n')
-    r = subprocess.run([sys.executable, "-m", "zsdense.cli.main", "run", "d", "--out", "out",
-                        "--config", "run.toml", "--models", "tiny", "-q"], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=120)
+        'fmt = "npy"\n'
+    )
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "zsdense.cli.main",
+            "run",
+            "d",
+            "--out",
+            "out",
+            "--config",
+            "run.toml",
+            "--models",
+            "tiny",
+            "-q",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     recs = [json.loads(x) for x in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
     assert len(recs) == 3 and all(x["encoders"] == {"e": 1} for x in recs)
     assert (tmp_path / "out" / "img000.a.map.tiff").is_file()  # --format default
     assert (tmp_path / "out" / "img000.b.map.npy").is_file()  # per-task override
-    r = subprocess.run([sys.executable, "-m", "zsdense.cli.main", "run", "--help"],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "zsdense.cli.main", "run", "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert "--config" in r.stdout and "--engine" in r.stdout and "3 some inputs" in r.stdout
 
 
@@ -196,8 +229,15 @@ def test_queries_on_one_image_decode_once_and_share_encoders(tmp_path, seg):
 
     make_images(tmp_path / "d", 1)
     path = tmp_path / "d" / "img000.png"
-    items = [WorkItem(key=f"img000.png#q{i}", path=path, rel=Path("img000.png"),
-                      params={"text": f"thing {i}", "id": f"q{i}"}) for i in range(3)]
+    items = [
+        WorkItem(
+            key=f"img000.png#q{i}",
+            path=path,
+            rel=Path("img000.png"),
+            params={"text": f"thing {i}", "id": f"q{i}"},
+        )
+        for i in range(3)
+    ]
     reads = []
 
     def reader(item, max_pixels):
@@ -211,8 +251,15 @@ def test_queries_on_one_image_decode_once_and_share_encoders(tmp_path, seg):
         ctx_ids.extend(id(c) for c in ctxs)
         return sp.run(ctxs, params)
 
-    s = run_batch(seg, items, tmp_path / "out", [TaskSpec("d", run, sp.write)], batch_size=4,
-                  reader=reader, progress=False)
+    s = run_batch(
+        seg,
+        items,
+        tmp_path / "out",
+        [TaskSpec("d", run, sp.write)],
+        batch_size=4,
+        reader=reader,
+        progress=False,
+    )
     assert s.ok == 3 and len(reads) == 1 and len(set(ctx_ids)) == 1
     recs = load_records(tmp_path / "out")
     assert [r["key"] for r in recs] == [f"img000.png#q{i}" for i in range(3)]
@@ -228,10 +275,14 @@ def test_refer_given_before_openvocab_still_encodes_sam_once(seg):
     ctx = seg.context(img)
     sam = seg.sam("vit_b")
     before = sam.encoder_calls
-    res = run_tasks(seg, ctx, [
-        {"task": "refer", "text": "the cat on the left"},
-        {"task": "openvocab", "classes": ["cat", "sofa"]},
-    ])
+    res = run_tasks(
+        seg,
+        ctx,
+        [
+            {"task": "refer", "text": "the cat on the left"},
+            {"task": "openvocab", "classes": ["cat", "sofa"]},
+        ],
+    )
     assert list(res) == ["refer", "openvocab"]  # results keep the order asked for
     assert sam.encoder_calls - before == 1
     assert res["refer"].mask.shape == (40, 56) and res["openvocab"].labels.shape == (40, 56)

@@ -31,8 +31,11 @@ def make_images(folder: Path, n: int) -> None:
 
 
 def output_bytes(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name not in (MANIFEST_NAME, "report.html")}
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name not in (MANIFEST_NAME, "report.html")
+    }
 
 
 def _columns(rows: list[dict]) -> dict[str, np.ndarray]:
@@ -101,8 +104,7 @@ def local_ray():
 
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     if started:
         ray.shutdown()
@@ -115,11 +117,11 @@ def test_ray_run_then_resume_after_partial_run(tmp_path, local_ray):
     (tmp_path / "d" / "zero.png").write_bytes(b"")
     items = items_from_data([tmp_path / "d"])
     seg = Segmenter(device="cpu", models="tiny")
-    clean = run_batch(seg, items, tmp_path / "local", build_task_specs(seg, TASKS),
-                      progress=False)
+    clean = run_batch(seg, items, tmp_path / "local", build_task_specs(seg, TASKS), progress=False)
     assert clean.exit_code == 3
-    kw = dict(seg_kwargs={"models": "tiny", "device": "cpu"}, batch_size=2, workers=1,
-              progress=False)
+    kw = dict(
+        seg_kwargs={"models": "tiny", "device": "cpu"}, batch_size=2, workers=1, progress=False
+    )
     part = run_ray(items[:4], tmp_path / "ray", TASKS, **kw)  # a partial run ...
     assert (part.ok, part.failed) == (4, 0)
     with open(tmp_path / "ray" / MANIFEST_NAME, "ab") as f:  # ... killed mid-line
@@ -128,7 +130,8 @@ def test_ray_run_then_resume_after_partial_run(tmp_path, local_ray):
     full = run_ray(items, tmp_path / "ray", TASKS, **kw)
     assert (full.skipped, full.ok, full.failed, full.exit_code) == (4, 4, 1, 3)
     assert records_without_timing(load_records(tmp_path / "ray")) == records_without_timing(
-        load_records(tmp_path / "local"))
+        load_records(tmp_path / "local")
+    )
     assert output_bytes(tmp_path / "ray") == output_bytes(tmp_path / "local")
     assert not [p for p in (tmp_path / "ray").rglob("*") if ".tmp-" in p.name]
     assert (tmp_path / "ray" / "report.html").is_file()

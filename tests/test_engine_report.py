@@ -48,12 +48,14 @@ def test_report_lists_every_input_failures_first_with_relative_thumbnails(tmp_pa
     d.mkdir(parents=True)
     for i in range(3):
         Image.fromarray((np.random.RandomState(i).rand(16, 16, 3) * 255).astype(np.uint8)).save(
-            d / f"a{i}.png")
+            d / f"a{i}.png"
+        )
     (d / "b<bad>.png").write_bytes(b"")
     seg = Segmenter(device="cpu", models="tiny")
     out = tmp_path / "out"
-    run_batch(seg, items_from_data([tmp_path / "data"]), out, [dummy_spec(name="d")],
-              progress=False)
+    run_batch(
+        seg, items_from_data([tmp_path / "data"]), out, [dummy_spec(name="d")], progress=False
+    )
     text = (out / "report.html").read_text(encoding="utf-8")
     p = _Collect()
     p.feed(text)
@@ -75,10 +77,15 @@ def test_report_lists_every_input_failures_first_with_relative_thumbnails(tmp_pa
 
 def test_render_report_flattens_nested_task_scores():
     recs = [
-        {"key": "x.png", "status": "ok", "scores": {"anomaly": {"score": 0.5, "label": True},
-                                                    "refer": {"score": 0.25}},
-         "outputs": {"anomaly": {"overlay": "x.anomaly.overlay.jpg"},
-                     "refer": {"overlay": "x.refer.overlay.jpg"}}},
+        {
+            "key": "x.png",
+            "status": "ok",
+            "scores": {"anomaly": {"score": 0.5, "label": True}, "refer": {"score": 0.25}},
+            "outputs": {
+                "anomaly": {"overlay": "x.anomaly.overlay.jpg"},
+                "refer": {"overlay": "x.refer.overlay.jpg"},
+            },
+        },
     ]
     text = render_report(recs)
     p = _Collect()

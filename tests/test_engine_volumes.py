@@ -28,8 +28,15 @@ def test_nifti_slices_and_volume_map_written_back_with_affine(tmp_path, seg):
     nib.save(nib.Nifti1Image(vol, affine), tmp_path / "d" / "scan.nii.gz")
     items = items_from_data([tmp_path / "d"])
     out = tmp_path / "out"
-    s = run_batch(seg, items, out, [dummy_spec(name="d", fmt="npy")], batch_size=3,
-                  progress=False, volume_maps=True)
+    s = run_batch(
+        seg,
+        items,
+        out,
+        [dummy_spec(name="d", fmt="npy")],
+        batch_size=3,
+        progress=False,
+        volume_maps=True,
+    )
     assert (s.ok, s.failed) == (4, 0)
     recs = load_records(out)
     assert [r["key"] for r in recs] == [f"scan.nii.gz.s00{k}" for k in range(4)]
@@ -50,8 +57,15 @@ def test_nifti_slices_and_volume_map_written_back_with_affine(tmp_path, seg):
     # deterministic bytes (fixed gzip timestamp): a rerun with --force rewrites the same file
     before = written.read_bytes()
     assert gzip.decompress(before)[:4] == (348).to_bytes(4, "little")
-    run_batch(seg, items, out, [dummy_spec(name="d", fmt="npy")], force=True, progress=False,
-              volume_maps=True)
+    run_batch(
+        seg,
+        items,
+        out,
+        [dummy_spec(name="d", fmt="npy")],
+        force=True,
+        progress=False,
+        volume_maps=True,
+    )
     assert written.read_bytes() == before
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from zsdense.cli.main import cli
 
+from zsdense.cli.main import cli
 from zsdense.models.registry import CHECKPOINTS
 
 

@@ -41,9 +41,26 @@ def _records(out: Path) -> list[dict]:
 @pytest.mark.parametrize("preset", PRESETS)
 def test_cli_every_preset(data_dir, tmp_path, preset):
     out = tmp_path / "out"
-    args = ["openvocab", str(data_dir), "--out", str(out), "--classes",
-            "background: sky; wall, cat, sofa; couch", "--preset", preset, "--models", "tiny",
-            "--device", "cpu", "--short-side", "112", "--save-probs", "--format", "npy", "-q"]
+    args = [
+        "openvocab",
+        str(data_dir),
+        "--out",
+        str(out),
+        "--classes",
+        "background: sky; wall, cat, sofa; couch",
+        "--preset",
+        preset,
+        "--models",
+        "tiny",
+        "--device",
+        "cpu",
+        "--short-side",
+        "112",
+        "--save-probs",
+        "--format",
+        "npy",
+        "-q",
+    ]
     if preset == "trident":
         args.append("--sam-refine")
     res = _run(args)
@@ -73,9 +90,27 @@ def test_cli_assets_folder_class_file(assets_dir, tmp_path):
     if not scenes.is_dir() or not any(scenes.glob("*.png")):
         pytest.skip(f"no scene images in {scenes}")
     out = tmp_path / "out"
-    res = _run(["openvocab", str(scenes), "--out", str(out), "--classes-file", "voc21",
-                "--dataset-preset", "voc21", "--preset", "sclip", "--models", "tiny",
-                "--device", "cpu", "--short-side", "112", "-q"])
+    res = _run(
+        [
+            "openvocab",
+            str(scenes),
+            "--out",
+            str(out),
+            "--classes-file",
+            "voc21",
+            "--dataset-preset",
+            "voc21",
+            "--preset",
+            "sclip",
+            "--models",
+            "tiny",
+            "--device",
+            "cpu",
+            "--short-side",
+            "112",
+            "-q",
+        ]
+    )
     assert res.exit_code == 0, res.output
     recs = _records(out)
     assert len(recs) == len(list(scenes.glob("*.png"))) and all(r["status"] == "ok" for r in recs)
@@ -97,14 +132,30 @@ def test_cli_usage_errors(data_dir, tmp_path, capsys):
     out = ["--out", str(tmp_path / "o")]
     code, text = _main(["openvocab", str(data_dir), *out], capsys)
     assert code == 2 and "--classes" in text
-    code, _ = _main(["openvocab", str(data_dir), *out, "--classes", "a", "--classes-file",
-                     "voc21"], capsys)
+    code, _ = _main(
+        ["openvocab", str(data_dir), *out, "--classes", "a", "--classes-file", "voc21"], capsys
+    )
     assert code == 2
-    code, text = _main(["openvocab", str(data_dir), *out, "--classes-file", "nope-list",
-                        "--models", "tiny"], capsys)
+    code, text = _main(
+        ["openvocab", str(data_dir), *out, "--classes-file", "nope-list", "--models", "tiny"],
+        capsys,
+    )
     assert code == 2 and "shipped lists" in text and "Traceback" not in text
-    code, text = _main(["openvocab", str(data_dir), *out, "--classes", "a, b", "--preset",
-                        "sclip", "--sam-refine", "--models", "tiny"], capsys)
+    code, text = _main(
+        [
+            "openvocab",
+            str(data_dir),
+            *out,
+            "--classes",
+            "a, b",
+            "--preset",
+            "sclip",
+            "--sam-refine",
+            "--models",
+            "tiny",
+        ],
+        capsys,
+    )
     assert code == 2 and "trident" in text
     assert not (tmp_path / "o" / "results.jsonl").exists()
 

@@ -103,10 +103,14 @@ def _block(c=8, heads=2, seed=0):
             ln.bias.copy_(0.1 * torch.randn(c, generator=g))
     mlp = torch.nn.Sequential(torch.nn.Linear(c, 2 * c), torch.nn.GELU(), torch.nn.Linear(2 * c, c))
     return BlockWeights(
-        ln_1=ln1, in_proj_weight=torch.randn(3 * c, c, generator=g) * 0.5,
+        ln_1=ln1,
+        in_proj_weight=torch.randn(3 * c, c, generator=g) * 0.5,
         in_proj_bias=torch.randn(3 * c, generator=g) * 0.1,
         out_proj_weight=torch.randn(c, c, generator=g) * 0.5,
-        out_proj_bias=torch.randn(c, generator=g) * 0.1, ln_2=ln2, mlp=mlp, num_heads=heads,
+        out_proj_bias=torch.randn(c, generator=g) * 0.1,
+        ln_2=ln2,
+        mlp=mlp,
+        num_heads=heads,
     )
 
 
@@ -149,8 +153,9 @@ def _loop_attend(bw, rows, v):
 def _self_rows(a_list, s, extra=None):
     n = len(a_list)
     return [
-        _loop_softmax_row([s * float(a_list[i] @ a_list[j]) + (extra[i][j] if extra else 0.0)
-                           for j in range(n)])
+        _loop_softmax_row(
+            [s * float(a_list[i] @ a_list[j]) + (extra[i][j] if extra else 0.0) for j in range(n)]
+        )
         for i in range(n)
     ]
 
@@ -172,16 +177,24 @@ def test_sclip_clearclip_naclip_vs_loops():
     assert torch.allclose(lb.sclip_last_block(bw, x[None])[0], y, atol=1e-5)
     # ClearCLIP: softmax(s qq), no residual, no MLP
     rows = [_self_rows(q[h], s) for h in range(2)]
-    assert torch.allclose(lb.clearclip_last_block(bw, x[None])[0], _loop_attend(bw, rows, v),
-                          atol=1e-5)
+    assert torch.allclose(
+        lb.clearclip_last_block(bw, x[None])[0], _loop_attend(bw, rows, v), atol=1e-5
+    )
     # NACLIP: softmax(s kk + Omega), Omega Gaussian over patch coords, zero class row/column
     coords = [(None, None)] + [(i // gw, i % gw) for i in range(gh * gw)]
-    omega = [[0.0 if (a[0] is None or b[0] is None) else
-              math.exp(-((a[0] - b[0]) ** 2 + (a[1] - b[1]) ** 2) / (2 * 5.0**2))
-              for b in coords] for a in coords]
+    omega = [
+        [
+            0.0
+            if (a[0] is None or b[0] is None)
+            else math.exp(-((a[0] - b[0]) ** 2 + (a[1] - b[1]) ** 2) / (2 * 5.0**2))
+            for b in coords
+        ]
+        for a in coords
+    ]
     rows = [_self_rows(k[h], s, omega) for h in range(2)]
-    assert torch.allclose(lb.naclip_last_block(bw, x[None], (gh, gw))[0],
-                          _loop_attend(bw, rows, v), atol=1e-5)
+    assert torch.allclose(
+        lb.naclip_last_block(bw, x[None], (gh, gw))[0], _loop_attend(bw, rows, v), atol=1e-5
+    )
     assert torch.allclose(lb.naclip_omega((gh, gw)), torch.tensor(omega), atol=1e-7)
 
 
@@ -262,14 +275,29 @@ def _direct_weights(attn, v, cos_fac, refine_neg_cos):
         tau = min(tau, 0.9)
         taus.append(tau)
         for j in range(n):
-            Wm[i, j] = sum(float(attn[hh, i, j]) * (1.0 if cos[hh, i, j] > tau else 0.0)
-                           for hh in range(heads)) / heads
+            Wm[i, j] = (
+                sum(
+                    float(attn[hh, i, j]) * (1.0 if cos[hh, i, j] > tau else 0.0)
+                    for hh in range(heads)
+                )
+                / heads
+            )
         Wm[i] /= Wm[i].sum()
     return Wm, taus
 
 
-@pytest.mark.parametrize("cos_fac,neg", [(1.2, True), (1.2, False), (3.0, True), (0.0, False),
-                                         (-2.0, False), (-2.0, True), (50.0, True)])
+@pytest.mark.parametrize(
+    "cos_fac,neg",
+    [
+        (1.2, True),
+        (1.2, False),
+        (3.0, True),
+        (0.0, False),
+        (-2.0, False),
+        (-2.0, True),
+        (50.0, True),
+    ],
+)
 def test_aggregation_vs_direct(cos_fac, neg):
     g = torch.Generator().manual_seed(7)
     heads, h, w, d = 2, 3, 4, 5
@@ -278,8 +306,9 @@ def test_aggregation_vs_direct(cos_fac, neg):
     if cos_fac < 0 or cos_fac >= 50:
         v = v + 1.5  # mean cos > 0 on every row: every tau negative (or capped)
     tokens = torch.randn(12, 6, generator=g)
-    out, Wm = ag.sam_aggregation(tokens, attn, v, cos_fac=cos_fac, refine_neg_cos=neg,
-                                 chunk_rows=None, return_weights=True)
+    out, Wm = ag.sam_aggregation(
+        tokens, attn, v, cos_fac=cos_fac, refine_neg_cos=neg, chunk_rows=None, return_weights=True
+    )
     Wd, taus = _direct_weights(attn, v, cos_fac, neg)
     assert torch.allclose(Wm.double(), Wd, atol=1e-6)
     assert torch.allclose(Wm.sum(-1), torch.ones(12), atol=1e-6)
@@ -290,8 +319,15 @@ def test_aggregation_vs_direct(cos_fac, neg):
         assert all(t == 0.9 for t in taus)
     # chunked == unchunked
     for chunk in (1, 5, 12):
-        out_c, W_c = ag.sam_aggregation(tokens, attn, v, cos_fac=cos_fac, refine_neg_cos=neg,
-                                        chunk_rows=chunk, return_weights=True)
+        out_c, W_c = ag.sam_aggregation(
+            tokens,
+            attn,
+            v,
+            cos_fac=cos_fac,
+            refine_neg_cos=neg,
+            chunk_rows=chunk,
+            return_weights=True,
+        )
         assert torch.allclose(W_c, Wm, atol=1e-7) and torch.allclose(out_c, out, atol=1e-6)
 
 

@@ -60,9 +60,18 @@ def test_refine_calls_sam_once_per_class_and_filters_iou():
             iou[0] = 0.95
         return low, iou
 
-    out = ov.sam_refine(p, labels, stub, input_size=(853, 1024), sam_original_size=(H, W),
-                        coarse_thresh=0.3, min_area=225, iou_thresh=0.8, mask_coef=0.005,
-                        reference_prompts=True)
+    out = ov.sam_refine(
+        p,
+        labels,
+        stub,
+        input_size=(853, 1024),
+        sam_original_size=(H, W),
+        coarse_thresh=0.3,
+        min_area=225,
+        iou_thresh=0.8,
+        mask_coef=0.005,
+        reference_prompts=True,
+    )
     assert len(calls) == 2  # background and class 1; class 2 has no component
     pc, bx, mshape = calls[1]
     assert mshape == (1, 256, 256)  # Trident's 3-D dense prompt
@@ -92,8 +101,15 @@ def test_refine_fixed_prompts_use_sam_frame_and_4d_dense_prompt():
         seen.append((point_coords, boxes, tuple(mask_input.shape)))
         return torch.full((boxes.shape[0], 1, 256, 256), -1.0), torch.ones(boxes.shape[0], 1)
 
-    out = ov.sam_refine(p, labels, stub, input_size=(853, 1024), sam_original_size=(H, W),
-                        coarse_thresh=0.3, reference_prompts=False)
+    out = ov.sam_refine(
+        p,
+        labels,
+        stub,
+        input_size=(853, 1024),
+        sam_original_size=(H, W),
+        coarse_thresh=0.3,
+        reference_prompts=False,
+    )
     pc, bx, mshape = seen[1]
     assert mshape == (2, 1, 256, 256)
     s = 1024 / 120  # half-res coords x2 to the original frame, then ResizeLongestSide

@@ -45,8 +45,16 @@ def test_parse_classes_syntax():
 
 
 def test_shipped_class_files():
-    want = {"voc21": 21, "voc20": 20, "context60": 60, "context59": 59, "coco-object": 81,
-            "coco-stuff": 171, "cityscapes": 19, "ade20k": 150}
+    want = {
+        "voc21": 21,
+        "voc20": 20,
+        "context60": 60,
+        "context59": 59,
+        "coco-object": 81,
+        "coco-stuff": 171,
+        "cityscapes": 19,
+        "ade20k": 150,
+    }
     for name, n in want.items():
         classes = tc.load_class_file(name)
         assert len(classes) == n, name
@@ -93,10 +101,20 @@ def test_classifier_synonym_max_and_cache(tiny_seg):
 def test_dataset_presets():
     c = openvocab_preset("trident", "cityscapes")
     assert (c.short_side, c.stride, c.cos_fac, c.refine_neg_cos, c.sam_strips) == (
-        688, 224, 3.0, False, 2)
+        688,
+        224,
+        3.0,
+        False,
+        2,
+    )
     c = openvocab_preset("trident", "voc20")
     assert (c.short_side, c.stride, c.prob_thd, c.coarse_thresh, c.cos_fac) == (
-        336, 112, 0.0, 0.2, 0.0)
+        336,
+        112,
+        0.0,
+        0.2,
+        0.0,
+    )
     assert openvocab_preset("trident", "ade20k").refine_neg_cos is False
     assert openvocab_preset("proxyclip", "cityscapes").crop == 224
     assert openvocab_preset("sclip", "voc21").logit_scale == 65.0
@@ -137,8 +155,16 @@ def test_trident_sam_once_per_image_with_refine(tiny_seg, image):
     sam = tiny_seg.sam("vit_b")
     ctx = tiny_seg.context(image)
     before = sam.encoder_calls
-    r = ov.run_open_vocab(tiny_seg, [ctx], classes=CLASSES, preset="trident", sam_refine=True,
-                          coarse_thresh=0.0, min_area=1, short_side=112)
+    r = ov.run_open_vocab(
+        tiny_seg,
+        [ctx],
+        classes=CLASSES,
+        preset="trident",
+        sam_refine=True,
+        coarse_thresh=0.0,
+        min_area=1,
+        short_side=112,
+    )
     assert sam.encoder_calls - before == 1
     assert r[0].meta["sam_prompts"] >= 1
     # same image, another class list: no encoder runs again (dense features cached per image)
@@ -166,13 +192,17 @@ def test_text_cache_on_segmenter(tiny_seg, image):
 def test_upsample_bilinear_and_jbu():
     s = torch.rand(2, 4, 5)
     out = upsample_scores(s, (16, 20))
-    assert torch.allclose(out, F.interpolate(s[None], (16, 20), mode="bilinear",
-                                             align_corners=False)[0])
+    assert torch.allclose(
+        out, F.interpolate(s[None], (16, 20), mode="bilinear", align_corners=False)[0]
+    )
     guide = torch.zeros(16, 20, 3)
     guide[:, 10:] = 1.0
     const = torch.full((2, 4, 5), 0.3)
-    assert torch.allclose(upsample_scores(const, (16, 20), "jbu", guide_hwc=guide),
-                          torch.full((2, 16, 20), 0.3), atol=1e-6)
+    assert torch.allclose(
+        upsample_scores(const, (16, 20), "jbu", guide_hwc=guide),
+        torch.full((2, 16, 20), 0.3),
+        atol=1e-6,
+    )
     # a step in the scores aligned with the guide's edge stays sharper than bilinear
     step = torch.zeros(1, 4, 5)
     step[:, :, 3:] = 1.0  # low-res columns 3,4 = image columns 12..19 (approx. the edge at 10)
@@ -198,8 +228,9 @@ def test_pamr_keeps_constant_and_smooths_within_regions():
 def test_trident_cityscapes_two_sam_strips(tiny_seg, shared_ctx):
     from zsdense.dense.aggregation import sam_valid_hw
 
-    r = tiny_seg.open_vocab(shared_ctx, classes=CLASSES, preset="trident", dataset="cityscapes",
-                            short_side=112)
+    r = tiny_seg.open_vocab(
+        shared_ctx, classes=CLASSES, preset="trident", dataset="cityscapes", short_side=112
+    )
     assert r.labels.shape == (90, 120)
     # each half (90 x 60) is encoded by SAM on its own: grid = h x (w_left + w_right)
     sam = tiny_seg.sam("vit_b")

@@ -110,3 +110,15 @@ def test_cli_error_policy_no_traceback(tmp_path):
         timeout=60,
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+def test_random_model_set_is_full_size_and_flagged():
+    from zsdense import models
+    from zsdense.api import Segmenter
+
+    seg = Segmenter(device="cpu", models="random")
+    assert seg.random_weights and not seg.tiny
+    assert seg.result_meta()["random_weights"] is True
+    sam = seg.sam("vit_b")
+    assert len(sam.model.image_encoder.blocks) == 12  # the real ViT-B depth, random weights
+    models.clear_cache()

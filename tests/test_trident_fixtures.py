@@ -30,8 +30,16 @@ def _load(fixtures_dir, name: str) -> dict:
 def _tiny_clip(state_dict) -> ClipModel:
     from open_clip.transformer import QuickGELU, VisionTransformer
 
-    vt = VisionTransformer(image_size=64, patch_size=16, width=128, layers=4, heads=2,
-                           mlp_ratio=4.0, output_dim=64, act_layer=QuickGELU).eval()
+    vt = VisionTransformer(
+        image_size=64,
+        patch_size=16,
+        width=128,
+        layers=4,
+        heads=2,
+        mlp_ratio=4.0,
+        output_dim=64,
+        act_layer=QuickGELU,
+    ).eval()
     vt.load_state_dict(state_dict, strict=True)
     return ClipModel(model=types.SimpleNamespace(visual=vt), arch="fixture-tiny")
 
@@ -185,8 +193,13 @@ def test_sam_aggregation_all_cases(agg_fx):
             for _k, r in c["results"].items():
                 for chunk in (None, 13):
                     out, Wm = ag.sam_aggregation(
-                        toks, c["sam_attn"], c["sam_v"], cos_fac=r["cos_fac"],
-                        refine_neg_cos=r["refine_neg_cos"], chunk_rows=chunk, return_weights=True,
+                        toks,
+                        c["sam_attn"],
+                        c["sam_v"],
+                        cos_fac=r["cos_fac"],
+                        refine_neg_cos=r["refine_neg_cos"],
+                        chunk_rows=chunk,
+                        return_weights=True,
                     )
                     _close(Wm, r["W"], EXACT)
                     _close(out, r["aggregated_pre_ln_post"], TOK)
@@ -201,8 +214,9 @@ def test_sam_aggregation_cityscapes_strips(agg_fx):
     d, _ = agg_fx
     c = d["cityscapes_two_halves"]
     parts = [(c["sam_attn"][i], c["sam_v"][i], None) for i in range(2)]
-    out, grid = ag.aggregate_canvas(c["canvas"], parts, cos_fac=c["cos_fac"],
-                                    refine_neg_cos=c["refine_neg_cos"])
+    out, grid = ag.aggregate_canvas(
+        c["canvas"], parts, cos_fac=c["cos_fac"], refine_neg_cos=c["refine_neg_cos"]
+    )
     assert list(grid) == c["out_grid"]
     _close(out, c["aggregated_pre_ln_post"], TOK)
 
@@ -229,8 +243,11 @@ class _Classifier:
     def __init__(self, query_class, k):
         from zsdense.text.classifier import TextClassifier
 
-        self.clf = TextClassifier(torch.zeros(len(query_class), 1), query_class,
-                                  tuple((f"c{i}", (f"c{i}",)) for i in range(k)))
+        self.clf = TextClassifier(
+            torch.zeros(len(query_class), 1),
+            query_class,
+            tuple((f"c{i}", (f"c{i}",)) for i in range(k)),
+        )
 
 
 @pytest.mark.parametrize("scenario", ["A_cls2_fails", "B_cls1_partial", "C_coarse0"])
@@ -273,10 +290,16 @@ def test_refinement_with_stub_sam(refine_fx, scenario):
         return call["low_res_logits"], call["iou_predictions"]
 
     out = ov.sam_refine(
-        probs, labels, stub, input_size=tuple(d["sam_input_size"]),
-        sam_original_size=tuple(d["sam_image_hw"]), coarse_thresh=s["coarse_thresh"],
-        min_area=d["minimal_area"], iou_thresh=d["sam_iou_thresh"],
-        mask_coef=d["sam_mask_coff"], reference_prompts=True,
+        probs,
+        labels,
+        stub,
+        input_size=tuple(d["sam_input_size"]),
+        sam_original_size=tuple(d["sam_image_hw"]),
+        coarse_thresh=s["coarse_thresh"],
+        min_area=d["minimal_area"],
+        iou_thresh=d["sam_iou_thresh"],
+        mask_coef=d["sam_mask_coff"],
+        reference_prompts=True,
     )
     assert len(seen) == len(s["sam_calls"])
     assert torch.equal(out.labels, s["refined_pred"][0])
@@ -287,8 +310,12 @@ def test_refinement_with_stub_sam(refine_fx, scenario):
 def test_sam_mask_postprocess(refine_fx):
     d = refine_fx
     for call in d["scenarios"]["A_cls2_fails"]["sam_calls"]:
-        m = ov.postprocess_low_res(call["low_res_logits"], tuple(d["sam_input_size"]),
-                                   tuple(d["sam_image_hw"]), tuple(d["sam_image_hw"]))
+        m = ov.postprocess_low_res(
+            call["low_res_logits"],
+            tuple(d["sam_input_size"]),
+            tuple(d["sam_image_hw"]),
+            tuple(d["sam_image_hw"]),
+        )
         assert torch.equal(m > 0, call["masks"][:, 0])
 
 
@@ -303,12 +330,18 @@ def test_tiny_sam_decoder_3d_dense_prompt(refine_fx):
     enc.img_size = 1024
     sam = Sam(
         image_encoder=enc,
-        prompt_encoder=PromptEncoder(embed_dim=32, image_embedding_size=(64, 64),
-                                     input_image_size=(1024, 1024), mask_in_chans=16),
+        prompt_encoder=PromptEncoder(
+            embed_dim=32,
+            image_embedding_size=(64, 64),
+            input_image_size=(1024, 1024),
+            mask_in_chans=16,
+        ),
         mask_decoder=MaskDecoder(
             num_multimask_outputs=3,
             transformer=TwoWayTransformer(depth=1, embedding_dim=32, mlp_dim=64, num_heads=2),
-            transformer_dim=32, iou_head_depth=2, iou_head_hidden_dim=32,
+            transformer_dim=32,
+            iou_head_depth=2,
+            iou_head_hidden_dim=32,
         ),
     ).eval()
     sam.load_state_dict(t["state_dict"], strict=False)
@@ -321,13 +354,18 @@ def test_tiny_sam_decoder_3d_dense_prompt(refine_fx):
     decode = ov.predictor_decoder(pred)
     k = call["boxes"].shape[0]
     with torch.no_grad():
-        low, iou = decode(call["point_coords"], call["point_labels"], call["boxes"],
-                          call["mask_input"])
+        low, iou = decode(
+            call["point_coords"], call["point_labels"], call["boxes"], call["mask_input"]
+        )
         # logits of magnitude ~10: compare relatively
         torch.testing.assert_close(low, t["ref"]["low_res_logits"], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(iou, t["ref"]["iou_predictions"], rtol=1e-4, atol=1e-5)
-        low4, iou4 = decode(call["point_coords"], call["point_labels"], call["boxes"],
-                            call["mask_input"][None].expand(k, 1, -1, -1))
+        low4, iou4 = decode(
+            call["point_coords"],
+            call["point_labels"],
+            call["boxes"],
+            call["mask_input"][None].expand(k, 1, -1, -1),
+        )
         torch.testing.assert_close(low4, t["batched4d"]["low_res_logits"], rtol=1e-4, atol=1e-4)
         assert (low4 - low).abs().max() > 0.1  # the 3-D form really differs
 
@@ -356,15 +394,21 @@ def test_trident_end_to_end(fixtures_dir):
     parts = [(attn, d["sam_last_v"], valid)]
     with torch.no_grad():
         for _k, c in d["cases"].items():
-            cfg = openvocab_preset("trident", cos_fac=c["cos_fac"],
-                                   refine_neg_cos=c["refine_neg_cos"], crop=d["slide_crop"],
-                                   stride=d["slide_stride"], chunk_rows=500)
+            cfg = openvocab_preset(
+                "trident",
+                cos_fac=c["cos_fac"],
+                refine_neg_cos=c["refine_neg_cos"],
+                crop=d["slide_crop"],
+                stride=d["slide_stride"],
+                chunk_rows=500,
+            )
             maps, wb, hw = ov.trident_window_tokens(clip, vfm, d["src_img"], cfg)
             assert hw == (368, 480) and len(wb.boxes) == 4
             _close(maps.flatten(2).permute(2, 0, 1), c["custom_attn_tokens_LBD"], TOK)
             feats, grid = ov.trident_features(clip, vfm, d["src_img"], parts, cfg)
             assert grid == (48, 64)
             low = (feats @ d["query_features"].T).T.reshape(-1, *grid)
-            out = F.interpolate(low[None], size=d["orig_hw"], mode="bilinear",
-                                align_corners=False)[0]
+            out = F.interpolate(low[None], size=d["orig_hw"], mode="bilinear", align_corners=False)[
+                0
+            ]
             _close(out, c["logits"], TOK)

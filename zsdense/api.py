@@ -22,7 +22,7 @@ import numpy as np
 from zsdense.config import RuntimeConfig
 from zsdense.context import ImageContext
 
-TINY_WARNING = "zsdense: models='tiny' uses random weights: results are NOT meaningful"
+TINY_WARNING = "zsdense: models='{}' uses random weights: results are NOT meaningful"
 
 
 class Segmenter:
@@ -83,13 +83,19 @@ class Segmenter:
 
     @property
     def random_weights(self) -> bool:
+        """True for the ``tiny`` and ``random`` model sets (results are not meaningful)."""
+        return self.config.models in ("tiny", "random")
+
+    @property
+    def tiny(self) -> bool:
+        """True for the shrunken ``tiny`` models (heads may use smaller settings to stay fast)."""
         return self.config.models == "tiny"
 
     def _warn_tiny(self) -> None:
         """One stderr line per Segmenter when random-weight models are used."""
         if self.random_weights and not self._warned:
             self._warned = True
-            print(TINY_WARNING, file=sys.stderr)
+            print(TINY_WARNING.format(self.config.models), file=sys.stderr)
 
     def result_meta(self) -> dict:
         """Metadata every result carries (model set, precision, the random-weights flag)."""

@@ -184,27 +184,61 @@ class OpenVocabPreset:
 # the dataset presets (voc21, context60, coco-object) set the benchmarks' thresholds.
 OPENVOCAB_PRESETS: dict[str, OpenVocabPreset] = {
     "trident": OpenVocabPreset(
-        "trident", "trident", vfm="dinov2-reg-base", sam_arch="vit_b", short_side=448,
-        crop=336, stride=224, coarse_thresh=0.2,
+        "trident",
+        "trident",
+        vfm="dinov2-reg-base",
+        sam_arch="vit_b",
+        short_side=448,
+        crop=336,
+        stride=224,
+        coarse_thresh=0.2,
     ),
     # Trident with prompts mapped in SAM's true frame and a (B,1,256,256) dense prompt
     "trident-fixed": OpenVocabPreset(
-        "trident-fixed", "trident", vfm="dinov2-reg-base", sam_arch="vit_b", short_side=448,
-        crop=336, stride=224, coarse_thresh=0.2, reference_prompts=False,
+        "trident-fixed",
+        "trident",
+        vfm="dinov2-reg-base",
+        sam_arch="vit_b",
+        short_side=448,
+        crop=336,
+        stride=224,
+        coarse_thresh=0.2,
+        reference_prompts=False,
     ),
     "proxyclip": OpenVocabPreset(
-        "proxyclip", "proxyclip", vfm="dinov2-reg-base", short_side=336, crop=336, stride=112,
+        "proxyclip",
+        "proxyclip",
+        vfm="dinov2-reg-base",
+        short_side=336,
+        crop=336,
+        stride=112,
     ),
-    "sclip": OpenVocabPreset("sclip", "sclip", short_side=336, crop=224, stride=112,
-                             pad_multiple=16),
-    "clearclip": OpenVocabPreset("clearclip", "clearclip", short_side=448, crop=448, stride=224,
-                                 logit_scale=50.0, pad_multiple=16),
-    "naclip": OpenVocabPreset("naclip", "naclip", short_side=336, crop=224, stride=112,
-                              pamr=True, pad_multiple=16),
+    "sclip": OpenVocabPreset(
+        "sclip", "sclip", short_side=336, crop=224, stride=112, pad_multiple=16
+    ),
+    "clearclip": OpenVocabPreset(
+        "clearclip",
+        "clearclip",
+        short_side=448,
+        crop=448,
+        stride=224,
+        logit_scale=50.0,
+        pad_multiple=16,
+    ),
+    "naclip": OpenVocabPreset(
+        "naclip", "naclip", short_side=336, crop=224, stride=112, pamr=True, pad_multiple=16
+    ),
 }
 
 OPENVOCAB_DATASETS = (
-    "voc21", "voc20", "context60", "context59", "coco-object", "coco-stuff", "cityscapes", "ade20k"
+    "voc21",
+    "voc20",
+    "context60",
+    "context59",
+    "coco-object",
+    "coco-stuff",
+    "cityscapes",
+    "ade20k",
 )
 
 # Per-dataset overrides, per method (data from the references' configs; see the spec).
@@ -212,15 +246,27 @@ OPENVOCAB_DATASETS = (
 _TRIDENT_DS = {
     "voc21": dict(short_side=448, stride=224, prob_thd=0.2, coarse_thresh=0.2, cos_fac=1.2),
     "context60": dict(short_side=576, stride=224, prob_thd=0.15, coarse_thresh=0.15, cos_fac=1.2),
-    "coco-object": dict(short_side=448, stride=224, prob_thd=0.25, coarse_thresh=0.25,
-                        cos_fac=1.2),
+    "coco-object": dict(short_side=448, stride=224, prob_thd=0.25, coarse_thresh=0.25, cos_fac=1.2),
     "voc20": dict(short_side=336, stride=112, prob_thd=0.0, coarse_thresh=0.2, cos_fac=0.0),
     "context59": dict(short_side=576, stride=224, prob_thd=0.0, coarse_thresh=0.15, cos_fac=1.2),
     "coco-stuff": dict(short_side=448, stride=224, prob_thd=0.0, coarse_thresh=0.05, cos_fac=1.2),
-    "cityscapes": dict(short_side=688, stride=224, prob_thd=0.0, coarse_thresh=0.10, cos_fac=3.0,
-                       refine_neg_cos=False, sam_strips=2),
-    "ade20k": dict(short_side=576, stride=224, prob_thd=0.0, coarse_thresh=0.05, cos_fac=1.2,
-                   refine_neg_cos=False),
+    "cityscapes": dict(
+        short_side=688,
+        stride=224,
+        prob_thd=0.0,
+        coarse_thresh=0.10,
+        cos_fac=3.0,
+        refine_neg_cos=False,
+        sam_strips=2,
+    ),
+    "ade20k": dict(
+        short_side=576,
+        stride=224,
+        prob_thd=0.0,
+        coarse_thresh=0.05,
+        cos_fac=1.2,
+        refine_neg_cos=False,
+    ),
 }
 _PROXYCLIP_DS = {
     "voc21": dict(short_side=336, prob_thd=0.2),
@@ -258,6 +304,7 @@ def openvocab_preset(
 
 
 # --- end openvocab ---
+
 
 # --- referring ---
 @dataclass(frozen=True)
@@ -328,6 +375,7 @@ REFER_PRESETS: dict[str, ReferPreset] = {
 }
 DEFAULT_REFER_PRESET = "hybridgl+"
 # --- end referring ---
+
 
 # --- engine ---
 @dataclass(frozen=True)

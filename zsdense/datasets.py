@@ -576,61 +576,14 @@ class ReferSample:
         raise InputError(self.id, "sample has no ground-truth mask")
 
 
-def _rle_counts_from_string(s: str) -> list[int]:
-    """COCO's compressed RLE counts (6-bit chunks offset by 48, deltas after the second run)."""
-    counts: list[int] = []
-    p = 0
-    data = s.encode("ascii")
-    while p < len(data):
-        x = 0
-        k = 0
-        more = True
-        while more:
-            c = data[p] - 48
-            x |= (c & 0x1F) << (5 * k)
-            more = bool(c & 0x20)
-            p += 1
-            k += 1
-            if not more and (c & 0x10):
-                x |= -1 << (5 * k)
-        if len(counts) > 2:
-            x += counts[-2]
-        counts.append(x)
-    return counts
-
-
 def decode_rle(rle: dict) -> np.ndarray:
-    """A COCO RLE (``{"size": [h, w], "counts": str | list}``) as an (H, W) bool mask.
+    """A COCO RLE (``{"size": [h, w], "counts": str | bytes | list}``) as an (H, W) bool mask."""
+    from zsdense.io.writers import rle_to_mask
 
-    Uses ``zsdense.io.writers.rle_to_mask`` when present, else decodes here (column-major runs
-    starting with background)."""
     try:
-        from zsdense.io.writers import rle_to_mask  # type: ignore[attr-defined]
-    except ImportError:
-        rle_to_mask = None
-    if rle_to_mask is not None:
-        try:
-            return np.asarray(rle_to_mask(rle)).astype(bool)
-        except (TypeError, KeyError):
-            pass  # a different RLE flavour than the writer's: decode it here
-    try:
-        h, w = (int(v) for v in rle["size"])
-        counts = rle["counts"]
-        if isinstance(counts, bytes):
-            counts = counts.decode("ascii")
-        if isinstance(counts, str):
-            counts = _rle_counts_from_string(counts)
+        return np.asarray(rle_to_mask(rle)).astype(bool)
     except (KeyError, TypeError, ValueError) as exc:
         raise InputError("rle", f"malformed COCO RLE ({exc})") from None
-    flat = np.zeros(h * w, dtype=bool)
-    pos = 0
-    for i, n in enumerate(counts):
-        if i % 2:
-            flat[pos : pos + n] = True
-        pos += n
-    if pos != h * w:
-        raise InputError("rle", f"RLE runs cover {pos} pixels, the size says {h * w}")
-    return flat.reshape((w, h)).T
 
 
 def polygons_to_mask(polygons: list, height: int, width: int) -> np.ndarray:

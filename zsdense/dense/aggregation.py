@@ -137,7 +137,12 @@ def aggregate_canvas(
         part = canvas_dhw[..., bounds[i] : bounds[i + 1]]
         toks = canvas_to_grid(part, valid)
         agg = sam_aggregation(
-            toks, attn, v, cos_fac=cos_fac, refine_neg_cos=refine_neg_cos, valid_hw=valid,
+            toks,
+            attn,
+            v,
+            cos_fac=cos_fac,
+            refine_neg_cos=refine_neg_cos,
+            valid_hw=valid,
             chunk_rows=chunk_rows,
         )
         grids.append(agg.transpose(0, 1).reshape(-1, valid[0], valid[1]))

@@ -119,8 +119,9 @@ def pamr(
     logits = []
     for d in dilations:
         xp = F.pad(x, (d, d, d, d), mode="replicate")
-        nb = torch.stack([_shifted(xp, d, dy, dx, hw) for dy in (-1, 0, 1) for dx in (-1, 0, 1)],
-                         dim=2)  # (B, 3, 9, H, W)
+        nb = torch.stack(
+            [_shifted(xp, d, dy, dx, hw) for dy in (-1, 0, 1) for dx in (-1, 0, 1)], dim=2
+        )  # (B, 3, 9, H, W)
         std = nb.std(dim=2)  # (B, 3, H, W), unbiased, centre included
         for dy, dx in _OFFSETS:
             diff = (_shifted(xp, d, dy, dx, hw) - x).abs()

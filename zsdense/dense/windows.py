@@ -162,7 +162,9 @@ def splice_tokens(
     ratio, resize = splice_ratio((hv, wv), (y2 - y1, x2 - x1))
     if resize:
         window_maps = F.interpolate(
-            window_maps, size=((y2 - y1) * ratio, (x2 - x1) * ratio), mode="bilinear",
+            window_maps,
+            size=((y2 - y1) * ratio, (x2 - x1) * ratio),
+            mode="bilinear",
             align_corners=False,
         )
     H, W = canvas_hw[0] * ratio, canvas_hw[1] * ratio

@@ -26,9 +26,17 @@ def _encode(image: np.ndarray) -> np.ndarray:
     return (gray - gray.mean()).astype(np.float32)
 
 
-def spec(seg: Any = None, name: str = "dummy", sleep: float = 0.0, fail: str | None = None,
-         fail_batch: bool = False, encoder: str = "dummy-enc", fmt: str = "npy",
-         overlay: bool = True, **_: Any) -> TaskSpec:
+def spec(
+    seg: Any = None,
+    name: str = "dummy",
+    sleep: float = 0.0,
+    fail: str | None = None,
+    fail_batch: bool = False,
+    encoder: str = "dummy-enc",
+    fmt: str = "npy",
+    overlay: bool = True,
+    **_: Any,
+) -> TaskSpec:
     """A :class:`TaskSpec` for the dummy head (see the module docstring)."""
 
     def run(ctxs: list[ImageContext], params: list[dict]) -> list[dict]:
@@ -56,10 +64,14 @@ def spec(seg: Any = None, name: str = "dummy", sleep: float = 0.0, fail: str | N
             outputs["map"] = str(write_map_npy(f"{stem}.map.npy", res["map"]))
         if overlay:
             outputs["overlay"] = str(
-                write_overlay_jpg(f"{stem}.overlay.jpg", ctx.image, heat=res["map"],
-                                  mask=res["mask"])
+                write_overlay_jpg(
+                    f"{stem}.overlay.jpg", ctx.image, heat=res["map"], mask=res["mask"]
+                )
             )
-        return {"outputs": outputs, "scores": {"score": round(res["score"], 6)},
-                "meta": {"task": name}}
+        return {
+            "outputs": outputs,
+            "scores": {"score": round(res["score"], 6)},
+            "meta": {"task": name},
+        }
 
     return TaskSpec(name=name, run=run, write=write)

@@ -302,9 +302,7 @@ class Plan:
     previous: dict[str, dict]  # key -> last record
 
 
-def plan_run(
-    items: Sequence[WorkItem], out_dir: Path, *, force: bool, retry_errors: bool
-) -> Plan:
+def plan_run(items: Sequence[WorkItem], out_dir: Path, *, force: bool, retry_errors: bool) -> Plan:
     """Which items to (re)process: an item is settled when it holds all its records (a volume
     holds one per slice) and each one is complete-``ok`` or (without ``retry_errors``) ``error``.
     Inside an unsettled item, settled records are not recomputed either."""
@@ -329,8 +327,9 @@ def plan_run(
             skipped_failed += sum(r.get("status") != "ok" for r in recs)
             continue
         # an item-level error (unreadable file) is redone as a whole when the item is redone
-        done_keys.update(r["key"] for r in settled if r.get("suffix", "") != "" or
-                         r.get("status") == "ok")
+        done_keys.update(
+            r["key"] for r in settled if r.get("suffix", "") != "" or r.get("status") == "ok"
+        )
         todo.append(it)
     return Plan(todo, done_keys, skipped, skipped_failed, previous)
 
@@ -695,8 +694,9 @@ def run_batch(
             futures[b] = []
             chunk = len(units) if needs_all else batch_size
             for c in range(0, len(units), max(chunk, 1)):
-                process_units(seg, units[c : c + chunk], tasks, out_dir, emit, add_time,
-                              release=False)
+                process_units(
+                    seg, units[c : c + chunk], tasks, out_dir, emit, add_time, release=False
+                )
             for u in units:  # every head of every unit sharing a context is done
                 u[2].release()
             processed_items += len(batch)
@@ -716,7 +716,11 @@ def run_batch(
 
 
 def finish_run(
-    out_dir: Path, items: Sequence[WorkItem], summary: RunSummary, *, report: bool,
+    out_dir: Path,
+    items: Sequence[WorkItem],
+    summary: RunSummary,
+    *,
+    report: bool,
     volume_maps: bool,
 ) -> None:
     """End of every run (also interrupted ones): compact the manifest, write volume maps and

@@ -170,8 +170,15 @@ def _scalar(v: Any) -> Any:
     return v
 
 
-def write_result(result: Any, ctx: ImageContext, stem: Path, params: dict, *,
-                 fmt: str = "tiff", overlay: bool = True) -> dict:
+def write_result(
+    result: Any,
+    ctx: ImageContext,
+    stem: Path,
+    params: dict,
+    *,
+    fmt: str = "tiff",
+    overlay: bool = True,
+) -> dict:
     """Write any zsdense result next to ``stem``, by what it holds.
 
     Anomaly (``anomaly_map``): ``.mask.png``, ``.map.tiff|.npy``, overlay with heat + outline.
@@ -210,9 +217,15 @@ def write_result(result: Any, ctx: ImageContext, stem: Path, params: dict, *,
             scores["label"] = bool(result.label)
         scores["threshold"] = _scalar(getattr(result, "threshold", None))
         if overlay:
-            outputs["overlay"] = str(write_overlay_jpg(
-                f"{stem}.overlay.jpg", ctx.image, heat=amap, mask=mask,
-                caption=f"anomaly score {float(result.score):.3f}"))
+            outputs["overlay"] = str(
+                write_overlay_jpg(
+                    f"{stem}.overlay.jpg",
+                    ctx.image,
+                    heat=amap,
+                    mask=mask,
+                    caption=f"anomaly score {float(result.score):.3f}",
+                )
+            )
     elif labels is not None:
         names = list(getattr(result, "class_names", []) or [])
         outputs["mask"] = str(write_label_png(f"{stem}.mask.png", labels))
@@ -221,18 +234,27 @@ def write_result(result: Any, ctx: ImageContext, stem: Path, params: dict, *,
             write_map(np.asarray(probs, dtype=np.float32), {"class_names": names})
         counts = np.bincount(np.asarray(labels).ravel(), minlength=len(names))
         total = max(int(counts.sum()), 1)
-        scores["area"] = {names[i] if i < len(names) else str(i): round(int(c) / total, 6)
-                          for i, c in enumerate(counts) if c}
+        scores["area"] = {
+            names[i] if i < len(names) else str(i): round(int(c) / total, 6)
+            for i, c in enumerate(counts)
+            if c
+        }
         if overlay:
-            outputs["overlay"] = str(write_overlay_jpg(
-                f"{stem}.overlay.jpg", ctx.image, labels=labels, class_names=names))
+            outputs["overlay"] = str(
+                write_overlay_jpg(
+                    f"{stem}.overlay.jpg", ctx.image, labels=labels, class_names=names
+                )
+            )
     elif mask is not None:
         outputs["mask"] = str(write_mask_png(f"{stem}.mask.png", mask))
         scores["score"] = float(getattr(result, "score", 0.0))
         if overlay:
             text = params.get("text") or getattr(result, "meta", {}).get("text")
-            outputs["overlay"] = str(write_overlay_jpg(
-                f"{stem}.overlay.jpg", ctx.image, mask=mask, caption=str(text) if text else None))
+            outputs["overlay"] = str(
+                write_overlay_jpg(
+                    f"{stem}.overlay.jpg", ctx.image, mask=mask, caption=str(text) if text else None
+                )
+            )
     else:
         raise TypeError(f"cannot write a result of type {type(result).__name__}")
     if fmt == "rle" and mask is not None and labels is None:
@@ -286,23 +308,30 @@ def _command_task(seg, kind: str, options: dict, fmt: str, overlay: bool) -> Tas
 
             preset = opts.pop("preset", "crane")
             object_name = opts.pop("object_name", None)
-            return anomaly_task(seg, object_name=object_name, preset=preset, options=opts,
-                                fmt=fmt, overlay=overlay)
+            return anomaly_task(
+                seg, object_name=object_name, preset=preset, options=opts, fmt=fmt, overlay=overlay
+            )
         if kind == "openvocab":
             from zsdense.cli.openvocab import openvocab_task
 
             preset = opts.pop("preset", "trident")
             dataset = opts.pop("dataset", None)
             classes = _classes(opts)
-            return openvocab_task(seg, classes=classes, preset=preset, dataset=dataset,
-                                  fmt=fmt, overlay=overlay, options=opts)
+            return openvocab_task(
+                seg,
+                classes=classes,
+                preset=preset,
+                dataset=dataset,
+                fmt=fmt,
+                overlay=overlay,
+                options=opts,
+            )
         if kind == "refer":
             from zsdense.cli.refer import refer_task
 
             text = opts.pop("text", None)
             preset = opts.pop("preset", None)
-            return refer_task(seg, text=text, preset=preset, fmt=fmt, overlay=overlay,
-                              options=opts)
+            return refer_task(seg, text=text, preset=preset, fmt=fmt, overlay=overlay, options=opts)
     except ImportError:
         return None
     return None
@@ -316,15 +345,17 @@ def task_runner(seg, kind: str, options: dict) -> Callable[[list[ImageContext], 
 
         preset = opts.pop("preset", "crane")
         object_name = opts.pop("object_name", None)
-        return lambda ctxs, params: run_anomaly(seg, ctxs, object_name=object_name,
-                                                preset=preset, **opts)
+        return lambda ctxs, params: run_anomaly(
+            seg, ctxs, object_name=object_name, preset=preset, **opts
+        )
     if kind == "openvocab":
         from zsdense.tasks.openvocab import run_open_vocab
 
         preset = opts.pop("preset", "trident")
         classes = _classes(opts)
-        return lambda ctxs, params: run_open_vocab(seg, ctxs, classes=classes, preset=preset,
-                                                   **opts)
+        return lambda ctxs, params: run_open_vocab(
+            seg, ctxs, classes=classes, preset=preset, **opts
+        )
     if kind == "refer":
         from zsdense.tasks.referring import run_refer
 
@@ -379,8 +410,9 @@ def build_task_spec(seg, cfg: dict | str, *, fmt: str = "tiff", overlay: bool = 
     return TaskSpec(name=name, run=run, write=write, group=group)
 
 
-def build_task_specs(seg, cfgs: Sequence[dict | str], *, fmt: str = "tiff",
-                     overlay: bool = True) -> list[TaskSpec]:
+def build_task_specs(
+    seg, cfgs: Sequence[dict | str], *, fmt: str = "tiff", overlay: bool = True
+) -> list[TaskSpec]:
     """Task configs -> TaskSpecs (names must be unique: they name the output files).
 
     Heads that need SAM's last-block attention (open-vocab) run first, so the one SAM encoding

@@ -81,14 +81,23 @@ def decode_item(row: dict, max_pixels: int | None = None) -> list[dict]:
     base = {k: row[k] for k in ("key", "path", "rel", "stem", "params")}
     done = set(json.loads(str(row.get("done") or "[]")))
     try:  # workers may run in another folder: read from the absolute path
-        units = read_units(row_item(dict(row, path=row.get("abspath") or row["path"])),
-                           max_pixels)
+        units = read_units(row_item(dict(row, path=row.get("abspath") or row["path"])), max_pixels)
     except Exception as exc:  # noqa: BLE001 - recorded, never raised
         msg = error_message(exc)
         if row.get("abspath") and row["abspath"] != row["path"]:  # name it as the user did
             msg = msg.replace(str(row["abspath"]), str(row["path"]))
-        return [dict(base, suffix="", n_units=1, image=b"", shape="", meta="{}",
-                     error=msg, error_type=type(exc).__name__)]
+        return [
+            dict(
+                base,
+                suffix="",
+                n_units=1,
+                image=b"",
+                shape="",
+                meta="{}",
+                error=msg,
+                error_type=type(exc).__name__,
+            )
+        ]
     out = []
     for suffix, ctx in units:
         if suffix in done:
@@ -96,9 +105,18 @@ def decode_item(row: dict, max_pixels: int | None = None) -> list[dict]:
         img = np.ascontiguousarray(ctx.image, dtype=np.float32)
         if ctx.meta.get("source") is not None:
             ctx.meta["source"] = str(item.path)  # as the user gave it, like the local engine
-        out.append(dict(base, suffix=suffix, n_units=len(units), image=img.tobytes(),
-                        shape=json.dumps(list(img.shape)), meta=json.dumps(_jsonable(ctx.meta)),
-                        error="", error_type=""))
+        out.append(
+            dict(
+                base,
+                suffix=suffix,
+                n_units=len(units),
+                image=img.tobytes(),
+                shape=json.dumps(list(img.shape)),
+                meta=json.dumps(_jsonable(ctx.meta)),
+                error="",
+                error_type="",
+            )
+        )
     return out
 
 
@@ -124,8 +142,16 @@ class SegmentBatch:
     failure), writes outputs under ``out_dir`` and returns ``{"record": [JSON text, ...]}``.
     """
 
-    def __init__(self, seg_kwargs: dict, task_cfgs: list, out_dir: str, fmt: str = "tiff",
-                 overlay: bool = True, seg: Any = None, torch_threads: int | None = None):
+    def __init__(
+        self,
+        seg_kwargs: dict,
+        task_cfgs: list,
+        out_dir: str,
+        fmt: str = "tiff",
+        overlay: bool = True,
+        seg: Any = None,
+        torch_threads: int | None = None,
+    ):
         from zsdense.engine.multitask import build_task_specs
 
         if torch_threads:  # CPU actors sharing a machine: don't oversubscribe its cores
@@ -228,14 +254,20 @@ def run_ray(
 
     rows = []
     for it in plan.todo:
-        done = [k[len(it.key):] for k in plan.done_keys if k.startswith(it.key)
-                and plan.previous.get(k, {}).get("item") == it.key]
+        done = [
+            k[len(it.key) :]
+            for k in plan.done_keys
+            if k.startswith(it.key) and plan.previous.get(k, {}).get("item") == it.key
+        ]
         rows.append(item_row(it, done))
 
     if rows:
         if not ray.is_initialized():
-            init_kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
-                                       "configure_logging": False}
+            init_kw: dict[str, Any] = {
+                "include_dashboard": False,
+                "log_to_driver": False,
+                "configure_logging": False,
+            }
             if address:
                 init_kw["address"] = address
             ray.init(**init_kw)
@@ -256,9 +288,14 @@ def run_ray(
         ds = ds.flat_map(decode_item, fn_kwargs={"max_pixels": max_pixels})
         ds = ds.map_batches(
             SegmentBatch,
-            fn_constructor_kwargs={"seg_kwargs": seg_kwargs, "task_cfgs": cfgs,
-                                   "out_dir": str(out_dir), "fmt": fmt, "overlay": overlay,
-                                   "torch_threads": None if gpus_per_worker else torch_threads},
+            fn_constructor_kwargs={
+                "seg_kwargs": seg_kwargs,
+                "task_cfgs": cfgs,
+                "out_dir": str(out_dir),
+                "fmt": fmt,
+                "overlay": overlay,
+                "torch_threads": None if gpus_per_worker else torch_threads,
+            },
             batch_size=batch_size,
             batch_format="numpy",
             compute=ActorPoolStrategy(size=workers),

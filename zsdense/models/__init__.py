@@ -13,7 +13,9 @@ from typing import Callable
 _CACHE: dict[tuple, object] = {}
 _LOCK = threading.Lock()
 
-MODEL_SETS = ("default", "tiny")
+MODEL_SETS = ("default", "tiny", "random")
+# default: real checkpoints; tiny: the architectures shrunk to a few layers, random weights
+# (tests, smoke runs); random: full-size architectures with random weights (benchmarks).
 
 
 def _cast(model, dtype):
@@ -71,6 +73,8 @@ def get_clip(
     key = ("clip", arch, pretrained, models, str(device), str(weights_dir), str(dtype))
     if models == "tiny":
         build = lambda: clip.build_tiny_clip(arch).to(device)  # noqa: E731
+    elif models == "random":
+        build = lambda: clip.build_random_clip(arch).to(device)  # noqa: E731
     else:
         build = lambda: clip.load_clip(  # noqa: E731
             arch, pretrained=pretrained, weights_dir=weights_dir, device=device, download=download
@@ -92,8 +96,8 @@ def get_dinov2(
 
     _check_models(models)
     key = ("dinov2", name, models, str(device), str(weights_dir), str(dtype))
-    if models == "tiny":
-        build = lambda: dinov2.build_dinov2(name, tiny=True).to(device)  # noqa: E731
+    if models in ("tiny", "random"):
+        build = lambda: dinov2.build_dinov2(name, tiny=models == "tiny").to(device)  # noqa: E731
     else:
         build = lambda: dinov2.load_dinov2(  # noqa: E731
             name, weights_dir=weights_dir, device=device, download=download
@@ -115,8 +119,8 @@ def get_sam(
 
     _check_models(models)
     key = ("sam", arch, models, str(device), str(weights_dir), str(dtype))
-    if models == "tiny":
-        build = lambda: sam.build_sam(arch, tiny=True).to(device)  # noqa: E731
+    if models in ("tiny", "random"):
+        build = lambda: sam.build_sam(arch, tiny=models == "tiny").to(device)  # noqa: E731
     else:
         build = lambda: sam.load_sam(  # noqa: E731
             arch, weights_dir=weights_dir, device=device, download=download

@@ -347,6 +347,23 @@ def build_tiny_clip(arch: str = "ViT-B-16", seed: int = TINY_SEED) -> ClipModel:
     return ClipModel(model=model, arch=f"tiny-{arch}", is_random=True)
 
 
+def build_random_clip(arch: str = "ViT-B-16", seed: int = 0) -> ClipModel:
+    """The full-size ``arch`` with random weights (QuickGELU as OpenAI): benchmarks measure speed
+    and memory on it without downloading anything."""
+    import open_clip
+
+    cfg = open_clip.get_model_config(arch)
+    if cfg is None:
+        raise ConfigError(f"unknown CLIP architecture {arch!r}; known: {', '.join(CLIP_ARCHS)}")
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = open_clip.CLIP(**cfg, quick_gelu=True)
+    finally:
+        torch.random.set_rng_state(state)
+    return ClipModel(model=model.float().eval().requires_grad_(False), arch=arch, is_random=True)
+
+
 def load_clip(
     arch: str = "ViT-B-16",
     *,

@@ -54,9 +54,7 @@ class OpenVocabResult:
         """Pixel fraction of every class present in ``labels``."""
         counts = np.bincount(self.labels.reshape(-1), minlength=len(self.class_names))
         total = max(1, self.labels.size)
-        return {
-            self.class_names[i]: float(c) / total for i, c in enumerate(counts) if c > 0
-        }
+        return {self.class_names[i]: float(c) / total for i, c in enumerate(counts) if c > 0}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,7 +131,11 @@ def trident_window_tokens(
     feats = _batched(vfm_fn, wb.images, cfg.window_batch)  # (n, Cv, hv, wv)
     hv, wv = feats.shape[-2:]
     tok = lb.proxy_clip_tokens(
-        clip, wb.images, feats.to(wb.images.dtype), beta=cfg.beta, gamma=cfg.gamma,
+        clip,
+        wb.images,
+        feats.to(wb.images.dtype),
+        beta=cfg.beta,
+        gamma=cfg.gamma,
         mean_scope="batch",
     )  # (n, hv*wv, C)
     maps = tok.transpose(1, 2).reshape(tok.shape[0], -1, hv, wv)
@@ -152,7 +154,10 @@ def trident_features(
     p = clip.patch_size
     canvas = win.splice_tokens(maps, wb.patch_locs(p), (H // p, W // p))
     tokens, grid = agg.aggregate_canvas(
-        canvas, sam_parts, cos_fac=cfg.cos_fac, refine_neg_cos=cfg.refine_neg_cos,
+        canvas,
+        sam_parts,
+        cos_fac=cfg.cos_fac,
+        refine_neg_cos=cfg.refine_neg_cos,
         chunk_rows=cfg.chunk_rows,
     )
     return F.normalize(clip.head(tokens.to(clip.dtype)).float(), dim=-1), grid
@@ -281,8 +286,9 @@ def dense_prompt(
     ``size``-long-side shape of ``frame_hw``, values > coarse_thresh times ``coef`` (else 0),
     zero-padded right/bottom."""
     th, tw = _preprocess_shape(int(frame_hw[0]), int(frame_hw[1]), size)
-    r = F.interpolate(prob_half_hw[None, None], size=(th, tw), mode="bilinear",
-                      align_corners=False)[0, 0]
+    r = F.interpolate(
+        prob_half_hw[None, None], size=(th, tw), mode="bilinear", align_corners=False
+    )[0, 0]
     r = torch.where(r > coarse_thresh, r * coef, torch.zeros_like(r))
     return F.pad(r, (0, size - tw, 0, size - th))
 
@@ -306,8 +312,12 @@ def predictor_decoder(predictor) -> SamDecode:
     def decode(point_coords, point_labels, boxes, mask_input):
         dev = predictor.device
         _m, iou, low = predictor.predict_torch(
-            point_coords.to(dev), point_labels.to(dev), boxes=boxes.to(dev),
-            mask_input=mask_input.to(dev), multimask_output=False, return_logits=True,
+            point_coords.to(dev),
+            point_labels.to(dev),
+            boxes=boxes.to(dev),
+            mask_input=mask_input.to(dev),
+            multimask_output=False,
+            return_logits=True,
         )
         return low, iou
 
@@ -390,8 +400,11 @@ def sam_refine(
         mask_input = dm[None] if reference_prompts else dm[None, None].expand(k, 1, -1, -1)
         labels_pt = torch.ones((k, 1), dtype=torch.float32)
         low, iou = decode(pc, labels_pt, bx, mask_input)
-        calls.append(dict(cls=cp.cls, point_coords=pc, boxes=bx, mask_input=mask_input,
-                          iou=iou.detach().cpu()))
+        calls.append(
+            dict(
+                cls=cp.cls, point_coords=pc, boxes=bx, mask_input=mask_input, iou=iou.detach().cpu()
+            )
+        )
         logits = postprocess_low_res(low.float(), input_size, sam_original_size, (H, W), img_size)
         logits = logits.to(probs_khw.device)
         keep = (iou.reshape(-1) > iou_thresh).to(probs_khw.device)
@@ -432,8 +445,9 @@ def slide_features(
     def features(xb: torch.Tensor) -> torch.Tensor:
         if cfg.method == "proxyclip":
             vf = vfm_fn(xb)
-            tok = lb.proxy_clip_tokens(clip, xb, vf.to(xb.dtype), beta=cfg.beta, gamma=cfg.gamma,
-                                       mean_scope="window")
+            tok = lb.proxy_clip_tokens(
+                clip, xb, vf.to(xb.dtype), beta=cfg.beta, gamma=cfg.gamma, mean_scope="window"
+            )
             f = F.normalize(clip.head(tok).float(), dim=-1)
             return f.transpose(1, 2).reshape(xb.shape[0], -1, vf.shape[-2], vf.shape[-1])
         return lb.dense_clip_features(clip, xb, cfg.method, sigma=cfg.naclip_sigma).float()
@@ -445,8 +459,9 @@ def slide_cos_logits(
     feats_ndhw: torch.Tensor, wb: win.WindowBatch, text_qd: torch.Tensor, image_hw: tuple[int, int]
 ) -> torch.Tensor:
     """Segment-then-splice: per-window cosine logits averaged into (Q, h, w) (resized image)."""
-    logits = torch.einsum("ndhw,qd->nqhw", feats_ndhw, text_qd.to(feats_ndhw.device,
-                                                                   feats_ndhw.dtype))
+    logits = torch.einsum(
+        "ndhw,qd->nqhw", feats_ndhw, text_qd.to(feats_ndhw.device, feats_ndhw.dtype)
+    )
     return win.splice_logits(logits, wb.boxes, wb.pads, image_hw)
 
 
@@ -464,10 +479,26 @@ def resolve_classes(classes: Any) -> list[tuple[str, tuple[str, ...]]]:
 
 
 def _dense_key(cfg: OpenVocabPreset, clip, extra: tuple = ()) -> tuple:
-    return ("openvocab-dense", cfg.method, clip.arch, cfg.vfm, cfg.sam_arch, cfg.short_side,
-            cfg.max_long_side, cfg.crop, cfg.stride, cfg.whole_image, cfg.pad_multiple, cfg.beta,
-            cfg.gamma, cfg.cos_fac, cfg.refine_neg_cos, cfg.sam_strips, cfg.naclip_sigma,
-            cfg.upscale_small) + extra
+    return (
+        "openvocab-dense",
+        cfg.method,
+        clip.arch,
+        cfg.vfm,
+        cfg.sam_arch,
+        cfg.short_side,
+        cfg.max_long_side,
+        cfg.crop,
+        cfg.stride,
+        cfg.whole_image,
+        cfg.pad_multiple,
+        cfg.beta,
+        cfg.gamma,
+        cfg.cos_fac,
+        cfg.refine_neg_cos,
+        cfg.sam_strips,
+        cfg.naclip_sigma,
+        cfg.upscale_small,
+    ) + extra
 
 
 def run_open_vocab(
@@ -512,8 +543,9 @@ def _run_one(seg, ctx, cfg: OpenVocabPreset, clip, clf: TextClassifier, vfm_fn, 
         if cfg.method == "trident":
             feats, grid = ctx.get(
                 _dense_key(cfg, clip),
-                lambda: trident_features(clip, vfm_fn, x, sam_parts_for(ctx, sam, cfg.sam_strips),
-                                         cfg),
+                lambda: trident_features(
+                    clip, vfm_fn, x, sam_parts_for(ctx, sam, cfg.sam_strips), cfg
+                ),
             )
             low = (feats @ text.to(feats.device).T).T.reshape(-1, grid[0], grid[1])
             meta["sam_grid"] = list(grid)
@@ -524,17 +556,24 @@ def _run_one(seg, ctx, cfg: OpenVocabPreset, clip, clf: TextClassifier, vfm_fn, 
         cos = upsample_scores(low.float(), (H, W), cfg.upsample, guide_hwc=guide)
         if cfg.pamr:
             img = torch.from_numpy(ctx.image).permute(2, 0, 1)[None].to(cos.device)
-            cos = pamr(img, cos[None], num_iter=cfg.pamr_iters,
-                       dilations=tuple(cfg.pamr_dilations))[0]
+            cos = pamr(
+                img, cos[None], num_iter=cfg.pamr_iters, dilations=tuple(cfg.pamr_dilations)
+            )[0]
         probs, labels = coarse_decision(clf, cos, cfg.logit_scale, cfg.prob_thd)
         if cfg.sam_refine:
             st = ctx.sam_state(sam, capture_last_attn=False)
             ref = sam_refine(
-                probs, labels, predictor_decoder(sam.predictor_for(st)),
-                input_size=st.input_size, sam_original_size=st.original_size,
-                coarse_thresh=cfg.coarse_thresh, min_area=cfg.min_area,
-                iou_thresh=cfg.sam_iou_thresh, mask_coef=cfg.sam_mask_coef,
-                reference_prompts=cfg.reference_prompts, img_size=sam.img_size,
+                probs,
+                labels,
+                predictor_decoder(sam.predictor_for(st)),
+                input_size=st.input_size,
+                sam_original_size=st.original_size,
+                coarse_thresh=cfg.coarse_thresh,
+                min_area=cfg.min_area,
+                iou_thresh=cfg.sam_iou_thresh,
+                mask_coef=cfg.sam_mask_coef,
+                reference_prompts=cfg.reference_prompts,
+                img_size=sam.img_size,
             )
             labels, probs = ref.labels, ref.probs
             meta["sam_prompts"] = int(sum(p.masks.shape[0] for p in ref.prompts))

@@ -671,6 +671,6 @@ def run_refer(
             f"refer needs one text per image: got {len(ctxs)} images, {len(texts)} texts"
         )
     cfg = _resolve_preset(preset, options)
-    tiny = bool(getattr(seg, "random_weights", False))
+    tiny = bool(getattr(seg, "tiny", False))
     n_side = cfg.tiny_points_per_side if tiny else cfg.points_per_side
     return [_refer_one(seg, ctx, text, cfg, n_side) for ctx, text in zip(ctxs, texts)]

@@ -31,7 +31,14 @@ import torch.nn.functional as F
 from zsdense.errors import ConfigError
 
 CLASS_FILES = (
-    "voc21", "voc20", "context60", "context59", "coco-object", "coco-stuff", "cityscapes", "ade20k"
+    "voc21",
+    "voc20",
+    "context60",
+    "context59",
+    "coco-object",
+    "coco-stuff",
+    "cityscapes",
+    "ade20k",
 )
 
 
@@ -153,8 +160,9 @@ def build_classifier(
 ) -> TextClassifier:
     """Text classifier for ``classes`` (anything :func:`parse_classes` takes), cached in
     ``cache`` per (model, class list)."""
-    classes_t = tuple(parse_classes(list(classes)) if not isinstance(classes, str)
-                      else parse_classes(classes))
+    classes_t = tuple(
+        parse_classes(list(classes)) if not isinstance(classes, str) else parse_classes(classes)
+    )
     key = ("openvocab-classifier", getattr(clip, "arch", id(clip)), classes_t)
     if cache is not None and key in cache:
         return cache[key]
