@@ -30,41 +30,12 @@ REPO = Path(__file__).resolve().parents[1]
 CLASSES = "background: sky; wall; tree; grass; road, person, cat, dog, car, chair, sofa"
 
 
-class BenchSegmenter:
-    """The Segmenter members ``run_open_vocab`` uses, holding full-size random models."""
-
-    def __init__(self, clip, dino, sam) -> None:
-        self._clip, self._dino, self._sam = clip, dino, sam
-        self.device = torch.device("cpu")
-        self.dtype = torch.float32
-        self.random_weights = True
-        self.text_cache: dict = {}
-
-    def clip(self, arch: str):
-        return self._clip
-
-    def dinov2(self, name: str = "dinov2-reg-base"):
-        return self._dino
-
-    def sam(self, arch: str = "vit_b"):
-        return self._sam
-
-    def autocast(self):
-        return torch.no_grad()
-
-    def result_meta(self) -> dict:
-        return {"models": "random-full-size", "random_weights": True}
-
-
 def build_models():
-    from zsdense.models.clip import build_random_clip
-    from zsdense.models.dinov2 import build_dinov2
-    from zsdense.models.sam import build_sam
+    """A Segmenter on the full-size architectures with random weights, and its encoders."""
+    from zsdense.api import Segmenter
 
-    clip = build_random_clip("ViT-B-16")
-    dino = build_dinov2("dinov2-reg-base", tiny=False)
-    sam = build_sam("vit_b", tiny=False)
-    return clip, dino, sam
+    seg = Segmenter(device="cpu", models="random", precision="fp32")
+    return seg, seg.clip("ViT-B-16"), seg.dinov2("dinov2-reg-base"), seg.sam("vit_b")
 
 
 def images(n: int, first: int = 0) -> list[tuple[str, np.ndarray]]:
@@ -139,8 +110,7 @@ def child(args) -> None:
 
     torch.set_num_threads(args.threads)
     chunk = None if args.chunk <= 0 else args.chunk
-    clip, dino, sam = build_models()
-    seg = BenchSegmenter(clip, dino, sam)
+    seg, clip, dino, sam = build_models()
     cfg = openvocab_preset("trident", args.dataset, chunk_rows=chunk)
     imgs = images(args.images, args.first)
     # the text classifier is built once per class list (cached), not per image

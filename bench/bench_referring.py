@@ -26,36 +26,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
-class BenchSegmenter:
-    """The few Segmenter members ``run_refer`` uses, holding full-size random models."""
-
-    def __init__(self, clip, sam) -> None:
-        self._clip, self._sam = clip, sam
-        self.device = torch.device("cpu")
-        self.dtype = torch.float32
-        self.random_weights = False  # full-size: use the full point grid
-        self.text_cache: dict = {}
-
-    def clip(self, arch: str):
-        return self._clip
-
-    def sam(self, arch: str = "vit_b"):
-        return self._sam
-
-    def autocast(self):
-        return torch.no_grad()
-
-    def result_meta(self) -> dict:
-        return {"models": "random-full-size", "random_weights": True}
-
-
 def build_models():
-    from zsdense.models.clip import build_random_clip
-    from zsdense.models.sam import build_sam
+    """A Segmenter on the full-size architectures with random weights (full SAM point grid)."""
+    from zsdense.api import Segmenter
 
-    clip = build_random_clip("ViT-B-16")
-    sam = build_sam("vit_b", tiny=False)
-    return clip, sam
+    seg = Segmenter(device="cpu", models="random", precision="fp32")
+    return seg, seg.clip("ViT-B-16"), seg.sam("vit_b")
 
 
 def load_image(path: str | None, size: int) -> np.ndarray:
@@ -124,12 +100,11 @@ def main() -> None:
     from zsdense.tasks import referring as R
 
     t0 = time.perf_counter()
-    clip, sam = build_models()
+    seg, clip, sam = build_models()
     print(
         f"models built in {time.perf_counter() - t0:.1f}s (random weights, full size); "
         f"torch threads {torch.get_num_threads()}"
     )
-    seg = BenchSegmenter(clip, sam)
     img = load_image(args.image, args.size)
     ctx = ImageContext(image=img.astype(np.float32) / 255.0, meta={})
     opts = {} if args.strict_filters else {"pred_iou_thresh": -1e9, "stability_score_thresh": -1e9}
