@@ -5,19 +5,11 @@ from __future__ import annotations
 import click
 
 from zsdense.cli.common import batch_command, make_segmenter, run_cli_batch
+from zsdense.config import OPENVOCAB_DATASETS
 from zsdense.errors import ConfigError
 
 PRESET_CHOICES = ("trident", "trident-fixed", "proxyclip", "sclip", "clearclip", "naclip")
-DATASET_CHOICES = (
-    "voc21",
-    "voc20",
-    "context60",
-    "context59",
-    "coco-object",
-    "coco-stuff",
-    "cityscapes",
-    "ade20k",
-)
+DATASET_CHOICES = OPENVOCAB_DATASETS
 
 
 def openvocab_task(

@@ -76,6 +76,16 @@ def plain_attention(block_weights, x_ln_bnc: torch.Tensor) -> torch.Tensor:
     return out_proj(block_weights, merge_heads(out))
 
 
+def correlation_terms(attn_type: str):
+    """The terms of a correlation attention type, or a ConfigError listing the valid types."""
+    try:
+        return CORRELATION_TYPES[attn_type]
+    except KeyError:
+        raise ConfigError(
+            f"unknown attention type {attn_type!r}; choose one of {', '.join(CORRELATION_TYPES)}"
+        ) from None
+
+
 def self_correlation_attention(
     q_bhnd: torch.Tensor,
     k_bhnd: torch.Tensor,
@@ -90,12 +100,7 @@ def self_correlation_attention(
     dimension, one softmax at scale s/√3. ``s`` defaults to head_dim^-0.5.
     Each term is one matmul + softmax batched over images and heads.
     """
-    try:
-        terms = CORRELATION_TYPES[attn_type]
-    except KeyError:
-        raise ConfigError(
-            f"unknown attention type {attn_type!r}; choose one of {', '.join(CORRELATION_TYPES)}"
-        ) from None
+    terms = correlation_terms(attn_type)
     d = q_bhnd.shape[-1]
     s = d**-0.5 if scale is None else scale
     if terms == ("qkv",):
@@ -131,12 +136,7 @@ def dual_attention_heads(
     head and every image. Same numbers as :func:`self_correlation_attention` ``@ v`` (to float
     rounding) at a fraction of the memory.
     """
-    try:
-        terms = CORRELATION_TYPES[attn_type]
-    except KeyError:
-        raise ConfigError(
-            f"unknown attention type {attn_type!r}; choose one of {', '.join(CORRELATION_TYPES)}"
-        ) from None
+    terms = correlation_terms(attn_type)
     b = q_bhnd.shape[0]
     if terms == ("qkv",):
         x = torch.cat([q_bhnd, k_bhnd, v_bhnd], dim=-1)

@@ -28,18 +28,10 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from zsdense.config import OPENVOCAB_DATASETS
 from zsdense.errors import ConfigError
 
-CLASS_FILES = (
-    "voc21",
-    "voc20",
-    "context60",
-    "context59",
-    "coco-object",
-    "coco-stuff",
-    "cityscapes",
-    "ade20k",
-)
+CLASS_FILES = OPENVOCAB_DATASETS  # shipped class lists, one per benchmark dataset
 
 
 def openai_templates() -> list:
