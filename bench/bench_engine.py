@@ -43,7 +43,8 @@ def make_data(folder: Path, n: int, size: tuple[int, int]) -> list[Path]:
 
 def api_one_by_one(seg, paths, cfg, out: Path, fmt="npy") -> float:
     """Each image: read, run the head alone, write its outputs (what a simple script does)."""
-    from zsdense.engine.multitask import run_tasks, task_name, write_result
+    from zsdense.engine.specs import run_tasks, task_name
+    from zsdense.options import OutputOptions
 
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -51,13 +52,13 @@ def api_one_by_one(seg, paths, cfg, out: Path, fmt="npy") -> float:
     for p in paths:
         ctx = seg.context(p)
         res = run_tasks(seg, ctx, [cfg])[task_name(cfg)]
-        write_result(res, ctx, out / p.stem, {}, fmt=fmt)
+        res.write(out / p.stem, ctx.image, OutputOptions(fmt=fmt), {})
     return time.perf_counter() - t0, time.process_time() - c0
 
 
 def runner(seg, paths_dir, cfgs, out: Path, batch_size: int, fmt="npy") -> float:
     from zsdense.engine.local import items_from_data, run_batch
-    from zsdense.engine.multitask import build_task_specs
+    from zsdense.engine.specs import build_task_specs
 
     shutil.rmtree(out, ignore_errors=True)
     items = items_from_data([paths_dir])
@@ -82,7 +83,7 @@ def bench_local(label, seg, data_dir, paths, cfg, batch_size, repeat=1):
         f"[{label}] local runner vs one-by-one API: task {cfg}, {len(paths)} images, "
         f"batch {batch_size}"
     )
-    from zsdense.engine.multitask import run_tasks
+    from zsdense.engine.specs import run_tasks
 
     run_tasks(seg, paths[0], [cfg])  # warm-up: build models, text embeddings
     tmp = Path(tempfile.mkdtemp(prefix="zsb-"))
@@ -99,7 +100,7 @@ def bench_local(label, seg, data_dir, paths, cfg, batch_size, repeat=1):
 
 def bench_multi(label, seg, data_dir, n, cfgs, batch_size, repeat=2):
     print(f"[{label}] one shared pass vs separate runs: {[c['task'] for c in cfgs]}, {n} images")
-    from zsdense.engine.multitask import run_tasks
+    from zsdense.engine.specs import run_tasks
 
     img = next(Path(data_dir).iterdir())
     run_tasks(seg, img, cfgs)  # warm-up

@@ -4,39 +4,11 @@ from __future__ import annotations
 
 import click
 
-from zsdense.cli.common import batch_command, make_segmenter, run_cli_batch
-
-PRESET_CHOICES = ("crane", "crane+", "musc")
-ATTN_CHOICES = ("qq+kk+vv", "vv", "qq", "kk", "qq+kk", "(q+k+v)^2")
-
-
-def anomaly_task(
-    seg, *, object_name: str | None, preset: str, options: dict, fmt: str, overlay: bool
-):
-    """The TaskSpec of ``zsdense anomaly``: ``run_anomaly`` per batch (the whole set for musc),
-    the engine's writer, and the decision thresholds in the manifest's scores."""
-    from zsdense.engine.local import TaskSpec
-    from zsdense.engine.multitask import write_result
-    from zsdense.tasks.anomaly import run_anomaly
-
-    opts = dict(options)
-
-    def run(ctxs, params):
-        return run_anomaly(seg, ctxs, object_name=object_name, preset=preset, **opts)
-
-    def write(result, ctx, stem, params):
-        got = write_result(result, ctx, stem, params, fmt=fmt, overlay=overlay)
-        scores = got.setdefault("scores", {})
-        scores["threshold"] = float(result.threshold)
-        scores["threshold_source"] = result.meta.get("threshold_source")
-        scores["image_threshold"] = result.image_threshold
-        scores["label"] = result.label
-        scores["defect_area"] = round(float(result.mask.mean()), 6) if result.mask.size else 0.0
-        return got
-
-    return TaskSpec(
-        name="anomaly", run=run, write=write, group="all" if preset == "musc" else "batch"
-    )
+from zsdense.cli.common import RegistryChoice, batch_command, make_segmenter, run_cli_batch
+from zsdense.config import ANOMALY_PRESETS, DEFAULT_ANOMALY_PRESET
+from zsdense.dense.attention import CORRELATION_TYPES
+from zsdense.errors import ConfigError
+from zsdense.options import DOMAINS
 
 
 @click.command("anomaly")
@@ -50,8 +22,8 @@ def anomaly_task(
 )
 @click.option(
     "--preset",
-    type=click.Choice(PRESET_CHOICES),
-    default="crane",
+    type=RegistryChoice(ANOMALY_PRESETS),
+    default=DEFAULT_ANOMALY_PRESET,
     show_default=True,
     help="crane (CLIP ViT-L/14-336, E-Attn), crane+ (plus DINOv2 D-Attn), musc (the "
     "images of one product score each other; needs >= 5 images, no prompts).",
@@ -93,7 +65,7 @@ def anomaly_task(
 )
 @click.option(
     "--domain",
-    type=click.Choice(["industrial", "medical"]),
+    type=click.Choice(DOMAINS),
     default="industrial",
     show_default=True,
     help="medical: the papers' medical settings (crane+: softmax-first fusion and the "
@@ -113,7 +85,7 @@ def anomaly_task(
 )
 @click.option(
     "--attn-type",
-    type=click.Choice(ATTN_CHOICES),
+    type=RegistryChoice(CORRELATION_TYPES),
     default=None,
     help="E-Attn correlation (default qq+kk+vv).",
 )
@@ -168,55 +140,34 @@ def anomaly_cmd(
     one line per image in OUT/results.jsonl with the score, the label (with an image
     threshold) and the thresholds used. Exit codes: 0 all ok, 3 some images failed, 2 usage.
     """
-    from zsdense.config import ANOMALY_PRESETS
     from zsdense.engine.local import items_from_data
-    from zsdense.errors import ConfigError
-    from zsdense.tasks.anomaly import resolve_preset
+    from zsdense.engine.specs import anomaly_spec
+    from zsdense.options import AnomalyOptions, OutputOptions
 
-    options: dict = {"domain": domain}
-    for key, val in (
-        ("prompts", prompts),
-        ("threshold", threshold),
-        ("calibrate_with", calibrate_with),
-        ("calibrate_percentile", calibrate_percentile),
-        ("image_threshold", image_threshold),
-        ("dataset", dataset),
-        ("eattn_layers", eattn_layers),
-        ("attn_type", attn_type),
-        ("dattn_mean", dattn_mean),
-        ("image_size", image_size),
-    ):
-        if val is not None:
-            options[key] = val
-    if calibrate_percentile is not None and calibrate_with is None:
-        raise click.UsageError("--calibrate-percentile needs --calibrate-with DIR")
-    if image_size is not None and image_size % 14:
-        raise click.UsageError("--image-size must be a multiple of the patch size 14")
-    # validate the preset options before any model loads
-    resolve_preset(
-        preset,
-        **{
-            k: v
-            for k, v in options.items()
-            if k in ("prompts", "eattn_layers", "attn_type", "dattn_mean", "image_size")
-        },
+    opts = AnomalyOptions.from_mapping(
+        preset=preset,
+        object_name=object_name,
+        prompts=prompts,
+        threshold=threshold,
+        calibrate_with=calibrate_with,
+        calibrate_percentile=calibrate_percentile,
+        image_threshold=image_threshold,
+        domain=domain,
+        dataset=dataset,
+        eattn_layers=eattn_layers,
+        attn_type=attn_type,
+        dattn_mean=dattn_mean,
+        image_size=image_size,
     )
     items = items_from_data(data)
-    need = ANOMALY_PRESETS["musc"].musc_min_images
-    if preset == "musc" and 0 < len(items) < need:
+    need = opts.config().musc_min_images
+    if opts.config().method == "musc" and 0 < len(items) < need:
         raise ConfigError(
-            f"--preset musc scores the images against each other and needs at least {need} "
+            f"--preset {preset} scores the images against each other and needs at least {need} "
             f"images of one product; DATA has {len(items)}. Use --preset crane or crane+"
         )
     seg = make_segmenter(**runtime)
-    task = anomaly_task(
-        seg,
-        object_name=object_name,
-        preset=preset,
-        options=options,
-        fmt=fmt,
-        overlay=not no_overlay,
-    )
+    task = anomaly_spec(seg, opts, OutputOptions(fmt=fmt, overlay=not no_overlay))
     return run_cli_batch(
         seg, items, out_dir, [task], force=force, retry_errors=retry_errors, quiet=quiet
     )

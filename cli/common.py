@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sys
 from pathlib import Path
@@ -11,9 +10,26 @@ from typing import Any, Callable, Sequence
 
 import click
 
+from zsdense.config import DEFAULT_BATCH_SIZE, MAX_PIXELS
 from zsdense.errors import ConfigError
+from zsdense.options import OUTPUT_FORMATS as FORMATS
 
-FORMATS = ("tiff", "npy", "rle", "none")
+
+class RegistryChoice(click.Choice):
+    """A ``click.Choice`` whose choices are read from a registry (a dict) when used, so a method
+    or preset registered at run time (a plug-in, a test) is offered without editing the CLI."""
+
+    def __init__(self, registry: dict, case_sensitive: bool = True) -> None:
+        self.registry = registry
+        super().__init__(list(registry), case_sensitive=case_sensitive)
+
+    @property
+    def choices(self):  # type: ignore[override]
+        return tuple(self.registry)
+
+    @choices.setter
+    def choices(self, value) -> None:  # click's __init__ assigns it; the registry is the truth
+        pass
 
 
 def runtime_options(f: Callable) -> Callable:
@@ -47,7 +63,7 @@ def runtime_options(f: Callable) -> Callable:
         click.option(
             "--batch-size",
             type=click.IntRange(min=1),
-            default=4,
+            default=DEFAULT_BATCH_SIZE,
             show_default=True,
             help="Images per encoder batch.",
         ),
@@ -60,7 +76,7 @@ def runtime_options(f: Callable) -> Callable:
         click.option(
             "--max-pixels",
             type=click.IntRange(min=1),
-            default=200_000_000,
+            default=MAX_PIXELS,
             show_default=True,
             help="Refuse images larger than this (decompression bombs).",
         ),
@@ -119,9 +135,9 @@ def make_segmenter(
     device: str = "auto",
     precision: str = "auto",
     weights_dir: str | None = None,
-    batch_size: int = 4,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     offline: bool = False,
-    max_pixels: int = 200_000_000,
+    max_pixels: int = MAX_PIXELS,
     **_: Any,
 ):
     """A Segmenter from the runtime options."""
@@ -158,13 +174,18 @@ def run_cli_batch(
     summary = run_batch(
         seg, items, out_dir, tasks, force=force, retry_errors=retry_errors, progress=not quiet
     )
+    print_summary(summary, out_dir)
+    return summary.exit_code
+
+
+def print_summary(summary, out_dir: str | Path) -> None:
+    """The end-of-run summary on stderr (counts, per-stage time, first failures, resume hint)."""
     click.echo(f"zsdense: {summary.format()}", err=True)
     for key, msg in summary.errors[:20]:
         click.echo(f"  failed: {key}: {msg}", err=True)
     if len(summary.errors) > 20:
         click.echo(f"  ... and {len(summary.errors) - 20} more (see results.jsonl)", err=True)
     click.echo(f"results: {Path(out_dir) / 'results.jsonl'}", err=True)
-    return summary.exit_code
 
 
 def batch_command(f: Callable) -> Callable:
@@ -177,10 +198,6 @@ def batch_command(f: Callable) -> Callable:
         ctx.exit(int(code or 0))
 
     return output_options(runtime_options(wrapper))
-
-
-def echo_json(obj: Any) -> None:
-    click.echo(json.dumps(obj, indent=2, default=str))
 
 
 def warn(msg: str) -> None:

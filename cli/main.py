@@ -66,9 +66,24 @@ def cli() -> None:
 
 
 @cli.command()
-def info() -> None:
-    """Versions, device, precision and the folders where weights are looked for."""
+@click.option(
+    "--methods",
+    "methods_only",
+    is_flag=True,
+    help="Print only the table of registered open-vocabulary methods and presets (Markdown).",
+)
+def info(methods_only: bool = False) -> None:
+    """Versions, device, precision, the registered presets and methods, and the folders where
+    weights are looked for."""
     import platform
+
+    from zsdense.config import ANOMALY_PRESETS, REFER_PRESETS
+    from zsdense.dense.methods import methods_table
+    from zsdense.tasks import openvocab  # noqa: F401 - registers its pipeline (trident)
+
+    if methods_only:
+        click.echo(methods_table())
+        return
 
     import torch
 
@@ -105,6 +120,10 @@ def info() -> None:
     lines.append(f"precision    {str(resolve_precision('auto', dev)).replace('torch.', '')} (auto)")
     if dev.type == "cpu":
         lines.append(f"cpu threads  {torch.get_num_threads()}")
+    lines.append(f"anomaly      presets: {', '.join(ANOMALY_PRESETS)}")
+    lines.append(f"refer        presets: {', '.join(REFER_PRESETS)}")
+    lines.append("open-vocabulary presets and methods:")
+    lines.extend(f"  {row}" for row in methods_table().splitlines())
     lines.append("weights dirs (searched in order):")
     for d in registry.search_locations():
         lines.append(f"  {d}")

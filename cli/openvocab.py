@@ -4,47 +4,10 @@ from __future__ import annotations
 
 import click
 
-from zsdense.cli.common import batch_command, make_segmenter, run_cli_batch
-from zsdense.config import OPENVOCAB_DATASETS
-from zsdense.errors import ConfigError
+from zsdense.cli.common import RegistryChoice, batch_command, make_segmenter, run_cli_batch
+from zsdense.config import DEFAULT_OPENVOCAB_PRESET, OPENVOCAB_DATASETS, OPENVOCAB_PRESETS
 
-PRESET_CHOICES = ("trident", "trident-fixed", "proxyclip", "sclip", "clearclip", "naclip")
 DATASET_CHOICES = OPENVOCAB_DATASETS
-
-
-def openvocab_task(
-    seg,
-    *,
-    classes,
-    preset: str,
-    dataset: str | None,
-    fmt: str,
-    overlay: bool,
-    options: dict | None = None,
-):
-    """The TaskSpec of ``zsdense openvocab``: run_open_vocab per batch, the engine's writer plus
-    the classes present and their areas in the manifest."""
-    from zsdense.engine.local import TaskSpec
-    from zsdense.engine.multitask import write_result
-    from zsdense.tasks.openvocab import run_open_vocab
-
-    opts = dict(options or {})
-
-    def run(ctxs, params):
-        return run_open_vocab(seg, ctxs, classes=classes, preset=preset, dataset=dataset, **opts)
-
-    def write(result, ctx, stem, params):
-        got = write_result(result, ctx, stem, params, fmt=fmt, overlay=overlay)
-        areas = result.areas()
-        scores = got.setdefault("scores", {})
-        scores["classes_present"] = sorted(areas, key=lambda k: -areas[k])
-        scores["area"] = {k: round(v, 6) for k, v in areas.items()}
-        meta = got.setdefault("meta", {})
-        meta.pop("areas", None)
-        meta["class_names"] = list(result.class_names)
-        return got
-
-    return TaskSpec(name="openvocab", run=run, write=write)
 
 
 @click.command("openvocab")
@@ -65,8 +28,8 @@ def openvocab_task(
 )
 @click.option(
     "--preset",
-    type=click.Choice(PRESET_CHOICES),
-    default="trident",
+    type=RegistryChoice(OPENVOCAB_PRESETS),
+    default=DEFAULT_OPENVOCAB_PRESET,
     show_default=True,
     help="trident (CLIP+DINOv2+SAM), trident-fixed (its SAM prompt quirks fixed), "
     "proxyclip (CLIP+DINOv2), sclip / clearclip / naclip (CLIP only, fastest).",
@@ -150,38 +113,26 @@ def openvocab_cmd(
     present and their areas (pixel fractions). Exit codes: 0 all ok, 3 some images failed,
     2 usage error.
     """
-    from zsdense.config import openvocab_preset
     from zsdense.engine.local import items_from_data
-    from zsdense.text.classifier import load_class_file, parse_classes
+    from zsdense.engine.specs import openvocab_spec
+    from zsdense.options import OpenVocabOptions, OutputOptions
 
     if bool(classes_str) == bool(classes_file):
         raise click.UsageError('give exactly one of --classes "a, b; c" or --classes-file FILE')
-    classes = load_class_file(classes_file) if classes_file else parse_classes(classes_str)
-    if len(classes) > 256:
-        raise ConfigError(f"{len(classes)} classes: a label PNG holds at most 256")
-    options: dict = {}
-    if sam_refine:
-        options["sam_refine"] = True
-    if prob_thd is not None:
-        options["prob_thd"] = prob_thd
-    if short_side is not None:
-        options["short_side"] = short_side
-    if upsample is not None:
-        options["upsample"] = upsample
-    cfg = openvocab_preset(preset, dataset_preset, **options)  # validate before any model loads
-    if cfg.sam_refine and cfg.method != "trident":
-        raise click.UsageError("--sam-refine needs --preset trident or trident-fixed")
-    items = items_from_data(data)
-    seg = make_segmenter(**runtime)
-    task = openvocab_task(
-        seg,
-        classes=classes,
+    opts = OpenVocabOptions.from_mapping(
+        classes=classes_str,
+        classes_file=classes_file,
         preset=preset,
         dataset=dataset_preset,
-        fmt=fmt if save_probs else "none",
-        overlay=not no_overlay,
-        options=options,
+        save_probs=save_probs,
+        sam_refine=sam_refine or None,
+        prob_thd=prob_thd,
+        short_side=short_side,
+        upsample=upsample,
     )
+    items = items_from_data(data)
+    seg = make_segmenter(**runtime)
+    task = openvocab_spec(seg, opts, OutputOptions(fmt=fmt, overlay=not no_overlay))
     return run_cli_batch(
         seg, items, out_dir, [task], force=force, retry_errors=retry_errors, quiet=quiet
     )

@@ -2,151 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import re
-from collections import OrderedDict
-from pathlib import Path, PurePosixPath
-from typing import Any
+from pathlib import Path
 
 import click
 
-from zsdense.cli.common import batch_command, make_segmenter, run_cli_batch
-from zsdense.errors import ConfigError
-
-_ID_RE = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-def _safe_id(value: Any) -> str:
-    text = _ID_RE.sub("_", str(value)).strip("._")
-    return text or "q"
-
-
-def load_queries(path: str | Path) -> list[dict]:
-    """Read a JSONL file of {"image", "text", optional "id"} lines.
-
-    Relative image paths are resolved against the JSONL file's folder. Ids default to the line
-    number; they are made file-name safe and must be unique. Blank lines are skipped. A line that
-    is not a JSON object with a non-empty "image" and "text" is a ConfigError naming the line.
-    """
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the queries file ({exc.strerror or exc})") from None
-    out: list[dict] = []
-    seen: set[str] = set()
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
-        if not isinstance(obj, dict):
-            raise ConfigError(f'{path}:{n}: expected an object like {{"image": ..., "text": ...}}')
-        image, text = obj.get("image"), obj.get("text")
-        if not isinstance(image, str) or not image.strip():
-            raise ConfigError(f'{path}:{n}: missing "image" (a path to the image)')
-        if not isinstance(text, str) or not text.strip():
-            raise ConfigError(f'{path}:{n}: missing "text" (the referring expression)')
-        qid = _safe_id(obj.get("id", n))
-        if qid in seen:
-            raise ConfigError(f"{path}:{n}: duplicate query id {qid!r}")
-        seen.add(qid)
-        img = Path(image).expanduser()
-        if not img.is_absolute():
-            img = path.parent / img
-        out.append({"image": img, "text": text, "id": qid, "line": n})
-    if not out:
-        raise ConfigError(f"{path}: no queries in the file")
-    return out
-
-
-def items_from_queries(queries: list[dict], base: Path) -> list:
-    """Queries -> WorkItems with params {"text", "id", "image"}; keys ``<rel>#<id>`` so the
-    output stem is ``<rel without extension>.<id>``."""
-    from zsdense.engine.local import WorkItem
-
-    items = []
-    for q in queries:
-        img: Path = q["image"]
-        try:
-            rel = PurePosixPath(img.resolve().relative_to(base.resolve()).as_posix())
-        except ValueError:
-            rel = PurePosixPath(img.name)
-        items.append(
-            WorkItem(
-                key=f"{rel}#{q['id']}",
-                path=img,
-                rel=rel,
-                params={"text": q["text"], "id": q["id"], "image": str(img)},
-            )
-        )
-    return items
-
-
-class _ImageReuse:
-    """Keeps the per-image encoder outputs (SAM state, proposals, mask features, dense heat)
-    of the last few images, so consecutive queries on one image reuse them although the batch
-    runner gives every query its own ImageContext."""
-
-    def __init__(self, size: int = 2) -> None:
-        self.size = size
-        self.store: OrderedDict[str, dict] = OrderedDict()
-
-    def before(self, ctx, image: str | None) -> None:
-        if image and image in self.store:
-            self.store.move_to_end(image)
-            for k, v in self.store[image].items():
-                ctx.cache.setdefault(k, v)
-
-    def after(self, ctx, image: str | None) -> None:
-        if not image:
-            return
-        self.store[image] = {k: v for k, v in ctx.cache.items() if k != "_u8"}
-        self.store.move_to_end(image)
-        while len(self.store) > self.size:
-            self.store.popitem(last=False)
-
-
-def refer_task(
-    seg,
-    *,
-    text: str | None,
-    preset: str | None,
-    fmt: str,
-    overlay: bool,
-    options: dict | None = None,
-):
-    """The TaskSpec of ``zsdense refer``: run_refer per query, writer from the engine."""
-    from zsdense.engine.local import TaskSpec
-    from zsdense.engine.multitask import write_result
-    from zsdense.tasks.referring import run_refer
-
-    reuse = _ImageReuse()
-    options = dict(options or {})
-
-    def run(ctxs, params):
-        out = []
-        for ctx, p in zip(ctxs, params):
-            t = p.get("text") or text
-            if not t:
-                raise ConfigError("refer needs --text or --queries")
-            image = p.get("image")
-            reuse.before(ctx, image)
-            out.extend(run_refer(seg, [ctx], [t], preset=preset, **options))
-            reuse.after(ctx, image)
-        return out
-
-    def write(result, ctx, stem, params):
-        got = write_result(result, ctx, stem, params, fmt=fmt, overlay=overlay)
-        got.setdefault("scores", {})["candidates"] = result.candidates
-        if params.get("id") is not None:
-            got["scores"]["id"] = params["id"]
-        got["scores"]["text"] = params.get("text") or text
-        return got
-
-    return TaskSpec(name="refer", run=run, write=write)
+from zsdense.cli.common import RegistryChoice, batch_command, make_segmenter, run_cli_batch
+from zsdense.config import DEFAULT_REFER_PRESET, REFER_PRESETS
 
 
 @click.command("refer")
@@ -162,7 +23,8 @@ def refer_task(
 )
 @click.option(
     "--preset",
-    default="hybridgl+",
+    type=RegistryChoice(REFER_PRESETS),
+    default=DEFAULT_REFER_PRESET,
     show_default=True,
     help="hybridgl (the reference) or hybridgl+ (its defects fixed).",
 )
@@ -218,12 +80,13 @@ def refer_cmd(
     candidates, parsed phrase and relation). Queries on the same image reuse its SAM proposals
     and mask features. Exit codes: 0 all ok, 3 some queries failed, 2 usage error.
     """
-    from zsdense.config import REFER_PRESETS
-    from zsdense.engine.local import items_from_data
+    from zsdense.engine.local import items_from_data, items_from_queries, load_queries
+    from zsdense.engine.specs import refer_spec
+    from zsdense.options import OutputOptions, ReferOptions
 
-    if preset not in REFER_PRESETS:
-        names = ", ".join(sorted(REFER_PRESETS))
-        raise ConfigError(f"unknown referring preset {preset!r}; choose one of: {names}")
+    opts = ReferOptions.from_mapping(
+        preset=preset, text=text, refine=refine or None, fusion=fusion, parser=parser
+    )
     if queries_path and text:
         raise click.UsageError("give either --text (with DATA) or --queries, not both")
     if queries_path:
@@ -239,17 +102,8 @@ def refer_cmd(
         items = items_from_data(data)
         for it in items:
             it.params.update({"text": text})
-    options: dict = {}
-    if refine:
-        options["refine"] = True
-    if fusion:
-        options["fusion"] = fusion
-    if parser:
-        options["parser"] = parser
     seg = make_segmenter(**runtime)
-    task = refer_task(
-        seg, text=text, preset=preset, fmt=fmt, overlay=not no_overlay, options=options
-    )
+    task = refer_spec(seg, opts, OutputOptions(fmt=fmt, overlay=not no_overlay))
     return run_cli_batch(
         seg, items, out_dir, [task], force=force, retry_errors=retry_errors, quiet=quiet
     )

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from zsdense.cli.common import batch_command, make_segmenter
+from zsdense.cli.common import batch_command, make_segmenter, print_summary
+from zsdense.config import DEFAULT_BATCH_SIZE
 from zsdense.errors import ConfigError
 
 RUN_TABLE_KEYS = ("batch_size", "models", "device", "precision", "max_pixels")
@@ -123,7 +124,7 @@ def run_cmd(
     3 some inputs failed, 2 usage error, 130 interrupted (rerun to resume).
     """
     from zsdense.engine.local import items_from_data
-    from zsdense.engine.multitask import (
+    from zsdense.engine.specs import (
         TASK_ALIASES,
         build_task_specs,
         load_run_config,
@@ -173,7 +174,7 @@ def run_cmd(
             overlay=not no_overlay,
             force=force,
             retry_errors=retry_errors,
-            batch_size=int(runtime.get("batch_size") or 4),
+            batch_size=int(runtime.get("batch_size") or DEFAULT_BATCH_SIZE),
             workers=workers,
             gpus_per_worker=gpus_per_worker,
             address=ray_address,
@@ -215,15 +216,3 @@ def _seg_kwargs(runtime: dict) -> dict:
         kw["download"] = False
         os.environ["ZSDENSE_OFFLINE"] = "1"
     return kw
-
-
-def print_summary(summary, out_dir) -> None:
-    """The end-of-run summary on stderr (counts, per-stage time, first failures, resume hint)."""
-    from pathlib import Path
-
-    click.echo(f"zsdense: {summary.format()}", err=True)
-    for key, msg in summary.errors[:20]:
-        click.echo(f"  failed: {key}: {msg}", err=True)
-    if len(summary.errors) > 20:
-        click.echo(f"  ... and {len(summary.errors) - 20} more (see results.jsonl)", err=True)
-    click.echo(f"results: {Path(out_dir) / 'results.jsonl'}", err=True)

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+HELPERS = Path(__file__).resolve().parent / "helpers"
+
+# Test-only heads (engine_dummy) live in tests/helpers, not in the installed package: make them
+# importable here, in CLI subprocesses and in Ray workers.
+if str(HELPERS) not in sys.path:
+    sys.path.insert(0, str(HELPERS))
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (str(HELPERS), os.environ.get("PYTHONPATH", "")) if p
+)
 
 
 @pytest.fixture(scope="session")

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from engine_dummy import spec as dummy_spec
 from PIL import Image
 
 from zsdense.api import Segmenter
 from zsdense.context import ImageContext
-from zsdense.engine.dummy import spec as dummy_spec
 from zsdense.engine.local import (
     MANIFEST_NAME,
     TaskSpec,
@@ -270,7 +270,7 @@ def test_mixed_folder_one_line_per_input_exit_3(tmp_path):
             "--out",
             "out",
             "--task",
-            "zsdense.engine.dummy:spec,name=dummy",
+            "engine_dummy:spec,name=dummy",
             "--models",
             "tiny",
             "--max-pixels",
@@ -333,7 +333,7 @@ def test_sigkill_at_several_points_then_resume_equals_clean_run(tmp_path):
         "run",
         "data",
         "--task",
-        "zsdense.engine.dummy:spec,name=dummy,sleep=0.02",
+        "engine_dummy:spec,name=dummy,sleep=0.02",
         "--models",
         "tiny",
         "--batch-size",
@@ -381,7 +381,7 @@ def test_sigint_finishes_batch_exits_130_and_resumes(tmp_path):
         "--out",
         "out",
         "--task",
-        "zsdense.engine.dummy:spec,name=dummy,sleep=0.1",
+        "engine_dummy:spec,name=dummy,sleep=0.1",
         "--models",
         "tiny",
         "--batch-size",

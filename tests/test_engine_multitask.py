@@ -9,12 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from engine_dummy import spec as dummy_spec
 from PIL import Image
 
 from zsdense.api import Segmenter
-from zsdense.engine.dummy import spec as dummy_spec
-from zsdense.engine.local import TaskSpec, items_from_data, load_records, run_batch
-from zsdense.engine.multitask import (
+from zsdense.engine.local import items_from_data, load_records, run_batch
+from zsdense.engine.specs import (
+    TaskSpec,
     build_task_specs,
     parse_task_option,
     run_tasks,
@@ -53,7 +54,7 @@ classes = ["cat", "sofa", "background"]
 [refer]
 text = "the cup left of the laptop"
 [[task]]
-task = "zsdense.engine.dummy:spec"
+task = "engine_dummy:spec"
 name = "dummy"
 sleep = 0.0
 """
@@ -63,7 +64,7 @@ sleep = 0.0
         {"task": "anomaly", "preset": "crane", "object": "screw"},
         {"task": "openvocab", "preset": "trident", "classes": ["cat", "sofa", "background"]},
         {"task": "refer", "text": "the cup left of the laptop"},
-        {"task": "zsdense.engine.dummy:spec", "name": "dummy", "sleep": 0.0},
+        {"task": "engine_dummy:spec", "name": "dummy", "sleep": 0.0},
     ]
     with pytest.raises(ConfigError, match="unknown table"):
         tasks_from_mapping({"anomly": {}})
@@ -81,7 +82,7 @@ sleep = 0.0
 
 def test_build_specs_rejects_duplicates_and_missing_options(seg):
     with pytest.raises(ConfigError, match="given twice"):
-        build_task_specs(seg, [{"task": "zsdense.engine.dummy:spec", "name": "a"}] * 2)
+        build_task_specs(seg, [{"task": "engine_dummy:spec", "name": "a"}] * 2)
     with pytest.raises(ConfigError, match="needs classes"):
         build_task_specs(seg, [{"task": "openvocab"}])
     with pytest.raises(ConfigError, match="cannot import"):
@@ -136,7 +137,7 @@ def test_real_tiny_heads_share_sam_and_every_encoder_once(tmp_path, seg):
     specs = build_task_specs(
         seg,
         [
-            {"task": "openvocab", "classes": ["cat", "sofa", "background"]},
+            {"task": "openvocab", "classes": ["cat", "sofa", "background"], "save_probs": True},
             {"task": "refer", "text": "the cat on the left"},
         ],
         fmt="npy",
@@ -166,15 +167,15 @@ def test_run_tasks_api_shares_the_context(seg):
         seg,
         ctx,
         [
-            {"task": "zsdense.engine.dummy:spec", "name": "one", "encoder": "e"},
-            {"task": "zsdense.engine.dummy:spec", "name": "two", "encoder": "e"},
+            {"task": "engine_dummy:spec", "name": "one", "encoder": "e"},
+            {"task": "engine_dummy:spec", "name": "two", "encoder": "e"},
         ],
     )
     assert set(res) == {"one", "two"}
     assert ctx.computed[("e",)] == 1
     np.testing.assert_array_equal(res["one"]["map"], res["two"]["map"])
     with pytest.raises(ConfigError, match="twice"):
-        run_tasks(seg, img, ["zsdense.engine.dummy:spec", "zsdense.engine.dummy:spec"])
+        run_tasks(seg, img, ["engine_dummy:spec", "engine_dummy:spec"])
 
 
 # ---- CLI -----------------------------------------------------------------------------------
@@ -184,8 +185,8 @@ def test_cli_run_with_config_file(tmp_path):
     make_images(tmp_path / "d", 3)
     (tmp_path / "run.toml").write_text(
         "[run]\nbatch_size = 2\n"
-        '[[task]]\ntask = "zsdense.engine.dummy:spec"\nname = "a"\nencoder = "e"\n'
-        '[[task]]\ntask = "zsdense.engine.dummy:spec"\nname = "b"\nencoder = "e"\n'
+        '[[task]]\ntask = "engine_dummy:spec"\nname = "a"\nencoder = "e"\n'
+        '[[task]]\ntask = "engine_dummy:spec"\nname = "b"\nencoder = "e"\n'
         'fmt = "npy"\n'
     )
     r = subprocess.run(

@@ -17,10 +17,10 @@ from zsdense.engine.local import (
     records_without_timing,
     run_batch,
 )
-from zsdense.engine.multitask import build_task_specs
 from zsdense.engine.ray_runner import SegmentBatch, decode_item, item_row, ray_available
+from zsdense.engine.specs import build_task_specs
 
-TASKS = [{"task": "zsdense.engine.dummy:spec", "name": "dummy", "fmt": "npy"}]
+TASKS = [{"task": "engine_dummy:spec", "name": "dummy", "fmt": "npy"}]
 
 
 def make_images(folder: Path, n: int) -> None:

@@ -6,10 +6,10 @@ import re
 from html.parser import HTMLParser
 
 import numpy as np
+from engine_dummy import spec as dummy_spec
 from PIL import Image
 
 from zsdense.api import Segmenter
-from zsdense.engine.dummy import spec as dummy_spec
 from zsdense.engine.local import items_from_data, load_records, run_batch
 from zsdense.engine.report import render_report
 

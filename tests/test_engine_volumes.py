@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from engine_dummy import spec as dummy_spec
 
 from zsdense.api import Segmenter
-from zsdense.engine.dummy import spec as dummy_spec
 from zsdense.engine.local import items_from_data, load_records, run_batch
 from zsdense.engine.volumes import volume_from_slices
 
@@ -116,7 +116,7 @@ def test_16bit_tiff_stack_pages_become_images(tmp_path, seg):
         seen.extend(float(c.image[1, 1, 0]) for c in ctxs)
         return sp.run(ctxs, params)
 
-    from zsdense.engine.local import TaskSpec
+    from zsdense.engine.specs import TaskSpec
 
     items = items_from_data([tmp_path / "d"])
     s = run_batch(seg, items, tmp_path / "out", [TaskSpec("d", run, sp.write)], progress=False)

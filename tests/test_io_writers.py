@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pytest
@@ -12,7 +12,14 @@ from PIL import Image
 
 from zsdense.errors import InputError
 from zsdense.io import manifest as manifest_mod
-from zsdense.io.manifest import Manifest, is_complete, record_error, record_key, record_ok
+from zsdense.io.manifest import (
+    Manifest,
+    WorkItem,
+    base_record,
+    error_record,
+    is_complete,
+    record_key,
+)
 from zsdense.io.writers import (
     atomic_path,
     jet_colors,
@@ -278,6 +285,20 @@ def test_rle_and_json_are_strict(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------- manifest
 
 
+def record_ok(path: str, suffix: str = "", **fields) -> dict:
+    """An ``ok`` record as the engines write it (base fields + status + the given fields)."""
+    item = WorkItem(key=path, path=Path(path), rel=PurePosixPath(path))
+    rec = base_record(item, suffix, ["t"], 1)
+    rec.update(status="ok", error=None, outputs={}, scores={}, meta={})
+    rec.update(fields)
+    return rec
+
+
+def record_error(path: str, exc: BaseException, suffix: str = "") -> dict:
+    item = WorkItem(key=path, path=Path(path), rel=PurePosixPath(path))
+    return error_record(item, suffix, ["t"], 1, exc)
+
+
 def test_manifest_append_load_last_wins_and_partial_line(tmp_path: Path) -> None:
     man = Manifest(tmp_path / "out" / "results.jsonl")
     assert man.load() == {}
@@ -312,20 +333,9 @@ def test_record_helpers_and_completeness(tmp_path: Path) -> None:
         "in/sub/x.png",
         outputs={"mask": "sub/x.mask.png", "map": str(out / "m")},
         timing={"total_s": 0.1},
-        warnings=["tiny model"],
     )
     assert rec["key"] == "in/sub/x.png" and rec["status"] == "ok" and rec["error"] is None
-    assert set(rec) >= {
-        "input",
-        "key",
-        "status",
-        "error",
-        "outputs",
-        "scores",
-        "meta",
-        "timing",
-        "warnings",
-    }
+    assert set(rec) >= {"input", "key", "item", "suffix", "status", "error", "outputs", "tasks"}
     man = Manifest(out / "results.jsonl")
     assert not man.is_complete(rec)  # map missing
     (out / "m").write_bytes(b"")

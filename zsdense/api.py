@@ -17,9 +17,12 @@ from __future__ import annotations
 import sys
 from typing import Any, Sequence
 
-import numpy as np
-
-from zsdense.config import RuntimeConfig
+from zsdense.config import (
+    DEFAULT_ANOMALY_PRESET,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_OPENVOCAB_PRESET,
+    RuntimeConfig,
+)
 from zsdense.context import ImageContext
 
 TINY_WARNING = "zsdense: models='{}' uses random weights: results are NOT meaningful"
@@ -35,7 +38,7 @@ class Segmenter:
         precision: str = "auto",
         weights_dir: str | None = None,
         download: bool | None = None,
-        batch_size: int = 4,
+        batch_size: int = DEFAULT_BATCH_SIZE,
         max_pixels: int | None = None,
         **kwargs: Any,
     ) -> None:
@@ -165,7 +168,11 @@ class Segmenter:
 
     # ---- tasks ------------------------------------------------------------------------------
     def anomaly(
-        self, image: Any, object_name: str | None = None, preset: str = "crane", **options: Any
+        self,
+        image: Any,
+        object_name: str | None = None,
+        preset: str = DEFAULT_ANOMALY_PRESET,
+        **options: Any,
     ):
         """Anomaly map, mask and image score for one image (see ``anomaly_batch``)."""
         return self.anomaly_batch([image], object_name=object_name, preset=preset, **options)[0]
@@ -174,7 +181,7 @@ class Segmenter:
         self,
         images: Sequence[Any],
         object_name: str | None = None,
-        preset: str = "crane",
+        preset: str = DEFAULT_ANOMALY_PRESET,
         **options: Any,
     ) -> list:
         """Anomaly results for several images, batched through the encoders. ``preset='musc'``
@@ -186,7 +193,11 @@ class Segmenter:
         )
 
     def open_vocab(
-        self, image: Any, classes: Sequence[str] | str, preset: str = "trident", **options: Any
+        self,
+        image: Any,
+        classes: Sequence[str] | str,
+        preset: str = DEFAULT_OPENVOCAB_PRESET,
+        **options: Any,
     ):
         """Label map over ``classes``.
 
@@ -201,7 +212,7 @@ class Segmenter:
         self,
         images: Sequence[Any],
         classes: Sequence[str] | str,
-        preset: str = "trident",
+        preset: str = DEFAULT_OPENVOCAB_PRESET,
         **options: Any,
     ) -> list:
         from zsdense.tasks.openvocab import run_open_vocab
@@ -227,15 +238,18 @@ class Segmenter:
         """Several heads on one image with one shared encoder pass: ``{task name: result}``.
 
         ``tasks``: e.g. ``["anomaly", {"task": "openvocab", "classes": ["cat", "sofa"]},
-        {"task": "refer", "text": "the cat on the left"}]`` (see ``zsdense.engine.multitask``).
+        {"task": "refer", "text": "the cat on the left"}]`` (see ``zsdense.engine.specs``).
         """
-        from zsdense.engine.multitask import run_tasks
+        from zsdense.engine.specs import run_tasks
 
         return run_tasks(self, image, tasks)
 
 
 def segment_anomalies(
-    images: Sequence[Any], object_name: str | None = None, preset: str = "crane", **kwargs: Any
+    images: Sequence[Any],
+    object_name: str | None = None,
+    preset: str = DEFAULT_ANOMALY_PRESET,
+    **kwargs: Any,
 ) -> list:
     """One call: anomaly results for a list of images (``Segmenter`` kwargs accepted)."""
     seg_kw, opts = _split_kwargs(kwargs)
@@ -243,7 +257,10 @@ def segment_anomalies(
 
 
 def segment_open_vocab(
-    images: Sequence[Any], classes: Sequence[str] | str, preset: str = "trident", **kwargs: Any
+    images: Sequence[Any],
+    classes: Sequence[str] | str,
+    preset: str = DEFAULT_OPENVOCAB_PRESET,
+    **kwargs: Any,
 ) -> list:
     """One call: open-vocabulary label maps for a list of images."""
     seg_kw, opts = _split_kwargs(kwargs)
@@ -272,10 +289,3 @@ _SEGMENTER_KW = (
 def _split_kwargs(kwargs: dict) -> tuple[dict, dict]:
     seg = {k: kwargs.pop(k) for k in list(kwargs) if k in _SEGMENTER_KW}
     return seg, kwargs
-
-
-def as_numpy(x: Any) -> np.ndarray:
-    """Tensor or array -> numpy (CPU, detached)."""
-    if hasattr(x, "detach"):
-        return x.detach().float().cpu().numpy()
-    return np.asarray(x)

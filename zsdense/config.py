@@ -14,7 +14,8 @@ from zsdense.errors import ConfigError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-MAX_PIXELS = 200_000_000
+MAX_PIXELS = 200_000_000  # --max-pixels: larger images are refused (decompression bombs)
+DEFAULT_BATCH_SIZE = 4  # images per encoder batch
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class RuntimeConfig:
     models: str = "default"  # default (real weights) | tiny (random weights, tests and smoke runs)
     weights_dir: str | None = None  # --weights-dir / $ZSDENSE_WEIGHTS
     download: bool | None = None  # None: allowed unless ZSDENSE_OFFLINE / HF_HUB_OFFLINE is set
-    batch_size: int = 4
+    batch_size: int = DEFAULT_BATCH_SIZE
     max_pixels: int = MAX_PIXELS
 
     def __post_init__(self) -> None:
@@ -68,7 +69,7 @@ def pick_preset(table: dict[str, Any], name: str, what: str) -> Any:
 
 
 # --- anomaly ---
-ANOMALY_PROMPT_SOURCES = ("learned", "ensemble")  # or a checkpoint name / .pth file path
+DEFAULT_ANOMALY_PRESET = "crane"
 ANOMALY_DEFAULT_THRESHOLD = 0.5  # on the anomaly probability map, when nothing else is given
 
 
@@ -134,7 +135,7 @@ ANOMALY_PRESETS: dict[str, AnomalyPreset] = {
 # --- end anomaly ---
 
 # --- openvocab ---
-OPENVOCAB_METHODS = ("trident", "proxyclip", "sclip", "clearclip", "naclip")
+DEFAULT_OPENVOCAB_PRESET = "trident"
 
 
 @dataclass(frozen=True)
@@ -299,7 +300,7 @@ def openvocab_preset(
                 f"unknown dataset preset {dataset!r}; "
                 f"choose one of: {', '.join(OPENVOCAB_DATASETS)}"
             )
-        base = replace(base, **OPENVOCAB_DATASET_PRESETS[base.method].get(dataset, {}))
+        base = replace(base, **OPENVOCAB_DATASET_PRESETS.get(base.method, {}).get(dataset, {}))
     return with_overrides(base, **overrides)
 
 

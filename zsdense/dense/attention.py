@@ -13,7 +13,6 @@ Layouts: tokens batch-first ``(B, N, C)``; per-head tensors ``(B, H, N, d)`` wit
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -155,22 +154,6 @@ def dual_attention_heads(
     if with_plain:
         return out[0], out[1:].sum(dim=0)
     return None, out.sum(dim=0)
-
-
-def correlation_attention_output(
-    block_weights,
-    x_ln_bnc: torch.Tensor,
-    attn_type: str = "qq+kk+vv",
-    *,
-    qkv: Sequence[torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """out_proj(A · v) with A from :func:`self_correlation_attention`: (B, N, C).
-
-    ``qkv`` may pass precomputed ``qkv_heads`` output to avoid a second in-projection.
-    """
-    q, k, v = qkv if qkv is not None else qkv_heads(block_weights, x_ln_bnc)
-    _, y = dual_attention_heads(q, k, v, attn_type, with_plain=False)
-    return out_proj(block_weights, merge_heads(y))
 
 
 def vfm_guided_attention(

@@ -19,6 +19,7 @@ Formulas (``s = head_dim^-0.5``, q/k/v from ``in_proj(ln_1(x))`` per head):
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -31,9 +32,9 @@ from zsdense.dense.attention import (
     split_heads,
     vfm_guided_attention,
 )
+from zsdense.dense.methods import register_method
 from zsdense.errors import ConfigError
 
-CLIP_ONLY_VARIANTS = ("sclip", "clearclip", "naclip")
 POS_MODE = "bicubic-scale"  # positional-embedding resize of every open-vocab reference
 
 
@@ -174,17 +175,13 @@ def dense_clip_features(
     over D when ``normalize``.
     """
     x, (gh, gw) = clip_last_block_input(clip, x_norm_bchw)
-    bw = clip.block(clip.num_layers - 1)
-    if variant == "sclip":
-        y = sclip_last_block(bw, x)
-    elif variant == "clearclip":
-        y = clearclip_last_block(bw, x)
-    elif variant == "naclip":
-        y = naclip_last_block(bw, x, (gh, gw), sigma)
-    else:
+    try:
+        last_block = CLIP_LAST_BLOCKS[variant]
+    except KeyError:
         raise ConfigError(
-            f"unknown CLIP-only variant {variant!r}; choose one of {CLIP_ONLY_VARIANTS}"
-        )
+            f"unknown CLIP-only variant {variant!r}; choose one of {', '.join(CLIP_LAST_BLOCKS)}"
+        ) from None
+    y = last_block(clip.block(clip.num_layers - 1), x, (gh, gw), sigma)
     t = clip.head(y)[:, 1:]  # (B, N, D)
     if normalize:
         t = F.normalize(t, dim=-1)
@@ -206,3 +203,46 @@ def proxy_clip_tokens(
     return proxyclip_last_block(
         bw, x, grid, vfm_bchw, beta=beta, gamma=gamma, mean_scope=mean_scope
     )
+
+
+# CLIP-only last blocks: (block weights, tokens (B, 1+N, C), grid, sigma) -> (B, 1+N, C)
+CLIP_LAST_BLOCKS: dict[str, Callable] = {
+    "sclip": lambda bw, x, grid, sigma: sclip_last_block(bw, x),
+    "clearclip": lambda bw, x, grid, sigma: clearclip_last_block(bw, x),
+    "naclip": lambda bw, x, grid, sigma: naclip_last_block(bw, x, grid, sigma),
+}
+
+
+def _clip_only_features(variant: str) -> Callable:
+    def features(clip, x_norm_bchw, cfg, vfm_fn=None):  # noqa: ARG001 - no VFM
+        return dense_clip_features(clip, x_norm_bchw, variant, sigma=cfg.naclip_sigma).float()
+
+    return features
+
+
+def proxyclip_features(clip, x_norm_bchw, cfg, vfm_fn) -> torch.Tensor:
+    """ProxyCLIP window features (B, D, h_vfm, w_vfm), L2-normalised, on the VFM grid."""
+    vf = vfm_fn(x_norm_bchw)
+    tok = proxy_clip_tokens(
+        clip, x_norm_bchw, vf.to(x_norm_bchw.dtype), beta=cfg.beta, gamma=cfg.gamma
+    )
+    f = F.normalize(clip.head(tok).float(), dim=-1)
+    return f.transpose(1, 2).reshape(x_norm_bchw.shape[0], -1, vf.shape[-2], vf.shape[-1])
+
+
+for _name, _desc, _ref in (
+    ("sclip", "correlative self-attention (q-q + k-k) in the last block", "SCLIP, 2024"),
+    ("clearclip", "q-q attention, no residual, no feed-forward", "ClearCLIP, ECCV 2024"),
+    ("naclip", "k-k attention + Gaussian neighbourhood, no residual/FFN", "NACLIP, WACV 2025"),
+):
+    register_method(
+        _name, _clip_only_features(_name), description=_desc, reference=_ref, replace_existing=True
+    )
+register_method(
+    "proxyclip",
+    proxyclip_features,
+    needs_vfm=True,
+    description="DINOv2 patch similarity as CLIP's last-block attention",
+    reference="ProxyCLIP, ECCV 2024",
+    replace_existing=True,
+)

@@ -20,8 +20,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from zsdense.errors import ConfigError
-
 PAD_MULTIPLE = 56  # lcm of the CLIP (8/16) and DINO (14) patch sizes, as ProxyCLIP pads
 
 
@@ -203,10 +201,3 @@ def splice_logits(
         canvas[:, y1:y2, x1:x2] += lg[:, t : t + (y2 - y1), left : left + (x2 - x1)]
         count[:, y1:y2, x1:x2] += 1
     return canvas / count
-
-
-def check_window_size(crop: int, *patches: int) -> None:
-    """Splice-then-segment needs unpadded windows: ``crop`` divisible by every patch size."""
-    for p in patches:
-        if crop % p:
-            raise ConfigError(f"crop {crop} is not a multiple of the patch size {p}")

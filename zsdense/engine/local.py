@@ -35,43 +35,25 @@ import numpy as np
 
 from zsdense.config import ENGINE
 from zsdense.context import ImageContext
-from zsdense.errors import InputError, ZsdenseError
+from zsdense.engine.report import write_report
+from zsdense.engine.specs import TaskSpec
+from zsdense.engine.volumes import write_volume_maps
+from zsdense.errors import ConfigError, InputError, ZsdenseError
+from zsdense.io import list_inputs, read_image_records, to_float_rgb
+from zsdense.io.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    WorkItem,
+    base_record,
+    clean_orphan_temp_files,
+    compact_manifest,
+    error_record,
+    out_stem,
+    plan_run,
+)
+from zsdense.io.writers import to_jsonable
 
 log = logging.getLogger("zsdense")
-
-MANIFEST_NAME = "results.jsonl"
-REPORT_NAME = "report.html"
-
-
-@dataclass(frozen=True)
-class WorkItem:
-    """One unit of work: an image file (and, for referring queries, the query's params).
-
-    ``stem`` (optional) is the output stem chosen by :func:`zsdense.io.list_inputs` when two
-    inputs would collide (``x.png`` and ``x.jpg``); ``None`` means ``rel`` without extension.
-    """
-
-    key: str  # unique manifest key: the mirrored relative path (+ "#id" for queries)
-    path: Path
-    rel: PurePosixPath  # relative path that is mirrored under --out
-    params: dict = field(default_factory=dict, hash=False, compare=False)
-    stem: PurePosixPath | None = field(default=None, compare=False)
-
-
-@dataclass
-class TaskSpec:
-    """A head bound to its options.
-
-    ``run(ctxs, params)`` returns one result per context (same order). ``write(result, ctx,
-    out_stem, params)`` writes the result's files next to ``out_stem`` and returns
-    ``{"outputs": {name: path}, "scores": {...}, "meta": {...}}``. ``group="all"`` hands the
-    whole set of readable images to ``run`` at once (batch-level methods such as ``musc``).
-    """
-
-    name: str
-    run: Callable[[list[ImageContext], list[dict]], list[Any]]
-    write: Callable[[Any, ImageContext, Path, dict], dict]
-    group: str = "batch"
 
 
 @dataclass
@@ -113,8 +95,6 @@ class RunSummary:
 
 def items_from_data(data: Sequence[str | Path]) -> list[WorkItem]:
     """Files, folders (recursed) and globs -> work items whose keys mirror the input tree."""
-    from zsdense.io import list_inputs
-
     return [
         WorkItem(key=str(it.rel), path=it.path, rel=it.rel, stem=it.stem)
         for it in list_inputs(data)
@@ -129,8 +109,6 @@ def _pages_of_tiff(path: Path, first, max_pixels: int | None):
     the same divisor when the reader used a fixed one (``/65535``, ``/4095``...).
     """
     import tifffile
-
-    from zsdense.io import to_float_rgb
 
     with tifffile.TiffFile(path) as tif:
         pages = list(tif.pages)
@@ -171,8 +149,6 @@ def _pages_of_tiff(path: Path, first, max_pixels: int | None):
 
 def read_units(item: WorkItem, max_pixels: int | None) -> list[tuple[str, ImageContext]]:
     """Decode an item into ``(record suffix, context)`` pairs (one per frame/slice/page)."""
-    from zsdense.io import read_image_records
-
     records = read_image_records(item.path, max_pixels=max_pixels)
     out: list[tuple[str, ImageContext]] = []
     if len(records) == 1 and int(records[0].meta.get("pages_in_file", 1) or 1) > 1:
@@ -194,29 +170,74 @@ def _read(item: WorkItem, max_pixels: int | None, reader=None):
         return exc
 
 
-def error_message(exc: BaseException) -> str:
-    """One-line message for the manifest: a ZsdenseError's own text, else ``Type: text``."""
-    if isinstance(exc, ZsdenseError):
-        return str(exc)
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}"
+_ID_RE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
-_message = error_message  # backward-compatible alias
+def _safe_id(value: Any) -> str:
+    text = _ID_RE.sub("_", str(value)).strip("._")
+    return text or "q"
 
 
-def out_stem(out_dir: Path, item: WorkItem, suffix: str = "", task: str | None = None) -> Path:
-    """``out/<rel without extension><suffix>[.<query id>][.<task>]``."""
-    from zsdense.io.inputs import strip_extension
+def load_queries(path: str | Path) -> list[dict]:
+    """Read a JSONL file of {"image", "text", optional "id"} lines.
 
-    stem = item.stem if item.stem is not None else strip_extension(item.rel)
-    parts = [p for p in stem.parts if p not in ("", ".", "..")] or ["image"]
-    name = parts[-1] + suffix
-    if "#" in item.key:
-        name += "." + item.key.split("#", 1)[1]
-    if task:
-        name += "." + task
-    return Path(out_dir).joinpath(*parts[:-1], name)
+    Relative image paths are resolved against the JSONL file's folder. Ids default to the line
+    number; they are made file-name safe and must be unique. Blank lines are skipped. A line that
+    is not a JSON object with a non-empty "image" and "text" is a ConfigError naming the line.
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the queries file ({exc.strerror or exc})") from None
+    out: list[dict] = []
+    seen: set[str] = set()
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
+        if not isinstance(obj, dict):
+            raise ConfigError(f'{path}:{n}: expected an object like {{"image": ..., "text": ...}}')
+        image, text = obj.get("image"), obj.get("text")
+        if not isinstance(image, str) or not image.strip():
+            raise ConfigError(f'{path}:{n}: missing "image" (a path to the image)')
+        if not isinstance(text, str) or not text.strip():
+            raise ConfigError(f'{path}:{n}: missing "text" (the referring expression)')
+        qid = _safe_id(obj.get("id", n))
+        if qid in seen:
+            raise ConfigError(f"{path}:{n}: duplicate query id {qid!r}")
+        seen.add(qid)
+        img = Path(image).expanduser()
+        if not img.is_absolute():
+            img = path.parent / img
+        out.append({"image": img, "text": text, "id": qid, "line": n})
+    if not out:
+        raise ConfigError(f"{path}: no queries in the file")
+    return out
+
+
+def items_from_queries(queries: list[dict], base: Path) -> list:
+    """Queries -> WorkItems with params {"text", "id", "image"}; keys ``<rel>#<id>`` so the
+    output stem is ``<rel without extension>.<id>``."""
+    items = []
+    for q in queries:
+        img: Path = q["image"]
+        try:
+            rel = PurePosixPath(img.resolve().relative_to(base.resolve()).as_posix())
+        except ValueError:
+            rel = PurePosixPath(img.name)
+        items.append(
+            WorkItem(
+                key=f"{rel}#{q['id']}",
+                path=img,
+                rel=rel,
+                params={"text": q["text"], "id": q["id"], "image": str(img)},
+            )
+        )
+    return items
 
 
 # ---- progress ----------------------------------------------------------------------------
@@ -268,166 +289,7 @@ def _fmt_eta(s: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-# ---- manifest bookkeeping ----------------------------------------------------------------
-
-
-def _output_paths(outputs) -> list[str]:
-    if isinstance(outputs, dict):
-        return [p for v in outputs.values() for p in _output_paths(v)]
-    if isinstance(outputs, (list, tuple)):
-        return [p for v in outputs for p in _output_paths(v)]
-    return [outputs] if isinstance(outputs, str) else []
-
-
-def record_complete(record: dict, out_dir: Path) -> bool:
-    """``ok`` and every output file it names exists (paths are relative to ``out_dir``;
-    outputs may be nested per task)."""
-    if record.get("status") != "ok":
-        return False
-    return all((Path(out_dir) / p).is_file() for p in _output_paths(record.get("outputs", {})))
-
-
-def _item_of(rec: dict) -> str:
-    return str(rec.get("item", rec.get("key")))
-
-
-@dataclass
-class Plan:
-    """What a run has to do, after reading the manifest of earlier runs."""
-
-    todo: list[WorkItem]
-    done_keys: set[str]  # record keys that are settled and must not be recomputed
-    skipped: int  # settled records of items not in ``todo`` (+ inside todo items: see run)
-    skipped_failed: int
-    previous: dict[str, dict]  # key -> last record
-
-
-def plan_run(items: Sequence[WorkItem], out_dir: Path, *, force: bool, retry_errors: bool) -> Plan:
-    """Which items to (re)process: an item is settled when it holds all its records (a volume
-    holds one per slice) and each one is complete-``ok`` or (without ``retry_errors``) ``error``.
-    Inside an unsettled item, settled records are not recomputed either."""
-    from zsdense.io import Manifest
-
-    previous = {} if force else Manifest(Path(out_dir) / MANIFEST_NAME).load()
-    by_item: dict[str, list[dict]] = {}
-    for rec in previous.values():
-        by_item.setdefault(_item_of(rec), []).append(rec)
-    todo: list[WorkItem] = []
-    done_keys: set[str] = set()
-    skipped = skipped_failed = 0
-    for it in items:
-        recs = by_item.get(it.key, [])
-        settled = []
-        for r in recs:
-            if record_complete(r, out_dir) or (r.get("status") == "error" and not retry_errors):
-                settled.append(r)
-        expected = max([int(r.get("item_records", 1) or 1) for r in recs] or [0])
-        if recs and len(settled) == len(recs) and len(recs) >= expected:
-            skipped += len(recs)
-            skipped_failed += sum(r.get("status") != "ok" for r in recs)
-            continue
-        # an item-level error (unreadable file) is redone as a whole when the item is redone
-        done_keys.update(
-            r["key"] for r in settled if r.get("suffix", "") != "" or r.get("status") == "ok"
-        )
-        todo.append(it)
-    return Plan(todo, done_keys, skipped, skipped_failed, previous)
-
-
-def compact_manifest(path: Path, order: Sequence[str] = ()) -> int:
-    """Rewrite the manifest atomically with the last record per key: records of items in
-    ``order`` first (that order, records of one item in file order), then the rest in file order.
-    Drops torn lines left by a crash. Returns the number of records."""
-    from zsdense.io import Manifest, atomic_path
-    from zsdense.io.writers import dumps_strict
-
-    path = Path(path)
-    if not path.exists():
-        return 0
-    last = Manifest(path).load()  # dict: first-insertion order of keys, last value wins
-    rank = {k: i for i, k in enumerate(order)}
-    keyed = list(last.items())
-    keyed.sort(key=lambda kv: (rank.get(_item_of(kv[1]), len(rank)),))  # stable
-    text = "".join(dumps_strict(rec) + "\n" for _k, rec in keyed)
-    with atomic_path(path, fsync=True) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return len(keyed)
-
-
-_TMP_RE = re.compile(r"^\..+\.tmp-(\d+)-[0-9a-f]{8}(\.[^.]*)?$")
-
-
-def clean_orphan_temp_files(out_dir: Path, max_age_s: float = ENGINE.orphan_temp_max_age_s) -> int:
-    """Remove temporary files of atomic writes killed before their rename.
-
-    A temp file (``.<name>.tmp-<pid>-<hex><ext>``) is an orphan when its writer process is gone,
-    or when it is older than ``max_age_s`` (pids are reused). Returns how many were removed.
-    """
-    removed = 0
-    now = time.time()
-    for dirpath, _dirs, files in os.walk(out_dir):
-        for name in files:
-            m = _TMP_RE.match(name)
-            if not m:
-                continue
-            p = Path(dirpath) / name
-            pid = int(m.group(1))
-            try:
-                stale = not _pid_alive(pid) or now - p.stat().st_mtime > max_age_s
-                if stale and pid != os.getpid():
-                    p.unlink()
-                    removed += 1
-            except FileNotFoundError:
-                pass
-    return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OSError:
-        return False
-    return True
-
-
-# ---- records -----------------------------------------------------------------------------
-
-
-def base_record(item: WorkItem, suffix: str, tasks: Sequence[TaskSpec], n_units: int) -> dict:
-    return {
-        "key": item.key + suffix,
-        "item": item.key,
-        "input": str(item.path),
-        "rel": str(item.rel),
-        "suffix": suffix,
-        "item_records": n_units,
-        "params": dict(item.params),
-        "tasks": [t.name for t in tasks],
-    }
-
-
-def error_record(item, suffix, tasks, n_units, exc: BaseException, meta=None) -> dict:
-    rec = base_record(item, suffix, tasks, n_units)
-    rec.update(
-        status="error",
-        error=error_message(exc),
-        error_type=type(exc).__name__,
-        outputs={},
-        scores={},
-        meta={"image": meta or {}},
-    )
-    return rec
-
-
 def _jsonable_meta(meta: dict) -> dict:
-    from zsdense.io.writers import to_jsonable
-
     out = {}
     for k, v in meta.items():
         try:
@@ -486,6 +348,7 @@ def process_units(
     out_dir = Path(out_dir)
     n = len(units)
     multi = len(tasks) > 1
+    names = [t.name for t in tasks]
     results: dict[str, list[Any]] = {}
     failures: dict[int, BaseException] = {}
     task_secs = [0.0] * n
@@ -531,12 +394,12 @@ def process_units(
         it, suffix, ctx, n_units = unit[0], unit[1], unit[2], unit[3]
         meta = _jsonable_meta(ctx.meta)
         if i in failures:
-            emit(error_record(it, suffix, tasks, n_units, failures[i], meta))
+            emit(error_record(it, suffix, names, n_units, failures[i], meta))
             if release:
                 ctx.release()
             continue
         t0 = time.perf_counter()
-        rec = base_record(it, suffix, tasks, n_units)
+        rec = base_record(it, suffix, names, n_units)
         try:
             outputs: dict = {}
             scores: dict = {}
@@ -553,7 +416,7 @@ def process_units(
                     scores = got.get("scores", {})
                     res_meta = got.get("meta", {})
         except Exception as exc:  # noqa: BLE001
-            emit(error_record(it, suffix, tasks, n_units, exc, meta))
+            emit(error_record(it, suffix, names, n_units, exc, meta))
             if release:
                 ctx.release()
             continue
@@ -600,17 +463,16 @@ def run_batch(
     ``report.html``; ``volume_maps`` stacks the float maps of each NIfTI volume back into
     ``<stem>[.<task>].map.nii.gz`` with the input's affine.
     """
-    from zsdense.io import Manifest
-
     t_start = time.perf_counter()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     tasks = list(tasks)
     if not tasks:
         raise ZsdenseError("no task to run")
+    out_dir = prepare_out_dir(out_dir)
+    plan = plan_run(items, out_dir, force=force, retry_errors=retry_errors)
+    if plan.todo:
+        setup_tasks(tasks)  # missing weights etc. fail here: exit 2, nothing written
     clean_orphan_temp_files(out_dir)
     manifest = Manifest(out_dir / MANIFEST_NAME)
-    plan = plan_run(items, out_dir, force=force, retry_errors=retry_errors)
     summary = RunSummary(skipped=plan.skipped)
     summary.failed += plan.skipped_failed
     todo = plan.todo
@@ -658,7 +520,7 @@ def run_batch(
         old_handler = signal.signal(signal.SIGINT, on_sigint)
 
     pool = ThreadPoolExecutor(max_workers=max(1, read_workers), thread_name_prefix="zsdense-read")
-    batches = [todo[i : i + read_batch] for i in range(0, len(todo), read_batch)]
+    batches = image_batches(todo, read_batch)
     processed_items = 0
     try:
         futures: list[list[Future]] = []
@@ -684,7 +546,7 @@ def run_batch(
                     counted.add(id(fut))
                     add_time("read", secs)
                 if isinstance(got, Exception):
-                    emit(error_record(it, "", tasks, 1, got))
+                    emit(error_record(it, "", [t.name for t in tasks], 1, got))
                     continue
                 for suffix, ctx in got:
                     if it.key + suffix in plan.done_keys:
@@ -715,6 +577,44 @@ def run_batch(
     return summary
 
 
+def prepare_out_dir(out_dir: str | Path) -> Path:
+    """Create ``out_dir`` and check that files can be written there (a setup error otherwise)."""
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".zsdense-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot write to the output folder {out_dir}: {exc.strerror or exc}; "
+            "choose another --out"
+        ) from None
+    return out_dir
+
+
+def setup_tasks(tasks: Sequence[TaskSpec]) -> None:
+    """Run every task's ``setup`` (load models, weights, prompts) before the first input.
+
+    A failure here is a setup error of the whole run (raised: the CLI exits 2 with its message),
+    not a failure of each input."""
+    for task in tasks:
+        if task.setup is not None:
+            task.setup()
+
+
+def image_batches(items: Sequence[WorkItem], n_images: int) -> list[list[WorkItem]]:
+    """Batches of ``n_images`` distinct input files; every item of one file (the queries on one
+    image) lands in the same batch, so the file is decoded once and its encoder outputs (SAM,
+    mask features) computed once for all of them. Files keep their first-appearance order."""
+    groups: dict[str, list[WorkItem]] = {}
+    for it in items:
+        groups.setdefault(str(it.path), []).append(it)
+    paths = list(groups)
+    n = max(1, int(n_images))
+    return [[it for p in paths[i : i + n] for it in groups[p]] for i in range(0, len(paths), n)]
+
+
 def finish_run(
     out_dir: Path,
     items: Sequence[WorkItem],
@@ -732,15 +632,11 @@ def finish_run(
         log.warning("could not compact %s: %s", path, exc)
     if volume_maps and not summary.interrupted:
         try:
-            from zsdense.engine.volumes import write_volume_maps
-
             summary.extra_outputs.extend(write_volume_maps(out_dir, items))
         except Exception as exc:  # noqa: BLE001
             print(f"zsdense: warning: volume maps not written: {exc}", file=sys.stderr)
     if report:
         try:
-            from zsdense.engine.report import write_report
-
             summary.extra_outputs.append(write_report(out_dir))
         except Exception as exc:  # noqa: BLE001
             print(f"zsdense: warning: report.html not written: {exc}", file=sys.stderr)
@@ -754,8 +650,6 @@ def _timed_read(item: WorkItem, max_pixels: int | None, reader=None):
 
 def load_records(out_dir: str | Path) -> list[dict]:
     """Every record of ``results.jsonl`` (last per key, file order)."""
-    from zsdense.io import Manifest
-
     return list(Manifest(Path(out_dir) / MANIFEST_NAME).load().values())
 
 
@@ -777,8 +671,3 @@ def _free_accelerator_memory() -> None:
             torch.cuda.empty_cache()
     except Exception:  # pragma: no cover - best effort
         pass
-
-
-def iter_chunks(seq: Sequence, n: int) -> Iterable[Sequence]:
-    for i in range(0, len(seq), n):
-        yield seq[i : i + n]

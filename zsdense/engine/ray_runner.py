@@ -23,20 +23,28 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from zsdense.config import DEFAULT_BATCH_SIZE, MAX_PIXELS
 from zsdense.context import ImageContext
 from zsdense.engine.local import (
-    MANIFEST_NAME,
     RunSummary,
-    WorkItem,
+    _jsonable_meta,
     _Progress,
-    clean_orphan_temp_files,
-    error_message,
     finish_run,
-    plan_run,
     process_units,
     read_units,
 )
+from zsdense.engine.specs import build_task_specs, parse_task_option
 from zsdense.errors import ConfigError, DependencyError
+from zsdense.io.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    WorkItem,
+    clean_orphan_temp_files,
+    error_message,
+    error_record,
+    plan_run,
+)
+from zsdense.io.writers import dumps_strict
 
 
 def _require_ray():
@@ -121,7 +129,6 @@ def decode_item(row: dict, max_pixels: int | None = None) -> list[dict]:
 
 
 def _jsonable(meta: dict) -> dict:
-    from zsdense.engine.local import _jsonable_meta
 
     return _jsonable_meta(meta)
 
@@ -152,8 +159,6 @@ class SegmentBatch:
         seg: Any = None,
         torch_threads: int | None = None,
     ):
-        from zsdense.engine.multitask import build_task_specs
-
         if torch_threads:  # CPU actors sharing a machine: don't oversubscribe its cores
             import torch
 
@@ -168,8 +173,6 @@ class SegmentBatch:
         self.out_dir = Path(out_dir)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
-        from zsdense.engine.local import error_record
-
         n = len(batch["key"])
         records: list[dict] = []
         units = []
@@ -179,7 +182,9 @@ class SegmentBatch:
             n_units = int(row.get("n_units") or 1)
             if row.get("error"):
                 exc = _RowError(str(row["error"]), str(row.get("error_type") or "Error"))
-                rec = error_record(item, str(row.get("suffix") or ""), self.tasks, n_units, exc)
+                rec = error_record(
+                    item, str(row.get("suffix") or ""), [t.name for t in self.tasks], n_units, exc
+                )
                 rec["error"] = str(row["error"])
                 rec["error_type"] = exc.type_name
                 records.append(rec)
@@ -190,8 +195,6 @@ class SegmentBatch:
             units.append((item, str(row.get("suffix") or ""), ctx, n_units))
         if units:
             process_units(self.seg, units, self.tasks, self.out_dir, records.append)
-        from zsdense.io.writers import dumps_strict
-
         return {"record": np.array([dumps_strict(r) for r in records], dtype=object)}
 
 
@@ -215,7 +218,7 @@ def run_ray(
     overlay: bool = True,
     force: bool = False,
     retry_errors: bool = False,
-    batch_size: int = 4,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     workers: int = 1,
     gpus_per_worker: float = 0.0,
     cpus_per_worker: float | None = None,
@@ -225,13 +228,10 @@ def run_ray(
     volume_maps: bool = False,
     max_pixels: int | None = None,
 ) -> RunSummary:
-    """Run ``task_cfgs`` (task configs, see :mod:`zsdense.engine.multitask`) over ``items`` on
+    """Run ``task_cfgs`` (task configs, see :mod:`zsdense.engine.specs`) over ``items`` on
     Ray; same manifest, outputs, resume rules and summary as :func:`run_batch`."""
     ray = _require_ray()
     from ray.data import ActorPoolStrategy
-
-    from zsdense.engine.multitask import parse_task_option
-    from zsdense.io import Manifest
 
     t_start = time.perf_counter()
     cfgs = [parse_task_option(c) if isinstance(c, str) else dict(c) for c in task_cfgs]
@@ -240,7 +240,7 @@ def run_ray(
             raise ConfigError("preset 'musc' scores images against each other: use --engine local")
     seg_kwargs = dict(seg_kwargs or {})
     if max_pixels is None:
-        max_pixels = seg_kwargs.get("max_pixels", 200_000_000)
+        max_pixels = seg_kwargs.get("max_pixels", MAX_PIXELS)
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     clean_orphan_temp_files(out_dir)

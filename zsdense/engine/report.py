@@ -14,6 +14,9 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+from zsdense.io.manifest import MANIFEST_NAME, REPORT_NAME, Manifest
+from zsdense.io.writers import atomic_path
+
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:1em;color:#222}
 table{border-collapse:collapse;width:100%}
@@ -140,8 +143,6 @@ def render_report(records: Iterable[dict], title: str = "zsdense run") -> str:
 
 def write_report(out_dir: str | Path, title: str | None = None) -> Path:
     """Write ``out_dir/report.html`` from ``out_dir/results.jsonl`` (atomically)."""
-    from zsdense.engine.local import MANIFEST_NAME, REPORT_NAME
-    from zsdense.io import Manifest, atomic_path
 
     out_dir = Path(out_dir)
     records = Manifest(out_dir / MANIFEST_NAME).load().values()

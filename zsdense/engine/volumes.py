@@ -19,6 +19,8 @@ from typing import Sequence
 import numpy as np
 
 from zsdense.errors import DependencyError
+from zsdense.io.manifest import MANIFEST_NAME, Manifest, out_stem
+from zsdense.io.writers import atomic_path
 
 
 def _read_map(path: Path) -> np.ndarray:
@@ -69,7 +71,6 @@ def write_nifti_gz(path: Path, vol: np.ndarray, affine: np.ndarray, like=None) -
         import nibabel
     except ImportError as exc:
         raise DependencyError("nibabel", "medical", "writing NIfTI volume maps") from exc
-    from zsdense.io import atomic_path
 
     header = None
     if like is not None:
@@ -88,8 +89,6 @@ def write_nifti_gz(path: Path, vol: np.ndarray, affine: np.ndarray, like=None) -
 
 def write_volume_maps(out_dir: str | Path, items: Sequence) -> list[Path]:
     """For every NIfTI item with all slices ok, write its map volume(s); returns the paths."""
-    from zsdense.engine.local import MANIFEST_NAME, out_stem
-    from zsdense.io import Manifest
 
     out_dir = Path(out_dir)
     records = Manifest(out_dir / MANIFEST_NAME).load().values()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from zsdense.io.inputs import InputItem, list_inputs, output_stem
-from zsdense.io.manifest import Manifest, is_complete, record_error, record_key, record_ok
+from zsdense.io.manifest import MANIFEST_NAME, Manifest, WorkItem, is_complete, record_key
 from zsdense.io.readers import (
     DEFAULT_MAX_PIXELS,
     SUPPORTED_EXTENSIONS,
@@ -35,7 +35,9 @@ __all__ = [
     "SUPPORTED_EXTENSIONS",
     "ImageRecord",
     "InputItem",
+    "MANIFEST_NAME",
     "Manifest",
+    "WorkItem",
     "atomic_path",
     "detect_format",
     "is_complete",
@@ -46,9 +48,7 @@ __all__ = [
     "output_stem",
     "read_image",
     "read_image_records",
-    "record_error",
     "record_key",
-    "record_ok",
     "rle_to_mask",
     "to_float_rgb",
     "to_jsonable",

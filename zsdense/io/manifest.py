@@ -22,15 +22,21 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
-from collections.abc import Iterator, Mapping
-from pathlib import Path
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
 from typing import Any
 
+from zsdense.config import ENGINE
 from zsdense.errors import ZsdenseError
-from zsdense.io.writers import dumps_strict
+from zsdense.io.inputs import strip_extension
+from zsdense.io.writers import atomic_path, dumps_strict
 
-__all__ = ["Manifest", "record_ok", "record_error", "record_key", "is_complete"]
+MANIFEST_NAME = "results.jsonl"
+REPORT_NAME = "report.html"
 
 
 def record_key(record: Mapping[str, Any]) -> str:
@@ -68,71 +74,6 @@ def is_complete(record: Mapping[str, Any], base: str | Path | None = None) -> bo
         if not path.is_file():
             return False
     return True
-
-
-def record_ok(
-    input: str | Path,
-    *,
-    suffix: str = "",
-    outputs: Mapping[str, Any] | None = None,
-    scores: Mapping[str, Any] | None = None,
-    meta: Mapping[str, Any] | None = None,
-    timing: Mapping[str, Any] | None = None,
-    warnings: list[str] | None = None,
-    key: str | None = None,
-    **extra: Any,
-) -> dict:
-    """The standard record of a successfully processed image (extra fields are kept)."""
-    inp = str(input)
-    rec = {
-        "input": inp,
-        "suffix": suffix,
-        "key": key if key is not None else inp + suffix,
-        "status": "ok",
-        "error": None,
-        "outputs": dict(outputs or {}),
-        "scores": dict(scores or {}),
-        "meta": dict(meta or {}),
-        "timing": dict(timing or {}),
-        "warnings": list(warnings or []),
-    }
-    rec.update(extra)
-    return rec
-
-
-def record_error(
-    path: str | Path,
-    exc: BaseException,
-    *,
-    suffix: str = "",
-    meta: Mapping[str, Any] | None = None,
-    timing: Mapping[str, Any] | None = None,
-    warnings: list[str] | None = None,
-    key: str | None = None,
-) -> dict:
-    """The standard record of an input that failed; ``error`` is a one-line message.
-
-    For :class:`~zsdense.errors.ZsdenseError` the message is the error's own text (it already
-    names the file and what to do); for anything else it is prefixed with the exception type.
-    """
-    if isinstance(exc, ZsdenseError):
-        msg = str(exc)
-    else:
-        msg = f"{type(exc).__name__}: {exc}"
-    inp = str(path)
-    return {
-        "input": inp,
-        "suffix": suffix,
-        "key": key if key is not None else inp + suffix,
-        "status": "error",
-        "error": msg,
-        "error_type": type(exc).__name__,
-        "outputs": {},
-        "scores": {},
-        "meta": dict(meta or {}),
-        "timing": dict(timing or {}),
-        "warnings": list(warnings or []),
-    }
 
 
 class Manifest:
@@ -209,3 +150,192 @@ class Manifest:
     def completed_keys(self) -> set[str]:
         """Keys whose last record is complete: what a rerun can skip."""
         return {k for k, r in self.load().items() if self.is_complete(r)}
+
+
+# ---- work items, records, resume ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One unit of work: an image file (and, for referring queries, the query's params).
+
+    ``stem`` (optional) is the output stem chosen by :func:`zsdense.io.list_inputs` when two
+    inputs would collide (``x.png`` and ``x.jpg``); ``None`` means ``rel`` without extension.
+    """
+
+    key: str  # unique manifest key: the mirrored relative path (+ "#id" for queries)
+    path: Path
+    rel: PurePosixPath  # relative path that is mirrored under --out
+    params: dict = field(default_factory=dict, hash=False, compare=False)
+    stem: PurePosixPath | None = field(default=None, compare=False)
+
+
+def error_message(exc: BaseException) -> str:
+    """One-line message for the manifest: a ZsdenseError's own text, else ``Type: text``."""
+    if isinstance(exc, ZsdenseError):
+        return str(exc)
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}"
+
+
+def out_stem(out_dir: Path, item: WorkItem, suffix: str = "", task: str | None = None) -> Path:
+    """``out/<rel without extension><suffix>[.<query id>][.<task>]``."""
+    stem = item.stem if item.stem is not None else strip_extension(item.rel)
+    parts = [p for p in stem.parts if p not in ("", ".", "..")] or ["image"]
+    name = parts[-1] + suffix
+    if "#" in item.key:
+        name += "." + item.key.split("#", 1)[1]
+    if task:
+        name += "." + task
+    return Path(out_dir).joinpath(*parts[:-1], name)
+
+
+# ---- manifest bookkeeping ----------------------------------------------------------------
+
+
+def record_complete(record: Mapping[str, Any], out_dir: str | Path) -> bool:
+    """``ok`` and every output file it names exists (paths relative to ``out_dir``; outputs
+    may be nested per task)."""
+    return is_complete(record, out_dir)
+
+
+def _item_of(rec: dict) -> str:
+    return str(rec.get("item", rec.get("key")))
+
+
+@dataclass
+class Plan:
+    """What a run has to do, after reading the manifest of earlier runs."""
+
+    todo: list[WorkItem]
+    done_keys: set[str]  # record keys that are settled and must not be recomputed
+    skipped: int  # settled records of items not in ``todo`` (+ inside todo items: see run)
+    skipped_failed: int
+    previous: dict[str, dict]  # key -> last record
+
+
+def plan_run(items: Sequence[WorkItem], out_dir: Path, *, force: bool, retry_errors: bool) -> Plan:
+    """Which items to (re)process: an item is settled when it holds all its records (a volume
+    holds one per slice) and each one is complete-``ok`` or (without ``retry_errors``) ``error``.
+    Inside an unsettled item, settled records are not recomputed either."""
+    previous = {} if force else Manifest(Path(out_dir) / MANIFEST_NAME).load()
+    by_item: dict[str, list[dict]] = {}
+    for rec in previous.values():
+        by_item.setdefault(_item_of(rec), []).append(rec)
+    todo: list[WorkItem] = []
+    done_keys: set[str] = set()
+    skipped = skipped_failed = 0
+    for it in items:
+        recs = by_item.get(it.key, [])
+        settled = []
+        for r in recs:
+            if record_complete(r, out_dir) or (r.get("status") == "error" and not retry_errors):
+                settled.append(r)
+        expected = max([int(r.get("item_records", 1) or 1) for r in recs] or [0])
+        if recs and len(settled) == len(recs) and len(recs) >= expected:
+            skipped += len(recs)
+            skipped_failed += sum(r.get("status") != "ok" for r in recs)
+            continue
+        # an item-level error (unreadable file) is redone as a whole when the item is redone
+        done_keys.update(
+            r["key"] for r in settled if r.get("suffix", "") != "" or r.get("status") == "ok"
+        )
+        todo.append(it)
+    return Plan(todo, done_keys, skipped, skipped_failed, previous)
+
+
+def compact_manifest(path: Path, order: Sequence[str] = ()) -> int:
+    """Rewrite the manifest atomically with the last record per key: records of items in
+    ``order`` first (that order, records of one item in file order), then the rest in file order.
+    Drops torn lines left by a crash. Returns the number of records."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    last = Manifest(path).load()  # dict: first-insertion order of keys, last value wins
+    rank = {k: i for i, k in enumerate(order)}
+    keyed = list(last.items())
+    keyed.sort(key=lambda kv: (rank.get(_item_of(kv[1]), len(rank)),))  # stable
+    text = "".join(dumps_strict(rec) + "\n" for _k, rec in keyed)
+    with atomic_path(path, fsync=True) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return len(keyed)
+
+
+_TMP_RE = re.compile(r"^\..+\.tmp-(\d+)-[0-9a-f]{8}(\.[^.]*)?$")
+
+
+def clean_orphan_temp_files(out_dir: Path, max_age_s: float = ENGINE.orphan_temp_max_age_s) -> int:
+    """Remove temporary files of atomic writes killed before their rename.
+
+    A temp file (``.<name>.tmp-<pid>-<hex><ext>``) is an orphan when its writer process is gone,
+    or when it is older than ``max_age_s`` (pids are reused). Returns how many were removed.
+    """
+    removed = 0
+    now = time.time()
+    for dirpath, _dirs, files in os.walk(out_dir):
+        for name in files:
+            m = _TMP_RE.match(name)
+            if not m:
+                continue
+            p = Path(dirpath) / name
+            pid = int(m.group(1))
+            try:
+                stale = not _pid_alive(pid) or now - p.stat().st_mtime > max_age_s
+                if stale and pid != os.getpid():
+                    p.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+# ---- records -----------------------------------------------------------------------------
+
+
+def base_record(item: WorkItem, suffix: str, tasks: Sequence[str], n_units: int) -> dict:
+    """The fields every record of one image (``item`` + ``suffix``) carries; ``tasks``: names."""
+    return {
+        "key": item.key + suffix,
+        "item": item.key,
+        "input": str(item.path),
+        "rel": str(item.rel),
+        "suffix": suffix,
+        "item_records": n_units,
+        "params": dict(item.params),
+        "tasks": list(tasks),
+    }
+
+
+def error_record(
+    item: WorkItem,
+    suffix: str,
+    tasks: Sequence[str],
+    n_units: int,
+    exc: BaseException,
+    meta: dict | None = None,
+) -> dict:
+    """The record of an image (or a whole unreadable input) that failed."""
+    rec = base_record(item, suffix, tasks, n_units)
+    rec.update(
+        status="error",
+        error=error_message(exc),
+        error_type=type(exc).__name__,
+        outputs={},
+        scores={},
+        meta={"image": meta or {}},
+    )
+    return rec

@@ -485,3 +485,58 @@ def rle_to_mask(rle: dict) -> np.ndarray:
 def write_rle_json(path: str | Path, obj: Any) -> Path:
     """Write an RLE dict (or any structure holding RLEs) as strict JSON, atomically."""
     return write_json(path, obj, indent=None)
+
+
+# ---- the one output path of every result --------------------------------------------------
+
+
+def write_outputs(
+    stem: str | Path,
+    image: np.ndarray,
+    *,
+    fmt: str = "tiff",
+    overlay: bool = True,
+    mask: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
+    float_map: np.ndarray | None = None,
+    map_metadata: dict | None = None,
+    heat: np.ndarray | None = None,
+    class_names: Sequence[str] | None = None,
+    caption: str | None = None,
+) -> dict[str, str]:
+    """Write one result's files next to ``stem`` (each atomically); ``{kind: path}``.
+
+    ``<stem>.mask.png``: ``labels`` as a palette label PNG, else ``mask`` as 0/255;
+    ``<stem>.map.tiff|.npy``: ``float_map`` as float32 by ``fmt`` (``rle`` writes tiff maps,
+    ``none`` no map); ``<stem>.overlay.jpg`` with ``heat``, ``labels`` (+ legend), the ``mask``
+    outline and ``caption`` when ``overlay``; ``<stem>.rle.json`` for a binary mask with
+    ``fmt="rle"``. Result types call this from their ``write`` method: nothing here guesses what
+    a result is.
+    """
+    stem = Path(stem)
+    outputs: dict[str, str] = {}
+    if labels is not None:
+        outputs["mask"] = str(write_label_png(f"{stem}.mask.png", labels))
+    elif mask is not None:
+        outputs["mask"] = str(write_mask_png(f"{stem}.mask.png", mask))
+    if float_map is not None:
+        arr = np.asarray(float_map, dtype=np.float32)
+        if fmt == "npy":
+            outputs["map"] = str(write_map_npy(f"{stem}.map.npy", arr))
+        elif fmt in ("tiff", "rle"):
+            outputs["map"] = str(write_map_tiff(f"{stem}.map.tiff", arr, metadata=map_metadata))
+    if overlay:
+        outputs["overlay"] = str(
+            write_overlay_jpg(
+                f"{stem}.overlay.jpg",
+                image,
+                heat=heat,
+                labels=labels,
+                class_names=class_names,
+                mask=mask,
+                caption=caption,
+            )
+        )
+    if fmt == "rle" and mask is not None and labels is None:
+        outputs["rle"] = str(write_rle_json(f"{stem}.rle.json", mask_to_rle(mask)))
+    return outputs

@@ -27,16 +27,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from zsdense.config import (
-    ANOMALY_DEFAULT_THRESHOLD,
-    ANOMALY_PRESETS,
-    AnomalyPreset,
-    pick_preset,
-    with_overrides,
-)
+from zsdense.config import ANOMALY_DEFAULT_THRESHOLD, AnomalyPreset
 from zsdense.errors import ConfigError
+from zsdense.io.writers import write_outputs
+from zsdense.options import AnomalyOptions, OutputOptions, parse_layers, resolve_anomaly_preset
 
-DOMAINS = ("industrial", "medical")
+__all__ = ["AnomalyResult", "run_anomaly", "parse_layers", "resolve_preset", "load_encoders"]
 
 
 @dataclass
@@ -52,56 +48,35 @@ class AnomalyResult:
     meta: dict = field(default_factory=dict)
     model_map: np.ndarray | None = field(default=None, repr=False)  # (S, S) smoothed, at input size
 
-
-# ---- options -------------------------------------------------------------------------------
-
-_DECISION_KEYS = ("threshold", "image_threshold", "calibrate_with", "calibrate_percentile")
-_RUN_KEYS = ("domain", "dataset", "batch_size", "keep_model_map")
-
-
-def parse_layers(value: Any) -> tuple[int, ...] | None:
-    """``--eattn-layers``: ``"6,12,18,24"`` or a sequence -> tuple; ``"as-run"`` -> None."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        v = value.strip().lower()
-        if v in ("", "as-run", "asrun", "last", "none"):
-            return None
-        try:
-            return tuple(int(x) for x in v.replace(" ", "").split(",") if x)
-        except ValueError:
-            raise ConfigError(
-                f"--eattn-layers {value!r}: give block numbers like 6,12,18,24 or 'as-run'"
-            ) from None
-    return tuple(int(x) for x in value)
-
-
-def resolve_preset(preset: str | AnomalyPreset, **overrides: Any) -> AnomalyPreset:
-    """The preset with overrides applied (``eattn_layers`` parsed; unknown names -> ConfigError)."""
-    base = (
-        preset
-        if isinstance(preset, AnomalyPreset)
-        else pick_preset(ANOMALY_PRESETS, preset, "anomaly")
-    )
-    ov = dict(overrides)
-    layers_given = "eattn_layers" in ov
-    layers = parse_layers(ov.pop("eattn_layers", None))
-    cfg = with_overrides(base, **ov)
-    if layers_given:
-        from dataclasses import replace
-
-        cfg = replace(cfg, eattn_layers=layers)
-    if cfg.dattn_mean not in ("image", "batch"):
-        raise ConfigError(f"--dattn-mean must be 'image' or 'batch', not {cfg.dattn_mean!r}")
-    return cfg
+    def write(
+        self, stem, image: np.ndarray, out: OutputOptions, params: dict | None = None
+    ) -> dict:
+        """Mask, float map and overlay next to ``stem``; the scores and decisions for the
+        manifest (the thresholds used and where they came from, the defect area)."""
+        outputs = write_outputs(
+            stem,
+            image,
+            fmt=out.fmt,
+            overlay=out.overlay,
+            mask=self.mask,
+            float_map=self.anomaly_map,
+            heat=self.anomaly_map,
+            caption=f"anomaly score {float(self.score):.3f}",
+        )
+        scores: dict[str, Any] = {"score": float(self.score)}
+        if self.label is not None:
+            scores["label"] = bool(self.label)
+        scores["threshold"] = float(self.threshold)
+        scores["threshold_source"] = self.meta.get("threshold_source")
+        scores["image_threshold"] = self.image_threshold
+        scores["label"] = self.label
+        scores["defect_area"] = round(float(self.mask.mean()), 6) if self.mask.size else 0.0
+        return {"outputs": outputs, "scores": scores, "meta": dict(self.meta)}
 
 
-def split_options(options: dict) -> tuple[dict, dict, dict]:
-    """(preset overrides, decision options, run options)."""
-    opts = dict(options)
-    decision = {k: opts.pop(k) for k in list(opts) if k in _DECISION_KEYS}
-    run = {k: opts.pop(k) for k in list(opts) if k in _RUN_KEYS}
-    return opts, decision, run
+# ---- options (parsed and validated in zsdense.options) ---------------------------------------
+
+resolve_preset = resolve_anomaly_preset
 
 
 # ---- text side -----------------------------------------------------------------------------
@@ -170,6 +145,28 @@ def text_features(
     if object_name:
         meta["object_note"] = "learned prompts are object-agnostic: --object is not used"
     return seg.text_cache[key], meta
+
+
+def load_encoders(seg, options: AnomalyOptions) -> None:
+    """Load every model and prompt checkpoint the options need (a run's setup, before its first
+    image: missing weights fail the run once instead of every image)."""
+    cfg = options.config()
+    clip = seg.clip(cfg.clip_arch)
+    if cfg.method == "musc":
+        if cfg.musc_backbone == "dinov2":
+            seg.dinov2(cfg.dino_name)
+        return
+    if cfg.use_dattn:
+        seg.dinov2(cfg.dino_name)
+    text_features(
+        seg,
+        clip,
+        cfg,
+        options.object_name,
+        domain=options.domain,
+        dataset=options.dataset,
+        explicit=options.prompts_explicit,
+    )
 
 
 # ---- per-image caching of batched encoder work ---------------------------------------------
@@ -383,51 +380,44 @@ def _run_core(seg, cfg: AnomalyPreset, ctxs: list, object_name, run_kw: dict):
 
 
 def run_anomaly(
-    seg,
-    ctxs: Sequence,
-    *,
-    object_name: str | None = None,
-    preset: str = "crane",
-    **options: Any,
+    seg, ctxs: Sequence, options: AnomalyOptions | None = None, /, **kwargs: Any
 ) -> list[AnomalyResult]:
-    """Anomaly results for ``ctxs`` (see the module docstring for every option).
+    """Anomaly results for ``ctxs`` (see the module docstring).
 
-    Options: any :class:`~zsdense.config.AnomalyPreset` field (``attn_type``, ``eattn_layers``
-    e.g. ``"6,12,18,24"``, ``dattn_mean``, ``soft_mean``, ``sigma``, ``prompts``...), plus
-    ``domain`` (industrial | medical: medical turns on ``soft_mean_medical`` and the medical
-    checkpoint), ``dataset`` (``"mvtec"`` selects the VisA-trained prompts as the papers do),
+    ``options``: an :class:`~zsdense.options.AnomalyOptions`, or keyword arguments mapped onto
+    one: ``preset``, ``object_name``, ``domain`` (industrial | medical: the medical fusion order
+    and checkpoint), ``dataset`` (``"mvtec"`` selects the VisA-trained prompts as the papers do),
     ``threshold``, ``image_threshold``, ``calibrate_with``, ``calibrate_percentile``,
-    ``batch_size``, ``keep_model_map`` (attach the smoothed map at the input size).
+    ``batch_size``, ``keep_model_map`` (attach the smoothed map at the input size), and any
+    :class:`~zsdense.config.AnomalyPreset` field (``attn_type``, ``eattn_layers`` e.g.
+    ``"6,12,18,24"``, ``dattn_mean``, ``soft_mean``, ``sigma``, ``prompts``...).
     """
-    overrides, decision, run_kw = split_options(options)
-    domain = run_kw.get("domain") or "industrial"
-    if domain not in DOMAINS:
-        raise ConfigError(f"--domain must be one of {', '.join(DOMAINS)}, not {domain!r}")
-    prompts_explicit = overrides.get("prompts") is not None
-    cfg = resolve_preset(preset, **overrides)
-    if domain == "medical" and "soft_mean" not in overrides:
-        from dataclasses import replace
-
-        cfg = replace(cfg, soft_mean=cfg.soft_mean_medical)
-    run_kw["_prompts_explicit"] = prompts_explicit
+    if options is None:
+        options = AnomalyOptions.from_mapping(kwargs)
+    elif kwargs:
+        raise ConfigError("give an AnomalyOptions or keyword options, not both")
+    cfg = options.config()
+    domain = options.domain
+    object_name = options.object_name
+    run_kw = {
+        "domain": domain,
+        "dataset": options.dataset,
+        "batch_size": options.batch_size,
+        "_prompts_explicit": options.prompts_explicit,
+    }
     ctxs = list(ctxs)
     if not ctxs:
         return []
 
     # decisions
-    thr = decision.get("threshold")
-    ithr = decision.get("image_threshold")
+    thr = options.threshold
+    ithr = options.image_threshold
     thr_src = "fixed" if thr is not None else None
     ithr_src = "fixed" if ithr is not None else None
     calib = None
-    if decision.get("calibrate_with") is not None and (thr is None or ithr is None):
+    if options.calibrate_with is not None and (thr is None or ithr is None):
         calib = calibration(
-            seg,
-            cfg,
-            object_name,
-            decision["calibrate_with"],
-            decision.get("calibrate_percentile"),
-            run_kw,
+            seg, cfg, object_name, options.calibrate_with, options.calibrate_percentile, run_kw
         )
         if thr is None:
             thr, thr_src = calib["threshold"], "calibrated"
@@ -483,7 +473,7 @@ def run_anomaly(
                 threshold=thr,
                 image_threshold=ithr,
                 meta=m,
-                model_map=model_map.numpy() if run_kw.get("keep_model_map") else None,
+                model_map=model_map.numpy() if options.keep_model_map else None,
             )
         )
     return results

@@ -24,18 +24,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from zsdense.config import OpenVocabPreset, openvocab_preset
+from zsdense.config import OpenVocabPreset
 from zsdense.dense import aggregation as agg
 from zsdense.dense import lastblock as lb
 from zsdense.dense import windows as win
+from zsdense.dense.methods import get_method, register_method
 from zsdense.dense.upsample import pamr, upsample_scores
 from zsdense.errors import ConfigError
-from zsdense.text.classifier import (
-    TextClassifier,
-    build_classifier,
-    load_class_file,
-    parse_classes,
-)
+from zsdense.io.writers import write_outputs
+from zsdense.options import OpenVocabOptions, OutputOptions
+from zsdense.text.classifier import TextClassifier, build_classifier
 
 # ---------------------------------------------------------------------------------------------
 # results
@@ -55,6 +53,31 @@ class OpenVocabResult:
         counts = np.bincount(self.labels.reshape(-1), minlength=len(self.class_names))
         total = max(1, self.labels.size)
         return {self.class_names[i]: float(c) / total for i, c in enumerate(counts) if c > 0}
+
+    def write(
+        self, stem, image: np.ndarray, out: OutputOptions, params: dict | None = None
+    ) -> dict:
+        """Label PNG, probabilities (as the float map) and overlay with a legend next to
+        ``stem``; the classes present and their areas (pixel fractions) for the manifest."""
+        names = list(self.class_names)
+        outputs = write_outputs(
+            stem,
+            image,
+            fmt=out.fmt,
+            overlay=out.overlay,
+            labels=self.labels,
+            float_map=self.probs,
+            map_metadata={"class_names": names},
+            class_names=names,
+        )
+        areas = self.areas()
+        scores = {
+            "area": {k: round(v, 6) for k, v in areas.items()},
+            "classes_present": sorted(areas, key=lambda k: -areas[k]),
+        }
+        meta = {k: v for k, v in self.meta.items() if k != "areas"}
+        meta["class_names"] = names
+        return {"outputs": outputs, "scores": scores, "meta": meta}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,15 +465,10 @@ def slide_features(
         crop, stride = cfg.crop, cfg.stride
     wb = win.make_windows(x_norm_1chw, crop, stride, pad_multiple=cfg.pad_multiple)
 
+    method = get_method(cfg.method)
+
     def features(xb: torch.Tensor) -> torch.Tensor:
-        if cfg.method == "proxyclip":
-            vf = vfm_fn(xb)
-            tok = lb.proxy_clip_tokens(
-                clip, xb, vf.to(xb.dtype), beta=cfg.beta, gamma=cfg.gamma, mean_scope="window"
-            )
-            f = F.normalize(clip.head(tok).float(), dim=-1)
-            return f.transpose(1, 2).reshape(xb.shape[0], -1, vf.shape[-2], vf.shape[-1])
-        return lb.dense_clip_features(clip, xb, cfg.method, sigma=cfg.naclip_sigma).float()
+        return method.features(clip, xb, cfg, vfm_fn)
 
     return _batched(features, wb.images, cfg.window_batch), wb
 
@@ -467,15 +485,6 @@ def slide_cos_logits(
 
 # ---------------------------------------------------------------------------------------------
 # entry point
-
-
-def resolve_classes(classes: Any) -> list[tuple[str, tuple[str, ...]]]:
-    """Classes from a list, a class string, or ``file:NAME|PATH``."""
-    if isinstance(classes, (list, tuple)) and len(classes) == 1 and isinstance(classes[0], str):
-        classes = classes[0] if classes[0].startswith("file:") else classes
-    if isinstance(classes, str) and classes.startswith("file:"):
-        return load_class_file(classes[5:])
-    return parse_classes(classes)
 
 
 def _dense_key(cfg: OpenVocabPreset, clip, extra: tuple = ()) -> tuple:
@@ -502,34 +511,44 @@ def _dense_key(cfg: OpenVocabPreset, clip, extra: tuple = ()) -> tuple:
 
 
 def run_open_vocab(
-    seg,
-    ctxs: Sequence,
-    *,
-    classes: Any,
-    preset: str = "trident",
-    dataset: str | None = None,
-    **options: Any,
+    seg, ctxs: Sequence, options: OpenVocabOptions | None = None, /, **kwargs: Any
 ) -> list[OpenVocabResult]:
     """Open-vocabulary segmentation of each image context.
 
-    ``classes``: list of names (synonyms separated by ``;``), a class string (``"a; b, c"``) or
-    a parsed list of synonym lists. ``preset``: trident | trident-fixed | proxyclip | sclip |
-    clearclip | naclip; ``dataset``: a dataset preset (voc21, context60, ...); other options
-    override preset fields (e.g. ``sam_refine=True``, ``prob_thd=0.3``, ``upsample="jbu"``).
+    ``options``: an :class:`~zsdense.options.OpenVocabOptions`, or keyword arguments mapped onto
+    one: ``classes`` (a list of names with synonyms separated by ``;``, a class string
+    ``"a; b, c"``, ``file:NAME``), ``classes_file``, ``preset`` (any registered preset: trident,
+    trident-fixed, proxyclip, sclip, clearclip, naclip, ...), ``dataset`` (voc21, context60, ...);
+    other keys override preset fields (``sam_refine=True``, ``prob_thd=0.3``, ``upsample="jbu"``).
     """
-    cfg = openvocab_preset(preset, dataset, **options)
-    if cfg.sam_refine and cfg.method != "trident":
-        raise ConfigError("sam_refine (--sam-refine) is available with the trident presets only")
-    class_list = resolve_classes(classes)
+    opts = _options(options, kwargs)
+    cfg = opts.config()
     clip = seg.clip(cfg.clip_arch)
-    clf = build_classifier(clip, class_list, cache=seg.text_cache)
-    dino = seg.dinov2(cfg.vfm) if cfg.method in ("trident", "proxyclip") else None
-    sam = seg.sam(cfg.sam_arch or "vit_b") if cfg.method == "trident" else None
+    clf = build_classifier(clip, list(opts.classes), cache=seg.text_cache)
+    method = get_method(cfg.method)
+    dino = seg.dinov2(cfg.vfm) if method.needs_vfm else None
+    sam = seg.sam(cfg.sam_arch or "vit_b") if method.needs_sam else None
     vfm_fn = vfm_on_clip_windows(dino) if dino is not None else None
-    results = []
-    for ctx in ctxs:
-        results.append(_run_one(seg, ctx, cfg, clip, clf, vfm_fn, sam))
-    return results
+    return [_run_one(seg, ctx, cfg, clip, clf, vfm_fn, sam) for ctx in ctxs]
+
+
+def _options(options: OpenVocabOptions | None, kwargs: dict) -> OpenVocabOptions:
+    if options is None:
+        return OpenVocabOptions.from_mapping(kwargs)
+    if kwargs:
+        raise ConfigError("give an OpenVocabOptions or keyword options, not both")
+    return options
+
+
+def load_encoders(seg, options: OpenVocabOptions) -> None:
+    """Load every model the options need (a run's setup, before its first image)."""
+    cfg = options.config()
+    method = get_method(cfg.method)
+    seg.clip(cfg.clip_arch)
+    if method.needs_vfm:
+        seg.dinov2(cfg.vfm)
+    if method.needs_sam:
+        seg.sam(cfg.sam_arch or "vit_b")
 
 
 def _run_one(seg, ctx, cfg: OpenVocabPreset, clip, clf: TextClassifier, vfm_fn, sam):
@@ -540,7 +559,7 @@ def _run_one(seg, ctx, cfg: OpenVocabPreset, clip, clf: TextClassifier, vfm_fn, 
     meta.update(preset=cfg.name, method=cfg.method, resized_hw=list(size))
     with seg.autocast():
         x = clip.normalize(resize_image(ctx.image, size).to(clip.device))
-        if cfg.method == "trident":
+        if get_method(cfg.method).pipeline == "splice-then-segment":
             feats, grid = ctx.get(
                 _dense_key(cfg, clip),
                 lambda: trident_features(
@@ -587,6 +606,17 @@ def _run_one(seg, ctx, cfg: OpenVocabPreset, clip, clf: TextClassifier, vfm_fn, 
     res.meta["areas"] = res.areas()
     return res
 
+
+register_method(
+    "trident",
+    None,
+    needs_vfm=True,
+    needs_sam=True,
+    pipeline="splice-then-segment",
+    description="splice-then-segment: CLIP + DINOv2 proxy attention + SAM aggregation",
+    reference="Trident, 2024",
+    replace_existing=True,
+)
 
 __all__ = [
     "OpenVocabResult",

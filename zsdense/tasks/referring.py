@@ -28,8 +28,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from zsdense.config import DEFAULT_REFER_PRESET, REFER_PRESETS, ReferPreset, pick_preset
+from zsdense.config import ReferPreset
 from zsdense.errors import ConfigError
+from zsdense.io.writers import write_outputs
+from zsdense.options import OutputOptions, ReferOptions
 
 RELATIONS = ("none", "left", "right", "up", "down", "big", "small", "within")
 DIRECTIONS = ("none", "left", "right", "middle", "up", "down")
@@ -44,6 +46,27 @@ class ReferResult:
     score: float  # final mix F of the chosen mask (higher is better; not a probability)
     candidates: list[dict]  # top candidates: index, box_xywh, area, score (F), P, R, C
     meta: dict = field(default_factory=dict)
+
+    def write(
+        self, stem, image: np.ndarray, out: OutputOptions, params: dict | None = None
+    ) -> dict:
+        """Mask and overlay (the expression as caption) next to ``stem``; score, candidates,
+        the query id and text for the manifest."""
+        params = params or {}
+        text = params.get("text") or self.meta.get("text")
+        outputs = write_outputs(
+            stem,
+            image,
+            fmt=out.fmt,
+            overlay=out.overlay,
+            mask=self.mask,
+            caption=str(text) if text else None,
+        )
+        scores: dict[str, Any] = {"score": float(self.score), "candidates": self.candidates}
+        if params.get("id") is not None:
+            scores["id"] = params["id"]
+        scores["text"] = text
+        return {"outputs": outputs, "scores": scores, "meta": dict(self.meta)}
 
 
 # ---- relation guidance ------------------------------------------------------------------------
@@ -456,16 +479,6 @@ def text_features(seg, clip, expr) -> TextFeatures:
 # ---- the task ----------------------------------------------------------------------------------
 
 
-def _resolve_preset(preset: str | ReferPreset | None, options: dict) -> ReferPreset:
-    from zsdense.config import with_overrides
-
-    if isinstance(preset, ReferPreset):
-        base = preset
-    else:
-        base = pick_preset(REFER_PRESETS, preset or DEFAULT_REFER_PRESET, "referring")
-    return with_overrides(base, **options) if options else base
-
-
 def _dense_heat_features(ctx, clip, preset: ReferPreset) -> torch.Tensor:
     """Dense CLIP features of the whole image (D, gh, gw), L2-normalised, cached per image."""
     from zsdense.dense.lastblock import dense_clip_features
@@ -654,23 +667,37 @@ def run_refer(
     seg,
     ctxs: Sequence[Any],
     texts: Sequence[str],
-    *,
-    preset: str | ReferPreset | None = None,
-    **options: Any,
+    options: ReferOptions | None = None,
+    /,
+    **kwargs: Any,
 ) -> list[ReferResult]:
     """One :class:`ReferResult` per (context, text) pair.
 
     Proposals and mask features are cached in each ImageContext, so further expressions on the
-    same context cost only the text encoder, the parser and the scoring. ``preset``:
-    ``hybridgl`` (the reference) or ``hybridgl+`` (the default, ``None``: defects fixed);
-    ``options`` override preset fields (unknown names are a ConfigError). With
+    same context cost only the text encoder, the parser and the scoring. ``options``: a
+    :class:`~zsdense.options.ReferOptions`, or keyword arguments mapped onto one: ``preset``
+    (``hybridgl``, the reference, or ``hybridgl+``, the default: defects fixed) and any
+    :class:`~zsdense.config.ReferPreset` field (unknown names are a ConfigError). With
     ``models="tiny"`` the SAM point grid is ``tiny_points_per_side``² (4 prompts) to stay fast.
     """
+    if options is None:
+        if kwargs.get("preset") is None:
+            kwargs.pop("preset", None)
+        options = ReferOptions.from_mapping(kwargs)
+    elif kwargs:
+        raise ConfigError("give a ReferOptions or keyword options, not both")
     if len(ctxs) != len(texts):
         raise ConfigError(
             f"refer needs one text per image: got {len(ctxs)} images, {len(texts)} texts"
         )
-    cfg = _resolve_preset(preset, options)
+    cfg = options.config()
     tiny = bool(getattr(seg, "tiny", False))
     n_side = cfg.tiny_points_per_side if tiny else cfg.points_per_side
     return [_refer_one(seg, ctx, text, cfg, n_side) for ctx, text in zip(ctxs, texts)]
+
+
+def load_encoders(seg, options: ReferOptions) -> None:
+    """Load every model the options need (a run's setup, before its first image)."""
+    cfg = options.config()
+    seg.clip(cfg.clip_arch)
+    seg.sam(cfg.sam_arch)

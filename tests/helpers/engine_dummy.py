@@ -1,4 +1,4 @@
-"""A model-free task for tests and benchmarks of the engine (``--task zsdense.engine.dummy:spec``).
+"""A model-free task for engine tests and benchmarks (``--task engine_dummy:spec``; tests only).
 
 It behaves like a real head where the engine is concerned: it asks the :class:`ImageContext`
 for a shared "encoder" output (counted in ``ctx.computed``), computes a deterministic float map
@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from zsdense.context import ImageContext
-from zsdense.engine.local import TaskSpec
+from zsdense.engine.specs import TaskSpec
 
 
 def _encode(image: np.ndarray) -> np.ndarray:

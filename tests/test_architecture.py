@@ -1,0 +1,142 @@
+"""The shape of the library: no arrow from ``zsdense`` to the CLI, no import cycle.
+
+Every module of the installed ``zsdense`` package (the library; ``zsdense.cli`` is the face) is
+parsed with ``ast``; imports inside functions count as much as top-level ones, because a
+function-local import is still a dependency that can form a cycle.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import zsdense
+
+PKG_DIR = Path(zsdense.__file__).resolve().parent
+
+
+def _library_modules() -> dict[str, Path]:
+    mods: dict[str, Path] = {}
+    for path in sorted(PKG_DIR.rglob("*.py")):
+        rel = path.relative_to(PKG_DIR).with_suffix("")
+        parts = ["zsdense", *rel.parts]
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        if len(parts) > 1 and parts[1] in ("cli", "prompts"):
+            continue  # the face and package data, not the library
+        mods[".".join(parts)] = path
+    return mods
+
+
+def _resolve(module: str, name: str | None, mods: dict[str, Path]) -> str | None:
+    """The library module an import refers to (``from a.b import c``: a.b.c if a module)."""
+    if name and f"{module}.{name}" in mods:
+        return f"{module}.{name}"
+    return module if module in mods else None
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> library modules it imports (any nesting level, relative imports resolved)."""
+    mods = _library_modules()
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for mod, path in mods.items():
+        is_pkg = path.name == "__init__.py"
+        package = mod if is_pkg else mod.rpartition(".")[0]
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for node in ast.walk(tree):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")
+                    anchor = anchor[: len(anchor) - (node.level - 1)]
+                    base = ".".join(anchor + ([base] if base else []))
+                for a in node.names:
+                    targets.append(f"{base}\0{a.name}")
+            for t in targets:
+                module, _, name = t.partition("\0")
+                if module.startswith("zsdense.cli"):
+                    graph[mod].add(module)
+                    continue
+                if not module.startswith("zsdense"):
+                    continue
+                got = _resolve(module, name or None, mods)
+                if got and got != mod:
+                    graph[mod].add(got)
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[list[str]] = []
+    counter = [0]
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in graph:
+                continue
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_graph_sees_function_local_imports(tmp_path):
+    """The parser must see an import inside a function (else the other tests prove nothing)."""
+    g = import_graph()
+    assert "zsdense.api" in g and len(g) > 20
+    # api.py imports the task heads inside its methods
+    assert any(m.startswith("zsdense.tasks") for m in g["zsdense.api"])
+
+
+def test_cycle_finder_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_library_never_imports_the_cli():
+    g = import_graph()
+    bad = {m: sorted(t for t in ts if t.startswith("zsdense.cli")) for m, ts in g.items()}
+    bad = {m: ts for m, ts in bad.items() if ts}
+    assert not bad, f"library modules importing the CLI: {bad}"
+
+
+def test_no_import_cycles():
+    g = import_graph()
+    # a package __init__ re-exporting its modules is not a cycle with them
+    g = {m: {t for t in ts if not (m.startswith(t + ".") and t in g)} for m, ts in g.items()}
+    cycles = _cycles(g)
+    assert not cycles, "import cycles in zsdense/: " + "; ".join(" <-> ".join(c) for c in cycles)
+
+
+@pytest.mark.parametrize("helper", ["dummy"])
+def test_test_helpers_are_not_installed(helper):
+    assert not (PKG_DIR / "engine" / f"{helper}.py").exists()

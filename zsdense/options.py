@@ -1,0 +1,297 @@
+"""Typed options of each task: one frozen dataclass per task, validated once, at the edge.
+
+The command line, the ``zsdense run`` TOML, ``--task k=v`` strings and Python keyword arguments
+all become one of these through :meth:`from_mapping` (aliases such as ``object`` ->
+``object_name`` applied, ``None`` values meaning "not given"). Fields of the task's own options
+sit in the dataclass; every other key must be a field of the task's preset dataclass
+(``zsdense.config``) and is kept, validated, in ``overrides``. Anything else is a
+:class:`~zsdense.errors.ConfigError` that lists the valid names, raised before any model loads.
+
+The heads (``zsdense.tasks``) receive these objects and never filter keyword lists again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, ClassVar, Mapping
+
+from zsdense.config import (
+    ANOMALY_PRESETS,
+    DEFAULT_ANOMALY_PRESET,
+    DEFAULT_OPENVOCAB_PRESET,
+    DEFAULT_REFER_PRESET,
+    OPENVOCAB_DATASETS,
+    REFER_PRESETS,
+    AnomalyPreset,
+    OpenVocabPreset,
+    ReferPreset,
+    openvocab_preset,
+    pick_preset,
+    with_overrides,
+)
+from zsdense.errors import ConfigError
+from zsdense.text.classifier import ClassEntry, load_class_file, parse_classes
+
+OUTPUT_FORMATS = ("tiff", "npy", "rle", "none")
+DOMAINS = ("industrial", "medical")
+MAX_CLASSES = 256  # a label PNG holds at most 256 values
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """What the writers produce for every result: float maps as ``fmt``, and JPEG overlays."""
+
+    fmt: str = "tiff"  # tiff | npy | rle (masks also as COCO RLE JSON, maps as tiff) | none
+    overlay: bool = True
+
+    def __post_init__(self) -> None:
+        if self.fmt not in OUTPUT_FORMATS:
+            raise ConfigError(
+                f"unknown output format {self.fmt!r}; choose one of: {', '.join(OUTPUT_FORMATS)}"
+            )
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+class _TaskOptions:
+    """Shared :meth:`from_mapping` for the task option dataclasses below."""
+
+    TASK: ClassVar[str] = ""
+    ALIASES: ClassVar[dict[str, str]] = {}
+    PRESET_CLASS: ClassVar[type] = object
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any] | None = None, **kw: Any):
+        """Options from a flat mapping (CLI values, a TOML table, Python keyword arguments)."""
+        given = {**dict(mapping or {}), **kw}
+        own = {f.name for f in fields(cls)} - {"overrides"}
+        preset_fields = {f.name for f in fields(cls.PRESET_CLASS)} - {"name"}
+        values: dict[str, Any] = {}
+        overrides: dict[str, Any] = {}
+        unknown = []
+        for key, value in given.items():
+            key = cls.ALIASES.get(key, key)
+            if value is None:
+                continue
+            if key in own:
+                values[key] = value
+            elif key in preset_fields:
+                overrides[key] = _freeze(value)
+            else:
+                unknown.append(key)
+        if unknown:
+            valid = sorted((own | preset_fields | set(cls.ALIASES)) - {"overrides"})
+            raise ConfigError(
+                f"unknown option(s) {', '.join(sorted(unknown))} for the {cls.TASK} task; "
+                f"valid: {', '.join(valid)}"
+            )
+        values = cls._prepare(values)
+        return cls(**values, overrides=tuple(sorted(overrides.items())))
+
+    @classmethod
+    def _prepare(cls, values: dict[str, Any]) -> dict[str, Any]:
+        return values
+
+    def with_options(self, **changes: Any):
+        """A copy with some fields replaced (validated again)."""
+        return replace(self, **changes)
+
+
+# ---- anomaly -------------------------------------------------------------------------------
+
+
+def parse_layers(value: Any) -> tuple[int, ...] | None:
+    """``--eattn-layers``: ``"6,12,18,24"`` or a sequence -> tuple; ``"as-run"`` -> None."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        v = value.strip().lower()
+        if v in ("", "as-run", "asrun", "last", "none"):
+            return None
+        try:
+            return tuple(int(x) for x in v.replace(" ", "").split(",") if x)
+        except ValueError:
+            raise ConfigError(
+                f"--eattn-layers {value!r}: give block numbers like 6,12,18,24 or 'as-run'"
+            ) from None
+    return tuple(int(x) for x in value)
+
+
+def resolve_anomaly_preset(preset: str | AnomalyPreset, **overrides: Any) -> AnomalyPreset:
+    """The preset with overrides applied (``eattn_layers`` parsed; unknown names -> ConfigError)."""
+    base = (
+        preset
+        if isinstance(preset, AnomalyPreset)
+        else pick_preset(ANOMALY_PRESETS, preset, "anomaly")
+    )
+    ov = dict(overrides)
+    layers_given = "eattn_layers" in ov
+    layers = parse_layers(ov.pop("eattn_layers", None))
+    cfg = with_overrides(base, **ov)
+    if layers_given:
+        cfg = replace(cfg, eattn_layers=layers)
+    if cfg.dattn_mean not in ("image", "batch"):
+        raise ConfigError(f"--dattn-mean must be 'image' or 'batch', not {cfg.dattn_mean!r}")
+    if cfg.image_size % 14:
+        raise ConfigError(
+            f"image size {cfg.image_size} must be a multiple of the patch size 14 (e.g. 518)"
+        )
+    return cfg
+
+
+@dataclass(frozen=True)
+class AnomalyOptions(_TaskOptions):
+    """Options of the anomaly head (``specs/anomaly.md``); ``overrides`` are preset fields."""
+
+    TASK: ClassVar[str] = "anomaly"
+    ALIASES: ClassVar[dict[str, str]] = {"object": "object_name"}
+    PRESET_CLASS: ClassVar[type] = AnomalyPreset
+
+    preset: str = DEFAULT_ANOMALY_PRESET
+    object_name: str | None = None
+    domain: str = "industrial"  # industrial | medical (the papers' medical settings)
+    dataset: str | None = None  # "mvtec" selects the VisA-trained prompts (the papers' protocol)
+    threshold: float | None = None
+    image_threshold: float | None = None
+    calibrate_with: Any = None  # folder / file / glob / list of known-good images
+    calibrate_percentile: float | None = None
+    batch_size: int | None = None
+    keep_model_map: bool = False
+    overrides: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.domain not in DOMAINS:
+            raise ConfigError(f"--domain must be one of {', '.join(DOMAINS)}, not {self.domain!r}")
+        if self.calibrate_percentile is not None:
+            if self.calibrate_with is None:
+                raise ConfigError("--calibrate-percentile needs --calibrate-with DIR")
+            if not 0.0 <= float(self.calibrate_percentile) <= 100.0:
+                raise ConfigError(
+                    f"--calibrate-percentile must be in [0, 100], got {self.calibrate_percentile}"
+                )
+        if self.batch_size is not None and int(self.batch_size) < 1:
+            raise ConfigError("batch_size must be at least 1")
+        self.config()  # the preset and its overrides are valid
+
+    @property
+    def prompts_explicit(self) -> bool:
+        """True when the user chose the prompts (not the preset's default checkpoint)."""
+        return any(k == "prompts" for k, _ in self.overrides)
+
+    def config(self) -> AnomalyPreset:
+        """The preset with the overrides (and the medical domain's fusion order) applied."""
+        ov = dict(self.overrides)
+        cfg = resolve_anomaly_preset(self.preset, **ov)
+        if self.domain == "medical" and "soft_mean" not in ov:
+            cfg = replace(cfg, soft_mean=cfg.soft_mean_medical)
+        return cfg
+
+
+# ---- open vocabulary -----------------------------------------------------------------------
+
+
+def resolve_classes(classes: Any = None, classes_file: Any = None) -> tuple[ClassEntry, ...]:
+    """The one parser of class lists: a list, a ``"a, b; synonym"`` string, ``file:NAME`` or a
+    class file (path or shipped name such as ``voc21``)."""
+    if classes is not None and classes_file is not None:
+        raise ConfigError("give classes or a classes file, not both")
+    if classes is None and classes_file is None:
+        raise ConfigError(
+            "open-vocabulary segmentation needs classes (e.g. classes = ['cat', 'sofa'])"
+        )
+    if classes_file is not None:
+        parsed = load_class_file(classes_file)
+    else:
+        if isinstance(classes, (list, tuple)) and len(classes) == 1 and isinstance(classes[0], str):
+            classes = classes[0] if classes[0].startswith("file:") else classes
+        if isinstance(classes, str) and classes.startswith("file:"):
+            parsed = load_class_file(classes[5:])
+        else:
+            parsed = parse_classes(classes)
+    out = tuple((str(n), tuple(str(s) for s in syn)) for n, syn in parsed)
+    if len(out) > MAX_CLASSES:
+        raise ConfigError(f"{len(out)} classes: a label PNG holds at most {MAX_CLASSES}")
+    return out
+
+
+@dataclass(frozen=True)
+class OpenVocabOptions(_TaskOptions):
+    """Options of the open-vocabulary head; ``classes`` are parsed here, once."""
+
+    TASK: ClassVar[str] = "openvocab"
+    ALIASES: ClassVar[dict[str, str]] = {"dataset_preset": "dataset"}
+    PRESET_CLASS: ClassVar[type] = OpenVocabPreset
+
+    classes: tuple[ClassEntry, ...] = ()
+    preset: str = DEFAULT_OPENVOCAB_PRESET
+    dataset: str | None = None  # benchmark settings (voc21, context60, ...)
+    save_probs: bool = False  # also write the (K, H, W) probabilities as the float map
+    overrides: tuple[tuple[str, Any], ...] = ()
+    classes_file: Any = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def _prepare(cls, values: dict[str, Any]) -> dict[str, Any]:
+        values = dict(values)
+        classes_file = values.pop("classes_file", None)
+        values["classes"] = resolve_classes(values.get("classes"), classes_file)
+        return values
+
+    def __post_init__(self) -> None:
+        if not self.classes:
+            raise ConfigError("open-vocabulary segmentation needs classes")
+        if self.dataset is not None and self.dataset not in OPENVOCAB_DATASETS:
+            raise ConfigError(
+                f"unknown dataset preset {self.dataset!r}; "
+                f"choose one of: {', '.join(OPENVOCAB_DATASETS)}"
+            )
+        cfg = self.config()
+        if cfg.sam_refine and cfg.method != "trident":
+            raise ConfigError("--sam-refine needs --preset trident or trident-fixed")
+
+    def config(self) -> OpenVocabPreset:
+        return openvocab_preset(self.preset, self.dataset, **dict(self.overrides))
+
+
+# ---- referring -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReferOptions(_TaskOptions):
+    """Options of the referring head; the text may also come per input (queries files)."""
+
+    TASK: ClassVar[str] = "refer"
+    ALIASES: ClassVar[dict[str, str]] = {"expression": "text"}
+    PRESET_CLASS: ClassVar[type] = ReferPreset
+
+    preset: str = DEFAULT_REFER_PRESET
+    text: str | None = None
+    overrides: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        self.config()
+
+    def config(self) -> ReferPreset:
+        base = pick_preset(REFER_PRESETS, self.preset, "referring")
+        return with_overrides(base, **dict(self.overrides)) if self.overrides else base
+
+
+TASK_OPTIONS: dict[str, type] = {
+    "anomaly": AnomalyOptions,
+    "openvocab": OpenVocabOptions,
+    "refer": ReferOptions,
+}
+
+
+def options_for(task: str, mapping: Mapping[str, Any] | None = None, **kw: Any):
+    """``TASK_OPTIONS[task].from_mapping(...)`` with a clear error for an unknown task."""
+    try:
+        cls = TASK_OPTIONS[task]
+    except KeyError:
+        raise ConfigError(
+            f"unknown task {task!r}; choose one of: {', '.join(TASK_OPTIONS)}"
+        ) from None
+    return cls.from_mapping(mapping, **kw)
