@@ -456,14 +456,15 @@ def _tiny_sam(t: dict):
 # The 3-D dense prompt (Trident's form) is numerically ill-conditioned in float32, so its logits
 # get a tolerance sized by measurement, not the README's 1e-4. With a (1,256,256) mask SAM's
 # LayerNorm2d normalises over the *height* axis of an almost empty mask (values <= 4.5e-3, 91 %
-# exact zeros): the variance there is 0 .. 3.4e-7, below LayerNorm's eps 1e-6, so the float32
-# rounding of x - mean(x) is amplified about 1e3x, twice (two LayerNorm2d). Measured on the tiny
-# decoder: a relative perturbation of the mask input by one float32 ulp moves the 3-D logits by
-# 2.4e-4 (the 4-D form: 2.9e-6); the same code in float64 is 6.3e-4 from the reference (the
-# reference's own float32 error) and 1.7e-3 from our float32 run on an AVX2 CPU, whose reduction
-# order differs from the machine that made the fixture. Our code does not change the op order: it
-# calls segment_anything's SamPredictor.predict_torch. 1e-2 is 5x the largest difference seen
-# (1.9e-3 on logits up to ~7) and 700x below the 3-D vs 4-D gap (7.2) that this test is about.
+# exact zeros): the variance there is 0 .. 3.4e-7, below LayerNorm's eps 1e-6, so float32
+# rounding in x - mean(x) is amplified about 1e3x, twice (two LayerNorm2d). The rounding comes
+# from the convolution kernel torch picks per CPU: on this AMD EPYC (AVX2) oneDNN's first
+# mask-downscaling conv differs from torch's native conv by 1.5e-8, which ends as 1.9e-3 on the
+# logits (oneDNN limited to SSE4.1: 1.5e-4; oneDNN off: 8.9e-5). A one-ulp relative change of the
+# mask input moves the 3-D logits by 2.4e-4 (the 4-D form: 2.9e-6), and the same code in float64
+# is 6.3e-4 from the reference (the reference's own float32 error). Our op order is the
+# reference's: we call segment_anything's SamPredictor.predict_torch. 1e-2 is 5x the largest
+# difference seen (logits up to ~7) and 700x below the 3-D vs 4-D gap (7.2) this test is about.
 SAM_3D_LOGIT_TOL = 1e-2
 SAM_3D_IOU_TOL = 1e-3  # observed 1.2e-4 (float64 vs reference 9e-5)
 
