@@ -166,7 +166,8 @@ def test_proxyclip_nonsquare_does_not_reproduce_reference_bug(proxy):
     with torch.no_grad():
         t = lb.proxy_clip_tokens(clip, img, feats)
     assert t.shape[1] == feats.shape[-2] * feats.shape[-1] == bug.shape[0]
-    assert (t[0] - bug).abs().max() > 0.05  # the reference swaps H/W; we use the true grid
+    # the reference swaps H/W; we use the true grid (README: 0.17 apart), far above tolerance
+    assert (t[0] - bug).abs().max() > 100 * TOK
 
 
 def test_clip_only_baselines(proxy):
