@@ -176,3 +176,36 @@ def test_context_computes_sam_once():
     s3 = ctx.sam_state(sam, capture_last_attn=True)  # needs the attention: recomputed once
     assert s3.last_attn is not None and ctx.sam_state(sam) is s3
     assert ctx.computed[("sam", sam.arch)] == 2
+
+
+def test_state_dict_with_other_head_counts_needs_them_given():
+    """Head counts are in no tensor shape: a CLIP built with 4 vision heads of 32 and 2 text heads
+    of 32 (not OpenAI's width // 64) loads back exactly only when they are given."""
+    import open_clip
+
+    from zsdense.errors import ConfigError
+
+    torch.manual_seed(0)
+    ref = open_clip.CLIP(
+        embed_dim=32,
+        vision_cfg=dict(layers=2, width=128, patch_size=16, image_size=64, head_width=32),
+        text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=1),
+        quick_gelu=True,
+    ).eval()
+    for name, p in ref.named_parameters():  # break the symmetry between heads
+        if name.endswith("in_proj_bias"):
+            p.data.add_(0.3 * torch.randn_like(p))
+    sd = ref.state_dict()
+    x = torch.randn(1, 3, 64, 64)
+    tok = open_clip.get_tokenizer("ViT-B-16")(["a cat"])
+    with torch.no_grad():
+        want_img, want_txt = ref.encode_image(x), ref.encode_text(tok)
+        got = clip_from_state_dict(sd, vision_heads=4, text_heads=2)
+        assert got.block(0).num_heads == 4
+        torch.testing.assert_close(got.model.encode_image(x), want_img, rtol=0, atol=1e-6)
+        torch.testing.assert_close(got.model.encode_text(tok), want_txt, rtol=0, atol=1e-6)
+        default = clip_from_state_dict(sd)  # OpenAI's rule: 128 // 64 = 2 vision heads
+        assert default.block(0).num_heads == 2
+        assert (default.model.encode_image(x) - want_img).abs().max() > 1e-3
+    with pytest.raises(ConfigError, match="do not divide"):
+        clip_from_state_dict(sd, vision_heads=3)

@@ -22,6 +22,8 @@ REQUIRED = [
     "dinov2-reg-base",
     "dinov2-reg-small",
     "dinov2-reg-large",
+    "dinov2-giant",
+    "dinov2-reg-giant",
     "sam-vit_b",
     "sam-vit_l",
     "sam-vit_h",
@@ -96,6 +98,62 @@ def test_required_names_and_well_formed_entries():
         "model.safetensors",
     ]
     assert CHECKPOINTS["sam-vit_b"].files[0].url.endswith("/segment_anything/sam_vit_b_01ec64.pth")
+
+
+DINOV2_SIZES = ("small", "base", "large", "giant")
+
+
+@pytest.mark.parametrize("size", DINOV2_SIZES)
+@pytest.mark.parametrize("registers", [False, True])
+def test_dinov2_entries_every_size_with_and_without_registers(size, registers):
+    """ViT-S/B/L/G, with and without registers, as HF directories loaded through transformers."""
+    from zsdense.models.dinov2 import DINOV2_MODELS
+
+    name = f"dinov2-{'reg-' if registers else ''}{size}"
+    repo = f"facebook/dinov2-{'with-registers-' if registers else ''}{size}"
+    ck = CHECKPOINTS[name]
+    assert (ck.kind, ck.arch, ck.hub_id) == ("dinov2", repo, repo)
+    assert [f.filename for f in ck.files] == ["config.json", "model.safetensors"]
+    assert [f.url for f in ck.files] == [
+        f"https://huggingface.co/{repo}/resolve/main/config.json",
+        f"https://huggingface.co/{repo}/resolve/main/model.safetensors",
+    ]
+    assert ck.description == f"DINOv2 ViT-{size[0].upper()}/14" + (
+        " with registers" if registers else ""
+    )
+    assert DINOV2_MODELS[name] == repo  # the builders read the same table
+
+
+def test_table_is_data_and_registry_reexports_it():
+    """The weights table holds no logic (no os / network / torch imports) and is the object the
+    registry serves; ``load_state_dict_file`` lives apart and is re-exported."""
+    import ast
+    import inspect
+
+    from zsdense.models import weights_load, weights_table
+
+    tree = ast.parse(inspect.getsource(weights_table))
+    imported = {
+        (n.module if isinstance(n, ast.ImportFrom) else a.name).split(".")[0]
+        for n in ast.walk(tree)
+        if isinstance(n, (ast.Import, ast.ImportFrom))
+        for a in n.names
+    }
+    assert imported <= {"__future__", "dataclasses", "zsdense"}, imported
+    assert registry.CHECKPOINTS is weights_table.CHECKPOINTS
+    assert registry.get_checkpoint is weights_table.get_checkpoint
+    assert registry.load_state_dict_file is weights_load.load_state_dict_file
+    assert weights_table.build_checkpoints() == CHECKPOINTS
+    n_rows = sum(
+        len(t)
+        for t in (
+            weights_table.OPENAI_CLIP,
+            weights_table.DINOV2,
+            weights_table.SAM,
+            weights_table.CRANE,
+        )
+    )
+    assert len(CHECKPOINTS) == n_rows
 
 
 def test_unknown_name_lists_known_ones():

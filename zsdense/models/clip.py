@@ -241,8 +241,16 @@ class ClipModel:
 # ---- construction ----------------------------------------------------------------------------
 
 
-def _infer_config(sd: dict[str, torch.Tensor]) -> dict:
-    """open_clip CLIP constructor arguments from an OpenAI-layout state dict."""
+def _infer_config(
+    sd: dict[str, torch.Tensor],
+    vision_heads: int | None = None,
+    text_heads: int | None = None,
+) -> dict:
+    """open_clip CLIP constructor arguments from an OpenAI-layout state dict.
+
+    Head counts are in no tensor shape: by default they follow OpenAI's rule (width // 64, at
+    least 1); ``vision_heads`` / ``text_heads`` override it for checkpoints built otherwise.
+    """
     try:
         width = sd["visual.conv1.weight"].shape[0]
         patch = sd["visual.conv1.weight"].shape[-1]
@@ -258,6 +266,9 @@ def _infer_config(sd: dict[str, torch.Tensor]) -> dict:
             f"not an OpenAI/open_clip CLIP state dict (missing key {exc.args[0]!r})"
         ) from None
     grid = math.isqrt(n_pos - 1)
+    for what, heads, w in (("vision", vision_heads, width), ("text", text_heads, t_width)):
+        if heads is not None and (heads < 1 or w % heads):
+            raise ConfigError(f"{what} heads {heads} do not divide the {what} width {w}")
     return dict(
         embed_dim=embed_dim,
         vision_cfg=dict(
@@ -265,13 +276,13 @@ def _infer_config(sd: dict[str, torch.Tensor]) -> dict:
             width=width,
             patch_size=patch,
             image_size=grid * patch,
-            head_width=64,
+            head_width=64 if vision_heads is None else width // vision_heads,
         ),
         text_cfg=dict(
             context_length=ctx,
             vocab_size=vocab,
             width=t_width,
-            heads=max(1, t_width // 64),
+            heads=max(1, t_width // 64) if text_heads is None else text_heads,
             layers=t_layers,
         ),
         quick_gelu=True,
@@ -279,15 +290,24 @@ def _infer_config(sd: dict[str, torch.Tensor]) -> dict:
 
 
 def clip_from_state_dict(
-    sd: dict[str, torch.Tensor], *, arch: str = "custom", is_random: bool = False
+    sd: dict[str, torch.Tensor],
+    *,
+    arch: str = "custom",
+    is_random: bool = False,
+    vision_heads: int | None = None,
+    text_heads: int | None = None,
 ) -> ClipModel:
-    """Build an open_clip CLIP (float32, QuickGELU as OpenAI) and load ``sd`` strictly."""
+    """Build an open_clip CLIP (float32, QuickGELU as OpenAI) and load ``sd`` strictly.
+
+    Sizes come from the tensor shapes; the head counts (which no shape holds) default to
+    width // 64 as in OpenAI's checkpoints, or are given (e.g. from a fixture's stored config).
+    """
     import open_clip
 
     sd = {
         k: v for k, v in sd.items() if k not in ("input_resolution", "context_length", "vocab_size")
     }
-    cfg = _infer_config(sd)
+    cfg = _infer_config(sd, vision_heads, text_heads)
     model = open_clip.CLIP(**cfg)
     try:
         model.load_state_dict(sd, strict=True)

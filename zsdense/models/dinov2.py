@@ -8,19 +8,21 @@ import torch
 import torch.nn.functional as F
 
 from zsdense.errors import WeightsError
+from zsdense.models.weights_table import DINOV2 as DINOV2_TABLE
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TINY_SEED = 1
 
-# registry name -> HF hub id
-DINOV2_MODELS = {
-    "dinov2-small": "facebook/dinov2-small",
-    "dinov2-base": "facebook/dinov2-base",
-    "dinov2-large": "facebook/dinov2-large",
-    "dinov2-reg-small": "facebook/dinov2-with-registers-small",
-    "dinov2-reg-base": "facebook/dinov2-with-registers-base",
-    "dinov2-reg-large": "facebook/dinov2-with-registers-large",
+# registry name -> HF hub id (from the weights table: one list of DINOv2 checkpoints)
+DINOV2_MODELS = {name: repo for name, repo, _sha in DINOV2_TABLE}
+
+# published architectures by size: (width, layers, heads, SwiGLU FFN)
+_SIZES = {
+    "small": (384, 12, 6, False),
+    "base": (768, 12, 12, False),
+    "large": (1024, 24, 16, False),
+    "giant": (1536, 40, 24, True),
 }
 
 
@@ -92,9 +94,7 @@ def _config(hub_id: str, tiny: bool):
     regs = "with-registers" in hub_id
     cls = Dinov2WithRegistersConfig if regs else Dinov2Config
     size = hub_id.rsplit("-", 1)[-1]
-    width, layers, heads = {"small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}[
-        size
-    ]
+    width, layers, heads, swiglu = _SIZES[size]
     if tiny:
         width, layers, heads = 64, 2, 2
     kw = dict(
@@ -106,6 +106,8 @@ def _config(hub_id: str, tiny: bool):
         image_size=518,
         layerscale_value=1.0,
     )
+    if swiglu:  # ViT-g/14: SwiGLU MLP (transformers sizes it from mlp_ratio)
+        kw["use_swiglu_ffn"] = True
     if regs:
         kw["num_register_tokens"] = 4
     return cls(**kw)

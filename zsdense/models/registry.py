@@ -1,8 +1,9 @@
-"""The weights registry: every checkpoint zsdense can load, where it comes from, and its hash.
+"""The weights registry: find, hash, download and verify the checkpoints of the weights table.
 
-A checkpoint has a name (``sam-vit_b``, ``clip-ViT-B-16-openai``, ``dinov2-reg-base``...), the
-files it consists of (one file, or ``config.json`` + ``model.safetensors`` for an HF directory),
-the URL each file is published at and, where it could be verified, its SHA-256.
+The table itself (names, hub ids, URLs, SHA-256: plain data) is :mod:`zsdense.models.weights_table`;
+reading a file into a state dict is :mod:`zsdense.models.weights_load`. Both are re-exported here
+(``registry.CHECKPOINTS``, ``registry.get_checkpoint``, ``registry.load_state_dict_file``) so that
+callers need one import.
 
 :func:`resolve` finds a checkpoint on disk or downloads it, in this order:
 
@@ -16,33 +17,30 @@ the URL each file is published at and, where it could be verified, its SHA-256.
 
 A file whose SHA-256 differs from the registered one is an error, never silently replaced: the
 user put it there, so the user decides. Downloads go to ``<file>.part`` and are renamed only
-after their hash checks out. Checkpoints load through :func:`load_state_dict_file`, which never
-unpickles arbitrary objects (safetensors, ``torch.load(weights_only=True)``, or TorchScript's own
-loader for OpenAI's original JIT archives).
-
-Hashes: the SAM, OpenAI CLIP (``.pt``), DINOv2 (without registers) and Crane SHA-256 values are
-the published ones (OpenAI's are part of the download URL; the HF ones are the LFS object ids).
-Where no published value could be verified the hash is ``None`` and ``verify`` says "unknown
-hash" rather than pretending.
+after their hash checks out. Where the table has no verified hash (``None``), ``verify`` says
+"unknown hash" rather than pretending.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import re
 import sys
 import urllib.error
 import urllib.request
-import warnings
-import zipfile
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from zsdense.errors import ConfigError, WeightsError
+from zsdense.errors import WeightsError
+from zsdense.models.weights_load import load_state_dict_file
+from zsdense.models.weights_table import (
+    CHECKPOINTS,
+    Checkpoint,
+    FileSpec,
+    get_checkpoint,
+)
+from zsdense.models.weights_table import HF as _HF
 
 __all__ = [
     "CHECKPOINTS",
@@ -51,273 +49,17 @@ __all__ = [
     "VerifyResult",
     "find",
     "get_checkpoint",
+    "hf_hub_cache",
     "is_offline",
     "load_state_dict_file",
+    "open_clip_cache",
     "resolve",
     "search_locations",
     "sha256_file",
+    "torch_hub_checkpoints",
     "verify",
     "weights_dirs",
 ]
-
-# ---------------------------------------------------------------------------------------------
-# Registry entries
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FileSpec:
-    """One published file: local file name, download URL, SHA-256 (None if unverified), size."""
-
-    filename: str
-    url: str
-    sha256: str | None
-    size: int | None = None
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """A named checkpoint: the files it consists of and where they come from.
-
-    ``alternates`` are other published forms of a single-file checkpoint that load to the same
-    weights (e.g. OpenAI's original ``ViT-B-16.pt`` for the open_clip safetensors file); any one
-    of ``files`` or an alternate satisfies the checkpoint.
-    """
-
-    name: str
-    kind: str  # "clip" | "dinov2" | "sam" | "prompts"
-    arch: str
-    files: tuple[FileSpec, ...]
-    hub_id: str | None = None
-    license: str = ""
-    description: str = ""
-    alternates: tuple[FileSpec, ...] = field(default=())
-    hub_revision: str = "main"
-
-
-_HF = "https://huggingface.co"
-
-
-def _hf_url(repo: str, filename: str, revision: str = "main") -> str:
-    return f"{_HF}/{repo}/resolve/{revision}/{filename}"
-
-
-# OpenAI CLIP: (arch, timm hub repo that open_clip 3.x downloads from, OpenAI file, its SHA-256).
-# open_clip prefers the HF hub and, for the default file name, tries the safetensors version
-# (open_clip_model.safetensors) first: that is what is registered as the primary file.
-_OPENAI_CLIP = (
-    (
-        "ViT-B-16",
-        "timm/vit_base_patch16_clip_224.openai",
-        "ViT-B-16.pt",
-        "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f",
-    ),
-    (
-        "ViT-L-14-336",
-        "timm/vit_large_patch14_clip_336.openai",
-        "ViT-L-14-336px.pt",
-        "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02",
-    ),
-    (
-        "ViT-L-14",
-        "timm/vit_large_patch14_clip_224.openai",
-        "ViT-L-14.pt",
-        "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836",
-    ),
-    (
-        "ViT-B-32",
-        "timm/vit_base_patch32_clip_224.openai",
-        "ViT-B-32.pt",
-        "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af",
-    ),
-)
-
-# DINOv2 on the HF hub: name -> (repo, model.safetensors LFS sha256 or None if unverified).
-_DINOV2 = (
-    (
-        "dinov2-small",
-        "facebook/dinov2-small",
-        "ae1e99fcefd534ed978cdeb8326f08030c96e28b7a81ffcbc98a857c84d14be1",
-    ),
-    (
-        "dinov2-base",
-        "facebook/dinov2-base",
-        "d73036b56966966d07975d696bde331762f37297e2f095de8cea0040c3aa0841",
-    ),
-    (
-        "dinov2-large",
-        "facebook/dinov2-large",
-        "399fba97a95f22c36834418bc69373364a99af3a1153da1c0fb31db567c92e23",
-    ),
-    ("dinov2-reg-small", "facebook/dinov2-with-registers-small", None),
-    ("dinov2-reg-base", "facebook/dinov2-with-registers-base", None),
-    ("dinov2-reg-large", "facebook/dinov2-with-registers-large", None),
-)
-
-# SAM: arch -> (file, sha256, size in bytes or None).
-_SAM = (
-    (
-        "vit_b",
-        "sam_vit_b_01ec64.pth",
-        "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
-        375042383,
-    ),
-    (
-        "vit_l",
-        "sam_vit_l_0b3195.pth",
-        "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622",
-        None,
-    ),
-    (
-        "vit_h",
-        "sam_vit_h_4b8939.pth",
-        "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
-        2564550879,
-    ),
-)
-
-# Crane prompt learners (repository AlirezaSalehy/Crane at a fixed commit):
-# name -> (folder in the repository, epoch, sha256).
-_CRANE_COMMIT = "39181f9f718a28c1b06b5aa72bfb81e74b9a2cc3"
-_CRANE = (
-    (
-        "crane-mvtec",
-        "trained_on_mvtec_crane",
-        5,
-        "dc9bf1584c8abd8744f39e9607fdea8a04c8d30aa147de595d22bf444488e4c8",
-    ),
-    (
-        "crane-mvtec-epoch1",
-        "trained_on_mvtec_crane",
-        1,
-        "e6b84fa9bbbc9161f161d206611051e56c46768ec6c00dc7fed019c9b36a66db",
-    ),
-    (
-        "crane-visa",
-        "trained_on_visa_crane",
-        5,
-        "66d070e3b72b61704495bdadd0f8c4979b62a23ca7211cfe08bd08ec7c0ab831",
-    ),
-    (
-        "crane-visa-epoch1",
-        "trained_on_visa_crane",
-        1,
-        "66e740da08875bf6b500dee72d6ff0c2dbc80079ad7cecaf25da74a536978f86",
-    ),
-    (
-        "crane+-mvtec",
-        "trained_on_mvtec_cranep",
-        5,
-        "9163f13a9c0a75ac63de16239b850cf70d366b5591b083bea2c0c41e76beed53",
-    ),
-    (
-        "crane+-mvtec-epoch1",
-        "trained_on_mvtec_cranep",
-        1,
-        "233cc4e623716f1aa26ebe374dd11aa7d77205266a52902837857c5a0fdc9e21",
-    ),
-    (
-        "crane+-visa",
-        "trained_on_visa_cranep",
-        5,
-        "732c7d1b76745950c56b0f9846f46f297619dcbb1db69a61e7b8fa5609ac10ab",
-    ),
-    (
-        "crane+-visa-epoch1",
-        "trained_on_visa_cranep",
-        1,
-        "fa359b2419c851339d3f79684924d55d1ae61fe858a5845b9665e21b873dd5fa",
-    ),
-)
-
-
-def _build_registry() -> dict[str, Checkpoint]:
-    reg: dict[str, Checkpoint] = {}
-    for arch, repo, openai_file, openai_sha in _OPENAI_CLIP:
-        digest_dir = f"https://openaipublic.azureedge.net/clip/models/{openai_sha}"
-        reg[f"clip-{arch}-openai"] = Checkpoint(
-            name=f"clip-{arch}-openai",
-            kind="clip",
-            arch=arch,
-            files=(
-                FileSpec(
-                    "open_clip_model.safetensors",
-                    _hf_url(repo, "open_clip_model.safetensors"),
-                    None,
-                ),
-            ),
-            hub_id=repo,
-            license="MIT (OpenAI CLIP)",
-            description=f"OpenAI CLIP {arch} (open_clip format from the HF hub)",
-            alternates=(
-                FileSpec(openai_file, f"{digest_dir}/{openai_file}", openai_sha),
-                FileSpec(
-                    "open_clip_pytorch_model.bin",
-                    _hf_url(repo, "open_clip_pytorch_model.bin"),
-                    None,
-                ),
-            ),
-        )
-    for name, repo, sha in _DINOV2:
-        size = repo.rsplit("-", 1)[-1]
-        reg[name] = Checkpoint(
-            name=name,
-            kind="dinov2",
-            arch=repo,
-            files=(
-                FileSpec("config.json", _hf_url(repo, "config.json"), None),
-                FileSpec("model.safetensors", _hf_url(repo, "model.safetensors"), sha),
-            ),
-            hub_id=repo,
-            license="Apache-2.0",
-            description=f"DINOv2 ViT-{size[0].upper()}/14"
-            + (" with registers" if "registers" in repo else ""),
-        )
-    for arch, filename, sha, nbytes in _SAM:
-        reg[f"sam-{arch}"] = Checkpoint(
-            name=f"sam-{arch}",
-            kind="sam",
-            arch=arch,
-            files=(
-                FileSpec(
-                    filename,
-                    f"https://dl.fbaipublicfiles.com/segment_anything/{filename}",
-                    sha,
-                    nbytes,
-                ),
-            ),
-            license="Apache-2.0",
-            description=f"Segment Anything ViT-{arch[4:].upper()}",
-        )
-    for name, folder, epoch, sha in _CRANE:
-        url = (
-            f"https://raw.githubusercontent.com/AlirezaSalehy/Crane/{_CRANE_COMMIT}/checkpoints/"
-            f"{folder}/epoch_{epoch}.pth"
-        )
-        reg[name] = Checkpoint(
-            name=name,
-            kind="prompts",
-            arch="ViT-L-14-336",
-            files=(FileSpec(f"{folder}_epoch_{epoch}.pth", url, sha),),
-            license="MIT (Crane)",
-            description=f"Crane{'+' if folder.endswith('cranep') else ''} prompt learner, "
-            f"{folder.split('_')[2]}, epoch {epoch}",
-        )
-    return reg
-
-
-CHECKPOINTS: dict[str, Checkpoint] = _build_registry()
-
-
-def get_checkpoint(name: str) -> Checkpoint:
-    """The registry entry ``name``; a ConfigError listing the known names if there is none."""
-    try:
-        return CHECKPOINTS[name]
-    except KeyError:
-        raise ConfigError(
-            f"unknown checkpoint {name!r}; known checkpoints: {', '.join(sorted(CHECKPOINTS))}"
-        ) from None
-
 
 # ---------------------------------------------------------------------------------------------
 # Places
@@ -798,103 +540,3 @@ def verify(
                 status = "ok" if actual == s.sha256 else "mismatch"
             out.append(VerifyResult(n, s.filename, p, status, s.sha256, actual))
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading
-# ---------------------------------------------------------------------------------------------
-
-_WRAPPER_KEYS = ("state_dict", "model", "prompt_learner")
-_JIT_META_KEYS = ("input_resolution", "context_length", "vocab_size")
-
-
-def _is_torchscript(path: Path) -> bool:
-    """True for a TorchScript archive (a zip with ``code/`` and ``constants.pkl``)."""
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as zf:
-        names = zf.namelist()
-    return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
-
-
-def _is_tensor_dict(obj: object) -> bool:
-    return isinstance(obj, dict) and all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
-    )
-
-
-def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a checkpoint file as a flat {name: tensor} dict on the CPU, never running pickle code.
-
-    - ``.safetensors``: safetensors.
-    - TorchScript archives (OpenAI's original ``ViT-*.pt``): ``torch.jit.load`` and its
-      ``state_dict()``. TorchScript's deserializer only rebuilds tensors and TorchScript types,
-      it does not call arbitrary Python, so this is as safe as weights_only.
-    - anything else: ``torch.load(map_location="cpu", weights_only=True)``.
-
-    Common wrappers are unwrapped (a dict whose ``state_dict`` / ``model`` / ``prompt_learner``
-    entry is the tensor dict, e.g. Crane's ``{"prompt_learner": {...}}``), and a ``module.``
-    prefix (DataParallel) is stripped. Anything else raises WeightsError naming the file.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise WeightsError(f"{p}: checkpoint file not found")
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(p), device="cpu")
-        except Exception as exc:
-            raise WeightsError(
-                f"{p}: not a readable safetensors file ({exc}); it is corrupt or incomplete: "
-                f"delete it and fetch it again"
-            ) from None
-    if _is_torchscript(p):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                sd = dict(torch.jit.load(str(p), map_location="cpu").state_dict())
-        except Exception as exc:
-            raise WeightsError(f"{p}: cannot read this TorchScript archive ({exc})") from None
-        for k in _JIT_META_KEYS:
-            sd.pop(k, None)
-        obj: object = sd
-    else:
-        try:
-            obj = torch.load(str(p), map_location="cpu", weights_only=True)
-        except Exception as exc:
-            text = str(exc)
-            refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-            if refused:
-                raise WeightsError(
-                    f"{p}: torch.load(weights_only=True) refused this file: it holds the Python "
-                    f"object {refused.group(1)}, not only tensors, and zsdense does not unpickle "
-                    f"such objects (they can run code). Convert it to a plain state dict or "
-                    f"safetensors."
-                ) from None
-            import pickle
-
-            detail = (
-                "invalid pickle data"
-                if isinstance(exc, pickle.UnpicklingError)
-                else (text.splitlines() or [type(exc).__name__])[0]
-            )
-            raise WeightsError(
-                f"{p}: not a readable PyTorch checkpoint ({detail}); it is corrupt or "
-                f"incomplete: delete it and fetch it again"
-            ) from None
-    if isinstance(obj, dict) and not _is_tensor_dict(obj):
-        for key in _WRAPPER_KEYS:
-            if _is_tensor_dict(obj.get(key)):
-                obj = obj[key]
-                break
-    if not _is_tensor_dict(obj) or not obj:
-        kind = type(obj).__name__
-        raise WeightsError(
-            f"{p}: weights_only loading gave a {kind} that is not a plain dict of tensors; "
-            f"zsdense only loads state dicts (optionally under a 'state_dict' or 'model' key)"
-        )
-    sd = obj  # type: ignore[assignment]
-    if all(k.startswith("module.") for k in sd):
-        sd = {k[len("module.") :]: v for k, v in sd.items()}
-    return sd
