@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from zsdense.io.inputs import InputItem, list_inputs, output_stem
+from zsdense.io.inputs import InputItem, ListedInputs, SkippedInput, list_inputs, output_stem
 from zsdense.io.manifest import Manifest, is_complete, record_error, record_key, record_ok
 from zsdense.io.readers import (
     DEFAULT_MAX_PIXELS,
@@ -35,6 +35,7 @@ __all__ = [
     "SUPPORTED_EXTENSIONS",
     "ImageRecord",
     "InputItem",
+    "ListedInputs",
     "Manifest",
     "atomic_path",
     "detect_format",
@@ -50,6 +51,7 @@ __all__ = [
     "record_key",
     "record_ok",
     "rle_to_mask",
+    "SkippedInput",
     "to_float_rgb",
     "to_jsonable",
     "voc_palette",
