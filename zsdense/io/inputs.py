@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from zsdense.errors import InputError
-from zsdense.io.readers import _SUPPORTED_TEXT, SUPPORTED_EXTENSIONS
+from zsdense.io.readers.common import SUPPORTED_EXTENSIONS, SUPPORTED_TEXT
 
 __all__ = [
     "InputItem",
@@ -263,7 +263,7 @@ def _expand(entry: str | Path, listing: _Listing) -> None:
         if not listing.found:
             raise InputError(
                 p,
-                f"folder contains no supported image files (supported: {_SUPPORTED_TEXT})"
+                f"folder contains no supported image files (supported: {SUPPORTED_TEXT})"
                 + _nothing_left(listing),
             )
         return
