@@ -213,3 +213,12 @@ def test_medical_dependencies_imported_only_in_their_modules() -> None:
     code = "import sys, zsdense.io; print('pydicom' in sys.modules, 'nibabel' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_to_float_rgb_of_a_stack_path_says_only_the_first_is_used(tmp_path: Path) -> None:
+    pages = [np.full((3, 4), v, np.uint8) for v in (10, 20)]
+    img, meta = to_float_rgb(_stack(tmp_path / "s.tif", pages))
+    assert float(img[0, 0, 0]) == pytest.approx(10 / 255) and meta["page"] == 0
+    assert any("only the first (.p000)" in w for w in meta["warnings"])
+    Image.fromarray(pages[0]).save(tmp_path / "one.png")
+    assert not to_float_rgb(tmp_path / "one.png")[1]["warnings"]

@@ -170,11 +170,17 @@ def to_float_rgb(
     also a ``ValueError``): empty arrays (a zero height or width), other channel counts (e.g.
     HxWx7), channel-first arrays (3xHxW), other ranks, and complex / object / string dtypes;
     likewise an empty PIL image. Anything else (a number, a list of lists) is a ``TypeError``.
-    Paths are read with :func:`read_image` (the first image of the file). The metadata has the
-    same keys as :class:`ImageRecord.meta`.
+    Paths are read with :func:`read_image` (the first image of the file; a warning in the
+    metadata says when the file holds more). The metadata has the same keys as
+    :class:`ImageRecord.meta`.
     """
     if isinstance(obj, (str, Path)):
         rec = read_image(obj, max_pixels=max_pixels)
+        if rec.suffix:  # a frame / slice / page of a multi-image file
+            rec.meta["warnings"].append(
+                f"the file holds several images; only the first ({rec.suffix}) is used "
+                "(read_image_records gives them all)"
+            )
         return rec.image, rec.meta
     warn: list[str] = []
     if isinstance(obj, Image.Image):
