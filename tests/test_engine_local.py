@@ -260,13 +260,13 @@ def test_mixed_folder_one_line_per_input_exit_3(tmp_path):
     (d / "zero.png").write_bytes(b"")
     (d / "text.jpg").write_text("this is not a jpeg")
     Image.new("L", (1200, 1000)).save(d / "huge.png")  # over --max-pixels below
-    gif = tmp_path / "anim.gif"
-    Image.new("RGB", (8, 8)).save(gif)  # named directly: an unsupported format
+    ico = tmp_path / "icon.ico"
+    Image.new("RGB", (8, 8)).save(ico)  # named directly: an unsupported format (GIF is read now)
     r = cli(
         [
             "run",
             "mixed",
-            "anim.gif",
+            "icon.ico",
             "--out",
             "out",
             "--task",
@@ -291,7 +291,7 @@ def test_mixed_folder_one_line_per_input_exit_3(tmp_path):
             "zero.png",
             "text.jpg",
             "huge.png",
-            "anim.gif",
+            "icon.ico",
         ]
     )
     status = {x["key"]: (x["status"], x.get("error") or "") for x in recs}
@@ -302,7 +302,7 @@ def test_mixed_folder_one_line_per_input_exit_3(tmp_path):
     ]
     assert "empty" in status["zero.png"][1]
     assert "limit" in status["huge.png"][1]
-    assert "unsupported" in status["anim.gif"][1]
+    assert "unsupported" in status["icon.ico"][1]
     assert "3 ok, 5 failed" in r.stderr
     assert "report.html" in os.listdir(tmp_path / "out")
 

@@ -7,7 +7,8 @@ from pathlib import Path, PurePosixPath
 import pytest
 
 from zsdense.errors import InputError
-from zsdense.io.inputs import InputItem, list_inputs, output_stem, strip_extension
+from zsdense.io.inputs import InputItem, list_inputs, strip_extension
+from zsdense.io.manifest import WorkItem, out_stem
 
 
 def _touch(p: Path, data: bytes = b"x") -> Path:
@@ -78,6 +79,11 @@ def test_nothing_matched_raises(tmp_path: Path) -> None:
         list_inputs([tmp_path / "empty"])
 
 
+def output_stem(out, item: InputItem, suffix: str = "") -> Path:
+    """The engine's output stem of a listed input (the one implementation, io.manifest)."""
+    return out_stem(Path(out), WorkItem(str(item.rel), item.path, item.rel, stem=item.stem), suffix)
+
+
 def test_output_stem_mirrors_tree(tree: Path, tmp_path: Path) -> None:
     items = {str(i.rel): i for i in list_inputs([tree])}
     out = tmp_path / "out"
@@ -126,3 +132,123 @@ def test_bundled_assets_list_and_read() -> None:
             pytest.importorskip("pydicom")
         recs = read_image_records(item.path)
         assert recs[0].image.shape[2] == 3 and max(recs[0].image.shape[:2]) <= 512
+
+
+# ---- every path accounted for: skipped paths with a reason, excluded folders -------------------
+
+
+@pytest.fixture()
+def corpus(tmp_path: Path) -> Path:
+    """A folder with images, hidden things, unsupported and extension-less files, links."""
+    d = tmp_path / "corpus"
+    for rel in ("a.png", "anim.gif", "pic.webp", "sub/b.jpg", "notes.txt", "sub/data.CSV"):
+        _touch(d / rel)
+    for rel in (".DS_Store", "sub/.hidden.png", ".git/config", ".git/objects/x.png"):
+        _touch(d / rel)
+    _touch(d / "README", b"plain text, no extension")
+    _touch(d / "sub" / "IM0002", b"\x00" * 128 + b"DICM" + b"\x00" * 10)
+    (d / "dangling.png").symlink_to(d / "missing-target.png")
+    (d / "linked").symlink_to(d / "sub", target_is_directory=True)
+    return d
+
+
+def _reasons(listed) -> dict[str, str]:
+    return {str(s.rel): s.reason for s in listed.skipped}
+
+
+def test_every_path_is_listed_or_skipped_with_a_reason(corpus: Path) -> None:
+    listed = list_inputs([corpus])
+    assert [str(i.rel) for i in listed] == [
+        "a.png",
+        "anim.gif",
+        "pic.webp",
+        "sub/IM0002",
+        "sub/b.jpg",
+    ]
+    assert _reasons(listed) == {
+        ".DS_Store": "hidden file (name starts with '.')",
+        ".git": "hidden folder (name starts with '.'), not searched",
+        "README": "no file extension and not a DICOM file",
+        "dangling.png": "not a regular file (broken link, device, pipe or socket)",
+        "linked": "link to a folder, not followed",
+        "notes.txt": "unsupported file type '.txt'",
+        "sub/.hidden.png": "hidden file (name starts with '.')",
+        "sub/data.CSV": "unsupported file type '.csv'",
+    }
+    assert [str(s.rel) for s in listed.skipped] == sorted(_reasons(listed))  # listing order
+    assert listed.skipped[0].message == "skipped: hidden file (name starts with '.')"
+    assert listed.excluded == []
+    # every entry of the tree (hidden folders counted once) is an item or a skipped path
+    top = {str(PurePosixPath(p.relative_to(corpus).as_posix())) for p in corpus.iterdir()}
+    top |= {f"sub/{p.name}" for p in (corpus / "sub").iterdir()}
+    top -= {"sub"}
+    assert top == {str(i.rel) for i in listed} | set(_reasons(listed))
+
+
+def test_listed_inputs_is_the_old_list(corpus: Path) -> None:
+    listed = list_inputs([corpus])
+    assert isinstance(listed, list) and len(listed) == 5
+    assert listed == list(listed) and listed[0].rel == PurePosixPath("a.png")
+    assert not list_inputs([corpus / "a.png"]).skipped
+
+
+def test_skipped_path_named_directly_is_processed_not_skipped(corpus: Path) -> None:
+    listed = list_inputs([corpus, corpus / "notes.txt", str(corpus / "*")])
+    assert "notes.txt" in [str(i.rel) for i in listed]
+    assert "notes.txt" not in _reasons(listed)
+    assert len([s for s in listed.skipped if s.rel == PurePosixPath("README")]) == 1
+
+
+def test_glob_reports_what_it_matched_but_will_not_read(corpus: Path) -> None:
+    listed = list_inputs([str(corpus / "*")])
+    assert "notes.txt" in _reasons(listed) and "README" in _reasons(listed)
+    assert "a.png" in [str(i.rel) for i in listed]
+    with pytest.raises(InputError, match=r"no supported image files match.*1 other path"):
+        list_inputs([str(corpus / "*.txt")])
+
+
+def _with_outputs(tmp_path: Path) -> Path:
+    """DATA holding one image and a previous run's output folder inside it."""
+    data = tmp_path / "nest"
+    _touch(data / "chelsea.png")
+    _touch(data / "res" / "chelsea.mask.png")
+    _touch(data / "res" / "results.jsonl")
+    _touch(data / "res" / "sub" / "deep.overlay.jpg")
+    return data
+
+
+def test_exclude_keeps_the_output_folder_out_and_says_so(tmp_path: Path, monkeypatch) -> None:
+    data = _with_outputs(tmp_path)
+    assert "res/chelsea.mask.png" in [str(i.rel) for i in list_inputs([data])]
+    monkeypatch.chdir(tmp_path)
+    for out in (Path("nest/res"), data / "res", "nest/./res/"):
+        listed = list_inputs(["nest"], exclude=[out])
+        assert [str(i.rel) for i in listed] == ["chelsea.png"]
+        assert listed.excluded == [Path(out)] and listed.skipped == []
+    listed = list_inputs([str(data / "**" / "*.*")], exclude=[data / "res"])
+    assert [str(i.rel) for i in listed] == ["chelsea.png"]
+    assert listed.excluded == [data / "res"]
+    # a hidden output folder is excluded, not reported as skipped
+    (data / "res").rename(data / ".res")
+    listed = list_inputs([data], exclude=[data / ".res"])
+    assert listed.skipped == [] and listed.excluded == [data / ".res"]
+
+
+def test_exclude_not_hit_named_files_and_roots_inside_it(tmp_path: Path) -> None:
+    data = _with_outputs(tmp_path)
+    listed = list_inputs([data / "chelsea.png"], exclude=[data / "res"])
+    assert len(listed) == 1 and listed.excluded == []
+    listed = list_inputs([data / "res" / "chelsea.mask.png"], exclude=[data / "res"])
+    assert len(listed) == 1  # named directly: always included
+    listed = list_inputs([data / "res" / "sub"], exclude=[data / "res"])
+    assert [str(i.rel) for i in listed] == ["deep.overlay.jpg"]  # pointed inside on purpose
+    assert listed.excluded == []
+    listed = list_inputs([data], exclude=[tmp_path / "elsewhere"])  # need not exist
+    assert len(listed) == 3 and listed.excluded == []
+    assert _reasons(listed) == {"res/results.jsonl": "unsupported file type '.jsonl'"}
+
+
+def test_data_that_is_the_excluded_folder_is_an_error(tmp_path: Path) -> None:
+    data = _with_outputs(tmp_path)
+    with pytest.raises(InputError, match=r"no supported image files.*excluded: .*res"):
+        list_inputs([data / "res"], exclude=[data / "res"])

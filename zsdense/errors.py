@@ -39,3 +39,13 @@ class DependencyError(ZsdenseError):
             f"{feature} needs the optional package '{package}'; "
             f"install it with: pip install 'zsdense[{extra}]'"
         )
+
+
+class ImageArrayError(InputError, ValueError):
+    """An in-memory image (numpy array, PIL image) given to the Python API is unusable.
+
+    Also a :class:`ValueError`, so ``except ValueError`` around an API call catches it.
+    """
+
+    def __init__(self, problem: str):
+        super().__init__("<image array>", problem)

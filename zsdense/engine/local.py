@@ -31,15 +31,13 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterable, Sequence
 
-import numpy as np
-
 from zsdense.config import ENGINE
 from zsdense.context import ImageContext
 from zsdense.engine.report import write_report
 from zsdense.engine.specs import TaskSpec
 from zsdense.engine.volumes import write_volume_maps
 from zsdense.errors import ConfigError, InputError, ZsdenseError
-from zsdense.io import list_inputs, read_image_records, to_float_rgb
+from zsdense.io import list_inputs, read_image_records
 from zsdense.io.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -101,60 +99,10 @@ def items_from_data(data: Sequence[str | Path]) -> list[WorkItem]:
     ]
 
 
-def _pages_of_tiff(path: Path, first, max_pixels: int | None):
-    """A multi-page TIFF stack of equal-shaped pages -> one record per page (suffix ``.pNNN``).
-
-    The I/O reader returns the first page only; 16-bit stacks (microscopy, some CT exports) are
-    image sets, so the engine splits them. Page 0 keeps the reader's exact scaling; the others use
-    the same divisor when the reader used a fixed one (``/65535``, ``/4095``...).
-    """
-    import tifffile
-
-    with tifffile.TiffFile(path) as tif:
-        pages = list(tif.pages)
-        shapes = {(p.shape, str(p.dtype)) for p in pages}
-        if len(pages) < 2 or len(shapes) != 1:
-            return None
-        n = len(pages)
-        h, w = int(pages[0].imagelength), int(pages[0].imagewidth)
-        if max_pixels is not None and n * h * w > max_pixels:
-            raise InputError(
-                path,
-                f"TIFF stack has {n * h * w:,} pixels, more than the limit of {max_pixels:,}; "
-                "raise --max-pixels if the file is trusted",
-            )
-        scaling = str(first.meta.get("scaling", ""))
-        m = re.fullmatch(r"/(\d+)", scaling)
-        digits = max(3, len(str(n - 1)))
-        out = []
-        for i, page in enumerate(pages):
-            suffix = f".p{i:0{digits}d}"
-            if i == 0:
-                img, meta = first.image, dict(first.meta)
-            else:
-                arr = page.asarray()
-                if m and np.issubdtype(arr.dtype, np.integer):
-                    arr = np.clip(arr.astype(np.float32) / np.float32(int(m.group(1))), 0, 1)
-                img, meta0 = to_float_rgb(arr, max_pixels=max_pixels)
-                meta = dict(first.meta)
-                meta.update({k: meta0[k] for k in ("orig_size", "channels") if k in meta0})
-            meta["page"] = i
-            meta["pages_in_file"] = n
-            meta["warnings"] = [
-                w_ for w_ in meta.get("warnings", []) if "pages; only the first" not in w_
-            ]
-            out.append((suffix, img, meta))
-        return out
-
-
 def read_units(item: WorkItem, max_pixels: int | None) -> list[tuple[str, ImageContext]]:
     """Decode an item into ``(record suffix, context)`` pairs (one per frame/slice/page)."""
     records = read_image_records(item.path, max_pixels=max_pixels)
     out: list[tuple[str, ImageContext]] = []
-    if len(records) == 1 and int(records[0].meta.get("pages_in_file", 1) or 1) > 1:
-        pages = _pages_of_tiff(item.path, records[0], max_pixels)
-        if pages is not None:
-            return [(s, ImageContext(image=img, meta=meta)) for s, img, meta in pages]
     for rec in records:
         out.append((rec.suffix, ImageContext(image=rec.image, meta=dict(rec.meta))))
     if not out:

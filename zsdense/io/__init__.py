@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from zsdense.io.inputs import InputItem, list_inputs, output_stem
+from zsdense.io.inputs import InputItem, ListedInputs, SkippedInput, list_inputs
 from zsdense.io.manifest import MANIFEST_NAME, Manifest, WorkItem, is_complete, record_key
 from zsdense.io.readers import (
     DEFAULT_MAX_PIXELS,
@@ -35,6 +35,7 @@ __all__ = [
     "SUPPORTED_EXTENSIONS",
     "ImageRecord",
     "InputItem",
+    "ListedInputs",
     "MANIFEST_NAME",
     "Manifest",
     "WorkItem",
@@ -45,11 +46,11 @@ __all__ = [
     "jet_colors",
     "list_inputs",
     "mask_to_rle",
-    "output_stem",
     "read_image",
     "read_image_records",
     "record_key",
     "rle_to_mask",
+    "SkippedInput",
     "to_float_rgb",
     "to_jsonable",
     "voc_palette",

@@ -233,8 +233,32 @@ _AUX = frozenset(
 )
 _ADV = frozenset(
     "there here away very most more just only also almost not too so next up down out "
-    "partially slightly really mostly nearly closest furthest farthest".split()
+    "partially slightly really mostly nearly ahead apart".split()
 )
+# comparatives / superlatives that follow the noun as adverbs ("the dog further away", "the man
+# closest to the door") but modify it as adjectives before it ("the closest cup")
+_POST_ADV = frozenset(
+    "further farther closer nearer closest nearest furthest farthest close near adjacent "
+    "opposite".split()
+)
+# the subset that spaCy tags as a preposition when a noun phrase follows ("nearest the door")
+_POST_PREP = frozenset({"nearest", "opposite", "near"})
+# compass and side words that, right after a noun, are a relation, not part of its noun phrase:
+# "the cup left of the laptop", "a man west of the river", "guy far right" (spaCy: advmod / acl /
+# appos of the noun, never inside its noun chunk)
+_POST_SPATIAL = frozenset(
+    "left right west east north south northwest northeast southwest southeast".split()
+)
+# words allowed between the noun and such a word ("guy far right")
+_SPATIAL_MODIFIERS = frozenset("far extreme very".split())
+# pronouns that spaCy makes one-word noun chunks of (subjects and objects: "next to her",
+# "the dog that is sleeping" -> chunk "that"); "who/which/what" chunks are dropped from the
+# context by RELATION_WORDS, as in the reference
+_PRON_CHUNK = frozenset(
+    "it he she they him them you me us we i that who which what whom her itself himself "
+    "herself themselves".split()
+)
+_RELATIVE = frozenset("that who which what whom".split())
 _VERBS = frozenset(
     "wear wears hold holds sit sits stand stands look looks eat eats ride rides play plays "
     "carry carries face faces lay lays lie lies touch touches".split()
@@ -282,6 +306,26 @@ def _is_function(w: str) -> bool:
     )
 
 
+def _mark_post_spatial(words: list[str], kind: list[str]) -> None:
+    """Turn a compass / side word right after a noun into an adverb (in place), with the
+    intensifiers before it: "the cup left of the laptop", "the dog right of the chair",
+    "guy far right". Before a noun ("left cup") or after a determiner ("the far left") it stays
+    a content word, so "the far left" is still a noun chunk."""
+    n = len(words)
+    for i, w in enumerate(words):
+        if w not in _POST_SPATIAL or kind[i] != "W":
+            continue
+        if i + 1 < n and kind[i + 1] == "W":
+            continue  # a modifier of the next noun: "the left cup", "man bottom left corner"
+        j = i - 1
+        while j >= 0 and words[j] in _SPATIAL_MODIFIERS and kind[j] in ("W", "ADV"):
+            j -= 1
+        if j < 0 or kind[j] != "W" or words[j] in _SPATIAL or words[j] in _ADJ:
+            continue  # no noun before it: "left of the laptop", "on the far left"
+        for t in range(j + 1, i + 1):
+            kind[t] = "ADV"
+
+
 def _verbish(words: list[str], i: int, prev_content: bool) -> bool:
     """-ing / -ed participles and common verbs acting as clause heads (not modifiers)."""
     w = words[i]
@@ -301,10 +345,20 @@ def parse_fallback(text: str) -> Parse:
 
     1. tokens: :func:`tokenize`; each token is a function word (determiner, preposition,
        conjunction, pronoun, auxiliary, adverb, punctuation), a verb (common verbs, -ing/-ed
-       participles in clause position) or a content word;
+       participles in clause position) or a content word. Position decides for some words:
+       a compass or side word (left, right, west, east, north, south, north-west...) right after
+       a noun, possibly after "far", is an adverb and so outside the noun phrase ("the cup left
+       of the laptop", "a man west of the river", "guy far right"), while before a noun or after
+       a determiner it is a content word ("left cup", "the far left"); comparatives and
+       superlatives such as closer, closest, nearest, further, close, adjacent, opposite are
+       adverbs (nearest / opposite / near: prepositions) after a noun and adjectives before one
+       ("the man closest to the door" vs "the closest cup"); multi-word relations ("in front
+       of", "on top of", "next to", "to the left of") come out of these rules as spaCy's do;
     2. chunks: an optional determiner followed by a maximal run of content words; the root is the
        run's last word; a run made only of plain adjectives right after a verb/auxiliary
-       ("is white") is not a chunk;
+       ("is white") or bare after a preposition ("in white") is not a chunk; subject and object
+       pronouns are one-word chunks ("next to her"; "that" in "the cup that is white"), as
+       spaCy's noun-chunk iterator gives them;
     3. the sentence root is the first chunk's root, or a leading verb; the target phrase is then
        the first chunk (or the verb's object chunk, or the whole sentence as spaCy would give);
     4. heads: chunk members → chunk root; "of" → the preceding noun; other prepositions, adverbs,
@@ -334,8 +388,13 @@ def parse_fallback(text: str) -> Parse:
             k = "AUX"
         elif w in ("most", "very", "more") and i + 1 < n and not _is_function(words[i + 1]):
             k = "W"  # "right most person": part of the modifier run
-        elif w in ("further", "farther", "closer") and prev_content:
-            k = "ADV"  # post-nominal comparative: "the dog further away"
+        elif w in _POST_ADV and prev_content:  # post-nominal: "the dog further away"
+            nxt = words[i + 1] if i + 1 < n else ""
+            k = "PREP" if w in _POST_PREP and (nxt in _DET or not _is_function(nxt)) else "ADV"
+        elif w in _POST_ADV and not (i + 1 < n and not _is_function(words[i + 1])):
+            k = "ADV"  # "closer to the camera" with no noun before
+        elif w == "her" and not (i + 1 < n and not _is_function(words[i + 1])):
+            k = "PRON"  # object "her" ("next to her"), not the determiner of "her hat"
         elif w in _ADV and not (w in ("up", "down") and i > 0 and kind[-1] == "DET"):
             k = "ADV"
         elif _verbish(words, i, prev_content):
@@ -344,11 +403,16 @@ def parse_fallback(text: str) -> Parse:
             k = "W"
         kind.append(k)
         prev_content = k == "W"
+    _mark_post_spatial(words, kind)
 
     chunks: list[tuple[int, int, int]] = []
     i = 0
     while i < n:
         start = i
+        if kind[i] == "PRON" and words[i] in _PRON_CHUNK:
+            chunks.append((i, i + 1, i))
+            i += 1
+            continue
         if kind[i] == "DET" and i + 1 < n and kind[i + 1] == "W":
             i += 1
         if kind[i] == "W":
@@ -356,14 +420,16 @@ def parse_fallback(text: str) -> Parse:
             while j < n and kind[j] == "W":
                 j += 1
             after_verb = start > 0 and kind[start - 1] in ("AUX", "VERB")
+            # "the woman in white": a bare colour / size adjective after a preposition
+            bare_after_prep = start == i and start > 0 and kind[start - 1] == "PREP"
             only_adj = all(words[t] in _ADJ for t in range(i, j))
-            if not (only_adj and after_verb):
+            if not (only_adj and (after_verb or bare_after_prep)):
                 chunks.append((start, j, j - 1))
             i = j
         else:
             i += 1
 
-    chunk_of = {t: c for c in chunks for t in range(c[0], c[1])}
+    chunk_of = {t: c for c in chunks for t in range(c[0], c[1]) if kind[c[2]] != "PRON"}
     if kind[0] == "VERB":
         root = 0
     elif chunks:
@@ -411,7 +477,11 @@ def parse_fallback(text: str) -> Parse:
             last_attach = t
         elif k == "PRON":
             nxt = next((u for u in range(t + 1, n) if kind[u] in ("VERB", "AUX")), None)
-            heads[t] = nxt if nxt is not None else attach_point(t, words[t])
+            if words[t] not in _RELATIVE and last_attach is not None:  # an object: "next to her"
+                heads[t] = last_attach
+                last_attach = None
+            else:
+                heads[t] = nxt if nxt is not None else attach_point(t, words[t])
         else:
             heads[t] = attach_point(t, words[t])
     return Parse(tuple(words), tuple(heads), tuple(chunks), "fallback")
