@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from zsdense import datasets as D
+from zsdense.eval import datasets as D
 from zsdense.errors import ConfigError, InputError
 from zsdense.safe_pickle import safe_load, safe_load_path
 
