@@ -123,7 +123,7 @@ def detect_anomaly_layout(root: str | Path) -> str:
         f"cannot tell the dataset layout of {root}: expected MVTec "
         "(<category>/test/<defect>/*.png, masks in <category>/ground_truth/<defect>/*_mask.png), "
         "VisA (split_csv/1cls.csv) or a plain folder (good/ plus one folder per defect, optional "
-        "masks/); pass --layout to choose one"
+        "masks/ or ground_truth/); pass --layout to choose one"
     )
 
 
@@ -215,7 +215,8 @@ def read_anomaly_folder(root: str | Path, category: str | None = None) -> list[A
     ``ground_truth/``, ``gt/``) are never read as test images, nor is ``<n>_mask.png`` lying next
     to its image ``<n>.png``. Masks, optional, are found with the image's stem (``<n>.png`` or
     ``<n>_mask.png``) in a mask folder, mirroring the image's subfolders
-    (``masks/<defect>/<n>.png``) or flat (``masks/<n>.png``), or next to the image."""
+    (``masks/<defect>/<n>.png``) or flat (``masks/<n>.png``), in a mask folder beside the
+    image (``<defect>/ground_truth/<n>.png``), or next to the image (``<n>_mask.png``)."""
     root = Path(root)
     cat = category or root.name
     mask_roots = [root / d for d in MASK_DIRS if (root / d).is_dir()]
@@ -236,6 +237,7 @@ def read_anomaly_folder(root: str | Path, category: str | None = None) -> list[A
                     for m in mask_roots
                     for f in (m / rel_dir, m / rel_dir.relative_to(sub.name), m)
                 ]
+                folders += [img.parent / d for d in MASK_DIRS if (img.parent / d).is_dir()]
                 folders.append(img.parent)
                 for folder in folders:
                     stems = [f"{img.stem}{suf}" for suf in _MASK_SUFFIXES]
