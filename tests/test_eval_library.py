@@ -21,6 +21,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from zsdense import Segmenter
 from zsdense import metrics as M
 from zsdense.engine.local import TaskSpec
+from zsdense.errors import WeightsError, ZsdenseError
 from zsdense.eval import MetricTable, evaluate_anomaly
 from zsdense.eval.anomaly import resize_mask
 from zsdense.eval.datasets import load_anomaly_mask, read_anomaly
@@ -315,3 +316,25 @@ def test_folder_set_with_and_without_masks(tmp_path):
     row = t.rows[0]
     assert len(seen) == 6 and row["n_images"] == 6 and row["n_anomalous"] == 3
     assert row["pixel_auroc"] == pytest.approx(1.0, abs=1e-3) and not t.notes
+
+
+def test_missing_weights_is_a_setup_error_and_the_rerun_predicts_everything(tmp_path):
+    data = make_mvtec(tmp_path / "data", n_good=2, n_bad=2)
+    seg = Segmenter(models="tiny", batch_size=2)
+    quiet = dict(progress=False, log=lambda m: None)
+
+    def offline(name):
+        def run(ctxs, params):
+            raise WeightsError("checkpoint ViT-L-14-336.pt not found offline; pass --weights-dir")
+
+        return TaskSpec(name="anomaly", run=run, write=lambda *a: {})
+
+    with pytest.raises(ZsdenseError, match="no input could be predicted: checkpoint") as err:
+        evaluate_anomaly(data, tmp_path / "o", seg, preset="stub", task=offline, **quiet)
+    assert err.value.exit_code == 2
+    assert not (tmp_path / "o" / "metrics_anomaly.json").exists()
+    seen: list = []
+    table = evaluate_anomaly(
+        data, tmp_path / "o", seg, preset="stub", task=_gray_head(seen), **quiet
+    )
+    assert len(seen) == 4 and table.rows[0]["n_failed"] == 0 and not table.failed

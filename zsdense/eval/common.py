@@ -53,6 +53,8 @@ __all__ = [
 
 Log = Callable[[str], None]
 SETTINGS_NAME = "settings.json"
+# errors of the setup (weights, optional packages), not of an image: a rerun tries them again
+SETUP_ERRORS = frozenset({"WeightsError", "DependencyError"})
 _SAFE_RE = re.compile(r"[^A-Za-z0-9._/-]+")
 
 
@@ -294,6 +296,14 @@ def predict(
     if len(set(keys)) != len(keys):
         dup = sorted({k for k in keys if keys.count(k) > 1})
         raise ConfigError(f"duplicate sample ids in the dataset: {', '.join(dup[:5])}")
+    wanted = set(keys)
+    if any(
+        r.get("status") == "error"
+        and r.get("error_type") in SETUP_ERRORS
+        and r.get("key") in wanted
+        for r in load_records(root)
+    ):
+        retry_errors = True  # a missing checkpoint is no property of the images: try them again
     summary = run_batch(
         seg,
         items,
@@ -312,6 +322,12 @@ def predict(
             "to resume (stored predictions are kept)"
         )
     by_key = {r.get("key"): r for r in load_records(root)}
+    now = [by_key.get(k, {}) for k in keys]
+    if now and summary.total and all(r.get("error_type") in SETUP_ERRORS for r in now):
+        raise ZsdenseError(
+            f"no input could be predicted: {now[0].get('error')} (fix this and rerun the same "
+            "command; the failed inputs are tried again)"
+        )
     records: dict[str, dict] = {}
     failed: list[tuple[str, str]] = []
     for k in keys:
