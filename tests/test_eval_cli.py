@@ -212,6 +212,9 @@ def test_anomaly_user_errors(tmp_path):
         MaskStub(),
     )
     assert r.exit_code == 2 and "unknown metric" in r.output
+    (tmp_path / "file").write_text("x")
+    r = _invoke(["anomaly", "--data", str(data), "--out", str(tmp_path / "file")], MaskStub())
+    assert r.exit_code == 2 and "cannot write the predictions" in r.output
     # an unknown preset is a usage error before anything is predicted or written
     stub = MaskStub()
     r = _invoke(

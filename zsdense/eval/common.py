@@ -249,16 +249,22 @@ def prepare_predictions(root: Path, settings: Mapping[str, Any], force: bool, lo
             old = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             old = None
-    if root.exists() and (force or old != wanted):
-        if not force and old is not None:
-            changed = sorted(k for k in set(old) | set(wanted) if old.get(k) != wanted.get(k))
-            log(
-                f"predictions in {root} were made with other settings "
-                f"({', '.join(changed)} changed); predicting again"
-            )
-        shutil.rmtree(root)
-    root.mkdir(parents=True, exist_ok=True)
-    write_json(path, wanted)
+    if root.exists() and not force and old is not None and old != wanted:
+        changed = sorted(k for k in set(old) | set(wanted) if old.get(k) != wanted.get(k))
+        log(
+            f"predictions in {root} were made with other settings "
+            f"({', '.join(changed)} changed); predicting again"
+        )
+    try:
+        if root.exists() and (force or old != wanted):
+            shutil.rmtree(root)
+        root.mkdir(parents=True, exist_ok=True)
+        write_json(path, wanted)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot write the predictions under {root}: {exc.strerror or exc}; "
+            "choose another --out"
+        ) from None
 
 
 @dataclass
