@@ -48,6 +48,10 @@ def _split_list(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _silent(_msg: str) -> None:
+    """The log of ``--quiet``: notes, warnings and errors are still printed by the command."""
+
+
 def _common(f: Callable) -> Callable:
     """--data, --out, --limit, --force (--recompute: deprecated alias), --retry-errors,
     --quiet, then the shared runtime options (--models, --device, --precision, --weights-dir,
@@ -81,7 +85,7 @@ def _common(f: Callable) -> Callable:
         click.option(
             "--retry-errors", is_flag=True, help="Predict again the inputs that failed before."
         ),
-        click.option("--quiet", "-q", is_flag=True, help="No progress output."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress or per-category log lines."),
     ]
     f = runtime_options(f)
     for o in reversed(opts):
@@ -102,6 +106,8 @@ def _run(ctx: click.Context, kw: dict[str, Any], fn: Callable[..., MetricTable])
         kw["task"] = obj["task"]
     try:
         seg = make_segmenter(**runtime)
+        if quiet:
+            kw["log"] = _silent
         table = fn(seg=seg, progress=not quiet, batch_size=runtime.get("batch_size"), **kw)
     except ZsdenseError as exc:
         click.echo(f"error: {exc}", err=True)

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import numpy as np
+
 from zsdense.engine.local import (
     TaskSpec,
     WorkItem,
@@ -80,7 +82,8 @@ def random_weights_warning(models: str) -> str | None:
 
 
 def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+    real = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+    return real and math.isfinite(float(v))
 
 
 @dataclass
@@ -123,7 +126,7 @@ class MetricTable:
     def _cell(self, v: Any) -> str:
         if v is None or (isinstance(v, float) and not math.isfinite(v)):
             return "-"
-        if isinstance(v, int) and not isinstance(v, bool):
+        if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
             return str(v)
         if not _finite(v):
             return str(v)
