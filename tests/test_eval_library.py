@@ -201,7 +201,12 @@ def test_sigkill_mid_run_then_resume(tmp_path):
         proc.wait(timeout=30)
     lines = manifest.read_text().splitlines()
     assert 2 <= len(lines) < 8 and not (out / "metrics_anomaly.json").exists()
-    done = {json.loads(x)["key"] for x in lines if x.strip()}
+    done = set()
+    for x in lines:
+        try:
+            done.add(json.loads(x)["key"])
+        except ValueError:  # a line torn by the kill: the engine drops it too
+            pass
     seg = Segmenter(models="tiny", batch_size=1)
     predicted: list = []
     table = evaluate_anomaly(
