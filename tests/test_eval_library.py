@@ -22,7 +22,7 @@ from zsdense import Segmenter
 from zsdense import metrics as M
 from zsdense.engine.local import TaskSpec
 from zsdense.errors import WeightsError, ZsdenseError
-from zsdense.eval import MetricTable, evaluate_anomaly
+from zsdense.eval import MetricTable, evaluate_anomaly, evaluate_openvocab, evaluate_refer
 from zsdense.eval.anomaly import resize_mask
 from zsdense.eval.datasets import load_anomaly_mask, read_anomaly
 
@@ -343,3 +343,54 @@ def test_missing_weights_is_a_setup_error_and_the_rerun_predicts_everything(tmp_
         data, tmp_path / "o", seg, preset="stub", task=_gray_head(seen), **quiet
     )
     assert len(seen) == 4 and table.rows[0]["n_failed"] == 0 and not table.failed
+
+
+def test_openvocab_and_refer_through_the_real_heads_tiny(tmp_path):
+    """The heads ``zsdense openvocab`` / ``zsdense refer`` run (tiny models) store their label
+    maps and masks, and the tables are the metrics of those stored predictions."""
+    rng = np.random.default_rng(7)
+    root = tmp_path / "seg"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    (root / "classes.txt").write_text("background\ncat\n")
+    gts = {}
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(
+            root / "images" / f"{i}.jpg"
+        )
+        g = np.zeros((40, 56), np.uint8)
+        g[:, 28:] = 1
+        Image.fromarray(g).save(root / "labels" / f"{i}.png")
+        gts[f"{i}.jpg"] = g
+    seg = Segmenter(models="tiny", device="cpu", precision="fp32")
+    quiet = dict(progress=False, log=lambda m: None)
+    t = evaluate_openvocab(root, tmp_path / "o", seg, preset="sclip", **quiet)
+    acc = M.IoUAccumulator(2)
+    for rec in _records(tmp_path / "o/predictions/openvocab"):
+        pred = np.asarray(Image.open(tmp_path / "o/predictions/openvocab" / rec["outputs"]["mask"]))
+        acc.update(pred.astype(np.int64), gts[rec["key"]].astype(np.int64))
+    assert [r["class"] for r in t.rows] == ["background", "cat"]
+    assert t.mean["iou"] == pytest.approx(acc.metrics()["miou"], abs=1e-12)
+    assert t.extra["summary"]["n_images"] == 2
+
+    Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(tmp_path / "a.jpg")
+    m = np.zeros((48, 64), np.uint8)
+    m[:24] = 255
+    Image.fromarray(m).save(tmp_path / "a_gt.png")
+    lines = [
+        {"image": "a.jpg", "text": text, "mask": "a_gt.png", "id": f"s{n}"}
+        for n, text in enumerate(["the cat on the left", "a dog"])
+    ]
+    (tmp_path / "q.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    t = evaluate_refer(tmp_path / "q.jsonl", tmp_path / "r", seg, **quiet)
+    recs = {r["key"]: r for r in _records(tmp_path / "r/predictions/refer")}
+    assert sorted(recs) == ["a.jpg#s0", "a.jpg#s1"]
+    assert recs["a.jpg#s0"]["scores"]["text"] == "the cat on the left"
+    ref = M.ReferAccumulator()
+    for key in ("a.jpg#s0", "a.jpg#s1"):
+        pred = np.asarray(
+            Image.open(tmp_path / "r/predictions/refer" / recs[key]["outputs"]["mask"])
+        )
+        ref.update(pred > 0, m > 0)
+    assert t.mean["oiou"] == pytest.approx(ref.metrics()["oiou"], abs=1e-12)
+    assert [x["id"] for x in t.extra["per_sample"]] == ["s0", "s1"]
