@@ -22,7 +22,13 @@ from zsdense import Segmenter
 from zsdense import metrics as M
 from zsdense.engine.local import TaskSpec
 from zsdense.errors import WeightsError, ZsdenseError
-from zsdense.eval import MetricTable, evaluate_anomaly, evaluate_openvocab, evaluate_refer
+from zsdense.eval import (
+    EvalInterrupted,
+    MetricTable,
+    evaluate_anomaly,
+    evaluate_openvocab,
+    evaluate_refer,
+)
 from zsdense.eval.anomaly import resize_mask
 from zsdense.eval.datasets import load_anomaly_mask, read_anomaly
 
@@ -394,3 +400,33 @@ def test_openvocab_and_refer_through_the_real_heads_tiny(tmp_path):
         ref.update(pred > 0, m > 0)
     assert t.mean["oiou"] == pytest.approx(ref.metrics()["oiou"], abs=1e-12)
     assert [x["id"] for x in t.extra["per_sample"]] == ["s0", "s1"]
+
+
+def test_ctrl_c_finishes_the_batch_then_raises_eval_interrupted(tmp_path):
+    data = make_mvtec(tmp_path / "data")
+    seg = Segmenter(models="tiny", batch_size=2)
+    quiet = dict(progress=False, log=lambda m: None)
+    seen: list = []
+
+    def ctrl_c_once(record: dict) -> None:
+        if not seen:
+            os.kill(os.getpid(), signal.SIGINT)  # the engine's handler: finish this batch
+        seen.append(record["key"])
+
+    with pytest.raises(EvalInterrupted, match="rerun the same command") as err:
+        evaluate_anomaly(
+            data,
+            tmp_path / "o",
+            seg,
+            preset="stub",
+            task=_gray_head([]),
+            on_record=ctrl_c_once,
+            **quiet,
+        )
+    assert err.value.exit_code == 130 and len(seen) == 2  # the batch of 2 was finished
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    rest: list = []
+    table = evaluate_anomaly(
+        data, tmp_path / "o", seg, preset="stub", task=_gray_head(rest), **quiet
+    )
+    assert len(rest) == 6 and table.rows[0]["n_images"] == 8
