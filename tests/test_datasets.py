@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from zsdense import datasets as D
 from zsdense.errors import ConfigError, InputError
+from zsdense.eval import datasets as D
 from zsdense.safe_pickle import safe_load, safe_load_path
 
 
@@ -103,6 +103,29 @@ def test_folder_layout(tmp_path):
     assert s["c.jpg"].mask_path == root / "masks" / "dent" / "left" / "c.png"
     assert s["c.jpg"].defect == "dent"
     assert s["d.png"].mask_path == root / "masks" / "d_mask.png"
+
+
+def test_folder_layout_mask_folders_are_not_test_images(tmp_path):
+    root = tmp_path / "widget"
+    img(root / "good" / "a.png")
+    img(root / "good" / "b.png")
+    img(root / "scratch" / "c.png")
+    img(root / "scratch" / "d.png")
+    img(root / "scratch" / "d_mask.png", mode="L", value=255)  # beside its image
+    img(root / "dent" / "e.png")
+    img(root / "dent" / "ground_truth" / "e.png", mode="L", value=255)  # nested mask folder
+    img(root / "ground_truth" / "scratch" / "c_mask.png", mode="L", value=255)  # MVTec-like
+    img(root / "ground_truth" / "scratch" / "orphan_mask.png", mode="L", value=255)
+    img(root / "GT" / "f.png", mode="L", value=255)
+    assert D.detect_anomaly_layout(root) == "folder"
+    samples = D.read_anomaly(root)
+    s = {x.image_path.relative_to(root).as_posix(): x for x in samples}
+    assert sorted(s) == ["dent/e.png", "good/a.png", "good/b.png", "scratch/c.png", "scratch/d.png"]
+    assert sum(x.label for x in samples) == 3
+    assert s["scratch/c.png"].mask_path == root / "ground_truth" / "scratch" / "c_mask.png"
+    assert s["scratch/d.png"].mask_path == root / "scratch" / "d_mask.png"
+    assert s["dent/e.png"].mask_path == root / "dent" / "ground_truth" / "e.png"
+    assert all(x.category == "widget" for x in samples)
 
 
 def test_anomaly_layout_not_detected(tmp_path):

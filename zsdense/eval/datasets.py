@@ -3,8 +3,8 @@
 Readers only list files and decode ground truth; they never run a model. Three families:
 
 - Anomaly (:func:`read_anomaly`): MVTec AD layout, VisA's ``split_csv/1cls.csv``, and a plain
-  folder layout. Each yields :class:`AnomalySample` (image, mask or None, label 0/1, category,
-  defect).
+  folder layout (its mask folders are never taken for test images). Each yields
+  :class:`AnomalySample` (image, mask or None, label 0/1, category, defect).
 - Semantic segmentation (:func:`read_segmentation`): a generic ``images/`` + ``labels/`` (or
   ``masks/``) layout and the mmseg conventions of VOC, Pascal Context, COCO-Object, ADE20K and
   Cityscapes. Labels are read raw (palette indices of a ``P`` PNG, never RGB), with
@@ -31,6 +31,8 @@ import numpy as np
 from PIL import Image
 
 from zsdense.errors import ConfigError, InputError
+from zsdense.io.writers import rle_to_mask
+from zsdense.safe_pickle import safe_load_path
 
 __all__ = [
     "IMAGE_EXTS",
@@ -41,6 +43,7 @@ __all__ = [
     "read_mvtec",
     "read_visa",
     "read_anomaly_folder",
+    "MASK_DIRS",
     "load_anomaly_mask",
     "SegSample",
     "SegDataset",
@@ -120,7 +123,7 @@ def detect_anomaly_layout(root: str | Path) -> str:
         f"cannot tell the dataset layout of {root}: expected MVTec "
         "(<category>/test/<defect>/*.png, masks in <category>/ground_truth/<defect>/*_mask.png), "
         "VisA (split_csv/1cls.csv) or a plain folder (good/ plus one folder per defect, optional "
-        "masks/); pass --layout to choose one"
+        "masks/ or ground_truth/); pass --layout to choose one"
     )
 
 
@@ -193,23 +196,54 @@ def read_visa(
     return _select(samples, categories, root)
 
 
+MASK_DIRS = ("masks", "mask", "ground_truth", "gt")  # never test images in the folder layout
+_MASK_SUFFIXES = ("_mask", "_gt")
+
+
+def _is_sibling_mask(path: Path) -> bool:
+    """``<n>_mask.png`` (or ``<n>_gt.png``) next to an image ``<n>.*``: a mask, not a test image."""
+    for suf in _MASK_SUFFIXES:
+        if path.stem.endswith(suf) and len(path.stem) > len(suf):
+            if _with_stem(path.parent, path.stem[: -len(suf)]) is not None:
+                return True
+    return False
+
+
 def read_anomaly_folder(root: str | Path, category: str | None = None) -> list[AnomalySample]:
-    """Plain folder layout of one category: ``good/`` is normal, every other folder (except
-    ``masks/``) holds anomalous images (subfolders allowed); masks, optional, under ``masks/``
-    with the same stem, either mirroring the image's subfolders (``masks/<defect>/<n>.png``) or
-    flat (``masks/<n>.png``); ``<n>_mask.png`` is accepted too."""
+    """Plain folder layout of one category: ``good/`` is normal, every other folder holds
+    anomalous images (subfolders allowed). Mask folders (``masks/``, ``mask/``,
+    ``ground_truth/``, ``gt/``) are never read as test images, nor is ``<n>_mask.png`` lying next
+    to its image ``<n>.png``. Masks, optional, are found with the image's stem (``<n>.png`` or
+    ``<n>_mask.png``) in a mask folder, mirroring the image's subfolders
+    (``masks/<defect>/<n>.png``) or flat (``masks/<n>.png``), in a mask folder beside the
+    image (``<defect>/ground_truth/<n>.png``), or next to the image (``<n>_mask.png``)."""
     root = Path(root)
     cat = category or root.name
-    masks = root / "masks"
+    mask_roots = [root / d for d in MASK_DIRS if (root / d).is_dir()]
     samples = []
-    for sub in sorted(d for d in root.iterdir() if d.is_dir() and d.name != "masks"):
+    subs = sorted(d for d in root.iterdir() if d.is_dir() and d.name.lower() not in MASK_DIRS)
+    for sub in subs:
         normal = sub.name == "good"
         for img in _images_in(sub):
+            if any(part.lower() in MASK_DIRS for part in img.relative_to(sub).parts[:-1]):
+                continue  # e.g. scratch/ground_truth/<n>.png
+            if _is_sibling_mask(img):
+                continue
             mask = None
             if not normal:
                 rel_dir = img.parent.relative_to(root)
-                for folder in (masks / rel_dir, masks / rel_dir.relative_to(sub.name), masks):
-                    mask = _with_stem(folder, img.stem) or _with_stem(folder, f"{img.stem}_mask")
+                folders = [
+                    f
+                    for m in mask_roots
+                    for f in (m / rel_dir, m / rel_dir.relative_to(sub.name), m)
+                ]
+                folders += [img.parent / d for d in MASK_DIRS if (img.parent / d).is_dir()]
+                folders.append(img.parent)
+                for folder in folders:
+                    stems = [f"{img.stem}{suf}" for suf in _MASK_SUFFIXES]
+                    if folder != img.parent:
+                        stems.insert(0, img.stem)
+                    mask = next(filter(None, (_with_stem(folder, st) for st in stems)), None)
                     if mask is not None:
                         break
             samples.append(AnomalySample(img, mask, 0 if normal else 1, cat, sub.name))
@@ -578,8 +612,6 @@ class ReferSample:
 
 def decode_rle(rle: dict) -> np.ndarray:
     """A COCO RLE (``{"size": [h, w], "counts": str | bytes | list}``) as an (H, W) bool mask."""
-    from zsdense.io.writers import rle_to_mask
-
     try:
         return np.asarray(rle_to_mask(rle)).astype(bool)
     except (KeyError, TypeError, ValueError) as exc:
@@ -710,8 +742,6 @@ def read_refcoco(
             if not found:
                 raise ConfigError(f"no refs(*).p annotation pickle in {root}")
             split_by = found[0][5:-3]
-    from zsdense.safe_pickle import safe_load_path
-
     refs_path = root / f"refs({split_by}).p"
     refs = safe_load_path(refs_path)
     inst_path = root / "instances.json"

@@ -1,0 +1,188 @@
+"""Open-vocabulary evaluation: per-class IoU and mIoU (mmseg's protocol) at the label's size.
+
+Every image of the split is predicted by the preset's head (the TaskSpec that ``zsdense
+openvocab`` runs, through the batch engine, so label PNGs are stored and reused); the confusion
+counts accumulate over the whole split, pixels labelled ``ignore_index`` are left out, and a
+prediction of another size than its label is resized (nearest) to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from zsdense import metrics as M
+from zsdense.api import Segmenter
+from zsdense.config import OPENVOCAB_PRESETS
+from zsdense.engine.specs import TaskSpec, build_task_spec
+from zsdense.errors import ConfigError
+from zsdense.eval.common import (
+    Log,
+    MetricTable,
+    predict,
+    prepare_predictions,
+    random_weights_warning,
+    safe_rel,
+    stderr_log,
+)
+from zsdense.eval.datasets import SegDataset, load_label, read_segmentation
+from zsdense.io.manifest import WorkItem
+from zsdense.text.classifier import ClassEntry, load_class_file, parse_classes
+
+__all__ = ["OPENVOCAB_PRESET_CHOICES", "evaluate_openvocab", "resolve_classes"]
+
+OPENVOCAB_PRESET_CHOICES = tuple(OPENVOCAB_PRESETS)
+
+TaskFactory = Callable[[list[ClassEntry]], TaskSpec]  # classes -> the head's TaskSpec
+
+
+def resolve_classes(ds: SegDataset, classes_file: str | Path | None) -> list[ClassEntry]:
+    """The class list in label-index order: ``classes_file`` (a path or a shipped list name
+    such as ``voc21``), else the dataset's own list; a ConfigError when there is none."""
+    if classes_file is not None:
+        return load_class_file(classes_file)
+    if ds.class_names:
+        return parse_classes(list(ds.class_names))
+    raise ConfigError(
+        f"no class list for the {ds.layout} layout: pass --classes-file FILE (one class per "
+        "line, in label-index order"
+        + (", after reduce_zero_label" if ds.reduce_zero_label else "")
+        + ") or a shipped list name"
+    )
+
+
+def _load_prediction(path: Path, shape: tuple[int, int], log: Log, key: str) -> np.ndarray:
+    pred = np.asarray(Image.open(path), dtype=np.int64)
+    if pred.shape != shape:
+        log(f"{key}: prediction {pred.shape} resized (nearest) to the label's {shape}")
+        pred = np.asarray(
+            Image.fromarray(pred.astype(np.int32), mode="I").resize(
+                (shape[1], shape[0]), Image.NEAREST
+            ),
+            dtype=np.int64,
+        )
+    return pred
+
+
+def evaluate_openvocab(
+    data: str | Path,
+    out: str | Path,
+    seg: Any = None,
+    *,
+    preset: str = "trident",
+    layout: str = "auto",
+    split: str = "val",
+    classes_file: str | Path | None = None,
+    reduce_zero_label: bool | None = None,
+    limit: int | None = None,
+    dataset: str | None = None,
+    options: Mapping[str, Any] | None = None,
+    force: bool = False,
+    retry_errors: bool = False,
+    batch_size: int | None = None,
+    task: TaskFactory | None = None,
+    progress: bool = True,
+    on_record: Callable[[dict], None] | None = None,
+    log: Log = stderr_log,
+) -> MetricTable:
+    """Predict (or reuse stored label maps) and compute per-class IoU / accuracy and mIoU.
+
+    ``data``: a VOC, Pascal Context, COCO-Object, ADE20K, Cityscapes or generic
+    (``images/`` + ``labels/``) split; ``classes_file`` overrides the dataset's class list
+    (a file, or a shipped list name: ``voc21``, ``ade20k``...); ``dataset`` applies a
+    benchmark's settings to the head (``--dataset-preset`` of ``zsdense openvocab``);
+    ``task`` replaces the head (classes -> TaskSpec; ``preset`` then only names the stored
+    predictions). Rows per class, then the mean row;
+    ``extra["summary"]`` holds aAcc, mIoU, mAcc and the number of images.
+    """
+    if task is None and preset not in OPENVOCAB_PRESETS:
+        raise ConfigError(
+            f"unknown open-vocabulary preset {preset!r}; choose one of: "
+            + ", ".join(OPENVOCAB_PRESETS)
+        )
+    data, out = Path(data), Path(out)
+    ds = read_segmentation(data, layout, split, reduce_zero_label)
+    classes = resolve_classes(ds, classes_file)
+    samples = [s for s in ds.samples if s.label_path is not None]
+    if len(samples) < len(ds.samples):
+        log(f"{len(ds.samples) - len(samples)} images have no label file: skipped")
+    if limit is not None:
+        samples = samples[:limit]
+    seg = seg if seg is not None else Segmenter()
+    opts = dict(options or {})
+    models = str(getattr(getattr(seg, "config", None), "models", "custom"))
+    settings: dict[str, Any] = {
+        "task": "openvocab",
+        "data": str(data.resolve()),
+        "layout": ds.layout,
+        "split": split,
+        "reduce_zero_label": ds.reduce_zero_label,
+        "classes": classes,
+        "preset": preset,
+        "dataset": dataset,
+        "options": opts,
+        "models": models,
+        "precision": str(getattr(getattr(seg, "config", None), "precision", "")),
+    }
+    if task is not None:
+        spec = task(list(classes))
+    else:
+        cfg = {"task": "openvocab", "preset": preset, "classes": list(classes), **opts}
+        if dataset:
+            cfg["dataset"] = dataset
+        spec = build_task_spec(seg, cfg, fmt="none", overlay=False)
+    root = out / "predictions" / "openvocab"
+    prepare_predictions(root, settings, force, log)
+    config = dict(settings)
+    warning = random_weights_warning(models)
+    if warning:
+        config["warning"] = warning
+
+    items = []
+    for s in samples:
+        rel = safe_rel(s.id + s.image_path.suffix)
+        items.append(WorkItem(key=str(rel), path=s.image_path, rel=rel))
+    run = predict(
+        seg,
+        items,
+        root,
+        spec,
+        batch_size=batch_size,
+        retry_errors=retry_errors,
+        progress=progress,
+        on_record=on_record,
+    )
+    if run.failed:
+        log(f"{len(run.failed)} image(s) failed and are left out of the metrics")
+    acc = M.IoUAccumulator(len(classes), ds.ignore_index)
+    n_images = 0
+    for s, it in zip(samples, items):
+        if it.key not in run.records:
+            continue
+        gt = load_label(s.label_path, ds.reduce_zero_label, ds.ignore_index)
+        acc.update(_load_prediction(run.path(it.key, "mask"), gt.shape, log, s.id), gt)
+        n_images += 1
+    iou, accs = acc.iou(), acc.acc()
+    rows = [
+        {"class": name, "iou": iou[i], "acc": accs[i], "gt_pixels": int(acc.area_label[i])}
+        for i, (name, _syn) in enumerate(classes)
+    ]
+    summary = acc.metrics()
+    mean = {"class": "mean", "iou": summary["miou"], "acc": summary["macc"]}
+    table = MetricTable(
+        task="openvocab",
+        key="class",
+        columns=["iou", "acc"],
+        rows=rows,
+        mean=mean,
+        config=config,
+        extra={"summary": {**summary, "n_images": n_images, "n_failed": len(run.failed)}},
+        failed=run.failed,
+        footer=f"aAcc {100 * summary['aacc']:.1f}  mIoU {100 * summary['miou']:.1f}",
+    )
+    table.save(out)
+    return table
