@@ -29,14 +29,10 @@ from typing import Any
 
 import numpy as np
 
-from zsdense.engine.local import (
-    TaskSpec,
-    WorkItem,
-    load_records,
-    record_complete,
-    run_batch,
-)
+from zsdense.engine.local import load_records, run_batch
+from zsdense.engine.specs import TaskSpec
 from zsdense.errors import ConfigError, ZsdenseError
+from zsdense.io.manifest import WorkItem, record_complete
 from zsdense.io.writers import atomic_path, to_jsonable, write_json
 
 __all__ = [
