@@ -135,3 +135,21 @@ def test_ray_run_then_resume_after_partial_run(tmp_path, local_ray):
     assert output_bytes(tmp_path / "ray") == output_bytes(tmp_path / "local")
     assert not [p for p in (tmp_path / "ray").rglob("*") if ".tmp-" in p.name]
     assert (tmp_path / "ray" / "report.html").is_file()
+
+
+def test_queries_on_one_image_are_decoded_once_and_share_a_context(tmp_path):
+    """Two items (queries) on one file: one image row carries both; one context serves both."""
+    from zsdense.io.manifest import WorkItem
+
+    make_images(tmp_path / "d", 1)
+    path = tmp_path / "d" / "img000.png"
+    items = [
+        WorkItem(f"img000.png#{q}", path, Path("img000.png"), params={"text": q}) for q in "ab"
+    ]
+    row = dict(item_row(items[0]), members=json.dumps([item_row(it) for it in items]))
+    rows = decode_item(row, max_pixels=10**7)
+    assert len(rows) == 1 and len(json.loads(rows[0]["members"])) == 2
+    fn = SegmentBatch({"models": "tiny", "device": "cpu"}, TASKS, str(tmp_path / "ray"))
+    recs = [json.loads(x) for x in fn(_columns(rows))["record"]]
+    assert [r["key"] for r in recs] == ["img000.png#a", "img000.png#b"]
+    assert all(r["status"] == "ok" and r["encoders"] == {"dummy-enc": 1} for r in recs)

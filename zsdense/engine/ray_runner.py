@@ -30,6 +30,7 @@ from zsdense.engine.local import (
     _jsonable_meta,
     _Progress,
     finish_run,
+    image_batches,
     process_units,
     read_units,
 )
@@ -83,32 +84,37 @@ def row_item(row: dict) -> WorkItem:
     )
 
 
+def _members(row: dict) -> list[dict]:
+    """The item rows sharing this row's image (queries on one image), or the row itself."""
+    got = row.get("members")
+    if got:
+        return [dict(m) for m in json.loads(str(got))]
+    return [{k: row[k] for k in row if k != "members"}]
+
+
 def decode_item(row: dict, max_pixels: int | None = None) -> list[dict]:
-    """One item row -> one row per image (float32 bytes + shape + meta JSON) or one error row."""
+    """One image row -> one row per decoded image (float32 bytes + shape + meta JSON, and the
+    items that need it in ``members``) or one error row per item. The file is read once however
+    many items (queries) it serves."""
     item = row_item(row)
     base = {k: row[k] for k in ("key", "path", "rel", "stem", "params")}
-    done = set(json.loads(str(row.get("done") or "[]")))
+    members = _members(row)
     try:  # workers may run in another folder: read from the absolute path
         units = read_units(row_item(dict(row, path=row.get("abspath") or row["path"])), max_pixels)
     except Exception as exc:  # noqa: BLE001 - recorded, never raised
         msg = error_message(exc)
         if row.get("abspath") and row["abspath"] != row["path"]:  # name it as the user did
             msg = msg.replace(str(row["abspath"]), str(row["path"]))
+        err = dict(suffix="", n_units=1, image=b"", shape="", meta="{}", members="", error=msg)
+        err["error_type"] = type(exc).__name__
         return [
-            dict(
-                base,
-                suffix="",
-                n_units=1,
-                image=b"",
-                shape="",
-                meta="{}",
-                error=msg,
-                error_type=type(exc).__name__,
-            )
+            dict({k: m[k] for k in ("key", "path", "rel", "stem", "params")}, **err)
+            for m in members
         ]
     out = []
     for suffix, ctx in units:
-        if suffix in done:
+        need = [m for m in members if suffix not in set(json.loads(str(m.get("done") or "[]")))]
+        if not need:
             continue
         img = np.ascontiguousarray(ctx.image, dtype=np.float32)
         if ctx.meta.get("source") is not None:
@@ -121,6 +127,7 @@ def decode_item(row: dict, max_pixels: int | None = None) -> list[dict]:
                 image=img.tobytes(),
                 shape=json.dumps(list(img.shape)),
                 meta=json.dumps(_jsonable(ctx.meta)),
+                members=json.dumps(need),
                 error="",
                 error_type="",
             )
@@ -192,7 +199,8 @@ class SegmentBatch:
             shape = tuple(json.loads(str(row["shape"])))
             img = np.frombuffer(bytes(row["image"]), dtype=np.float32).reshape(shape).copy()
             ctx = ImageContext(image=img, meta=json.loads(str(row["meta"])))
-            units.append((item, str(row.get("suffix") or ""), ctx, n_units))
+            for member in _members(row):  # queries on one image share its context
+                units.append((row_item(member), str(row.get("suffix") or ""), ctx, n_units))
         if units:
             process_units(self.seg, units, self.tasks, self.out_dir, records.append)
         return {"record": np.array([dumps_strict(r) for r in records], dtype=object)}
@@ -253,13 +261,17 @@ def run_ray(
         summary.failed += plan.previous.get(key, {}).get("status") != "ok"
 
     rows = []
-    for it in plan.todo:
-        done = [
-            k[len(it.key) :]
-            for k in plan.done_keys
-            if k.startswith(it.key) and plan.previous.get(k, {}).get("item") == it.key
-        ]
-        rows.append(item_row(it, done))
+    for group in image_batches(plan.todo, 1):  # the queries of one image: one row, one decode
+        members = []
+        for it in group:
+            done = [
+                k[len(it.key) :]
+                for k in plan.done_keys
+                if k.startswith(it.key) and plan.previous.get(k, {}).get("item") == it.key
+            ]
+            members.append(item_row(it, done))
+        rows.append(dict(members[0], members=json.dumps(members)))
+    n_items = len(plan.todo)
 
     if rows:
         if not ray.is_initialized():
@@ -282,7 +294,7 @@ def run_ray(
             ctx.print_on_execution_start = False
         except AttributeError:  # pragma: no cover - older Ray
             pass
-        prog = _Progress(len(rows), progress)
+        prog = _Progress(n_items, progress)
         seen_items: set[str] = set()
         ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 4 * workers)))
         ds = ds.flat_map(decode_item, fn_kwargs={"max_pixels": max_pixels})
@@ -317,7 +329,7 @@ def run_ray(
                     prog.update(1, summary.failed)
         except KeyboardInterrupt:
             summary.interrupted = True
-            summary.not_started = len(rows) - len(seen_items)
+            summary.not_started = n_items - len(seen_items)
             print("\nzsdense: interrupted; records received so far are saved", file=sys.stderr)
         finally:
             prog.close()
