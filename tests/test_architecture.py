@@ -140,3 +140,14 @@ def test_no_import_cycles():
 @pytest.mark.parametrize("helper", ["dummy"])
 def test_test_helpers_are_not_installed(helper):
     assert not (PKG_DIR / "engine" / f"{helper}.py").exists()
+
+
+def test_readme_method_table_is_the_registry():
+    """The README's open-vocabulary table is what ``zsdense info --methods`` prints."""
+    from zsdense.dense.methods import methods_table
+    from zsdense.tasks import openvocab  # noqa: F401 - registers trident
+
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    if not readme.is_file():
+        pytest.skip("README.md not next to the tests")
+    assert methods_table() in readme.read_text(encoding="utf-8")
