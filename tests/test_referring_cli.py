@@ -104,7 +104,7 @@ def test_queries_jsonl_with_an_unreadable_image(tmp_path, scenes):
 
 
 def test_usage_errors(tmp_path, scenes):
-    from zsdense.cli.refer import load_queries
+    from zsdense.engine.local import load_queries
     from zsdense.errors import ConfigError
 
     res = _invoke([str(scenes[0]), "--out", str(tmp_path / "o")])

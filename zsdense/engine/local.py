@@ -43,6 +43,7 @@ from zsdense.io.manifest import (
     Manifest,
     WorkItem,
     base_record,
+    check_settings,
     clean_orphan_temp_files,
     compact_manifest,
     error_record,
@@ -416,6 +417,7 @@ def run_batch(
     if not tasks:
         raise ZsdenseError("no task to run")
     out_dir = prepare_out_dir(out_dir)
+    check_settings(out_dir, run_settings(seg, tasks), force=force)
     plan = plan_run(items, out_dir, force=force, retry_errors=retry_errors)
     if plan.todo:
         setup_tasks(tasks)  # missing weights etc. fail here: exit 2, nothing written
@@ -539,6 +541,20 @@ def prepare_out_dir(out_dir: str | Path) -> Path:
             "choose another --out"
         ) from None
     return out_dir
+
+
+def run_settings(seg, tasks: Sequence[TaskSpec]) -> dict:
+    """What changes the outputs of a run: the zsdense version, the model set and precision,
+    and every task's settings (preset, options, output format)."""
+    import zsdense
+
+    cfg = getattr(seg, "config", None)
+    return {
+        "zsdense": zsdense.__version__,
+        "models": getattr(cfg, "models", None),
+        "precision": getattr(cfg, "precision", None),
+        "tasks": {t.name: t.settings or {"task": t.name} for t in tasks},
+    }
 
 
 def setup_tasks(tasks: Sequence[TaskSpec]) -> None:

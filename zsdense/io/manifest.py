@@ -31,12 +31,13 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from zsdense.config import ENGINE
-from zsdense.errors import ZsdenseError
+from zsdense.errors import ConfigError, ZsdenseError
 from zsdense.io.inputs import strip_extension
 from zsdense.io.writers import atomic_path, dumps_strict
 
 MANIFEST_NAME = "results.jsonl"
 REPORT_NAME = "report.html"
+SETTINGS_NAME = "run_settings.json"  # what the outputs in the folder were made with
 
 
 def record_key(record: Mapping[str, Any]) -> str:
@@ -339,3 +340,47 @@ def error_record(
         meta={"image": meta or {}},
     )
     return rec
+
+
+# ---- the settings a folder's outputs were made with -----------------------------------------
+
+
+def _diff(old: Any, new: Any, where: str = "") -> list[str]:
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            out += _diff(old.get(k), new.get(k), f"{where}.{k}" if where else str(k))
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [d for i, (a, b) in enumerate(zip(old, new)) for d in _diff(a, b, f"{where}[{i}]")]
+    return [] if old == new else [f"{where}: {old!r} -> {new!r}"]
+
+
+def check_settings(out_dir: str | Path, settings: Mapping[str, Any], *, force: bool) -> None:
+    """Record ``settings`` in ``out_dir/run_settings.json``, or refuse a rerun that would mix them.
+
+    A rerun with the same settings resumes; with other settings it is a ConfigError naming what
+    changed (the old outputs would otherwise stay as if made with the new ones), unless ``force``
+    (everything is recomputed and the new settings recorded).
+    """
+    path = Path(out_dir) / SETTINGS_NAME
+    new = json.loads(dumps_strict(settings))
+    if path.exists() and not force:
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            old = None
+        if old is not None and old != new:
+            changes = _diff(old, new)
+            shown = "; ".join(changes[:6]) + (
+                f"; and {len(changes) - 6} more" if len(changes) > 6 else ""
+            )
+            raise ConfigError(
+                f"{out_dir} holds outputs made with other settings ({shown}). "
+                "Rerun with --force to recompute everything with the new settings, "
+                "or choose another --out"
+            )
+        if old is not None:
+            return
+    with atomic_path(path, fsync=True) as tmp:
+        tmp.write_text(json.dumps(new, indent=1, sort_keys=True) + "\n", encoding="utf-8")
