@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ from zsdense.config import (
     with_overrides,
 )
 from zsdense.errors import ConfigError
+from zsdense.tasks.common import batched_get, model_input
 
 DOMAINS = ("industrial", "medical")
 
@@ -170,27 +171,6 @@ def text_features(
     if object_name:
         meta["object_note"] = "learned prompts are object-agnostic: --object is not used"
     return seg.text_cache[key], meta
-
-
-# ---- per-image caching of batched encoder work ---------------------------------------------
-
-
-def batched_get(ctxs: Sequence, key: Hashable, compute: Callable[[list], list]) -> list:
-    """``ctx.get(key)`` for every context, computing the missing ones in one batched call."""
-    missing = [c for c in ctxs if key not in c.cache]
-    if missing:
-        values = compute(missing)
-        for c, v in zip(missing, values):
-            c.cache[key] = v
-            c.computed[key] += 1
-    return [c.cache[key] for c in ctxs]
-
-
-def model_input(ctxs: Sequence, size: int, device) -> torch.Tensor:
-    """[0, 1] RGB batch (B, 3, size, size): whole image, PIL bicubic, no crop."""
-    from zsdense.models.clip import preprocess_images
-
-    return preprocess_images([c.image for c in ctxs], size, device=device)
 
 
 # ---- crane / crane+ ------------------------------------------------------------------------
@@ -353,7 +333,7 @@ def _run_core(seg, cfg: AnomalyPreset, ctxs: list, object_name, run_kw: dict):
     if cfg.method == "musc":
         from zsdense.tasks.musc import run_musc
 
-        maps, scores, info = run_musc(seg, cfg, ctxs)
+        maps, scores, info = run_musc(seg, cfg, ctxs, dataset=run_kw.get("dataset"))
         meta = {"musc": info}
     else:
         clip = seg.clip(cfg.clip_arch)
