@@ -43,6 +43,16 @@ def _load(d, name):
     return torch.load(p, weights_only=True)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The fixture tensors are tiny: one intra-op thread avoids thread-pool stalls that make
+    thousands of small products slow on a shared 2-core machine (restored afterwards)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def musc_dir(fixtures_dir):
     return fixtures_dir("musc")
