@@ -23,6 +23,7 @@ from zsdense.tasks.musc import (
     layer_features,
     musc_patch_scores,
     mutual_scores,
+    reference_gt_mask,
     rscin,
     rscin_k_list,
     run_musc,
@@ -368,3 +369,14 @@ def test_pipeline_divide_run_is_not_what_musc_does(pipe):
     assert sorted(order) == list(range(int(pipe["meta"]["M"])))
     assert _maxdiff(div["tokens"], pipe["tokens"][:, order]) == 0.0
     assert _maxdiff(div["patch_scores"], pipe["patch_scores"][order]) > 100 * TOL
+
+
+def test_pipeline_mask_binarisation_per_dataset(pipe):
+    """The reference's evaluation masks: MVTec keeps only pixels at 255 after the bilinear
+    resize, VisA every nonzero pixel (README §6.7); exact equality."""
+    s = int(pipe["meta"]["img_resize"])
+    for ds in ("mvtec", "visa"):
+        got = torch.stack([reference_gt_mask(m.numpy(), s, ds) for m in pipe["raw_masks"]])
+        assert torch.equal(got, pipe[ds]["gt_px"].bool()), ds
+    mv, vi = pipe["mvtec"]["gt_px"].sum(), pipe["visa"]["gt_px"].sum()
+    assert mv < vi  # the two rules differ on the same masks

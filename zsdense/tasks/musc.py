@@ -278,6 +278,29 @@ def musc_patch_scores(
     return (patch, torch.stack(kept)) if keep_per_layer else patch
 
 
+def reference_gt_mask(mask_hw, size: int, dataset: str | None) -> torch.Tensor:
+    """A ground-truth mask binarised at ``size`` × ``size`` the way MuSc's evaluation does it
+    (README §6.7), for evaluating ``musc`` against its published numbers.
+
+    The mask (0/255 or 0/1, any nonzero pixel anomalous) is resized as an 8-bit 'L' image with
+    PIL bilinear; then **MVTec / BTAD** keep only pixels that are exactly 255 (the reference
+    truncates ``mask / 255`` to int, so masks shrink at their edges) and **VisA** keeps every
+    nonzero pixel (masks grow). Returns a (size, size) bool tensor.
+    """
+    import numpy as np
+    from PIL import Image
+
+    arr = np.asarray(mask_hw)
+    u8 = np.where(arr > 0, 255, 0).astype(np.uint8)
+    im = Image.fromarray(u8, mode="L")
+    if im.size != (size, size):
+        im = im.resize((size, size), Image.BILINEAR)
+    out = np.asarray(im)
+    key = (dataset or "").lower().replace("-", "").replace("_", "")
+    keep = out > 0 if key == "visa" else out == 255
+    return torch.from_numpy(keep.copy())
+
+
 # ---- the task ------------------------------------------------------------------------------
 
 
@@ -378,6 +401,7 @@ __all__ = [
     "rscin",
     "rscin_k_list",
     "upsample_aligned",
+    "reference_gt_mask",
     "musc_patch_scores",
     "min_images",
     "topmin_count",
