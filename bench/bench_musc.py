@@ -68,7 +68,7 @@ def child(args) -> dict:
     from zsdense.tasks.musc import (
         BLOCK_ROWS,
         TABLE_BYTES,
-        layer_features,
+        lnamd_set,
         mutual_scores,
         rscin,
         upsample_aligned,
@@ -98,7 +98,7 @@ def child(args) -> dict:
         acc = []
         for tok in tokens:
             t = time.perf_counter()
-            z = layer_features(tok, (g, g), r)
+            z = lnamd_set(tok, (g, g), r)
             t_lnamd += time.perf_counter() - t
             t = time.perf_counter()
             acc.append(mutual_scores(z, 0.3))

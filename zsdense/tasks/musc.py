@@ -28,7 +28,7 @@ NaN. The reference's ``divide_num`` grouping is not offered: the category is one
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -170,7 +170,7 @@ def mutual_scores(
     m, n, _ = z_mnc.shape
     k = _check_set_size(m, topmin)
     z = z_mnc.float()
-    norms = z.pow(2).sum(-1)
+    norms = torch.linalg.vector_norm(z, dim=-1)  # (M, N), no (M, N, C) temporary
     if float((norms - 1).abs().max()) > 1e-3:
         raise ValueError("mutual_scores needs L2-normalised feature vectors")
     per = max(1, int(block_rows) // n)
@@ -243,8 +243,21 @@ def upsample_aligned(patch_mn: torch.Tensor, grid: tuple[int, int], size: int) -
     return F.interpolate(g, size=(size, size), mode="bilinear", align_corners=True)[:, 0]
 
 
+def lnamd_set(
+    tokens_mnc: torch.Tensor, grid: tuple[int, int], r: int, *, device=None, chunk: int = 16
+) -> torch.Tensor:
+    """:func:`layer_features` of a whole set, ``chunk`` images at a time into one (M, N, C)
+    float32 tensor (LNAMD is per image; this bounds its temporaries to a chunk)."""
+    m, n, c = tokens_mnc.shape
+    dev = tokens_mnc.device if device is None else torch.device(device)
+    z = torch.empty(m, n, c, dtype=torch.float32, device=dev)
+    for i in range(0, m, chunk):
+        z[i : i + chunk] = layer_features(tokens_mnc[i : i + chunk].to(dev), grid, r)
+    return z
+
+
 def musc_patch_scores(
-    tokens: Sequence[torch.Tensor],
+    tokens: Sequence[torch.Tensor | Callable[[], torch.Tensor]],
     grid: tuple[int, int],
     r_list: Sequence[int] = (1, 3, 5),
     topmin: float = 0.3,
@@ -256,26 +269,30 @@ def musc_patch_scores(
 ):
     """LNAMD + MSM over layers and r: per-layer raw patch tokens (M, N, C) -> (M, N) float64
     patch scores (mean over layers of each r, then over r). With ``keep_per_layer`` also the
-    (R, L, M, N) per-(r, layer) MSM scores."""
+    (R, L, M, N) per-(r, layer) MSM scores.
+
+    A layer may be given as a zero-argument callable returning its tokens: it is called once,
+    so only one layer's (M, N, C) tokens need to exist at a time.
+    """
     if not tokens:
         raise ValueError("no layers")
-    _check_set_size(int(tokens[0].shape[0]), topmin)
-    per_r, kept = [], []
-    for r in r_list:
-        layer_scores = []
-        for tok in tokens:
-            t = tok if device is None else tok.to(device)
-            z = layer_features(t, grid, int(r))
-            layer_scores.append(
-                mutual_scores(z, topmin, block_rows=block_rows, table_bytes=table_bytes).cpu()
-            )
+    r_list = [int(r) for r in r_list]
+    scores = None  # (R, L, M, N) float32
+    for li, item in enumerate(tokens):
+        tok = item() if callable(item) else item
+        m, n = int(tok.shape[0]), int(tok.shape[1])
+        _check_set_size(m, topmin)
+        if scores is None:
+            scores = torch.empty(len(r_list), len(tokens), m, n, dtype=torch.float32)
+        for ri, r in enumerate(r_list):
+            z = lnamd_set(tok, grid, r, device=device)
+            scores[ri, li] = mutual_scores(
+                z, topmin, block_rows=block_rows, table_bytes=table_bytes
+            ).cpu()
             del z
-        stack = torch.stack(layer_scores)  # (L, M, N)
-        if keep_per_layer:
-            kept.append(stack)
-        per_r.append(stack.double().mean(dim=0))
-    patch = torch.stack(per_r).mean(dim=0)
-    return (patch, torch.stack(kept)) if keep_per_layer else patch
+        del tok
+    patch = scores.double().mean(dim=1).mean(dim=0)
+    return (patch, scores) if keep_per_layer else patch
 
 
 def reference_gt_mask(mask_hw, size: int, dataset: str | None) -> torch.Tensor:
@@ -369,9 +386,11 @@ def run_musc(
         )
     grid = feats[0]["grid"]
     layers = feats[0]["info"]["layers"]
-    tokens = [torch.stack([f["tokens"][layer] for f in feats]) for layer in layers]
+    # one layer's (M, N, C) stack at a time (the per-image tokens stay in the contexts' cache)
+    tokens = [
+        (lambda layer=layer: torch.stack([f["tokens"][layer] for f in feats])) for layer in layers
+    ]
     patch = musc_patch_scores(tokens, grid, cfg.musc_r, cfg.musc_topmin, device=seg.device)
-    del tokens
     maps64 = upsample_aligned(patch, grid, cfg.image_size)  # (M, S, S) float64
     if cfg.sigma and cfg.sigma > 0:
         from zsdense.dense.smoothing import smooth_maps
@@ -403,6 +422,7 @@ __all__ = [
     "upsample_aligned",
     "reference_gt_mask",
     "musc_patch_scores",
+    "lnamd_set",
     "min_images",
     "topmin_count",
     "run_musc",
