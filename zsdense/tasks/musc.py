@@ -28,11 +28,13 @@ NaN. The reference's ``divide_num`` grouping is not offered: the category is one
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from zsdense.config import AnomalyPreset
 from zsdense.dense.crane import scale_layers
 from zsdense.dense.musc_backbones import (
     clip_activation,
@@ -42,6 +44,9 @@ from zsdense.dense.musc_backbones import (
 )
 from zsdense.errors import ConfigError
 from zsdense.tasks.common import batched_get, model_input
+
+if TYPE_CHECKING:
+    from zsdense.api import Segmenter
 
 # streaming granularity of the distance step: rows of one matrix-product block (query patches)
 BLOCK_ROWS = 2048
@@ -192,7 +197,7 @@ def rscin_k_list(dataset: str | None) -> tuple[int, ...]:
     return RSCIN_K_LISTS.get(key, RSCIN_K_DEFAULT)
 
 
-def parse_k_list(value) -> tuple[int, ...]:
+def parse_k_list(value: str | Sequence[int]) -> tuple[int, ...]:
     """``musc_k`` as given (``"1,8,9"`` or a sequence) -> a tuple of ints (ConfigError if not)."""
     items = value.replace(" ", "").split(",") if isinstance(value, str) else list(value)
     try:
@@ -295,7 +300,9 @@ def musc_patch_scores(
     return (patch, scores) if keep_per_layer else patch
 
 
-def reference_gt_mask(mask_hw, size: int, dataset: str | None) -> torch.Tensor:
+def reference_gt_mask(
+    mask_hw: np.ndarray | torch.Tensor, size: int, dataset: str | None
+) -> torch.Tensor:
     """A ground-truth mask binarised at ``size`` × ``size`` the way MuSc's evaluation does it
     (README §6.7), for evaluating ``musc`` against its published numbers.
 
@@ -304,7 +311,6 @@ def reference_gt_mask(mask_hw, size: int, dataset: str | None) -> torch.Tensor:
     truncates ``mask / 255`` to int, so masks shrink at their edges) and **VisA** keeps every
     nonzero pixel (masks grow). Returns a (size, size) bool tensor.
     """
-    import numpy as np
     from PIL import Image
 
     arr = np.asarray(mask_hw)
@@ -321,7 +327,9 @@ def reference_gt_mask(mask_hw, size: int, dataset: str | None) -> torch.Tensor:
 # ---- the task ------------------------------------------------------------------------------
 
 
-def _backbone_features(seg, cfg, ctxs: list, layers_24: tuple[int, ...]) -> list[dict]:
+def _backbone_features(
+    seg: Segmenter, cfg: AnomalyPreset, ctxs: list, layers_24: tuple[int, ...]
+) -> list[dict]:
     """Per image: {layer: (N, C) float32 CPU patch tokens}, the RsCIN embedding, grid, info."""
     kind, dino_name = resolve_backbone(cfg.musc_backbone)
     if kind == "clip":
@@ -353,7 +361,7 @@ def _backbone_features(seg, cfg, ctxs: list, layers_24: tuple[int, ...]) -> list
 
 @torch.no_grad()
 def run_musc(
-    seg, cfg, ctxs: list, dataset: str | None = None
+    seg: Segmenter, cfg: AnomalyPreset, ctxs: list, dataset: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Maps (M, S, S) float32 at the input size and image scores (M,) for one category's set.
 
