@@ -11,7 +11,7 @@ import torch
 
 from zsdense.errors import ConfigError
 from zsdense.tasks.anomaly import AnomalyResult, calibrate_threshold, parse_layers, run_anomaly
-from zsdense.tasks.musc import group_sizes, mutual_scores, neighbour_smoothing
+from zsdense.tasks.musc import mutual_scores, rscin
 
 SIZE = 224  # model input for the tiny runs (16x16 grid) to keep the tests fast
 
@@ -160,7 +160,8 @@ def test_musc_planted_blob_scores_highest(tiny_seg):
     outside = np.concatenate([amap[:30].ravel(), amap[85:].ravel()]).mean()
     assert inside > 1.5 * outside
     assert int(np.argmax([r.score for r in res])) == 2
-    assert res[2].meta["musc"]["groups"] == [6]
+    assert res[2].meta["musc"]["scored_as"] == "one set" and res[2].meta["musc"]["n_images"] == 6
+    assert res[2].meta["sigma"] == 0.0  # musc as run: no smoothing
     assert res[2].meta["threshold_note"]
 
 
@@ -173,15 +174,14 @@ def test_musc_building_blocks():
     # mutual scores: the odd one out of identical images gets the larger distance
     z = torch.nn.functional.normalize(torch.ones(4, 3, 2), dim=-1)
     z[1, 0] = torch.tensor([1.0, 0.0])
-    s = mutual_scores(z, topmin=0.3)  # k = 1: the nearest of the other images
+    s = mutual_scores(z, topmin=0.34)  # k = int(3 * 0.34) = 1: the nearest other image
     assert s.shape == (4, 3)
     d = float(torch.dist(z[1, 0], z[0, 0]))
     assert s[1, 0].item() == pytest.approx(d, abs=1e-3) and s[1, 1].item() < 1e-3
     assert s[0].max() < 1e-3  # a normal patch has an exact match in another image
-    assert group_sizes(70, 32, 5) == [24, 23, 23] and group_sizes(6, 5, 5) == [6]
     emb = torch.eye(3)
     sc = torch.tensor([0.0, 0.5, 1.0])
-    assert torch.allclose(neighbour_smoothing(sc, emb, (1,)), sc)
+    assert torch.allclose(rscin(sc, emb, (1,)).float(), sc)  # k = 1: min-max normalised itself
 
 
 # ---- CLI ---------------------------------------------------------------------------------

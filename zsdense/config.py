@@ -109,14 +109,14 @@ class AnomalyPreset:
     checkpoint_mvtec: str = "crane-visa"  # learned prompts when the data is MVTec itself
     checkpoint_medical: str = "crane-mvtec"
     deep_prompt_fp16: bool = True  # Crane rounds deep prompts to fp16 (.half())
-    # musc
-    musc_layers: tuple[int, ...] = (6, 12, 18, 24)
+    # musc (zsdense.tasks.musc; the whole set is always scored at once, streamed)
+    musc_layers: tuple[int, ...] = (6, 12, 18, 24)  # raw residual stream after these blocks
     musc_r: tuple[int, ...] = (1, 3, 5)
     musc_topmin: float = 0.3  # mean of the smallest 30% of per-image distances
-    musc_k: tuple[int, ...] = (1, 2, 3)  # image-score smoothing over k nearest images
+    musc_k: tuple[int, ...] | None = None  # RsCIN k-list; None: by dataset (visa 1,8,9; 1,2,3)
     musc_min_images: int = 5
-    musc_group_size: int = 32  # images scored together (memory grows with its square)
-    musc_backbone: str = "clip"  # clip | dinov2
+    musc_act: str = "as-run"  # CLIP MLP: as-run (GELU off the native size) | gelu | quick_gelu
+    musc_backbone: str = "clip"  # clip | dinov2_vit{s,b,l}14 | a DINOv2 registry name
 
 
 ANOMALY_PRESETS: dict[str, AnomalyPreset] = {
@@ -130,7 +130,12 @@ ANOMALY_PRESETS: dict[str, AnomalyPreset] = {
         checkpoint_mvtec="crane+-visa",
         checkpoint_medical="crane+-mvtec-epoch1",
     ),
-    "musc": AnomalyPreset(name="musc", method="musc", prompts="none", soft_mean=True, sigma=4.0),
+    # MuSc as its reference runs it: no smoothing; at 518 px CLIP runs with erf GELU
+    "musc": AnomalyPreset(name="musc", method="musc", prompts="none", sigma=0.0),
+    # the same with OpenAI's own QuickGELU (what the weights were trained with)
+    "musc-fixed": AnomalyPreset(
+        name="musc-fixed", method="musc", prompts="none", sigma=0.0, musc_act="quick_gelu"
+    ),
 }
 # --- end anomaly ---
 

@@ -34,7 +34,7 @@ from zsdense.engine.local import (
     process_units,
     read_units,
 )
-from zsdense.engine.specs import build_task_specs, parse_task_option
+from zsdense.engine.specs import META_KEYS, build_task_specs, parse_task_option
 from zsdense.errors import ConfigError, DependencyError
 from zsdense.io.manifest import (
     MANIFEST_NAME,
@@ -46,6 +46,7 @@ from zsdense.io.manifest import (
     plan_run,
 )
 from zsdense.io.writers import dumps_strict
+from zsdense.options import options_for
 
 
 def _require_ray():
@@ -243,9 +244,13 @@ def run_ray(
 
     t_start = time.perf_counter()
     cfgs = [parse_task_option(c) if isinstance(c, str) else dict(c) for c in task_cfgs]
-    for c in cfgs:
-        if str(c.get("task")) == "anomaly" and str(c.get("preset")) == "musc":
-            raise ConfigError("preset 'musc' scores images against each other: use --engine local")
+    for c in cfgs:  # validated here, on the driver, before Ray starts
+        if str(c.get("task")) == "anomaly":
+            opts = options_for("anomaly", {k: v for k, v in c.items() if k not in META_KEYS})
+            if opts.config().method == "musc":
+                raise ConfigError(
+                    f"preset {opts.preset!r} scores images against each other: use --engine local"
+                )
     seg_kwargs = dict(seg_kwargs or {})
     if max_pixels is None:
         max_pixels = seg_kwargs.get("max_pixels", MAX_PIXELS)

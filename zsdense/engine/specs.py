@@ -164,7 +164,7 @@ TASK_ALIASES = {
     "refer": "refer",
     "referring": "refer",
 }
-_META_KEYS = ("task", "name", "fmt", "overlay")
+META_KEYS = ("task", "name", "fmt", "overlay")
 
 
 # ---- configs ------------------------------------------------------------------------------
@@ -298,7 +298,7 @@ def build_task_spec(seg, cfg: dict | str, *, fmt: str = "tiff", overlay: bool = 
     kind = TASK_ALIASES.get(kind.lower(), kind)
     if kind not in TASK_SPECS:
         raise ConfigError(f"unknown task {kind!r}; use anomaly, openvocab, refer or mod:callable")
-    opts = options_for(kind, {k: v for k, v in cfg.items() if k not in _META_KEYS})
+    opts = options_for(kind, {k: v for k, v in cfg.items() if k not in META_KEYS})
     return TASK_SPECS[kind](seg, opts, out, name=name)
 
 

@@ -21,16 +21,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from zsdense.config import ANOMALY_DEFAULT_THRESHOLD, AnomalyPreset
+from zsdense.dense.musc_backbones import resolve_backbone
 from zsdense.errors import ConfigError
 from zsdense.io.writers import write_outputs
 from zsdense.options import AnomalyOptions, OutputOptions, parse_layers, resolve_anomaly_preset
+from zsdense.tasks.common import batched_get, model_input
+from zsdense.tasks.musc import run_musc
 
 __all__ = ["AnomalyResult", "run_anomaly", "parse_layers", "resolve_preset", "load_encoders"]
 
@@ -153,8 +156,9 @@ def load_encoders(seg, options: AnomalyOptions) -> None:
     cfg = options.config()
     clip = seg.clip(cfg.clip_arch)
     if cfg.method == "musc":
-        if cfg.musc_backbone == "dinov2":
-            seg.dinov2(cfg.dino_name)
+        _kind, dino_name = resolve_backbone(cfg.musc_backbone)
+        if dino_name is not None:
+            seg.dinov2(dino_name)
         return
     if cfg.use_dattn:
         seg.dinov2(cfg.dino_name)
@@ -167,27 +171,6 @@ def load_encoders(seg, options: AnomalyOptions) -> None:
         dataset=options.dataset,
         explicit=options.prompts_explicit,
     )
-
-
-# ---- per-image caching of batched encoder work ---------------------------------------------
-
-
-def batched_get(ctxs: Sequence, key: Hashable, compute: Callable[[list], list]) -> list:
-    """``ctx.get(key)`` for every context, computing the missing ones in one batched call."""
-    missing = [c for c in ctxs if key not in c.cache]
-    if missing:
-        values = compute(missing)
-        for c, v in zip(missing, values):
-            c.cache[key] = v
-            c.computed[key] += 1
-    return [c.cache[key] for c in ctxs]
-
-
-def model_input(ctxs: Sequence, size: int, device) -> torch.Tensor:
-    """[0, 1] RGB batch (B, 3, size, size): whole image, PIL bicubic, no crop."""
-    from zsdense.models.clip import preprocess_images
-
-    return preprocess_images([c.image for c in ctxs], size, device=device)
 
 
 # ---- crane / crane+ ------------------------------------------------------------------------
@@ -348,9 +331,7 @@ def _run_core(seg, cfg: AnomalyPreset, ctxs: list, object_name, run_kw: dict):
     """[(map (H, W) float32, score, model map (S, S) tensor, meta)] for the contexts."""
     domain = run_kw.get("domain") or "industrial"
     if cfg.method == "musc":
-        from zsdense.tasks.musc import run_musc
-
-        maps, scores, info = run_musc(seg, cfg, ctxs)
+        maps, scores, info = run_musc(seg, cfg, ctxs, dataset=run_kw.get("dataset"))
         meta = {"musc": info}
     else:
         clip = seg.clip(cfg.clip_arch)

@@ -1,0 +1,31 @@
+"""Helpers every anomaly head shares: batched per-image caching and the model input batch.
+
+They live below both ``tasks.anomaly`` and ``tasks.musc`` so that neither imports the other.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Hashable, Sequence
+
+import torch
+
+
+def batched_get(ctxs: Sequence, key: Hashable, compute: Callable[[list], list]) -> list:
+    """``ctx.get(key)`` for every context, computing the missing ones in one batched call."""
+    missing = [c for c in ctxs if key not in c.cache]
+    if missing:
+        values = compute(missing)
+        for c, v in zip(missing, values):
+            c.cache[key] = v
+            c.computed[key] += 1
+    return [c.cache[key] for c in ctxs]
+
+
+def model_input(ctxs: Sequence, size: int, device, interpolation: str = "bicubic") -> torch.Tensor:
+    """[0, 1] RGB batch (B, 3, size, size): whole image resized like PIL (default bicubic), no
+    crop — the ``Resize((S, S))`` of the references, which squashes non-square images."""
+    from zsdense.models.clip import preprocess_images
+
+    return preprocess_images(
+        [c.image for c in ctxs], size, interpolation=interpolation, device=device
+    )
