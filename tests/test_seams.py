@@ -247,3 +247,30 @@ def test_queries_on_one_image_share_decode_and_sam(images, tmp_path, capsys):
         props = {k: v for k, v in r["encoders"].items() if k.startswith("refer-proposals")}
         assert sam and set(sam.values()) == {1}, r["encoders"]
         assert props and set(props.values()) == {1}, r["encoders"]
+
+
+# ---- a rerun never mixes two settings -------------------------------------------------------
+
+
+def test_rerun_with_other_settings_is_refused_unless_forced(images, tmp_path, capsys):
+    out = tmp_path / "out"
+    base = ["anomaly", images, "--out", out, "--models", "tiny", "-q", "--no-overlay"]
+    code, text = _main(base + ["--threshold", "0.5"], capsys)
+    assert code == 0, text
+    first = {r["key"]: r for r in _records(out)}
+    mask = out / first["im0.png"]["outputs"]["mask"]
+    before = mask.read_bytes()
+
+    code, text = _main(base + ["--threshold", "0.55"], capsys)  # another threshold
+    assert code == 2 and "threshold: 0.5 -> 0.55" in text and "--force" in text
+    assert mask.read_bytes() == before
+
+    code, text = _main(base + ["--threshold", "0.5"], capsys)  # the same settings: resume
+    assert code == 0 and "0 ok, 0 failed, 3 skipped" in text
+
+    code, text = _main(base + ["--threshold", "0.55", "--force"], capsys)
+    assert code == 0, text
+    again = {r["key"]: r for r in _records(out)}
+    assert {r["scores"]["threshold"] for r in again.values()} == {0.55}
+    fracs = [r["scores"]["defect_area"] for r in again.values()]
+    assert fracs != [r["scores"]["defect_area"] for r in first.values()]

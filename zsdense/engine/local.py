@@ -417,10 +417,12 @@ def run_batch(
     if not tasks:
         raise ZsdenseError("no task to run")
     out_dir = prepare_out_dir(out_dir)
-    check_settings(out_dir, run_settings(seg, tasks), force=force)
+    settings = run_settings(seg, tasks)
+    check_settings(out_dir, settings, force=force, record=False)  # refuse before loading models
     plan = plan_run(items, out_dir, force=force, retry_errors=retry_errors)
     if plan.todo:
         setup_tasks(tasks)  # missing weights etc. fail here: exit 2, nothing written
+    check_settings(out_dir, settings, force=force)
     clean_orphan_temp_files(out_dir)
     manifest = Manifest(out_dir / MANIFEST_NAME)
     summary = RunSummary(skipped=plan.skipped)

@@ -356,12 +356,14 @@ def _diff(old: Any, new: Any, where: str = "") -> list[str]:
     return [] if old == new else [f"{where}: {old!r} -> {new!r}"]
 
 
-def check_settings(out_dir: str | Path, settings: Mapping[str, Any], *, force: bool) -> None:
+def check_settings(
+    out_dir: str | Path, settings: Mapping[str, Any], *, force: bool, record: bool = True
+) -> None:
     """Record ``settings`` in ``out_dir/run_settings.json``, or refuse a rerun that would mix them.
 
     A rerun with the same settings resumes; with other settings it is a ConfigError naming what
     changed (the old outputs would otherwise stay as if made with the new ones), unless ``force``
-    (everything is recomputed and the new settings recorded).
+    (everything is recomputed and the new settings recorded). ``record=False`` only checks.
     """
     path = Path(out_dir) / SETTINGS_NAME
     new = json.loads(dumps_strict(settings))
@@ -382,5 +384,7 @@ def check_settings(out_dir: str | Path, settings: Mapping[str, Any], *, force: b
             )
         if old is not None:
             return
+    if not record:
+        return
     with atomic_path(path, fsync=True) as tmp:
         tmp.write_text(json.dumps(new, indent=1, sort_keys=True) + "\n", encoding="utf-8")
