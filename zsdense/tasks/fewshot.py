@@ -136,6 +136,9 @@ class FewShotOptions:
         return tuple(int(a) for a in self.rot_angles) if self.rotation else (0,)
 
 
+FEWSHOT_PRESETS: dict[str, FewShotOptions] = {"anomalydino": FewShotOptions()}
+
+
 def _norm_name(s: str | None) -> str:
     return (s or "").strip().lower().replace("-", "_").replace(" ", "_")
 
