@@ -562,9 +562,9 @@ def build_memory_with(
     return bank
 
 
-def _reference_inputs(seg, images: Any) -> tuple[list[np.ndarray], list[str]]:
+def _reference_contexts(seg, images: Any) -> tuple[list, list[str]]:
     """Reference images (folder / glob / file / list of paths, arrays, PIL, contexts) ->
-    (uint8 RGB list, names). Folders and globs are read in sorted name order."""
+    (ImageContexts, names). Folders and globs are read in sorted name order."""
     if isinstance(images, (str, Path)):
         items = _calibration_images(images)
         items = sorted(items, key=lambda p: str(p))
@@ -573,7 +573,12 @@ def _reference_inputs(seg, images: Any) -> tuple[list[np.ndarray], list[str]]:
     if not items:
         raise ConfigError("few-shot scoring needs at least one reference (good) image")
     names = [str(p) if isinstance(p, (str, Path)) else f"ref{i}" for i, p in enumerate(items)]
-    ctxs = seg.contexts(items)
+    return seg.contexts(items), names
+
+
+def _reference_inputs(seg, images: Any) -> tuple[list[np.ndarray], list[str]]:
+    """Like :func:`_reference_contexts`, as uint8 RGB arrays."""
+    ctxs, names = _reference_contexts(seg, images)
     return [c.image_u8 for c in ctxs], names
 
 
@@ -1058,9 +1063,9 @@ def crane_reference_stats(
                 f"this run uses {seg.config.models!r}: rebuild the bank"
             )
         return MapStats(float(stored["mean"]), float(stored["high"]), int(stored["n_images"]))
-    imgs, _ = _reference_inputs(seg, images)
+    ctxs, _ = _reference_contexts(seg, images)
     n = bank.n_shots
-    res = run_anomaly(seg, imgs[:n], object_name=object_name, preset=crane_preset, **crane_options)
+    res = run_anomaly(seg, ctxs[:n], object_name=object_name, preset=crane_preset, **crane_options)
     return map_stats([r.anomaly_map for r in res])
 
 
