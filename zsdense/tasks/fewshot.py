@@ -676,6 +676,17 @@ def score_features(
     )
 
 
+def _memory_on(bank: MemoryBank, device: torch.device) -> list[torch.Tensor]:
+    """The bank's rows on ``device`` (the bank itself on the CPU; other devices cached)."""
+    dev = torch.device(device)
+    if all(f.device == dev for f in bank.features):
+        return bank.features
+    key = ("memory_on", str(dev))
+    if key not in bank._cache:
+        bank._cache[key] = [f.to(dev) for f in bank.features]
+    return bank._cache[key]
+
+
 @torch.no_grad()
 def score_images_with(
     dino,
@@ -685,8 +696,13 @@ def score_images_with(
     *,
     keep_unsmoothed: bool = False,
 ) -> list[FewShotImage]:
-    """Score uint8 test images against ``bank`` with a given DINOv2 wrapper."""
+    """Score uint8 test images against ``bank`` with a given DINOv2 wrapper.
+
+    The search runs where the model runs: on a GPU the bank's rows are copied there once (and
+    kept with the bank for later calls).
+    """
     check_bank(bank, options, dino)
+    memory = _memory_on(bank, dino.device)
     out = []
     for img in images_u8:
         [(f, grid)] = extract_features(dino, [img], options.image_size, options.pos_interp)
@@ -695,7 +711,7 @@ def score_images_with(
                 f,
                 grid,
                 (img.shape[0], img.shape[1]),
-                bank.features,
+                memory,
                 options,
                 keep_unsmoothed=keep_unsmoothed,
             )
