@@ -132,6 +132,16 @@ def test_preprocess_table():
         fs.options_for(None, None, knn_metric="cosine")
 
 
+def test_select_references_as_the_reference_draws():
+    files = [f"{i:03d}.png" for i in (5, 0, 3, 1, 4, 2, 6)]
+    assert fs.select_references(files, 2, 0) == ["000.png", "001.png"]
+    assert fs.select_references(files, 2, 2) == ["004.png", "005.png"]
+    assert fs.select_references(files, 4, 1) == ["004.png", "005.png", "006.png"]  # short block
+    assert fs.select_references(files, -1) == sorted(files)
+    with pytest.raises(ConfigError, match="needs more than"):
+        fs.select_references(files, 4, 2)
+
+
 def test_mean_top1p_rule():
     d = np.arange(1000, dtype=np.float64)
     assert fs.mean_top1p(d) == pytest.approx(np.mean(np.arange(990, 1000)))  # top 10 of 1000

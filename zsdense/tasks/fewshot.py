@@ -212,12 +212,30 @@ def options_from_bank(bank: MemoryBank, **overrides: Any) -> FewShotOptions:
         "mask_threshold": float(s["mask_threshold"]),
         "knn_metric": s["knn_metric"],
     }
+    kw["masking"] = bool(s.get("masking", False))
     if s.get("mask_refs"):
         kw.update(masking=True, mask_ref_images=True)
     kw.update({k: v for k, v in overrides.items() if v is not None})
     if "rot_angles" in kw:
         kw["rot_angles"] = tuple(int(a) for a in kw["rot_angles"])
     return replace(FewShotOptions(), **kw).validate()
+
+
+def select_references(files: Sequence[Any], shots: int | None, seed: int = 0) -> list:
+    """The reference's few-shot draw: ``sorted(files)[seed·n : (seed+1)·n]`` (consecutive files
+    in name order, disjoint blocks per seed); ``shots`` None or -1 = all (full-shot)."""
+    ordered = sorted(files, key=lambda p: str(p))
+    if shots is None or int(shots) == -1:
+        return ordered
+    n, s = int(shots), int(seed)
+    if n < 1 or s < 0:
+        raise ConfigError(f"--shots must be >= 1 (or -1 for all) and --seed >= 0; got {n}, {s}")
+    chosen = ordered[s * n : (s + 1) * n]
+    if not chosen:
+        raise ConfigError(
+            f"seed {s} with {n} shots needs more than {s * n} good images; there are {len(ordered)}"
+        )
+    return chosen
 
 
 # ---- preprocessing ---------------------------------------------------------------------------
@@ -458,6 +476,7 @@ def bank_settings(options: FewShotOptions, dino) -> dict:
         "mask_refs": options.mask_refs,
         "mask_threshold": float(options.mask_threshold),
         "knn_metric": options.knn_metric,
+        "masking": bool(options.masking),  # test-time default recorded for options_from_bank
     }
 
 
