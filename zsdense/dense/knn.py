@@ -11,7 +11,9 @@ Distances are **squared** Euclidean, computed as ``|q|² + |m|² − 2 q·m`` (o
 per block, clamped at 0), which is what faiss' ``IndexFlatL2`` returns; results are in
 ascending order with the memory row index of each neighbour. When ``faiss`` (``faiss-cpu``,
 the ``fast`` extra) is importable, ``backend="faiss"`` runs the same exact search through
-``IndexFlatL2``: same neighbours, distances equal to float32 rounding.
+``IndexFlatL2``: the same neighbours (up to exact ties), and with the default ``refine`` the
+returned distances are recomputed from those neighbours by the same code, so they are
+identical too.
 """
 
 from __future__ import annotations
