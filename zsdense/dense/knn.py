@@ -107,17 +107,23 @@ def _exact_sq_dist(
     queries: torch.Tensor, blocks: list[torch.Tensor], index: torch.Tensor
 ) -> torch.Tensor:
     """``sum((q − memory[index])²)`` (Q, k) for global row indices into the blocks."""
-    out = torch.empty(index.shape, dtype=torch.float32, device=index.device)
-    start = 0
-    for b in blocks:
-        stop = start + b.shape[0]
-        sel = (index >= start) & (index < stop)
-        if sel.any():
-            qi, kj = sel.nonzero(as_tuple=True)
-            rows = b[(index[qi, kj] - start).to(b.device)].to(out.device, torch.float32)
-            out[qi, kj] = ((queries[qi] - rows) ** 2).sum(dim=1)
-        start = stop
-    return out
+    q_n, k = index.shape
+    flat = index.reshape(-1)
+    q_rep = queries.repeat_interleave(k, dim=0) if k > 1 else queries
+    if len(blocks) == 1:
+        rows = blocks[0].index_select(0, flat.to(blocks[0].device)).to(queries.device)
+    else:
+        sizes = torch.tensor([b.shape[0] for b in blocks], device=flat.device)
+        ends = torch.cumsum(sizes, 0)
+        which = torch.bucketize(flat, ends, right=True)  # block of each index
+        rows = torch.empty(flat.numel(), queries.shape[1], device=queries.device)
+        for bi in torch.unique(which).tolist():
+            sel = (which == bi).nonzero(as_tuple=True)[0]
+            local = flat[sel] - (ends[bi] - sizes[bi])
+            blk = blocks[bi]
+            rows[sel] = blk.index_select(0, local.to(blk.device)).to(rows.device, torch.float32)
+    diff = q_rep - rows.float()
+    return (diff * diff).sum(dim=1).reshape(q_n, k)
 
 
 def _knn_torch(
