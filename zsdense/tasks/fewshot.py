@@ -754,10 +754,12 @@ def reference_maps(bank: MemoryBank, options: FewShotOptions) -> list[tuple[np.n
             "reference statistics need 2 or more reference images (or rotation on): "
             "the only reference cannot be compared with itself"
         )
+    angles = [int(a) for a in bank.settings.get("rot_angles", [0])]
+    angle0 = angles.index(0) if 0 in angles else 0  # the unrotated image's angle index
     out = []
     for i in range(bank.n_shots):
         src = bank.source[i]
-        a0 = src[:, 1] == 0
+        a0 = src[:, 1] == angle0
         gh, gw = bank.grids[i]
         n = gh * gw
         d = bank.features[i].shape[1]
@@ -770,7 +772,7 @@ def reference_maps(bank: MemoryBank, options: FewShotOptions) -> list[tuple[np.n
         else:
             memory = [bank.features[i][~a0]]
         if options.masking:
-            mask = bank.masks[i][0].numpy().astype(bool)
+            mask = bank.masks[i][angle0].numpy().astype(bool)
         else:
             mask = np.ones(n, dtype=bool)
         mask = mask & present.numpy()
