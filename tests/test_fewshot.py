@@ -65,6 +65,17 @@ def test_planted_defects_rank_above_clean(results, synthetic):
         assert r.mask[m].mean() > 0.5 and r.mask[m].mean() > 3 * r.mask[~near].mean()
 
 
+def test_features_computed_once_per_image(tiny_seg, synthetic, opts):
+    goods, tests, _ = synthetic
+    ctx = tiny_seg.context(tests[1])
+    bank = fs.build_memory(tiny_seg, goods, opts)
+    a = fs.run_fewshot(tiny_seg, [ctx], reference=bank, options=opts, threshold=0.5)[0]
+    b = fs.run_fewshot(tiny_seg, [ctx], reference=bank, options=opts, threshold=0.5)[0]
+    keys = [k for k in ctx.computed if k[0] == "fewshot-features"]
+    assert len(keys) == 1 and ctx.computed[keys[0]] == 1
+    np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
+
+
 def test_default_threshold_from_references(results, tiny_seg, synthetic, opts):
     goods, tests, _ = synthetic
     r = results[0]

@@ -738,6 +738,26 @@ def score_images_with(
     return out
 
 
+@torch.no_grad()
+def score_contexts(
+    dino, bank: MemoryBank, ctxs: Sequence, options: FewShotOptions
+) -> list[FewShotImage]:
+    """Score ImageContexts; each image's features are computed once per context and model
+    setting (``ctx.get``), so several heads on one image (``anomalydino`` and
+    ``crane+fewshot`` in one ``zsdense run``) share one DINOv2 forward."""
+    check_bank(bank, options, dino)
+    memory = _memory_on(bank, dino.device)
+    mode = resolve_pos_interp(dino, options.pos_interp)
+    key = ("fewshot-features", dino.name, int(options.image_size), mode)
+    out = []
+    for c in ctxs:
+        f, grid = c.get(
+            key, lambda c=c: extract_features(dino, [c.image_u8], options.image_size, mode)[0]
+        )
+        out.append(score_features(f, grid, c.size, memory, options))
+    return out
+
+
 def reference_maps(bank: MemoryBank, options: FewShotOptions) -> list[tuple[np.ndarray, float]]:
     """Each reference's own (map, score), scored against the rest of the memory.
 
@@ -832,7 +852,7 @@ def run_fewshot(
     dino = seg.dinov2(opts.model)
     check_bank(bank, opts, dino)
     with seg.autocast():
-        scored = score_images_with(dino, bank, [c.image_u8 for c in ctxs], opts)
+        scored = score_contexts(dino, bank, ctxs, opts)
 
     thr, thr_src = threshold, ("fixed" if threshold is not None else None)
     ithr, ithr_src = image_threshold, ("fixed" if image_threshold is not None else None)
@@ -840,7 +860,7 @@ def run_fewshot(
     if calibrate_with is not None and (thr is None or ithr is None):
         cal_imgs = seg.contexts(_calibration_images(calibrate_with))
         with seg.autocast():
-            cal = score_images_with(dino, bank, [c.image_u8 for c in cal_imgs], opts)
+            cal = score_contexts(dino, bank, cal_imgs, opts)
         calib_n = len(cal)
         if thr is None:
             thr = calibrate_threshold([c.anomaly_map for c in cal], calibrate_percentile)
