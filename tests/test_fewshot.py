@@ -230,9 +230,9 @@ def test_fusion_where_it_helps_and_where_it_does_not():
     scratch = (np.abs(yy - xx) < 1.5) & (yy > 35) & (yy < 60)
     gt = blob | scratch
 
-    def crane_like(seen, n=1):  # probabilities around 0.3, defects it sees at 0.6
+    def crane_like(seen, n=1):  # probabilities around 0.3 (noisy), defects it sees at 0.7
         return [
-            np.clip(0.3 + 0.05 * rng.standard_normal((64, 64)) + 0.3 * seen, 0, 1) for _ in range(n)
+            np.clip(0.3 + 0.1 * rng.standard_normal((64, 64)) + 0.4 * seen, 0, 1) for _ in range(n)
         ]
 
     def few_like(seen, n=1):  # 1 - cos distances around 0.02, defects it sees at 0.2
