@@ -106,6 +106,15 @@ def test_other_model_or_settings_refused(bank, tiny_seg, tests_imgs, opts):
     assert r[0].meta["fewshot"]["knn_neighbors"] == 2
 
 
+def test_shots_from_a_bigger_bank(bank, tiny_seg, goods, tests_imgs, opts):
+    two = fs.run_fewshot(tiny_seg, tests_imgs[:1], reference=bank, options=replace(opts, shots=2))
+    built = fs.run_fewshot(tiny_seg, tests_imgs[:1], reference=goods[:2], options=opts)
+    np.testing.assert_array_equal(two[0].anomaly_map, built[0].anomaly_map)
+    assert two[0].meta["fewshot"]["n_shots"] == 2
+    with pytest.raises(ConfigError, match="holds only 3"):
+        fs.run_fewshot(tiny_seg, tests_imgs[:1], reference=bank, options=replace(opts, shots=5))
+
+
 def test_damaged_files_are_clear_errors(tmp_path, bank):
     good = save_memory(bank, tmp_path / "ok.zsdmem")
     data = good.read_bytes()

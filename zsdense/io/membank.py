@@ -80,6 +80,22 @@ class MemoryBank:
         """Bytes held by the feature rows (what the nearest-neighbour search reads)."""
         return sum(f.numel() * f.element_size() for f in self.features)
 
+    def first(self, n: int) -> MemoryBank:
+        """A bank of the first ``n`` references (rows shared, not copied)."""
+        n = int(n)
+        return MemoryBank(
+            features=self.features[:n],
+            source=self.source[:n],
+            masks=self.masks[:n],
+            grids=self.grids[:n],
+            sizes=self.sizes[:n],
+            names=self.names[:n],
+            settings=dict(self.settings),
+            model=dict(self.model),
+            extra=dict(self.extra),
+            format_version=self.format_version,
+        )
+
     def all_source(self) -> torch.Tensor:
         """(M, 3) int32 (reference, angle index, patch) of every memory row, in index order."""
         key = "all_source"

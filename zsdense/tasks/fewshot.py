@@ -813,6 +813,12 @@ def _as_bank(seg, reference: Any, options: FewShotOptions | None, object_name, d
         opts = options or options_for(object_name, dataset)
         return build_memory(seg, reference, opts), opts
     opts = options or options_from_bank(bank)
+    if opts.shots is not None and int(opts.shots) != bank.n_shots:
+        if int(opts.shots) > bank.n_shots:
+            raise ConfigError(
+                f"--shots {opts.shots}: the memory bank holds only {bank.n_shots} references"
+            )
+        bank = bank.first(int(opts.shots))
     return bank, opts
 
 
