@@ -1,0 +1,150 @@
+"""``zsdense memory build | info``: a few-shot memory bank from known-good images, kept on disk.
+
+``zsdense memory build GOOD... --out bank.zsdmem`` extracts the AnomalyDINO memory (DINOv2 patch
+features of the good images and their rotations, foreground masks, settings, model id and
+weights SHA-256) once; ``zsdense anomaly DATA --reference bank.zsdmem`` then scores against it
+without touching the good images again. A bank made with another model or other settings is
+refused when used.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import click
+
+from zsdense.cli.common import make_segmenter, runtime_options
+from zsdense.errors import ConfigError
+
+
+@click.group("memory")
+def memory_group() -> None:
+    """Build and inspect few-shot memory banks (.zsdmem)."""
+
+
+@memory_group.command("build")
+@click.argument("good", nargs=-1, required=True)
+@click.option(
+    "--out",
+    "out_path",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="The bank file to write (.zsdmem).",
+)
+@click.option(
+    "--preset",
+    type=click.Choice(["anomalydino"]),
+    default="anomalydino",
+    show_default=True,
+    help="Few-shot method and its published settings.",
+)
+@click.option("--model", "model_name", default=None, help="DINOv2 registry name (dinov2-small).")
+@click.option("--image-size", type=click.IntRange(min=14), default=None, help="Smaller edge (448).")
+@click.option("--shots", type=click.IntRange(min=1), default=None, help="Use the first N images.")
+@click.option("--object", "object_name", default=None, help="Object name (decides masking).")
+@click.option(
+    "--dataset",
+    default=None,
+    help="mvtec | visa: the reference's per-dataset masking/rotation table.",
+)
+@click.option(
+    "--preprocess",
+    default="agnostic",
+    show_default=True,
+    help="The reference's preprocessing mode (agnostic, informed, masking_only, ...).",
+)
+@click.option("--rotation/--no-rotation", default=None, help="8 rotations of each good image.")
+@click.option("--masking/--no-masking", default=None, help="PCA foreground masking.")
+@click.option(
+    "--mask-ref-images", is_flag=True, default=None, help="Also mask the good images' patches."
+)
+@click.option(
+    "--knn-metric",
+    type=click.Choice(["L2_normalized", "L2"]),
+    default=None,
+    help="L2_normalized (1 - cos, the paper) or L2 on raw features.",
+)
+@click.option(
+    "--crane-preset",
+    default=None,
+    help="Also store Crane's statistics on these images (crane+fewshot from the bank).",
+)
+@click.option("--force", is_flag=True, default=False, help="Overwrite an existing bank.")
+@runtime_options
+def build_cmd(
+    good,
+    out_path,
+    preset,
+    model_name,
+    image_size,
+    shots,
+    object_name,
+    dataset,
+    preprocess,
+    rotation,
+    masking,
+    mask_ref_images,
+    knn_metric,
+    crane_preset,
+    force,
+    **runtime,
+) -> None:
+    """Build a memory bank from GOOD images (files, folders, globs; read in name order)."""
+    from pathlib import Path
+
+    from zsdense.io import list_inputs
+    from zsdense.io.membank import describe, save_memory
+    from zsdense.tasks import fewshot as fs
+
+    out = Path(out_path)
+    if out.exists() and not force:
+        raise ConfigError(f"{out} exists; pass --force to overwrite it")
+    items = sorted(list_inputs(list(good)), key=lambda it: str(it.path))
+    if not items:
+        raise ConfigError("no good images found in " + " ".join(good))
+    opts = fs.options_for(
+        object_name,
+        dataset,
+        preprocess,
+        model=model_name,
+        image_size=image_size,
+        shots=shots,
+        rotation=rotation,
+        masking=masking,
+        mask_ref_images=mask_ref_images,
+        knn_metric=knn_metric,
+    )
+    seg = make_segmenter(**runtime)
+    t0 = time.perf_counter()
+    paths = [str(it.path) for it in items]
+    bank = fs.build_memory(seg, paths, opts)
+    if crane_preset:
+        fs.add_crane_stats(seg, bank, paths[: bank.n_shots], crane_preset, object_name)
+    save_memory(bank, out)
+    summary = describe(bank)
+    summary.update(
+        path=str(out),
+        preset=preset,
+        seconds=round(time.perf_counter() - t0, 3),
+        bytes=out.stat().st_size,
+        references=bank.names,
+    )
+    if seg.random_weights:
+        summary["warning"] = "random weights — not meaningful"
+    click.echo(json.dumps(summary, indent=1, default=str))
+
+
+@memory_group.command("info")
+@click.argument("bank", type=click.Path(dir_okay=False))
+def info_cmd(bank: str) -> None:
+    """Print a bank's header (settings, model, shots) after checking it loads intact."""
+    from zsdense.io.membank import describe, load_memory, read_header
+
+    header = read_header(bank)
+    load_memory(bank)  # checksum: a damaged file is an error here, not at scoring time
+    out = describe(header)
+    out.update(names=header.get("names"), extra=header.get("extra"))
+    json.dump(out, sys.stdout, indent=1, default=str)
+    click.echo()
