@@ -251,27 +251,71 @@ def check_text_tower(clip, lp: LearnedPrompts) -> None:
         )
 
 
-@torch.no_grad()
-def learned_text_features(clip, lp: LearnedPrompts, *, deep_fp16: bool = True) -> torch.Tensor:
-    """T (2, D) from learned prompts through ``clip``'s text tower (deep prompts inserted)."""
-    check_text_tower(clip, lp)
+class _Fp16RoundTrip(torch.autograd.Function):
+    """``x.half().float()`` whose backward also rounds the incoming gradient to fp16.
+
+    This is what Crane's ``.half()`` on the expanded deep prompt followed by a concatenation
+    with float32 tokens does under autograd: the values are rounded in the forward and, in the
+    backward, each per-sequence gradient is rounded to fp16 before the expand sums them
+    (fixtures ``crane_train`` README §1, T9).
+    """
+
+    @staticmethod
+    def forward(ctx, x):  # noqa: D401 - autograd signature
+        return x.half().to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.half().to(grad.dtype)
+
+
+def fp16_round_trip(x: torch.Tensor, *, round_grad: bool = True) -> torch.Tensor:
+    """Round ``x`` to fp16 and back (and, with ``round_grad``, its gradient as well)."""
+    if round_grad and torch.is_grad_enabled() and x.requires_grad:
+        return _Fp16RoundTrip.apply(x)
+    return x.half().to(x.dtype)
+
+
+def encode_prompt_embeddings(
+    clip,
+    prompts_mlc: torch.Tensor,
+    eot_m: torch.Tensor,
+    deep: tuple[torch.Tensor, ...] | list[torch.Tensor],
+    *,
+    deep_fp16: bool = True,
+) -> torch.Tensor:
+    """Text-tower outputs (M, D), not normalised, for M prompt-embedding sequences (M, 77, C).
+
+    The deep prompts replace positions ``1..n_deep`` at the input of text blocks 2..1+len(deep)
+    (each expanded over the M sequences, rounded to fp16 per copy when ``deep_fp16``, as
+    Crane's ``.half()``; under autograd the gradients are rounded too). Differentiable with
+    respect to ``prompts_mlc`` and ``deep``: prompt training (``zsdense.train``) uses it, and
+    :func:`learned_text_features` is this function without gradients.
+    """
     model = clip.model
     dev = clip.device
     dtype = model.ln_final.weight.dtype
-    x = lp.prompts.to(dev, dtype) + model.positional_embedding.to(dtype)  # (2, 77, C)
+    x = prompts_mlc.to(dev, dtype) + model.positional_embedding.to(dtype)  # (M, 77, C)
     mask = model.attn_mask.to(dev) if getattr(model, "attn_mask", None) is not None else None
-    deep = [d.to(dev) for d in lp.deep]
-    if deep_fp16:
-        deep = [d.half().to(dtype) for d in deep]  # Crane's .half() rounding
+    deep = [d.to(dev) for d in deep]
     n_deep = deep[0].shape[0] if deep else 0
     for i, blk in enumerate(model.transformer.resblocks):
         if 1 <= i <= len(deep):
             d = deep[i - 1].to(dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+            if deep_fp16:
+                d = fp16_round_trip(d)  # Crane's .half()
             x = torch.cat([x[:, :1], d, x[:, 1 + n_deep :]], dim=1)
         x = blk(x, attn_mask=mask)
     x = model.ln_final(x)
-    idx = lp.eot.to(dev)
-    x = x[torch.arange(x.shape[0], device=dev), idx]  # (2, C)
+    idx = eot_m.to(dev)
+    x = x[torch.arange(x.shape[0], device=dev), idx]  # (M, C)
     proj = model.text_projection
-    x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+    return proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+
+
+@torch.no_grad()
+def learned_text_features(clip, lp: LearnedPrompts, *, deep_fp16: bool = True) -> torch.Tensor:
+    """T (2, D) from learned prompts through ``clip``'s text tower (deep prompts inserted)."""
+    check_text_tower(clip, lp)
+    x = encode_prompt_embeddings(clip, lp.prompts, lp.eot, lp.deep, deep_fp16=deep_fp16)
     return F.normalize(x.float(), dim=-1)
