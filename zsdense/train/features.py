@@ -69,7 +69,9 @@ class VisionBatch:
 
     def to(self, device) -> VisionBatch:
         return VisionBatch(
-            [m.to(device) for m in self.maps], list(self.counts), self.global_embed.to(device),
+            [m.to(device) for m in self.maps],
+            list(self.counts),
+            self.global_embed.to(device),
             self.grid,
         )
 
@@ -109,9 +111,7 @@ def encode_images(
     counts = setup.counts()
     if len(counts) != len(f.maps):  # pragma: no cover - guards the counts bookkeeping
         raise RuntimeError(f"{len(f.maps)} maps but {len(counts)} alias counts")
-    return VisionBatch(
-        [m.float() for m in f.maps], counts, f.global_embed.float(), tuple(f.grid)
-    )
+    return VisionBatch([m.float() for m in f.maps], counts, f.global_embed.float(), tuple(f.grid))
 
 
 class FeatureCache:
