@@ -14,7 +14,7 @@ Two sources give ``T = [t_normal, t_abnormal]`` (2, D), each row L2-normalised:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -126,6 +126,12 @@ class LearnedPrompts:
         return 2 * n_ctx * self.width + sum(int(d.numel()) for d in self.deep)
 
     n_ctx: int = 12
+    # trained by zsdense (safetensors metadata): the CLIP they were trained on, when recorded
+    base_model: str | None = None
+    base_sha256: str | None = None
+
+
+PROMPT_META_KEY = "zsdense"  # safetensors metadata entry holding a trained checkpoint's JSON
 
 
 _REQUIRED = (
@@ -212,7 +218,33 @@ def load_learned_prompts(path: str | Path) -> LearnedPrompts:
 
     p = Path(path)
     sd = load_state_dict_file(p)
-    return learned_prompts_from_state_dict(sd, source=str(p))
+    lp = learned_prompts_from_state_dict(sd, source=str(p))
+    meta = read_prompt_metadata(p)
+    base = meta.get("base_model") if isinstance(meta.get("base_model"), dict) else {}
+    if base:
+        lp = replace(lp, base_model=base.get("id"), base_sha256=base.get("sha256"))
+    return lp
+
+
+def read_prompt_metadata(path: str | Path) -> dict:
+    """The JSON metadata zsdense stores in a trained ``.safetensors`` checkpoint ({} if none)."""
+    p = Path(path)
+    if p.suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            raw = (f.metadata() or {}).get(PROMPT_META_KEY)
+    except Exception as exc:  # noqa: BLE001 - any unreadable header is the user's file problem
+        raise WeightsError(f"{p}: not a readable safetensors file ({exc})") from None
+    if not raw:
+        return {}
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        raise WeightsError(f"{p}: its '{PROMPT_META_KEY}' metadata is not JSON") from None
+    return meta if isinstance(meta, dict) else {}
 
 
 def resolve_learned_prompts(
@@ -229,7 +261,7 @@ def resolve_learned_prompts(
 
     path = registry.resolve(spec, weights_dir=weights_dir, download=download)
     lp = load_learned_prompts(path)
-    return LearnedPrompts(lp.prompts, lp.eot, lp.deep, source=spec, n_ctx=lp.n_ctx)
+    return replace(lp, source=spec)
 
 
 def check_text_tower(clip, lp: LearnedPrompts) -> None:
@@ -243,6 +275,19 @@ def check_text_tower(clip, lp: LearnedPrompts) -> None:
             f"learned prompts {lp.source or ''} are for a text width {lp.width} / context "
             f"{lp.prompts.shape[1]}, but the CLIP {clip.arch} text tower has width {width} / "
             f"context {ctx_len}; use --prompts ensemble or the matching CLIP (ViT-L-14-336)"
+        )
+    clip_id = getattr(clip, "base_model_id", None)
+    if lp.base_model is not None and clip_id is not None and lp.base_model != clip_id:
+        raise ConfigError(
+            f"learned prompts {lp.source} were trained on the base model {lp.base_model!r}, "
+            f"but this CLIP is {clip_id!r}: prompts only fit the CLIP they were trained with; "
+            f"run with the same --models / architecture, or train prompts for this model"
+        )
+    clip_sha = getattr(clip, "weights_sha256", None)
+    if lp.base_sha256 and clip_sha and lp.base_sha256 != clip_sha:
+        raise ConfigError(
+            f"learned prompts {lp.source} were trained on CLIP weights with SHA-256 "
+            f"{lp.base_sha256}, but the loaded weights have {clip_sha}: a different checkpoint"
         )
     if len(lp.deep) + 1 > n_blocks:
         raise ConfigError(
