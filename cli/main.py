@@ -25,6 +25,7 @@ LAZY_COMMANDS: dict[str, str] = {
     "run": "zsdense.cli.run:run_cmd",
     "eval": "zsdense.cli.eval:eval_group",
     "models": "zsdense.cli.models:models_group",
+    "train-prompts": "zsdense.cli.train:train_prompts_cmd",
 }
 
 

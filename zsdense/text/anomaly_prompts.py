@@ -266,16 +266,6 @@ def resolve_learned_prompts(
 
 def check_text_tower(clip, lp: LearnedPrompts) -> None:
     """ConfigError unless ``clip``'s text tower can host these learned prompts."""
-    model = clip.model
-    width = int(model.ln_final.weight.shape[0])
-    ctx_len = int(model.positional_embedding.shape[0])
-    n_blocks = len(model.transformer.resblocks)
-    if lp.width != width or lp.prompts.shape[1] != ctx_len:
-        raise ConfigError(
-            f"learned prompts {lp.source or ''} are for a text width {lp.width} / context "
-            f"{lp.prompts.shape[1]}, but the CLIP {clip.arch} text tower has width {width} / "
-            f"context {ctx_len}; use --prompts ensemble or the matching CLIP (ViT-L-14-336)"
-        )
     clip_id = getattr(clip, "base_model_id", None)
     if lp.base_model is not None and clip_id is not None and lp.base_model != clip_id:
         raise ConfigError(
@@ -288,6 +278,16 @@ def check_text_tower(clip, lp: LearnedPrompts) -> None:
         raise ConfigError(
             f"learned prompts {lp.source} were trained on CLIP weights with SHA-256 "
             f"{lp.base_sha256}, but the loaded weights have {clip_sha}: a different checkpoint"
+        )
+    model = clip.model
+    width = int(model.ln_final.weight.shape[0])
+    ctx_len = int(model.positional_embedding.shape[0])
+    n_blocks = len(model.transformer.resblocks)
+    if lp.width != width or lp.prompts.shape[1] != ctx_len:
+        raise ConfigError(
+            f"learned prompts {lp.source or ''} are for a text width {lp.width} / context "
+            f"{lp.prompts.shape[1]}, but the CLIP {clip.arch} text tower has width {width} / "
+            f"context {ctx_len}; use --prompts ensemble or the matching CLIP (ViT-L-14-336)"
         )
     if len(lp.deep) + 1 > n_blocks:
         raise ConfigError(

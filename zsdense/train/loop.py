@@ -170,12 +170,17 @@ class PromptTrainer:
     def _check_resume(self, saved: dict) -> None:
         for key, now in self.settings.items():
             was = saved.get(key)
-            if json.dumps(was, sort_keys=True) != json.dumps(now, sort_keys=True):
-                raise ConfigError(
-                    f"--resume: the run in {self.out} was started with another {key} "
-                    f"({was!r}, now {now!r}); a resume never mixes two settings: use the same "
-                    f"options or a new --out"
-                )
+            if json.dumps(was, sort_keys=True) == json.dumps(now, sort_keys=True):
+                continue
+            if isinstance(was, dict) and isinstance(now, dict):
+                diff = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
+                what = ", ".join(f"{k}: {was.get(k)!r} -> {now.get(k)!r}" for k in diff)
+            else:
+                what = f"{was!r} -> {now!r}"
+            raise ConfigError(
+                f"--resume: the run in {self.out} was started with another {key} ({what}); a "
+                f"resume never mixes two settings: use the same options or a new --out"
+            )
 
     # ---- batches -----------------------------------------------------------------------------
     def _encode(self, items: Sequence[TrainItem]) -> VisionBatch:
