@@ -234,14 +234,15 @@ class PromptTrainer:
                 items = self.val_items[s : s + bs]
                 vb = self._encode(items)
                 masks = load_masks(items, size) > 0.5
-                chunks.append((vb.to("cpu"), masks, [it.label for it in items]))
+                known = [it.label == 0 or it.mask is not None for it in items]
+                chunks.append((vb.to("cpu"), masks, [it.label for it in items], known))
             if cacheable(self.setup):
                 self._val_cache = chunks
         else:
             chunks = self._val_cache
         acc = PixelAccumulator()
         labels, scores = [], []
-        for vb, masks, lab in chunks:
+        for vb, masks, lab, known in chunks:
             r = crane_maps(
                 [m.to(self.device) for m in vb.maps],
                 text,
@@ -253,8 +254,9 @@ class PromptTrainer:
                 alpha=preset.fusion_alpha,
             )
             maps = smooth_maps(r.anomaly_map, preset.sigma).cpu().numpy()
-            for m, k in zip(maps, masks.numpy()):
-                acc.update(np.clip(m, 0.0, 1.0), k)
+            for m, k, ok in zip(maps, masks.numpy(), known):
+                if ok:  # an anomalous image without a mask has no pixel ground truth
+                    acc.update(np.clip(m, 0.0, 1.0), k)
             labels += lab
             scores += r.anomaly_score.cpu().tolist()
         if len(set(labels)) < 2:
