@@ -26,6 +26,7 @@ LAZY_COMMANDS: dict[str, str] = {
     "eval": "zsdense.cli.eval:eval_group",
     "models": "zsdense.cli.models:models_group",
     "memory": "zsdense.cli.memory:memory_group",
+    "train-prompts": "zsdense.cli.train:train_prompts_cmd",
 }
 
 

@@ -59,6 +59,16 @@ class ClipModel:
     std: tuple[float, float, float] = OPENAI_STD
     _pos_cache: dict = field(default_factory=dict, repr=False)
     _tokenizer: object = field(default=None, repr=False)
+    weights_name: str | None = None  # registry name of the loaded checkpoint (real weights)
+    weights_sha256: str | None = None  # SHA-256 of the loaded checkpoint file, when known
+
+    @property
+    def base_model_id(self) -> str:
+        """What a trained prompt checkpoint records as its base model: the architecture, plus
+        the weights (registry name, or "random weights" for the tiny / random sets)."""
+        if self.is_random:
+            return f"{self.arch} (random weights)"
+        return f"{self.arch} ({self.weights_name})" if self.weights_name else self.arch
 
     # ---- structure -------------------------------------------------------------------------
     @property
@@ -404,6 +414,8 @@ def load_clip(
         path = files[0]
     sd = registry.load_state_dict_file(path)
     clip = clip_from_state_dict(sd, arch=arch)
+    clip.weights_name = name
+    clip.weights_sha256 = registry.sha256_file(path)  # cached by (path, size, mtime)
     return clip.to(device)
 
 

@@ -14,7 +14,7 @@ Two sources give ``T = [t_normal, t_abnormal]`` (2, D), each row L2-normalised:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -126,6 +126,12 @@ class LearnedPrompts:
         return 2 * n_ctx * self.width + sum(int(d.numel()) for d in self.deep)
 
     n_ctx: int = 12
+    # trained by zsdense (safetensors metadata): the CLIP they were trained on, when recorded
+    base_model: str | None = None
+    base_sha256: str | None = None
+
+
+PROMPT_META_KEY = "zsdense"  # safetensors metadata entry holding a trained checkpoint's JSON
 
 
 _REQUIRED = (
@@ -212,7 +218,33 @@ def load_learned_prompts(path: str | Path) -> LearnedPrompts:
 
     p = Path(path)
     sd = load_state_dict_file(p)
-    return learned_prompts_from_state_dict(sd, source=str(p))
+    lp = learned_prompts_from_state_dict(sd, source=str(p))
+    meta = read_prompt_metadata(p)
+    base = meta.get("base_model") if isinstance(meta.get("base_model"), dict) else {}
+    if base:
+        lp = replace(lp, base_model=base.get("id"), base_sha256=base.get("sha256"))
+    return lp
+
+
+def read_prompt_metadata(path: str | Path) -> dict:
+    """The JSON metadata zsdense stores in a trained ``.safetensors`` checkpoint ({} if none)."""
+    p = Path(path)
+    if p.suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            raw = (f.metadata() or {}).get(PROMPT_META_KEY)
+    except Exception as exc:  # noqa: BLE001 - any unreadable header is the user's file problem
+        raise WeightsError(f"{p}: not a readable safetensors file ({exc})") from None
+    if not raw:
+        return {}
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        raise WeightsError(f"{p}: its '{PROMPT_META_KEY}' metadata is not JSON") from None
+    return meta if isinstance(meta, dict) else {}
 
 
 def resolve_learned_prompts(
@@ -229,11 +261,24 @@ def resolve_learned_prompts(
 
     path = registry.resolve(spec, weights_dir=weights_dir, download=download)
     lp = load_learned_prompts(path)
-    return LearnedPrompts(lp.prompts, lp.eot, lp.deep, source=spec, n_ctx=lp.n_ctx)
+    return replace(lp, source=spec)
 
 
 def check_text_tower(clip, lp: LearnedPrompts) -> None:
     """ConfigError unless ``clip``'s text tower can host these learned prompts."""
+    clip_id = getattr(clip, "base_model_id", None)
+    if lp.base_model is not None and clip_id is not None and lp.base_model != clip_id:
+        raise ConfigError(
+            f"learned prompts {lp.source} were trained on the base model {lp.base_model!r}, "
+            f"but this CLIP is {clip_id!r}: prompts only fit the CLIP they were trained with; "
+            f"run with the same --models / architecture, or train prompts for this model"
+        )
+    clip_sha = getattr(clip, "weights_sha256", None)
+    if lp.base_sha256 and clip_sha and lp.base_sha256 != clip_sha:
+        raise ConfigError(
+            f"learned prompts {lp.source} were trained on CLIP weights with SHA-256 "
+            f"{lp.base_sha256}, but the loaded weights have {clip_sha}: a different checkpoint"
+        )
     model = clip.model
     width = int(model.ln_final.weight.shape[0])
     ctx_len = int(model.positional_embedding.shape[0])
@@ -251,27 +296,71 @@ def check_text_tower(clip, lp: LearnedPrompts) -> None:
         )
 
 
-@torch.no_grad()
-def learned_text_features(clip, lp: LearnedPrompts, *, deep_fp16: bool = True) -> torch.Tensor:
-    """T (2, D) from learned prompts through ``clip``'s text tower (deep prompts inserted)."""
-    check_text_tower(clip, lp)
+class _Fp16RoundTrip(torch.autograd.Function):
+    """``x.half().float()`` whose backward also rounds the incoming gradient to fp16.
+
+    This is what Crane's ``.half()`` on the expanded deep prompt followed by a concatenation
+    with float32 tokens does under autograd: the values are rounded in the forward and, in the
+    backward, each per-sequence gradient is rounded to fp16 before the expand sums them
+    (fixtures ``crane_train`` README §1, T9).
+    """
+
+    @staticmethod
+    def forward(ctx, x):  # noqa: D401 - autograd signature
+        return x.half().to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.half().to(grad.dtype)
+
+
+def fp16_round_trip(x: torch.Tensor, *, round_grad: bool = True) -> torch.Tensor:
+    """Round ``x`` to fp16 and back (and, with ``round_grad``, its gradient as well)."""
+    if round_grad and torch.is_grad_enabled() and x.requires_grad:
+        return _Fp16RoundTrip.apply(x)
+    return x.half().to(x.dtype)
+
+
+def encode_prompt_embeddings(
+    clip,
+    prompts_mlc: torch.Tensor,
+    eot_m: torch.Tensor,
+    deep: tuple[torch.Tensor, ...] | list[torch.Tensor],
+    *,
+    deep_fp16: bool = True,
+) -> torch.Tensor:
+    """Text-tower outputs (M, D), not normalised, for M prompt-embedding sequences (M, 77, C).
+
+    The deep prompts replace positions ``1..n_deep`` at the input of text blocks 2..1+len(deep)
+    (each expanded over the M sequences, rounded to fp16 per copy when ``deep_fp16``, as
+    Crane's ``.half()``; under autograd the gradients are rounded too). Differentiable with
+    respect to ``prompts_mlc`` and ``deep``: prompt training (``zsdense.train``) uses it, and
+    :func:`learned_text_features` is this function without gradients.
+    """
     model = clip.model
     dev = clip.device
     dtype = model.ln_final.weight.dtype
-    x = lp.prompts.to(dev, dtype) + model.positional_embedding.to(dtype)  # (2, 77, C)
+    x = prompts_mlc.to(dev, dtype) + model.positional_embedding.to(dtype)  # (M, 77, C)
     mask = model.attn_mask.to(dev) if getattr(model, "attn_mask", None) is not None else None
-    deep = [d.to(dev) for d in lp.deep]
-    if deep_fp16:
-        deep = [d.half().to(dtype) for d in deep]  # Crane's .half() rounding
+    deep = [d.to(dev) for d in deep]
     n_deep = deep[0].shape[0] if deep else 0
     for i, blk in enumerate(model.transformer.resblocks):
         if 1 <= i <= len(deep):
             d = deep[i - 1].to(dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+            if deep_fp16:
+                d = fp16_round_trip(d)  # Crane's .half()
             x = torch.cat([x[:, :1], d, x[:, 1 + n_deep :]], dim=1)
         x = blk(x, attn_mask=mask)
     x = model.ln_final(x)
-    idx = lp.eot.to(dev)
-    x = x[torch.arange(x.shape[0], device=dev), idx]  # (2, C)
+    idx = eot_m.to(dev)
+    x = x[torch.arange(x.shape[0], device=dev), idx]  # (M, C)
     proj = model.text_projection
-    x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+    return proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+
+
+@torch.no_grad()
+def learned_text_features(clip, lp: LearnedPrompts, *, deep_fp16: bool = True) -> torch.Tensor:
+    """T (2, D) from learned prompts through ``clip``'s text tower (deep prompts inserted)."""
+    check_text_tower(clip, lp)
+    x = encode_prompt_embeddings(clip, lp.prompts, lp.eot, lp.deep, deep_fp16=deep_fp16)
     return F.normalize(x.float(), dim=-1)

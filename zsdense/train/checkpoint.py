@@ -1,0 +1,171 @@
+"""Trained-prompt checkpoints: safetensors + JSON metadata, the training state for ``--resume``,
+and an exporter to the layout Crane's ``train.py`` saves.
+
+- ``epoch_N.safetensors`` / ``best.safetensors``: the prompt learner's state dict (Crane's keys:
+  ctx_pos, ctx_neg, tokenized_prompts_*, token_prefix/suffix_*, compound_prompts_text.*) with
+  JSON metadata under the ``zsdense`` key: recipe, base model id and SHA-256 (when known),
+  epoch, metrics. ``zsdense anomaly --prompts FILE`` loads it; a CLIP other than the base
+  model is refused.
+- ``state.safetensors``: the same tensors plus the Adam moments and step counts and the
+  data-order generator state; with the metadata it continues a run bit for bit.
+- :func:`export_published`: ``{'prompt_learner': state_dict}`` saved with ``torch.save``, which
+  Crane's ``test.py`` and :func:`zsdense.text.anomaly_prompts.load_learned_prompts` both load.
+
+Every file is written to a temporary name and renamed (``zsdense.io.writers.atomic_path``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from zsdense.errors import ConfigError, WeightsError
+from zsdense.io.writers import atomic_path
+from zsdense.text.anomaly_prompts import PROMPT_META_KEY, read_prompt_metadata
+
+FORMAT = "zsdense-prompts/1"
+_OPT = "optimizer."
+_RNG = "rng.data_order"
+
+
+def base_model_info(clip) -> dict[str, Any]:
+    """``{"id", "sha256", "arch"}`` of the CLIP the prompts are trained on."""
+    return {
+        "id": clip.base_model_id,
+        "sha256": getattr(clip, "weights_sha256", None),
+        "arch": clip.arch,
+    }
+
+
+def _meta_header(meta: dict[str, Any]) -> dict[str, str]:
+    return {PROMPT_META_KEY: json.dumps({"format": FORMAT, **meta}, sort_keys=True)}
+
+
+def _cpu(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+
+
+def save_prompts(path: str | Path, state_dict: dict[str, torch.Tensor], meta: dict) -> Path:
+    """Write a prompt checkpoint (safetensors, metadata JSON) atomically."""
+    from safetensors.torch import save_file
+
+    p = Path(path)
+    with atomic_path(p) as tmp:
+        save_file(_cpu(state_dict), str(tmp), metadata=_meta_header(meta))
+    return p
+
+
+def load_prompts(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state dict, metadata) of a prompt checkpoint written by :func:`save_prompts`."""
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if not p.is_file():
+        raise WeightsError(f"{p}: checkpoint not found")
+    try:
+        sd = load_file(str(p), device="cpu")
+    except Exception as exc:  # noqa: BLE001
+        raise WeightsError(f"{p}: not a readable safetensors checkpoint ({exc})") from None
+    meta = read_prompt_metadata(p)
+    return {k: v for k, v in sd.items() if not k.startswith((_OPT, "rng."))}, meta
+
+
+def save_state(
+    path: str | Path,
+    learner: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    meta: dict,
+) -> Path:
+    """Everything ``--resume`` needs: parameters, buffers, Adam state, data-order RNG state."""
+    from safetensors.torch import save_file
+
+    tensors = dict(learner.state_dict())
+    names = dict((id(p), n) for n, p in learner.named_parameters())
+    for p, st in optimizer.state.items():
+        n = names[id(p)]
+        for key, v in st.items():
+            t = v if torch.is_tensor(v) else torch.tensor(float(v))
+            tensors[f"{_OPT}{n}.{key}"] = t
+    tensors[_RNG] = generator.get_state()
+    p = Path(path)
+    with atomic_path(p) as tmp:
+        save_file(_cpu(tensors), str(tmp), metadata=_meta_header(meta))
+    return p
+
+
+def load_state(
+    path: str | Path,
+    learner: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+) -> dict:
+    """Restore what :func:`save_state` wrote into fresh objects; returns the metadata."""
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    try:
+        t = load_file(str(p), device="cpu")
+    except Exception as exc:  # noqa: BLE001
+        raise WeightsError(f"{p}: cannot read the training state ({exc})") from None
+    meta = read_prompt_metadata(p)
+    sd = {k: v for k, v in t.items() if not k.startswith((_OPT, "rng."))}
+    try:
+        learner.load_state_dict(sd, strict=True)
+    except RuntimeError as exc:
+        raise ConfigError(f"{p}: the saved prompts do not fit this model ({exc})") from None
+    dev = next(learner.parameters()).device
+    for n, prm in learner.named_parameters():
+        st = {}
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            k = f"{_OPT}{n}.{key}"
+            if k in t:
+                st[key] = t[k] if key == "step" else t[k].to(dev)
+        if st:
+            optimizer.state[prm] = st
+    generator.set_state(t[_RNG])
+    return meta
+
+
+def export_published(src: str | Path, dst: str | Path) -> Path:
+    """A zsdense prompt checkpoint -> ``{'prompt_learner': state_dict}`` as Crane's train.py
+    saves it (``torch.save``; token ids int32; Crane's key order)."""
+    sd, _ = load_prompts(src)
+    order = [
+        "ctx_pos",
+        "ctx_neg",
+        "tokenized_prompts_pos",
+        "tokenized_prompts_neg",
+        "token_prefix_pos",
+        "token_suffix_pos",
+        "token_prefix_neg",
+        "token_suffix_neg",
+    ]
+    missing = [k for k in order if k not in sd]
+    if missing:
+        raise WeightsError(f"{src}: not a prompt-learner checkpoint (missing {missing})")
+    deep = sorted(
+        (k for k in sd if k.startswith("compound_prompts_text.")),
+        key=lambda k: int(k.split(".")[1]),
+    )
+    out = OrderedDict((k, sd[k].int() if k.startswith("tokenized") else sd[k]) for k in order)
+    out.update((k, sd[k]) for k in deep)
+    p = Path(dst)
+    with atomic_path(p) as tmp:
+        torch.save({"prompt_learner": out}, str(tmp))
+    return p
+
+
+__all__ = [
+    "FORMAT",
+    "base_model_info",
+    "export_published",
+    "load_prompts",
+    "load_state",
+    "save_prompts",
+    "save_state",
+]
