@@ -25,8 +25,10 @@ from zsdense.options import DOMAINS
     type=RegistryChoice(ANOMALY_PRESETS),
     default=DEFAULT_ANOMALY_PRESET,
     show_default=True,
-    help="crane (CLIP ViT-L/14-336, E-Attn), crane+ (plus DINOv2 D-Attn), musc (the "
-    "images of one product score each other; needs >= 5 images, no prompts).",
+    help="No good images: crane (CLIP ViT-L/14-336, E-Attn), crane+ (plus DINOv2 D-Attn). "
+    "A few good images (--reference): anomalydino (kNN to their DINOv2 patches), crane+fewshot "
+    "(both, fused). A whole lot of one product: musc (the images score each other; >= 5), "
+    "musc-fixed (QuickGELU).",
 )
 @click.option(
     "--prompts",
@@ -35,6 +37,19 @@ from zsdense.options import DOMAINS
     "(training-free prompt ensemble), a registry name (crane-mvtec, crane-visa, "
     "crane+-mvtec, crane+-visa, crane+-mvtec-epoch1), a prompt-learner .pth file, or a .json "
     "ensemble (normal_states, abnormal_states, templates).",
+)
+@click.option(
+    "--reference",
+    "reference",
+    multiple=True,
+    help="Few-shot presets (anomalydino, crane+fewshot): known-good images (a folder, files or "
+    "globs; repeatable) or a memory bank from `zsdense memory build` (.zsdmem).",
+)
+@click.option(
+    "--shots",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Few-shot: use only the first N reference images (default: all).",
 )
 @click.option(
     "--threshold",
@@ -108,6 +123,8 @@ def anomaly_cmd(
     object_name,
     preset,
     prompts,
+    reference,
+    shots,
     threshold,
     calibrate_with,
     calibrate_percentile,
@@ -133,6 +150,7 @@ def anomaly_cmd(
       zsdense anomaly parts/ --out res --preset crane+
       zsdense anomaly parts/ --out res --calibrate-with good_parts/ --object "metal nut"
       zsdense anomaly lot_42/ --out res --preset musc --threshold 0.3
+      zsdense anomaly parts/ --out res --preset anomalydino --reference good/ --shots 4
       zsdense anomaly assets/inspection --out res --models tiny     (offline smoke run)
 
     Outputs in OUT, mirroring the inputs: <name>.mask.png (0/255 defect mask),
@@ -148,6 +166,8 @@ def anomaly_cmd(
         preset=preset,
         object_name=object_name,
         prompts=prompts,
+        reference=list(reference) or None,
+        shots=shots,
         threshold=threshold,
         calibrate_with=calibrate_with,
         calibrate_percentile=calibrate_percentile,

@@ -185,12 +185,15 @@ class Segmenter:
         **options: Any,
     ) -> list:
         """Anomaly results for several images, batched through the encoders. ``preset='musc'``
-        scores the images against each other and needs at least 5 of one category."""
-        from zsdense.tasks.anomaly import run_anomaly
+        scores the images against each other and needs at least 5 of one category;
+        ``preset='anomalydino'`` (or ``'crane+fewshot'``) scores them against good images:
+        ``reference=`` a folder, a list of paths or a ``.zsdmem`` memory bank (built once per
+        Segmenter and reference), ``shots=N`` to use the first N."""
+        from zsdense.options import AnomalyOptions
+        from zsdense.tasks import anomaly_methods
 
-        return run_anomaly(
-            self, self.contexts(images), object_name=object_name, preset=preset, **options
-        )
+        opts = AnomalyOptions.from_mapping(options, object_name=object_name, preset=preset)
+        return anomaly_methods.run(self, self.contexts(images), opts)
 
     def open_vocab(
         self,

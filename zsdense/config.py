@@ -136,7 +136,22 @@ ANOMALY_PRESETS: dict[str, AnomalyPreset] = {
     "musc-fixed": AnomalyPreset(
         name="musc-fixed", method="musc", prompts="none", sigma=0.0, musc_act="quick_gelu"
     ),
+    # few-shot: good reference images score each test image (AnomalyDINO as its reference runs)
+    "anomalydino": AnomalyPreset(
+        name="anomalydino", method="anomalydino", prompts="none", dino_name="dinov2-small"
+    ),
+    # our fusion: Crane+ and AnomalyDINO, each normalised on the good references
+    "crane+fewshot": AnomalyPreset(
+        name="crane+fewshot",
+        method="crane+fewshot",
+        use_dattn=True,
+        soft_mean=False,
+        checkpoint="crane+-mvtec",
+        checkpoint_mvtec="crane+-visa",
+        checkpoint_medical="crane+-mvtec-epoch1",
+    ),
 }
+FEWSHOT_METHODS = ("anomalydino", "crane+fewshot")  # need --reference good images
 # --- end anomaly ---
 
 # --- openvocab ---

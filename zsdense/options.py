@@ -20,6 +20,7 @@ from zsdense.config import (
     DEFAULT_ANOMALY_PRESET,
     DEFAULT_OPENVOCAB_PRESET,
     DEFAULT_REFER_PRESET,
+    FEWSHOT_METHODS,
     OPENVOCAB_DATASETS,
     REFER_PRESETS,
     AnomalyPreset,
@@ -161,9 +162,26 @@ class AnomalyOptions(_TaskOptions):
     calibrate_percentile: float | None = None
     batch_size: int | None = None
     keep_model_map: bool = False
+    reference: Any = None  # few-shot presets: good images (folder/glob/paths) or a .zsdmem bank
+    shots: int | None = None  # use the first N references (None: all)
     overrides: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
+        if isinstance(self.reference, list):
+            object.__setattr__(self, "reference", tuple(self.reference))
+        if self.shots is not None and int(self.shots) < 1:
+            raise ConfigError(f"--shots must be at least 1, got {self.shots}")
+        fewshot = self.config().method in FEWSHOT_METHODS
+        if fewshot and self.reference is None:
+            raise ConfigError(
+                f"--preset {self.preset} scores images against good reference images: "
+                "give --reference GOOD_DIR (or a .zsdmem bank from `zsdense memory build`)"
+            )
+        if not fewshot and self.reference is not None:
+            raise ConfigError(
+                f"--reference needs a few-shot preset ({', '.join(FEWSHOT_METHODS)}); "
+                f"{self.preset!r} does not use reference images"
+            )
         if self.domain not in DOMAINS:
             raise ConfigError(f"--domain must be one of {', '.join(DOMAINS)}, not {self.domain!r}")
         if self.calibrate_percentile is not None:

@@ -44,6 +44,7 @@ from typing import Any, Callable, Sequence
 
 from zsdense.context import ImageContext
 from zsdense.errors import ConfigError
+from zsdense.io.writers import to_jsonable
 from zsdense.options import (
     AnomalyOptions,
     OpenVocabOptions,
@@ -51,7 +52,7 @@ from zsdense.options import (
     ReferOptions,
     options_for,
 )
-from zsdense.tasks import anomaly as anomaly_head
+from zsdense.tasks import anomaly_methods as anomaly_scorers
 from zsdense.tasks import openvocab as openvocab_head
 from zsdense.tasks import referring as refer_head
 
@@ -85,18 +86,31 @@ def _writer(out: OutputOptions) -> Callable[[Any, ImageContext, Path, dict], dic
 
 
 def _settings(kind: str, opts: Any, out: OutputOptions) -> dict:
+    """The options as JSON-able settings (values that are not, e.g. arrays, by their repr)."""
     d = asdict(opts)
     d.pop("classes_file", None)
+    for k, v in d.items():
+        try:
+            to_jsonable(v)
+        except TypeError:
+            d[k] = repr(v)
     return {"task": kind, **d, "output": asdict(out)}
 
 
 def anomaly_spec(
     seg, opts: AnomalyOptions, out: OutputOptions = OutputOptions(), name: str = "anomaly"
 ) -> TaskSpec:
-    """Anomaly maps, masks and scores per batch (the whole readable set for ``musc``)."""
+    """Anomaly maps, masks and scores per batch (the whole readable set for ``musc``); the
+    few-shot presets build or load their memory of good references once, at setup."""
+    state: dict[str, Any] = {}
+
+    def setup() -> None:
+        state["scorer"] = anomaly_scorers.prepare(seg, opts)
 
     def run(ctxs: list[ImageContext], params: list[dict]) -> list:
-        return anomaly_head.run_anomaly(seg, ctxs, opts)
+        if "scorer" not in state:
+            setup()
+        return anomaly_scorers.run(seg, ctxs, opts, state["scorer"])
 
     group = "all" if opts.config().method == "musc" else "batch"
     return TaskSpec(
@@ -104,7 +118,7 @@ def anomaly_spec(
         run=run,
         write=_writer(out),
         group=group,
-        setup=lambda: anomaly_head.load_encoders(seg, opts),
+        setup=setup,
         settings=_settings("anomaly", opts, out),
     )
 

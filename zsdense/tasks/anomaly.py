@@ -378,6 +378,11 @@ def run_anomaly(
     elif kwargs:
         raise ConfigError("give an AnomalyOptions or keyword options, not both")
     cfg = options.config()
+    if cfg.method not in ("crane", "musc"):
+        raise ConfigError(
+            f"preset {options.preset!r} ({cfg.method}) is not a zero-shot method: run it through "
+            "Segmenter.anomaly or zsdense.tasks.anomaly_methods.run"
+        )
     domain = options.domain
     object_name = options.object_name
     run_kw = {
