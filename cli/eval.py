@@ -160,6 +160,20 @@ def eval_group() -> None:
     "--exact", is_flag=True, help="Exact pixel metrics with every map of a category in memory."
 )
 @click.option(
+    "--shots",
+    type=int,
+    default=None,
+    help="Few-shot presets (anomalydino, crane+fewshot): good references per category, drawn "
+    "from its train/good images as the reference does (-1 or unset: all).",
+)
+@click.option(
+    "--seed",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Few-shot: which block of references (sorted names[seed*shots:(seed+1)*shots]).",
+)
+@click.option(
     "--keep-maps",
     is_flag=True,
     help="Also keep the full-size anomaly maps (.map.npy) beside the 518x518 ones scored.",

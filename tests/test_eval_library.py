@@ -21,7 +21,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from zsdense import Segmenter
 from zsdense import metrics as M
 from zsdense.engine.specs import TaskSpec
-from zsdense.errors import WeightsError, ZsdenseError
+from zsdense.errors import ConfigError, WeightsError, ZsdenseError
 from zsdense.eval import (
     EvalInterrupted,
     MetricTable,
@@ -430,3 +430,36 @@ def test_ctrl_c_finishes_the_batch_then_raises_eval_interrupted(tmp_path):
         data, tmp_path / "o", seg, preset="stub", task=_gray_head(rest), **quiet
     )
     assert len(rest) == 6 and table.rows[0]["n_images"] == 8
+
+
+def test_few_shot_evaluation_draws_references_from_train_good(tmp_path):
+    """``anomalydino`` with shots/seed: references are ``sorted(train/good)[seed·n:(seed+1)·n]``;
+    another seed draws other references and stores other predictions."""
+    from zsdense.eval import evaluate_anomaly
+
+    root = make_mvtec(tmp_path / "mv", n_good=2, n_bad=2, size=56)
+    rng = np.random.default_rng(5)
+    train = root / "widget" / "train" / "good"
+    train.mkdir(parents=True)
+    for i in range(4):
+        Image.fromarray(rng.integers(80, 120, (56, 56, 3), dtype=np.uint8)).save(
+            train / f"{i:03d}.png"
+        )
+    seg = Segmenter(models="tiny")
+    kw = dict(preset="anomalydino", progress=False, log=lambda m: None)
+    t0 = evaluate_anomaly(root, tmp_path / "e0", seg, shots=2, seed=0, **kw)
+    t1 = evaluate_anomaly(root, tmp_path / "e1", seg, shots=2, seed=1, **kw)
+    from zsdense.tasks.fewshot import select_references
+
+    pool = sorted(train.iterdir())
+    assert select_references(pool, 2, 0) == pool[:2]
+    assert select_references(pool, 2, 1) == pool[2:]
+    assert t0.config["shots"] == 2 and t1.config["seed"] == 1
+    # other references, other predictions
+    assert t0.rows[0]["image_auroc"] != t1.rows[0]["image_auroc"] or t0.rows != t1.rows
+    p0 = _records(tmp_path / "e0" / "predictions" / "anomaly")
+    p1 = _records(tmp_path / "e1" / "predictions" / "anomaly")
+    assert [r["scores"]["score"] for r in p0] != [r["scores"]["score"] for r in p1]
+    assert t0.rows[0]["n_images"] == t1.rows[0]["n_images"] == 4
+    with pytest.raises(ConfigError, match="seed 2 with 2 shots"):
+        evaluate_anomaly(root, tmp_path / "e2", seg, shots=2, seed=2, **kw)

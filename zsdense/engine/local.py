@@ -405,9 +405,12 @@ def run_batch(
     report: bool = True,
     volume_maps: bool = False,
     handle_sigint: bool = True,
+    record_settings: bool = True,
 ) -> RunSummary:
     """Run ``tasks`` over ``items``; see the module docstring for the guarantees.
 
+    ``record_settings=False`` leaves the settings check to the caller (the evaluation package
+    keeps one folder per protocol with its own settings record).
     ``reader`` replaces :func:`read_units` (tests, custom sources); ``report`` writes
     ``report.html``; ``volume_maps`` stacks the float maps of each NIfTI volume back into
     ``<stem>[.<task>].map.nii.gz`` with the input's affine.
@@ -418,11 +421,13 @@ def run_batch(
         raise ZsdenseError("no task to run")
     out_dir = prepare_out_dir(out_dir)
     settings = run_settings(seg, tasks)
-    check_settings(out_dir, settings, force=force, record=False)  # refuse before loading models
+    if record_settings:  # refuse to mix settings, before loading models
+        check_settings(out_dir, settings, force=force, record=False)
     plan = plan_run(items, out_dir, force=force, retry_errors=retry_errors)
     if plan.todo:
         setup_tasks(tasks)  # missing weights etc. fail here: exit 2, nothing written
-    check_settings(out_dir, settings, force=force)
+    if record_settings:
+        check_settings(out_dir, settings, force=force)
     clean_orphan_temp_files(out_dir)
     manifest = Manifest(out_dir / MANIFEST_NAME)
     summary = RunSummary(skipped=plan.skipped)

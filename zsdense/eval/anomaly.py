@@ -17,6 +17,7 @@ metrics only (pixel metrics need masks; said once).
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from PIL import Image
 
 from zsdense import metrics as M
 from zsdense.api import Segmenter
-from zsdense.config import ANOMALY_PRESETS
+from zsdense.config import ANOMALY_PRESETS, FEWSHOT_METHODS
 from zsdense.engine.local import load_records
 from zsdense.engine.specs import TaskSpec, build_task_spec
 from zsdense.errors import ConfigError
@@ -47,9 +48,11 @@ from zsdense.eval.datasets import (
     detect_anomaly_layout,
     load_anomaly_mask,
     read_anomaly,
+    train_good_images,
 )
 from zsdense.io.manifest import WorkItem, record_complete
 from zsdense.io.writers import write_map_npy
+from zsdense.tasks.fewshot import select_references
 
 __all__ = [
     "EVAL_SIZE",
@@ -132,7 +135,7 @@ def anomaly_eval_task(inner: TaskSpec, size: int = EVAL_SIZE) -> TaskSpec:
         scores["score"] = float(result.score)
         return {**got, "outputs": outputs, "scores": scores}
 
-    return TaskSpec(name=inner.name, run=inner.run, write=write, group=inner.group)
+    return dataclasses.replace(inner, write=write)
 
 
 @dataclass
@@ -216,6 +219,8 @@ def evaluate_anomaly(
     metrics: Sequence[str] = ANOMALY_METRICS,
     dataset: str | None = None,
     options: Mapping[str, Any] | None = None,
+    shots: int | None = None,
+    seed: int = 0,
     size: int = EVAL_SIZE,
     bins: int = M.DEFAULT_BINS,
     exact: bool = False,
@@ -235,6 +240,8 @@ def evaluate_anomaly(
     :class:`~zsdense.api.Segmenter` (default: ``Segmenter()``). ``dataset`` picks the prompts
     as the papers do (default: the detected layout, so MVTec gets the VisA-trained prompts);
     ``options`` are further anomaly options (``prompts``, ``domain``, ``attn_type``...).
+    Few-shot presets (``anomalydino``, ``crane+fewshot``) draw ``shots`` references per category
+    from its good training images as the reference does (``sorted(files)[seed·n:(seed+1)·n]``).
     ``limit`` keeps at most N images per category, spread over normal and defective ones.
     ``fmt`` ``npy``/``tiff`` also keeps the full-size maps; ``task`` replaces the head
     (object name -> TaskSpec, e.g. a custom method; ``preset`` then only names the stored
@@ -272,6 +279,9 @@ def evaluate_anomaly(
                 "keep_model_map": True,
                 **opts,
             }
+            if ANOMALY_PRESETS[preset].method in FEWSHOT_METHODS:
+                pool = train_good_images(data, layout, cat)
+                cfg["reference"] = [str(p) for p in select_references(pool, shots, seed)]
             inner = build_task_spec(seg, cfg, fmt=fmt, overlay=False)
         return anomaly_eval_task(inner, size)
 
@@ -286,6 +296,8 @@ def evaluate_anomaly(
         "preset": preset,
         "dataset": dataset,
         "options": opts,
+        "shots": shots,
+        "seed": seed,
         "models": models,
         "precision": str(getattr(getattr(seg, "config", None), "precision", "")),
         "fmt": fmt,

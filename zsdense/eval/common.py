@@ -320,6 +320,7 @@ def predict(
         progress=progress,
         on_record=on_record,
         report=False,
+        record_settings=False,  # one folder, one head per category: settings.json tracks them
     )
     if summary.interrupted:
         raise EvalInterrupted(

@@ -196,6 +196,31 @@ def read_visa(
     return _select(samples, categories, root)
 
 
+def train_good_images(root: str | Path, layout: str, category: str) -> list[Path]:
+    """The normal training images of one category (the pool few-shot references are drawn
+    from): MVTec ``<cat>/train/good/*``, VisA split rows ``train`` + ``normal``, a folder set's
+    ``train/good`` (or ``<cat>/train/good``) when it has one."""
+    root = Path(root)
+    if layout == "visa":
+        csv_path = root / "split_csv" / "1cls.csv"
+        with open(csv_path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        return sorted(
+            root / r["image"].strip()
+            for r in rows
+            if r["object"].strip() == category
+            and r["split"].strip() == "train"
+            and r["label"].strip().lower() in ("normal", "0", "good")
+        )
+    for cand in (root / category / "train" / "good", root / "train" / "good"):
+        if cand.is_dir():
+            return sorted(_images_in(cand, recursive=False))
+    raise ConfigError(
+        f"few-shot evaluation draws references from the good training images, but there is no "
+        f"{root / category / 'train' / 'good'} (nor {root / 'train' / 'good'})"
+    )
+
+
 MASK_DIRS = ("masks", "mask", "ground_truth", "gt")  # never test images in the folder layout
 _MASK_SUFFIXES = ("_mask", "_gt")
 
