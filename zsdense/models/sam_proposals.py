@@ -102,7 +102,7 @@ def _attend(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
     v = attn._separate_heads(v, attn.num_heads).expand(b, -1, -1, -1)
     c_per_head = q.shape[-1]
     a = q @ k.permute(0, 1, 3, 2)
-    a = a / math.sqrt(c_per_head)
+    a = a.div_(math.sqrt(c_per_head))  # in place: the same division, no new tensor
     a = torch.softmax(a, dim=-1)
     out = a @ v
     return attn.out_proj(attn._recombine_heads(out))
