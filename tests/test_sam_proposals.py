@@ -194,7 +194,11 @@ def test_lowres_stability_mode(sam, images):
         SP.sam_proposals(sam, state, None, points_per_bach=4)
 
 
-def test_referring_uses_the_moved_proposals():
+def test_referring_uses_the_moved_proposals(sam, images):
     from zsdense.tasks import referring as R
 
     assert R.sam_proposals is SP.sam_proposals and R.Proposals is SP.Proposals
+    _, state = images["portrait"]
+    a = sam.proposals(state, None, points_per_side=2, pred_iou_thresh=-1e9)
+    b = SP.sam_proposals(sam, state, SP.ProposalSettings(points_per_side=2, pred_iou_thresh=-1e9))
+    assert torch.equal(a.masks, b.masks) and torch.equal(a.iou_preds, b.iou_preds)
