@@ -202,3 +202,16 @@ def test_referring_uses_the_moved_proposals(sam, images):
     a = sam.proposals(state, None, points_per_side=2, pred_iou_thresh=-1e9)
     b = SP.sam_proposals(sam, state, SP.ProposalSettings(points_per_side=2, pred_iou_thresh=-1e9))
     assert torch.equal(a.masks, b.masks) and torch.equal(a.iou_preds, b.iou_preds)
+
+
+def test_pooling_and_chunk_sizes_do_not_change_results(sam, images, monkeypatch):
+    """Survivors are upsampled in pooled flushes and chunks; their sizes bound memory only."""
+    _, state = images["landscape"]
+    settings = SP.ProposalSettings(**CASES[2][2])  # 5x5 grid, batches of 7, min-area cleaning
+    ref = SP.sam_proposals(sam, state, settings)
+    monkeypatch.setattr(SP, "FLUSH_MASKS", 5)
+    monkeypatch.setattr(SP, "UPSAMPLE_CHUNK", 4)
+    small = SP.sam_proposals(sam, state, settings)
+    assert torch.equal(ref.masks, small.masks) and torch.equal(ref.boxes_xywh, small.boxes_xywh)
+    assert torch.equal(ref.iou_preds, small.iou_preds)
+    assert torch.equal(ref.stability, small.stability)

@@ -16,8 +16,10 @@ less work per prompt:
    low-resolution logits; only the survivors are upsampled (the reference upsamples every mask);
 3. **one batched pass for the survivors**: upsampling to the image (``Sam.postprocess_masks``'
    two bilinear resizes, the first restricted to the rows and columns that survive its crop),
-   stability score and thresholding run over all survivors of the grid together, in chunks
-   bounded in memory, without copying float logits (masks are indexed after thresholding);
+   stability score and thresholding run over the survivors of the whole grid together (pooled
+   across decoder batches, up to ``FLUSH_MASKS`` at a time so that large grids stay bounded in
+   memory), in chunks of ``UPSAMPLE_CHUNK``, without copying float logits (masks are indexed
+   after thresholding);
 4. NMS, small-region cleaning and the second NMS exactly as the reference.
 
 ``stability="lowres"`` (opt-in, not the default) scores stability on the 256×256 decoder
@@ -41,6 +43,9 @@ from zsdense.errors import ConfigError
 STABILITY_MODES = ("image", "lowres")
 # Masks upsampled together in one chunk (full resolution float logits: 4 MB per mask at 1024²).
 UPSAMPLE_CHUNK = 32
+# Low-resolution survivors pooled across decoder batches before they are upsampled together
+# (256 KB each at 256²: bounds memory for large grids such as SAM's default 32×32).
+FLUSH_MASKS = 512
 
 
 @dataclass
@@ -333,8 +338,43 @@ def sam_proposals(
     thr = float(model.mask_threshold)
     side = decoder_image_side(model, state.embedding)
 
+    # 3: stability (and, by default, upsampling) for the survivors only, in bounded chunks;
+    # survivors of several decoder batches are pooled (up to FLUSH_MASKS low-res masks)
+    size = int(model.image_encoder.img_size)
+
+    def finish(low: torch.Tensor, iou: torch.Tensor):
+        if stability == "lowres":
+            ch = math.ceil(state.input_size[0] * low.shape[-2] / size)
+            cw = math.ceil(state.input_size[1] * low.shape[-1] / size)
+            stab = stability_scores(low[:, :ch, :cw], thr, offset)
+            if stab_thr > 0.0:
+                keep = stab >= stab_thr
+                low, iou, stab = low[keep], iou[keep], stab[keep]
+        out_m, out_i, out_s = [], [], []
+        for c in range(0, low.shape[0], UPSAMPLE_CHUNK):
+            logits = upsample_logits(
+                model, low[c : c + UPSAMPLE_CHUNK, None], state.input_size, state.original_size
+            )[:, 0]
+            m, i = logits > thr, iou[c : c + UPSAMPLE_CHUNK]
+            if stability == "image":
+                st = stability_scores(logits, thr, offset)
+                if stab_thr > 0.0:
+                    keep = st >= stab_thr
+                    m, i, st = m[keep], i[keep], st[keep]
+            else:
+                st = stab[c : c + UPSAMPLE_CHUNK]
+            del logits
+            out_m.append(m.cpu())
+            out_i.append(i.float().cpu())
+            out_s.append(st.float().cpu())
+        return out_m, out_i, out_s
+
     # 1-2: decode the grid, keep by predicted IoU on the low-resolution logits
-    low_l, iou_l = [], []
+    masks_l: list[torch.Tensor] = []
+    iou_l: list[torch.Tensor] = []
+    stab_l: list[torch.Tensor] = []
+    pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+    n_pending = 0
     for s in range(0, len(points), per_batch):
         pts = points[s : s + per_batch]
         coords = torch.as_tensor(transform.apply_coords(pts, (H, W)), device=device)
@@ -344,38 +384,17 @@ def sam_proposals(
         if iou_thr > 0.0:
             keep = iou > iou_thr
             low, iou = low[keep], iou[keep]
-        low_l.append(low)
-        iou_l.append(iou)
-    low = torch.cat(low_l)
-    iou = torch.cat(iou_l)
-    del low_l
-
-    # 3: stability (and, by default, upsampling) for the survivors only, in chunks
-    if stability == "lowres" and low.shape[0]:
-        lh, lw = low.shape[-2:]
-        size = int(model.image_encoder.img_size)
-        ch = math.ceil(state.input_size[0] * lh / size)
-        cw = math.ceil(state.input_size[1] * lw / size)
-        stab = stability_scores(low[:, :ch, :cw], thr, offset)
-        if stab_thr > 0.0:
-            keep = stab >= stab_thr
-            low, iou, stab = low[keep], iou[keep], stab[keep]
-    masks_l, stab_l = [], []
-    for s in range(0, low.shape[0], UPSAMPLE_CHUNK):
-        logits = upsample_logits(
-            model, low[s : s + UPSAMPLE_CHUNK, None], state.input_size, state.original_size
-        )[:, 0]
-        if stability == "image":
-            stab_l.append(stability_scores(logits, thr, offset))
-        masks_l.append((logits > thr).cpu())
-        del logits
+        pending.append((low, iou))
+        n_pending += low.shape[0]
+        if n_pending >= FLUSH_MASKS or s + per_batch >= len(points):
+            out = finish(torch.cat([p[0] for p in pending]), torch.cat([p[1] for p in pending]))
+            masks_l += out[0]
+            iou_l += out[1]
+            stab_l += out[2]
+            pending, n_pending = [], 0
     masks = torch.cat(masks_l) if masks_l else torch.zeros(0, H, W, dtype=torch.bool)
-    if stability == "image":
-        stab = torch.cat(stab_l) if stab_l else torch.zeros(0)
-        if stab_thr > 0.0:
-            keep = stab >= stab_thr
-            masks, iou, stab = masks[keep], iou[keep], stab[keep]
-    iou, stab = iou.float().cpu(), stab.float().cpu()
+    iou = torch.cat(iou_l) if iou_l else torch.zeros(0)
+    stab = torch.cat(stab_l) if stab_l else torch.zeros(0)
     if masks.shape[0] == 0:
         return whole_image_proposal(H, W)
     boxes = batched_mask_to_box(masks)
