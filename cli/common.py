@@ -51,7 +51,7 @@ def runtime_options(f: Callable) -> Callable:
             type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
             default="auto",
             show_default=True,
-            help="Autocast precision; auto = fp32 on CPU, bf16/fp16 on CUDA.",
+            help="auto: bf16 on CUDA (else fp16) and on CPUs with native bf16, else fp32.",
         ),
         click.option(
             "--weights-dir",

@@ -90,7 +90,7 @@ def info(methods_only: bool = False) -> None:
     import torch
 
     from zsdense.models import registry
-    from zsdense.runtime import resolve_device, resolve_precision
+    from zsdense.runtime import auto_precision, cpu_bf16_support, cpu_capability, resolve_device
 
     dev = resolve_device("auto")
     lines = [
@@ -119,7 +119,14 @@ def info(methods_only: bool = False) -> None:
             ver = "not installed"
         lines.append(f"{mod:<12} {ver}")
     lines.append(f"device       {dev} (auto)")
-    lines.append(f"precision    {str(resolve_precision('auto', dev)).replace('torch.', '')} (auto)")
+    sup = cpu_bf16_support()
+    lines.append(f"cpu          {platform.machine()}, torch CPU capability {cpu_capability()}")
+    lines.append(
+        f"cpu bf16     {'native' if sup.native else 'not native (emulated, slow)'} "
+        f"({sup.source}: {sup.detail})"
+    )
+    dtype, why = auto_precision(dev)
+    lines.append(f"precision    {str(dtype).replace('torch.', '')} (auto on {dev.type}: {why})")
     if dev.type == "cpu":
         lines.append(f"cpu threads  {torch.get_num_threads()}")
     lines.append(f"anomaly      presets: {', '.join(ANOMALY_PRESETS)}")

@@ -34,7 +34,7 @@ def output_bytes(root: Path) -> dict[str, bytes]:
     return {
         str(p.relative_to(root)): p.read_bytes()
         for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name not in (MANIFEST_NAME, "report.html")
+        if p.is_file() and p.name not in (MANIFEST_NAME, "report.html", "run_settings.json")
     }
 
 

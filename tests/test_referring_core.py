@@ -10,6 +10,7 @@ import torch
 
 from zsdense.config import REFER_PRESETS
 from zsdense.dense import maskfeatures as mf
+from zsdense.options import ReferOptions
 from zsdense.tasks import referring as R
 
 # ---- relation guidance on hand-made boxes --------------------------------------------------------
@@ -351,7 +352,7 @@ def test_proposals_equal_segment_anything_generator(tiny_seg, scene):
     ctx = tiny_seg.context(scene)
     state = ctx.sam_state(sam)
     opts = {"pred_iou_thresh": -1e9, "stability_score_thresh": -1e9, "min_mask_region_area": 200}
-    cfg = R._resolve_preset(REFER_PRESETS["hybridgl"], opts)
+    cfg = ReferOptions.from_mapping(preset="hybridgl", **opts).config()
     ours = R.sam_proposals(sam, state, cfg, points_per_side=2)
     gen = SamAutomaticMaskGenerator(
         sam.model,

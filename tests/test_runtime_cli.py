@@ -12,12 +12,13 @@ from click.testing import CliRunner
 import zsdense
 from zsdense.config import RuntimeConfig, pick_preset, with_overrides
 from zsdense.errors import ConfigError
-from zsdense.runtime import autocast, resolve_device, resolve_precision
+from zsdense.runtime import auto_precision, autocast, resolve_device, resolve_precision
 
 
 def test_precision_rules():
     cpu = torch.device("cpu")
-    assert resolve_precision("auto", cpu) == torch.float32
+    assert resolve_precision("auto", cpu) == auto_precision(cpu)[0]
+    assert resolve_precision("fp32", cpu) == torch.float32
     assert resolve_precision("bf16", cpu) == torch.bfloat16
     assert resolve_precision("fp16", torch.device("cuda")) == torch.float16
     with pytest.raises(ConfigError, match="fp16 is not supported on CPU"):
@@ -82,6 +83,8 @@ def test_cli_info_runs(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "zsdense" in proc.stdout and "torch" in proc.stdout and "weights dirs" in proc.stdout
+    assert "torch CPU capability" in proc.stdout and "cpu bf16" in proc.stdout
+    assert "(auto on " in proc.stdout
 
 
 def test_cli_error_policy_no_traceback(tmp_path):

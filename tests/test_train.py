@@ -323,6 +323,15 @@ def test_checkpoint_round_trip_anomaly_command_and_published_layout(dataset, tmp
         meta_text = json.dumps(x["meta"])
         assert f'"prompt_checkpoint": {json.dumps(str(best))}' in meta_text
         assert '"prompts": "learned"' in meta_text
+    # Python: Segmenter(prompts=...) makes it the default of the prompt-based presets
+    from zsdense import Segmenter
+
+    img = sorted((dataset / "crack").iterdir())[0]
+    seg = Segmenter(models="tiny", prompts=str(best))
+    r = seg.anomaly(str(img))
+    assert r.meta["prompt_checkpoint"] == str(best) and r.meta["prompts"] == "learned"
+    plain = Segmenter(models="tiny").anomaly(str(img))
+    assert plain.meta["prompts"] == "ensemble"  # tiny models: the default falls back
 
 
 def test_exported_layout_matches_cranes_checkpoint(fixtures_dir, tmp_path):

@@ -18,6 +18,7 @@ import sys
 from typing import Any, Sequence
 
 from zsdense.config import (
+    ANOMALY_PRESETS,
     DEFAULT_ANOMALY_PRESET,
     DEFAULT_BATCH_SIZE,
     DEFAULT_OPENVOCAB_PRESET,
@@ -40,6 +41,7 @@ class Segmenter:
         download: bool | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
         max_pixels: int | None = None,
+        prompts: str | None = None,
         **kwargs: Any,
     ) -> None:
         if max_pixels is not None:
@@ -59,6 +61,9 @@ class Segmenter:
         self._device = None
         self._dtype = None
         self.text_cache: dict = {}  # per-Segmenter text-embedding cache
+        # default learned prompts of the anomaly presets that use prompts (a checkpoint file from
+        # `zsdense train-prompts`, a registry name, or "ensemble"); per-call prompts= wins
+        self.prompts = prompts
         self._warned = False
 
     # ---- runtime ---------------------------------------------------------------------------
@@ -192,6 +197,9 @@ class Segmenter:
         from zsdense.options import AnomalyOptions
         from zsdense.tasks import anomaly_methods
 
+        if self.prompts is not None and options.get("prompts") is None:
+            if ANOMALY_PRESETS[preset].method in ("crane", "crane+fewshot"):
+                options = {**options, "prompts": self.prompts}
         opts = AnomalyOptions.from_mapping(options, object_name=object_name, preset=preset)
         return anomaly_methods.run(self, self.contexts(images), opts)
 

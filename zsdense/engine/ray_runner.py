@@ -31,8 +31,10 @@ from zsdense.engine.local import (
     _Progress,
     finish_run,
     image_batches,
+    prepare_out_dir,
     process_units,
     read_units,
+    run_settings,
 )
 from zsdense.engine.specs import META_KEYS, build_task_specs, parse_task_option
 from zsdense.errors import ConfigError, DependencyError
@@ -40,6 +42,7 @@ from zsdense.io.manifest import (
     MANIFEST_NAME,
     Manifest,
     WorkItem,
+    check_settings,
     clean_orphan_temp_files,
     error_message,
     error_record,
@@ -254,8 +257,16 @@ def run_ray(
     seg_kwargs = dict(seg_kwargs or {})
     if max_pixels is None:
         max_pixels = seg_kwargs.get("max_pixels", MAX_PIXELS)
-    out_dir = Path(out_dir).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = prepare_out_dir(Path(out_dir).resolve())
+    # the driver validates the heads and records the settings like the local engine (no model
+    # loads here: specs are lazy); the actors build their own
+    from zsdense.api import Segmenter
+
+    driver_seg = Segmenter(**seg_kwargs)
+    settings = run_settings(
+        driver_seg, build_task_specs(driver_seg, cfgs, fmt=fmt, overlay=overlay)
+    )
+    check_settings(out_dir, settings, force=force)
     clean_orphan_temp_files(out_dir)
     plan = plan_run(items, out_dir, force=force, retry_errors=retry_errors)
     manifest = Manifest(out_dir / MANIFEST_NAME)

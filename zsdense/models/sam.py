@@ -3,7 +3,8 @@
 ``SamModel.encode`` runs the image encoder once and returns a :class:`SamImageState` holding the
 embedding and, on request, the last encoder block's attention probabilities and values (what
 Trident needs), captured with a forward hook that recomputes them from the block's input. A
-predictor bound to that state (``SamModel.predictor_for``) answers prompts without re-encoding.
+predictor bound to that state (``SamModel.predictor_for``) answers prompts without re-encoding;
+``SamModel.proposals`` decodes automatic mask proposals from it (``sam_proposals.py``).
 """
 
 from __future__ import annotations
@@ -164,6 +165,13 @@ class SamModel:
             last_attn=None if attn is None else attn.float(),
             last_v=None if v is None else v.float(),
         )
+
+    def proposals(self, state: SamImageState, settings=None, **options):
+        """Automatic mask proposals (point grid) decoded from an encoded image, identical to
+        ``SamAutomaticMaskGenerator`` on one crop: see :mod:`zsdense.models.sam_proposals`."""
+        from zsdense.models.sam_proposals import sam_proposals
+
+        return sam_proposals(self, state, settings, **options)
 
     def predictor_for(self, state: SamImageState):
         """A ``SamPredictor`` bound to an already encoded image (no second encoder pass)."""

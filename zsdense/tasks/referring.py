@@ -3,9 +3,9 @@
 Pipeline per (image, expression), ``specs/referring.md``:
 
 1. **proposals**: SAM automatic masks (8×8 point grid, IoU/stability 0.7, small regions < 800 px
-   removed), driven through a predictor bound to the image's SAM state, so SAM's encoder runs at
-   most once per image (shared with other heads through the ImageContext); none found → the whole
-   image, flagged;
+   removed; ``zsdense.models.sam_proposals``) decoded from the image's SAM state, so SAM's encoder
+   runs at most once per image (shared with other heads through the ImageContext); none found →
+   the whole image, flagged;
 2. **mask features**: hybrid global-local CLIP features (``zsdense.dense.maskfeatures``), cached
    per image, so later expressions on the same image only pay for text and scoring;
 3. **text**: parse (spaCy or the fallback), t = L2norm(½E(sentence) + ½E(p)), context n = mean
@@ -31,6 +31,11 @@ import torch.nn.functional as F
 from zsdense.config import ReferPreset
 from zsdense.errors import ConfigError
 from zsdense.io.writers import write_outputs
+from zsdense.models.sam_proposals import (  # noqa: F401 - re-exported for the task's users
+    Proposals,
+    sam_proposals,
+    whole_image_proposal,
+)
 from zsdense.options import OutputOptions, ReferOptions
 
 RELATIONS = ("none", "left", "right", "up", "down", "big", "small", "within")
@@ -302,116 +307,8 @@ def score_masks(
 
 
 # ---- proposals ----------------------------------------------------------------------------------
-
-
-@dataclass
-class Proposals:
-    """Class-agnostic masks of one image (CPU tensors)."""
-
-    masks: torch.Tensor  # (N, H, W) bool
-    boxes_xywh: torch.Tensor  # (N, 4) int64, SAM's convention (w = x_max − x_min)
-    iou_preds: torch.Tensor  # (N,) SAM's predicted IoU (0 for the fallback)
-    fallback: bool = False  # True: no SAM mask survived, the whole image stands in
-
-
-def whole_image_proposal(height: int, width: int) -> Proposals:
-    return Proposals(
-        masks=torch.ones(1, height, width, dtype=torch.bool),
-        boxes_xywh=torch.tensor([[0, 0, width - 1, height - 1]], dtype=torch.int64),
-        iou_preds=torch.zeros(1),
-        fallback=True,
-    )
-
-
-@torch.no_grad()
-def sam_proposals(
-    sam, state, preset: ReferPreset, *, points_per_side: int | None = None
-) -> Proposals:
-    """SAM automatic masks from an encoded image (no second encoder pass).
-
-    The same steps as ``SamAutomaticMaskGenerator`` with one crop (the whole image): a
-    ``points_per_side``² grid of positive point prompts, batched through ``predict_torch``
-    (multimask), keep predicted IoU > ``pred_iou_thresh`` and stability ≥
-    ``stability_score_thresh``, box NMS at ``box_nms_thresh``; then holes and islands smaller
-    than ``min_mask_region_area`` are removed and NMS reruns preferring unchanged masks.
-    Returns the whole-image fallback when nothing survives.
-    """
-    from segment_anything.utils.amg import (
-        batched_mask_to_box,
-        build_point_grid,
-        calculate_stability_score,
-        remove_small_regions,
-    )
-    from torchvision.ops.boxes import batched_nms
-
-    H, W = state.original_size
-    pred = sam.predictor_for(state)
-    n_side = preset.points_per_side if points_per_side is None else points_per_side
-    points = build_point_grid(n_side) * np.array([[W, H]], dtype=np.float64)  # (P, 2) x, y
-    thr = sam.model.mask_threshold
-    model = sam.model
-    dense_pe = model.prompt_encoder.get_dense_pe()
-    masks_l, iou_l, box_l = [], [], []
-    for s in range(0, len(points), max(1, preset.points_per_batch)):
-        pts = points[s : s + preset.points_per_batch]
-        tp = torch.as_tensor(pred.transform.apply_coords(pts, (H, W)), device=pred.device)
-        labels = torch.ones(tp.shape[0], 1, dtype=torch.int, device=pred.device)
-        # predict_torch's steps, with the predicted-IoU filter applied before the (costly)
-        # upsampling to the image size: the filter is per mask, so the result is identical.
-        sparse, dense = model.prompt_encoder(
-            points=(tp[:, None, :].float(), labels), boxes=None, masks=None
-        )
-        low, iou = model.mask_decoder(
-            image_embeddings=state.embedding,
-            image_pe=dense_pe,
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=True,
-        )
-        low, iou = low.flatten(0, 1)[:, None].float(), iou.flatten(0, 1).float()
-        keep = iou > preset.pred_iou_thresh
-        low, iou = low[keep], iou[keep]
-        if low.shape[0] == 0:
-            continue
-        logits = model.postprocess_masks(low, state.input_size, state.original_size)[:, 0]
-        stab = calculate_stability_score(logits, thr, preset.stability_score_offset)
-        keep = stab >= preset.stability_score_thresh
-        m = logits[keep] > thr
-        masks_l.append(m.cpu())
-        iou_l.append(iou[keep].cpu())
-        box_l.append(batched_mask_to_box(m).cpu())
-        del logits
-    masks = torch.cat(masks_l) if masks_l else torch.zeros(0, H, W, dtype=torch.bool)
-    if masks.shape[0] == 0:
-        return whole_image_proposal(H, W)
-    iou, boxes = torch.cat(iou_l), torch.cat(box_l)
-    keep = batched_nms(boxes.float(), iou, torch.zeros(len(boxes)), preset.box_nms_thresh)
-    masks, iou, boxes = masks[keep], iou[keep], boxes[keep]
-    if preset.min_mask_region_area > 0:
-        new, scores = [], []
-        for mk in masks.numpy():
-            mk, changed_h = remove_small_regions(mk, preset.min_mask_region_area, mode="holes")
-            mk, changed_i = remove_small_regions(mk, preset.min_mask_region_area, mode="islands")
-            new.append(torch.as_tensor(mk))
-            scores.append(float(not (changed_h or changed_i)))
-        new_masks = torch.stack(new)
-        new_boxes = batched_mask_to_box(new_masks)
-        keep = batched_nms(
-            new_boxes.float(),
-            torch.as_tensor(scores),
-            torch.zeros(len(new_boxes)),
-            preset.box_nms_thresh,
-        )
-        for i in keep.tolist():  # only changed masks take their new mask and box
-            if scores[i] == 0.0:
-                masks[i] = new_masks[i]
-                boxes[i] = new_boxes[i]
-        masks, iou, boxes = masks[keep], iou[keep], boxes[keep]
-    xywh = boxes.clone().to(torch.int64)  # SAM's bbox: [x0, y0, x1 - x0, y1 - y0]
-    xywh[:, 2] -= xywh[:, 0]
-    xywh[:, 3] -= xywh[:, 1]
-    return Proposals(masks=masks, boxes_xywh=xywh, iou_preds=iou, fallback=False)
-
+# SAM's automatic masks live next to the SAM wrapper (zsdense.models.sam_proposals); re-exported
+# here because the task and its benchmarks use them under these names.
 
 # ---- text ---------------------------------------------------------------------------------------
 
