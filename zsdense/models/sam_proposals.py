@@ -43,7 +43,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from zsdense.config import ReferPreset
 from zsdense.errors import ConfigError
+
+_HYBRIDGL = ReferPreset()  # the proposal defaults (HybridGL / TAS settings)
 
 STABILITY_MODES = ("image", "lowres")
 # Masks upsampled together in one chunk (full resolution float logits: 4 MB per mask at 1024²).
@@ -66,16 +69,17 @@ class Proposals:
 
 @dataclass(frozen=True)
 class ProposalSettings:
-    """The generator's knobs, named as in ``SamAutomaticMaskGenerator`` (its defaults differ:
-    HybridGL uses an 8×8 grid, 0.7 / 0.7 and 800 px)."""
+    """The generator's knobs, named as in ``SamAutomaticMaskGenerator``; defaults are HybridGL's
+    (``zsdense.config.ReferPreset``, the one place they are defined: an 8×8 grid, 0.7 / 0.7 and
+    800 px)."""
 
-    points_per_side: int = 8
-    points_per_batch: int = 64
-    pred_iou_thresh: float = 0.7
-    stability_score_thresh: float = 0.7
-    stability_score_offset: float = 1.0
-    box_nms_thresh: float = 0.7
-    min_mask_region_area: int = 800
+    points_per_side: int = _HYBRIDGL.points_per_side
+    points_per_batch: int = _HYBRIDGL.points_per_batch
+    pred_iou_thresh: float = _HYBRIDGL.pred_iou_thresh
+    stability_score_thresh: float = _HYBRIDGL.stability_score_thresh
+    stability_score_offset: float = _HYBRIDGL.stability_score_offset
+    box_nms_thresh: float = _HYBRIDGL.box_nms_thresh
+    min_mask_region_area: int = _HYBRIDGL.min_mask_region_area
     crop_nms_thresh: float = 0.7  # with one crop it only enters the small-region NMS threshold
 
 
