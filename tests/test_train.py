@@ -395,3 +395,51 @@ def test_dice_batch_of_one_defect_only_on_request():
     assert torch.allclose(rows, ref_rows) and abs(float(rows - fixed)) > 1e-3
     x2, m2 = torch.cat([x, x]), torch.cat([m, m])
     assert torch.equal(dice_loss(x2, m2, squeeze_rows=True), dice_loss(x2, m2))
+
+
+def test_sigkill_after_epoch_1_of_3_then_resume_equals_an_uninterrupted_run(dataset, tmp_path):
+    """A real kill -9 of `zsdense train-prompts` once epoch 1 is saved; `--resume` finishes the
+    3 epochs and every tensor equals an uninterrupted 3-epoch run's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    common = ["--models", "tiny", "--image-size", str(SIZE), "--batch-size", "4", "-q"]
+    cmd = [sys.executable, "-m", "zsdense.cli.main", "train-prompts", str(dataset)]
+    env = dict(os.environ)
+    full = subprocess.run(
+        cmd + ["--out", str(tmp_path / "full"), "--epochs", "3"] + common,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert full.returncode == 0, full.stderr
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        cmd + ["--out", str(killed), "--epochs", "3"] + common,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 600
+    while not (killed / "epoch_1.safetensors").is_file():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert not (killed / "epoch_3.safetensors").is_file()
+    res = subprocess.run(
+        cmd + ["--out", str(killed), "--epochs", "3", "--resume"] + common,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr
+    a = _tensors(tmp_path / "full" / "epoch_3.safetensors")
+    b = _tensors(killed / "epoch_3.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
