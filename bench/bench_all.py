@@ -156,8 +156,11 @@ def bench_preset(seg, name: str, case: dict, repeats: int, device: str) -> dict:
     )
 
 
-def throughput(seg, archs: list[str], n: int, hw: tuple[int, int], size_for) -> list[dict]:
-    """Images per second of ``crane`` through the local engine at batch 1 and 4."""
+def throughput(
+    seg, archs: list[str], n: int, hw: tuple[int, int], size_for, repeats: int
+) -> list[dict]:
+    """Images per second of ``crane`` through the local engine at batch 1 and 4 (the minimum
+    wall time of ``repeats`` interleaved runs; every output written)."""
     rows = []
     root = Path(tempfile.mkdtemp(prefix="zsb-all-"))
     try:
@@ -173,8 +176,11 @@ def throughput(seg, archs: list[str], n: int, hw: tuple[int, int], size_for) -> 
                 "image_size": size_for(arch),
             }
             runner(seg, data, [cfg], root / "warm", 1)  # models, text embeddings
-            for bs in (1, 4):
-                wall, _cpu = runner(seg, data, [cfg], root / f"b{bs}", bs)
+            best = {1: float("inf"), 4: float("inf")}
+            for _ in range(max(1, repeats)):  # interleaved: load changes hit both alike
+                for bs in best:
+                    best[bs] = min(best[bs], runner(seg, data, [cfg], root / f"b{bs}", bs)[0])
+            for bs, wall in best.items():
                 rows.append(dict(arch=arch, batch=bs, n=n, ips=n / wall, wall=wall))
                 print(f"  crane {arch} batch {bs}: {n / wall:.3f} img/s ({wall:.1f}s)", flush=True)
     finally:
@@ -190,7 +196,7 @@ def main(argv=None) -> int:
     ap.add_argument("--precision", default="fp32", help="fp32 | bf16 | fp16 | auto")
     ap.add_argument("--presets", default=",".join(PRESETS))
     ap.add_argument("--musc-images", type=int, default=None, help="set size (20; quick: 6)")
-    ap.add_argument("--throughput-images", type=int, default=None, help="8 (quick: 4)")
+    ap.add_argument("--throughput-images", type=int, default=None, help="16 (quick: 8)")
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--models", default="random", help="random (full size) | tiny (smoke test)")
@@ -239,10 +245,15 @@ def main(argv=None) -> int:
     tp_rows = []
     if not args.skip_throughput:
         archs = ["ViT-B-16"] if args.quick else ["ViT-B-16", "ViT-L-14-336"]
-        n_tp = args.throughput_images or (4 if args.quick else 8)
+        n_tp = args.throughput_images or (8 if args.quick else 16)
         hw = (240, 320) if args.quick else (480, 640)
         tp_rows = throughput(
-            seg, archs, n_tp, hw, lambda a: 224 if args.quick else (518 if "L" in a else 224)
+            seg,
+            archs,
+            n_tp,
+            hw,
+            lambda a: 224 if args.quick else (518 if "L" in a else 224),
+            args.repeats,
         )
     print()
     print("| preset | pipeline s/img | bare encoders s/img | ratio | peak MB | precision | note |")
