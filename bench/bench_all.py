@@ -1,0 +1,278 @@
+"""One benchmark table: every preset against its bare encoders, and folder throughput.
+
+Full-size architectures with random weights (speed does not depend on the weights; nothing is
+downloaded). For each preset, in one process and interleaved (pipeline, bare, pipeline, bare,
+...; the minimum of ``--repeats`` runs of each is kept: the machine may be shared):
+
+- ``pipeline``: the preset's task run through its engine spec (``build_task_spec(...).run``) on
+  fresh image contexts; models, text embeddings and few-shot memories are built by a warm-up run
+  first (once per run in real use, so not counted);
+- ``bare``: the plain encoder forwards the preset needs on the same inputs (``bench/common.py``:
+  CLIP [+ DINOv2] for crane / crane+ / musc, DINOv2 for anomalydino, CLIP and DINOv2 on the
+  windows [+ one SAM encoder pass] for trident / proxyclip, SAM encoder + CLIP on the 2N views
+  for hybridgl+);
+- their ratio, the peak memory of the preset's section (resident set on CPU, allocated GPU
+  memory on CUDA) and the precision it ran at.
+
+``musc`` scores a set: its row is per image of a ``--musc-images`` set (20; 6 with ``--quick``).
+Then images per second of ``crane`` through the local engine (``run_batch``: decoding in threads
+ahead of the encoders, outputs written) at ``--batch-size`` 1 and 4, on ViT-B/16 and, unless
+``--quick``, ViT-L/14-336. The last line is ``ratios: name=value ...`` for every preset.
+
+    python bench/bench_all.py [--quick] [--repeats 3] [--device cpu|cuda] [--precision fp32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+from bench_engine import make_data, runner  # noqa: E402
+
+PRESETS = ("crane", "crane+", "anomalydino", "musc", "trident", "proxyclip", "hybridgl+")
+CLASSES = "background; sky; wall; tree; grass; road, person, cat, dog, car, chair, sofa"
+REFER_TEXT = "the red cup on the left"
+
+
+def preset_cases(quick: bool, musc_images: int, ref_dir: Path) -> dict[str, dict]:
+    """Per preset: the task config, images (count, h, w) and the bare-encoder call."""
+    vit = "ViT-B-16" if quick else "ViT-L-14-336"
+    size = 224 if quick else 518
+    anomaly = {"task": "anomaly", "object": "object", "prompts": "ensemble"}
+    # random SAM predicts meaningless IoUs: open the filters so every mask reaches CLIP
+    open_filters = {"pred_iou_thresh": -1e9, "stability_score_thresh": -1e9}
+    hw = (240, 320) if quick else (480, 640)
+    return {
+        "crane": dict(
+            cfg={**anomaly, "preset": "crane", "clip_arch": vit, "image_size": size},
+            n=1,
+            hw=hw,
+            bare=("anomaly", vit, size, None),
+        ),
+        "crane+": dict(
+            cfg={**anomaly, "preset": "crane+", "clip_arch": vit, "image_size": size},
+            n=1,
+            hw=hw,
+            bare=("anomaly", vit, size, "dinov2-reg-base"),
+        ),
+        "anomalydino": dict(
+            cfg={"task": "anomaly", "preset": "anomalydino", "reference": str(ref_dir)},
+            n=1,
+            hw=hw,
+            bare=("fewshot",),
+        ),
+        "musc": dict(
+            cfg={"task": "anomaly", "preset": "musc", "clip_arch": vit, "image_size": size},
+            n=musc_images,
+            hw=hw,
+            bare=("anomaly", vit, size, None),
+        ),
+        "trident": dict(
+            cfg={"task": "openvocab", "preset": "trident", "dataset": "voc20", "classes": CLASSES},
+            n=1,
+            hw=hw,
+            bare=("openvocab",),
+        ),
+        "proxyclip": dict(
+            cfg={
+                "task": "openvocab",
+                "preset": "proxyclip",
+                "dataset": "voc20",
+                "classes": CLASSES,
+            },
+            n=1,
+            hw=hw,
+            bare=("openvocab",),
+        ),
+        "hybridgl+": dict(
+            cfg={"task": "refer", "preset": "hybridgl+", "text": REFER_TEXT, **open_filters},
+            n=1,
+            hw=hw,
+            bare=("refer",),
+        ),
+    }
+
+
+def bench_preset(seg, name: str, case: dict, repeats: int, device: str) -> dict:
+    """Minimum pipeline and bare seconds over interleaved runs, peak memory, precision."""
+    from zsdense.context import ImageContext
+    from zsdense.engine.specs import build_task_spec
+    from zsdense.options import options_for
+
+    rng = np.random.default_rng(len(name))
+    images = [common.synthetic_image(rng, *case["hw"]) for _ in range(case["n"])]
+    spec = build_task_spec(seg, case["cfg"], fmt="none", overlay=False)
+    params = [dict(case["cfg"]) for _ in images]
+    common.reset_peak(device)
+    if spec.setup:
+        spec.setup()
+    results = spec.run([ImageContext(image=im) for im in images], params)  # warm-up
+    kind = case["bare"][0]
+    opts = options_for(spec.settings["task"], {k: v for k, v in case["cfg"].items() if k != "task"})
+
+    def bare(ctxs) -> None:
+        if kind == "anomaly":
+            common.bare_anomaly(seg, ctxs, *case["bare"][1:])
+        elif kind == "fewshot":
+            from zsdense.tasks import fewshot as fs
+
+            fo = fs.options_for("object", None, model="dinov2-small")
+            common.bare_fewshot(seg, ctxs, fo.model, fo.image_size, fo.pos_interp)
+        elif kind == "openvocab":
+            for c in ctxs:
+                common.bare_openvocab(seg, c, opts.config())
+        else:
+            n_views = 2 * int(results[0].meta.get("proposals", 1))
+            for c in ctxs:
+                common.bare_refer(seg, c, opts.config(), n_views)
+
+    bare([ImageContext(image=im) for im in images])  # warm-up
+    tp, tb = [], []
+    for _ in range(max(1, repeats)):
+        ctxs = [ImageContext(image=im) for im in images]
+        tp.append(common.timed(lambda c=ctxs: spec.run(c, params), device))
+        ctxs = [ImageContext(image=im) for im in images]
+        tb.append(common.timed(lambda c=ctxs: bare(c), device))
+    n = len(images)
+    return dict(
+        name=name,
+        n=n,
+        pipeline=min(tp) / n,
+        bare=min(tb) / n,
+        ratio=min(tp) / min(tb),
+        peak_mb=common.peak_mb(device),
+        precision=str(seg.dtype).replace("torch.", ""),
+        note=f"per image of {n}" if n > 1 else "",
+    )
+
+
+def throughput(
+    seg, archs: list[str], n: int, hw: tuple[int, int], size_for, repeats: int
+) -> list[dict]:
+    """Images per second of ``crane`` through the local engine at batch 1 and 4 (the minimum
+    wall time of ``repeats`` interleaved runs; every output written)."""
+    rows = []
+    root = Path(tempfile.mkdtemp(prefix="zsb-all-"))
+    try:
+        data = root / "data"
+        make_data(data, n, hw)
+        for arch in archs:
+            cfg = {
+                "task": "anomaly",
+                "preset": "crane",
+                "object": "object",
+                "prompts": "ensemble",
+                "clip_arch": arch,
+                "image_size": size_for(arch),
+            }
+            runner(seg, data, [cfg], root / "warm", 1)  # models, text embeddings
+            best = {1: float("inf"), 4: float("inf")}
+            for _ in range(max(1, repeats)):  # interleaved: load changes hit both alike
+                for bs in best:
+                    best[bs] = min(best[bs], runner(seg, data, [cfg], root / f"b{bs}", bs)[0])
+            for bs, wall in best.items():
+                rows.append(dict(arch=arch, batch=bs, n=n, ips=n / wall, wall=wall))
+                print(f"  crane {arch} batch {bs}: {n / wall:.3f} img/s ({wall:.1f}s)", flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smallest sizes (ViT-B/16, small images)")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved runs, minimum kept")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda")
+    ap.add_argument("--precision", default="fp32", help="fp32 | bf16 | fp16 | auto")
+    ap.add_argument("--presets", default=",".join(PRESETS))
+    ap.add_argument("--musc-images", type=int, default=None, help="set size (20; quick: 6)")
+    ap.add_argument("--throughput-images", type=int, default=None, help="16 (quick: 8)")
+    ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--models", default="random", help="random (full size) | tiny (smoke test)")
+    args = ap.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device is available to torch here", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from zsdense.api import Segmenter
+    from zsdense.errors import ConfigError
+
+    names = [p.strip() for p in args.presets.split(",") if p.strip()]
+    bad = [p for p in names if p not in PRESETS]
+    if bad:
+        raise ConfigError(f"unknown preset(s) {', '.join(bad)}; choose from {', '.join(PRESETS)}")
+    musc_n = args.musc_images or (6 if args.quick else 20)
+    seg = Segmenter(device=args.device, models=args.models, precision=args.precision, batch_size=4)
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = float("nan")
+    print(
+        f"zsdense bench_all{' --quick' if args.quick else ''}: torch {torch.__version__}, "
+        f"device {args.device}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+        f"load average {load:.1f}; models {args.models}; minimum of {args.repeats} "
+        "interleaved runs",
+        flush=True,
+    )
+    ref_dir = Path(tempfile.mkdtemp(prefix="zsb-refs-"))
+    rows = []
+    try:
+        make_data(ref_dir, 2, (240, 320) if args.quick else (480, 640))
+        cases = preset_cases(args.quick, musc_n, ref_dir)
+        for name in names:
+            t = time.perf_counter()
+            r = bench_preset(seg, name, cases[name], args.repeats, args.device)
+            rows.append(r)
+            print(
+                f"  {name}: pipeline {r['pipeline']:.2f}s bare {r['bare']:.2f}s ratio "
+                f"{r['ratio']:.2f} ({time.perf_counter() - t:.0f}s incl. warm-up)",
+                flush=True,
+            )
+    finally:
+        shutil.rmtree(ref_dir, ignore_errors=True)
+    tp_rows = []
+    if not args.skip_throughput:
+        archs = ["ViT-B-16"] if args.quick else ["ViT-B-16", "ViT-L-14-336"]
+        n_tp = args.throughput_images or (8 if args.quick else 16)
+        hw = (240, 320) if args.quick else (480, 640)
+        tp_rows = throughput(
+            seg,
+            archs,
+            n_tp,
+            hw,
+            lambda a: 224 if args.quick else (518 if "L" in a else 224),
+            args.repeats,
+        )
+    print()
+    print("| preset | pipeline s/img | bare encoders s/img | ratio | peak MB | precision | note |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| `{r['name']}` | {r['pipeline']:.2f} | {r['bare']:.2f} | {r['ratio']:.2f} | "
+            f"{r['peak_mb']:.0f} | {r['precision']} | {r['note']} |"
+        )
+    if tp_rows:
+        print()
+        print("| crane through the local engine | batch 1 img/s | batch 4 img/s |")
+        print("|---|---|---|")
+        for arch in dict.fromkeys(t["arch"] for t in tp_rows):
+            b = {t["batch"]: t["ips"] for t in tp_rows if t["arch"] == arch}
+            print(f"| {arch} | {b[1]:.3f} | {b[4]:.3f} |")
+    print("ratios: " + " ".join(f"{r['name']}={r['ratio']:.2f}" for r in rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

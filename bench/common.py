@@ -1,0 +1,130 @@
+"""Pieces the benchmark scripts share: peak memory per section, device sync, bare encoder
+forwards on the inputs a preset's pipeline feeds them (so pipeline / bare is its overhead)."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident memory so far (never goes down)."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 1024.0 if sys.platform != "darwin" else r / 1024.0 / 1024.0
+
+
+def reset_peak(device: str) -> None:
+    """Start a new peak-memory window: CUDA allocator stats, or Linux's VmHWM (clear_refs 5)."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
+def peak_mb(device: str) -> float:
+    """Peak memory since :func:`reset_peak`: GPU allocated on CUDA, resident set (VmHWM) else."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return peak_rss_mb()
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], device: str) -> float:
+    """Seconds of ``fn()`` (CUDA work finished before the clock stops)."""
+    sync(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t
+
+
+def synthetic_image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """A float32 HxWx3 image in [0, 1] with some structure (blocks plus noise)."""
+    base = rng.random((max(1, h // 16), max(1, w // 16), 3))
+    img = np.kron(base, np.ones((16, 16, 1)))[:h, :w]
+    img = np.pad(img, ((0, h - img.shape[0]), (0, w - img.shape[1]), (0, 0)), mode="edge")
+    return np.clip(0.8 * img + 0.2 * rng.random((h, w, 3)), 0, 1).astype(np.float32)
+
+
+# ---- bare encoder forwards per pipeline ---------------------------------------------------
+
+
+@torch.no_grad()
+def bare_anomaly(seg, ctxs, clip_arch: str, image_size: int, dino_name: str | None) -> None:
+    """Crane / Crane+ / MuSc: the plain CLIP vision forward on the model input [+ DINOv2]."""
+    from zsdense.dense.crane import dino_input_from_clip
+    from zsdense.tasks.common import model_input
+
+    clip = seg.clip(clip_arch)
+    with seg.autocast():
+        x = clip.normalize(model_input(ctxs, image_size, seg.device))
+        clip.encode_image_global(x, "bilinear")
+        if dino_name:
+            dino = seg.dinov2(dino_name)
+            dino.patch_features(dino.normalize(dino_input_from_clip(x, clip.mean, clip.std)))
+
+
+@torch.no_grad()
+def bare_fewshot(seg, ctxs, dino_name: str, image_size: int, pos_interp: str = "auto") -> None:
+    """AnomalyDINO: the plain DINOv2 forward on each test image as the scorer prepares it."""
+    from zsdense.tasks import fewshot as fs
+
+    dino = seg.dinov2(dino_name)
+    mode = fs.resolve_pos_interp(dino, pos_interp)
+    with seg.autocast():
+        for ctx in ctxs:
+            x, _ = fs.prepare_image(ctx.image_u8, image_size, dino.patch_size)
+            dino.tokens(x[None].to(seg.device), pos_interp=mode)
+
+
+@torch.no_grad()
+def bare_openvocab(seg, ctx, cfg) -> None:
+    """Trident / ProxyCLIP: CLIP and DINOv2 on the pipeline's windows [+ one SAM encoder pass]."""
+    from zsdense.dense import windows as win
+    from zsdense.tasks.openvocab import mmseg_resize_hw, resize_image, vfm_on_clip_windows
+
+    clip = seg.clip(cfg.clip_arch)
+    size = mmseg_resize_hw(ctx.size, cfg.short_side, cfg.max_long_side)
+    with seg.autocast():
+        x = clip.normalize(resize_image(ctx.image, size).to(seg.device))
+        if cfg.method == "trident":
+            x = win.trident_resize(x, clip.patch_size, cfg.crop)
+            wb = win.make_windows(x, cfg.crop, cfg.stride, pad_multiple=None)
+        else:
+            wb = win.make_windows(x, cfg.crop, cfg.stride, pad_multiple=cfg.pad_multiple)
+        clip.head(clip.run_blocks(clip.embed(wb.images, "bicubic-scale")))
+        if cfg.vfm:
+            vfm_on_clip_windows(seg.dinov2(cfg.vfm))(wb.images)
+        if cfg.sam_arch:
+            seg.sam(cfg.sam_arch).encode(ctx.image_u8, capture_last_attn=False)
+
+
+@torch.no_grad()
+def bare_refer(seg, ctx, cfg, n_views: int) -> None:
+    """HybridGL: one SAM encoder pass and the plain CLIP forward of the 2N mask views."""
+    clip = seg.clip(cfg.clip_arch)
+    size = cfg.view_size or clip.native_size
+    with seg.autocast():
+        seg.sam(cfg.sam_arch).encode(ctx.image_u8, capture_last_attn=False)
+        views = torch.rand(max(1, n_views), 3, size, size, device=seg.device)
+        clip.encode_image_global(clip.normalize(views), "bilinear")
