@@ -156,6 +156,18 @@ def make_segmenter(
     )
 
 
+def list_data(data, out_dir: str | Path, quiet: bool = False):
+    """DATA -> work items with the output folder excluded from the listing (a rerun with
+    ``--out`` inside DATA never reads its own outputs); says so once on stderr."""
+    from zsdense.engine.local import items_from_data
+
+    items = items_from_data(list(data), exclude=[out_dir])
+    if items.excluded and not quiet:
+        for folder in items.excluded:
+            click.echo(f"zsdense: excluded {folder} from the inputs (the output folder)", err=True)
+    return items
+
+
 def run_cli_batch(
     seg,
     items,

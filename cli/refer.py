@@ -6,7 +6,13 @@ from pathlib import Path
 
 import click
 
-from zsdense.cli.common import RegistryChoice, batch_command, make_segmenter, run_cli_batch
+from zsdense.cli.common import (
+    RegistryChoice,
+    batch_command,
+    list_data,
+    make_segmenter,
+    run_cli_batch,
+)
 from zsdense.config import DEFAULT_REFER_PRESET, REFER_PRESETS
 
 
@@ -80,7 +86,7 @@ def refer_cmd(
     candidates, parsed phrase and relation). Queries on the same image reuse its SAM proposals
     and mask features. Exit codes: 0 all ok, 3 some queries failed, 2 usage error.
     """
-    from zsdense.engine.local import items_from_data, items_from_queries, load_queries
+    from zsdense.engine.local import items_from_queries, load_queries
     from zsdense.engine.specs import refer_spec
     from zsdense.options import OutputOptions, ReferOptions
 
@@ -99,7 +105,7 @@ def refer_cmd(
             raise click.UsageError('give --text "..." (and DATA) or --queries FILE.jsonl')
         if not data:
             raise click.UsageError("no DATA given: pass image files, folders or globs")
-        items = items_from_data(data)
+        items = list_data(data, out_dir, quiet)
         for it in items:
             it.params.update({"text": text})
     seg = make_segmenter(**runtime)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from zsdense.cli.common import batch_command, make_segmenter, print_summary
+from zsdense.cli.common import batch_command, list_data, make_segmenter, print_summary
 from zsdense.config import DEFAULT_BATCH_SIZE
 from zsdense.errors import ConfigError
 
@@ -123,7 +123,6 @@ def run_cmd(
     resumes; --force redoes everything, --retry-errors the failures. Exit codes: 0 all ok,
     3 some inputs failed, 2 usage error, 130 interrupted (rerun to resume).
     """
-    from zsdense.engine.local import items_from_data
     from zsdense.engine.specs import (
         TASK_ALIASES,
         build_task_specs,
@@ -158,7 +157,7 @@ def run_cmd(
         if key in run_table and source in (None, click.core.ParameterSource.DEFAULT):
             runtime[key] = run_table[key]
     out_fmt = "none" if fmt == "none" else fmt
-    items = items_from_data(list(data))
+    items = list_data(data, out_dir, quiet)
     if not items:
         raise ConfigError("no inputs to process")
 

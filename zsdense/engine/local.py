@@ -61,6 +61,8 @@ class RunSummary:
     ok: int = 0
     failed: int = 0
     skipped: int = 0  # already complete (or already failed) from an earlier run
+    not_processed: int = 0  # paths the listing saw but does not process (hidden, unsupported)
+    inputs: int = 0  # input files (or referring queries) of the run: the progress line's unit
     interrupted: bool = False
     not_started: int = 0  # inputs left when interrupted
     wall_seconds: float = 0.0
@@ -77,10 +79,17 @@ class RunSummary:
 
     def format(self) -> str:
         stages = ", ".join(f"{k} {v:.1f}s" for k, v in sorted(self.stage_seconds.items()))
-        text = (
-            f"{self.ok} ok, {self.failed} failed, {self.skipped} skipped (already done)"
-            f" in {self.wall_seconds:.1f}s" + (f"; stage time: {stages}" if stages else "")
-        )
+        text = ""
+        if self.inputs:  # the progress line's unit; records: one per image (page, frame...)
+            records = self.ok + self.failed + self.skipped
+            text = f"{self.inputs} input(s) -> {records} image record(s): "
+        text += f"{self.ok} ok, {self.failed} failed, {self.skipped} skipped (already done)"
+        if self.not_processed:
+            text += (
+                f", {self.not_processed} path(s) not processed (see the 'skipped' lines of "
+                "results.jsonl)"
+            )
+        text += f" in {self.wall_seconds:.1f}s" + (f"; stage time: {stages}" if stages else "")
         if self.interrupted:
             text += (
                 f"\ninterrupted: {self.not_started} input(s) not processed; rerun the same "
@@ -92,12 +101,81 @@ class RunSummary:
 # ---- inputs ------------------------------------------------------------------------------
 
 
-def items_from_data(data: Sequence[str | Path]) -> list[WorkItem]:
-    """Files, folders (recursed) and globs -> work items whose keys mirror the input tree."""
-    return [
-        WorkItem(key=str(it.rel), path=it.path, rel=it.rel, stem=it.stem)
-        for it in list_inputs(data)
-    ]
+class WorkItems(list):
+    """The :class:`WorkItem` list of a run, plus what the listing saw and left out.
+
+    ``skipped``: :class:`zsdense.io.inputs.SkippedInput` (path, rel, reason) for every path seen
+    but not processed (hidden files, unsupported types...); the runners write one
+    ``status: "skipped"`` manifest line for each. ``excluded``: the exclude folders (the output
+    folder) that hid at least one path.
+    """
+
+    def __init__(
+        self, items: Iterable[WorkItem] = (), skipped: Iterable = (), excluded: Iterable = ()
+    ) -> None:
+        super().__init__(items)
+        self.skipped: list = list(skipped)
+        self.excluded: list[Path] = list(excluded)
+
+
+def items_from_data(data: Sequence[str | Path], exclude: Sequence[str | Path] = ()) -> WorkItems:
+    """Files, folders (recursed) and globs -> work items whose keys mirror the input tree.
+
+    ``exclude``: folders never listed inside a folder walk or glob (pass the output folder, so
+    a rerun with ``--out`` inside DATA never reads its own outputs). The skipped and excluded
+    paths ride along on the returned :class:`WorkItems`."""
+    listed = list_inputs(data, exclude=list(exclude))
+    return WorkItems(
+        (WorkItem(key=str(it.rel), path=it.path, rel=it.rel, stem=it.stem) for it in listed),
+        skipped=listed.skipped,
+        excluded=listed.excluded,
+    )
+
+
+def skipped_record(skipped, tasks: Sequence[str]) -> dict:
+    """The manifest record of a path the listing saw but does not process: ``status:
+    "skipped"``, its ``reason``, key = its relative path."""
+    rel = str(skipped.rel)
+    return {
+        "key": rel,
+        "item": rel,
+        "input": str(skipped.path),
+        "rel": rel,
+        "suffix": "",
+        "item_records": 1,
+        "params": {},
+        "tasks": list(tasks),
+        "status": "skipped",
+        "reason": skipped.reason,
+        "error": None,
+        "outputs": {},
+        "scores": {},
+        "meta": {},
+    }
+
+
+def record_skipped_inputs(
+    manifest: Manifest,
+    items: Sequence[WorkItem],
+    tasks: Sequence[str],
+    previous: dict[str, dict],
+) -> int:
+    """Append one ``skipped`` record per path in ``items.skipped`` (if ``items`` carries them)
+    unless the manifest already holds that record; returns how many paths were skipped."""
+    skipped = list(getattr(items, "skipped", ()) or ())
+    keys = {it.key for it in items}
+    seen: set[str] = set()
+    for sk in skipped:
+        rec = skipped_record(sk, tasks)
+        key = rec["key"]
+        if key in seen or key in keys:
+            continue
+        seen.add(key)
+        old = previous.get(key)
+        if old is not None and old.get("status") == "skipped" and old.get("reason") == sk.reason:
+            continue
+        manifest.append(rec)
+    return len(seen)
 
 
 def read_units(item: WorkItem, max_pixels: int | None) -> list[tuple[str, ImageContext]]:
@@ -430,8 +508,11 @@ def run_batch(
         check_settings(out_dir, settings, force=force)
     clean_orphan_temp_files(out_dir)
     manifest = Manifest(out_dir / MANIFEST_NAME)
-    summary = RunSummary(skipped=plan.skipped)
+    summary = RunSummary(skipped=plan.skipped, inputs=len(items))
     summary.failed += plan.skipped_failed
+    summary.not_processed = record_skipped_inputs(
+        manifest, items, [t.name for t in tasks], manifest.load()
+    )
     todo = plan.todo
     for key in plan.done_keys:  # settled records inside items that are redone
         rec = plan.previous.get(key, {})

@@ -102,14 +102,16 @@ def render_report(records: Iterable[dict], title: str = "zsdense run") -> str:
             if k not in score_cols:
                 score_cols.append(k)
     n_ok = sum(r.get("status") == "ok" for r in recs)
-    n_err = len(recs) - n_ok
+    n_skip = sum(r.get("status") == "skipped" for r in recs)
+    n_err = len(recs) - n_ok - n_skip
     esc = html.escape
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'>",
         f"<title>{esc(title)}</title><style>{_STYLE}</style></head><body>",
         f"<h1>{esc(title)}</h1><p class='summary'><span>{len(recs)} images</span>"
         f"<span>{n_ok} ok</span><span>{n_err} failed</span>"
-        f"<span>written {esc(time.strftime('%Y-%m-%d %H:%M:%S'))}</span></p>",
+        + (f"<span>{n_skip} not processed</span>" if n_skip else "")
+        + f"<span>written {esc(time.strftime('%Y-%m-%d %H:%M:%S'))}</span></p>",
         "<p>Click a column header to sort. Failures are listed first.</p>",
         "<table id='runs'><thead><tr><th>#</th><th>status</th><th>input</th><th>overlay</th>",
     ]
@@ -134,7 +136,7 @@ def render_report(records: Iterable[dict], title: str = "zsdense run") -> str:
             else:
                 row.append(f"<td data-v='{esc(str(v))}'>{esc(str(v))}</td>")
         warn = r.get("meta", {}).get("image", {}).get("warnings", []) if ok else []
-        msg = r.get("error") or "; ".join(str(w) for w in warn or [])
+        msg = r.get("error") or r.get("reason") or "; ".join(str(w) for w in warn or [])
         row.append(f"<td class='err'>{esc(str(msg or ''))}</td></tr>")
         parts.append("".join(row))
     parts.append(f"</tbody></table><script>{_SCRIPT}</script></body></html>\n")
