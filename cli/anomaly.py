@@ -162,7 +162,10 @@ def anomaly_cmd(
     Outputs in OUT, mirroring the inputs: <name>.mask.png (0/255 defect mask),
     <name>.map.tiff|npy (float32 anomaly map at the original size), <name>.overlay.jpg, and
     one line per image in OUT/results.jsonl with the score, the label (with an image
-    threshold) and the thresholds used. Exit codes: 0 all ok, 3 some images failed, 2 usage.
+    threshold) and the thresholds used.
+
+    Exit codes: 0 all ok, 2 usage or setup error, 3 some images failed, 130 interrupted
+    (Ctrl-C), 143 terminated (SIGTERM); after 130/143 rerun the same command to resume.
     """
     from zsdense.engine.specs import anomaly_spec
     from zsdense.options import AnomalyOptions, OutputOptions

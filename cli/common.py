@@ -123,7 +123,16 @@ def output_options(f: Callable) -> Callable:
             default=False,
             help="Recompute inputs whose earlier result was an error.",
         ),
-        click.option("--quiet", "-q", is_flag=True, default=False, help="No progress output."),
+        click.option(
+            "--quiet",
+            "-q",
+            is_flag=True,
+            default=False,
+            help=(
+                "No progress and no summary when every input succeeds (failures and errors "
+                "still go to stderr)."
+            ),
+        ),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -186,12 +195,17 @@ def run_cli_batch(
     summary = run_batch(
         seg, items, out_dir, tasks, force=force, retry_errors=retry_errors, progress=not quiet
     )
-    print_summary(summary, out_dir)
+    print_summary(summary, out_dir, quiet=quiet)
     return summary.exit_code
 
 
-def print_summary(summary, out_dir: str | Path) -> None:
-    """The end-of-run summary on stderr (counts, per-stage time, first failures, resume hint)."""
+def print_summary(summary, out_dir: str | Path, quiet: bool = False) -> None:
+    """The end-of-run summary on stderr (counts, per-stage time, first failures, resume hint).
+
+    ``quiet``: nothing when the run succeeded (exit 0); failures and interruptions still print.
+    """
+    if quiet and summary.exit_code == 0:
+        return
     click.echo(f"zsdense: {summary.format()}", err=True)
     for key, msg in summary.errors[:20]:
         click.echo(f"  failed: {key}: {msg}", err=True)

@@ -116,8 +116,10 @@ def openvocab_cmd(
     Outputs in OUT, mirroring the inputs: <name>.mask.png (palette label PNG, pixel value =
     class index), <name>.overlay.jpg (with a legend), with --save-probs <name>.map.tiff|npy
     (K x H x W probabilities), and one line per image in OUT/results.jsonl with the classes
-    present and their areas (pixel fractions). Exit codes: 0 all ok, 3 some images failed,
-    2 usage error.
+    present and their areas (pixel fractions).
+
+    Exit codes: 0 all ok, 2 usage or setup error, 3 some images failed, 130 interrupted
+    (Ctrl-C), 143 terminated (SIGTERM); after 130/143 rerun the same command to resume.
     """
     from zsdense.engine.specs import openvocab_spec
     from zsdense.options import OpenVocabOptions, OutputOptions

@@ -84,7 +84,10 @@ def refer_cmd(
     Outputs in OUT, mirroring the inputs: <name>[.<id>].mask.png (0/255), <name>[.<id>].overlay.jpg
     (with the expression as caption) and one line per query in OUT/results.jsonl (score, top
     candidates, parsed phrase and relation). Queries on the same image reuse its SAM proposals
-    and mask features. Exit codes: 0 all ok, 3 some queries failed, 2 usage error.
+    and mask features.
+
+    Exit codes: 0 all ok, 2 usage or setup error, 3 some queries failed, 130 interrupted
+    (Ctrl-C), 143 terminated (SIGTERM); after 130/143 rerun the same command to resume.
     """
     from zsdense.engine.local import items_from_queries, load_queries
     from zsdense.engine.specs import refer_spec

@@ -120,8 +120,10 @@ def run_cmd(
 
     Outputs go to OUT mirroring the input tree (<name>.<task>.mask.png, .map.tiff, .overlay.jpg
     when several tasks run), one line per image in OUT/results.jsonl and OUT/report.html. A rerun
-    resumes; --force redoes everything, --retry-errors the failures. Exit codes: 0 all ok,
-    3 some inputs failed, 2 usage error, 130 interrupted (rerun to resume).
+    resumes; --force redoes everything, --retry-errors the failures.
+
+    Exit codes: 0 all ok, 2 usage or setup error, 3 some inputs failed, 130 interrupted
+    (Ctrl-C), 143 terminated (SIGTERM); after 130/143 rerun the same command to resume.
     """
     from zsdense.engine.specs import (
         TASK_ALIASES,
@@ -198,7 +200,7 @@ def run_cmd(
             report=not no_report,
             volume_maps=volume_maps,
         )
-    print_summary(summary, out_dir)
+    print_summary(summary, out_dir, quiet=quiet)
     return summary.exit_code
 
 

@@ -12,7 +12,8 @@ Guarantees (what a demanding batch user needs):
   uninterrupted one (timings aside);
 - a failing batch is retried one image at a time (this also catches CUDA out-of-memory) so one
   bad image only fails itself;
-- SIGINT finishes the current batch, writes the manifest, and stops with a resume hint (exit 130);
+- SIGINT and SIGTERM finish the current batch, write the manifest and report.html, and stop with
+  a resume hint (exit 130 for SIGINT, 143 for SIGTERM);
 - decoding of the next batch runs in background threads while the encoders work.
 """
 
@@ -65,6 +66,7 @@ class RunSummary:
     inputs: int = 0  # input files (or referring queries) of the run: the progress line's unit
     interrupted: bool = False
     not_started: int = 0  # inputs left when interrupted
+    stop_signal: int = int(signal.SIGINT)  # the signal that interrupted the run
     wall_seconds: float = 0.0
     stage_seconds: dict = field(default_factory=dict)
     errors: list = field(default_factory=list)  # (key, message)
@@ -72,9 +74,10 @@ class RunSummary:
 
     @property
     def exit_code(self) -> int:
-        """0 all ok, 3 some inputs failed, 130 interrupted."""
+        """0 all ok (skipped paths are not failures), 3 some inputs failed, 128 + the signal
+        when interrupted (130 SIGINT, 143 SIGTERM)."""
         if self.interrupted:
-            return 130
+            return 128 + int(self.stop_signal)
         return 3 if self.failed else 0
 
     def format(self) -> str:
@@ -541,21 +544,24 @@ def run_batch(
     def add_time(stage: str, seconds: float) -> None:
         summary.stage_seconds[stage] = summary.stage_seconds.get(stage, 0.0) + seconds
 
-    old_handler = None
+    old_handlers: dict[int, Any] = {}
     if handle_sigint and threading.current_thread() is threading.main_thread():
 
-        def on_sigint(signum, frame):  # noqa: ARG001
+        def on_stop(signum, frame):  # noqa: ARG001
             if stop.is_set():
                 raise KeyboardInterrupt
+            summary.stop_signal = int(signum)
             stop.set()
+            name = "interrupt" if signum == signal.SIGINT else "termination signal"
             print(
-                "\nzsdense: interrupt received: finishing the current batch "
+                f"\nzsdense: {name} received: finishing the current batch "
                 "(press Ctrl-C again to abort now)",
                 file=sys.stderr,
                 flush=True,
             )
 
-        old_handler = signal.signal(signal.SIGINT, on_sigint)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old_handlers[sig] = signal.signal(sig, on_stop)
 
     pool = ThreadPoolExecutor(max_workers=max(1, read_workers), thread_name_prefix="zsdense-read")
     batches = image_batches(todo, read_batch)
@@ -608,8 +614,8 @@ def run_batch(
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
         prog.close()
-        if old_handler is not None:
-            signal.signal(signal.SIGINT, old_handler)
+        for sig, old in old_handlers.items():
+            signal.signal(sig, old)
         finish_run(out_dir, items, summary, report=report, volume_maps=volume_maps)
         summary.wall_seconds = time.perf_counter() - t_start
     return summary
