@@ -69,6 +69,7 @@ class OpenVocabResult:
             float_map=self.probs,
             map_metadata={"class_names": names},
             class_names=names,
+            random_weights=bool(self.meta.get("random_weights")),
         )
         areas = self.areas()
         scores = {
