@@ -116,3 +116,19 @@ def test_summary_names_the_units():
     assert "3 path(s) not processed" in text
     assert s.exit_code == 3
     assert RunSummary(ok=1, inputs=1, not_processed=4).exit_code == 0
+
+
+def test_default_max_pixels_refuses_a_huge_image_before_decoding(tmp_path):
+    from zsdense.config import MAX_PIXELS
+
+    d = tmp_path / "d"
+    d.mkdir()
+    side = int(MAX_PIXELS**0.5) + 2  # just over the default
+    Image.new("L", (side, side)).save(d / "huge.png")
+    _img(d / "small.png", 0)
+    r = cli(["run", "d", "--out", "o", "--task", TASK, "--models", "tiny", "-q"], tmp_path)
+    assert r.returncode == 3, r.stderr
+    status = {x["key"]: (x["status"], x.get("error") or "") for x in records(tmp_path / "o")}
+    assert status["small.png"][0] == "ok"
+    assert status["huge.png"][0] == "error" and "limit" in status["huge.png"][1]
+    assert MAX_PIXELS <= 25_000_000  # the documented default (README: memory)
