@@ -76,7 +76,8 @@ def test_every_path_of_a_hostile_corpus_has_one_manifest_line(tmp_path):
     r = cli(args, tmp_path)
     assert r.returncode == 0, r.stderr
     assert len((tmp_path / "out" / MANIFEST_NAME).read_text().splitlines()) == len(expected)
-    assert "4 skipped (already done), 3 path(s) not processed" in r.stderr
+    assert "4 input(s) -> 4 image record(s): 0 ok, 0 failed, 4 skipped (already done)" in r.stderr
+    assert "3 path(s) not processed" in r.stderr
 
 
 def test_out_inside_data_run_twice_never_reads_outputs(tmp_path):
@@ -110,7 +111,7 @@ def test_items_from_data_keeps_skipped_and_excluded(tmp_path):
 
 
 def test_summary_names_the_units():
-    s = RunSummary(ok=5, failed=1, skipped=2, inputs=7, not_processed=3)
+    s = RunSummary(total=6, ok=5, failed=1, skipped=2, inputs=7, not_processed=3)
     text = s.format()
     assert text.startswith("7 input(s) -> 8 image record(s): 5 ok, 1 failed, 2 skipped")
     assert "3 path(s) not processed" in text
@@ -132,3 +133,9 @@ def test_default_max_pixels_refuses_a_huge_image_before_decoding(tmp_path):
     assert status["small.png"][0] == "ok"
     assert status["huge.png"][0] == "error" and "limit" in status["huge.png"][1]
     assert MAX_PIXELS <= 25_000_000  # the documented default (README: memory)
+
+
+def test_summary_counts_settled_failures_once():
+    # a rerun: 2 ok and 1 failed image settled earlier, nothing new
+    s = RunSummary(total=0, ok=0, failed=1, skipped=3, inputs=3)
+    assert s.format().startswith("3 input(s) -> 3 image record(s): 0 ok, 1 failed, 3 skipped")

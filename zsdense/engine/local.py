@@ -84,7 +84,7 @@ class RunSummary:
         stages = ", ".join(f"{k} {v:.1f}s" for k, v in sorted(self.stage_seconds.items()))
         text = ""
         if self.inputs:  # the progress line's unit; records: one per image (page, frame...)
-            records = self.ok + self.failed + self.skipped
+            records = self.total + self.skipped  # made now + settled earlier
             text = f"{self.inputs} input(s) -> {records} image record(s): "
         text += f"{self.ok} ok, {self.failed} failed, {self.skipped} skipped (already done)"
         if self.not_processed:
