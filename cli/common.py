@@ -180,6 +180,16 @@ def list_data(data, out_dir: str | Path, quiet: bool = False):
     return items
 
 
+def no_inputs_error(items) -> ConfigError:
+    """'no inputs to process', with what the listing skipped and why (first 5 paths)."""
+    skipped = list(getattr(items, "skipped", ()) or ())
+    if not skipped:
+        return ConfigError("no inputs to process")
+    shown = "; ".join(f"{s.rel}: {s.reason}" for s in skipped[:5])
+    more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+    return ConfigError(f"no inputs to process; skipped {len(skipped)} path(s): {shown}{more}")
+
+
 def run_cli_batch(
     seg,
     items,
@@ -194,7 +204,7 @@ def run_cli_batch(
     from zsdense.engine.local import run_batch
 
     if not items:
-        raise ConfigError("no inputs to process")
+        raise no_inputs_error(items)
     summary = run_batch(
         seg, items, out_dir, tasks, force=force, retry_errors=retry_errors, progress=not quiet
     )

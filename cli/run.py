@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import click
 
-from zsdense.cli.common import batch_command, list_data, make_segmenter, print_summary
+from zsdense.cli.common import (
+    batch_command,
+    list_data,
+    make_segmenter,
+    no_inputs_error,
+    print_summary,
+)
 from zsdense.config import DEFAULT_BATCH_SIZE
 from zsdense.errors import ConfigError
 
@@ -161,7 +167,7 @@ def run_cmd(
     out_fmt = "none" if fmt == "none" else fmt
     items = list_data(data, out_dir, quiet)
     if not items:
-        raise ConfigError("no inputs to process")
+        raise no_inputs_error(items)
 
     if engine == "ray":
         from zsdense.engine.ray_runner import run_ray
