@@ -3,7 +3,10 @@
 Guarantees (what a demanding batch user needs):
 - every input ends as ``ok`` or ``error`` line(s) in ``results.jsonl`` (one per image: a DICOM
   frame, a NIfTI slice and a TIFF page are images), appended and fsynced as soon as the image
-  finishes; a broken file never stops the run;
+  finishes; a broken file never stops the run; every path the listing saw but does not process
+  (hidden, unsupported, no extension) gets one ``status: "skipped"`` line with its ``reason``
+  (:func:`items_from_data` carries them; not failures). The progress line counts input files
+  (or queries); the summary starts with the same count, then the image records;
 - outputs are written atomically before their manifest line, so a rerun after a crash skips
   exactly the images whose line is ``ok`` and whose outputs all exist (``--force`` redoes all,
   ``--retry-errors`` redoes the failed ones); temporary files left by a killed writer are removed
