@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import click
 
-from zsdense.cli.common import RegistryChoice, batch_command, make_segmenter, run_cli_batch
+from zsdense.cli.common import (
+    RegistryChoice,
+    batch_command,
+    list_data,
+    make_segmenter,
+    run_cli_batch,
+)
 from zsdense.config import ANOMALY_PRESETS, DEFAULT_ANOMALY_PRESET
 from zsdense.dense.attention import CORRELATION_TYPES
 from zsdense.errors import ConfigError
@@ -156,9 +162,11 @@ def anomaly_cmd(
     Outputs in OUT, mirroring the inputs: <name>.mask.png (0/255 defect mask),
     <name>.map.tiff|npy (float32 anomaly map at the original size), <name>.overlay.jpg, and
     one line per image in OUT/results.jsonl with the score, the label (with an image
-    threshold) and the thresholds used. Exit codes: 0 all ok, 3 some images failed, 2 usage.
+    threshold) and the thresholds used.
+
+    Exit codes: 0 all ok, 2 usage or setup error, 3 some images failed, 130 interrupted
+    (Ctrl-C), 143 terminated (SIGTERM); after 130/143 rerun the same command to resume.
     """
-    from zsdense.engine.local import items_from_data
     from zsdense.engine.specs import anomaly_spec
     from zsdense.options import AnomalyOptions, OutputOptions
 
@@ -179,7 +187,7 @@ def anomaly_cmd(
         dattn_mean=dattn_mean,
         image_size=image_size,
     )
-    items = items_from_data(data)
+    items = list_data(data, out_dir, quiet)
     need = opts.config().musc_min_images
     if opts.config().method == "musc" and 0 < len(items) < need:
         raise ConfigError(

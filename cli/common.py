@@ -78,7 +78,10 @@ def runtime_options(f: Callable) -> Callable:
             type=click.IntRange(min=1),
             default=MAX_PIXELS,
             show_default=True,
-            help="Refuse images larger than this (decompression bombs).",
+            help=(
+                "Refuse images with more pixels, before decoding (memory, decompression bombs); "
+                "the default keeps a 2-core 8 GB machine safe (README: memory)."
+            ),
         ),
     ]
     for opt in reversed(opts):
@@ -123,7 +126,16 @@ def output_options(f: Callable) -> Callable:
             default=False,
             help="Recompute inputs whose earlier result was an error.",
         ),
-        click.option("--quiet", "-q", is_flag=True, default=False, help="No progress output."),
+        click.option(
+            "--quiet",
+            "-q",
+            is_flag=True,
+            default=False,
+            help=(
+                "No progress and no summary when every input succeeds (failures and errors "
+                "still go to stderr)."
+            ),
+        ),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -156,6 +168,28 @@ def make_segmenter(
     )
 
 
+def list_data(data, out_dir: str | Path, quiet: bool = False):
+    """DATA -> work items with the output folder excluded from the listing (a rerun with
+    ``--out`` inside DATA never reads its own outputs); says so once on stderr."""
+    from zsdense.engine.local import items_from_data
+
+    items = items_from_data(list(data), exclude=[out_dir])
+    if items.excluded and not quiet:
+        for folder in items.excluded:
+            click.echo(f"zsdense: excluded {folder} from the inputs (the output folder)", err=True)
+    return items
+
+
+def no_inputs_error(items) -> ConfigError:
+    """'no inputs to process', with what the listing skipped and why (first 5 paths)."""
+    skipped = list(getattr(items, "skipped", ()) or ())
+    if not skipped:
+        return ConfigError("no inputs to process")
+    shown = "; ".join(f"{s.rel}: {s.reason}" for s in skipped[:5])
+    more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+    return ConfigError(f"no inputs to process; skipped {len(skipped)} path(s): {shown}{more}")
+
+
 def run_cli_batch(
     seg,
     items,
@@ -170,16 +204,21 @@ def run_cli_batch(
     from zsdense.engine.local import run_batch
 
     if not items:
-        raise ConfigError("no inputs to process")
+        raise no_inputs_error(items)
     summary = run_batch(
         seg, items, out_dir, tasks, force=force, retry_errors=retry_errors, progress=not quiet
     )
-    print_summary(summary, out_dir)
+    print_summary(summary, out_dir, quiet=quiet)
     return summary.exit_code
 
 
-def print_summary(summary, out_dir: str | Path) -> None:
-    """The end-of-run summary on stderr (counts, per-stage time, first failures, resume hint)."""
+def print_summary(summary, out_dir: str | Path, quiet: bool = False) -> None:
+    """The end-of-run summary on stderr (counts, per-stage time, first failures, resume hint).
+
+    ``quiet``: nothing when the run succeeded (exit 0); failures and interruptions still print.
+    """
+    if quiet and summary.exit_code == 0:
+        return
     click.echo(f"zsdense: {summary.format()}", err=True)
     for key, msg in summary.errors[:20]:
         click.echo(f"  failed: {key}: {msg}", err=True)

@@ -89,7 +89,8 @@ def fetch_cmd(names: tuple[str, ...], weights_dir: str | None, progress: bool) -
 def verify_cmd(names: tuple[str, ...], weights_dir: str | None) -> None:
     """Check the SHA-256 of the checkpoints present (all of them when no NAMES are given).
 
-    Exits with 1 if any file differs from its published hash.
+    Exit codes: 0 every file checked is ok (or has no published hash), 2 a file differs from
+    its published hash or a checkpoint named in NAMES is missing, 130/143 interrupted.
     """
     results = []
     for name in _names(names):
@@ -104,11 +105,17 @@ def verify_cmd(names: tuple[str, ...], weights_dir: str | None) -> None:
     else:
         click.echo("no registered checkpoint is present here (see `zsdense models list`)")
     bad = [r for r in results if r.status == "mismatch"]
-    if bad:
-        for r in bad:
-            click.echo(
-                f"error: {r.path}: SHA-256 {r.actual} differs from the published {r.expected} "
-                f"for {r.name}; delete or replace the file, then `zsdense models fetch {r.name}`",
-                err=True,
-            )
-        raise SystemExit(1)
+    missing = [r for r in results if names and r.status == "missing"]
+    for r in bad:
+        click.echo(
+            f"error: {r.path}: SHA-256 {r.actual} differs from the published {r.expected} "
+            f"for {r.name}; delete or replace the file, then `zsdense models fetch {r.name}`",
+            err=True,
+        )
+    for r in missing:
+        click.echo(
+            f"error: {r.name}: {r.filename} is not present; `zsdense models fetch {r.name}`",
+            err=True,
+        )
+    if bad or missing:
+        raise SystemExit(2)

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import click
 
-from zsdense.cli.common import RegistryChoice, batch_command, make_segmenter, run_cli_batch
+from zsdense.cli.common import (
+    RegistryChoice,
+    batch_command,
+    list_data,
+    make_segmenter,
+    run_cli_batch,
+)
 from zsdense.config import DEFAULT_OPENVOCAB_PRESET, OPENVOCAB_DATASETS, OPENVOCAB_PRESETS
 
 DATASET_CHOICES = OPENVOCAB_DATASETS
@@ -110,10 +116,11 @@ def openvocab_cmd(
     Outputs in OUT, mirroring the inputs: <name>.mask.png (palette label PNG, pixel value =
     class index), <name>.overlay.jpg (with a legend), with --save-probs <name>.map.tiff|npy
     (K x H x W probabilities), and one line per image in OUT/results.jsonl with the classes
-    present and their areas (pixel fractions). Exit codes: 0 all ok, 3 some images failed,
-    2 usage error.
+    present and their areas (pixel fractions).
+
+    Exit codes: 0 all ok, 2 usage or setup error, 3 some images failed, 130 interrupted
+    (Ctrl-C), 143 terminated (SIGTERM); after 130/143 rerun the same command to resume.
     """
-    from zsdense.engine.local import items_from_data
     from zsdense.engine.specs import openvocab_spec
     from zsdense.options import OpenVocabOptions, OutputOptions
 
@@ -130,7 +137,7 @@ def openvocab_cmd(
         short_side=short_side,
         upsample=upsample,
     )
-    items = items_from_data(data)
+    items = list_data(data, out_dir, quiet)
     seg = make_segmenter(**runtime)
     task = openvocab_spec(seg, opts, OutputOptions(fmt=fmt, overlay=not no_overlay))
     return run_cli_batch(

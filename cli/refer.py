@@ -6,7 +6,13 @@ from pathlib import Path
 
 import click
 
-from zsdense.cli.common import RegistryChoice, batch_command, make_segmenter, run_cli_batch
+from zsdense.cli.common import (
+    RegistryChoice,
+    batch_command,
+    list_data,
+    make_segmenter,
+    run_cli_batch,
+)
 from zsdense.config import DEFAULT_REFER_PRESET, REFER_PRESETS
 
 
@@ -78,9 +84,12 @@ def refer_cmd(
     Outputs in OUT, mirroring the inputs: <name>[.<id>].mask.png (0/255), <name>[.<id>].overlay.jpg
     (with the expression as caption) and one line per query in OUT/results.jsonl (score, top
     candidates, parsed phrase and relation). Queries on the same image reuse its SAM proposals
-    and mask features. Exit codes: 0 all ok, 3 some queries failed, 2 usage error.
+    and mask features.
+
+    Exit codes: 0 all ok, 2 usage or setup error, 3 some queries failed, 130 interrupted
+    (Ctrl-C), 143 terminated (SIGTERM); after 130/143 rerun the same command to resume.
     """
-    from zsdense.engine.local import items_from_data, items_from_queries, load_queries
+    from zsdense.engine.local import items_from_queries, load_queries
     from zsdense.engine.specs import refer_spec
     from zsdense.options import OutputOptions, ReferOptions
 
@@ -99,7 +108,7 @@ def refer_cmd(
             raise click.UsageError('give --text "..." (and DATA) or --queries FILE.jsonl')
         if not data:
             raise click.UsageError("no DATA given: pass image files, folders or globs")
-        items = items_from_data(data)
+        items = list_data(data, out_dir, quiet)
         for it in items:
             it.params.update({"text": text})
     seg = make_segmenter(**runtime)

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import click
 
-from zsdense.cli.common import batch_command, make_segmenter, print_summary
+from zsdense.cli.common import (
+    batch_command,
+    list_data,
+    make_segmenter,
+    no_inputs_error,
+    print_summary,
+)
 from zsdense.config import DEFAULT_BATCH_SIZE
 from zsdense.errors import ConfigError
 
@@ -120,10 +126,11 @@ def run_cmd(
 
     Outputs go to OUT mirroring the input tree (<name>.<task>.mask.png, .map.tiff, .overlay.jpg
     when several tasks run), one line per image in OUT/results.jsonl and OUT/report.html. A rerun
-    resumes; --force redoes everything, --retry-errors the failures. Exit codes: 0 all ok,
-    3 some inputs failed, 2 usage error, 130 interrupted (rerun to resume).
+    resumes; --force redoes everything, --retry-errors the failures.
+
+    Exit codes: 0 all ok, 2 usage or setup error, 3 some inputs failed, 130 interrupted
+    (Ctrl-C), 143 terminated (SIGTERM); after 130/143 rerun the same command to resume.
     """
-    from zsdense.engine.local import items_from_data
     from zsdense.engine.specs import (
         TASK_ALIASES,
         build_task_specs,
@@ -158,9 +165,9 @@ def run_cmd(
         if key in run_table and source in (None, click.core.ParameterSource.DEFAULT):
             runtime[key] = run_table[key]
     out_fmt = "none" if fmt == "none" else fmt
-    items = items_from_data(list(data))
+    items = list_data(data, out_dir, quiet)
     if not items:
-        raise ConfigError("no inputs to process")
+        raise no_inputs_error(items)
 
     if engine == "ray":
         from zsdense.engine.ray_runner import run_ray
@@ -199,7 +206,7 @@ def run_cmd(
             report=not no_report,
             volume_maps=volume_maps,
         )
-    print_summary(summary, out_dir)
+    print_summary(summary, out_dir, quiet=quiet)
     return summary.exit_code
 
 

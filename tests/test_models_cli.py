@@ -114,13 +114,13 @@ def test_verify_ok_unknown_and_mismatch_exit_codes(env, monkeypatch):
     assert rows["sam-vit_b"][2] == "ok"
     assert rows["sam-vit_l"][2:4] == ["unknown", "hash"]
     assert "sam-vit_h" not in rows  # missing ones are only listed when named
-    # a corrupted file: exit 1 and the file is left alone
+    # a corrupted file (and a named missing one): exit 2 and the file is left alone
     bad = wd / "sam_vit_b_01ec64.pth"
     bad.write_bytes(bad.read_bytes()[:-3] + b"xyz")
     res = runner.invoke(
         cli, ["models", "verify", "sam-vit_b", "sam-vit_h", "--weights-dir", str(wd)]
     )
-    assert res.exit_code == 1
+    assert res.exit_code == 2
     assert "mismatch" in res.output and "missing" in res.output
     assert "SHA-256" in res.stderr and str(bad) in res.stderr
     assert bad.read_bytes().endswith(b"xyz")

@@ -265,7 +265,8 @@ def test_rerun_with_other_settings_is_refused_unless_forced(images, tmp_path, ca
     assert code == 2 and "threshold: 0.5 -> 0.55" in text and "--force" in text
     assert mask.read_bytes() == before
 
-    code, text = _main(base + ["--threshold", "0.5"], capsys)  # the same settings: resume
+    loud = [a for a in base if a != "-q"]  # -q prints no summary on success
+    code, text = _main(loud + ["--threshold", "0.5"], capsys)  # the same settings: resume
     assert code == 0 and "0 ok, 0 failed, 3 skipped" in text
 
     code, text = _main(base + ["--threshold", "0.55", "--force"], capsys)

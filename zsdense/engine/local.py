@@ -3,7 +3,10 @@
 Guarantees (what a demanding batch user needs):
 - every input ends as ``ok`` or ``error`` line(s) in ``results.jsonl`` (one per image: a DICOM
   frame, a NIfTI slice and a TIFF page are images), appended and fsynced as soon as the image
-  finishes; a broken file never stops the run;
+  finishes; a broken file never stops the run; every path the listing saw but does not process
+  (hidden, unsupported, no extension) gets one ``status: "skipped"`` line with its ``reason``
+  (:func:`items_from_data` carries them; not failures). The progress line counts input files
+  (or queries); the summary starts with the same count, then the image records;
 - outputs are written atomically before their manifest line, so a rerun after a crash skips
   exactly the images whose line is ``ok`` and whose outputs all exist (``--force`` redoes all,
   ``--retry-errors`` redoes the failed ones); temporary files left by a killed writer are removed
@@ -12,7 +15,8 @@ Guarantees (what a demanding batch user needs):
   uninterrupted one (timings aside);
 - a failing batch is retried one image at a time (this also catches CUDA out-of-memory) so one
   bad image only fails itself;
-- SIGINT finishes the current batch, writes the manifest, and stops with a resume hint (exit 130);
+- SIGINT and SIGTERM finish the current batch, write the manifest and report.html, and stop with
+  a resume hint (exit 130 for SIGINT, 143 for SIGTERM);
 - decoding of the next batch runs in background threads while the encoders work.
 """
 
@@ -61,8 +65,11 @@ class RunSummary:
     ok: int = 0
     failed: int = 0
     skipped: int = 0  # already complete (or already failed) from an earlier run
+    not_processed: int = 0  # paths the listing saw but does not process (hidden, unsupported)
+    inputs: int = 0  # input files (or referring queries) of the run: the progress line's unit
     interrupted: bool = False
     not_started: int = 0  # inputs left when interrupted
+    stop_signal: int = int(signal.SIGINT)  # the signal that interrupted the run
     wall_seconds: float = 0.0
     stage_seconds: dict = field(default_factory=dict)
     errors: list = field(default_factory=list)  # (key, message)
@@ -70,17 +77,25 @@ class RunSummary:
 
     @property
     def exit_code(self) -> int:
-        """0 all ok, 3 some inputs failed, 130 interrupted."""
+        """0 all ok (skipped paths are not failures), 3 some inputs failed, 128 + the signal
+        when interrupted (130 SIGINT, 143 SIGTERM)."""
         if self.interrupted:
-            return 130
+            return 128 + int(self.stop_signal)
         return 3 if self.failed else 0
 
     def format(self) -> str:
         stages = ", ".join(f"{k} {v:.1f}s" for k, v in sorted(self.stage_seconds.items()))
-        text = (
-            f"{self.ok} ok, {self.failed} failed, {self.skipped} skipped (already done)"
-            f" in {self.wall_seconds:.1f}s" + (f"; stage time: {stages}" if stages else "")
-        )
+        text = ""
+        if self.inputs:  # the progress line's unit; records: one per image (page, frame...)
+            records = self.total + self.skipped  # made now + settled earlier
+            text = f"{self.inputs} input(s) -> {records} image record(s): "
+        text += f"{self.ok} ok, {self.failed} failed, {self.skipped} skipped (already done)"
+        if self.not_processed:
+            text += (
+                f", {self.not_processed} path(s) not processed (see the 'skipped' lines of "
+                "results.jsonl)"
+            )
+        text += f" in {self.wall_seconds:.1f}s" + (f"; stage time: {stages}" if stages else "")
         if self.interrupted:
             text += (
                 f"\ninterrupted: {self.not_started} input(s) not processed; rerun the same "
@@ -92,12 +107,81 @@ class RunSummary:
 # ---- inputs ------------------------------------------------------------------------------
 
 
-def items_from_data(data: Sequence[str | Path]) -> list[WorkItem]:
-    """Files, folders (recursed) and globs -> work items whose keys mirror the input tree."""
-    return [
-        WorkItem(key=str(it.rel), path=it.path, rel=it.rel, stem=it.stem)
-        for it in list_inputs(data)
-    ]
+class WorkItems(list):
+    """The :class:`WorkItem` list of a run, plus what the listing saw and left out.
+
+    ``skipped``: :class:`zsdense.io.inputs.SkippedInput` (path, rel, reason) for every path seen
+    but not processed (hidden files, unsupported types...); the runners write one
+    ``status: "skipped"`` manifest line for each. ``excluded``: the exclude folders (the output
+    folder) that hid at least one path.
+    """
+
+    def __init__(
+        self, items: Iterable[WorkItem] = (), skipped: Iterable = (), excluded: Iterable = ()
+    ) -> None:
+        super().__init__(items)
+        self.skipped: list = list(skipped)
+        self.excluded: list[Path] = list(excluded)
+
+
+def items_from_data(data: Sequence[str | Path], exclude: Sequence[str | Path] = ()) -> WorkItems:
+    """Files, folders (recursed) and globs -> work items whose keys mirror the input tree.
+
+    ``exclude``: folders never listed inside a folder walk or glob (pass the output folder, so
+    a rerun with ``--out`` inside DATA never reads its own outputs). The skipped and excluded
+    paths ride along on the returned :class:`WorkItems`."""
+    listed = list_inputs(data, exclude=list(exclude))
+    return WorkItems(
+        (WorkItem(key=str(it.rel), path=it.path, rel=it.rel, stem=it.stem) for it in listed),
+        skipped=listed.skipped,
+        excluded=listed.excluded,
+    )
+
+
+def skipped_record(skipped, tasks: Sequence[str]) -> dict:
+    """The manifest record of a path the listing saw but does not process: ``status:
+    "skipped"``, its ``reason``, key = its relative path."""
+    rel = str(skipped.rel)
+    return {
+        "key": rel,
+        "item": rel,
+        "input": str(skipped.path),
+        "rel": rel,
+        "suffix": "",
+        "item_records": 1,
+        "params": {},
+        "tasks": list(tasks),
+        "status": "skipped",
+        "reason": skipped.reason,
+        "error": None,
+        "outputs": {},
+        "scores": {},
+        "meta": {},
+    }
+
+
+def record_skipped_inputs(
+    manifest: Manifest,
+    items: Sequence[WorkItem],
+    tasks: Sequence[str],
+    previous: dict[str, dict],
+) -> int:
+    """Append one ``skipped`` record per path in ``items.skipped`` (if ``items`` carries them)
+    unless the manifest already holds that record; returns how many paths were skipped."""
+    skipped = list(getattr(items, "skipped", ()) or ())
+    keys = {it.key for it in items}
+    seen: set[str] = set()
+    for sk in skipped:
+        rec = skipped_record(sk, tasks)
+        key = rec["key"]
+        if key in seen or key in keys:
+            continue
+        seen.add(key)
+        old = previous.get(key)
+        if old is not None and old.get("status") == "skipped" and old.get("reason") == sk.reason:
+            continue
+        manifest.append(rec)
+    return len(seen)
 
 
 def read_units(item: WorkItem, max_pixels: int | None) -> list[tuple[str, ImageContext]]:
@@ -430,8 +514,11 @@ def run_batch(
         check_settings(out_dir, settings, force=force)
     clean_orphan_temp_files(out_dir)
     manifest = Manifest(out_dir / MANIFEST_NAME)
-    summary = RunSummary(skipped=plan.skipped)
+    summary = RunSummary(skipped=plan.skipped, inputs=len(items))
     summary.failed += plan.skipped_failed
+    summary.not_processed = record_skipped_inputs(
+        manifest, items, [t.name for t in tasks], manifest.load()
+    )
     todo = plan.todo
     for key in plan.done_keys:  # settled records inside items that are redone
         rec = plan.previous.get(key, {})
@@ -460,21 +547,24 @@ def run_batch(
     def add_time(stage: str, seconds: float) -> None:
         summary.stage_seconds[stage] = summary.stage_seconds.get(stage, 0.0) + seconds
 
-    old_handler = None
+    old_handlers: dict[int, Any] = {}
     if handle_sigint and threading.current_thread() is threading.main_thread():
 
-        def on_sigint(signum, frame):  # noqa: ARG001
+        def on_stop(signum, frame):  # noqa: ARG001
             if stop.is_set():
                 raise KeyboardInterrupt
+            summary.stop_signal = int(signum)
             stop.set()
+            name = "interrupt" if signum == signal.SIGINT else "termination signal"
             print(
-                "\nzsdense: interrupt received: finishing the current batch "
+                f"\nzsdense: {name} received: finishing the current batch "
                 "(press Ctrl-C again to abort now)",
                 file=sys.stderr,
                 flush=True,
             )
 
-        old_handler = signal.signal(signal.SIGINT, on_sigint)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old_handlers[sig] = signal.signal(sig, on_stop)
 
     pool = ThreadPoolExecutor(max_workers=max(1, read_workers), thread_name_prefix="zsdense-read")
     batches = image_batches(todo, read_batch)
@@ -527,8 +617,8 @@ def run_batch(
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
         prog.close()
-        if old_handler is not None:
-            signal.signal(signal.SIGINT, old_handler)
+        for sig, old in old_handlers.items():
+            signal.signal(sig, old)
         finish_run(out_dir, items, summary, report=report, volume_maps=volume_maps)
         summary.wall_seconds = time.perf_counter() - t_start
     return summary

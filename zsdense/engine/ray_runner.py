@@ -34,6 +34,7 @@ from zsdense.engine.local import (
     prepare_out_dir,
     process_units,
     read_units,
+    record_skipped_inputs,
     run_settings,
 )
 from zsdense.engine.specs import META_KEYS, build_task_specs, parse_task_option
@@ -270,8 +271,11 @@ def run_ray(
     clean_orphan_temp_files(out_dir)
     plan = plan_run(items, out_dir, force=force, retry_errors=retry_errors)
     manifest = Manifest(out_dir / MANIFEST_NAME)
-    summary = RunSummary(skipped=plan.skipped)
+    summary = RunSummary(skipped=plan.skipped, inputs=len(items))
     summary.failed += plan.skipped_failed
+    summary.not_processed = record_skipped_inputs(
+        manifest, items, [str(c.get("task")) for c in cfgs], manifest.load()
+    )
     for key in plan.done_keys:
         summary.skipped += 1
         summary.failed += plan.previous.get(key, {}).get("status") != "ok"

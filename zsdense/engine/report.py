@@ -23,6 +23,7 @@ table{border-collapse:collapse;width:100%}
 th,td{border:1px solid #ccc;padding:4px 6px;vertical-align:top;font-size:13px}
 th{background:#eee;cursor:pointer;position:sticky;top:0;user-select:none}
 th.sorted-asc::after{content:" \\25B2"} th.sorted-desc::after{content:" \\25BC"}
+p.banner{background:#a00;color:#fff;font-weight:bold;padding:8px 12px}
 tr.error{background:#fde8e8} td.err{color:#a00;max-width:40em;word-break:break-word}
 img{max-width:160px;max-height:160px;display:block}
 .summary span{margin-right:1.5em} .num{text-align:right;font-variant-numeric:tabular-nums}
@@ -89,6 +90,23 @@ def _href(path: str) -> str:
     return quote(path.replace("\\", "/"), safe="/._-~")
 
 
+def _random_weights(record: dict) -> bool:
+    """True if the record's result meta (one task, or any task of a multi-task run) says the
+    models had random weights."""
+    res = record.get("meta", {}).get("result", {})
+    if not isinstance(res, dict):
+        return False
+    if res.get("random_weights"):
+        return True
+    return any(isinstance(v, dict) and v.get("random_weights") for v in res.values())
+
+
+RANDOM_WEIGHTS_BANNER = (
+    "RANDOM WEIGHTS: these results were made with random-weight models (--models tiny or "
+    "random); they test the pipeline and are not meaningful."
+)
+
+
 def render_report(records: Iterable[dict], title: str = "zsdense run") -> str:
     """HTML text for ``records`` (manifest records; output paths relative to the page)."""
     recs = list(records)
@@ -102,14 +120,21 @@ def render_report(records: Iterable[dict], title: str = "zsdense run") -> str:
             if k not in score_cols:
                 score_cols.append(k)
     n_ok = sum(r.get("status") == "ok" for r in recs)
-    n_err = len(recs) - n_ok
+    n_skip = sum(r.get("status") == "skipped" for r in recs)
+    n_err = len(recs) - n_ok - n_skip
     esc = html.escape
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'>",
         f"<title>{esc(title)}</title><style>{_STYLE}</style></head><body>",
         f"<h1>{esc(title)}</h1><p class='summary'><span>{len(recs)} images</span>"
         f"<span>{n_ok} ok</span><span>{n_err} failed</span>"
-        f"<span>written {esc(time.strftime('%Y-%m-%d %H:%M:%S'))}</span></p>",
+        + (f"<span>{n_skip} not processed</span>" if n_skip else "")
+        + f"<span>written {esc(time.strftime('%Y-%m-%d %H:%M:%S'))}</span></p>",
+        (
+            f"<p class='banner'>{esc(RANDOM_WEIGHTS_BANNER)}</p>"
+            if any(_random_weights(r) for r in recs)
+            else ""
+        ),
         "<p>Click a column header to sort. Failures are listed first.</p>",
         "<table id='runs'><thead><tr><th>#</th><th>status</th><th>input</th><th>overlay</th>",
     ]
@@ -134,7 +159,7 @@ def render_report(records: Iterable[dict], title: str = "zsdense run") -> str:
             else:
                 row.append(f"<td data-v='{esc(str(v))}'>{esc(str(v))}</td>")
         warn = r.get("meta", {}).get("image", {}).get("warnings", []) if ok else []
-        msg = r.get("error") or "; ".join(str(w) for w in warn or [])
+        msg = r.get("error") or r.get("reason") or "; ".join(str(w) for w in warn or [])
         row.append(f"<td class='err'>{esc(str(msg or ''))}</td></tr>")
         parts.append("".join(row))
     parts.append(f"</tbody></table><script>{_SCRIPT}</script></body></html>\n")

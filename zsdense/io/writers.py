@@ -490,6 +490,10 @@ def write_rle_json(path: str | Path, obj: Any) -> Path:
 # ---- the one output path of every result --------------------------------------------------
 
 
+#: Caption suffix of overlays made with random-weight models (``--models tiny`` / ``random``).
+RANDOM_WEIGHTS_MARK = "RANDOM WEIGHTS - not meaningful"
+
+
 def write_outputs(
     stem: str | Path,
     image: np.ndarray,
@@ -503,6 +507,7 @@ def write_outputs(
     heat: np.ndarray | None = None,
     class_names: Sequence[str] | None = None,
     caption: str | None = None,
+    random_weights: bool = False,
 ) -> dict[str, str]:
     """Write one result's files next to ``stem`` (each atomically); ``{kind: path}``.
 
@@ -511,10 +516,14 @@ def write_outputs(
     ``none`` no map); ``<stem>.overlay.jpg`` with ``heat``, ``labels`` (+ legend), the ``mask``
     outline and ``caption`` when ``overlay``; ``<stem>.rle.json`` for a binary mask with
     ``fmt="rle"``. Result types call this from their ``write`` method: nothing here guesses what
-    a result is.
+    a result is. ``random_weights`` (the result's meta says the models had random weights) adds
+    :data:`RANDOM_WEIGHTS_MARK` to the overlay's caption, so a picture shown without its
+    manifest still says it is not meaningful.
     """
     stem = Path(stem)
     outputs: dict[str, str] = {}
+    if random_weights:
+        caption = f"{caption} | {RANDOM_WEIGHTS_MARK}" if caption else RANDOM_WEIGHTS_MARK
     if labels is not None:
         outputs["mask"] = str(write_label_png(f"{stem}.mask.png", labels))
     elif mask is not None:

@@ -23,9 +23,13 @@ after their hash checks out. Where the table has no verified hash (``None``), ``
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import socket
 import sys
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -48,8 +52,10 @@ __all__ = [
     "FileSpec",
     "VerifyResult",
     "find",
+    "forget_failed_downloads",
     "get_checkpoint",
     "hf_hub_cache",
+    "is_network_error",
     "is_offline",
     "load_state_dict_file",
     "open_clip_cache",
@@ -445,6 +451,50 @@ def _download(
     return dest
 
 
+#: How long (s) a download that failed for lack of network is not retried in this process: one
+#: attempt per checkpoint per run, so a folder of 1000 images fails once, not 1000 times.
+NETWORK_FAILURE_TTL_S = 600.0
+_NET_ERRNOS = {
+    errno.ENETUNREACH,
+    errno.EHOSTUNREACH,
+    errno.ECONNREFUSED,
+    errno.ECONNRESET,
+    errno.ETIMEDOUT,
+    errno.ENETDOWN,
+}
+_failed: dict[str, tuple[float, str]] = {}
+_failed_lock = threading.Lock()
+
+
+def is_network_error(exc: BaseException) -> bool:
+    """True if ``exc`` (or an exception it was raised from) says the network is unreachable:
+    a connection refused/reset/timed out, an unreachable host or a name that does not resolve.
+    A missing file or an HTTP error (404, 403) is not one."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, urllib.error.HTTPError):
+            return False
+        if isinstance(cur, urllib.error.URLError) and isinstance(cur.reason, BaseException):
+            cur = cur.reason
+            continue
+        if isinstance(cur, (ConnectionError, TimeoutError, socket.gaierror, socket.timeout)):
+            return True
+        if isinstance(cur, OSError) and cur.errno in _NET_ERRNOS:
+            return True
+        if type(cur).__name__ in {"ConnectTimeout", "ConnectionError", "ReadTimeout"}:
+            return True  # requests / huggingface_hub, without importing them
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+def forget_failed_downloads() -> None:
+    """Forget the remembered network failures (the next :func:`resolve` tries again)."""
+    with _failed_lock:
+        _failed.clear()
+
+
 def resolve(
     name: str,
     *,
@@ -476,16 +526,33 @@ def resolve(
         reason = "it is not on this machine and downloading was not allowed"
     if not download:
         raise _missing_error(ck, searched, reason)
+    with _failed_lock:
+        failed = _failed.get(name)
+    if failed is not None and time.monotonic() - failed[0] < NETWORK_FAILURE_TTL_S:
+        raise WeightsError(failed[1])  # no retry storm: the network was down moments ago
     errors: list[str] = []
     for specs in _options(ck):
         try:
             return _download(ck, specs, weights_dir, progress)
         except WeightsError:
             raise
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            errors.append(f"{', '.join(s.url for s in specs)}: {exc}")
-        except Exception as exc:  # huggingface_hub's own errors (offline, 404, ...)
-            errors.append(f"{', '.join(s.url for s in specs)}: {type(exc).__name__}: {exc}")
+        except Exception as exc:  # urllib, OSError, huggingface_hub's own errors (404, ...)
+            text = (
+                str(exc)
+                if isinstance(exc, (OSError, ValueError))
+                else f"{type(exc).__name__}: {exc}"
+            )
+            errors.append(f"{', '.join(s.url for s in specs)}: {text}")
+            if is_network_error(exc):  # the other sources need the same network: stop here
+                err = _missing_error(
+                    ck,
+                    searched,
+                    "it is not on this machine and the network cannot be reached to download it "
+                    f"({text}); use --offline with a --weights-dir holding the file",
+                )
+                with _failed_lock:
+                    _failed[name] = (time.monotonic(), str(err))
+                raise err from None
     raise _missing_error(
         ck,
         searched,

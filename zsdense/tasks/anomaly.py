@@ -65,6 +65,7 @@ class AnomalyResult:
             float_map=self.anomaly_map,
             heat=self.anomaly_map,
             caption=f"anomaly score {float(self.score):.3f}",
+            random_weights=bool(self.meta.get("random_weights")),
         )
         scores: dict[str, Any] = {"score": float(self.score)}
         if self.label is not None:

@@ -69,6 +69,7 @@ class OpenVocabResult:
             float_map=self.probs,
             map_metadata={"class_names": names},
             class_names=names,
+            random_weights=bool(self.meta.get("random_weights")),
         )
         areas = self.areas()
         scores = {
@@ -193,8 +194,12 @@ def _batched(fn, x: torch.Tensor, batch: int | None) -> torch.Tensor:
 
 
 def _sam_part(st) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int] | None]:
-    """(attn, v, valid box) of a SAM state; accepts a capture already cropped to the box."""
-    valid = agg.sam_valid_hw(st.input_size)
+    """(attn, v, valid box) of a SAM state; accepts a capture already cropped to the box.
+
+    Thin images (1×64, 3×2000: SAM's resized input under 16 px on a side) have a valid box of
+    zero tokens on that side; it is taken as one token, i.e. the image is padded to one SAM patch
+    as SAM itself pads it, and the scores are resized back to the input size afterwards."""
+    valid = tuple(max(1, n) for n in agg.sam_valid_hw(st.input_size))
     if st.last_attn.shape[-1] == valid[0] * valid[1]:  # captured on the valid box only
         return st.last_attn, st.last_v[:, : valid[0], : valid[1]], None
     return st.last_attn, st.last_v, valid

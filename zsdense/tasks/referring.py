@@ -66,6 +66,7 @@ class ReferResult:
             overlay=out.overlay,
             mask=self.mask,
             caption=str(text) if text else None,
+            random_weights=bool(self.meta.get("random_weights")),
         )
         scores: dict[str, Any] = {"score": float(self.score), "candidates": self.candidates}
         if params.get("id") is not None:
