@@ -14,6 +14,11 @@ its own outputs in ``shared/fixtures/musc``):
    exactly: the image-against-image distances are streamed in blocks, so memory stays at the
    per-image nearest-distance table (M × M × N floats, or a slice of it) and never holds the
    (M·N)² distance matrix. The result does not depend on the order of the images.
+   **Memory independent of M**: :func:`run_musc` writes each layer's tokens to a file
+   (:class:`DiskStack`, in a temporary directory under ``cache_dir`` / ``TMPDIR``, removed at the
+   end) as the encoder batches finish; LNAMD goes chunk by chunk to a file per (layer, r) and the
+   distances read it back in blocks, so RAM holds a few blocks and the table slice, bounded by
+   ``TABLE_BYTES`` + ``GROUP_BYTES``. Bit-identical to the in-memory path (``in_memory=True``).
 4. Patch score = mean over layers, then over r (float64); upsampled to the input size with
    bilinear ``align_corners=True``; **no smoothing** (``sigma > 0`` adds it, an option).
 5. **Image score** (:func:`rscin`): the max of the upsampled map, min-max normalised over the set,
