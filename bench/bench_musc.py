@@ -25,7 +25,9 @@ grows with patches²); ``--image-size 336`` (24×24) keeps the run short, and sa
 files (here in batches of ``--batch`` images, as encoder batches would be) in a temporary
 directory, LNAMD features go to a file per (layer, r) and the distances are read back in blocks,
 so the resident set before scoring holds no tokens and the scoring's peak does not grow with M
-(the peak then also covers writing the tokens). Without it the tokens are in RAM as tensors.
+once the set's LNAMD features exceed what is read at once (``--group-mb``, default the
+library's ``GROUP_BYTES``; below it a whole layer's features are read together). The peak then
+also covers writing the tokens. Without it the tokens are in RAM as tensors.
 
 Usage: ``python bench/bench_musc.py [--images 20 40] [--image-size 336] [--threads N] [--disk]``.
 """
@@ -75,6 +77,7 @@ def performed_pairs(m: int, per: int) -> int:
 def child(args) -> dict:
     from zsdense.tasks.musc import (
         BLOCK_ROWS,
+        GROUP_BYTES,
         TABLE_BYTES,
         DiskStack,
         lnamd_set,
@@ -95,6 +98,7 @@ def child(args) -> dict:
     a = torch.nn.functional.normalize(torch.randn(rows, c), dim=-1)
     b = torch.nn.functional.normalize(torch.randn(rows, c), dim=-1)
     a @ b.t()  # warm-up
+    group_bytes = int(args.group_mb * 2**20) if args.group_mb else GROUP_BYTES
     tmp = tempfile.TemporaryDirectory(prefix="bench-musc-") if args.disk else None
     if tmp is None:
         tokens = [torch.randn(m, n, c) * 3.0 + torch.randn(1, n, c) for _ in range(layers)]
@@ -124,7 +128,7 @@ def child(args) -> dict:
             z = lnamd_set(tok, (g, g), r, out=out)
             t_lnamd += time.perf_counter() - t
             t = time.perf_counter()
-            acc.append(mutual_scores(z, 0.3))
+            acc.append(mutual_scores(z, 0.3, group_bytes=group_bytes))
             t_msm += time.perf_counter() - t
             del z
             if out is not None:
@@ -167,6 +171,7 @@ def child(args) -> dict:
         peak_extra_mb=(peak_kb - base_kb) / 1024 if peak_ok else float("nan"),
         threads=torch.get_num_threads(),
         disk=bool(args.disk),
+        group_mb=group_bytes / 2**20,
     )
 
 
@@ -181,6 +186,9 @@ def main(argv=None) -> int:
     ap.add_argument("--mm-repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--disk", action="store_true", help="tokens and LNAMD features on disk")
+    ap.add_argument(
+        "--group-mb", type=float, default=0, help="features read at once from disk (MB)"
+    )
     ap.add_argument("--batch", type=int, default=8, help="images per token write (--disk)")
     ap.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -201,9 +209,12 @@ def main(argv=None) -> int:
         cmd = [sys.executable, os.path.abspath(__file__), "--child", str(m)]
         for k in ("image_size", "patch", "channels", "layers", "r", "mm_repeats", "threads"):
             cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
-        cmd += ["--batch", str(args.batch)] + (["--disk"] if args.disk else [])
+        cmd += ["--batch", str(args.batch), "--group-mb", str(args.group_mb)] + (
+            ["--disk"] if args.disk else []
+        )
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         res = json.loads(out.stdout.strip().splitlines()[-1])
+        where = f"tokens on disk, read {res['group_mb']:g} MB at a time" if res["disk"] else "RAM"
         print(
             f"M={res['images']:3d}  scoring {res['scoring_s']:7.1f} s "
             f"(LNAMD {res['lnamd_s']:.1f} s, distance step {res['distance_s']:.1f} s, "
@@ -212,7 +223,7 @@ def main(argv=None) -> int:
             f"({res['distance_useful_gflops']:.1f} useful) vs plain torch.mm "
             f"{res['mm_gflops']:.1f} GFLOP/s of the same {res['block_images']}-image block: "
             f"{100 * res['distance_gflops'] / res['mm_gflops']:.0f} %\n"
-            f"        memory ({'tokens on disk' if res['disk'] else 'tokens in RAM'}): "
+            f"        memory ({where}): "
             f"tokens {res['tokens_mb']:.0f} MB (RSS before scoring "
             f"{res['rss_before_mb']:.0f} MB), scoring peak extra {res['peak_extra_mb']:.0f} MB, "
             f"peak RSS {res['peak_mb']:.0f} MB"
