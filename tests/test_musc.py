@@ -284,14 +284,22 @@ def test_run_musc_on_disk_bit_identical_to_in_memory_and_removes_files(
 
     imgs = _textured(6, blob_index=2, seed=9)
     cfg = resolve_preset("musc", image_size=SIZE)
-    maps_mem, scores_mem, info_mem = run_musc(
-        tiny_seg, cfg, tiny_seg.contexts(imgs), in_memory=True
-    )
-    maps_disk, scores_disk, info_disk = run_musc(
-        tiny_seg, cfg, tiny_seg.contexts(imgs), cache_dir=tmp_path
-    )
+    mem_ctxs = tiny_seg.contexts(imgs)
+    maps_mem, scores_mem, info_mem = run_musc(tiny_seg, cfg, mem_ctxs, in_memory=True)
+    disk_ctxs = tiny_seg.contexts(imgs)
+    maps_disk, scores_disk, info_disk = run_musc(tiny_seg, cfg, disk_ctxs, cache_dir=tmp_path)
     assert torch.equal(maps_disk, maps_mem) and torch.equal(scores_disk, scores_mem)
     assert info_disk == info_mem
+
+    # the in-memory run kept the tokens in the contexts, the on-disk run did not
+    def has_tokens(c):
+        return any(isinstance(k, tuple) and k[0] == "musc-feats" for k in c.cache)
+
+    assert all(has_tokens(c) for c in mem_ctxs) and not any(has_tokens(c) for c in disk_ctxs)
+    # tokens already cached (some contexts only) are used as they are
+    mixed = mem_ctxs[:3] + tiny_seg.contexts(imgs[3:])
+    maps_mix, scores_mix, _ = run_musc(tiny_seg, cfg, mixed, cache_dir=tmp_path)
+    assert torch.equal(maps_mix, maps_mem) and torch.equal(scores_mix, scores_mem)
     assert _musc_dirs(tmp_path) == []  # the token files went with their directory
 
     # an error while scoring: the token files existed, and are removed all the same
