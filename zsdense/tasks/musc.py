@@ -17,8 +17,10 @@ its own outputs in ``shared/fixtures/musc``):
    **Memory independent of M**: :func:`run_musc` writes each layer's tokens to a file
    (:class:`DiskStack`, in a temporary directory under ``cache_dir`` / ``TMPDIR``, removed at the
    end) as the encoder batches finish; LNAMD goes chunk by chunk to a file per (layer, r) and the
-   distances read it back in blocks, so RAM holds a few blocks and the table slice, bounded by
-   ``TABLE_BYTES`` + ``GROUP_BYTES``. Bit-identical to the in-memory path (``in_memory=True``).
+   distances read it back in blocks, so RAM holds the table slice (≤ ``TABLE_BYTES``, plus about
+   as much for its top-k), ``GROUP_BYTES`` of query blocks, one product block and one LNAMD
+   chunk: a bound that does not depend on M (below it the table grows as M²·N until it is
+   sliced). Bit-identical to the in-memory path (``in_memory=True``).
 4. Patch score = mean over layers, then over r (float64); upsampled to the input size with
    bilinear ``align_corners=True``; **no smoothing** (``sigma > 0`` adds it, an option).
 5. **Image score** (:func:`rscin`): the max of the upsampled map, min-max normalised over the set,
