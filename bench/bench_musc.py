@@ -21,7 +21,15 @@ Tokens are random (speed does not depend on their values) with the shapes of CLI
 ``--image-size`` (518 -> 37×37 patches, C = 1024). On a small CPU 518 px takes long (the cost
 grows with patches²); ``--image-size 336`` (24×24) keeps the run short, and says so in the output.
 
-Usage: ``python bench/bench_musc.py [--images 20 40] [--image-size 336] [--threads N]``.
+``--disk`` measures the path ``run_musc`` takes by default: the per-layer tokens are written to
+files (here in batches of ``--batch`` images, as encoder batches would be) in a temporary
+directory, LNAMD features go to a file per (layer, r) and the distances are read back in blocks,
+so the resident set before scoring holds no tokens and the scoring's peak does not grow with M
+once the set's LNAMD features exceed what is read at once (``--group-mb``, default the
+library's ``GROUP_BYTES``; below it a whole layer's features are read together). The peak then
+also covers writing the tokens. Without it the tokens are in RAM as tensors.
+
+Usage: ``python bench/bench_musc.py [--images 20 40] [--image-size 336] [--threads N] [--disk]``.
 """
 
 from __future__ import annotations
@@ -31,7 +39,9 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -67,7 +77,9 @@ def performed_pairs(m: int, per: int) -> int:
 def child(args) -> dict:
     from zsdense.tasks.musc import (
         BLOCK_ROWS,
+        GROUP_BYTES,
         TABLE_BYTES,
+        DiskStack,
         lnamd_set,
         mutual_scores,
         rscin,
@@ -79,7 +91,6 @@ def child(args) -> dict:
     g = args.image_size // args.patch
     n = g * g
     r_list = [int(r) for r in args.r.split(",")]
-    tokens = [torch.randn(m, n, c) * 3.0 + torch.randn(1, n, c) for _ in range(layers)]
     embeds = torch.nn.functional.normalize(torch.randn(m, 64), dim=-1)
     per = max(1, BLOCK_ROWS // n)
     assert m * n * m * 4 <= TABLE_BYTES, "the table does not fit one slice: pair count differs"
@@ -87,8 +98,23 @@ def child(args) -> dict:
     a = torch.nn.functional.normalize(torch.randn(rows, c), dim=-1)
     b = torch.nn.functional.normalize(torch.randn(rows, c), dim=-1)
     a @ b.t()  # warm-up
-    base_kb = _status_kb("VmRSS")
-    peak_ok = _reset_peak()
+    group_bytes = int(args.group_mb * 2**20) if args.group_mb else GROUP_BYTES
+    tmp = tempfile.TemporaryDirectory(prefix="bench-musc-") if args.disk else None
+    if tmp is None:
+        tokens = [torch.randn(m, n, c) * 3.0 + torch.randn(1, n, c) for _ in range(layers)]
+        base_kb = _status_kb("VmRSS")
+        peak_ok = _reset_peak()
+    else:
+        base_kb = _status_kb("VmRSS")
+        peak_ok = _reset_peak()
+        tokens = []
+        for li in range(layers):
+            st = DiskStack(Path(tmp.name) / f"tokens-{li}.f32", (m, n, c))
+            common = torch.randn(1, n, c)
+            for i in range(0, m, args.batch):
+                st.write(i, torch.randn(min(args.batch, m - i), n, c) * 3.0 + common)
+            tokens.append(st)
+        del common
 
     t_lnamd = t_msm = t_mm = 0.0
     mm_flops = 0.0
@@ -98,12 +124,15 @@ def child(args) -> dict:
         acc = []
         for tok in tokens:
             t = time.perf_counter()
-            z = lnamd_set(tok, (g, g), r)
+            out = None if tmp is None else DiskStack(Path(tmp.name) / "lnamd.f32", (m, n, c))
+            z = lnamd_set(tok, (g, g), r, out=out)
             t_lnamd += time.perf_counter() - t
             t = time.perf_counter()
-            acc.append(mutual_scores(z, 0.3))
+            acc.append(mutual_scores(z, 0.3, group_bytes=group_bytes))
             t_msm += time.perf_counter() - t
             del z
+            if out is not None:
+                out.remove()
             # the plain product of one block's shape, timed between the scoring calls
             t = time.perf_counter()
             for _ in range(args.mm_repeats):
@@ -119,6 +148,8 @@ def child(args) -> dict:
     t_tail = time.perf_counter() - t
     total = time.perf_counter() - t0 - t_mm
     peak_kb = _status_kb("VmHWM")
+    if tmp is not None:
+        tmp.cleanup()
     calls = len(r_list) * layers
     performed = calls * 2.0 * c * n * n * performed_pairs(m, per)
     useful = calls * 2.0 * c * n * n * m * (m - 1) / 2
@@ -136,8 +167,11 @@ def child(args) -> dict:
         mm_gflops=mm_flops / t_mm / 1e9,
         tokens_mb=layers * m * n * c * 4 / 2**20,
         rss_before_mb=base_kb / 1024,
+        peak_mb=peak_kb / 1024 if peak_ok else float("nan"),
         peak_extra_mb=(peak_kb - base_kb) / 1024 if peak_ok else float("nan"),
         threads=torch.get_num_threads(),
+        disk=bool(args.disk),
+        group_mb=group_bytes / 2**20,
     )
 
 
@@ -151,6 +185,11 @@ def main(argv=None) -> int:
     ap.add_argument("--r", default="1,3,5")
     ap.add_argument("--mm-repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--disk", action="store_true", help="tokens and LNAMD features on disk")
+    ap.add_argument(
+        "--group-mb", type=float, default=0, help="features read at once from disk (MB)"
+    )
+    ap.add_argument("--batch", type=int, default=8, help="images per token write (--disk)")
     ap.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.threads:
@@ -170,8 +209,12 @@ def main(argv=None) -> int:
         cmd = [sys.executable, os.path.abspath(__file__), "--child", str(m)]
         for k in ("image_size", "patch", "channels", "layers", "r", "mm_repeats", "threads"):
             cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
+        cmd += ["--batch", str(args.batch), "--group-mb", str(args.group_mb)] + (
+            ["--disk"] if args.disk else []
+        )
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         res = json.loads(out.stdout.strip().splitlines()[-1])
+        where = f"tokens on disk, read {res['group_mb']:g} MB at a time" if res["disk"] else "RAM"
         print(
             f"M={res['images']:3d}  scoring {res['scoring_s']:7.1f} s "
             f"(LNAMD {res['lnamd_s']:.1f} s, distance step {res['distance_s']:.1f} s, "
@@ -180,8 +223,10 @@ def main(argv=None) -> int:
             f"({res['distance_useful_gflops']:.1f} useful) vs plain torch.mm "
             f"{res['mm_gflops']:.1f} GFLOP/s of the same {res['block_images']}-image block: "
             f"{100 * res['distance_gflops'] / res['mm_gflops']:.0f} %\n"
-            f"        memory: tokens {res['tokens_mb']:.0f} MB (RSS before scoring "
-            f"{res['rss_before_mb']:.0f} MB), scoring peak extra {res['peak_extra_mb']:.0f} MB"
+            f"        memory ({where}): "
+            f"tokens {res['tokens_mb']:.0f} MB (RSS before scoring "
+            f"{res['rss_before_mb']:.0f} MB), scoring peak extra {res['peak_extra_mb']:.0f} MB, "
+            f"peak RSS {res['peak_mb']:.0f} MB"
         )
     return 0
 

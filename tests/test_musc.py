@@ -16,7 +16,15 @@ from zsdense.dense.musc_backbones import (
 )
 from zsdense.errors import ConfigError
 from zsdense.tasks.anomaly import run_anomaly
-from zsdense.tasks.musc import min_images, mutual_scores, nearest_distance_table, parse_k_list
+from zsdense.tasks.musc import (
+    DiskStack,
+    min_images,
+    musc_patch_scores,
+    mutual_scores,
+    nearest_distance_table,
+    parse_k_list,
+    run_musc,
+)
 
 SIZE = 224
 
@@ -205,3 +213,104 @@ def test_musc_presets_options_and_order(tiny_seg):
         musc_k="1,2",
     )
     assert v[0].meta["musc"]["k"] == [1, 2]
+
+
+# ---- features on disk ----------------------------------------------------------------------
+
+
+def test_disk_stack_round_trip_and_errors(tmp_path):
+    z = _unit(5, 4, 3, seed=5)
+    st = DiskStack(tmp_path / "z.f32", z.shape)
+    assert (tmp_path / "z.f32").stat().st_size == z.numel() * 4
+    st.write(0, z[:2])
+    st.write(2, z[2:].numpy())
+    assert torch.equal(st.read(1, 4), z[1:4]) and torch.equal(st.read(0, 99), z)
+    with pytest.raises(ValueError, match="do not fit"):
+        st.write(4, z[:2])
+    st.remove()
+    assert not (tmp_path / "z.f32").exists()
+
+
+@pytest.mark.parametrize(
+    "block_rows, table_bytes, group_bytes",
+    [(8, 1 << 30, 1), (8, 1, 1), (12, 1 << 30, 1 << 20), (1000, 1 << 30, 1)],
+)
+def test_mutual_scores_from_disk_bit_identical(tmp_path, block_rows, table_bytes, group_bytes):
+    """Blocks read from a file (one block per group: every column block re-read) give the same
+    bits as the in-memory tensor, in every slicing."""
+    z = _unit(9, 4, 6, seed=6)
+    st = DiskStack(tmp_path / "z.f32", z.shape)
+    st.write(0, z)
+    kw = dict(block_rows=block_rows, table_bytes=table_bytes)
+    want = mutual_scores(z, 0.3, **kw)
+    got = mutual_scores(st, 0.3, group_bytes=group_bytes, **kw)
+    assert torch.equal(got, want)
+    d_mem = nearest_distance_table(z, range(2, 6), block_rows=block_rows)
+    d_disk = nearest_distance_table(st, range(2, 6), block_rows=block_rows, group_bytes=1)
+    assert torch.equal(d_disk, d_mem)
+    st.write(0, 2 * z[:1])
+    with pytest.raises(ValueError, match="L2-normalised"):
+        mutual_scores(st, 0.3, group_bytes=group_bytes)
+
+
+def test_patch_scores_spilled_to_disk_bit_identical_and_cleaned(tmp_path):
+    g = torch.Generator().manual_seed(8)
+    grid = (3, 4)
+    toks = [torch.randn(7, 12, 5, generator=g) * 2 + 1 for _ in range(2)]
+    want_patch, want_per = musc_patch_scores(toks, grid, (1, 3), keep_per_layer=True)
+    got_patch, got_per = musc_patch_scores(
+        toks, grid, (1, 3), keep_per_layer=True, spill_dir=tmp_path, block_rows=12
+    )
+    assert torch.equal(got_patch, want_patch) and torch.equal(got_per, want_per)
+    assert list(tmp_path.iterdir()) == []  # the LNAMD files are removed after each (layer, r)
+    stacks = []
+    for i, t in enumerate(toks):
+        st = DiskStack(tmp_path / f"t{i}.f32", t.shape)
+        st.write(0, t)
+        stacks.append(st)
+    assert torch.equal(musc_patch_scores(stacks, grid, (1, 3), block_rows=12), want_patch)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t0.f32", "t1.f32"]
+
+
+def _musc_dirs(root):
+    return [p for p in root.iterdir() if p.name.startswith("zsdense-musc-")]
+
+
+def test_run_musc_on_disk_bit_identical_to_in_memory_and_removes_files(
+    tiny_seg, tmp_path, monkeypatch
+):
+    from zsdense.tasks import musc as musc_mod
+    from zsdense.tasks.anomaly import resolve_preset
+
+    imgs = _textured(6, blob_index=2, seed=9)
+    cfg = resolve_preset("musc", image_size=SIZE)
+    mem_ctxs = tiny_seg.contexts(imgs)
+    maps_mem, scores_mem, info_mem = run_musc(tiny_seg, cfg, mem_ctxs, in_memory=True)
+    disk_ctxs = tiny_seg.contexts(imgs)
+    maps_disk, scores_disk, info_disk = run_musc(tiny_seg, cfg, disk_ctxs, cache_dir=tmp_path)
+    assert torch.equal(maps_disk, maps_mem) and torch.equal(scores_disk, scores_mem)
+    assert info_disk == info_mem
+
+    # the in-memory run kept the tokens in the contexts, the on-disk run did not
+    def has_tokens(c):
+        return any(isinstance(k, tuple) and k[0] == "musc-feats" for k in c.cache)
+
+    assert all(has_tokens(c) for c in mem_ctxs) and not any(has_tokens(c) for c in disk_ctxs)
+    # tokens already cached (some contexts only) are used as they are
+    mixed = mem_ctxs[:3] + tiny_seg.contexts(imgs[3:])
+    maps_mix, scores_mix, _ = run_musc(tiny_seg, cfg, mixed, cache_dir=tmp_path)
+    assert torch.equal(maps_mix, maps_mem) and torch.equal(scores_mix, scores_mem)
+    assert _musc_dirs(tmp_path) == []  # the token files went with their directory
+
+    # an error while scoring: the token files existed, and are removed all the same
+    seen = []
+
+    def failing(*args, **kwargs):
+        seen.extend(p.name for d in _musc_dirs(tmp_path) for p in d.iterdir())
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(musc_mod, "musc_patch_scores", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        run_musc(tiny_seg, cfg, tiny_seg.contexts(imgs), cache_dir=tmp_path)
+    assert len(seen) == len(info_mem["layers"]) and all(s.startswith("tokens-") for s in seen)
+    assert _musc_dirs(tmp_path) == []

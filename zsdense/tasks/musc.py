@@ -14,6 +14,13 @@ its own outputs in ``shared/fixtures/musc``):
    exactly: the image-against-image distances are streamed in blocks, so memory stays at the
    per-image nearest-distance table (M × M × N floats, or a slice of it) and never holds the
    (M·N)² distance matrix. The result does not depend on the order of the images.
+   **Memory independent of M**: :func:`run_musc` writes each layer's tokens to a file
+   (:class:`DiskStack`, in a temporary directory under ``cache_dir`` / ``TMPDIR``, removed at the
+   end) as the encoder batches finish; LNAMD goes chunk by chunk to a file per (layer, r) and the
+   distances read it back in blocks, so RAM holds the table slice (≤ ``TABLE_BYTES``, plus about
+   as much for its top-k), ``GROUP_BYTES`` of query blocks, one product block and one LNAMD
+   chunk: a bound that does not depend on M (below it the table grows as M²·N until it is
+   sliced). Bit-identical to the in-memory path (``in_memory=True``).
 4. Patch score = mean over layers, then over r (float64); upsampled to the input size with
    bilinear ``align_corners=True``; **no smoothing** (``sigma > 0`` adds it, an option).
 5. **Image score** (:func:`rscin`): the max of the upsampled map, min-max normalised over the set,
@@ -28,7 +35,10 @@ NaN. The reference's ``divide_num`` grouping is not offered: the category is one
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Sequence
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Sequence, Union
 
 import numpy as np
 import torch
@@ -52,6 +62,8 @@ if TYPE_CHECKING:
 BLOCK_ROWS = 2048
 # memory for the per-image nearest-distance table; above it, query images go in slices
 TABLE_BYTES = 1 << 30
+# features read from disk at once as query blocks (each column block read is used against all)
+GROUP_BYTES = 256 << 20
 
 RSCIN_K_LISTS = {"mvtec": (1, 2, 3), "visa": (1, 8, 9), "btad": (1, 2, 3)}
 RSCIN_K_DEFAULT = (1, 2, 3)
@@ -106,20 +118,83 @@ def _check_set_size(m: int, topmin: float) -> int:
     return k
 
 
+class DiskStack:
+    """A (M, N, C) float32 array kept in a file instead of RAM: the per-layer tokens and the
+    LNAMD features of a ``musc`` set, whose size grows with the number of images.
+
+    Rows (images) are written as they are produced and read back in blocks with plain file
+    reads into fresh buffers — not through a memory map, whose touched pages would count as
+    the process's resident memory until unmapped. The file is raw little-endian float32 in
+    image-major order; :meth:`remove` deletes it (the caller's temporary directory removes it
+    in any case).
+    """
+
+    def __init__(self, path: str | os.PathLike, shape: tuple[int, int, int]):
+        self.path = Path(path)
+        self.shape = tuple(int(s) for s in shape)
+        m, n, c = self.shape
+        self._row_bytes = n * c * 4
+        with open(self.path, "wb") as fh:
+            fh.truncate(m * self._row_bytes)
+
+    def write(self, i0: int, rows_bnc: torch.Tensor | np.ndarray) -> None:
+        """Store images ``i0 .. i0 + B`` from a (B, N, C) tensor or array."""
+        if isinstance(rows_bnc, torch.Tensor):
+            rows_bnc = rows_bnc.detach().to("cpu", torch.float32).numpy()
+        a = np.ascontiguousarray(rows_bnc, dtype=np.float32)
+        if a.ndim != 3 or a.shape[1:] != self.shape[1:] or i0 < 0 or i0 + len(a) > self.shape[0]:
+            raise ValueError(f"rows {a.shape} at {i0} do not fit the stack {self.shape}")
+        with open(self.path, "r+b") as fh:
+            fh.seek(i0 * self._row_bytes)
+            fh.write(memoryview(a).cast("B"))
+
+    def read(self, i0: int, i1: int) -> torch.Tensor:
+        """Images ``i0 .. i1`` as a fresh (i1 − i0, N, C) float32 CPU tensor."""
+        i0, i1 = max(0, int(i0)), min(self.shape[0], int(i1))
+        out = np.empty((max(0, i1 - i0),) + self.shape[1:], dtype=np.float32)
+        with open(self.path, "rb") as fh:
+            fh.seek(i0 * self._row_bytes)
+            got = fh.readinto(memoryview(out).cast("B"))
+        if got != out.nbytes:
+            raise OSError(f"{self.path}: short read ({got} of {out.nbytes} bytes)")
+        return torch.from_numpy(out)
+
+    def remove(self) -> None:
+        """Delete the file (no error if it is already gone)."""
+        self.path.unlink(missing_ok=True)
+
+
+FeatureSet = Union[torch.Tensor, DiskStack]
+
+
+def _block_loader(z: FeatureSet, device=None) -> Callable[[int, int], torch.Tensor]:
+    """(i0, i1) -> the ((i1 − i0)·N, C) float32 rows of images i0..i1, on ``device``."""
+    m, n, c = z.shape
+    if isinstance(z, DiskStack):
+        dev = torch.device("cpu") if device is None else torch.device(device)
+        return lambda i0, i1: z.read(i0, i1).reshape(-1, c).to(dev)
+    flat = z.reshape(m * n, c)
+    return lambda i0, i1: flat[i0 * n : i1 * n]
+
+
 @torch.no_grad()
 def nearest_distance_table(
-    z_mnc: torch.Tensor,
+    z_mnc: FeatureSet,
     rows: Sequence[int] | range | None = None,
     *,
     block_rows: int = BLOCK_ROWS,
+    group_bytes: int = GROUP_BYTES,
+    device=None,
 ) -> torch.Tensor:
     """d (R, N, M): for each query image i in ``rows`` (default all), patch p and image j the
     Euclidean distance from z[i, p] to its nearest patch in image j; +inf where j == i.
 
-    ``z`` rows must be L2-normalised (‖a−b‖² = 2 − 2a·b). The distances come from blocked
-    matrix products of ``block_rows`` patches at a time; a block whose both image ranges lie in
-    ``rows`` is used in both directions (row and column maxima), so scoring the whole set costs
-    half the products.
+    ``z`` rows must be L2-normalised (‖a−b‖² = 2 − 2a·b); ``z`` is a tensor or a
+    :class:`DiskStack` (then blocks are read from disk, ``group_bytes`` of query blocks at a
+    time, each column block read once per group, onto ``device``). The distances come from
+    blocked matrix products of ``block_rows`` patches at a time; a block whose both image ranges
+    lie in ``rows`` is used in both directions (row and column maxima), so scoring the whole set
+    costs half the products. Where the data lives changes neither the products nor the result.
     """
     m, n, c = z_mnc.shape
     rows = range(m) if rows is None else rows
@@ -127,23 +202,33 @@ def nearest_distance_table(
     if list(rows) != list(range(r0, r1)):
         raise ValueError("rows must be a contiguous range of image indices")
     per = max(1, int(block_rows) // n)
-    flat = z_mnc.reshape(m * n, c)
-    d = torch.full((r1 - r0, n, m), float("inf"), dtype=torch.float32, device=z_mnc.device)
+    load = _block_loader(z_mnc, device)
+    dev = z_mnc.device if isinstance(z_mnc, torch.Tensor) else torch.device(device or "cpu")
+    d = torch.full((r1 - r0, n, m), float("inf"), dtype=torch.float32, device=dev)
     a_blocks = _blocks(r0, r1, per)
     b_blocks = _blocks(0, r0, per) + a_blocks + _blocks(r1, m, per)
-    for a0, a1 in a_blocks:
-        za = flat[a0 * n : a1 * n]
+    in_group = max(1, int(group_bytes) // max(1, per * n * c * 4))
+    if isinstance(z_mnc, torch.Tensor):
+        in_group = len(a_blocks)  # views, nothing to read
+    for g in range(0, len(a_blocks), in_group):
+        group = {blk: load(*blk) for blk in a_blocks[g : g + in_group]}
         for b0, b1 in b_blocks:
-            inside = r0 <= b0 and b1 <= r1  # (b0, b1) is one of the query blocks too
-            if inside and b0 < a0:
-                continue  # filled from block (b, a) in both directions
-            s = za @ flat[b0 * n : b1 * n].t()  # (Ba·N, Bb·N)
-            ba, bb = a1 - a0, b1 - b0
-            row = s.view(ba * n, bb, n).amax(dim=2)  # best match of each query patch per image
-            d[a0 - r0 : a1 - r0, :, b0:b1] = _dist(row).view(ba, n, bb)
-            if inside and b0 != a0:
-                col = s.view(ba, n, bb * n).amax(dim=1)  # (Ba, Bb·N): image b's patches vs a
-                d[b0 - r0 : b1 - r0, :, a0:a1] = _dist(col).view(ba, bb, n).permute(1, 2, 0)
+            zb = group.get((b0, b1))
+            for (a0, a1), za in group.items():
+                inside = r0 <= b0 and b1 <= r1  # (b0, b1) is one of the query blocks too
+                if inside and b0 < a0:
+                    continue  # filled from block (b, a) in both directions
+                if zb is None:
+                    zb = load(b0, b1)
+                s = za @ zb.t()  # (Ba·N, Bb·N)
+                ba, bb = a1 - a0, b1 - b0
+                row = s.view(ba * n, bb, n).amax(dim=2)  # best match of each query patch per image
+                d[a0 - r0 : a1 - r0, :, b0:b1] = _dist(row).view(ba, n, bb)
+                if inside and b0 != a0:
+                    col = s.view(ba, n, bb * n).amax(dim=1)  # (Ba, Bb·N): image b's patches vs a
+                    d[b0 - r0 : b1 - r0, :, a0:a1] = _dist(col).view(ba, bb, n).permute(1, 2, 0)
+            del zb
+        del group
     idx = torch.arange(r0, r1, device=d.device)
     d[idx - r0, :, idx] = float("inf")
     return d
@@ -159,33 +244,50 @@ def _dist(sim: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def mutual_scores(
-    z_mnc: torch.Tensor,
+    z_mnc: FeatureSet,
     topmin: float = 0.3,
     *,
     block_rows: int = BLOCK_ROWS,
     table_bytes: int = TABLE_BYTES,
+    group_bytes: int = GROUP_BYTES,
+    device=None,
 ) -> torch.Tensor:
     """MSM: (M, N, C) L2-normalised features -> (M, N) float32 patch scores.
 
     Score of patch p of image i = mean of the k = int((M−1)·topmin) smallest nearest-patch
     distances to the other images. All M images are scored as one set; the work is streamed
     (see :func:`nearest_distance_table`) and, when the M × N × M table exceeds ``table_bytes``,
-    query images are taken in slices. Exact in every case.
+    query images are taken in slices. ``z`` may be a :class:`DiskStack` (features on disk, read
+    in blocks onto ``device``): then RAM holds the table slice and a few blocks, whatever M is.
+    Exact in every case, and identical for both kinds of ``z``.
     """
-    m, n, _ = z_mnc.shape
+    m, n, c = z_mnc.shape
     k = _check_set_size(m, topmin)
-    z = z_mnc.float()
-    norms = torch.linalg.vector_norm(z, dim=-1)  # (M, N), no (M, N, C) temporary
-    if float((norms - 1).abs().max()) > 1e-3:
+    if isinstance(z_mnc, DiskStack):
+        z: FeatureSet = z_mnc
+        step = max(1, int(group_bytes) // max(1, n * c * 4))
+        worst = max(
+            float((torch.linalg.vector_norm(z.read(i, i + step), dim=-1) - 1).abs().max())
+            for i in range(0, m, step)
+        )
+        dev = torch.device(device or "cpu")
+    else:
+        z = z_mnc.float()
+        worst = float((torch.linalg.vector_norm(z, dim=-1) - 1).abs().max())  # no (M, N, C) temp
+        dev = z.device
+    if worst > 1e-3:
         raise ValueError("mutual_scores needs L2-normalised feature vectors")
     per = max(1, int(block_rows) // n)
     slice_imgs = max(per, int(table_bytes) // max(1, 4 * n * m))
     slice_imgs = min(m, per * max(1, slice_imgs // per))
-    out = torch.empty(m, n, dtype=torch.float32, device=z.device)
+    out = torch.empty(m, n, dtype=torch.float32, device=dev)
     for g0 in range(0, m, slice_imgs):
         g1 = min(g0 + slice_imgs, m)
-        d = nearest_distance_table(z, range(g0, g1), block_rows=block_rows)
+        d = nearest_distance_table(
+            z, range(g0, g1), block_rows=block_rows, group_bytes=group_bytes, device=device
+        )
         out[g0:g1] = d.topk(k, dim=2, largest=False).values.mean(dim=2)
+        del d
     return out
 
 
@@ -249,20 +351,38 @@ def upsample_aligned(patch_mn: torch.Tensor, grid: tuple[int, int], size: int) -
 
 
 def lnamd_set(
-    tokens_mnc: torch.Tensor, grid: tuple[int, int], r: int, *, device=None, chunk: int = 16
-) -> torch.Tensor:
-    """:func:`layer_features` of a whole set, ``chunk`` images at a time into one (M, N, C)
-    float32 tensor (LNAMD is per image; this bounds its temporaries to a chunk)."""
+    tokens_mnc: FeatureSet,
+    grid: tuple[int, int],
+    r: int,
+    *,
+    device=None,
+    chunk: int = 16,
+    out: DiskStack | None = None,
+) -> FeatureSet:
+    """:func:`layer_features` of a whole set, ``chunk`` images at a time, into one (M, N, C)
+    float32 tensor or, with ``out``, into that :class:`DiskStack` (returned). LNAMD is per
+    image; the chunks bound its temporaries. ``tokens_mnc`` may itself be a DiskStack."""
     m, n, c = tokens_mnc.shape
-    dev = tokens_mnc.device if device is None else torch.device(device)
-    z = torch.empty(m, n, c, dtype=torch.float32, device=dev)
+    on_disk = isinstance(tokens_mnc, DiskStack)
+    if device is not None:
+        dev = torch.device(device)
+    else:
+        dev = torch.device("cpu") if on_disk else tokens_mnc.device
+    if out is not None and out.shape != (m, n, c):
+        raise ValueError(f"out {out.shape} is not the tokens' shape {(m, n, c)}")
+    z = out if out is not None else torch.empty(m, n, c, dtype=torch.float32, device=dev)
     for i in range(0, m, chunk):
-        z[i : i + chunk] = layer_features(tokens_mnc[i : i + chunk].to(dev), grid, r)
+        tok = tokens_mnc.read(i, i + chunk) if on_disk else tokens_mnc[i : i + chunk]
+        feats = layer_features(tok.to(dev), grid, r)
+        if out is not None:
+            out.write(i, feats)
+        else:
+            z[i : i + chunk] = feats
     return z
 
 
 def musc_patch_scores(
-    tokens: Sequence[torch.Tensor | Callable[[], torch.Tensor]],
+    tokens: Sequence[FeatureSet | Callable[[], FeatureSet]],
     grid: tuple[int, int],
     r_list: Sequence[int] = (1, 3, 5),
     topmin: float = 0.3,
@@ -271,13 +391,18 @@ def musc_patch_scores(
     block_rows: int = BLOCK_ROWS,
     table_bytes: int = TABLE_BYTES,
     keep_per_layer: bool = False,
+    spill_dir: str | os.PathLike | None = None,
 ):
     """LNAMD + MSM over layers and r: per-layer raw patch tokens (M, N, C) -> (M, N) float64
     patch scores (mean over layers of each r, then over r). With ``keep_per_layer`` also the
     (R, L, M, N) per-(r, layer) MSM scores.
 
     A layer may be given as a zero-argument callable returning its tokens: it is called once,
-    so only one layer's (M, N, C) tokens need to exist at a time.
+    so only one layer's (M, N, C) tokens need to exist at a time. A layer given as a
+    :class:`DiskStack`, or any layer when ``spill_dir`` is set, has its LNAMD features written
+    to a file (in ``spill_dir``, else next to the tokens) and scored from there, one (layer, r)
+    at a time, the file removed after use: RAM then holds a few image chunks and the distance
+    table, not M × N × C. The scores are bit-identical either way.
     """
     if not tokens:
         raise ValueError("no layers")
@@ -285,16 +410,27 @@ def musc_patch_scores(
     scores = None  # (R, L, M, N) float32
     for li, item in enumerate(tokens):
         tok = item() if callable(item) else item
-        m, n = int(tok.shape[0]), int(tok.shape[1])
+        m, n, c = (int(s) for s in tok.shape)
         _check_set_size(m, topmin)
         if scores is None:
             scores = torch.empty(len(r_list), len(tokens), m, n, dtype=torch.float32)
+        on_disk = isinstance(tok, DiskStack)
         for ri, r in enumerate(r_list):
-            z = lnamd_set(tok, grid, r, device=device)
-            scores[ri, li] = mutual_scores(
-                z, topmin, block_rows=block_rows, table_bytes=table_bytes
-            ).cpu()
-            del z
+            if on_disk or spill_dir is not None:
+                where = Path(spill_dir) if spill_dir is not None else tok.path.parent
+                z = DiskStack(where / f"lnamd-l{li}-r{r}.f32", (m, n, c))
+                try:
+                    lnamd_set(tok, grid, r, device=device, out=z)
+                    res = mutual_scores(
+                        z, topmin, block_rows=block_rows, table_bytes=table_bytes, device=device
+                    )
+                finally:
+                    z.remove()
+            else:
+                z = lnamd_set(tok, grid, r, device=device)
+                res = mutual_scores(z, topmin, block_rows=block_rows, table_bytes=table_bytes)
+            scores[ri, li] = res.cpu()
+            del z, res
         del tok
     patch = scores.double().mean(dim=1).mean(dim=0)
     return (patch, scores) if keep_per_layer else patch
@@ -361,12 +497,26 @@ def _backbone_features(
 
 @torch.no_grad()
 def run_musc(
-    seg: Segmenter, cfg: AnomalyPreset, ctxs: list, dataset: str | None = None
+    seg: Segmenter,
+    cfg: AnomalyPreset,
+    ctxs: list,
+    dataset: str | None = None,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    in_memory: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Maps (M, S, S) float32 at the input size and image scores (M,) for one category's set.
 
     ``dataset`` picks the RsCIN k-list as the reference does (``visa`` -> 1,8,9; otherwise
     1,2,3) unless the preset's ``musc_k`` is set.
+
+    By default the per-layer patch tokens are written, as each encoder batch finishes, to one
+    file per layer in a temporary directory under ``cache_dir`` (default: the system temp dir,
+    ``TMPDIR``), and LNAMD and the distances are computed from there chunk by chunk, so the
+    memory does not grow with the number of images (the files take 4 × M × N × C × 4 bytes of
+    disk, plus one layer's LNAMD features at a time). The directory is removed at the end, also
+    after an error. ``in_memory=True`` keeps the tokens in the contexts' cache instead (reused
+    by a later call on the same contexts); both give bit-identical results.
     """
     m = len(ctxs)
     _check_set_size(m, cfg.musc_topmin)
@@ -385,29 +535,56 @@ def run_musc(
         cfg.musc_act,
     )
     bs = int(seg.config.batch_size)
-    feats: list[dict] = []
-    for i in range(0, m, bs):
-        feats.extend(
-            batched_get(
-                ctxs[i : i + bs], key, lambda cs: _backbone_features(seg, cfg, cs, cfg.musc_layers)
+
+    def features(cs: list) -> list[dict]:
+        return _backbone_features(seg, cfg, cs, cfg.musc_layers)
+
+    if in_memory:
+        feats: list[dict] = []
+        for i in range(0, m, bs):
+            feats.extend(batched_get(ctxs[i : i + bs], key, features))
+        grid = feats[0]["grid"]
+        info = dict(feats[0]["info"])
+        embeds = torch.stack([f["embed"] for f in feats])
+        # one layer's (M, N, C) stack at a time (the per-image tokens stay in the contexts' cache)
+        tokens = [
+            (lambda layer=layer: torch.stack([f["tokens"][layer] for f in feats]))
+            for layer in info["layers"]
+        ]
+        patch = musc_patch_scores(tokens, grid, cfg.musc_r, cfg.musc_topmin, device=seg.device)
+        del feats, tokens
+    else:
+        if cache_dir is not None:
+            Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="zsdense-musc-", dir=cache_dir) as tmp:
+            stacks: dict[int, DiskStack] = {}
+            embed_list: list[torch.Tensor] = []
+            for i in range(0, m, bs):
+                batch = ctxs[i : i + bs]
+                missing = [c for c in batch if key not in c.cache]
+                fresh = iter(features(missing) if missing else [])
+                # cached features are used as they are; new ones are not cached (they go to disk)
+                for f in (c.cache[key] if key in c.cache else next(fresh) for c in batch):
+                    if not stacks:
+                        grid, info = f["grid"], dict(f["info"])
+                        for li, layer in enumerate(info["layers"]):
+                            t = f["tokens"][layer]
+                            shape = (m, int(t.shape[0]), int(t.shape[1]))
+                            stacks[layer] = DiskStack(Path(tmp) / f"tokens-{li}.f32", shape)
+                    for layer, st in stacks.items():
+                        st.write(len(embed_list), f["tokens"][layer].unsqueeze(0))
+                    embed_list.append(f["embed"])
+            embeds = torch.stack(embed_list)
+            patch = musc_patch_scores(
+                list(stacks.values()), grid, cfg.musc_r, cfg.musc_topmin, device=seg.device
             )
-        )
-    grid = feats[0]["grid"]
-    layers = feats[0]["info"]["layers"]
-    # one layer's (M, N, C) stack at a time (the per-image tokens stay in the contexts' cache)
-    tokens = [
-        (lambda layer=layer: torch.stack([f["tokens"][layer] for f in feats])) for layer in layers
-    ]
-    patch = musc_patch_scores(tokens, grid, cfg.musc_r, cfg.musc_topmin, device=seg.device)
     maps64 = upsample_aligned(patch, grid, cfg.image_size)  # (M, S, S) float64
     if cfg.sigma and cfg.sigma > 0:
         from zsdense.dense.smoothing import smooth_maps
 
         maps64 = smooth_maps(maps64.float(), cfg.sigma, cfg.smoothing_backend).double()
     raw = maps64.flatten(1).amax(dim=1)
-    embeds = torch.stack([f["embed"] for f in feats])
     scores = rscin(raw, embeds, ks)
-    info = dict(feats[0]["info"])
     info.update(
         r=list(cfg.musc_r),
         topmin=cfg.musc_topmin,
@@ -422,6 +599,7 @@ def run_musc(
 
 
 __all__ = [
+    "DiskStack",
     "layer_features",
     "mutual_scores",
     "nearest_distance_table",
