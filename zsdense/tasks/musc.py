@@ -38,7 +38,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence, Union
+from typing import Any, Callable, Sequence, Union
 
 import numpy as np
 import torch
@@ -54,9 +54,6 @@ from zsdense.dense.musc_backbones import (
 )
 from zsdense.errors import ConfigError
 from zsdense.tasks.common import batched_get, model_input
-
-if TYPE_CHECKING:
-    from zsdense.api import Segmenter
 
 # streaming granularity of the distance step: rows of one matrix-product block (query patches)
 BLOCK_ROWS = 2048
@@ -464,7 +461,7 @@ def reference_gt_mask(
 
 
 def _backbone_features(
-    seg: Segmenter, cfg: AnomalyPreset, ctxs: list, layers_24: tuple[int, ...]
+    seg: Any, cfg: AnomalyPreset, ctxs: list, layers_24: tuple[int, ...]
 ) -> list[dict]:
     """Per image: {layer: (N, C) float32 CPU patch tokens}, the RsCIN embedding, grid, info."""
     kind, dino_name = resolve_backbone(cfg.musc_backbone)
@@ -497,7 +494,7 @@ def _backbone_features(
 
 @torch.no_grad()
 def run_musc(
-    seg: Segmenter,
+    seg: Any,  # a zsdense.api.Segmenter
     cfg: AnomalyPreset,
     ctxs: list,
     dataset: str | None = None,
