@@ -212,6 +212,10 @@ def test_missing_weights_fail_once_before_any_input(
     assert code == 0, text
     recs = _records(out)
     assert len(recs) == 3 and all(r["status"] == "ok" for r in recs)
+    # the run records the SHA-256 of the checkpoint it loaded
+    assert json.loads((out / "run_settings.json").read_text())["weights"] == {
+        "clip/ViT-B-16/openai": sha
+    }
 
 
 def test_unwritable_out_is_a_setup_error(images, tmp_path, capsys):
@@ -275,3 +279,20 @@ def test_rerun_with_other_settings_is_refused_unless_forced(images, tmp_path, ca
     assert {r["scores"]["threshold"] for r in again.values()} == {0.55}
     fracs = [r["scores"]["defect_area"] for r in again.values()]
     assert fracs != [r["scores"]["defect_area"] for r in first.values()]
+
+
+def test_the_weights_a_run_loaded_are_recorded(images, tmp_path, capsys):
+    from zsdense.api import Segmenter
+    from zsdense.engine.local import items_from_data, run_batch
+    from zsdense.engine.specs import build_task_specs
+
+    seg = Segmenter(models="tiny")
+    seg.sam("vit_b")  # used before the run: not part of its record
+    out = tmp_path / "o"
+    specs = build_task_specs(seg, [{"task": "openvocab", "preset": "sclip", "classes": "a, b"}])
+    run_batch(seg, items_from_data([images]), out, specs, progress=False)
+    rec = json.loads((out / "run_settings.json").read_text())
+    assert rec["weights"] == {"clip/ViT-B-16/openai": None}  # random weights: no hash
+    specs = build_task_specs(seg, [{"task": "openvocab", "preset": "sclip", "classes": "a, b"}])
+    s = run_batch(seg, items_from_data([images]), out, specs, progress=False)
+    assert s.ok == 0 and s.skipped == 3  # the same settings resume

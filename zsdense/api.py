@@ -65,6 +65,7 @@ class Segmenter:
         # `zsdense train-prompts`, a registry name, or "ensemble"); per-call prompts= wins
         self.prompts = prompts
         self._warned = False
+        self._models_used: dict[str, Any] = {}  # "kind/name" -> model (for the run's record)
 
     # ---- runtime ---------------------------------------------------------------------------
     @property
@@ -122,21 +123,24 @@ class Segmenter:
         from zsdense.models import get_clip
 
         self._warn_tiny()
-        return get_clip(
-            arch,
-            models=self.config.models,
-            device=str(self.device),
-            weights_dir=self.config.weights_dir,
-            download=self.config.download,
-            dtype=self.dtype,
-            pretrained=pretrained,
+        return self._used(
+            f"clip/{arch}/{pretrained}",
+            get_clip(
+                arch,
+                models=self.config.models,
+                device=str(self.device),
+                weights_dir=self.config.weights_dir,
+                download=self.config.download,
+                dtype=self.dtype,
+                pretrained=pretrained,
+            ),
         )
 
     def dinov2(self, name: str = "dinov2-reg-base"):
         from zsdense.models import get_dinov2
 
         self._warn_tiny()
-        return get_dinov2(
+        model = get_dinov2(
             name,
             models=self.config.models,
             device=str(self.device),
@@ -144,12 +148,13 @@ class Segmenter:
             download=self.config.download,
             dtype=self.dtype,
         )
+        return self._used(f"dinov2/{name}", model)
 
     def sam(self, arch: str = "vit_b"):
         from zsdense.models import get_sam
 
         self._warn_tiny()
-        return get_sam(
+        model = get_sam(
             arch,
             models=self.config.models,
             device=str(self.device),
@@ -157,6 +162,33 @@ class Segmenter:
             download=self.config.download,
             dtype=self.dtype,
         )
+        return self._used(f"sam/{arch}", model)
+
+    def _used(self, name: str, model: Any) -> Any:
+        self._models_used[name] = model
+        return model
+
+    def weights_record(self, during: Any = None) -> dict[str, str | None]:
+        """The encoders this Segmenter has served — only those asked for while ``during()`` runs
+        when given (a run's setup) — with the SHA-256 of their weights where known (the
+        checkpoint file for CLIP, the loaded tensors for DINOv2; None for random weights)."""
+        used = self._models_used
+        if during is not None:
+            before = dict(used)
+            used.clear()
+            try:
+                during()
+                used, self._models_used = dict(used), {**before, **used}
+            except BaseException:
+                self._models_used = {**before, **used}
+                raise
+        out: dict[str, str | None] = {}
+        for name, model in sorted(used.items()):
+            sha = getattr(model, "weights_sha256", None)
+            if callable(sha):
+                sha = sha() if not self.random_weights else None
+            out[name] = sha if isinstance(sha, str) else None
+        return out
 
     # ---- images -----------------------------------------------------------------------------
     def context(self, image: Any) -> ImageContext:

@@ -508,10 +508,14 @@ def run_batch(
     if record_settings:  # refuse to mix settings, before loading models
         check_settings(out_dir, settings, force=force, record=False)
     plan = plan_run(items, out_dir, force=force, retry_errors=retry_errors)
-    if plan.todo:
-        setup_tasks(tasks)  # missing weights etc. fail here: exit 2, nothing written
-    if record_settings:
-        check_settings(out_dir, settings, force=force)
+    if plan.todo:  # load what the tasks need: missing weights fail here, nothing written
+        record = getattr(seg, "weights_record", None)
+        if callable(record):  # the hashes of the weights this run's tasks load
+            settings["weights"] = record(during=lambda: setup_tasks(tasks))
+        else:
+            setup_tasks(tasks)
+        if record_settings:
+            check_settings(out_dir, settings, force=force)
     clean_orphan_temp_files(out_dir)
     manifest = Manifest(out_dir / MANIFEST_NAME)
     summary = RunSummary(skipped=plan.skipped, inputs=len(items))

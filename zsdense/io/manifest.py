@@ -357,13 +357,20 @@ def _diff(old: Any, new: Any, where: str = "") -> list[str]:
 
 
 def check_settings(
-    out_dir: str | Path, settings: Mapping[str, Any], *, force: bool, record: bool = True
+    out_dir: str | Path,
+    settings: Mapping[str, Any],
+    *,
+    force: bool,
+    record: bool = True,
+    partial: Sequence[str] = ("weights",),
 ) -> None:
     """Record ``settings`` in ``out_dir/run_settings.json``, or refuse a rerun that would mix them.
 
     A rerun with the same settings resumes; with other settings it is a ConfigError naming what
     changed (the old outputs would otherwise stay as if made with the new ones), unless ``force``
     (everything is recomputed and the new settings recorded). ``record=False`` only checks.
+    Keys in ``partial`` (the weight hashes, known only once the models are loaded) are compared
+    only when both records hold them.
     """
     path = Path(out_dir) / SETTINGS_NAME
     new = json.loads(dumps_strict(settings))
@@ -372,8 +379,11 @@ def check_settings(
             old = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             old = None
-        if old is not None and old != new:
-            changes = _diff(old, new)
+        if old is not None:
+            old = {k: v for k, v in old.items() if k not in partial or k in new}
+        cmp_new = {k: v for k, v in new.items() if k not in partial or (old and k in old)}
+        if old is not None and old != cmp_new:
+            changes = _diff(old, cmp_new)
             shown = "; ".join(changes[:6]) + (
                 f"; and {len(changes) - 6} more" if len(changes) > 6 else ""
             )
