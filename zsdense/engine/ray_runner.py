@@ -16,7 +16,9 @@ Ray stays optional: it is imported only here, and a missing Ray is a DependencyE
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 import time
 from pathlib import Path, PurePosixPath
 from typing import Any, Sequence
@@ -334,6 +336,14 @@ def run_ray(
             num_gpus=gpus_per_worker or None,
             num_cpus=cpus_per_worker,
         )
+        old_term = None
+        if threading.current_thread() is threading.main_thread():
+
+            def on_term(signum, frame):  # noqa: ARG001 - SIGTERM stops like Ctrl-C (exit 143)
+                summary.stop_signal = int(signum)
+                raise KeyboardInterrupt
+
+            old_term = signal.signal(signal.SIGTERM, on_term)
         try:
             for row in ds.iter_rows():
                 rec = json.loads(str(row["record"]))
@@ -352,6 +362,8 @@ def run_ray(
             summary.not_started = n_items - len(seen_items)
             print("\nzsdense: interrupted; records received so far are saved", file=sys.stderr)
         finally:
+            if old_term is not None:
+                signal.signal(signal.SIGTERM, old_term)
             prog.close()
             finish_run(out_dir, items, summary, report=report, volume_maps=volume_maps)
     else:
