@@ -412,6 +412,7 @@ def test_sigkill_after_epoch_1_of_3_then_resume_equals_an_uninterrupted_run(data
     full = subprocess.run(
         cmd + ["--out", str(tmp_path / "full"), "--epochs", "3"] + common,
         env=env,
+        cwd=tmp_path,  # not the source tree: `-m` must import the installed package
         capture_output=True,
         text=True,
         timeout=600,
@@ -421,6 +422,7 @@ def test_sigkill_after_epoch_1_of_3_then_resume_equals_an_uninterrupted_run(data
     proc = subprocess.Popen(
         cmd + ["--out", str(killed), "--epochs", "3"] + common,
         env=env,
+        cwd=tmp_path,  # not the source tree: `-m` must import the installed package
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -435,6 +437,7 @@ def test_sigkill_after_epoch_1_of_3_then_resume_equals_an_uninterrupted_run(data
     res = subprocess.run(
         cmd + ["--out", str(killed), "--epochs", "3", "--resume"] + common,
         env=env,
+        cwd=tmp_path,  # not the source tree: `-m` must import the installed package
         capture_output=True,
         text=True,
         timeout=600,
