@@ -45,19 +45,22 @@ class RuntimeConfig:
             raise ConfigError("--batch-size must be at least 1")
 
 
-def with_overrides(preset: Any, **overrides: Any) -> Any:
+def with_overrides(preset: Any, what: str | None = None, **overrides: Any) -> Any:
     """A copy of a preset dataclass with the given fields replaced (None values are ignored).
 
-    Unknown field names are a ConfigError naming the preset's fields, so typos don't pass.
+    Unknown field names are a ConfigError naming the preset's fields (``what`` names the kind of
+    options in the message), so typos don't pass.
     """
     names = {f.name for f in fields(preset)}
     given = {k: v for k, v in overrides.items() if v is not None}
     unknown = sorted(set(given) - names)
     if unknown:
-        raise ConfigError(
-            f"unknown option(s) {', '.join(unknown)} for {type(preset).__name__}; "
-            f"valid: {', '.join(sorted(names))}"
+        kind = (
+            f"{what} option(s) {', '.join(unknown)}"
+            if what
+            else (f"option(s) {', '.join(unknown)} for {type(preset).__name__}")
         )
+        raise ConfigError(f"unknown {kind}; valid: {', '.join(sorted(names))}")
     return replace(preset, **given)
 
 

@@ -32,13 +32,14 @@ bank), :func:`run_crane_fewshot` and the fusion rule :func:`fuse_maps` / :func:`
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
+from zsdense.config import with_overrides
 from zsdense.dense.knn import knn_search, l2_normalize
 from zsdense.errors import ConfigError
 from zsdense.io.membank import FORMAT_VERSION, MemoryBank, load_memory
@@ -187,17 +188,11 @@ def options_for(
     """Options with masking/rotation from the reference table, then ``overrides`` (None values
     ignored; unknown names are a ConfigError)."""
     masking, rotation = preprocess_settings(preprocess, dataset, object_name)
-    names = {f.name for f in fields(FewShotOptions)}
-    given = {k: v for k, v in overrides.items() if v is not None}
-    unknown = sorted(set(given) - names)
-    if unknown:
-        raise ConfigError(
-            f"unknown few-shot option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}"
-        )
-    if "rot_angles" in given:
+    given = dict(overrides)
+    if given.get("rot_angles") is not None:
         given["rot_angles"] = tuple(int(a) for a in given["rot_angles"])
     base = FewShotOptions(masking=masking, rotation=rotation)
-    return replace(base, **given).validate()
+    return with_overrides(base, "few-shot", **given).validate()
 
 
 def options_from_bank(bank: MemoryBank, **overrides: Any) -> FewShotOptions:
