@@ -165,6 +165,41 @@ def test_sam_capture_matches_block_output_and_reuse():
     assert masks.shape == (3, 90, 120) and sam.encoder_calls == 1
 
 
+def test_sam_capture_is_the_blocks_own_attention():
+    """Capturing keeps what the last block computes (one pass): the embedding is bit-identical
+    to an encode without capture, the attention equals a recomputation from the block's input,
+    and the block's forward is the class's again afterwards."""
+    from segment_anything.modeling.image_encoder import add_decomposed_rel_pos
+
+    sam = build_sam("vit_b", tiny=True)
+    img = np.random.default_rng(3).integers(0, 256, (70, 50, 3), dtype=np.uint8)
+    blk = sam.model.image_encoder.blocks[-1]
+    seen = {}
+    calls = []
+    h = blk.norm1.register_forward_hook(lambda m, a, o: seen.__setitem__("x", o))
+    h2 = blk.attn.qkv.register_forward_hook(lambda m, a, o: calls.append(1))
+    try:
+        with_capture = sam.encode(img, capture_last_attn=True)
+    finally:
+        h.remove()
+        h2.remove()
+    assert len(calls) == 1  # the projections ran once: nothing recomputed
+    plain = sam.encode(img)
+    assert torch.equal(with_capture.embedding, plain.embedding)
+    assert plain.last_attn is None and "forward" not in vars(blk.attn)
+    x = seen["x"]
+    b, gh, gw, _ = x.shape
+    m = blk.attn
+    qkv = m.qkv(x).reshape(b, gh * gw, 3, m.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.reshape(3, b * m.num_heads, gh * gw, -1).unbind(0)
+    logits = add_decomposed_rel_pos(
+        (q * m.scale) @ k.transpose(-2, -1), q, m.rel_pos_h, m.rel_pos_w, (gh, gw), (gh, gw)
+    )
+    torch.testing.assert_close(with_capture.last_attn, logits.softmax(-1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(with_capture.last_v, v.reshape(m.num_heads, gh, gw, -1))
+    assert sam.encoder_calls == 2
+
+
 def test_context_computes_sam_once():
     from zsdense.context import ImageContext
 

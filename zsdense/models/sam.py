@@ -2,7 +2,7 @@
 
 ``SamModel.encode`` runs the image encoder once and returns a :class:`SamImageState` holding the
 embedding and, on request, the last encoder block's attention probabilities and values (what
-Trident needs), captured with a forward hook that recomputes them from the block's input. A
+Trident needs), kept from that block's own forward (computed once). A
 predictor bound to that state (``SamModel.predictor_for``) answers prompts without re-encoding;
 ``SamModel.proposals`` decodes automatic mask proposals from it (``sam_proposals.py``).
 """
@@ -16,6 +16,25 @@ import numpy as np
 import torch
 
 from zsdense.errors import WeightsError
+
+
+def _attention_keeping_probs(module, captured: dict, x: torch.Tensor) -> torch.Tensor:
+    """``segment_anything``'s ``Attention.forward``, the same operations in the same order (so
+    the same output bits), storing the softmaxed attention (heads, N, N) and the values (heads,
+    gh, gw, d) in ``captured``: Trident reads them, and they are computed once."""
+    from segment_anything.modeling.image_encoder import add_decomposed_rel_pos
+
+    b, h, w, _ = x.shape  # the last block is global (no windows)
+    qkv = module.qkv(x).reshape(b, h * w, 3, module.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.reshape(3, b * module.num_heads, h * w, -1).unbind(0)
+    attn = (q * module.scale) @ k.transpose(-2, -1)
+    if module.use_rel_pos:
+        attn = add_decomposed_rel_pos(attn, q, module.rel_pos_h, module.rel_pos_w, (h, w), (h, w))
+    attn = attn.softmax(dim=-1)
+    captured["attn"] = attn  # (heads, N, N) for b == 1
+    captured["v"] = v.reshape(b * module.num_heads, h, w, -1)
+    out = (attn @ v).view(b, module.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
+    return module.proj(out)
 
 SAM_ARCHS = {
     # arch: (embed_dim, depth, heads, global_attn_indexes)
@@ -115,7 +134,6 @@ class SamModel:
     @torch.no_grad()
     def encode(self, image_u8_hwc: np.ndarray, *, capture_last_attn: bool = False) -> SamImageState:
         """Run SAM's image encoder once on an 8-bit RGB image."""
-        from segment_anything.modeling.image_encoder import add_decomposed_rel_pos
         from segment_anything.utils.transforms import ResizeLongestSide
 
         if image_u8_hwc.dtype != np.uint8 or image_u8_hwc.ndim != 3 or image_u8_hwc.shape[2] != 3:
@@ -128,34 +146,15 @@ class SamModel:
         x_t = self.model.preprocess(x_t.float()).to(enc_dtype)
 
         captured: dict[str, torch.Tensor] = {}
-        handle = None
+        attn_mod = self.model.image_encoder.blocks[-1].attn
         if capture_last_attn:
-            attn_mod = self.model.image_encoder.blocks[-1].attn
-
-            def hook(module, args, _out):
-                (xin,) = args  # (B, H, W, C) after norm1 (global block: no windows)
-                b, h, w, _ = xin.shape
-                qkv = module.qkv(xin).reshape(b, h * w, 3, module.num_heads, -1)
-                q, k, v = qkv.permute(2, 0, 3, 1, 4).reshape(3, b * module.num_heads, h * w, -1)
-                # One head at a time into a preallocated tensor: the peak stays at the stored
-                # (heads, N, N) probabilities plus one head's temporaries (ViT-H: 16 x 4096^2).
-                probs = torch.empty(q.shape[0], h * w, h * w, dtype=q.dtype, device=q.device)
-                for i in range(q.shape[0]):
-                    logits = (q[i : i + 1] * module.scale) @ k[i : i + 1].transpose(-2, -1)
-                    if module.use_rel_pos:
-                        logits = add_decomposed_rel_pos(
-                            logits, q[i : i + 1], module.rel_pos_h, module.rel_pos_w, (h, w), (h, w)
-                        )
-                    probs[i] = logits[0].softmax(dim=-1)
-                captured["attn"] = probs  # (heads, N, N) for b == 1
-                captured["v"] = v.reshape(b * module.num_heads, h, w, -1)
-
-            handle = attn_mod.register_forward_hook(hook)
+            # The last block's own forward, keeping what it computes anyway (no second pass)
+            attn_mod.forward = partial(_attention_keeping_probs, attn_mod, captured)
         try:
             emb = self.model.image_encoder(x_t)
         finally:
-            if handle is not None:
-                handle.remove()
+            if capture_last_attn:
+                del attn_mod.forward  # back to the class's forward
         self.encoder_calls += 1
         attn, v = captured.get("attn"), captured.get("v")
         return SamImageState(
