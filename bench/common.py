@@ -128,3 +128,27 @@ def bare_refer(seg, ctx, cfg, n_views: int) -> None:
         seg.sam(cfg.sam_arch).encode(ctx.image_u8, capture_last_attn=False)
         views = torch.rand(max(1, n_views), 3, size, size, device=seg.device)
         clip.encode_image_global(clip.normalize(views), "bilinear")
+
+
+# ---- FLOP counts -------------------------------------------------------------------------
+
+
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def count_flops(fn: Callable[[], object]) -> float:
+    """Floating-point operations of ``fn()`` counted by ``torch.utils.flop_counter`` (matrix
+    products, convolutions, attention: 2 per multiply-add; element-wise work is not counted).
+    torch's table lacks the CPU flash-attention kernel, which is added here."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    mapping = {}
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is not None:
+        mapping[op] = _cpu_sdpa_flops
+    with FlopCounterMode(display=False, custom_mapping=mapping) as fc:
+        fn()
+    return float(fc.get_total_flops())

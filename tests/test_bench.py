@@ -1,0 +1,56 @@
+"""The benchmark table script runs (tiny models) and its FLOP counting and target rule hold."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture(scope="module")
+def bench_modules():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_all
+        import common
+
+        yield common, bench_all
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_count_flops_matmul_and_cpu_attention(bench_modules):
+    common, _ = bench_modules
+    a, b = torch.randn(30, 40), torch.randn(40, 50)
+    assert common.count_flops(lambda: a @ b) == 2 * 30 * 40 * 50
+    q = torch.randn(1, 3, 20, 8)
+    # QK^T and AV: 2 * (2 * heads * Nq * Nk * d); the CPU kernel is counted too
+    got = common.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q))
+    assert got == 4 * 3 * 20 * 20 * 8
+
+
+def test_target_rule(bench_modules):
+    _, bench_all = bench_modules
+    assert bench_all.target(dict(ratio=1.10, flop_ratio=1.0)) == "met"
+    assert bench_all.target(dict(ratio=1.30, flop_ratio=1.40)) == "met (FLOP floor)"
+    assert bench_all.target(dict(ratio=1.30, flop_ratio=1.20)) == "missed"
+
+
+def test_bench_all_runs_on_tiny_models(bench_modules, capsys):
+    _, bench_all = bench_modules
+    rc = bench_all.main(
+        ["--quick", "--repeats", "1", "--models", "tiny", "--skip-throughput"]
+        + ["--presets", "crane,proxyclip"]
+    )
+    out = capsys.readouterr().out.strip().splitlines()
+    assert rc == 0
+    rows = [line for line in out if line.startswith("| `")]
+    assert [r.split("`")[1] for r in rows] == ["crane", "proxyclip"]
+    assert len(rows[0].split("|")) == 12  # ten columns
+    last = out[-1]
+    assert last.startswith("ratios: crane=") and " proxyclip=" in last
+    assert float(last.split("crane=")[1].split()[0]) > 0
