@@ -139,16 +139,32 @@ def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, 
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
+def _native_mha_flops(query_shape, key_shape, value_shape, embed_dim, *args, out_shape=None, **kw):
+    """``nn.MultiheadAttention``'s fused inference kernel: the q/k/v projections, the two
+    attention products and the output projection (2 FLOPs per multiply-add)."""
+    *lead_q, lq, e = query_shape
+    *_, s, _ = key_shape
+    b = 1
+    for d in lead_q:
+        b *= d
+    proj = 2 * b * e * e * (lq + 2 * s + lq)  # q, k, v and the output projection
+    return proj + 4 * b * lq * s * e
+
+
 def count_flops(fn: Callable[[], object]) -> float:
     """Floating-point operations of ``fn()`` counted by ``torch.utils.flop_counter`` (matrix
     products, convolutions, attention: 2 per multiply-add; element-wise work is not counted).
-    torch's table lacks the CPU flash-attention kernel, which is added here."""
+    torch's table lacks the CPU flash-attention kernel and ``nn.MultiheadAttention``'s fused
+    inference kernel, which are added here."""
     from torch.utils.flop_counter import FlopCounterMode
 
     mapping = {}
     op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if op is not None:
         mapping[op] = _cpu_sdpa_flops
+    mha = getattr(torch.ops.aten, "_native_multi_head_attention", None)
+    if mha is not None:
+        mapping[mha] = _native_mha_flops
     with FlopCounterMode(display=False, custom_mapping=mapping) as fc:
         fn()
     return float(fc.get_total_flops())

@@ -52,6 +52,14 @@ from zsdense.config import DEFAULT_REFER_PRESET, REFER_PRESETS
     default=None,
     help="Expression parser: spaCy when installed with an English model, else rules.",
 )
+@click.option(
+    "--proposal-stability",
+    type=click.Choice(["image", "lowres"]),
+    default=None,
+    help="SAM proposals' stability score on the image-size logits (image: the reference's) "
+    "or on the 256x256 decoder logits (lowres: faster when masks fail the filter; the kept "
+    "set can differ near the threshold).",
+)
 @batch_command
 def refer_cmd(
     data,
@@ -61,6 +69,7 @@ def refer_cmd(
     refine,
     fusion,
     parser,
+    proposal_stability,
     out_dir,
     fmt,
     no_overlay,
@@ -94,7 +103,12 @@ def refer_cmd(
     from zsdense.options import OutputOptions, ReferOptions
 
     opts = ReferOptions.from_mapping(
-        preset=preset, text=text, refine=refine or None, fusion=fusion, parser=parser
+        preset=preset,
+        text=text,
+        refine=refine or None,
+        fusion=fusion,
+        parser=parser,
+        proposal_stability=proposal_stability,
     )
     if queries_path and text:
         raise click.UsageError("give either --text (with DATA) or --queries, not both")

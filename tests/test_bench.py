@@ -33,6 +33,18 @@ def test_count_flops_matmul_and_cpu_attention(bench_modules):
     assert got == 4 * 3 * 20 * 20 * 8
 
 
+def test_count_flops_fused_multihead_attention_equals_its_unfused_path(bench_modules):
+    """``nn.MultiheadAttention``'s fused inference kernel is counted as its decomposed path
+    (which torch's counter sees op by op) counts it."""
+    common, _ = bench_modules
+    mha = torch.nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    x = torch.randn(2, 10, 32)
+    with torch.no_grad():
+        fused = common.count_flops(lambda: mha(x, x, x, need_weights=False))
+        unfused = common.count_flops(lambda: mha(x, x, x, need_weights=True))
+    assert fused == unfused == 2 * 2 * 10 * 32 * 32 * 4 + 4 * 2 * 10 * 10 * 32
+
+
 def test_target_rule(bench_modules):
     _, bench_all = bench_modules
     assert bench_all.target(dict(ratio=1.10, flop_ratio=1.0)) == "met"

@@ -81,6 +81,19 @@ CASES = [
         ),
     ),
     (
+        "6x6-batches-of-12-chunked",
+        "portrait",
+        dict(
+            points_per_side=6,
+            points_per_batch=12,  # three batches, each decoded 4 prompts at a time
+            pred_iou_thresh=-1e9,
+            stability_score_thresh=-1e9,
+            stability_score_offset=0.05,
+            box_nms_thresh=0.9,
+            min_mask_region_area=50,
+        ),
+    ),
+    (
         "3x3-portrait-low-nms",
         "portrait",
         dict(
@@ -144,6 +157,22 @@ def test_decoder_with_shared_image_side_is_bit_identical(sam):
         low, iou = SP.decode_points(m, side, coords, labels)
     assert low.shape == ref_low.shape == (6, 3, 256, 256)
     assert torch.equal(low, ref_low) and torch.equal(iou, ref_iou)
+
+
+@pytest.mark.parametrize("batch", [8, 16, 64])
+def test_chunked_decoding_is_bit_identical_to_one_batch(sam, batch):
+    """``decode_in_chunks`` (``DECODE_CHUNK`` prompts at a time on the CPU) gives the bits of
+    decoding the whole ``points_per_batch`` batch at once."""
+    m = sam.model
+    g = torch.Generator().manual_seed(batch)
+    emb = torch.randn(1, 256, 64, 64, generator=g)
+    coords = (torch.rand(batch, 1, 2, generator=g) * 1000).double()
+    labels = torch.ones(batch, 1, dtype=torch.int)
+    side = SP.decoder_image_side(m, emb)
+    whole = SP.decode_points(m, side, coords, labels)
+    chunked = SP.decode_in_chunks(m, side, coords, labels)
+    assert batch > SP.DECODE_CHUNK and batch % SP.DECODE_CHUNK == 0
+    assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
 
 
 @pytest.mark.parametrize(

@@ -334,6 +334,9 @@ def openvocab_preset(
 
 
 # --- referring ---
+PROPOSAL_STABILITY_MODES = ("image", "lowres")
+
+
 @dataclass(frozen=True)
 class ReferPreset:
     """Referring segmentation (HybridGL): proposals, mask features, text, scoring.
@@ -361,6 +364,9 @@ class ReferPreset:
     stability_score_offset: float = 1.0
     box_nms_thresh: float = 0.7
     min_mask_region_area: int = 800
+    # stability scored on the upsampled logits (image: as the reference) or, opt-in, on the
+    # 256x256 decoder logits (lowres: masks failing it are never upsampled; scores differ)
+    proposal_stability: str = "image"
     # hybrid mask features
     view_size: int | None = None  # None: the CLIP's native input (224 for ViT-B/16)
     fusion: str = "G2L"  # G2L | L2G | G2L&L2G

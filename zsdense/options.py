@@ -22,6 +22,7 @@ from zsdense.config import (
     DEFAULT_REFER_PRESET,
     FEWSHOT_METHODS,
     OPENVOCAB_DATASETS,
+    PROPOSAL_STABILITY_MODES,
     REFER_PRESETS,
     AnomalyPreset,
     OpenVocabPreset,
@@ -294,7 +295,13 @@ class ReferOptions(_TaskOptions):
 
     def config(self) -> ReferPreset:
         base = pick_preset(REFER_PRESETS, self.preset, "referring")
-        return with_overrides(base, **dict(self.overrides)) if self.overrides else base
+        cfg = with_overrides(base, **dict(self.overrides)) if self.overrides else base
+        if cfg.proposal_stability not in PROPOSAL_STABILITY_MODES:
+            raise ConfigError(
+                f"proposal_stability must be one of {', '.join(PROPOSAL_STABILITY_MODES)}, "
+                f"not {cfg.proposal_stability!r}"
+            )
+        return cfg
 
 
 TASK_OPTIONS: dict[str, type] = {

@@ -36,6 +36,7 @@ def _attention_keeping_probs(module, captured: dict, x: torch.Tensor) -> torch.T
     out = (attn @ v).view(b, module.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
     return module.proj(out)
 
+
 SAM_ARCHS = {
     # arch: (embed_dim, depth, heads, global_attn_indexes)
     "vit_b": (768, 12, 12, (2, 5, 8, 11)),

@@ -43,17 +43,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from zsdense.config import PROPOSAL_STABILITY_MODES as STABILITY_MODES
 from zsdense.config import ReferPreset
 from zsdense.errors import ConfigError
 
 _HYBRIDGL = ReferPreset()  # the proposal defaults (HybridGL / TAS settings)
 
-STABILITY_MODES = ("image", "lowres")
 # Masks upsampled together in one chunk (full resolution float logits: 4 MB per mask at 1024²).
 UPSAMPLE_CHUNK = 32
 # Low-resolution survivors pooled across decoder batches before they are upsampled together
 # (256 KB each at 256²: bounds memory for large grids such as SAM's default 32×32).
 FLUSH_MASKS = 512
+# Prompts decoded together on the CPU within one points_per_batch batch (decode_in_chunks)
+DECODE_CHUNK = 4
 
 
 @dataclass
@@ -252,6 +254,29 @@ def decode_points(
     return masks, iou_pred
 
 
+def decode_in_chunks(
+    model, side: DecoderImageSide, coords: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`decode_points` for one batch of ``points_per_batch`` prompts, run
+    ``DECODE_CHUNK`` prompts at a time when the batch is a multiple of it (else whole).
+
+    Every prompt's result depends only on its own row of each product, and at 4 prompts and
+    more the CPU kernels keep the per-row arithmetic of the whole batch: the logits and IoUs
+    are bit-identical to decoding the batch at once (``tests/test_sam_proposals.py`` checks it
+    against ``SamAutomaticMaskGenerator``; at 1 or 2 prompts oneDNN picks other kernels and the
+    last bits move, so smaller chunks are not used). The per-prompt image-side tensors
+    (4 × 4096 × 256 floats, 16 MB) then stay in the CPU's cache: decoding the preset's 64
+    prompts took 0.76 of the time of one batch of 64 (``bench/bench_sam_proposals.py``)."""
+    b = coords.shape[0]
+    if b <= DECODE_CHUNK or b % DECODE_CHUNK or coords.device.type != "cpu":
+        return decode_points(model, side, coords, labels)
+    parts = [
+        decode_points(model, side, coords[i : i + DECODE_CHUNK], labels[i : i + DECODE_CHUNK])
+        for i in range(0, b, DECODE_CHUNK)
+    ]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
 # ---- upsampling and filtering -----------------------------------------------------------------
 
 
@@ -388,7 +413,7 @@ def sam_proposals(
         pts = points[s : s + per_batch]
         coords = torch.as_tensor(transform.apply_coords(pts, (H, W)), device=device)
         labels = torch.ones(coords.shape[0], dtype=torch.int, device=device)
-        low, iou = decode_points(model, side, coords[:, None, :], labels[:, None])
+        low, iou = decode_in_chunks(model, side, coords[:, None, :], labels[:, None])
         low, iou = low.flatten(0, 1), iou.flatten(0, 1)
         if iou_thr > 0.0:
             keep = iou > iou_thr

@@ -402,6 +402,7 @@ def _proposal_key(sam, preset: ReferPreset, n_side: int) -> tuple:
         preset.stability_score_offset,
         preset.box_nms_thresh,
         preset.min_mask_region_area,
+        preset.proposal_stability,
     )
 
 
@@ -441,7 +442,12 @@ def _image_stage(seg, ctx, cfg: ReferPreset, n_side: int, timing: dict):
 
     pkey = _proposal_key(sam, cfg, n_side)
     t0 = time.perf_counter()
-    props: Proposals = ctx.get(pkey, lambda: sam_proposals(sam, state, cfg, points_per_side=n_side))
+    props: Proposals = ctx.get(
+        pkey,
+        lambda: sam_proposals(
+            sam, state, cfg, points_per_side=n_side, stability=cfg.proposal_stability
+        ),
+    )
     _sync(seg.device)
     timing["sam_decoder"] = time.perf_counter() - t0
 
