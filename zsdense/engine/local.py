@@ -17,7 +17,11 @@ Guarantees (what a demanding batch user needs):
   bad image only fails itself;
 - SIGINT and SIGTERM finish the current batch, write the manifest and report.html, and stop with
   a resume hint (exit 130 for SIGINT, 143 for SIGTERM);
-- decoding of the next batch runs in background threads while the encoders work.
+- decoding of the next batch runs in background threads while the encoders work, and the
+  outputs of a batch are written (with their manifest lines) in a writer thread while the next
+  batch computes: one batch in flight at most, all written before the run returns
+  (``overlap_writes``); encoder batches are filled across images (``batch_size`` input files
+  per batch: a head resizes them to its model input and runs them as one forward).
 """
 
 from __future__ import annotations
@@ -367,21 +371,22 @@ def _stringify_paths(obj, out_dir: Path):
 Unit = tuple  # (WorkItem, suffix, ImageContext, n_units_of_item)
 
 
-def process_units(
-    seg,
+@dataclass
+class Computed:
+    """What :func:`compute_units` produced for a list of units, waiting to be written."""
+
+    results: dict[str, list[Any]]
+    failures: dict[int, BaseException]
+    task_secs: list[float]
+
+
+def compute_units(
     units: Sequence[Unit],
     tasks: Sequence[TaskSpec],
-    out_dir: Path,
-    emit: Callable[[dict], None],
     add_time: Callable[[str, float], None] = lambda s, t: None,
-    release: bool = True,
-) -> None:
-    """Run every task on ``units`` as one batch (one image at a time after a failure), write the
-    outputs and ``emit`` one record per unit. Used by the local and the Ray runner."""
-    out_dir = Path(out_dir)
+) -> Computed:
+    """Run every task on ``units`` as one batch (one image at a time after a failure)."""
     n = len(units)
-    multi = len(tasks) > 1
-    names = [t.name for t in tasks]
     results: dict[str, list[Any]] = {}
     failures: dict[int, BaseException] = {}
     task_secs = [0.0] * n
@@ -422,7 +427,24 @@ def process_units(
         for i in live:
             task_secs[i] += dt / max(len(live), 1)
         results[task.name] = res_all
+    return Computed(results, failures, task_secs)
 
+
+def write_units(
+    units: Sequence[Unit],
+    tasks: Sequence[TaskSpec],
+    computed: Computed,
+    out_dir: Path,
+    emit: Callable[[dict], None],
+    add_time: Callable[[str, float], None] = lambda s, t: None,
+    release: bool = True,
+) -> None:
+    """Write the outputs of computed ``units`` and ``emit`` one record per unit (an error
+    record for a unit whose task or write failed)."""
+    out_dir = Path(out_dir)
+    multi = len(tasks) > 1
+    names = [t.name for t in tasks]
+    results, failures, task_secs = computed.results, computed.failures, computed.task_secs
     for i, unit in enumerate(units):
         it, suffix, ctx, n_units = unit[0], unit[1], unit[2], unit[3]
         meta = _jsonable_meta(ctx.meta)
@@ -469,6 +491,22 @@ def process_units(
             ctx.release()
 
 
+def process_units(
+    seg,
+    units: Sequence[Unit],
+    tasks: Sequence[TaskSpec],
+    out_dir: Path,
+    emit: Callable[[dict], None],
+    add_time: Callable[[str, float], None] = lambda s, t: None,
+    release: bool = True,
+) -> None:
+    """:func:`compute_units` then :func:`write_units`, one after the other (the Ray runner)."""
+    del seg  # the tasks carry their models
+    write_units(
+        units, tasks, compute_units(units, tasks, add_time), out_dir, emit, add_time, release
+    )
+
+
 # ---- the runner --------------------------------------------------------------------------
 
 
@@ -490,6 +528,7 @@ def run_batch(
     volume_maps: bool = False,
     handle_sigint: bool = True,
     record_settings: bool = True,
+    overlap_writes: bool = True,
 ) -> RunSummary:
     """Run ``tasks`` over ``items``; see the module docstring for the guarantees.
 
@@ -497,7 +536,9 @@ def run_batch(
     keeps one folder per protocol with its own settings record).
     ``reader`` replaces :func:`read_units` (tests, custom sources); ``report`` writes
     ``report.html``; ``volume_maps`` stacks the float maps of each NIfTI volume back into
-    ``<stem>[.<task>].map.nii.gz`` with the input's affine.
+    ``<stem>[.<task>].map.nii.gz`` with the input's affine. ``overlap_writes`` writes a
+    batch's outputs (and its manifest lines) in a thread while the next batch computes; one
+    batch is in flight at most, and every record is in the manifest when this returns.
     """
     t_start = time.perf_counter()
     tasks = list(tasks)
@@ -537,19 +578,23 @@ def run_batch(
     prog = _Progress(len(todo), progress, progress_interval)
     max_pixels = seg.config.max_pixels
 
+    lock = threading.Lock()  # records come from this thread and from the writer thread
+
     def emit(record: dict) -> None:
-        manifest.append(record)
-        summary.total += 1
-        if record["status"] == "ok":
-            summary.ok += 1
-        else:
-            summary.failed += 1
-            summary.errors.append((record["key"], record.get("error")))
+        with lock:
+            manifest.append(record)
+            summary.total += 1
+            if record["status"] == "ok":
+                summary.ok += 1
+            else:
+                summary.failed += 1
+                summary.errors.append((record["key"], record.get("error")))
         if on_record is not None:
             on_record(record)
 
     def add_time(stage: str, seconds: float) -> None:
-        summary.stage_seconds[stage] = summary.stage_seconds.get(stage, 0.0) + seconds
+        with lock:
+            summary.stage_seconds[stage] = summary.stage_seconds.get(stage, 0.0) + seconds
 
     old_handlers: dict[int, Any] = {}
     if handle_sigint and threading.current_thread() is threading.main_thread():
@@ -571,6 +616,20 @@ def run_batch(
             old_handlers[sig] = signal.signal(sig, on_stop)
 
     pool = ThreadPoolExecutor(max_workers=max(1, read_workers), thread_name_prefix="zsdense-read")
+    # outputs of one batch are written while the next computes (overlap_writes)
+    writer = (
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="zsdense-write")
+        if overlap_writes
+        else None
+    )
+    writing: Future | None = None
+
+    def wait_writes() -> None:
+        nonlocal writing
+        if writing is not None:
+            done, writing = writing, None
+            done.result()  # what the writer raised (a manifest that cannot be written) is raised
+
     batches = image_batches(todo, read_batch)
     processed_items = 0
     try:
@@ -606,20 +665,36 @@ def run_batch(
             add_time("wait-read", time.perf_counter() - t_wait)
             futures[b] = []
             chunk = len(units) if needs_all else batch_size
-            for c in range(0, len(units), max(chunk, 1)):
-                process_units(
-                    seg, units[c : c + chunk], tasks, out_dir, emit, add_time, release=False
-                )
-            for u in units:  # every head of every unit sharing a context is done
-                u[2].release()
+            computed = [
+                (units[c : c + chunk], compute_units(units[c : c + chunk], tasks, add_time))
+                for c in range(0, len(units), max(chunk, 1))
+            ]
+
+            def write_batch(computed=computed, units=units) -> None:
+                for part, comp in computed:
+                    write_units(part, tasks, comp, out_dir, emit, add_time, release=False)
+                for u in units:  # every head of every unit sharing a context is done
+                    u[2].release()
+
+            # the previous batch's writes end before this one's start (one batch in flight);
+            # a stop requested meanwhile is seen here, so it always takes effect at the same
+            # point: the batch just computed is written, nothing more is started
+            wait_writes()
+            if writer is None:
+                write_batch()
+            else:
+                writing = writer.submit(write_batch)
             processed_items += len(batch)
             prog.update(len(batch), summary.failed)
             if stop.is_set() and processed_items < len(todo):
                 summary.interrupted = True
                 summary.not_started = len(todo) - processed_items
                 break
+        wait_writes()
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
+        if writer is not None:  # the last batch's records land before the manifest is compacted
+            writer.shutdown(wait=True)
         prog.close()
         for sig, old in old_handlers.items():
             signal.signal(sig, old)

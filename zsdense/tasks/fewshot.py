@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from zsdense.config import with_overrides
-from zsdense.dense.knn import knn_search, l2_normalize
+from zsdense.dense.knn import DEFAULT_BUDGET_MB, knn_search, l2_normalize
 from zsdense.errors import ConfigError
 from zsdense.io.membank import FORMAT_VERSION, MemoryBank, load_memory
 from zsdense.tasks.anomaly import (
@@ -101,7 +101,7 @@ class FewShotOptions:
     sigma: float = 4.0  # Gaussian smoothing of the map at the original resolution
     shots: int | None = None
     knn_backend: str = "torch"
-    knn_budget_mb: int = 64  # distances held at once during the search
+    knn_budget_mb: int = DEFAULT_BUDGET_MB  # distances held at once during the search
 
     def validate(self) -> FewShotOptions:
         """Self, or a ConfigError naming the bad option."""
