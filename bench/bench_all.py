@@ -221,6 +221,12 @@ def main(argv=None) -> int:
     ap.add_argument("--musc-images", type=int, default=None, help="set size (20; quick: 6)")
     ap.add_argument("--throughput-images", type=int, default=None, help="16 (quick: 8)")
     ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument(
+        "--throughput-archs",
+        default=None,
+        help="comma-separated CLIP archs for the folder throughput (ViT-B-16; without "
+        "--quick also ViT-L-14-336)",
+    )
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--models", default="random", help="random (full size) | tiny (smoke test)")
     args = ap.parse_args(argv)
@@ -232,7 +238,7 @@ def main(argv=None) -> int:
     from zsdense.api import Segmenter
     from zsdense.errors import ConfigError
 
-    names = [p.strip() for p in args.presets.split(",") if p.strip()]
+    names = [p.strip() for p in args.presets.split(",") if p.strip()]  # "" : throughput only
     bad = [p for p in names if p not in PRESETS]
     if bad:
         raise ConfigError(f"unknown preset(s) {', '.join(bad)}; choose from {', '.join(PRESETS)}")
@@ -269,6 +275,8 @@ def main(argv=None) -> int:
     tp_rows = []
     if not args.skip_throughput:
         archs = ["ViT-B-16"] if args.quick else ["ViT-B-16", "ViT-L-14-336"]
+        if args.throughput_archs:
+            archs = [a.strip() for a in args.throughput_archs.split(",") if a.strip()]
         n_tp = args.throughput_images or (8 if args.quick else 16)
         hw = (240, 320) if args.quick else (480, 640)
         tp_rows = throughput(
@@ -279,18 +287,19 @@ def main(argv=None) -> int:
             lambda a: 224 if args.quick else (518 if "L" in a else 224),
             args.repeats,
         )
-    print()
-    print(
-        "| preset | pipeline s/img | bare encoders s/img | ratio | GFLOP pipeline / bare "
-        "| FLOP ratio | target | peak MB | precision | note |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
+    if rows:
+        print()
         print(
-            f"| `{r['name']}` | {r['pipeline']:.2f} | {r['bare']:.2f} | {r['ratio']:.2f} | "
-            f"{r['gflop_pipeline']:.1f} / {r['gflop_bare']:.1f} | {r['flop_ratio']:.2f} | "
-            f"{target(r)} | {r['peak_mb']:.0f} | {r['precision']} | {r['note']} |"
+            "| preset | pipeline s/img | bare encoders s/img | ratio | GFLOP pipeline / bare "
+            "| FLOP ratio | target | peak MB | precision | note |"
         )
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(
+                f"| `{r['name']}` | {r['pipeline']:.2f} | {r['bare']:.2f} | {r['ratio']:.2f} | "
+                f"{r['gflop_pipeline']:.1f} / {r['gflop_bare']:.1f} | {r['flop_ratio']:.2f} | "
+                f"{target(r)} | {r['peak_mb']:.0f} | {r['precision']} | {r['note']} |"
+            )
     if tp_rows:
         print()
         print("| crane through the local engine | batch 1 img/s | batch 4 img/s |")
