@@ -2,7 +2,8 @@
 
 Full-size architectures with random weights (speed does not depend on the weights; nothing is
 downloaded). For each preset, in one process and interleaved (pipeline, bare, pipeline, bare,
-...; the minimum of ``--repeats`` runs of each is kept: the machine may be shared):
+...; the minimum of ``--repeats`` runs of each is kept, and fast presets run more often, up to
+``--min-seconds`` per side: the machine may be shared):
 
 - ``pipeline``: the preset's task run through its engine spec (``build_task_spec(...).run``) on
   fresh image contexts; models, text embeddings and few-shot memories are built by a warm-up run
@@ -29,6 +30,7 @@ ahead of the encoders, outputs written) at ``--batch-size`` 1 and 4, on ViT-B/16
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import sys
@@ -107,8 +109,14 @@ def preset_cases(quick: bool, musc_images: int, ref_dir: Path) -> dict[str, dict
     }
 
 
-def bench_preset(seg, name: str, case: dict, repeats: int, device: str) -> dict:
-    """Minimum pipeline and bare seconds over interleaved runs, peak memory, precision."""
+def bench_preset(
+    seg, name: str, case: dict, repeats: int, device: str, min_seconds: float = 0.0
+) -> dict:
+    """Minimum pipeline and bare seconds over interleaved runs, peak memory, precision.
+
+    At least ``repeats`` runs of each; more for fast presets, until each side has run about
+    ``min_seconds`` in total (at most ``MAX_REPEATS``): on a shared machine the minimum of many
+    short runs is the least disturbed one."""
     from zsdense.context import ImageContext
     from zsdense.engine.specs import build_task_spec
     from zsdense.options import options_for
@@ -144,8 +152,12 @@ def bench_preset(seg, name: str, case: dict, repeats: int, device: str) -> dict:
     # the work each side does, counted once (untimed): their ratio is the preset's FLOP floor
     fp = common.count_flops(lambda: spec.run([ImageContext(image=im) for im in images], params))
     fb = common.count_flops(lambda: bare([ImageContext(image=im) for im in images]))
+    t_one = common.timed(
+        lambda: spec.run([ImageContext(image=im) for im in images], params), device
+    )
+    runs = max(1, repeats, min(MAX_REPEATS, math.ceil(min_seconds / max(t_one, 1e-3))))
     tp, tb = [], []
-    for _ in range(max(1, repeats)):
+    for _ in range(runs):
         ctxs = [ImageContext(image=im) for im in images]
         tp.append(common.timed(lambda c=ctxs: spec.run(c, params), device))
         ctxs = [ImageContext(image=im) for im in images]
@@ -157,6 +169,7 @@ def bench_preset(seg, name: str, case: dict, repeats: int, device: str) -> dict:
         pipeline=min(tp) / n,
         bare=min(tb) / n,
         ratio=min(tp) / min(tb),
+        runs=runs,
         gflop_pipeline=fp / n / 1e9,
         gflop_bare=fb / n / 1e9,
         flop_ratio=fp / fb if fb else float("nan"),
@@ -167,6 +180,7 @@ def bench_preset(seg, name: str, case: dict, repeats: int, device: str) -> dict:
 
 
 TARGET = 1.15
+MAX_REPEATS = 25
 
 
 def target(r: dict) -> str:
@@ -215,6 +229,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smallest sizes (ViT-B/16, small images)")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved runs, minimum kept")
+    ap.add_argument(
+        "--min-seconds",
+        type=float,
+        default=10.0,
+        help="fast presets repeat until each side ran about this long (at most 25 runs)",
+    )
     ap.add_argument("--device", default="cpu", help="cpu | cuda")
     ap.add_argument("--precision", default="fp32", help="fp32 | bf16 | fp16 | auto")
     ap.add_argument("--presets", default=",".join(PRESETS))
@@ -251,7 +271,7 @@ def main(argv=None) -> int:
     print(
         f"zsdense bench_all{' --quick' if args.quick else ''}: torch {torch.__version__}, "
         f"device {args.device}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
-        f"load average {load:.1f}; models {args.models}; minimum of {args.repeats} "
+        f"load average {load:.1f}; models {args.models}; minimum of >= {args.repeats} "
         "interleaved runs",
         flush=True,
     )
@@ -262,12 +282,13 @@ def main(argv=None) -> int:
         cases = preset_cases(args.quick, musc_n, ref_dir)
         for name in names:
             t = time.perf_counter()
-            r = bench_preset(seg, name, cases[name], args.repeats, args.device)
+            r = bench_preset(seg, name, cases[name], args.repeats, args.device, args.min_seconds)
             rows.append(r)
             print(
                 f"  {name}: pipeline {r['pipeline']:.2f}s bare {r['bare']:.2f}s ratio "
                 f"{r['ratio']:.2f}, FLOPs {r['gflop_pipeline']:.1f} / {r['gflop_bare']:.1f} G = "
-                f"{r['flop_ratio']:.2f} ({time.perf_counter() - t:.0f}s incl. warm-up)",
+                f"{r['flop_ratio']:.2f}; minimum of {r['runs']} runs "
+                f"({time.perf_counter() - t:.0f}s incl. warm-up)",
                 flush=True,
             )
     finally:
