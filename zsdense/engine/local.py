@@ -492,7 +492,6 @@ def write_units(
 
 
 def process_units(
-    seg,
     units: Sequence[Unit],
     tasks: Sequence[TaskSpec],
     out_dir: Path,
@@ -501,7 +500,6 @@ def process_units(
     release: bool = True,
 ) -> None:
     """:func:`compute_units` then :func:`write_units`, one after the other (the Ray runner)."""
-    del seg  # the tasks carry their models
     write_units(
         units, tasks, compute_units(units, tasks, add_time), out_dir, emit, add_time, release
     )

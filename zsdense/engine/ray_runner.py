@@ -209,7 +209,7 @@ class SegmentBatch:
             for member in _members(row):  # queries on one image share its context
                 units.append((row_item(member), str(row.get("suffix") or ""), ctx, n_units))
         if units:
-            process_units(self.seg, units, self.tasks, self.out_dir, records.append)
+            process_units(units, self.tasks, self.out_dir, records.append)
         return {"record": np.array([dumps_strict(r) for r in records], dtype=object)}
 
 
