@@ -50,7 +50,9 @@ from zsdense.errors import ConfigError
 _HYBRIDGL = ReferPreset()  # the proposal defaults (HybridGL / TAS settings)
 
 # Masks upsampled together in one chunk (full resolution float logits: 4 MB per mask at 1024²).
-UPSAMPLE_CHUNK = 32
+# 8 keeps a chunk's intermediates near the CPU cache: 192 masks of a 640x426 image took 3.85 s
+# for the whole proposal step against 4.3 s with chunks of 32 (same masks and scores).
+UPSAMPLE_CHUNK = 8
 # Low-resolution survivors pooled across decoder batches before they are upsampled together
 # (256 KB each at 256²: bounds memory for large grids such as SAM's default 32×32).
 FLUSH_MASKS = 512
