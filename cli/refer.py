@@ -13,7 +13,7 @@ from zsdense.cli.common import (
     make_segmenter,
     run_cli_batch,
 )
-from zsdense.config import DEFAULT_REFER_PRESET, REFER_PRESETS
+from zsdense.config import DEFAULT_REFER_PRESET, PROPOSAL_STABILITY_MODES, REFER_PRESETS
 
 
 @click.command("refer")
@@ -54,7 +54,7 @@ from zsdense.config import DEFAULT_REFER_PRESET, REFER_PRESETS
 )
 @click.option(
     "--proposal-stability",
-    type=click.Choice(["image", "lowres"]),
+    type=click.Choice(PROPOSAL_STABILITY_MODES),
     default=None,
     help="SAM proposals' stability score on the image-size logits (image: the reference's) "
     "or on the 256x256 decoder logits (lowres: faster when masks fail the filter; the kept "
