@@ -15,6 +15,7 @@ from PIL import Image
 
 from zsdense.errors import ConfigError, InputError, ZsdenseError
 from zsdense.train.data import epoch_order, load_masks, read_training_set
+from zsdense.runtime import Runtime
 from zsdense.train.loop import PromptTrainer, TrainOptions
 from zsdense.train.recipe import get_recipe
 from zsdense.train.step import forward_losses
@@ -53,8 +54,9 @@ def recipe(**kw):
 
 
 def trainer(data, out, *, resume=False, opts=None, **kw) -> PromptTrainer:
-    o = TrainOptions(models="tiny", **(opts or {}))
-    return PromptTrainer([data], out, recipe(**kw), o, resume=resume)
+    o = TrainOptions(**(opts or {}))
+    rt = Runtime(models="tiny", device="cpu", precision="fp32")
+    return PromptTrainer([data], out, recipe(**kw), o, resume=resume, runtime=rt)
 
 
 def _tensors(path: Path) -> dict:

@@ -576,7 +576,7 @@ def build_memory_with(
     return bank
 
 
-def _reference_contexts(seg, images: Any) -> tuple[list, list[str]]:
+def _reference_contexts(rt, images: Any) -> tuple[list, list[str]]:
     """Reference images (folder / glob / file / list of paths, arrays, PIL, contexts) ->
     (ImageContexts, names). Folders and globs are read in sorted name order."""
     if isinstance(images, (str, Path)):
@@ -587,29 +587,29 @@ def _reference_contexts(seg, images: Any) -> tuple[list, list[str]]:
     if not items:
         raise ConfigError("few-shot scoring needs at least one reference (good) image")
     names = [str(p) if isinstance(p, (str, Path)) else f"ref{i}" for i, p in enumerate(items)]
-    return seg.contexts(items), names
+    return rt.contexts(items), names
 
 
-def _reference_inputs(seg, images: Any) -> tuple[list[np.ndarray], list[str]]:
+def _reference_inputs(rt, images: Any) -> tuple[list[np.ndarray], list[str]]:
     """Like :func:`_reference_contexts`, as uint8 RGB arrays."""
-    ctxs, names = _reference_contexts(seg, images)
+    ctxs, names = _reference_contexts(rt, images)
     return [c.image_u8 for c in ctxs], names
 
 
 def build_memory(
-    seg, images: Any, options: FewShotOptions | None = None, *, object_name=None, dataset=None
+    rt, images: Any, options: FewShotOptions | None = None, *, object_name=None, dataset=None
 ) -> MemoryBank:
-    """A :class:`MemoryBank` from known-good ``images`` with the Segmenter's DINOv2.
+    """A :class:`MemoryBank` from known-good ``images`` with the runtime's DINOv2.
 
     ``images``: a folder, glob, file or a list of paths / arrays / PIL images. ``options``
     default to :func:`options_for` ``(object_name, dataset)``.
     """
     opts = options or options_for(object_name, dataset)
-    imgs, names = _reference_inputs(seg, images)
+    imgs, names = _reference_inputs(rt, images)
     if opts.shots is not None:
         imgs, names = imgs[: int(opts.shots)], names[: int(opts.shots)]
-    dino = seg.dinov2(opts.model)
-    with seg.autocast():
+    dino = rt.dinov2(opts.model)
+    with rt.autocast():
         return build_memory_with(dino, imgs, opts, names)
 
 
@@ -798,7 +798,7 @@ def reference_maps(bank: MemoryBank, options: FewShotOptions) -> list[tuple[np.n
     return out
 
 
-def _as_bank(seg, reference: Any, options: FewShotOptions | None, object_name, dataset):
+def _as_bank(rt, reference: Any, options: FewShotOptions | None, object_name, dataset):
     """(bank, options) from a bank object, a bank path or reference images."""
     if isinstance(reference, MemoryBank):
         bank = reference
@@ -806,7 +806,7 @@ def _as_bank(seg, reference: Any, options: FewShotOptions | None, object_name, d
         bank = load_memory(reference)
     else:
         opts = options or options_for(object_name, dataset)
-        return build_memory(seg, reference, opts), opts
+        return build_memory(rt, reference, opts), opts
     opts = options or options_from_bank(bank)
     if opts.shots is not None and int(opts.shots) != bank.n_shots:
         if int(opts.shots) > bank.n_shots:
@@ -818,7 +818,7 @@ def _as_bank(seg, reference: Any, options: FewShotOptions | None, object_name, d
 
 
 def run_fewshot(
-    seg,
+    rt,
     ctxs: Sequence,
     *,
     reference: Any,
@@ -845,22 +845,22 @@ def run_fewshot(
     """
     from zsdense.config import ANOMALY_DEFAULT_THRESHOLD
 
-    ctxs = seg.contexts(list(ctxs))
+    ctxs = rt.contexts(list(ctxs))
     if not ctxs:
         return []
-    bank, opts = _as_bank(seg, reference, options, object_name, dataset)
+    bank, opts = _as_bank(rt, reference, options, object_name, dataset)
     opts = opts.validate()
-    dino = seg.dinov2(opts.model)
+    dino = rt.dinov2(opts.model)
     check_bank(bank, opts, dino)
-    with seg.autocast():
+    with rt.autocast():
         scored = score_contexts(dino, bank, ctxs, opts)
 
     thr, thr_src = threshold, ("fixed" if threshold is not None else None)
     ithr, ithr_src = image_threshold, ("fixed" if image_threshold is not None else None)
     calib_n = None
     if calibrate_with is not None and (thr is None or ithr is None):
-        cal_imgs = seg.contexts(_calibration_images(calibrate_with))
-        with seg.autocast():
+        cal_imgs = rt.contexts(_calibration_images(calibrate_with))
+        with rt.autocast():
             cal = score_contexts(dino, bank, cal_imgs, opts)
         calib_n = len(cal)
         if thr is None:
@@ -887,7 +887,7 @@ def run_fewshot(
     results = []
     for r in scored:
         amap = r.anomaly_map.astype(np.float32)
-        meta = dict(seg.result_meta())
+        meta = dict(rt.result_meta())
         meta.update(
             preset="anomalydino",
             method="fewshot",
@@ -1007,7 +1007,7 @@ FUSED_THRESHOLD = 1.0
 
 
 def run_crane_fewshot(
-    seg,
+    rt,
     ctxs: Sequence,
     *,
     reference: Any,
@@ -1034,18 +1034,18 @@ def run_crane_fewshot(
     """
     from zsdense.tasks.anomaly import run_anomaly
 
-    ctxs = seg.contexts(list(ctxs))
+    ctxs = rt.contexts(list(ctxs))
     if not ctxs:
         return []
-    bank, opts = _as_bank(seg, reference, options, object_name, dataset)
-    few = run_fewshot(seg, ctxs, reference=bank, options=opts, threshold=0.0, image_threshold=0.0)
+    bank, opts = _as_bank(rt, reference, options, object_name, dataset)
+    few = run_fewshot(rt, ctxs, reference=bank, options=opts, threshold=0.0, image_threshold=0.0)
     few_stats_maps = reference_maps(bank, opts)
     few_stats = map_stats([m for m, _ in few_stats_maps])
     copts = dict(crane_options or {})
     copts.update(threshold=1.0, image_threshold=None)
-    crane = run_anomaly(seg, ctxs, object_name=object_name, preset=crane_preset, **copts)
+    crane = run_anomaly(rt, ctxs, object_name=object_name, preset=crane_preset, **copts)
     crane_stats = crane_reference_stats(
-        seg, bank, crane_preset, object_name, reference, reference_images, copts
+        rt, bank, crane_preset, object_name, reference, reference_images, copts
     )
     thr = FUSED_THRESHOLD if threshold is None else float(threshold)
     out = []
@@ -1054,7 +1054,7 @@ def run_crane_fewshot(
             c.anomaly_map, f.anomaly_map, crane_stats, few_stats, weight=weight, rule=rule
         )
         score = fuse_scores(c.score, f.score, crane_stats, few_stats, weight=weight, rule=rule)
-        meta = dict(seg.result_meta())
+        meta = dict(rt.result_meta())
         meta.update(
             preset="crane+fewshot",
             method="crane+fewshot",
@@ -1088,7 +1088,7 @@ def run_crane_fewshot(
 
 
 def crane_reference_stats(
-    seg,
+    rt,
     bank: MemoryBank,
     crane_preset: str,
     object_name: str | None,
@@ -1115,20 +1115,20 @@ def crane_reference_stats(
                 ": build the bank with `zsdense memory build ... --crane-preset "
                 f"{crane_preset}` or give the reference images too"
             )
-        if stored.get("models") != seg.config.models:
+        if stored.get("models") != rt.config.models:
             raise ConfigError(
                 f"the bank's Crane statistics were made with models={stored.get('models')!r}, "
-                f"this run uses {seg.config.models!r}: rebuild the bank"
+                f"this run uses {rt.config.models!r}: rebuild the bank"
             )
         return MapStats(float(stored["mean"]), float(stored["high"]), int(stored["n_images"]))
-    ctxs, _ = _reference_contexts(seg, images)
+    ctxs, _ = _reference_contexts(rt, images)
     n = bank.n_shots
-    res = run_anomaly(seg, ctxs[:n], object_name=object_name, preset=crane_preset, **crane_options)
+    res = run_anomaly(rt, ctxs[:n], object_name=object_name, preset=crane_preset, **crane_options)
     return map_stats([r.anomaly_map for r in res])
 
 
 def add_crane_stats(
-    seg,
+    rt,
     bank: MemoryBank,
     images: Any,
     crane_preset: str = "crane+",
@@ -1138,10 +1138,10 @@ def add_crane_stats(
     """Store Crane's reference statistics in ``bank.extra`` (for ``crane+fewshot`` from a bank)."""
     copts = dict(crane_options or {})
     copts.update(threshold=1.0, image_threshold=None)
-    st = crane_reference_stats(seg, bank, crane_preset, object_name, images, images, copts)
+    st = crane_reference_stats(rt, bank, crane_preset, object_name, images, images, copts)
     extra = dict(bank.extra)
     cs = dict(extra.get("crane_stats") or {})
-    cs[crane_preset] = {**st.to_dict(), "models": seg.config.models, "object": object_name}
+    cs[crane_preset] = {**st.to_dict(), "models": rt.config.models, "object": object_name}
     extra["crane_stats"] = cs
     bank.extra = extra
     return bank
