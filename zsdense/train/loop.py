@@ -106,7 +106,14 @@ class PromptTrainer:
                 raise ConfigError(f"--val {', '.join(o.val)}: no images found")
         state_path = self.out / STATE_FILE
         if self.resume and not state_path.is_file():
-            raise ConfigError(f"--resume: {state_path} not found; nothing to resume")
+            started = sorted(p.name for p in self.out.glob("epoch_*.safetensors"))
+            why = (
+                f" ({', '.join(started)} written, but the run stopped before that epoch's "
+                "resume point): start it again without --resume"
+                if started
+                else "; nothing to resume"
+            )
+            raise ConfigError(f"--resume: {state_path} not found{why}")
         if not self.resume and state_path.is_file():
             raise ConfigError(
                 f"{self.out} already holds a training run ({STATE_FILE}); pass --resume to "
