@@ -1,7 +1,7 @@
 """HybridGL against the reference code's outputs (``../shared/fixtures/hybridgl``).
 
 Views, grid masks, attention masks and hybrid mask features (G2L, L2G, G2L&L2G) on the tiny
-random CLIP; the 30 scoring cases (relations, directions, defects); the parser functions on the
+random CLIP; the scoring cases (relations, directions, defects); the parser functions on the
 hand-written parses. The ``hybridgl`` preset must match within the README's tolerances; the
 ``hybridgl+`` fixes are checked on the cases the fixture marks as defects.
 
