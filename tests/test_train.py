@@ -354,7 +354,9 @@ def test_exported_layout_matches_cranes_checkpoint(fixtures_dir, tmp_path):
     sd["token_embedding.weight"] = w
     clip = clip_from_state_dict(sd, arch="fx", is_random=True)
     c = fx["cases"]["crane"]
-    lr = PromptLearner(clip, get_recipe("crane", depth=fx["config"]["depth"]))
+    args = c["train_args"]  # the prompt sizes Crane's train.py ran with
+    sizes = {k: int(args[k]) for k in ("n_ctx", "t_n_ctx", "depth")}
+    lr = PromptLearner(clip, get_recipe("crane", **sizes))
     lr.load_state_dict(c["checkpoint"]["prompt_learner"])
     save_prompts(tmp_path / "x.safetensors", lr.state_dict(), {"epoch": 3})
     pl = torch.load(

@@ -216,21 +216,28 @@ def options_from_bank(bank: MemoryBank, **overrides: Any) -> FewShotOptions:
     return replace(FewShotOptions(), **kw).validate()
 
 
+def reference_positions(n_given: int, shots: int | None, seed: int = 0) -> list[int]:
+    """Positions in a list of ``n_given`` reference images that the reference's few-shot draw
+    takes: ``seed·shots .. (seed+1)·shots − 1`` (consecutive, disjoint blocks per seed; the last
+    block may be short); all of them when ``shots`` is None or -1 (full-shot)."""
+    if shots is None or int(shots) == -1:
+        return list(range(int(n_given)))
+    n, s = int(shots), int(seed)
+    if n < 1 or s < 0:
+        raise ConfigError(f"--shots must be >= 1 (or -1 for all) and --seed >= 0; got {n}, {s}")
+    chosen = list(range(s * n, min((s + 1) * n, int(n_given))))
+    if not chosen:
+        raise ConfigError(
+            f"seed {s} with {n} shots needs more than {s * n} good images; there are {n_given}"
+        )
+    return chosen
+
+
 def select_references(files: Sequence[Any], shots: int | None, seed: int = 0) -> list:
     """The reference's few-shot draw: ``sorted(files)[seed·n : (seed+1)·n]`` (consecutive files
     in name order, disjoint blocks per seed); ``shots`` None or -1 = all (full-shot)."""
     ordered = sorted(files, key=lambda p: str(p))
-    if shots is None or int(shots) == -1:
-        return ordered
-    n, s = int(shots), int(seed)
-    if n < 1 or s < 0:
-        raise ConfigError(f"--shots must be >= 1 (or -1 for all) and --seed >= 0; got {n}, {s}")
-    chosen = ordered[s * n : (s + 1) * n]
-    if not chosen:
-        raise ConfigError(
-            f"seed {s} with {n} shots needs more than {s * n} good images; there are {len(ordered)}"
-        )
-    return chosen
+    return [ordered[i] for i in reference_positions(len(ordered), shots, seed)]
 
 
 # ---- preprocessing ---------------------------------------------------------------------------
@@ -493,11 +500,20 @@ def memory_from_features(
     settings: dict,
     model: dict,
     names: Sequence[str] | None = None,
+    positions: Sequence[int] | None = None,
 ) -> MemoryBank:
     """A bank from features already extracted: ``per_reference[r][a]`` = (features (N, D),
     grid) of reference r at angle index a. Rows in the reference's order: reference, angle,
     patch; masks are computed for every reference and angle (rows are dropped only when
-    ``options.mask_refs``)."""
+    ``options.mask_refs``).
+
+    ``source`` rows are (position, angle index, patch): ``positions[r]`` is reference r's
+    place in the list the user gave (default r), so a row names the image it came from even
+    when a few-shot draw used only part of that list (as the reference numbers its memory).
+    """
+    pos = list(range(len(per_reference))) if positions is None else [int(p) for p in positions]
+    if len(pos) != len(per_reference):
+        raise ConfigError(f"{len(pos)} positions for {len(per_reference)} reference images")
     feats, source, masks, grids = [], [], [], []
     for r, per_angle in enumerate(per_reference):
         rows, src, mks = [], [], []
@@ -513,7 +529,7 @@ def memory_from_features(
             if options.knn_metric == "L2_normalized":
                 sel = l2_normalize(sel)
             rows.append(sel)
-            s = np.stack([np.full(idx.size, r), np.full(idx.size, a), idx], axis=1)
+            s = np.stack([np.full(idx.size, pos[r]), np.full(idx.size, a), idx], axis=1)
             src.append(torch.from_numpy(s.astype(np.int32)))
         feats.append(torch.cat(rows, dim=0).contiguous())
         source.append(torch.cat(src, dim=0))
@@ -539,40 +555,46 @@ def build_memory_with(
     images_u8: Sequence[np.ndarray],
     options: FewShotOptions,
     names: Sequence[str] | None = None,
+    *,
+    seed: int = 0,
 ) -> MemoryBank:
     """A bank from uint8 reference images with a given DINOv2 wrapper (see :func:`build_memory`).
 
-    Each reference is rotated (``options.angles()``), its angles run through the model as one
-    batch, and its rows are appended; the memory is a list of per-reference blocks, never
-    concatenated into a second copy.
+    With ``options.shots`` the references are the reference's few-shot draw from the given
+    list (:func:`reference_positions`: the block ``seed·shots ..``; the first ``shots`` at seed
+    0); each bank row records its image's position in the given list. Each reference is rotated
+    (``options.angles()``), its angles run through the model as one batch, and its rows are
+    appended; the memory is a list of per-reference blocks, never concatenated into a second
+    copy.
     """
     options = options.validate()
-    imgs = list(images_u8)
-    if options.shots is not None:
-        imgs = imgs[: int(options.shots)]
-    if not imgs:
+    given = list(images_u8)
+    if not given:
         raise ConfigError("few-shot scoring needs at least one reference (good) image")
+    positions = reference_positions(len(given), options.shots, seed)
+    imgs = [given[i] for i in positions]
     angles = options.angles()
     settings = bank_settings(options, dino)
     model = model_identity(dino, options)
     parts: list[MemoryBank] = []
-    for img in imgs:
+    for img, at in zip(imgs, positions, strict=True):
         rotated = [rotate_image(img, a) for a in angles]
         fg = extract_features(dino, rotated, options.image_size, options.pos_interp)
         parts.append(
-            memory_from_features([fg], [img.shape[:2]], options, settings=settings, model=model)
+            memory_from_features(
+                [fg], [img.shape[:2]], options, settings=settings, model=model, positions=[at]
+            )
         )
     bank = parts[0]
-    for r, p in enumerate(parts[1:], start=1):
-        src = p.source[0].clone()
-        src[:, 0] = r
+    for p in parts[1:]:
         bank.features.append(p.features[0])
-        bank.source.append(src)
+        bank.source.append(p.source[0])
         bank.masks.append(p.masks[0])
         bank.grids.append(p.grids[0])
         bank.sizes.append(p.sizes[0])
-    n = len(imgs)
-    bank.names = [str(x) for x in (names or [f"ref{i}" for i in range(n)])][:n]
+    all_names = [str(x) for x in (names or [])]
+    all_names += [f"ref{i}" for i in range(len(all_names), len(given))]
+    bank.names = [all_names[i] for i in positions]
     return bank
 
 
@@ -606,8 +628,6 @@ def build_memory(
     """
     opts = options or options_for(object_name, dataset)
     imgs, names = _reference_inputs(rt, images)
-    if opts.shots is not None:
-        imgs, names = imgs[: int(opts.shots)], names[: int(opts.shots)]
     dino = rt.dinov2(opts.model)
     with rt.autocast():
         return build_memory_with(dino, imgs, opts, names)
