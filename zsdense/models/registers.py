@@ -363,7 +363,9 @@ class NeuronSet:
         try:
             text = p.read_text(encoding="utf-8")
         except OSError as exc:
-            raise ConfigError(f"{p}: cannot read the register-neuron file ({exc.strerror})")
+            raise ConfigError(
+                f"{p}: cannot read the register-neuron file ({exc.strerror})"
+            ) from None
         try:
             d = json.loads(text)
         except json.JSONDecodeError as exc:
