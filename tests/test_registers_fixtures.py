@@ -180,7 +180,7 @@ def test_preprocessing_224_pipelines(ttr_dir):
         assert t.double().sum().item() == pytest.approx(want["tensor_sum"], rel=1e-6)
 
 
-# ---- the search -----------------------------------------------------------------------------------
+# ---- the search ---------------------------------------------------------------------------------
 
 
 def test_activations_and_block_norms(family):
@@ -392,7 +392,7 @@ def test_per_image_batch_equals_single_image_runs(family):
     where the fixture stores that run (``b1_*`` / ``img{i}_*``), the stored numbers."""
     _, fx, model = family
     singles = {}
-    for name, run in fx["runs"].items():
+    for run in fx["runs"].values():
         if run["intervened"] and len(run["image_indices"]) == 1:
             key = (run["size"], run["image_indices"][0], run["R"], run["mode"], str(run["scale"]))
             singles[key] = run
@@ -459,14 +459,16 @@ def test_dinov2_token_api(family):
     if "token_api" not in fx:
         pytest.skip("CLIP family")
     a = R._Adapter(model)
-    for name, t in fx["token_api"].items():
+    for t in fx["token_api"].values():
         r = int(t["num_register_tokens_set"])
         neurons = fx["find"]["sparsity_on"]["neurons_to_ablate"]
         spec = R.RegisterSpec(neurons=neurons, num_registers=r, mode="zero", layout="reference")
         x = fx["find"]["images"]["input"][[t["image_index"]]]
         outs: dict = {}
         hooks = [
-            blk.register_forward_hook(lambda m, i, o, k=k: outs.__setitem__(k, F._block_out(o)))
+            blk.register_forward_hook(
+                lambda m, i, o, k=k, outs=outs: outs.__setitem__(k, F._block_out(o))
+            )
             for k, blk in enumerate(a.blocks)
         ]
         try:
