@@ -353,7 +353,7 @@ class NeuronSet:
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1) + "\n", encoding="utf-8")
+        tmp.write_text(_dumps(self.to_json()) + "\n", encoding="utf-8")
         tmp.replace(p)
         return p
 
@@ -371,6 +371,22 @@ class NeuronSet:
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{p}: not JSON ({exc.msg} at line {exc.lineno})") from None
         return cls.from_json(d, source=str(p))
+
+
+def _dumps(obj: Any, indent: int = 0) -> str:
+    """JSON with one level per line, but lists of numbers (neurons, score rows) on one line."""
+    pad, inner = " " * indent, " " * (indent + 1)
+    if isinstance(obj, Mapping) and obj:
+        body = ",\n".join(
+            f"{inner}{json.dumps(str(k))}: {_dumps(v, indent + 1)}" for k, v in obj.items()
+        )
+        return "{\n" + body + "\n" + pad + "}"
+    if isinstance(obj, (list, tuple)) and obj:
+        if all(not isinstance(v, (Mapping, list, tuple)) for v in obj):
+            return json.dumps(list(obj))
+        body = ",\n".join(inner + _dumps(v, indent + 1) for v in obj)
+        return "[\n" + body + "\n" + pad + "]"
+    return json.dumps(obj)
 
 
 def load_neurons(path: str | Path, model: Any | None = None) -> NeuronSet:
