@@ -225,6 +225,14 @@ def encoder_id(model: Any) -> EncoderId:
     return _Adapter(model).identity()
 
 
+def _option_name(ident: EncoderId) -> str:
+    """The ``--encoder`` value naming ``ident``'s model (CLIP: its architecture)."""
+    name = ident.name.removeprefix("tiny-")
+    if ident.family == "clip" and name.startswith("clip-"):
+        name = name.removeprefix("clip-").rsplit("-", 1)[0]  # clip-ViT-B-16-openai -> ViT-B-16
+    return name
+
+
 # ---- the neuron set ---------------------------------------------------------------------------
 
 
@@ -306,7 +314,7 @@ class NeuronSet:
             f"{what} were found for {self.encoder.describe()} and cannot be used with "
             f"{other.describe()} ({why}): register neurons belong to one encoder's weights. "
             f"Find neurons for this encoder with: zsdense registers find DATA --encoder "
-            f"{other.name.removeprefix('tiny-')} --out neurons.json"
+            f"{_option_name(other)} --out neurons.json"
         )
 
     # ---- JSON ---------------------------------------------------------------------------------
