@@ -325,6 +325,15 @@ def test_neuron_set_json_roundtrip(clip, tmp_path):
     assert d["encoder"]["random_weights"] is True
     with pytest.raises(AttributeError):
         ns.layers = ()  # frozen
+    assert back.fingerprint == ns.fingerprint
+    other = _set_for(clip, {0: [1, 2]})
+    assert other.fingerprint != ns.fingerprint
+    spec = R.RegisterSpec(neurons=ns, num_registers=2, mode="mean")
+    rec = spec.record()
+    assert rec["fingerprint"] == ns.fingerprint and rec["neurons"] == ns.count
+    assert json.loads(json.dumps(rec)) == rec
+    assert spec.key == R.RegisterSpec(neurons=back, num_registers=2, mode="mean").key
+    assert spec.key != R.RegisterSpec(neurons=ns, num_registers=1, mode="mean").key
 
 
 def test_neuron_set_for_another_encoder_is_refused(clip, dino, tmp_path):

@@ -58,6 +58,7 @@ R = 0 means "off": nothing is installed and every output is bit-identical to the
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import weakref
@@ -302,6 +303,16 @@ class NeuronSet:
     @property
     def count(self) -> int:
         return sum(len(ns) for _, ns in self.layers)
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 (hex) of the neurons and the encoder identity: a stable key for caches and a
+        run's recorded settings (rules, scores and provenance text do not change it)."""
+        canon = json.dumps(
+            {"neurons": [[li, list(ns)] for li, ns in self.layers], **self.encoder.to_json()},
+            sort_keys=True,
+        )
+        return hashlib.sha256(canon.encode()).hexdigest()
 
     def check_encoder(self, model_or_id: Any, *, source: str | None = None) -> None:
         """Raise a :class:`ConfigError` unless this set was found for ``model_or_id``'s encoder."""
@@ -631,6 +642,35 @@ class RegisterSpec:
     @property
     def active(self) -> bool:
         return self.num_registers > 0
+
+    def record(self) -> dict:
+        """JSON-able description for a run's settings: R, mode, scale, batch, layout, and the
+        neurons (count, layers, fingerprint, encoder name, provenance's first sentence)."""
+        out: dict[str, Any] = {
+            "num_registers": self.num_registers,
+            "mode": self.mode,
+            "scale": list(self.scale) if isinstance(self.scale, tuple) else self.scale,
+            "batch": self.batch,
+            "layout": self.layout,
+            "neurons": sum(len(ns) for _, ns in self.layers),
+            "layers": [li for li, _ in self.layers],
+        }
+        n = self.neurons
+        if isinstance(n, NeuronSet):
+            out.update(
+                fingerprint=n.fingerprint,
+                encoder=n.encoder.name,
+                provenance=n.provenance.split(". ")[0],
+            )
+        else:
+            canon = json.dumps([[li, list(ns)] for li, ns in self.layers])
+            out["fingerprint"] = hashlib.sha256(canon.encode()).hexdigest()
+        return out
+
+    @property
+    def key(self) -> str:
+        """A short stable string identifying what this spec does (cache keys)."""
+        return hashlib.sha256(json.dumps(self.record(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 # module -> the layer edit hooked on it (MuSc runs some activations by hand: edit_activation)
