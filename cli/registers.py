@@ -22,7 +22,7 @@ from typing import Any, Iterator
 import click
 import numpy as np
 
-from zsdense.cli.common import make_segmenter, runtime_options, warn
+from zsdense.cli.common import make_runtime, runtime_options, warn
 from zsdense.errors import ConfigError, InputError
 
 CLIP_KIND, DINO_KIND = "clip", "dinov2"
@@ -45,11 +45,11 @@ def encoder_option(f):
     )(f)
 
 
-def load_encoder(seg, name: str):
+def load_encoder(rt, name: str):
     """The zsdense model wrapper for ``--encoder``."""
     if _encoders()[name] == CLIP_KIND:
-        return seg.clip(name)
-    return seg.dinov2(name)
+        return rt.clip(name)
+    return rt.dinov2(name)
 
 
 # ---- reading images ---------------------------------------------------------------------------
@@ -354,8 +354,8 @@ def find_cmd(
     if out.exists() and not force:
         raise ConfigError(f"{out} exists; pass --force to overwrite it")
     items = _list(data, max_images, seed)
-    seg = make_segmenter(**runtime)
-    model = load_encoder(seg, encoder)
+    rt = make_runtime(**runtime)
+    model = load_encoder(rt, encoder)
     settings = rf.settings_for(
         model,
         register_norm_threshold=threshold,
@@ -385,7 +385,7 @@ def find_cmd(
                 },
                 "max_images": max_images,
                 "seed": seed,
-                "precision": str(seg.dtype).replace("torch.", ""),
+                "precision": rt.precision,
                 "data": [str(d) for d in data],
             },
         )
@@ -426,7 +426,7 @@ def find_cmd(
     ident = ns.encoder
     lines = [
         f"zsdense registers find: {ident.describe()}, "
-        f"{str(seg.dtype).replace('torch.', '')} on {seg.device}",
+        f"{rt.precision} on {rt.device}",
         f"images: {res.n_seen} read, {res.n_used} with outliers (used), "
         f"{res.n_seen - res.n_used} without (skipped), {len(stream.failed)} unreadable; "
         f"{seconds:.1f} s ({seconds / max(res.n_seen, 1) * 1000:.0f} ms/image)",
@@ -476,8 +476,8 @@ def check_cmd(
     from zsdense.models import registers_find as rf
     from zsdense.models.registers import RegisterSpec, resolve_neurons
 
-    seg = make_segmenter(**runtime)
-    model = load_encoder(seg, encoder)
+    rt = make_runtime(**runtime)
+    model = load_encoder(rt, encoder)
     ns = resolve_neurons(model, neurons)
     if ns is None:
         raise ConfigError(

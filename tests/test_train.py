@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from zsdense.errors import ConfigError, InputError, ZsdenseError
-from zsdense.train.data import epoch_order, load_masks, read_training_set
 from zsdense.runtime import Runtime
+from zsdense.train.data import epoch_order, load_masks, read_training_set
 from zsdense.train.loop import PromptTrainer, TrainOptions
 from zsdense.train.recipe import get_recipe
 from zsdense.train.step import forward_losses
