@@ -54,6 +54,7 @@ from zsdense.io.manifest import (
 from zsdense.io.writers import dumps_strict
 from zsdense.options import options_for
 from zsdense.runtime import Runtime, runtime_of
+from zsdense.tasks import anomaly_methods
 
 
 def _require_ray():
@@ -259,7 +260,7 @@ def run_ray(
     for c in cfgs:  # validated here, on the driver, before Ray starts
         if str(c.get("task")) == "anomaly":
             opts = options_for("anomaly", {k: v for k, v in c.items() if k not in META_KEYS})
-            if opts.config().method == "musc":
+            if anomaly_methods.scorer(opts).group == "all":
                 raise ConfigError(
                     f"preset {opts.preset!r} scores images against each other: use --engine local"
                 )

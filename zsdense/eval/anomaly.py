@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from zsdense import metrics as M
-from zsdense.config import ANOMALY_PRESETS, FEWSHOT_METHODS
+from zsdense.config import ANOMALY_PRESETS
 from zsdense.engine.local import load_records
 from zsdense.engine.specs import TaskSpec, build_task_spec
 from zsdense.errors import ConfigError
@@ -52,6 +52,7 @@ from zsdense.eval.datasets import (
 from zsdense.io.manifest import WorkItem, record_complete
 from zsdense.io.writers import write_map_npy
 from zsdense.runtime import runtime_of
+from zsdense.tasks.anomaly_registry import scorer_for
 from zsdense.tasks.fewshot import select_references
 
 __all__ = [
@@ -80,7 +81,7 @@ ANOMALY_METRICS = (
 )
 PIXEL_METRICS = frozenset({"pixel_auroc", "pixel_ap", "pixel_f1_max", "aupro", "aupro_mvtec"})
 IMAGE_METRICS = frozenset({"image_auroc", "image_ap", "image_f1_max"})
-ANOMALY_PRESET_CHOICES = tuple(ANOMALY_PRESETS)
+ANOMALY_PRESET_CHOICES = tuple(ANOMALY_PRESETS)  # the built-ins; registered ones join the table
 _COUNTS = ("n_images", "n_anomalous", "n_pixel_images", "n_failed")
 
 TaskFactory = Callable[[str], TaskSpec]  # object name -> the head's TaskSpec
@@ -240,8 +241,9 @@ def evaluate_anomaly(
     :class:`~zsdense.runtime.Runtime` or ``Segmenter`` (default: a new one). ``dataset`` picks
     the prompts as the papers do (default: the detected layout, so MVTec gets the VisA-trained
     prompts); ``options`` are further anomaly options (``prompts``, ``domain``, ``attn_type``...).
-    Few-shot presets (``anomalydino``, ``crane+fewshot``) draw ``shots`` references per category
-    from its good training images as the reference does (``sorted(files)[seed·n:(seed+1)·n]``).
+    Presets whose scorer takes good references (``anomalydino``, ``crane+fewshot``) draw
+    ``shots`` per category from its good training images as the reference does
+    (``sorted(files)[seed·n:(seed+1)·n]``).
     ``limit`` keeps at most N images per category, spread over normal and defective ones.
     ``fmt`` ``npy``/``tiff`` also keeps the full-size maps; ``task`` replaces the head
     (object name -> TaskSpec, e.g. a custom method; ``preset`` then only names the stored
@@ -279,7 +281,7 @@ def evaluate_anomaly(
                 "keep_model_map": True,
                 **opts,
             }
-            if ANOMALY_PRESETS[preset].method in FEWSHOT_METHODS:
+            if scorer_for(preset).references != "none":  # a few-shot preset: draw references
                 pool = train_good_images(data, layout, cat)
                 cfg["reference"] = [str(p) for p in select_references(pool, shots, seed)]
             inner = build_task_spec(rt, cfg, fmt=fmt, overlay=False)
