@@ -468,6 +468,9 @@ def process_units(
 # ---- the runner --------------------------------------------------------------------------
 
 
+# run_batch is longer than the house's ~80 lines: the signal handlers, the reader pool, the
+# writer thread and the stop flag share the run's state through closures; splitting it means
+# turning that state into an object, the engine's own refactor (issue 19), not the anomaly one.
 def run_batch(
     rt,
     items: Sequence[WorkItem],

@@ -15,7 +15,7 @@ from zsdense.tasks.anomaly_result import AnomalyResult
 from zsdense.tasks.fewshot.bank import check_bank, load_reference_bank
 from zsdense.tasks.fewshot.options import FewShotOptions
 from zsdense.tasks.fewshot.scoring import reference_maps, score_contexts
-from zsdense.tasks.good_images import calibration_values, single
+from zsdense.tasks.good_images import calibration_values, memo, single, source_key
 from zsdense.tasks.thresholds import Default, calibrate_threshold, resolve_thresholds
 
 SCORE_RULE = (
@@ -40,11 +40,20 @@ def fewshot_state(
     dataset: str | None = None,
 ) -> FewShotState:
     """The memory from good images (built) or a bank (loaded, ``shots`` applied), checked
-    against the runtime's DINOv2 and the options (ConfigError for a bank made otherwise)."""
-    bank, opts = load_reference_bank(rt, single(reference), options, object_name, dataset)
-    opts = opts.validate()
-    check_bank(bank, opts, rt.dinov2(opts.model))
-    return FewShotState(bank, opts)
+    against the runtime's DINOv2 and the options (ConfigError for a bank made otherwise).
+    Memoised per runtime, references and options: every preset and call that scores against
+    the same good images shares one memory."""
+    reference = single(reference)
+    keep: list = []
+    key = ("fewshot-memory", source_key(reference, keep), options, object_name, dataset)
+
+    def compute() -> FewShotState:
+        bank, opts = load_reference_bank(rt, reference, options, object_name, dataset)
+        opts = opts.validate()
+        check_bank(bank, opts, rt.dinov2(opts.model))
+        return FewShotState(bank, opts)
+
+    return memo(rt, key, keep, compute)
 
 
 def fewshot_meta(state: FewShotState, grid, kept: int) -> dict:
