@@ -1,4 +1,4 @@
-"""``zsdense anomaly``: anomaly maps, defect masks and image scores (Crane, Crane+, musc)."""
+"""``zsdense anomaly``: anomaly maps, defect masks and image scores (every registered preset)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from zsdense.cli.common import (
 )
 from zsdense.config import ANOMALY_PRESETS, DEFAULT_ANOMALY_PRESET
 from zsdense.dense.attention import CORRELATION_TYPES
-from zsdense.errors import ConfigError
 from zsdense.options import DOMAINS
 
 
@@ -66,10 +65,10 @@ from zsdense.options import DOMAINS
 )
 @click.option(
     "--calibrate-with",
-    type=click.Path(exists=True),
-    default=None,
-    help="Folder (or file / glob) of known-good images: the pixel threshold is the max "
-    "over their maps and the image threshold the max of their scores.",
+    multiple=True,
+    help="Known-good images (a folder, files or globs such as 'good/*.png'; repeatable), scored "
+    "with the same preset and settings: the pixel threshold is the max over their maps and the "
+    "image threshold the max of their scores.",
 )
 @click.option(
     "--calibrate-percentile",
@@ -169,6 +168,8 @@ def anomaly_cmd(
     """
     from zsdense.engine.specs import anomaly_spec
     from zsdense.options import AnomalyOptions, OutputOptions
+    from zsdense.tasks.anomaly_methods import check_options, check_set_size
+    from zsdense.tasks.good_images import single
 
     opts = AnomalyOptions.from_mapping(
         preset=preset,
@@ -177,7 +178,7 @@ def anomaly_cmd(
         reference=list(reference) or None,
         shots=shots,
         threshold=threshold,
-        calibrate_with=calibrate_with,
+        calibrate_with=single(list(calibrate_with)) or None,
         calibrate_percentile=calibrate_percentile,
         image_threshold=image_threshold,
         domain=domain,
@@ -187,13 +188,9 @@ def anomaly_cmd(
         dattn_mean=dattn_mean,
         image_size=image_size,
     )
+    check_options(opts)  # --reference as the preset's scorer declares it
     items = list_data(data, out_dir, quiet)
-    need = opts.config().musc_min_images
-    if opts.config().method == "musc" and 0 < len(items) < need:
-        raise ConfigError(
-            f"--preset {preset} scores the images against each other and needs at least {need} "
-            f"images of one product; DATA has {len(items)}. Use --preset crane or crane+"
-        )
+    check_set_size(opts, len(items))  # a set-level scorer (musc) refuses too small a DATA
     rt = make_runtime(**runtime)
     task = anomaly_spec(rt, opts, OutputOptions(fmt=fmt, overlay=not no_overlay))
     return run_cli_batch(

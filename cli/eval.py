@@ -19,7 +19,7 @@ from typing import Any
 import click
 
 from zsdense import metrics as M
-from zsdense.cli.common import make_runtime, runtime_options
+from zsdense.cli.common import RegistryChoice, make_runtime, runtime_options
 from zsdense.errors import ZsdenseError
 from zsdense.eval import evaluate_anomaly, evaluate_openvocab, evaluate_refer
 from zsdense.eval.anomaly import ANOMALY_METRICS, ANOMALY_PRESET_CHOICES
@@ -139,7 +139,7 @@ def eval_group() -> None:
     "--layout", type=click.Choice(("auto", *ANOMALY_LAYOUTS)), default="auto", show_default=True
 )
 @click.option(
-    "--preset", type=click.Choice(ANOMALY_PRESET_CHOICES), default="crane", show_default=True
+    "--preset", type=RegistryChoice(ANOMALY_PRESET_CHOICES), default="crane", show_default=True
 )
 @click.option("--categories", default=None, help="Comma-separated categories (default: all).")
 @click.option(

@@ -96,6 +96,7 @@ def build_cmd(
 
     from zsdense.io import list_inputs
     from zsdense.io.membank import describe, save_memory
+    from zsdense.io.progress import progress_scope
     from zsdense.tasks import fewshot as fs
 
     out = Path(out_path)
@@ -119,9 +120,10 @@ def build_cmd(
     rt = make_runtime(**runtime)
     t0 = time.perf_counter()
     paths = [str(it.path) for it in items]
-    bank = fs.build_memory(rt, paths, opts)
-    if crane_preset:
-        fs.add_crane_stats(rt, bank, paths[: bank.n_shots], crane_preset, object_name)
+    with progress_scope(True):  # the reference pass and Crane's statistics show progress
+        bank = fs.build_memory(rt, paths, opts)
+        if crane_preset:
+            fs.add_crane_stats(rt, bank, paths[: bank.n_shots], crane_preset, object_name)
     save_memory(bank, out)
     summary = describe(bank)
     summary.update(

@@ -91,7 +91,7 @@ class AnomalyPreset:
     """
 
     name: str
-    method: str  # "crane" | "musc"
+    method: str  # the registered scorer (zsdense.tasks.anomaly_registry): crane, musc, ...
     clip_arch: str = "ViT-L-14-336"
     image_size: int = 518  # whole image resized (bicubic, no crop) to size×size
     temperature: float = 0.07
@@ -125,6 +125,8 @@ class AnomalyPreset:
     musc_backbone: str = "clip"  # clip | dinov2_vit{s,b,l}14 | a DINOv2 registry name
 
 
+# The preset table: the built-in presets as data; zsdense.tasks.anomaly_registry checks each
+# against its scorer and adds the presets that plug-ins register (register_anomaly_preset).
 ANOMALY_PRESETS: dict[str, AnomalyPreset] = {
     "crane": AnomalyPreset(name="crane", method="crane"),
     "crane+": AnomalyPreset(
@@ -157,7 +159,6 @@ ANOMALY_PRESETS: dict[str, AnomalyPreset] = {
         checkpoint_medical="crane+-mvtec-epoch1",
     ),
 }
-FEWSHOT_METHODS = ("anomalydino", "crane+fewshot")  # need --reference good images
 # --- end anomaly ---
 
 # --- openvocab ---

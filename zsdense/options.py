@@ -20,7 +20,6 @@ from zsdense.config import (
     DEFAULT_ANOMALY_PRESET,
     DEFAULT_OPENVOCAB_PRESET,
     DEFAULT_REFER_PRESET,
-    FEWSHOT_METHODS,
     OPENVOCAB_DATASETS,
     PROPOSAL_STABILITY_MODES,
     REFER_PRESETS,
@@ -129,7 +128,7 @@ def resolve_anomaly_preset(preset: str | AnomalyPreset, **overrides: Any) -> Ano
         preset
         if isinstance(preset, AnomalyPreset)
         else pick_preset(ANOMALY_PRESETS, preset, "anomaly")
-    )
+    )  # the table registered presets join (zsdense.tasks.anomaly_registry)
     ov = dict(overrides)
     layers_given = "eattn_layers" in ov
     layers = parse_layers(ov.pop("eattn_layers", None))
@@ -138,11 +137,19 @@ def resolve_anomaly_preset(preset: str | AnomalyPreset, **overrides: Any) -> Ano
         cfg = replace(cfg, eattn_layers=layers)
     if cfg.dattn_mean not in ("image", "batch"):
         raise ConfigError(f"--dattn-mean must be 'image' or 'batch', not {cfg.dattn_mean!r}")
-    if cfg.image_size % 14:
-        raise ConfigError(
-            f"image size {cfg.image_size} must be a multiple of the patch size 14 (e.g. 518)"
-        )
+    validate_image_size(cfg.image_size)
     return cfg
+
+
+def validate_image_size(size: int, patch: int = 14) -> int:
+    """The model input size of the CLIP anomaly heads (``zsdense anomaly`` and
+    ``zsdense train-prompts`` alike): a multiple of the 14-px patch, at least two patches."""
+    if int(size) < 2 * patch or int(size) % patch:
+        raise ConfigError(
+            f"image size {size} must be a multiple of the patch size {patch} and at least "
+            f"{2 * patch} (e.g. 518)"
+        )
+    return int(size)
 
 
 @dataclass(frozen=True)
@@ -168,21 +175,13 @@ class AnomalyOptions(_TaskOptions):
     overrides: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
-        if isinstance(self.reference, list):
-            object.__setattr__(self, "reference", tuple(self.reference))
+        for name in ("reference", "calibrate_with"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.shots is not None and int(self.shots) < 1:
             raise ConfigError(f"--shots must be at least 1, got {self.shots}")
-        fewshot = self.config().method in FEWSHOT_METHODS
-        if fewshot and self.reference is None:
-            raise ConfigError(
-                f"--preset {self.preset} scores images against good reference images: "
-                "give --reference GOOD_DIR (or a .zsdmem bank from `zsdense memory build`)"
-            )
-        if not fewshot and self.reference is not None:
-            raise ConfigError(
-                f"--reference needs a few-shot preset ({', '.join(FEWSHOT_METHODS)}); "
-                f"{self.preset!r} does not use reference images"
-            )
+        # whether the preset takes --reference is its scorer's declaration, checked where the
+        # options become a run (zsdense.tasks.anomaly_methods.check_options)
         if self.domain not in DOMAINS:
             raise ConfigError(f"--domain must be one of {', '.join(DOMAINS)}, not {self.domain!r}")
         if self.calibrate_percentile is not None:

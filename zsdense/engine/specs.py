@@ -100,24 +100,26 @@ def _settings(kind: str, opts: Any, out: OutputOptions) -> dict:
 def anomaly_spec(
     rt, opts: AnomalyOptions, out: OutputOptions = OutputOptions(), name: str = "anomaly"
 ) -> TaskSpec:
-    """Anomaly maps, masks and scores per batch (the whole readable set for ``musc``); the
-    few-shot presets build or load their memory of good references once, at setup."""
+    """Anomaly maps, masks and scores per batch (the whole readable set for a scorer that
+    declares ``group="all"``, e.g. ``musc``). At setup the preset's scorer prepares once what
+    it needs (models, the memory of good references and their statistics) and the run's
+    thresholds are decided (calibration included), before the first input."""
+    scorer = anomaly_scorers.check_options(opts)
     state: dict[str, Any] = {}
 
     def setup() -> None:
-        state["scorer"] = anomaly_scorers.prepare(rt, opts)
+        state["prepared"] = anomaly_scorers.prepare(rt, opts)
 
     def run(ctxs: list[ImageContext], params: list[dict]) -> list:
-        if "scorer" not in state:
+        if "prepared" not in state:
             setup()
-        return anomaly_scorers.run(rt, ctxs, opts, state["scorer"])
+        return anomaly_scorers.run(rt, ctxs, opts, state["prepared"])
 
-    group = "all" if opts.config().method == "musc" else "batch"
     return TaskSpec(
         name=name,
         run=run,
         write=_writer(out),
-        group=group,
+        group=scorer.group,
         setup=setup,
         settings=_settings("anomaly", opts, out),
     )

@@ -1,0 +1,64 @@
+"""Scorer ``musc``: the images of one set score each other (MuSc; presets ``musc``,
+``musc-fixed``)."""
+
+from __future__ import annotations
+
+from zsdense.config import ANOMALY_PRESETS, AnomalyPreset
+from zsdense.dense.musc_backbones import resolve_backbone
+from zsdense.tasks.anomaly_registry import (
+    AnomalyScorer,
+    RawScore,
+    register_anomaly_preset,
+    register_scorer,
+)
+from zsdense.tasks.common import preset_meta, resize_map
+from zsdense.tasks.musc import min_images, run_musc
+from zsdense.tasks.thresholds import Default
+
+DEFAULT_NOTE = (
+    "musc maps are patch distances, not probabilities: pass --threshold or --calibrate-with "
+    "for a meaningful mask"
+)
+
+
+def _backbones(cfg: AnomalyPreset) -> tuple[str, str | None]:
+    return cfg.clip_arch, resolve_backbone(cfg.musc_backbone)[1]
+
+
+def prepare(rt, opts) -> None:
+    """Load CLIP (its class token ranks the images) and the DINOv2 backbone if one is used."""
+    clip_arch, dino_name = _backbones(opts.config())
+    rt.clip(clip_arch)
+    if dino_name is not None:
+        rt.dinov2(dino_name)
+
+
+def run(rt, ctxs, opts, state) -> list[RawScore]:  # noqa: ARG001
+    cfg = opts.config()
+    maps, scores, info = run_musc(rt, cfg, list(ctxs), dataset=opts.dataset)
+    meta = {"musc": info, **preset_meta(cfg, opts.domain)}
+    return [
+        RawScore(resize_map(m, c.size), float(s), dict(meta), m.numpy())
+        for c, m, s in zip(ctxs, maps, scores)
+    ]
+
+
+def encoders(cfg: AnomalyPreset) -> tuple[str, ...]:
+    clip_arch, dino_name = _backbones(cfg)
+    return (f"clip/{clip_arch}",) + ((f"dinov2/{dino_name}",) if dino_name else ())
+
+
+SCORER = register_scorer(
+    AnomalyScorer(
+        name="musc",
+        prepare=prepare,
+        run=run,
+        description="the images of one set score each other (MuSc, >= 5 images)",
+        group="all",
+        min_images=lambda cfg: max(int(cfg.musc_min_images), min_images(cfg.musc_topmin)),
+        encoders=encoders,
+        default_threshold=lambda rt, opts, state: Default(note=DEFAULT_NOTE),
+    )
+)
+register_anomaly_preset(ANOMALY_PRESETS["musc"])
+register_anomaly_preset(ANOMALY_PRESETS["musc-fixed"])
