@@ -63,6 +63,8 @@ ROPE_THETA = 100.0
 DEFAULT_QK_DIM = 128
 DEFAULT_HEADS = 4
 DEFAULT_CHUNK_BYTES = 64 << 20
+IMAGE_BAND_BYTES = 2 << 20  # image-resolution bands: cache-sized (speed), whatever the budget
+QUERY_CHUNK = 2048  # queries per attention chunk at most (speed: cache-sized score blocks)
 STATE_DICT_KEY = "jafar"  # the released files are {"jafar": state_dict}
 META_KEY = "zsdense"  # safetensors metadata entry (JSON) of zsdense's own upsampler files
 FORMAT = "zsdense-jafar/1"
@@ -256,7 +258,8 @@ def _apply_rope(tokens: torch.Tensor, coords: torch.Tensor, freqs: torch.Tensor)
 
 
 def _adaptive_windows(n_in: int, n_out: int) -> list[tuple[int, int]]:
-    """``adaptive_avg_pool`` windows: output i averages ``floor(i·In/Out) … ceil((i+1)·In/Out)−1``."""
+    """``adaptive_avg_pool`` windows [start, end): output i averages inputs
+    ``floor(i·In/Out) … ceil((i+1)·In/Out) − 1``."""
     return [((i * n_in) // n_out, -(-((i + 1) * n_in) // n_out)) for i in range(n_out)]
 
 
@@ -265,6 +268,78 @@ def _pool_matrix(n_in: int, n_out: int, device, dtype) -> torch.Tensor:
     for i, (a, b) in enumerate(_adaptive_windows(n_in, n_out)):
         m[i, a:b] = 1.0 / (b - a)
     return m.to(device=device, dtype=dtype)
+
+
+class _Pooler:
+    """Rows ``r0:r1`` of ``adaptive_avg_pool2d`` to (ho, wo) of a channels-last (H, W, C) map,
+    computed as separable window averages from the input rows they need only: (rows, wo, C)."""
+
+    def __init__(self, x: torch.Tensor, ho: int, wo: int) -> None:
+        self.x = x
+        self.win = _adaptive_windows(x.shape[0], ho)
+        self.ph = _pool_matrix(x.shape[0], ho, x.device, x.dtype)
+        self.pw = _pool_matrix(x.shape[1], wo, x.device, x.dtype)
+
+    def __call__(self, r0: int, r1: int) -> torch.Tensor:
+        a, b = self.win[r0][0], self.win[r1 - 1][1]
+        y = torch.einsum("oh,hwc->owc", self.ph[r0:r1, a:b], self.x[a:b])
+        return torch.einsum("pw,owc->opc", self.pw, y)
+
+
+class _Moments:
+    """GroupNorm statistics of channels-last (n, C) batches seen one band at a time.
+
+    Per channel, sums of ``x − K`` and ``(x − K)²`` with a shift K (the channel means of the
+    first band, so the sums stay well conditioned) are taken with matrix products (fast on any
+    band shape) and accumulated in float64; :meth:`groups` combines the channels of each group.
+    """
+
+    def __init__(self, c: int, device) -> None:
+        self.n = 0
+        self.shift: torch.Tensor | None = None
+        self.s1 = torch.zeros(c, dtype=torch.float64, device=device)
+        self.s2 = torch.zeros(c, dtype=torch.float64, device=device)
+
+    def add(self, x: torch.Tensor) -> None:
+        n = x.shape[0]
+        if self.shift is None:
+            self.shift = x[: min(n, 4096)].mean(dim=0)
+        d = x - self.shift
+        ones = x.new_ones(1, n)
+        self.s1 += (ones @ d)[0].double()
+        self.s2 += (ones @ d.mul_(d))[0].double()
+        self.n += n
+
+    def groups(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-group (mean, 1/sqrt(var + eps)) over ``GN_GROUPS`` equal channel groups."""
+        g, n = GN_GROUPS, self.n
+        k = self.shift.double().view(g, -1)
+        s1, s2 = self.s1.view(g, -1), self.s2.view(g, -1)
+        mean = (k + s1 / n).mean(dim=1)  # per group
+        off = k - mean[:, None]  # Σ (x − mean)² = Σ (d + off)² per channel
+        ss = (s2 + 2 * off * s1 + n * off * off).sum(dim=1)
+        var = ss / (n * k.shape[1])
+        return mean.float(), torch.rsqrt(var + GN_EPS).float()
+
+
+def _group_stats(x: torch.Tensor, bands) -> tuple[torch.Tensor, torch.Tensor]:
+    """GroupNorm statistics of a channels-last (pixels, C) map, band by band."""
+    mom = _Moments(x.shape[-1], x.device)
+    for s, e in bands:
+        mom.add(x[s:e])
+    return mom.groups()
+
+
+def _gn_apply(x, mean, rstd, weight=None, bias=None) -> torch.Tensor:
+    """GroupNorm of channels-last values (..., C) with known group statistics, as one
+    per-channel ``x·scale + shift``."""
+    c = x.shape[-1]
+    scale = rstd.repeat_interleave(c // GN_GROUPS)
+    shift = -mean.repeat_interleave(c // GN_GROUPS) * scale
+    if weight is not None:
+        scale = scale * weight
+        shift = shift * weight + bias
+    return torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype))
 
 
 def _size2(size: Any) -> tuple[int, int]:
@@ -305,8 +380,7 @@ class JAFAR(nn.Module):
         cfg = self.config
         if image.dim() != 4 or image.shape[1] != cfg.input_dim:
             raise ConfigError(
-                f"JAFAR expects an image batch (B, {cfg.input_dim}, H, W), got "
-                f"{tuple(image.shape)}"
+                f"JAFAR expects an image batch (B, {cfg.input_dim}, H, W), got {tuple(image.shape)}"
             )
         if features.dim() != 4 or features.shape[1] != cfg.v_dim:
             raise ConfigError(
@@ -402,89 +476,102 @@ class JAFAR(nn.Module):
 
     # ---- memory-bounded path -----------------------------------------------------------------
     def _rows(self, per_row_bytes: int, total: int) -> int:
+        """Rows per band so that a band's working set stays within ``chunk_bytes``."""
         if self.chunk_bytes is None:
             return max(1, total)
         return max(1, min(total, int(self.chunk_bytes) // max(1, per_row_bytes)))
 
-    @staticmethod
-    def _gn_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-group mean and 1/std of a (C, H, W) tensor (GroupNorm's statistics)."""
-        var, mean = torch.var_mean(x.reshape(GN_GROUPS, -1).float(), dim=1, correction=0)
-        return mean, torch.rsqrt(var + GN_EPS)
+    def chunk_plan(self, image_hw, feature_hw, output_size) -> dict:
+        """Band sizes :meth:`forward_chunked` uses: image rows per band, output rows per band
+        and queries per attention chunk (float32)."""
+        c, heads, v = self.config.qk_dim, self.config.num_heads, self.config.v_dim
+        h_img, w_img = _size2(image_hw)
+        h, w = _size2(feature_hw)
+        ho, wo = _size2(output_size)
+        # image bands: a small working set (cache-sized, at most ``chunk_bytes``)
+        small = min(IMAGE_BAND_BYTES, self.chunk_bytes or IMAGE_BAND_BYTES)
+        img_rows = max(1, min(h_img, small // (c * w_img * 4)))
+        out_rows = self._rows(8 * c * max(wo, w_img) * 4, ho)
+        per_q = (2 * heads + 2) * h * w + 2 * c + v
+        q_chunk = max(1, min(self._rows(per_q * 4, (out_rows + 2) * wo), QUERY_CHUNK))
+        return {"image_rows": img_rows, "output_rows": out_rows, "query_chunk": q_chunk}
 
-    @staticmethod
-    def _gn_apply(xb, mean, rstd, weight=None, bias=None) -> torch.Tensor:
-        c = xb.shape[0]
-        shape = (c,) + (1,) * (xb.dim() - 1)
-        mc = mean.repeat_interleave(c // GN_GROUPS).view(shape).to(xb.dtype)
-        rc = rstd.repeat_interleave(c // GN_GROUPS).view(shape).to(xb.dtype)
-        y = (xb - mc) * rc
-        if weight is not None:
-            y = y * weight.view(shape) + bias.view(shape)
-        return y
+    def _resblock_inplace(self, blk: _ResBlock, x: torch.Tensor, bands, stats):
+        """``x + blk(x)`` written into ``x`` (pixels, C), band by band of pixels.
 
-    def _resblock_inplace(self, blk: _ResBlock, x: torch.Tensor, rows: int) -> torch.Tensor:
-        """``x + blk(x)`` written into ``x`` (C, H, W), in row bands."""
-        height = x.shape[1]
-        m1, r1 = self._gn_stats(x)
+        ``stats``: GroupNorm statistics of ``x``; returns (x, the statistics of the result),
+        both gathered while the bands are produced (no extra pass over the map)."""
+        m1, r1 = stats
         a = torch.empty_like(x)
-        for r0 in range(0, height, rows):
-            hb = F.silu(self._gn_apply(x[:, r0 : r0 + rows], m1, r1, blk.norm1.weight,
-                                       blk.norm1.bias))
-            a[:, r0 : r0 + rows] = F.conv2d(hb[None], blk.conv1.weight)[0]
-        m2, r2 = self._gn_stats(a)
-        for r0 in range(0, height, rows):
-            hb = F.silu(self._gn_apply(a[:, r0 : r0 + rows], m2, r2, blk.norm2.weight,
-                                       blk.norm2.bias))
-            x[:, r0 : r0 + rows] += F.conv2d(hb[None], blk.conv2.weight)[0]
+        w1, w2 = blk.conv1.weight[:, :, 0, 0].t(), blk.conv2.weight[:, :, 0, 0].t()
+        mom = _Moments(x.shape[-1], x.device)
+        for s, e in bands:
+            hb = F.silu(_gn_apply(x[s:e], m1, r1, blk.norm1.weight, blk.norm1.bias), inplace=True)
+            mom.add(torch.mm(hb, w1, out=a[s:e]))
+        m2, r2 = mom.groups()
+        mom = _Moments(x.shape[-1], x.device)
+        for s, e in bands:
+            hb = F.silu(_gn_apply(a[s:e], m2, r2, blk.norm2.weight, blk.norm2.bias), inplace=True)
+            mom.add(x[s:e].addmm_(hb, w2))
         del a
-        return x
-
-    def _conv1x1_bands(self, conv: nn.Conv2d, x: torch.Tensor, rows: int, out=None):
-        """A 1×1 conv over (C, H, W) in row bands, into ``out`` (may be ``x`` itself)."""
-        if out is None:
-            out = x.new_empty((conv.weight.shape[0],) + tuple(x.shape[1:]))
-        for r0 in range(0, x.shape[1], rows):
-            out[:, r0 : r0 + rows] = F.conv2d(x[None, :, r0 : r0 + rows], conv.weight)[0]
-        return out
+        return x, mom.groups()
 
     def _encode_sample(self, img: torch.Tensor, h: int, w: int):
-        """(queries at the image resolution (C, H, W), pooled keys (C, h, w)) of one image."""
+        """(queries at the image resolution (H, W, C), pooled keys (C, h, w)) of one image.
+
+        The image-resolution maps are kept channels-last, (H·W, C), and processed in bands of
+        whole rows (small enough to stay in cache); at most three maps are alive at once."""
         c = self.config.qk_dim
         _, h_img, w_img = img.shape
-        esize = img.element_size()
-        rows = self._rows(6 * c * w_img * esize, h_img)
-        enc = self.image_encoder[0](img[None])[0]
+        rows = self.chunk_plan((h_img, w_img), (h, w), (h, w))["image_rows"]
+        bands = [(r0 * w_img, min(h_img, r0 + rows) * w_img) for r0 in range(0, h_img, rows)]
+        conv0 = self.image_encoder[0]
+        if conv0.kernel_size == (1, 1):
+            enc = img.reshape(img.shape[0], -1).t() @ conv0.weight[:, :, 0, 0].t()
+        else:  # reflect-padded k×k conv on the whole image, then channels-last
+            enc = conv0(img[None])[0].permute(1, 2, 0).reshape(-1, c).contiguous()
+        stats = _group_stats(enc, bands)
         for blk in self.image_encoder[1:]:
-            enc = self._resblock_inplace(blk, enc, rows)
+            enc, stats = self._resblock_inplace(blk, enc, bands, stats)
+        # positional encoding in place; the first key / query convs read the result
         freqs = self.rope.freqs
-        for r0 in range(0, h_img, rows):
-            r1 = min(h_img, r0 + rows)
-            t = enc[:, r0:r1].permute(1, 2, 0).reshape(-1, c)
-            coords = image_coords(h_img, w_img, r0, r1, device=img.device)
-            t = _apply_rope(t, coords, freqs).to(enc.dtype)
-            enc[:, r0:r1] = t.reshape(r1 - r0, w_img, c).permute(2, 0, 1)
-        # keys first (they need the encoded image kept), then the queries in place over it
-        kmap = self._conv1x1_bands(self.key_encoder[0], enc, rows)
+        wk0 = self.key_encoder[0].weight[:, :, 0, 0].t()
+        kmap = torch.empty_like(enc)
+        kmom = _Moments(c, enc.device)
+        for s, e in bands:
+            r0, r1 = s // w_img, e // w_img
+            band = enc[s:e]
+            band.copy_(
+                _apply_rope(band, image_coords(h_img, w_img, r0, r1, device=img.device), freqs)
+            )
+            kmom.add(torch.mm(band, wk0, out=kmap[s:e]))
+        stats = kmom.groups()
         for blk in self.key_encoder[1:]:
-            kmap = self._resblock_inplace(blk, kmap, rows)
-        k_pooled = F.adaptive_avg_pool2d(kmap[None], (h, w))[0]
+            kmap, stats = self._resblock_inplace(blk, kmap, bands, stats)
+        k_pooled = _Pooler(kmap.view(h_img, w_img, c), h, w)(0, h).permute(2, 0, 1)
         del kmap
-        q = self._conv1x1_bands(self.query_encoder[0], enc, rows, out=enc)
+        # queries in place over the encoded image
+        wq0 = self.query_encoder[0].weight[:, :, 0, 0].t()
+        qmom = _Moments(c, enc.device)
+        for s, e in bands:
+            enc[s:e] = enc[s:e] @ wq0
+            qmom.add(enc[s:e])
+        stats = qmom.groups()
         for blk in self.query_encoder[1:]:
-            q = self._resblock_inplace(blk, q, rows)
-        return q, k_pooled
+            enc, stats = self._resblock_inplace(blk, enc, bands, stats)
+        return enc.view(h_img, w_img, c), k_pooled.contiguous()
 
     def forward_chunked(self, image: torch.Tensor, features: torch.Tensor, output_size):
         """The same function as :meth:`forward_reference`, memory-bounded (no autograd).
 
-        Per sample: encoders in row bands, output rows in bands (two passes), attention in
-        query chunks; every working set is sized to ``chunk_bytes``.
+        Per sample: encoders in row bands, output rows in bands (two passes: the query
+        GroupNorm statistics, then the rows with a one-row halo for the 3×3 conv), attention in
+        query chunks; every working set is sized to ``chunk_bytes`` (:meth:`chunk_plan`).
         """
         self._check_inputs(image, features)
         ho, wo = _size2(output_size)
         cfg = self.config
-        c, heads = cfg.qk_dim, cfg.num_heads
+        c = cfg.qk_dim
         b = image.shape[0]
         h, w = features.shape[-2:]
         dtype = self.rope.freqs.dtype
@@ -492,50 +579,34 @@ class JAFAR(nn.Module):
         image = image.to(device=dev, dtype=dtype)
         features = features.to(device=dev, dtype=dtype)
         out = torch.empty(b, cfg.v_dim, ho, wo, device=dev, dtype=dtype)
-        esize = torch.empty((), dtype=dtype).element_size()
+        plan = self.chunk_plan(image.shape[-2:], (h, w), (ho, wo))
+        rows, q_chunk = plan["output_rows"], plan["query_chunk"]
         ca = self.cross_decode.cross_attn
         conv3 = self.cross_decode.conv2d.weight
+        out_bands = [(r0, min(ho, r0 + rows)) for r0 in range(0, ho, rows)]
         with torch.no_grad():
             for i in range(b):
                 q_img, k_pooled = self._encode_sample(image[i], h, w)
-                h_img, w_img = q_img.shape[-2:]
                 keys = self._keys(k_pooled[None], features[i : i + 1])
                 k_heads = self._key_heads(keys.flatten(2).transpose(1, 2))
-                values = features[i].flatten(1).transpose(0, 1)  # (h·w, Cv)
-                ph = _pool_matrix(h_img, ho, dev, dtype)
-                pw = _pool_matrix(w_img, wo, dev, dtype)
-                win_h = _adaptive_windows(h_img, ho)
-
-                def pooled(r0: int, r1: int) -> torch.Tensor:
-                    a, bnd = win_h[r0][0], win_h[r1 - 1][1]
-                    x = torch.einsum("oh,chw->cow", ph[r0:r1, a:bnd], q_img[:, a:bnd])
-                    return torch.einsum("cow,pw->cop", x, pw)
-
-                rows = self._rows(10 * c * max(wo, w_img) * esize, ho)
-                s1 = torch.zeros(GN_GROUPS, dtype=torch.float64, device=dev)
-                s2 = torch.zeros(GN_GROUPS, dtype=torch.float64, device=dev)
-                for r0 in range(0, ho, rows):
-                    y = pooled(r0, min(ho, r0 + rows)).reshape(GN_GROUPS, -1).double()
-                    s1 += y.sum(1)
-                    s2 += (y * y).sum(1)
-                n = (c // GN_GROUPS) * ho * wo
-                mean = s1 / n
-                var = (s2 / n - mean * mean).clamp_min(0)
-                rstd = torch.rsqrt(var + GN_EPS)
-                per_q = (2 * heads + 2) * h * w + 2 * c + cfg.v_dim
-                q_chunk = self._rows(per_q * esize, (rows + 2) * wo)
-                for r0 in range(0, ho, rows):
-                    r1 = min(ho, r0 + rows)
+                values = features[i].flatten(1).t()  # (h·w, Cv)
+                pool = _Pooler(q_img, ho, wo)
+                mom = _Moments(c, dev)
+                for r0, r1 in out_bands:
+                    mom.add(pool(r0, r1).reshape(-1, c))
+                mean, rstd = mom.groups()
+                for r0, r1 in out_bands:
                     e0, e1 = max(0, r0 - 1), min(ho, r1 + 1)
-                    y = self._gn_apply(pooled(e0, e1), mean.float(), rstd.float())
-                    y = F.pad(y, (1, 1, 1 if r0 == 0 else 0, 1 if r1 == ho else 0))
-                    qc = F.conv2d(y[None], conv3)[0]  # (C, r1 - r0, Wo)
-                    qt = ca.norm_q(qc.permute(1, 2, 0).reshape(-1, c))
+                    y = _gn_apply(pool(e0, e1), mean, rstd)  # (rows, Wo, C)
+                    y = F.pad(y, (0, 0, 1, 1, 1 if r0 == 0 else 0, 1 if r1 == ho else 0))
+                    y = y.permute(2, 0, 1)[None]  # channels-last (1, C, rows + 2, Wo + 2)
+                    qc = F.conv2d(y, conv3)[0].permute(1, 2, 0)  # (r1 - r0, Wo, C)
+                    qt = ca.norm_q(qc.reshape(-1, c))
                     res = torch.empty(qt.shape[0], cfg.v_dim, device=dev, dtype=dtype)
                     for s in range(0, qt.shape[0], q_chunk):
                         attn = self._attend(qt[None, s : s + q_chunk], k_heads)[0]
-                        res[s : s + q_chunk] = attn @ values
-                    out[i, :, r0:r1] = res.reshape(r1 - r0, wo, -1).permute(2, 0, 1)
+                        torch.mm(attn, values, out=res[s : s + q_chunk])
+                    out[i, :, r0:r1] = res.view(r1 - r0, wo, -1).permute(2, 0, 1)
         return out
 
     def forward(self, image: torch.Tensor, features: torch.Tensor, output_size) -> torch.Tensor:
@@ -545,3 +616,307 @@ class JAFAR(nn.Module):
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
             return self.forward_reference(image, features, output_size)
         return self.forward_chunked(image, features, output_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# State dicts and files
+# ---------------------------------------------------------------------------------------------
+
+
+def reference_key_order(config: JafarConfig) -> list[str]:
+    """The released state dict's key order for ``config`` (= ``JAFAR.state_dict()``)."""
+    return list(JAFAR(config).state_dict())
+
+
+def config_from_state_dict(
+    sd: dict[str, torch.Tensor], source: str = "state dict", num_heads: int | None = None
+) -> JafarConfig:
+    """Constructor arguments read from the tensor shapes (the head count is in no shape: the
+    released models use 4, zsdense's own files record theirs)."""
+    try:
+        w0 = sd["image_encoder.0.weight"]
+        kf = sd["key_features_encoder.0.weight"]
+    except KeyError as exc:
+        raise WeightsError(
+            f"{source}: not a JAFAR state dict (no {exc.args[0]!r}); expected the released "
+            f"layout {{'jafar': state_dict}} with image_encoder.*, key_encoder.*, "
+            f"query_encoder.*, key_features_encoder.*, cross_decode.*, sft_key.*, rope.freqs"
+        ) from None
+    if w0.dim() != 4 or kf.dim() != 4:
+        raise WeightsError(f"{source}: JAFAR encoder weights must be 4-d conv kernels")
+    try:
+        return JafarConfig(
+            v_dim=int(kf.shape[1]),
+            qk_dim=int(w0.shape[0]),
+            num_heads=int(num_heads or DEFAULT_HEADS),
+            kernel_size=int(w0.shape[-1]),
+            input_dim=int(w0.shape[1]),
+        )
+    except ConfigError as exc:
+        raise WeightsError(f"{source}: unusable JAFAR shapes ({exc})") from None
+
+
+def jafar_from_state_dict(
+    sd: dict[str, torch.Tensor],
+    source: str = "state dict",
+    *,
+    num_heads: int | None = None,
+    chunk_bytes: int | None = DEFAULT_CHUNK_BYTES,
+) -> JAFAR:
+    """A JAFAR module (float32, eval, frozen) with ``sd`` loaded strictly."""
+    cfg = config_from_state_dict(sd, source, num_heads)
+    model = JAFAR(cfg, chunk_bytes=chunk_bytes)
+    want = model.state_dict()
+    missing = [k for k in want if k not in sd]
+    extra = [k for k in sd if k not in want]
+    wrong = [
+        f"{k} {tuple(sd[k].shape)} (expected {tuple(want[k].shape)})"
+        for k in want
+        if k in sd and tuple(sd[k].shape) != tuple(want[k].shape)
+    ]
+    if missing or extra or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}")
+        if extra:
+            parts.append(f"unexpected {', '.join(extra[:6])}{' ...' if len(extra) > 6 else ''}")
+        if wrong:
+            parts.append(f"wrong shapes {', '.join(wrong[:4])}")
+        raise WeightsError(
+            f"{source}: does not fit a JAFAR upsampler (qk_dim {cfg.qk_dim}, {cfg.v_dim}-channel "
+            f"features, {len(want)} tensors): " + "; ".join(parts)
+        )
+    model.load_state_dict({k: sd[k].float() for k in want}, strict=True)
+    return model.float().eval().requires_grad_(False)
+
+
+def _is_tensor_dict(obj: object) -> bool:
+    return (
+        isinstance(obj, dict)
+        and bool(obj)
+        and all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items())
+    )
+
+
+def read_jafar_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state dict, zsdense metadata or {}) of an upsampler file, never unpickling objects.
+
+    ``.safetensors``: zsdense's own format (metadata JSON under ``"zsdense"``). Anything else:
+    ``torch.load(weights_only=True)`` of the released ``{"jafar": state_dict}`` layout (or a
+    bare state dict).
+    """
+    import json
+
+    p = Path(path)
+    if not p.is_file():
+        raise WeightsError(f"{p}: upsampler file not found")
+    if p.suffix == ".safetensors":
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        try:
+            sd = load_file(str(p), device="cpu")
+            with safe_open(str(p), framework="pt") as f:
+                raw = (f.metadata() or {}).get(META_KEY)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
+            raise WeightsError(f"{p}: not a readable safetensors file ({exc})") from None
+        try:
+            meta = json.loads(raw) if raw else {}
+        except ValueError:
+            raise WeightsError(f"{p}: its '{META_KEY}' metadata is not JSON") from None
+        return sd, meta if isinstance(meta, dict) else {}
+    try:
+        obj = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        text = str(exc)
+        if "GLOBAL" in text or "weights_only" in text.lower():
+            raise WeightsError(
+                f"{p}: torch.load(weights_only=True) refused this file: it holds Python objects, "
+                f"not only tensors (the reference's training checkpoints model_<N>steps.pth hold "
+                f"an omegaconf DictConfig). zsdense does not unpickle such files; in a trusted "
+                f"environment extract the weights with torch.save({{'jafar': torch.load(f, "
+                f"weights_only=False)['jafar']}}, 'upsampler.pth')"
+            ) from None
+        raise WeightsError(
+            f"{p}: not a readable PyTorch checkpoint ({text.splitlines()[0] if text else exc!r}); "
+            f"it is corrupt or incomplete: fetch it again"
+        ) from None
+    meta: dict = {}
+    if isinstance(obj, dict) and STATE_DICT_KEY in obj:
+        extra = obj.get(META_KEY)
+        if isinstance(extra, dict):
+            meta = dict(extra)
+        obj = obj[STATE_DICT_KEY]
+    if not _is_tensor_dict(obj):
+        raise WeightsError(
+            f"{p}: not a JAFAR upsampler file: expected {{'jafar': state_dict}} (the released "
+            f"layout) or a plain state dict of tensors, found {type(obj).__name__}"
+        )
+    return dict(obj), meta
+
+
+def save_jafar(model: JAFAR, path: str | Path, meta: dict | None = None) -> Path:
+    """Write an upsampler atomically: ``.safetensors`` with the metadata JSON (backbone, head
+    count...), or any other suffix as the released layout ``{"jafar": state_dict}`` exactly
+    (``torch.save``; the authors' loaders read it; no metadata)."""
+    import json
+
+    from zsdense.io.writers import atomic_path
+
+    p = Path(path)
+    sd = {
+        k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()
+    }
+    info = {"format": FORMAT, **model.config.to_json(), **(meta or {})}
+    with atomic_path(p) as tmp:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file(sd, str(tmp), metadata={META_KEY: json.dumps(info, sort_keys=True)})
+        else:
+            torch.save({STATE_DICT_KEY: sd}, str(tmp))
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading for an encoder, and use
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Upsampler:
+    """A loaded JAFAR upsampler and what it was trained on.
+
+    ``backbone``: the features it was trained on (a timm model name for the released files, a
+    zsdense encoder id for files zsdense trained; None if the file does not say).
+    ``encoder``: the zsdense encoder id (:func:`zsdense.models.jafar_backbone.encoder_id`) whose
+    features those are, or None when no zsdense encoder computes them.
+    """
+
+    module: JAFAR
+    source: str
+    backbone: str | None = None
+    encoder: str | None = None
+    released: bool = False
+
+    @property
+    def feature_dim(self) -> int:
+        return self.module.config.v_dim
+
+    def to(self, device) -> Upsampler:
+        self.module.to(device)
+        return self
+
+    def check_encoder(self, encoder, *, allow_other_backbone: bool = False) -> None:
+        """WeightsError unless ``encoder`` gives the features this upsampler was trained on.
+
+        The width must match (nothing else could run); the backbone must match where it is
+        known, unless ``allow_other_backbone`` (features of another distribution: it runs, the
+        result is not what the upsampler was trained for)."""
+        from zsdense.models.jafar_backbone import encoder_id, encoder_width
+
+        width, eid = encoder_width(encoder), encoder_id(encoder)
+        trained = self.backbone or "an unrecorded backbone"
+        if width != self.feature_dim:
+            raise WeightsError(
+                f"{self.source}: this JAFAR upsampler takes {self.feature_dim}-channel features "
+                f"(trained on {trained}); the encoder {eid} gives {width}-channel features. Use "
+                f"an upsampler made for this encoder or train one: zsdense train-upsampler DATA "
+                f"--backbone NAME --out RUN"
+            )
+        if allow_other_backbone:
+            return
+        if self.released and self.encoder is None:
+            raise WeightsError(
+                f"{self.source}: this upsampler was trained on the features of timm's "
+                f"{self.backbone}, which no zsdense encoder computes; {eid} gives features of "
+                f"another distribution. Train an upsampler for it (zsdense train-upsampler) or "
+                f"allow another backbone explicitly"
+            )
+        if self.encoder is not None and self.encoder != eid:
+            raise WeightsError(
+                f"{self.source}: this upsampler was trained on the features of {self.encoder}"
+                + (f" (timm {self.backbone})" if self.released else "")
+                + f", not of {eid}. Use the upsampler made for this encoder, train one "
+                f"(zsdense train-upsampler), or allow another backbone explicitly"
+            )
+
+    def __call__(self, image_norm: torch.Tensor, features: torch.Tensor, output_size):
+        return upsample(self, image_norm, features, output_size)
+
+
+def _release(name: str):
+    from zsdense.models.weights_table import JAFAR as TABLE
+
+    for rel in TABLE:
+        if rel.name == name:
+            return rel
+    return None
+
+
+def load_jafar(
+    spec: str | Path,
+    *,
+    encoder=None,
+    weights_dir: str | None = None,
+    download: bool | None = None,
+    device: str | torch.device = "cpu",
+    allow_other_backbone: bool = False,
+    chunk_bytes: int | None = DEFAULT_CHUNK_BYTES,
+) -> Upsampler:
+    """A JAFAR upsampler from a registry name (``jafar-dinov2-small``...: found, downloaded and
+    hash-checked like every checkpoint, ``--weights-dir`` / ``--offline`` apply) or a file
+    (released ``.pth`` layout or zsdense ``.safetensors``). With ``encoder``, refuse an
+    upsampler trained for another width or backbone (:meth:`Upsampler.check_encoder`)."""
+    from zsdense.models.weights_table import JAFAR as TABLE
+
+    rel = _release(str(spec))
+    if rel is not None:
+        from zsdense.models import registry
+
+        path = registry.resolve(rel.name, weights_dir=weights_dir, download=download)
+        sd, meta = read_jafar_file(path)
+        source = f"{path} ({rel.name})"
+        model = jafar_from_state_dict(sd, source, num_heads=DEFAULT_HEADS, chunk_bytes=chunk_bytes)
+        if model.config.v_dim != rel.feature_dim:
+            raise WeightsError(
+                f"{source}: holds an upsampler for {model.config.v_dim}-channel features, but "
+                f"{rel.name} is the one for {rel.feature_dim}-channel {rel.backbone} features: "
+                f"the file is another checkpoint; replace it"
+            )
+        from zsdense.models.jafar_backbone import registry_encoder_id
+
+        enc = registry_encoder_id(rel.encoder) if rel.encoder else None
+        up = Upsampler(model, source, rel.backbone, enc, released=True)
+    else:
+        p = Path(spec).expanduser()
+        if not p.is_file():
+            known = ", ".join(r.name for r in TABLE)
+            raise ConfigError(
+                f"upsampler {spec!r}: neither a file nor a registered upsampler (known: {known})"
+            )
+        sd, meta = read_jafar_file(p)
+        heads = meta.get("num_heads")
+        model = jafar_from_state_dict(sd, str(p), num_heads=heads, chunk_bytes=chunk_bytes)
+        up = Upsampler(model, str(p), meta.get("backbone"), meta.get("backbone"))
+    up.to(device)
+    if encoder is not None:
+        up.check_encoder(encoder, allow_other_backbone=allow_other_backbone)
+    return up
+
+
+def upsample(
+    upsampler: Upsampler | JAFAR,
+    image_norm: torch.Tensor,
+    features: torch.Tensor,
+    output_size,
+) -> torch.Tensor:
+    """High-resolution features (B, Cv, Ho, Wo) of low-resolution ``features`` (B, Cv, h, w).
+
+    ``image_norm`` (B, 3, H, W) is the image normalised with the encoder's mean/std, the same
+    tensor (or the same image at the same size) the encoder computed ``features`` from; the
+    output is float32 (the upsampler's dtype), memory-bounded at any output size.
+    """
+    module = upsampler.module if isinstance(upsampler, Upsampler) else upsampler
+    with torch.no_grad():
+        return module.forward_chunked(image_norm, features, output_size)
