@@ -153,7 +153,11 @@ class _RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(F, "rms_norm"):  # torch >= 2.4; eps=None: finfo(x).eps, float32's for bf16
-            return F.rms_norm(x, (x.shape[-1],), self.weight, eps=None)
+            if x.dtype == self.weight.dtype:
+                return F.rms_norm(x, (x.shape[-1],), self.weight, eps=None)
+            # reduced-precision input (autocast): computed in float32, as torch's own fallback
+            y = F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), eps=None)
+            return y.to(x.dtype)
         xf = x.float()  # pragma: no cover - older torch
         eps = torch.finfo(xf.dtype).eps
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)

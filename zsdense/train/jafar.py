@@ -659,9 +659,13 @@ class UpsamplerTrainer:
         self,
         progress: ProgressFn | None = None,
         stop_after: int | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> list[dict]:
-        """Train until ``recipe.steps`` (or ``stop_after`` more steps: an interruption that a
-        resume continues); returns the validation records (``train.jsonl``)."""
+        """Train until ``recipe.steps``; returns the validation records (``train.jsonl``).
+
+        Stops early after ``stop_after`` more steps or when ``should_stop()`` turns true
+        (checked between steps, e.g. set by Ctrl-C): the last completed step is saved and a
+        ``resume`` continues from it."""
         r, o = self.recipe, self.options
         self.out.mkdir(parents=True, exist_ok=True)
         self._write_run()
@@ -672,7 +676,9 @@ class UpsamplerTrainer:
         done = 0
         last = None
         while self.step < r.steps:
-            if stop_after is not None and done >= stop_after:
+            if (stop_after is not None and done >= stop_after) or (
+                should_stop is not None and should_stop()
+            ):
                 break
             t0 = time.perf_counter()
             x = self.load_batch(self.batch_items(self.step))
