@@ -313,3 +313,19 @@ def test_upsample_api_on_encoder_features():
     assert hi.shape == (1, dino.width, 56, 70) and hi.dtype == torch.float32
     # each output vector is a convex combination of the input vectors: inside their range
     assert bool((hi <= lo.amax(dim=(2, 3))[..., None, None] + 1e-2).all())
+
+
+def test_values_carry_the_same_attention():
+    """``values``: the attention from the features applied to other maps on the same grid; a
+    per-pixel linear map commutes with the upsampling."""
+    m = _random_jafar()
+    img, feats = _inputs(3, 2, (30, 44), (3, 4), 24)
+    proj = torch.randn(24, 7, generator=torch.Generator().manual_seed(1))
+    vals = torch.einsum("bchw,cd->bdhw", feats, proj)
+    hi = upsample(m, img, feats, (15, 22))
+    hv = upsample(m, img, feats, (15, 22), values=vals)
+    assert hv.shape == (2, 7, 15, 22)
+    assert torch.allclose(hv, torch.einsum("bchw,cd->bdhw", hi, proj), atol=1e-5)
+    assert torch.equal(upsample(m, img, feats, (15, 22), values=feats), hi)
+    with pytest.raises(ConfigError, match="feature grid"):
+        upsample(m, img, feats, (15, 22), values=vals[..., :2])

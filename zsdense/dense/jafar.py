@@ -565,12 +565,23 @@ class JAFAR(nn.Module):
             enc, stats = self._resblock_inplace(blk, enc, bands, stats)
         return enc.view(h_img, w_img, c), k_pooled.contiguous()
 
-    def forward_chunked(self, image: torch.Tensor, features: torch.Tensor, output_size):
+    def forward_chunked(
+        self,
+        image: torch.Tensor,
+        features: torch.Tensor,
+        output_size,
+        values: torch.Tensor | None = None,
+    ):
         """The same function as :meth:`forward_reference`, memory-bounded (no autograd).
 
         Per sample: encoders in row bands, output rows in bands (two passes: the query
         GroupNorm statistics, then the rows with a one-row halo for the 3×3 conv), attention in
         query chunks; every working set is sized to ``chunk_bytes`` (:meth:`chunk_plan`).
+
+        ``values`` (B, D, h, w), on the grid of ``features``: apply the attention computed from
+        ``features`` to these maps instead (any width D); the output is (B, D, Ho, Wo). JAFAR's
+        output being ``attention @ values``, a per-pixel linear map of the features (a
+        projection, a classifier) commutes with it.
         """
         self._check_inputs(image, features)
         ho, wo = _size2(output_size)
@@ -582,7 +593,16 @@ class JAFAR(nn.Module):
         dev = self.rope.freqs.device
         image = image.to(device=dev, dtype=dtype)
         features = features.to(device=dev, dtype=dtype)
-        out = torch.empty(b, cfg.v_dim, ho, wo, device=dev, dtype=dtype)
+        if values is None:
+            values = features
+        elif values.dim() != 4 or values.shape[0] != b or values.shape[-2:] != (h, w):
+            raise ConfigError(
+                f"values must be (B={b}, D, {h}, {w}) on the feature grid, got "
+                f"{tuple(values.shape)}"
+            )
+        values = values.to(device=dev, dtype=dtype)
+        d_out = values.shape[1]
+        out = torch.empty(b, d_out, ho, wo, device=dev, dtype=dtype)
         plan = self.chunk_plan(image.shape[-2:], (h, w), (ho, wo))
         rows, q_chunk = plan["output_rows"], plan["query_chunk"]
         ca = self.cross_decode.cross_attn
@@ -593,7 +613,7 @@ class JAFAR(nn.Module):
                 q_img, k_pooled = self._encode_sample(image[i], h, w)
                 keys = self._keys(k_pooled[None], features[i : i + 1])
                 k_heads = self._key_heads(keys.flatten(2).transpose(1, 2))
-                values = features[i].flatten(1).t()  # (h·w, Cv)
+                vals = values[i].flatten(1).t()  # (h·w, D)
                 pool = _Pooler(q_img, ho, wo)
                 mom = _Moments(c, dev)
                 for r0, r1 in out_bands:
@@ -606,10 +626,10 @@ class JAFAR(nn.Module):
                     y = y.permute(2, 0, 1)[None]  # channels-last (1, C, rows + 2, Wo + 2)
                     qc = F.conv2d(y, conv3)[0].permute(1, 2, 0)  # (r1 - r0, Wo, C)
                     qt = ca.norm_q(qc.reshape(-1, c))
-                    res = torch.empty(qt.shape[0], cfg.v_dim, device=dev, dtype=dtype)
+                    res = torch.empty(qt.shape[0], d_out, device=dev, dtype=dtype)
                     for s in range(0, qt.shape[0], q_chunk):
                         attn = self._attend(qt[None, s : s + q_chunk], k_heads)[0]
-                        torch.mm(attn, values, out=res[s : s + q_chunk])
+                        torch.mm(attn, vals, out=res[s : s + q_chunk])
                     out[i, :, r0:r1] = res.view(r1 - r0, wo, -1).permute(2, 0, 1)
         return out
 
@@ -845,8 +865,8 @@ class Upsampler:
                 f"(zsdense train-upsampler), or allow another backbone explicitly"
             )
 
-    def __call__(self, image_norm: torch.Tensor, features: torch.Tensor, output_size):
-        return upsample(self, image_norm, features, output_size)
+    def __call__(self, image_norm, features, output_size, values=None) -> torch.Tensor:
+        return upsample(self, image_norm, features, output_size, values=values)
 
 
 def _release(name: str):
@@ -914,13 +934,18 @@ def upsample(
     image_norm: torch.Tensor,
     features: torch.Tensor,
     output_size,
+    values: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """High-resolution features (B, Cv, Ho, Wo) of low-resolution ``features`` (B, Cv, h, w).
 
     ``image_norm`` (B, 3, H, W) is the image normalised with the encoder's mean/std, the same
-    tensor (or the same image at the same size) the encoder computed ``features`` from; the
-    output is float32 (the upsampler's dtype), memory-bounded at any output size.
+    tensor (or the same image at the same size) the encoder computed ``features`` from;
+    ``features`` are what the upsampler was trained on
+    (:func:`zsdense.models.jafar_backbone.jafar_features`). ``values`` (B, D, h, w): other maps
+    on the same grid (a preset's own dense features, projected features, scores) to carry to
+    the output size with the attention computed from ``features``. The output is float32 (the
+    upsampler's dtype), memory-bounded at any output size.
     """
     module = upsampler.module if isinstance(upsampler, Upsampler) else upsampler
     with torch.no_grad():
-        return module.forward_chunked(image_norm, features, output_size)
+        return module.forward_chunked(image_norm, features, output_size, values=values)
