@@ -151,6 +151,7 @@ def test_table_is_data_and_registry_reexports_it():
             weights_table.DINOV2,
             weights_table.SAM,
             weights_table.CRANE,
+            weights_table.JAFAR,
         )
     )
     assert len(CHECKPOINTS) == n_rows
