@@ -34,14 +34,16 @@ Two implementations of the same function:
   GroupNorm statistics taken from the full tensors (three C×H×W tensors at most are alive); the
   output is computed in bands of output rows (two passes: the query GroupNorm statistics, then
   pooled queries with a one-row halo for the 3×3 conv) and the attention in chunks of queries,
-  each sized to ``chunk_bytes``. Same numbers as the reference path (≤ 2e-6 on the fixture).
+  each sized to ``chunk_bytes``. Same numbers as the reference path (≤ 1.1e-6 on the fixture).
 
-Peak extra memory (beyond the inputs and the output tensor), ``chunk_bytes`` = 64 MiB,
-qk_dim 128, one image 448×448, features 32×32 (ViT-S/14, Cv 384), float32, measured with
-``bench/bench_jafar_memory.py`` (peak RSS growth minus the output, CPU): see
-:data:`MEASURED_PEAK_MB` — about 340 MB for a 448² output and about 360 MB for 1024²; the
-unchunked attention alone would be 1.6 GB (448²) and 16 GB (1024²). The image-resolution part
-(three 128-channel tensors at 448², 103 MB each) dominates and does not grow with the output.
+Peak extra memory (beyond the inputs and the output tensor), measured with
+``bench/bench_jafar.py`` (peak resident-set growth during a process's first call, minus the
+output; AMD EPYC CPU, 2 threads, float32, ``chunk_bytes`` 64 MiB, qk_dim 128, 4 heads, one
+448×448 image, features 32×32 with Cv 384, as ViT-S/14): **273 MB for a 448² output, 296 MB for
+1024²** (:data:`MEASURED_PEAK_MB`). The whole per-head attention the reference holds would be
+3.1 GB (448²) and 16 GB (1024²). Most of the peak is the image-resolution part (three 128-channel
+maps of 448², 103 MB each), which does not grow with the output size. Same run, CPU time at
+1 thread, image = output = 224², grid 16: chunked / reference = 0.83 (112²: 1.11).
 """
 
 from __future__ import annotations
@@ -69,9 +71,9 @@ STATE_DICT_KEY = "jafar"  # the released files are {"jafar": state_dict}
 META_KEY = "zsdense"  # safetensors metadata entry (JSON) of zsdense's own upsampler files
 FORMAT = "zsdense-jafar/1"
 
-#: Peak extra memory (MB) of :meth:`JAFAR.forward_chunked`, measured by
-#: ``bench/bench_jafar_memory.py`` (see the module docstring): output side -> MB.
-MEASURED_PEAK_MB = {448: 340, 1024: 360}
+#: Peak extra memory (MB) of :meth:`JAFAR.forward_chunked` from a 32² grid and a 448² image,
+#: measured by ``bench/bench_jafar.py`` (see the module docstring): output side -> MB.
+MEASURED_PEAK_MB = {448: 273, 1024: 296}
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",

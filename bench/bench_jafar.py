@@ -1,4 +1,5 @@
-"""Peak extra memory of the JAFAR upsampler's memory-bounded forward, per output size.
+"""JAFAR upsampler: peak extra memory of the memory-bounded forward per output size, and its
+speed against the whole-tensor (reference) path.
 
 Full-size JAFAR (qk_dim 128, 4 heads, kernel 1) with random weights, one image of
 ``--image`` pixels (448: the authors' evaluation size) and features on its ``/--patch`` grid
@@ -8,7 +9,13 @@ peak resident set during the call (Linux VmHWM after ``clear_refs``; CUDA: alloc
 the resident set before it, minus the output tensor itself = the extra memory. Also prints the
 size the whole head-averaged attention would have (what the chunking avoids) and the seconds.
 
-    python bench/bench_jafar_memory.py [--sizes 448 1024] [--chunk-mb 64] [--device cpu]
+``--speed S``: one process, ``--threads`` threads, image S×S, features on its /patch grid,
+output S×S; the reference path (``forward_reference``, whole tensors) and the chunked path
+interleaved, ``--repeats`` times each, the minimum process CPU time kept (the machine may be
+shared), and their ratio (chunked / reference) with the max difference of the outputs.
+
+    python bench/bench_jafar.py [--sizes 448 1024] [--chunk-mb 64] [--device cpu]
+    python bench/bench_jafar.py --speed 224 [--threads 1] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -75,6 +82,35 @@ def child(args) -> dict:
     }
 
 
+def speed(args) -> None:
+    import platform
+
+    from zsdense.dense.jafar import JAFAR, JafarConfig
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    chunk = None if args.chunk_mb <= 0 else int(args.chunk_mb * 2**20)
+    model = JAFAR(JafarConfig(v_dim=args.dim), chunk_bytes=chunk).eval().requires_grad_(False)
+    s = args.speed
+    image = torch.randn(1, 3, s, s)
+    feats = torch.randn(1, args.dim, s // args.patch, s // args.patch)
+    ref_t, chk_t = [], []
+    with torch.no_grad():
+        for _ in range(args.repeats):
+            t = time.process_time()
+            a = model.forward_reference(image, feats, (s, s))
+            ref_t.append(time.process_time() - t)
+            t = time.process_time()
+            b = model.forward_chunked(image, feats, (s, s))
+            chk_t.append(time.process_time() - t)
+    print(
+        f"speed: image {s}, grid {s // args.patch}, output {s}, Cv {args.dim}, float32, "
+        f"{args.threads} thread(s), {platform.processor() or platform.machine()}: reference "
+        f"{min(ref_t):.2f} s, chunked {min(chk_t):.2f} s CPU, ratio chunked/reference "
+        f"{min(chk_t) / min(ref_t):.2f}, max |diff| {float((a - b).abs().max()):.1e}"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[448, 1024])
@@ -85,7 +121,12 @@ def main() -> None:
     ap.add_argument("--chunk-mb", type=float, default=64.0, help="0: no chunking")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--speed", type=int, default=None, help="image side for the speed test")
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
+    if args.speed is not None:
+        speed(args)
+        return
     if args.size is not None:
         print(json.dumps(child(args)))
         return
