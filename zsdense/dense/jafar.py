@@ -365,7 +365,7 @@ class JAFAR(nn.Module):
 
     Parameter names and order are the released state dict's (65 tensors; 63 in the packed
     ``v == qk`` layout). ``chunk_bytes`` bounds the working set of :meth:`forward_chunked`
-    (None: one chunk, i.e. whole tensors).
+    (None: no bound; the work is still split into cache-sized blocks).
     """
 
     def __init__(self, config: JafarConfig, chunk_bytes: int | None = DEFAULT_CHUNK_BYTES):
