@@ -8,7 +8,7 @@ from zsdense.cli.common import (
     RegistryChoice,
     batch_command,
     list_data,
-    make_segmenter,
+    make_runtime,
     run_cli_batch,
 )
 from zsdense.config import ANOMALY_PRESETS, DEFAULT_ANOMALY_PRESET
@@ -194,8 +194,8 @@ def anomaly_cmd(
             f"--preset {preset} scores the images against each other and needs at least {need} "
             f"images of one product; DATA has {len(items)}. Use --preset crane or crane+"
         )
-    seg = make_segmenter(**runtime)
-    task = anomaly_spec(seg, opts, OutputOptions(fmt=fmt, overlay=not no_overlay))
+    rt = make_runtime(**runtime)
+    task = anomaly_spec(rt, opts, OutputOptions(fmt=fmt, overlay=not no_overlay))
     return run_cli_batch(
-        seg, items, out_dir, [task], force=force, retry_errors=retry_errors, quiet=quiet
+        rt, items, out_dir, [task], force=force, retry_errors=retry_errors, quiet=quiet
     )

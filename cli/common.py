@@ -32,48 +32,56 @@ class RegistryChoice(click.Choice):
         pass
 
 
-def runtime_options(f: Callable) -> Callable:
-    """--models, --device, --precision, --weights-dir, --batch-size, --offline, --max-pixels."""
-    opts = [
-        click.option(
+def runtime_options(f: Callable | None = None, *, exclude: Sequence[str] = ()) -> Callable:
+    """--models, --device, --precision, --weights-dir, --batch-size, --offline, --max-pixels:
+    every command takes the runtime options from here (``exclude`` drops the ones a command has
+    no use for, e.g. ``max_pixels`` for training). Choices come from the library."""
+    if f is None:
+        return lambda g: runtime_options(g, exclude=exclude)
+    from zsdense.config import PRECISIONS
+    from zsdense.models import MODEL_SETS
+
+    opts = {
+        "models": click.option(
             "--models",
-            type=click.Choice(["default", "tiny", "random"]),
+            type=click.Choice(MODEL_SETS),
             default="default",
             show_default=True,
             help="'tiny': small random-weight models for smoke runs; 'random': full-size "
             "architectures with random weights for benchmarks (results meaningless).",
         ),
-        click.option(
+        "device": click.option(
             "--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps."
         ),
-        click.option(
+        "precision": click.option(
             "--precision",
-            type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+            type=click.Choice(PRECISIONS),
             default="auto",
             show_default=True,
-            help="auto: bf16 on CUDA (else fp16) and on CPUs with native bf16, else fp32.",
+            help="auto: bf16 on CUDA (else fp16) and on CPUs with native bf16, else fp32; "
+            "the precision that ran is recorded in run_settings.json.",
         ),
-        click.option(
+        "weights_dir": click.option(
             "--weights-dir",
             type=click.Path(file_okay=False),
             default=None,
             envvar="ZSDENSE_WEIGHTS",
             help="Folder with checkpoints (searched first; env ZSDENSE_WEIGHTS).",
         ),
-        click.option(
+        "batch_size": click.option(
             "--batch-size",
             type=click.IntRange(min=1),
             default=DEFAULT_BATCH_SIZE,
             show_default=True,
             help="Images per encoder batch.",
         ),
-        click.option(
+        "offline": click.option(
             "--offline",
             is_flag=True,
             default=False,
             help="Never download weights; fail with instructions if one is missing.",
         ),
-        click.option(
+        "max_pixels": click.option(
             "--max-pixels",
             type=click.IntRange(min=1),
             default=MAX_PIXELS,
@@ -83,9 +91,10 @@ def runtime_options(f: Callable) -> Callable:
                 "the default keeps a 2-core 8 GB machine safe (README: memory)."
             ),
         ),
-    ]
-    for opt in reversed(opts):
-        f = opt(f)
+    }
+    for name, opt in reversed(list(opts.items())):
+        if name not in exclude:
+            f = opt(f)
     return f
 
 
@@ -142,7 +151,7 @@ def output_options(f: Callable) -> Callable:
     return f
 
 
-def make_segmenter(
+def make_runtime(
     models: str = "default",
     device: str = "auto",
     precision: str = "auto",
@@ -152,19 +161,22 @@ def make_segmenter(
     max_pixels: int = MAX_PIXELS,
     **_: Any,
 ):
-    """A Segmenter from the runtime options."""
-    from zsdense.api import Segmenter
+    """The :class:`~zsdense.runtime.Runtime` of the runtime options."""
+    from zsdense.config import RuntimeConfig
+    from zsdense.runtime import Runtime
 
     if offline:
         os.environ["ZSDENSE_OFFLINE"] = "1"
-    return Segmenter(
-        device=device,
-        models=models,
-        precision=precision,
-        weights_dir=weights_dir,
-        download=False if offline else None,
-        batch_size=batch_size,
-        max_pixels=max_pixels,
+    return Runtime(
+        RuntimeConfig(
+            device=device,
+            models=models,
+            precision=precision,
+            weights_dir=weights_dir,
+            download=False if offline else None,
+            batch_size=batch_size,
+            max_pixels=max_pixels,
+        )
     )
 
 
@@ -191,7 +203,7 @@ def no_inputs_error(items) -> ConfigError:
 
 
 def run_cli_batch(
-    seg,
+    rt,
     items,
     out_dir: str | Path,
     tasks: Sequence,
@@ -206,7 +218,7 @@ def run_cli_batch(
     if not items:
         raise no_inputs_error(items)
     summary = run_batch(
-        seg, items, out_dir, tasks, force=force, retry_errors=retry_errors, progress=not quiet
+        rt, items, out_dir, tasks, force=force, retry_errors=retry_errors, progress=not quiet
     )
     print_summary(summary, out_dir, quiet=quiet)
     return summary.exit_code

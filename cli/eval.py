@@ -19,7 +19,7 @@ from typing import Any
 import click
 
 from zsdense import metrics as M
-from zsdense.cli.common import make_segmenter, runtime_options
+from zsdense.cli.common import make_runtime, runtime_options
 from zsdense.errors import ZsdenseError
 from zsdense.eval import evaluate_anomaly, evaluate_openvocab, evaluate_refer
 from zsdense.eval.anomaly import ANOMALY_METRICS, ANOMALY_PRESET_CHOICES
@@ -94,7 +94,7 @@ def _common(f: Callable) -> Callable:
 
 
 def _run(ctx: click.Context, kw: dict[str, Any], fn: Callable[..., MetricTable]) -> None:
-    """Build the Segmenter, run one evaluation, print its table. User errors print one line
+    """Build the runtime, run one evaluation, print its table. User errors print one line
     and exit with their code (2; 130 when interrupted); failed predictions exit 3."""
     runtime = {k: kw.pop(k) for k in _RUNTIME_KEYS if k in kw}
     if kw.pop("recompute", False):
@@ -105,10 +105,10 @@ def _run(ctx: click.Context, kw: dict[str, Any], fn: Callable[..., MetricTable])
     if obj.get("task") is not None:
         kw["task"] = obj["task"]
     try:
-        seg = make_segmenter(**runtime)
+        rt = make_runtime(**runtime)
         if quiet:
             kw["log"] = _silent
-        table = fn(seg=seg, progress=not quiet, batch_size=runtime.get("batch_size"), **kw)
+        table = fn(runtime=rt, progress=not quiet, batch_size=runtime.get("batch_size"), **kw)
     except ZsdenseError as exc:
         click.echo(f"error: {exc}", err=True)
         ctx.exit(exc.exit_code)

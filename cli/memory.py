@@ -15,7 +15,7 @@ import time
 
 import click
 
-from zsdense.cli.common import make_segmenter, runtime_options
+from zsdense.cli.common import make_runtime, runtime_options
 from zsdense.errors import ConfigError
 
 
@@ -116,12 +116,12 @@ def build_cmd(
         mask_ref_images=mask_ref_images,
         knn_metric=knn_metric,
     )
-    seg = make_segmenter(**runtime)
+    rt = make_runtime(**runtime)
     t0 = time.perf_counter()
     paths = [str(it.path) for it in items]
-    bank = fs.build_memory(seg, paths, opts)
+    bank = fs.build_memory(rt, paths, opts)
     if crane_preset:
-        fs.add_crane_stats(seg, bank, paths[: bank.n_shots], crane_preset, object_name)
+        fs.add_crane_stats(rt, bank, paths[: bank.n_shots], crane_preset, object_name)
     save_memory(bank, out)
     summary = describe(bank)
     summary.update(
@@ -131,7 +131,7 @@ def build_cmd(
         bytes=out.stat().st_size,
         references=bank.names,
     )
-    if seg.random_weights:
+    if rt.random_weights:
         summary["warning"] = "random weights — not meaningful"
     click.echo(json.dumps(summary, indent=1, default=str))
 

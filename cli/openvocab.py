@@ -8,7 +8,7 @@ from zsdense.cli.common import (
     RegistryChoice,
     batch_command,
     list_data,
-    make_segmenter,
+    make_runtime,
     run_cli_batch,
 )
 from zsdense.config import DEFAULT_OPENVOCAB_PRESET, OPENVOCAB_DATASETS, OPENVOCAB_PRESETS
@@ -138,8 +138,8 @@ def openvocab_cmd(
         upsample=upsample,
     )
     items = list_data(data, out_dir, quiet)
-    seg = make_segmenter(**runtime)
-    task = openvocab_spec(seg, opts, OutputOptions(fmt=fmt, overlay=not no_overlay))
+    rt = make_runtime(**runtime)
+    task = openvocab_spec(rt, opts, OutputOptions(fmt=fmt, overlay=not no_overlay))
     return run_cli_batch(
-        seg, items, out_dir, [task], force=force, retry_errors=retry_errors, quiet=quiet
+        rt, items, out_dir, [task], force=force, retry_errors=retry_errors, quiet=quiet
     )

@@ -10,7 +10,7 @@ from zsdense.cli.common import (
     RegistryChoice,
     batch_command,
     list_data,
-    make_segmenter,
+    make_runtime,
     run_cli_batch,
 )
 from zsdense.config import DEFAULT_REFER_PRESET, PROPOSAL_STABILITY_MODES, REFER_PRESETS
@@ -125,8 +125,8 @@ def refer_cmd(
         items = list_data(data, out_dir, quiet)
         for it in items:
             it.params.update({"text": text})
-    seg = make_segmenter(**runtime)
-    task = refer_spec(seg, opts, OutputOptions(fmt=fmt, overlay=not no_overlay))
+    rt = make_runtime(**runtime)
+    task = refer_spec(rt, opts, OutputOptions(fmt=fmt, overlay=not no_overlay))
     return run_cli_batch(
-        seg, items, out_dir, [task], force=force, retry_errors=retry_errors, quiet=quiet
+        rt, items, out_dir, [task], force=force, retry_errors=retry_errors, quiet=quiet
     )

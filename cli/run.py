@@ -7,7 +7,7 @@ import click
 from zsdense.cli.common import (
     batch_command,
     list_data,
-    make_segmenter,
+    make_runtime,
     no_inputs_error,
     print_summary,
 )
@@ -192,10 +192,10 @@ def run_cmd(
     else:
         from zsdense.engine.local import run_batch
 
-        seg = make_segmenter(**runtime)
-        specs = build_task_specs(seg, cfgs, fmt=out_fmt, overlay=not no_overlay)
+        rt = make_runtime(**runtime)
+        specs = build_task_specs(rt, cfgs, fmt=out_fmt, overlay=not no_overlay)
         summary = run_batch(
-            seg,
+            rt,
             items,
             out_dir,
             specs,
@@ -211,7 +211,7 @@ def run_cmd(
 
 
 def _seg_kwargs(runtime: dict) -> dict:
-    """The Segmenter settings Ray actors need (they build their own Segmenter)."""
+    """The runtime settings Ray actors need (they build their own runtime)."""
     import os
 
     kw = {

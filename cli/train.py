@@ -11,7 +11,8 @@ import time
 
 import click
 
-PRESETS = ("crane", "crane+")
+from zsdense.cli.common import RegistryChoice, make_runtime, runtime_options
+from zsdense.train.recipe import RECIPES
 
 
 class _Progress:
@@ -71,7 +72,7 @@ class _Progress:
 )
 @click.option(
     "--preset",
-    type=click.Choice(PRESETS),
+    type=RegistryChoice(RECIPES),
     default="crane",
     show_default=True,
     help="crane (E-Attn, 4 aliased block-24 maps) or crane+ (plus DINOv2 D-Attn).",
@@ -94,14 +95,6 @@ class _Progress:
     default=False,
     help="Continue the run in --out where it stopped (bit for bit).",
 )
-@click.option(
-    "--models",
-    type=click.Choice(("default", "tiny", "random")),
-    default="default",
-    show_default=True,
-    help="tiny / random: random weights (tests, benchmarks).",
-)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1...")
 @click.option("--image-size", type=int, default=None, help="Input size (Crane: 518).")
 @click.option(
     "--cache-features",
@@ -137,7 +130,6 @@ class _Progress:
     show_default=True,
     help="Dataset layout of DATA and --val.",
 )
-@click.option("--weights-dir", default=None, type=click.Path(), help="Where weights are found.")
 @click.option(
     "--export-pth",
     is_flag=True,
@@ -145,6 +137,7 @@ class _Progress:
     help="Also write best.pth in the layout Crane's train.py saves (loads in Crane).",
 )
 @click.option("--quiet", "-q", is_flag=True, default=False, help="No progress output.")
+@runtime_options(exclude=("batch_size", "max_pixels"))
 def train_prompts_cmd(
     data,
     out_dir,
@@ -155,24 +148,21 @@ def train_prompts_cmd(
     seed,
     val,
     resume,
-    models,
-    device,
     image_size,
     cache_features,
     micro_batch,
     dattn_mean,
     reference_dice,
     layout,
-    weights_dir,
     export_pth,
     quiet,
+    **runtime,
 ) -> None:
     """Train Crane's learned prompts on DATA (MVTec, VisA, or a folder: good/ + one folder per
     defect + masks/) exactly as Crane's train.py runs it; use the result with
     `zsdense anomaly --prompts RUN_DIR/best.safetensors`."""
     from pathlib import Path
 
-    from zsdense.runtime import resolve_device
     from zsdense.train.checkpoint import export_published
     from zsdense.train.loop import BEST_FILE, LOG_FILE, PromptTrainer, TrainOptions
     from zsdense.train.recipe import get_recipe
@@ -187,21 +177,22 @@ def train_prompts_cmd(
         dattn_mean=dattn_mean,
         dice_squeeze_rows=True if reference_dice else None,
     )
+    if runtime.get("precision") == "auto":
+        runtime["precision"] = "fp32"  # the recipe as Crane runs it; bf16 only when asked for
+    rt = make_runtime(**runtime)
     options = TrainOptions(
-        models=models,
-        device=str(resolve_device(device)),
-        weights_dir=weights_dir,
         cache_features=cache_features,
         micro_batch=micro_batch,
         layout=layout,
         val=tuple(val),
     )
-    if models != "default" and not quiet:
+    if rt.random_weights and not quiet:
         click.echo(
-            f"zsdense: models='{models}' uses random weights: the prompts are NOT meaningful",
+            f"zsdense: models='{rt.config.models}' uses random weights: the prompts are NOT "
+            "meaningful",
             err=True,
         )
-    trainer = PromptTrainer(list(data), out_dir, recipe, options, resume=resume)
+    trainer = PromptTrainer(list(data), out_dir, recipe, options, resume=resume, runtime=rt)
     if not quiet:
         c = trainer.counts
         click.echo(

@@ -160,3 +160,87 @@ def test_readme_method_table_is_the_registry():
     if not readme.is_file():
         pytest.skip("README.md not next to the tests")
     assert methods_table() in readme.read_text(encoding="utf-8")
+
+
+# ---- the layers README "Architecture" documents -----------------------------------------------
+# A module may import its own layer or any layer below it, never one above; the faces (layer 5)
+# import each other only along the arrows listed in FACE_ARROWS.
+LAYERS: dict[str, int] = {
+    "zsdense": 5,  # the package root hands out the Segmenter (lazily)
+    "zsdense.api": 5,
+    "zsdense.engine": 5,
+    "zsdense.eval": 5,
+    "zsdense.train": 5,
+    "zsdense.tasks": 4,
+    "zsdense.options": 4,
+    "zsdense.dense": 3,
+    "zsdense.text": 3,
+    "zsdense.runtime": 2,
+    "zsdense.context": 2,
+    "zsdense.models": 1,
+    "zsdense.io": 1,
+    "zsdense.config": 0,
+    "zsdense.errors": 0,
+    "zsdense.version": 0,
+    "zsdense.safe_pickle": 0,
+    "zsdense.metrics": 0,
+}
+FACE_ARROWS = {
+    ("zsdense", "zsdense.api"),
+    ("zsdense.api", "zsdense.engine"),  # Segmenter.run through the task specs
+    ("zsdense.eval", "zsdense.engine"),  # predictions through the batch engine
+    ("zsdense.train", "zsdense.eval"),  # training reads the evaluation datasets
+}
+# sibling arrows inside a layer that would still be wrong
+NEVER_SIBLINGS = {("zsdense.dense", "zsdense.text"), ("zsdense.models", "zsdense.io")}
+
+
+def unit_of(module: str) -> str:
+    """The folder-level unit of a module: ``zsdense.tasks.anomaly`` -> ``zsdense.tasks``."""
+    parts = module.split(".")
+    return ".".join(parts[:2])
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    bad = []
+    for mod, targets in sorted(graph.items()):
+        a = unit_of(mod)
+        for t in sorted(targets):
+            b = unit_of(t)
+            if a == b or b.startswith("zsdense.cli"):
+                continue
+            la, lb = LAYERS.get(a), LAYERS.get(b)
+            if la is None or lb is None:
+                bad.append(f"{mod} -> {t}: {a if la is None else b} has no layer in LAYERS")
+            elif lb > la:
+                bad.append(f"{mod} -> {t}: layer {la} imports layer {lb} (upward)")
+            elif la == lb == 5 and (a, b) not in FACE_ARROWS:
+                bad.append(f"{mod} -> {t}: face {a} imports face {b}")
+            elif (a, b) in NEVER_SIBLINGS:
+                bad.append(f"{mod} -> {t}: forbidden")
+    return bad
+
+
+def test_layers_point_down():
+    bad = layer_violations(import_graph())
+    assert not bad, "imports against the documented layers:\n" + "\n".join(bad)
+
+
+def test_no_folder_level_cycles():
+    g = import_graph()
+    folders: dict[str, set[str]] = {}
+    for mod, targets in g.items():
+        for t in targets:
+            a, b = unit_of(mod), unit_of(t)
+            if a != b and a != "zsdense":
+                folders.setdefault(a, set()).add(b)
+    assert not _cycles(folders), _cycles(folders)
+
+
+def test_layer_check_catches_an_upward_arrow():
+    """The checker itself: a task importing the Segmenter and the engine importing the API."""
+    fake = {"zsdense.tasks.x": {"zsdense.api"}, "zsdense.engine.y": {"zsdense.api"}}
+    bad = layer_violations(fake)
+    assert len(bad) == 2
+    assert any("zsdense.tasks.x" in b and "upward" in b for b in bad)
+    assert any("face zsdense.engine imports face zsdense.api" in b for b in bad)

@@ -1,4 +1,12 @@
-"""Device and precision selection, guarded so CPU runs never touch CUDA APIs.
+"""The runtime below every head: device, precision, encoders, caches; and how they are chosen.
+
+:class:`Runtime` is what the heads (``zsdense.tasks``), the batch engine, evaluation and training
+receive: the device and the resolved precision (with autocast), the encoders (loaded lazily, once
+per process), the text-embedding cache, a per-runtime memo for work that belongs to a run rather
+than to an image (memory banks, reference and calibration maps), and the per-image context.
+``zsdense.api.Segmenter`` is a thin face over one :class:`Runtime`.
+
+Device and precision selection is guarded so CPU runs never touch CUDA APIs.
 
 ``--precision auto`` picks, per device, the fastest precision whose deviation from fp32 stays
 within the tolerance documented in the README ("Devices and precision"):
@@ -24,6 +32,7 @@ import functools
 import json
 import os
 import platform
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -32,9 +41,10 @@ from typing import Iterator
 
 import torch
 
+from zsdense.config import PRECISIONS, RuntimeConfig
+from zsdense.context import ImageContext
 from zsdense.errors import ConfigError
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # The figure quoted when bf16 is forced on a CPU without native support and no probe was run.
 DOCUMENTED_BF16_SLOWDOWN = 11.0  # ViT-L/14-336, AMD EPYC without avx512_bf16 / AMX: 61.3 s / 5.3 s
 # Flags (as /proc/cpuinfo spells them) that mean bf16 matrix products run natively.
@@ -292,3 +302,188 @@ def autocast(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
         raise ConfigError("--precision fp16 is not supported on CPU; use bf16 or fp32")
     with torch.no_grad(), torch.autocast(device_type=device.type, dtype=dtype):
         yield
+
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def precision_name(dtype: torch.dtype) -> str:
+    """``fp32`` / ``bf16`` / ``fp16`` for a resolved dtype (the name ``--precision`` takes)."""
+    return DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+
+
+# ---- the runtime object ------------------------------------------------------------------------
+
+TINY_WARNING = "zsdense: models='{}' uses random weights: results are NOT meaningful"
+
+
+class Runtime:
+    """Device, precision, encoders and caches shared by every head of a process or run.
+
+    Cheap to construct: the device and precision are resolved on first use, encoders load on
+    first use (cached per process by :mod:`zsdense.models`, so two runtimes with the same
+    settings share one copy). ``text_cache`` holds text embeddings; :meth:`memo` holds what a
+    run computes once for all its images (memory banks, reference maps, calibration).
+    """
+
+    def __init__(self, config: RuntimeConfig | None = None, **settings) -> None:
+        if config is None:
+            config = RuntimeConfig(**settings)
+        elif settings:
+            raise TypeError("pass a RuntimeConfig or keyword settings, not both")
+        from zsdense.models import check_model_set
+
+        check_model_set(config.models)
+        self.config = config
+        self._device: torch.device | None = None
+        self._dtype: torch.dtype | None = None
+        self._precision_reason = ""
+        self.text_cache: dict = {}
+        self._memo: dict = {}
+        self._warned = False
+        self._models_used: dict[str, object] = {}  # "kind/name" -> model (the run's record)
+
+    # ---- device and precision ----------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        if self._device is None:
+            self._device = resolve_device(self.config.device)
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The resolved precision (``auto`` decided here, once)."""
+        if self._dtype is None:
+            requested = self.config.precision
+            if requested == "auto":
+                self._dtype, self._precision_reason = auto_precision(self.device)
+            else:
+                self._dtype = resolve_precision(requested, self.device)
+                self._precision_reason = f"--precision {requested}"
+        return self._dtype
+
+    @property
+    def precision(self) -> str:
+        """The resolved precision's name: ``fp32``, ``bf16`` or ``fp16``."""
+        return precision_name(self.dtype)
+
+    def precision_record(self) -> dict:
+        """What ran and why: the resolved precision, the device type, what was asked for, and
+        (CPU) the kernel capability and bf16 support that decided ``auto``."""
+        rec = {
+            "precision": self.precision,
+            "device_type": self.device.type,
+            "requested": self.config.precision,
+            "reason": self._precision_reason,
+        }
+        if self.device.type == "cpu":
+            rec["cpu_capability"] = cpu_capability()
+            rec["cpu_bf16_native"] = cpu_bf16_support().native
+        return rec
+
+    def autocast(self):
+        """Context manager: no-grad plus autocast at the resolved precision."""
+        return autocast(self.device, self.dtype)
+
+    # ---- model set -----------------------------------------------------------------------------
+    @property
+    def random_weights(self) -> bool:
+        """True for the ``tiny`` and ``random`` model sets (results are not meaningful)."""
+        return self.config.models in ("tiny", "random")
+
+    @property
+    def tiny(self) -> bool:
+        """True for the shrunken ``tiny`` models (heads may use smaller settings to stay fast)."""
+        return self.config.models == "tiny"
+
+    def result_meta(self) -> dict:
+        """Metadata every result carries (model set, device, resolved precision, random weights)."""
+        meta = {"models": self.config.models, "device": str(self.device)}
+        meta["precision"] = str(self.dtype).replace("torch.", "")
+        if self.random_weights:
+            meta["random_weights"] = True
+            meta["warning"] = "random weights — not meaningful"
+        return meta
+
+    # ---- encoders (lazy, cached per process) ------------------------------------------------
+    def clip(self, arch: str, pretrained: str = "openai"):
+        return self.model("clip", arch, pretrained=pretrained)
+
+    def dinov2(self, name: str = "dinov2-reg-base"):
+        return self.model("dinov2", name)
+
+    def sam(self, arch: str = "vit_b"):
+        return self.model("sam", arch)
+
+    def model(self, kind: str, name: str, **extra):
+        """The encoder ``kind`` (clip, dinov2, sam) ``name`` for this runtime's settings."""
+        from zsdense.models import get_model
+
+        if self.random_weights and not self._warned:  # one stderr line per runtime
+            self._warned = True
+            print(TINY_WARNING.format(self.config.models), file=sys.stderr)
+        model = get_model(
+            kind,
+            name,
+            models=self.config.models,
+            device=str(self.device),
+            weights_dir=self.config.weights_dir,
+            download=self.config.download,
+            dtype=self.dtype,
+            **extra,
+        )
+        label = "/".join([kind, name, *(str(v) for v in extra.values())])
+        self._models_used[label] = model
+        return model
+
+    def weights_record(self, during=None) -> dict[str, str | None]:
+        """The encoders this runtime has served — only those asked for while ``during()`` runs
+        when given (a run's setup) — with the SHA-256 of their weights where known (None for
+        random weights)."""
+        used = self._models_used
+        if during is not None:
+            before = dict(used)
+            used.clear()
+            try:
+                during()
+                used, self._models_used = dict(used), {**before, **used}
+            except BaseException:
+                self._models_used = {**before, **used}
+                raise
+        out: dict[str, str | None] = {}
+        for name, model in sorted(used.items()):
+            sha = getattr(model, "weights_sha256", None)
+            if callable(sha):
+                sha = sha() if not self.random_weights else None
+            out[name] = sha if isinstance(sha, str) else None
+        return out
+
+    # ---- run-level memo ------------------------------------------------------------------------
+    def memo(self, key, compute):
+        """``compute()`` once per runtime and ``key``: what a run computes once for every image
+        (a memory bank of good references, their maps, a calibration)."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
+
+    # ---- images -----------------------------------------------------------------------------
+    def context(self, image) -> ImageContext:
+        """An :class:`ImageContext` for a path, PIL image, array or an existing context."""
+        if isinstance(image, ImageContext):
+            return image
+        from zsdense.io import to_float_rgb
+
+        arr, meta = to_float_rgb(image, max_pixels=self.config.max_pixels)
+        return ImageContext(image=arr, meta=meta)
+
+    def contexts(self, images) -> list[ImageContext]:
+        return [self.context(im) for im in images]
+
+
+def runtime_of(obj) -> Runtime:
+    """The :class:`Runtime` behind ``obj``: a Runtime itself, or a face holding one (a
+    ``Segmenter``'s ``.runtime``; anything else is taken as it is, duck-typed). ``None`` gives
+    a default runtime."""
+    if obj is None:
+        return Runtime()
+    return getattr(obj, "runtime", obj)

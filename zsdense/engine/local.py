@@ -59,6 +59,8 @@ from zsdense.io.manifest import (
     plan_run,
 )
 from zsdense.io.writers import to_jsonable
+from zsdense.runtime import runtime_of
+from zsdense.version import __version__
 
 log = logging.getLogger("zsdense")
 
@@ -509,7 +511,7 @@ def process_units(
 
 
 def run_batch(
-    seg,
+    rt,
     items: Sequence[WorkItem],
     out_dir: str | Path,
     tasks: Sequence[TaskSpec],
@@ -543,12 +545,13 @@ def run_batch(
     if not tasks:
         raise ZsdenseError("no task to run")
     out_dir = prepare_out_dir(out_dir)
-    settings = run_settings(seg, tasks)
+    rt = runtime_of(rt)
+    settings = run_settings(rt, tasks)
     if record_settings:  # refuse to mix settings, before loading models
         check_settings(out_dir, settings, force=force, record=False)
     plan = plan_run(items, out_dir, force=force, retry_errors=retry_errors)
     if plan.todo:  # load what the tasks need: missing weights fail here, nothing written
-        record = getattr(seg, "weights_record", None)
+        record = getattr(rt, "weights_record", None)
         if callable(record):  # the hashes of the weights this run's tasks load
             settings["weights"] = record(during=lambda: setup_tasks(tasks))
         else:
@@ -569,12 +572,12 @@ def run_batch(
         if rec.get("status") != "ok":
             summary.failed += 1
 
-    batch_size = batch_size or seg.config.batch_size
+    batch_size = batch_size or rt.config.batch_size
     needs_all = any(t.group == "all" for t in tasks)
     read_batch = max(len(todo), 1) if needs_all else batch_size
     stop = threading.Event()
     prog = _Progress(len(todo), progress, progress_interval)
-    max_pixels = seg.config.max_pixels
+    max_pixels = rt.config.max_pixels
 
     lock = threading.Lock()  # records come from this thread and from the writer thread
 
@@ -717,18 +720,25 @@ def prepare_out_dir(out_dir: str | Path) -> Path:
     return out_dir
 
 
-def run_settings(seg, tasks: Sequence[TaskSpec]) -> dict:
-    """What changes the outputs of a run: the zsdense version, the model set and precision,
-    and every task's settings (preset, options, output format)."""
-    import zsdense
-
-    cfg = getattr(seg, "config", None)
-    return {
-        "zsdense": zsdense.__version__,
+def run_settings(rt, tasks: Sequence[TaskSpec]) -> dict:
+    """What changes the outputs of a run: the zsdense version, the model set, the precision that
+    runs (``auto`` resolved: a resume on a machine where it resolves otherwise is refused), and
+    every task's settings (preset, options, output format). ``machine`` (device type, what was
+    asked for, the CPU capability that decided) is recorded, not compared."""
+    rt = runtime_of(rt)
+    cfg = getattr(rt, "config", None)
+    settings = {
+        "zsdense": __version__,
         "models": getattr(cfg, "models", None),
         "precision": getattr(cfg, "precision", None),
         "tasks": {t.name: t.settings or {"task": t.name} for t in tasks},
     }
+    record = getattr(rt, "precision_record", None)
+    if callable(record):
+        machine = record()
+        settings["precision"] = machine.pop("precision")
+        settings["machine"] = machine
+    return settings
 
 
 def setup_tasks(tasks: Sequence[TaskSpec]) -> None:

@@ -3,7 +3,7 @@
 Pipeline: file listing (driver) → ``flat_map(decode_item)`` Ray tasks (one row per image: DICOM
 frame, NIfTI slice, TIFF page, or an error row) → ``map_batches(SegmentBatch,
 compute=ActorPoolStrategy(size=workers), num_gpus=gpus_per_worker)``: each actor holds one
-Segmenter and its heads, computes a batch, writes the outputs atomically itself and returns one
+runtime and its heads, computes a batch, writes the outputs atomically itself and returns one
 manifest record per image → the driver appends each record to ``results.jsonl`` as it arrives.
 Resume, ``--force`` / ``--retry-errors``, compaction, report and volume maps are the local
 engine's (:func:`zsdense.engine.local.plan_run` / ``finish_run``), so the two engines are
@@ -53,6 +53,7 @@ from zsdense.io.manifest import (
 )
 from zsdense.io.writers import dumps_strict
 from zsdense.options import options_for
+from zsdense.runtime import Runtime, runtime_of
 
 
 def _require_ray():
@@ -156,7 +157,7 @@ class _RowError(Exception):
 
 
 class SegmentBatch:
-    """The per-batch callable of ``map_batches``: holds a Segmenter and the task heads.
+    """The per-batch callable of ``map_batches``: holds a runtime and the task heads.
 
     ``__call__`` takes a column batch (``dict[str, np.ndarray]``, as Ray's numpy batch format
     gives it) of decoded rows, runs the heads on the images (one batch; one by one after a
@@ -170,20 +171,25 @@ class SegmentBatch:
         out_dir: str,
         fmt: str = "tiff",
         overlay: bool = True,
-        seg: Any = None,
+        rt: Any = None,
         torch_threads: int | None = None,
+        expect_precision: str | None = None,
     ):
         if torch_threads:  # CPU actors sharing a machine: don't oversubscribe its cores
             import torch
 
             torch.set_num_threads(int(torch_threads))
 
-        if seg is None:
-            from zsdense.api import Segmenter
-
-            seg = Segmenter(**seg_kwargs)
-        self.seg = seg
-        self.tasks = build_task_specs(seg, task_cfgs, fmt=fmt, overlay=overlay)
+        rt = runtime_of(rt) if rt is not None else Runtime(**seg_kwargs)
+        if expect_precision is not None and rt.precision != expect_precision:
+            # a mixed cluster: this worker would resolve `auto` otherwise than the driver did
+            raise ConfigError(
+                f"this Ray worker runs precision {rt.precision} ({rt.precision_record()['reason']})"
+                f" but the run records {expect_precision}: set --precision explicitly so every "
+                "worker runs the same"
+            )
+        self.rt = rt
+        self.tasks = build_task_specs(rt, task_cfgs, fmt=fmt, overlay=overlay)
         self.out_dir = Path(out_dir)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -263,12 +269,13 @@ def run_ray(
     out_dir = prepare_out_dir(Path(out_dir).resolve())
     # the driver validates the heads and records the settings like the local engine (no model
     # loads here: specs are lazy); the actors build their own
-    from zsdense.api import Segmenter
-
-    driver_seg = Segmenter(**seg_kwargs)
-    settings = run_settings(
-        driver_seg, build_task_specs(driver_seg, cfgs, fmt=fmt, overlay=overlay)
-    )
+    driver_rt = Runtime(**seg_kwargs)
+    settings = run_settings(driver_rt, build_task_specs(driver_rt, cfgs, fmt=fmt, overlay=overlay))
+    expect_precision = settings["precision"]  # CPU workers must resolve `auto` as the driver did
+    if gpus_per_worker and driver_rt.config.precision == "auto":
+        # the driver may have no GPU: each GPU worker resolves `auto` for its own card
+        expect_precision = None
+        settings["precision"] = "auto (resolved per GPU worker)"
     check_settings(out_dir, settings, force=force)
     clean_orphan_temp_files(out_dir)
     plan = plan_run(items, out_dir, force=force, retry_errors=retry_errors)
@@ -329,6 +336,7 @@ def run_ray(
                 "fmt": fmt,
                 "overlay": overlay,
                 "torch_threads": None if gpus_per_worker else torch_threads,
+                "expect_precision": expect_precision,
             },
             batch_size=batch_size,
             batch_format="numpy",

@@ -10,7 +10,7 @@ A task config is a plain dict (picklable, so Ray workers can rebuild the heads):
     {"task": "anomaly", "preset": "crane", "object_name": "screw"}
     {"task": "openvocab", "preset": "trident", "classes": ["cat", "sofa"]}
     {"task": "refer", "text": "the cat on the left"}
-    {"task": "mypkg.heads:make_spec", ...}       # a callable (seg, **options) -> TaskSpec
+    {"task": "mypkg.heads:make_spec", ...}       # a callable (rt, **options) -> TaskSpec
 
 The TOML file of ``zsdense run --config run.toml`` holds one table per task (the table name is
 the task; ``name`` renames it when the same head runs twice)::
@@ -98,19 +98,19 @@ def _settings(kind: str, opts: Any, out: OutputOptions) -> dict:
 
 
 def anomaly_spec(
-    seg, opts: AnomalyOptions, out: OutputOptions = OutputOptions(), name: str = "anomaly"
+    rt, opts: AnomalyOptions, out: OutputOptions = OutputOptions(), name: str = "anomaly"
 ) -> TaskSpec:
     """Anomaly maps, masks and scores per batch (the whole readable set for ``musc``); the
     few-shot presets build or load their memory of good references once, at setup."""
     state: dict[str, Any] = {}
 
     def setup() -> None:
-        state["scorer"] = anomaly_scorers.prepare(seg, opts)
+        state["scorer"] = anomaly_scorers.prepare(rt, opts)
 
     def run(ctxs: list[ImageContext], params: list[dict]) -> list:
         if "scorer" not in state:
             setup()
-        return anomaly_scorers.run(seg, ctxs, opts, state["scorer"])
+        return anomaly_scorers.run(rt, ctxs, opts, state["scorer"])
 
     group = "all" if opts.config().method == "musc" else "batch"
     return TaskSpec(
@@ -124,26 +124,26 @@ def anomaly_spec(
 
 
 def openvocab_spec(
-    seg, opts: OpenVocabOptions, out: OutputOptions = OutputOptions(), name: str = "openvocab"
+    rt, opts: OpenVocabOptions, out: OutputOptions = OutputOptions(), name: str = "openvocab"
 ) -> TaskSpec:
     """Label maps over the options' classes; probabilities only with ``save_probs``."""
     if not opts.save_probs:
         out = OutputOptions(fmt="none", overlay=out.overlay)
 
     def run(ctxs: list[ImageContext], params: list[dict]) -> list:
-        return openvocab_head.run_open_vocab(seg, ctxs, opts)
+        return openvocab_head.run_open_vocab(rt, ctxs, opts)
 
     return TaskSpec(
         name=name,
         run=run,
         write=_writer(out),
-        setup=lambda: openvocab_head.load_encoders(seg, opts),
+        setup=lambda: openvocab_head.load_encoders(rt, opts),
         settings=_settings("openvocab", opts, out),
     )
 
 
 def refer_spec(
-    seg, opts: ReferOptions, out: OutputOptions = OutputOptions(), name: str = "refer"
+    rt, opts: ReferOptions, out: OutputOptions = OutputOptions(), name: str = "refer"
 ) -> TaskSpec:
     """One mask per (image, expression); the expression is the input's ``text`` param (queries
     files) or the options' ``text``. Queries on one image share its context (the engines give
@@ -153,13 +153,13 @@ def refer_spec(
         texts = [p.get("text") or opts.text for p in params]
         if any(not t for t in texts):
             raise ConfigError("task refer needs a text (--text, text = '...' or a queries file)")
-        return refer_head.run_refer(seg, ctxs, texts, opts)
+        return refer_head.run_refer(rt, ctxs, texts, opts)
 
     return TaskSpec(
         name=name,
         run=run,
         write=_writer(out),
-        setup=lambda: refer_head.load_encoders(seg, opts),
+        setup=lambda: refer_head.load_encoders(rt, opts),
         settings=_settings("refer", opts, out),
     )
 
@@ -186,7 +186,7 @@ META_KEYS = ("task", "name", "fmt", "overlay")
 
 def parse_task_option(value: str) -> dict:
     """``--task`` value -> config: ``anomaly``, ``anomaly:crane+`` (preset), ``mod.sub:func``
-    (a callable ``(seg, **options) -> TaskSpec``), with ``key=value`` options after a comma:
+    (a callable ``(rt, **options) -> TaskSpec``), with ``key=value`` options after a comma:
     ``openvocab:trident,classes=cat;sofa`` (``;`` separates list items)."""
     head, _, rest = value.partition(",")
     cfg: dict[str, Any] = {}
@@ -291,8 +291,8 @@ def _is_custom(kind: str) -> bool:
     return ":" in kind and kind.split(":", 1)[0].lower() not in TASK_ALIASES
 
 
-def build_task_spec(seg, cfg: dict | str, *, fmt: str = "tiff", overlay: bool = True) -> TaskSpec:
-    """One task config -> a :class:`TaskSpec` bound to ``seg`` (options validated here)."""
+def build_task_spec(rt, cfg: dict | str, *, fmt: str = "tiff", overlay: bool = True) -> TaskSpec:
+    """One task config -> a :class:`TaskSpec` bound to ``rt`` (options validated here)."""
     if isinstance(cfg, str):
         cfg = parse_task_option(cfg)
     cfg = dict(cfg)
@@ -305,7 +305,7 @@ def build_task_spec(seg, cfg: dict | str, *, fmt: str = "tiff", overlay: bool = 
         opts.setdefault("name", name)
         opts.setdefault("fmt", out.fmt)
         opts.setdefault("overlay", out.overlay)
-        spec = factory(seg, **opts)
+        spec = factory(rt, **opts)
         if not isinstance(spec, TaskSpec):
             raise ConfigError(f"task {kind!r} must return a TaskSpec, got {type(spec).__name__}")
         return spec
@@ -313,11 +313,11 @@ def build_task_spec(seg, cfg: dict | str, *, fmt: str = "tiff", overlay: bool = 
     if kind not in TASK_SPECS:
         raise ConfigError(f"unknown task {kind!r}; use anomaly, openvocab, refer or mod:callable")
     opts = options_for(kind, {k: v for k, v in cfg.items() if k not in META_KEYS})
-    return TASK_SPECS[kind](seg, opts, out, name=name)
+    return TASK_SPECS[kind](rt, opts, out, name=name)
 
 
 def build_task_specs(
-    seg, cfgs: Sequence[dict | str], *, fmt: str = "tiff", overlay: bool = True
+    rt, cfgs: Sequence[dict | str], *, fmt: str = "tiff", overlay: bool = True
 ) -> list[TaskSpec]:
     """Task configs -> TaskSpecs (names must be unique: they name the output files).
 
@@ -325,7 +325,7 @@ def build_task_specs(
     of an image captures it and every later head (referring) reuses that encoding.
     """
     cfgs = sorted(cfgs, key=_sam_attention_first)
-    specs = [build_task_spec(seg, c, fmt=fmt, overlay=overlay) for c in cfgs]
+    specs = [build_task_spec(rt, c, fmt=fmt, overlay=overlay) for c in cfgs]
     names = [s.name for s in specs]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -343,19 +343,19 @@ def _sam_attention_first(cfg: dict | str) -> int:
 # ---- the Python API: Segmenter.run --------------------------------------------------------
 
 
-def run_tasks(seg, image_or_ctx: Any, tasks: Sequence[dict | str]) -> dict[str, Any]:
+def run_tasks(rt, image_or_ctx: Any, tasks: Sequence[dict | str]) -> dict[str, Any]:
     """Run several heads on one image with one shared encoder pass; ``{task name: result}``.
 
     ``tasks`` items are task configs (see the module docstring) or strings: ``"anomaly"``,
     ``{"task": "openvocab", "classes": [...]}``, ``{"task": "refer", "text": "..."}``. The image
     is decoded once and every encoder output is computed at most once (``ctx.computed``).
     """
-    ctx = seg.context(image_or_ctx)
+    ctx = rt.context(image_or_ctx)
     cfgs = [parse_task_option(t) if isinstance(t, str) else dict(t) for t in tasks]
     if not cfgs:
         raise ConfigError("run() needs at least one task")
     order = {task_name(c): i for i, c in enumerate(cfgs)}
     out: dict[str, Any] = {}
-    for spec in build_task_specs(seg, cfgs):
+    for spec in build_task_specs(rt, cfgs):
         out[spec.name] = spec.run([ctx], [{}])[0]
     return {k: out[k] for k in sorted(out, key=order.__getitem__)}

@@ -28,7 +28,6 @@ import numpy as np
 from PIL import Image
 
 from zsdense import metrics as M
-from zsdense.api import Segmenter
 from zsdense.config import ANOMALY_PRESETS, FEWSHOT_METHODS
 from zsdense.engine.local import load_records
 from zsdense.engine.specs import TaskSpec, build_task_spec
@@ -52,6 +51,7 @@ from zsdense.eval.datasets import (
 )
 from zsdense.io.manifest import WorkItem, record_complete
 from zsdense.io.writers import write_map_npy
+from zsdense.runtime import runtime_of
 from zsdense.tasks.fewshot import select_references
 
 __all__ = [
@@ -210,7 +210,7 @@ def _category_metrics(
 def evaluate_anomaly(
     data: str | Path,
     out: str | Path,
-    seg: Any = None,
+    runtime: Any = None,
     *,
     preset: str = "crane",
     layout: str = "auto",
@@ -236,10 +236,10 @@ def evaluate_anomaly(
     """Predict (or reuse stored predictions) and score an anomaly test set per category.
 
     ``data``: an MVTec AD, VisA or folder-layout test set (``layout``); ``out``: the output
-    folder (``predictions/anomaly/`` and ``metrics_anomaly.{json,csv,md}``); ``seg``: the
-    :class:`~zsdense.api.Segmenter` (default: ``Segmenter()``). ``dataset`` picks the prompts
-    as the papers do (default: the detected layout, so MVTec gets the VisA-trained prompts);
-    ``options`` are further anomaly options (``prompts``, ``domain``, ``attn_type``...).
+    folder (``predictions/anomaly/`` and ``metrics_anomaly.{json,csv,md}``); ``runtime``: a
+    :class:`~zsdense.runtime.Runtime` or ``Segmenter`` (default: a new one). ``dataset`` picks
+    the prompts as the papers do (default: the detected layout, so MVTec gets the VisA-trained
+    prompts); ``options`` are further anomaly options (``prompts``, ``domain``, ``attn_type``...).
     Few-shot presets (``anomalydino``, ``crane+fewshot``) draw ``shots`` references per category
     from its good training images as the reference does (``sorted(files)[seed·n:(seed+1)·n]``).
     ``limit`` keeps at most N images per category, spread over normal and defective ones.
@@ -260,7 +260,7 @@ def evaluate_anomaly(
         layout = detect_anomaly_layout(data)
     samples = read_anomaly(data, layout, categories)
     dataset = dataset or layout
-    seg = seg if seg is not None else Segmenter()
+    rt = runtime_of(runtime)
     opts = dict(options or {})
     by_cat: dict[str, list[AnomalySample]] = defaultdict(list)
     for s in samples:
@@ -282,12 +282,12 @@ def evaluate_anomaly(
             if ANOMALY_PRESETS[preset].method in FEWSHOT_METHODS:
                 pool = train_good_images(data, layout, cat)
                 cfg["reference"] = [str(p) for p in select_references(pool, shots, seed)]
-            inner = build_task_spec(seg, cfg, fmt=fmt, overlay=False)
+            inner = build_task_spec(rt, cfg, fmt=fmt, overlay=False)
         return anomaly_eval_task(inner, size)
 
     tasks = {cat: make_task(cat) for cat in sorted(by_cat)}
     whole_set = any(t.group == "all" for t in tasks.values())
-    models = str(getattr(getattr(seg, "config", None), "models", "custom"))
+    models = str(rt.config.models)
     settings: dict[str, Any] = {
         "task": "anomaly",
         "data": str(data.resolve()),
@@ -299,7 +299,7 @@ def evaluate_anomaly(
         "shots": shots,
         "seed": seed,
         "models": models,
-        "precision": str(getattr(getattr(seg, "config", None), "precision", "")),
+        "precision": rt.precision,
         "fmt": fmt,
     }
     if whole_set:
@@ -329,7 +329,7 @@ def evaluate_anomaly(
             n = len(items) if redo_set else missing
             log(f"[{cat}] predicting {n} of {len(items)} images")
         run = predict(
-            seg,
+            rt,
             items,
             root,
             spec,

@@ -283,7 +283,7 @@ class PredictionRun:
 
 
 def predict(
-    seg: Any,
+    rt: Any,
     items: Sequence[WorkItem],
     root: Path,
     task: TaskSpec,
@@ -310,7 +310,7 @@ def predict(
     ):
         retry_errors = True  # a missing checkpoint is no property of the images: try them again
     summary = run_batch(
-        seg,
+        rt,
         items,
         root,
         [task],

@@ -16,7 +16,6 @@ import numpy as np
 from PIL import Image
 
 from zsdense import metrics as M
-from zsdense.api import Segmenter
 from zsdense.config import OPENVOCAB_PRESETS
 from zsdense.engine.specs import TaskSpec, build_task_spec
 from zsdense.errors import ConfigError
@@ -31,6 +30,7 @@ from zsdense.eval.common import (
 )
 from zsdense.eval.datasets import SegDataset, load_label, read_segmentation
 from zsdense.io.manifest import WorkItem
+from zsdense.runtime import runtime_of
 from zsdense.text.classifier import ClassEntry, load_class_file, parse_classes
 
 __all__ = ["OPENVOCAB_PRESET_CHOICES", "evaluate_openvocab", "resolve_classes"]
@@ -71,7 +71,7 @@ def _load_prediction(path: Path, shape: tuple[int, int], log: Log, key: str) -> 
 def evaluate_openvocab(
     data: str | Path,
     out: str | Path,
-    seg: Any = None,
+    runtime: Any = None,
     *,
     preset: str = "trident",
     layout: str = "auto",
@@ -112,9 +112,9 @@ def evaluate_openvocab(
         log(f"{len(ds.samples) - len(samples)} images have no label file: skipped")
     if limit is not None:
         samples = samples[:limit]
-    seg = seg if seg is not None else Segmenter()
+    rt = runtime_of(runtime)
     opts = dict(options or {})
-    models = str(getattr(getattr(seg, "config", None), "models", "custom"))
+    models = str(rt.config.models)
     settings: dict[str, Any] = {
         "task": "openvocab",
         "data": str(data.resolve()),
@@ -126,7 +126,7 @@ def evaluate_openvocab(
         "dataset": dataset,
         "options": opts,
         "models": models,
-        "precision": str(getattr(getattr(seg, "config", None), "precision", "")),
+        "precision": rt.precision,
     }
     if task is not None:
         spec = task(list(classes))
@@ -134,7 +134,7 @@ def evaluate_openvocab(
         cfg = {"task": "openvocab", "preset": preset, "classes": list(classes), **opts}
         if dataset:
             cfg["dataset"] = dataset
-        spec = build_task_spec(seg, cfg, fmt="none", overlay=False)
+        spec = build_task_spec(rt, cfg, fmt="none", overlay=False)
     root = out / "predictions" / "openvocab"
     prepare_predictions(root, settings, force, log)
     config = dict(settings)
@@ -147,7 +147,7 @@ def evaluate_openvocab(
         rel = safe_rel(s.id + s.image_path.suffix)
         items.append(WorkItem(key=str(rel), path=s.image_path, rel=rel))
     run = predict(
-        seg,
+        rt,
         items,
         root,
         spec,

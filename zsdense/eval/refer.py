@@ -17,7 +17,6 @@ import numpy as np
 from PIL import Image
 
 from zsdense import metrics as M
-from zsdense.api import Segmenter
 from zsdense.config import REFER_PRESETS
 from zsdense.engine.specs import TaskSpec, build_task_spec
 from zsdense.errors import ConfigError, InputError
@@ -32,6 +31,7 @@ from zsdense.eval.common import (
 )
 from zsdense.eval.datasets import ReferSample, read_referring
 from zsdense.io.manifest import WorkItem
+from zsdense.runtime import runtime_of
 
 __all__ = ["REFER_PRESET_CHOICES", "evaluate_refer", "refer_items"]
 
@@ -69,7 +69,7 @@ def refer_items(samples: list[ReferSample], base: Path) -> list[WorkItem]:
 def evaluate_refer(
     data: str | Path,
     out: str | Path,
-    seg: Any = None,
+    runtime: Any = None,
     *,
     preset: str = "hybridgl",
     layout: str = "auto",
@@ -101,9 +101,9 @@ def evaluate_refer(
     samples = read_referring(data, layout, split, images_dir)
     if limit is not None:
         samples = samples[:limit]
-    seg = seg if seg is not None else Segmenter()
+    rt = runtime_of(runtime)
     opts = dict(options or {})
-    models = str(getattr(getattr(seg, "config", None), "models", "custom"))
+    models = str(rt.config.models)
     settings: dict[str, Any] = {
         "task": "refer",
         "data": str(data.resolve()),
@@ -111,13 +111,13 @@ def evaluate_refer(
         "preset": preset,
         "options": opts,
         "models": models,
-        "precision": str(getattr(getattr(seg, "config", None), "precision", "")),
+        "precision": rt.precision,
     }
     if task is not None:
         spec = task()
     else:
         cfg = {"task": "refer", "preset": preset, **opts}
-        spec = build_task_spec(seg, cfg, fmt="none", overlay=False)
+        spec = build_task_spec(rt, cfg, fmt="none", overlay=False)
     root = out / "predictions" / "refer"
     prepare_predictions(root, settings, force, log)
     config = dict(settings)
@@ -128,7 +128,7 @@ def evaluate_refer(
     base = data if data.is_dir() else data.parent
     items = refer_items(samples, base)
     run = predict(
-        seg,
+        rt,
         items,
         root,
         spec,

@@ -363,6 +363,7 @@ def check_settings(
     force: bool,
     record: bool = True,
     partial: Sequence[str] = ("weights",),
+    informational: Sequence[str] = ("machine",),
 ) -> None:
     """Record ``settings`` in ``out_dir/run_settings.json``, or refuse a rerun that would mix them.
 
@@ -370,7 +371,8 @@ def check_settings(
     changed (the old outputs would otherwise stay as if made with the new ones), unless ``force``
     (everything is recomputed and the new settings recorded). ``record=False`` only checks.
     Keys in ``partial`` (the weight hashes, known only once the models are loaded) are compared
-    only when both records hold them.
+    only when both records hold them; keys in ``informational`` (the machine that ran) are
+    recorded, never compared.
     """
     path = Path(out_dir) / SETTINGS_NAME
     new = json.loads(dumps_strict(settings))
@@ -380,8 +382,16 @@ def check_settings(
         except (OSError, ValueError):
             old = None
         if old is not None:
-            old = {k: v for k, v in old.items() if k not in partial or k in new}
-        cmp_new = {k: v for k, v in new.items() if k not in partial or (old and k in old)}
+            old = {
+                k: v
+                for k, v in old.items()
+                if k not in informational and (k not in partial or k in new)
+            }
+        cmp_new = {
+            k: v
+            for k, v in new.items()
+            if k not in informational and (k not in partial or (old and k in old))
+        }
         if old is not None and old != cmp_new:
             changes = _diff(old, cmp_new)
             shown = "; ".join(changes[:6]) + (

@@ -14,6 +14,7 @@ _CACHE: dict[tuple, object] = {}
 _LOCK = threading.Lock()
 
 MODEL_SETS = ("default", "tiny", "random")
+MODEL_KINDS = ("clip", "dinov2", "sam")
 # default: real checkpoints; tiny: the architectures shrunk to a few layers, random weights
 # (tests, smoke runs); random: full-size architectures with random weights (benchmarks).
 
@@ -49,83 +50,70 @@ def _cached(key: tuple, build: Callable[[], object]) -> object:
         return obj
 
 
-def _check_models(models: str) -> None:
+def check_model_set(models: str) -> None:
+    """A ConfigError for an unknown ``--models`` value."""
     from zsdense.errors import ConfigError
 
     if models not in MODEL_SETS:
         raise ConfigError(f"unknown model set {models!r}; choose one of: {', '.join(MODEL_SETS)}")
 
 
-def get_clip(
-    arch: str,
-    *,
-    models: str = "default",
-    device: str = "cpu",
-    weights_dir=None,
-    download=None,
-    pretrained: str = "openai",
-    dtype=None,
-):
-    """The CLIP ``arch`` (open_clip name), real weights or ``tiny`` random ones, cached."""
-    from zsdense.models import clip
+def _builder(kind: str, name: str, models: str, device, weights_dir, download, **extra):
+    """How to build encoder ``kind`` ``name`` for a model set (not cached, not cast)."""
+    from zsdense.models import clip, dinov2, sam
 
-    _check_models(models)
-    key = ("clip", arch, pretrained, models, str(device), str(weights_dir), str(dtype))
-    if models == "tiny":
-        build = lambda: clip.build_tiny_clip(arch).to(device)  # noqa: E731
-    elif models == "random":
-        build = lambda: clip.build_random_clip(arch).to(device)  # noqa: E731
-    else:
-        build = lambda: clip.load_clip(  # noqa: E731
-            arch, pretrained=pretrained, weights_dir=weights_dir, device=device, download=download
+    if kind == "clip":
+        if models == "tiny":
+            return lambda: clip.build_tiny_clip(name).to(device)
+        if models == "random":
+            return lambda: clip.build_random_clip(name).to(device)
+        return lambda: clip.load_clip(
+            name, weights_dir=weights_dir, device=device, download=download, **extra
         )
-    return _cached(key, lambda: _cast(build(), dtype))
-
-
-def get_dinov2(
-    name: str = "dinov2-reg-base",
-    *,
-    models: str = "default",
-    device: str = "cpu",
-    weights_dir=None,
-    download=None,
-    dtype=None,
-):
-    """DINOv2 by registry name (``dinov2-reg-base``...), real or ``tiny``, cached."""
-    from zsdense.models import dinov2
-
-    _check_models(models)
-    key = ("dinov2", name, models, str(device), str(weights_dir), str(dtype))
+    module, build = {"dinov2": (dinov2, "build_dinov2"), "sam": (sam, "build_sam")}[kind]
     if models in ("tiny", "random"):
-        build = lambda: dinov2.build_dinov2(name, tiny=models == "tiny").to(device)  # noqa: E731
-    else:
-        build = lambda: dinov2.load_dinov2(  # noqa: E731
-            name, weights_dir=weights_dir, device=device, download=download
-        )
-    return _cached(key, lambda: _cast(build(), dtype))
+        return lambda: getattr(module, build)(name, tiny=models == "tiny").to(device)
+    load = getattr(module, f"load_{kind}")
+    return lambda: load(name, weights_dir=weights_dir, device=device, download=download)
 
 
-def get_sam(
-    arch: str = "vit_b",
+def get_model(
+    kind: str,
+    name: str,
     *,
     models: str = "default",
     device: str = "cpu",
     weights_dir=None,
     download=None,
     dtype=None,
+    **extra,
 ):
-    """SAM ``vit_b|vit_l|vit_h``, real or ``tiny``, cached."""
-    from zsdense.models import sam
-
-    _check_models(models)
-    key = ("sam", arch, models, str(device), str(weights_dir), str(dtype))
-    if models in ("tiny", "random"):
-        build = lambda: sam.build_sam(arch, tiny=models == "tiny").to(device)  # noqa: E731
-    else:
-        build = lambda: sam.load_sam(  # noqa: E731
-            arch, weights_dir=weights_dir, device=device, download=download
-        )
+    """Encoder ``kind`` (``clip``: open_clip arch, ``pretrained=`` tag; ``dinov2``: registry
+    name; ``sam``: ``vit_b|vit_l|vit_h``), real weights or ``tiny``/``random`` ones, loaded
+    once per process and settings, cast to ``dtype`` (bf16 weights; see :func:`_cast`)."""
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"unknown encoder kind {kind!r}; one of {', '.join(MODEL_KINDS)}")
+    check_model_set(models)
+    if kind == "clip":
+        extra.setdefault("pretrained", "openai")
+    key = (kind, name, *extra.values(), models, str(device), str(weights_dir), str(dtype))
+    build = _builder(kind, name, models, device, weights_dir, download, **extra)
     return _cached(key, lambda: _cast(build(), dtype))
+
+
+def get_clip(arch: str, *, pretrained: str = "openai", **kw):
+    """The CLIP ``arch`` (open_clip name); see :func:`get_model`."""
+    return get_model("clip", arch, pretrained=pretrained, **kw)
+
+
+def get_dinov2(name: str = "dinov2-reg-base", **kw):
+    """DINOv2 by registry name (``dinov2-reg-base``...); see :func:`get_model`."""
+    return get_model("dinov2", name, **kw)
+
+
+def get_sam(arch: str = "vit_b", **kw):
+    """SAM ``vit_b|vit_l|vit_h``; see :func:`get_model`."""
+    return get_model("sam", arch, **kw)
 
 
 def clear_cache() -> None:

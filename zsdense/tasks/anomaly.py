@@ -1,6 +1,6 @@
 """Anomaly segmentation head: Crane / Crane+ maps and scores, batch mutual scoring, decisions.
 
-``run_anomaly(seg, ctxs, object_name=..., preset=...)`` is what ``Segmenter.anomaly_batch`` and
+``run_anomaly(rt, ctxs, object_name=..., preset=...)`` is what ``Segmenter.anomaly_batch`` and
 the CLI call. Per image it returns an :class:`AnomalyResult` at the original image size:
 
 - ``anomaly_map`` (H, W) float32: the abnormal probability map, computed at the preset's input
@@ -96,7 +96,7 @@ def choose_checkpoint(cfg: AnomalyPreset, domain: str, dataset: str | None) -> s
 
 
 def text_features(
-    seg,
+    rt,
     clip,
     cfg: AnomalyPreset,
     object_name: str | None,
@@ -131,40 +131,40 @@ def text_features(
     if spec == "ensemble" or str(spec).endswith(".json"):
         ens = cfg.prompt_ensemble if spec == "ensemble" else str(spec)
         key = ("anomaly-ensemble", clip.arch, ens, object_name or "")
-        if key not in seg.text_cache:
-            seg.text_cache[key] = ap.ensemble_text_features(clip, object_name, ens)
+        if key not in rt.text_cache:
+            rt.text_cache[key] = ap.ensemble_text_features(clip, object_name, ens)
         meta.update(
             prompts="ensemble",
             prompt_ensemble=ens,
             object=object_name or ap.DEFAULT_OBJECT,
         )
-        return seg.text_cache[key], meta
+        return rt.text_cache[key], meta
     key = ("anomaly-learned", clip.arch, spec, cfg.deep_prompt_fp16)
-    if key not in seg.text_cache:
+    if key not in rt.text_cache:
         lp = ap.resolve_learned_prompts(
-            spec, weights_dir=seg.config.weights_dir, download=seg.config.download
+            spec, weights_dir=rt.config.weights_dir, download=rt.config.download
         )
-        seg.text_cache[key] = ap.learned_text_features(clip, lp, deep_fp16=cfg.deep_prompt_fp16)
+        rt.text_cache[key] = ap.learned_text_features(clip, lp, deep_fp16=cfg.deep_prompt_fp16)
     meta.update(prompts="learned", prompt_checkpoint=spec)
     if object_name:
         meta["object_note"] = "learned prompts are object-agnostic: --object is not used"
-    return seg.text_cache[key], meta
+    return rt.text_cache[key], meta
 
 
-def load_encoders(seg, options: AnomalyOptions) -> None:
+def load_encoders(rt, options: AnomalyOptions) -> None:
     """Load every model and prompt checkpoint the options need (a run's setup, before its first
     image: missing weights fail the run once instead of every image)."""
     cfg = options.config()
-    clip = seg.clip(cfg.clip_arch)
+    clip = rt.clip(cfg.clip_arch)
     if cfg.method == "musc":
         _kind, dino_name = resolve_backbone(cfg.musc_backbone)
         if dino_name is not None:
-            seg.dinov2(dino_name)
+            rt.dinov2(dino_name)
         return
     if cfg.use_dattn:
-        seg.dinov2(cfg.dino_name)
+        rt.dinov2(cfg.dino_name)
     text_features(
-        seg,
+        rt,
         clip,
         cfg,
         options.object_name,
@@ -177,7 +177,7 @@ def load_encoders(seg, options: AnomalyOptions) -> None:
 # ---- crane / crane+ ------------------------------------------------------------------------
 
 
-def _crane_batch_features(seg, cfg: AnomalyPreset, ctxs: list) -> list[dict]:
+def _crane_batch_features(rt, cfg: AnomalyPreset, ctxs: list) -> list[dict]:
     from zsdense.dense.crane import (
         crane_features,
         dino_input_from_clip,
@@ -185,16 +185,16 @@ def _crane_batch_features(seg, cfg: AnomalyPreset, ctxs: list) -> list[dict]:
         scale_layers,
     )
 
-    clip = seg.clip(cfg.clip_arch)
+    clip = rt.clip(cfg.clip_arch)
     n_layers = clip.num_layers
     start = scale_block(cfg.eattn_start_block, n_layers)
     layers = None if cfg.eattn_layers is None else scale_layers(cfg.eattn_layers, n_layers)
-    x01 = model_input(ctxs, cfg.image_size, seg.device)
+    x01 = model_input(ctxs, cfg.image_size, rt.device)
     x = clip.normalize(x01)
     dino_feats = None
-    with seg.autocast():
+    with rt.autocast():
         if cfg.use_dattn:
-            dino = seg.dinov2(cfg.dino_name)
+            dino = rt.dinov2(cfg.dino_name)
             d_in = dino.normalize(dino_input_from_clip(x, clip.mean, clip.std))
             dino_feats = dino.patch_features(d_in).float()
         f = crane_features(
@@ -224,7 +224,7 @@ def _crane_batch_features(seg, cfg: AnomalyPreset, ctxs: list) -> list[dict]:
 
 @torch.no_grad()
 def crane_model_maps(
-    seg, cfg: AnomalyPreset, ctxs: list, text: torch.Tensor
+    rt, cfg: AnomalyPreset, ctxs: list, text: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Smoothed maps (B, S, S) at the input size and scores (B,) for a batch of contexts."""
     from zsdense.dense.crane import crane_maps
@@ -245,7 +245,7 @@ def crane_model_maps(
         cfg.dattn_value_source,
         tuple(id(c) for c in ctxs) if cfg.use_dattn and cfg.dattn_mean == "batch" else None,
     )
-    feats = batched_get(ctxs, key, lambda cs: _crane_batch_features(seg, cfg, cs))
+    feats = batched_get(ctxs, key, lambda cs: _crane_batch_features(rt, cfg, cs))
     maps = torch.stack([f["maps"] for f in feats], dim=1)  # (L, B, N, D)
     glob = torch.stack([f["global"] for f in feats], dim=0)
     size = (cfg.image_size, cfg.image_size)
@@ -300,8 +300,8 @@ def _calibration_images(source: Any) -> list:
     return list(source)
 
 
-def calibration(seg, cfg: AnomalyPreset, object_name, source, percentile, run_kw) -> dict:
-    """Thresholds from known-good images (cached on the Segmenter per source and settings)."""
+def calibration(rt, cfg: AnomalyPreset, object_name, source, percentile, run_kw) -> dict:
+    """Thresholds from known-good images (computed once per runtime, source and settings)."""
     key = (
         "anomaly-calibration",
         cfg,
@@ -310,34 +310,34 @@ def calibration(seg, cfg: AnomalyPreset, object_name, source, percentile, run_kw
         percentile,
         tuple(sorted((k, str(v)) for k, v in run_kw.items())),
     )
-    cache = seg.text_cache
-    if key not in cache:
-        imgs = _calibration_images(source)
-        ctxs = seg.contexts(imgs)
-        res = _run_core(seg, cfg, ctxs, object_name, run_kw)
-        cache[key] = {
+
+    def compute() -> dict:
+        ctxs = rt.contexts(_calibration_images(source))
+        res = _run_core(rt, cfg, ctxs, object_name, run_kw)
+        return {
             "threshold": calibrate_threshold([r[0] for r in res], percentile),
             "image_threshold": calibrate_threshold([np.array([r[1]]) for r in res], percentile),
             "n_images": len(ctxs),
             "rule": "max" if percentile is None else f"percentile {percentile}",
         }
-    return cache[key]
+
+    return rt.memo(key, compute)
 
 
 # ---- the run -------------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def _run_core(seg, cfg: AnomalyPreset, ctxs: list, object_name, run_kw: dict):
+def _run_core(rt, cfg: AnomalyPreset, ctxs: list, object_name, run_kw: dict):
     """[(map (H, W) float32, score, model map (S, S) tensor, meta)] for the contexts."""
     domain = run_kw.get("domain") or "industrial"
     if cfg.method == "musc":
-        maps, scores, info = run_musc(seg, cfg, ctxs, dataset=run_kw.get("dataset"))
+        maps, scores, info = run_musc(rt, cfg, ctxs, dataset=run_kw.get("dataset"))
         meta = {"musc": info}
     else:
-        clip = seg.clip(cfg.clip_arch)
+        clip = rt.clip(cfg.clip_arch)
         text, tmeta = text_features(
-            seg,
+            rt,
             clip,
             cfg,
             object_name,
@@ -345,11 +345,11 @@ def _run_core(seg, cfg: AnomalyPreset, ctxs: list, object_name, run_kw: dict):
             dataset=run_kw.get("dataset"),
             explicit=run_kw.get("_prompts_explicit", False),
         )
-        bs = int(run_kw.get("batch_size") or seg.config.batch_size)
+        bs = int(run_kw.get("batch_size") or rt.config.batch_size)
         maps_l, scores_l = [], []
         info: dict = {}
         for i in range(0, len(ctxs), bs):
-            m, s, info = crane_model_maps(seg, cfg, ctxs[i : i + bs], text)
+            m, s, info = crane_model_maps(rt, cfg, ctxs[i : i + bs], text)
             maps_l.append(m.cpu())
             scores_l.append(s.cpu())
         maps = torch.cat(maps_l, dim=0)
@@ -362,7 +362,7 @@ def _run_core(seg, cfg: AnomalyPreset, ctxs: list, object_name, run_kw: dict):
 
 
 def run_anomaly(
-    seg, ctxs: Sequence, options: AnomalyOptions | None = None, /, **kwargs: Any
+    rt, ctxs: Sequence, options: AnomalyOptions | None = None, /, **kwargs: Any
 ) -> list[AnomalyResult]:
     """Anomaly results for ``ctxs`` (see the module docstring).
 
@@ -404,7 +404,7 @@ def run_anomaly(
     calib = None
     if options.calibrate_with is not None and (thr is None or ithr is None):
         calib = calibration(
-            seg, cfg, object_name, options.calibrate_with, options.calibrate_percentile, run_kw
+            rt, cfg, object_name, options.calibrate_with, options.calibrate_percentile, run_kw
         )
         if thr is None:
             thr, thr_src = calib["threshold"], "calibrated"
@@ -415,10 +415,10 @@ def run_anomaly(
     thr = float(thr)
     ithr = None if ithr is None else float(ithr)
 
-    core = _run_core(seg, cfg, ctxs, object_name, run_kw)
+    core = _run_core(rt, cfg, ctxs, object_name, run_kw)
     results = []
     for amap, score, model_map, meta in core:
-        m = dict(seg.result_meta())
+        m = dict(rt.result_meta())
         m.update(meta)
         m.update(
             preset=cfg.name,

@@ -1,7 +1,7 @@
 """The anomaly scorers as a registry: zero-shot (Crane, Crane+), set-level (MuSc) and few-shot
 (AnomalyDINO, Crane+ fused with it), behind one call.
 
-``run(seg, ctxs, options)`` picks the scorer by the preset's ``method``; ``prepare(seg,
+``run(rt, ctxs, options)`` picks the scorer by the preset's ``method``; ``prepare(rt,
 options)`` loads what a scorer needs before the first image (models, prompt checkpoints, and
 for the few-shot scorers the memory of good references, built or loaded once per run). A new
 scorer is one function pair and one :data:`SCORERS` entry.
@@ -21,19 +21,19 @@ from zsdense.tasks.anomaly import AnomalyResult
 
 @dataclass(frozen=True)
 class Scorer:
-    """``prepare(seg, options) -> state`` (once per run) and ``run(seg, ctxs, options, state)``."""
+    """``prepare(rt, options) -> state`` (once per run) and ``run(rt, ctxs, options, state)``."""
 
     prepare: Callable[[Any, AnomalyOptions], Any]
     run: Callable[[Any, Sequence, AnomalyOptions, Any], list[AnomalyResult]]
     description: str = ""
 
 
-def _zero_shot_prepare(seg, opts: AnomalyOptions) -> None:
-    zero_shot.load_encoders(seg, opts)
+def _zero_shot_prepare(rt, opts: AnomalyOptions) -> None:
+    zero_shot.load_encoders(rt, opts)
 
 
-def _zero_shot_run(seg, ctxs, opts: AnomalyOptions, state) -> list[AnomalyResult]:  # noqa: ARG001
-    return zero_shot.run_anomaly(seg, ctxs, opts)
+def _zero_shot_run(rt, ctxs, opts: AnomalyOptions, state) -> list[AnomalyResult]:  # noqa: ARG001
+    return zero_shot.run_anomaly(rt, ctxs, opts)
 
 
 def _fewshot_options(opts: AnomalyOptions) -> fewshot.FewShotOptions | None:
@@ -56,8 +56,8 @@ def _references(ref: Any) -> Any:
     return ref
 
 
-def _bank(seg, opts: AnomalyOptions):
-    """The memory of good references, built (or loaded) once per Segmenter and settings."""
+def _bank(rt, opts: AnomalyOptions):
+    """The memory of good references, built (or loaded) once per runtime and settings."""
     ref = _references(opts.reference)
     fopts = _fewshot_options(opts)
     key = (
@@ -66,22 +66,19 @@ def _bank(seg, opts: AnomalyOptions):
         fopts,
         opts.shots,
     )
-    cache = seg.text_cache
-    if key not in cache:
-        cache[key] = fewshot._as_bank(seg, ref, fopts, opts.object_name, opts.dataset)
-    return cache[key]
+    return rt.memo(key, lambda: fewshot._as_bank(rt, ref, fopts, opts.object_name, opts.dataset))
 
 
-def _fewshot_prepare(seg, opts: AnomalyOptions):
-    bank, fopts = _bank(seg, opts)
-    seg.dinov2(fopts.model)
+def _fewshot_prepare(rt, opts: AnomalyOptions):
+    bank, fopts = _bank(rt, opts)
+    rt.dinov2(fopts.model)
     return bank, fopts
 
 
-def _fewshot_run(seg, ctxs, opts: AnomalyOptions, state) -> list[AnomalyResult]:
-    bank, fopts = state if state is not None else _fewshot_prepare(seg, opts)
+def _fewshot_run(rt, ctxs, opts: AnomalyOptions, state) -> list[AnomalyResult]:
+    bank, fopts = state if state is not None else _fewshot_prepare(rt, opts)
     return fewshot.run_fewshot(
-        seg,
+        rt,
         ctxs,
         reference=bank,
         options=fopts,
@@ -94,21 +91,21 @@ def _fewshot_run(seg, ctxs, opts: AnomalyOptions, state) -> list[AnomalyResult]:
     )
 
 
-def _fused_prepare(seg, opts: AnomalyOptions):
-    state = _fewshot_prepare(seg, opts)
-    zero_shot.load_encoders(seg, opts)
+def _fused_prepare(rt, opts: AnomalyOptions):
+    state = _fewshot_prepare(rt, opts)
+    zero_shot.load_encoders(rt, opts)
     return state
 
 
-def _fused_run(seg, ctxs, opts: AnomalyOptions, state) -> list[AnomalyResult]:
-    bank, fopts = state if state is not None else _fused_prepare(seg, opts)
+def _fused_run(rt, ctxs, opts: AnomalyOptions, state) -> list[AnomalyResult]:
+    bank, fopts = state if state is not None else _fused_prepare(rt, opts)
     ref = _references(opts.reference)
     images = None if isinstance(ref, fewshot.MemoryBank) or str(ref).endswith(".zsdmem") else ref
     crane = {k: v for k, v in opts.overrides if k not in ("dino_name",)}
     if opts.domain != "industrial":
         crane["domain"] = opts.domain
     return fewshot.run_crane_fewshot(
-        seg,
+        rt,
         ctxs,
         reference=bank,
         options=fopts,
@@ -134,11 +131,11 @@ def scorer(opts: AnomalyOptions) -> Scorer:
     return SCORERS[opts.config().method]
 
 
-def prepare(seg, opts: AnomalyOptions) -> Any:
+def prepare(rt, opts: AnomalyOptions) -> Any:
     """Load what the scorer needs before the first image; returns its state for :func:`run`."""
-    return scorer(opts).prepare(seg, opts)
+    return scorer(opts).prepare(rt, opts)
 
 
-def run(seg, ctxs: Sequence, opts: AnomalyOptions, state: Any = None) -> list[AnomalyResult]:
+def run(rt, ctxs: Sequence, opts: AnomalyOptions, state: Any = None) -> list[AnomalyResult]:
     """Anomaly results for ``ctxs`` by the preset's scorer."""
-    return scorer(opts).run(seg, ctxs, opts, state)
+    return scorer(opts).run(rt, ctxs, opts, state)

@@ -216,21 +216,28 @@ def options_from_bank(bank: MemoryBank, **overrides: Any) -> FewShotOptions:
     return replace(FewShotOptions(), **kw).validate()
 
 
+def reference_positions(n_given: int, shots: int | None, seed: int = 0) -> list[int]:
+    """Positions in a list of ``n_given`` reference images that the reference's few-shot draw
+    takes: ``seed·shots .. (seed+1)·shots − 1`` (consecutive, disjoint blocks per seed; the last
+    block may be short); all of them when ``shots`` is None or -1 (full-shot)."""
+    if shots is None or int(shots) == -1:
+        return list(range(int(n_given)))
+    n, s = int(shots), int(seed)
+    if n < 1 or s < 0:
+        raise ConfigError(f"--shots must be >= 1 (or -1 for all) and --seed >= 0; got {n}, {s}")
+    chosen = list(range(s * n, min((s + 1) * n, int(n_given))))
+    if not chosen:
+        raise ConfigError(
+            f"seed {s} with {n} shots needs more than {s * n} good images; there are {n_given}"
+        )
+    return chosen
+
+
 def select_references(files: Sequence[Any], shots: int | None, seed: int = 0) -> list:
     """The reference's few-shot draw: ``sorted(files)[seed·n : (seed+1)·n]`` (consecutive files
     in name order, disjoint blocks per seed); ``shots`` None or -1 = all (full-shot)."""
     ordered = sorted(files, key=lambda p: str(p))
-    if shots is None or int(shots) == -1:
-        return ordered
-    n, s = int(shots), int(seed)
-    if n < 1 or s < 0:
-        raise ConfigError(f"--shots must be >= 1 (or -1 for all) and --seed >= 0; got {n}, {s}")
-    chosen = ordered[s * n : (s + 1) * n]
-    if not chosen:
-        raise ConfigError(
-            f"seed {s} with {n} shots needs more than {s * n} good images; there are {len(ordered)}"
-        )
-    return chosen
+    return [ordered[i] for i in reference_positions(len(ordered), shots, seed)]
 
 
 # ---- preprocessing ---------------------------------------------------------------------------
@@ -493,11 +500,20 @@ def memory_from_features(
     settings: dict,
     model: dict,
     names: Sequence[str] | None = None,
+    positions: Sequence[int] | None = None,
 ) -> MemoryBank:
     """A bank from features already extracted: ``per_reference[r][a]`` = (features (N, D),
     grid) of reference r at angle index a. Rows in the reference's order: reference, angle,
     patch; masks are computed for every reference and angle (rows are dropped only when
-    ``options.mask_refs``)."""
+    ``options.mask_refs``).
+
+    ``source`` rows are (position, angle index, patch): ``positions[r]`` is reference r's
+    place in the list the user gave (default r), so a row names the image it came from even
+    when a few-shot draw used only part of that list (as the reference numbers its memory).
+    """
+    pos = list(range(len(per_reference))) if positions is None else [int(p) for p in positions]
+    if len(pos) != len(per_reference):
+        raise ConfigError(f"{len(pos)} positions for {len(per_reference)} reference images")
     feats, source, masks, grids = [], [], [], []
     for r, per_angle in enumerate(per_reference):
         rows, src, mks = [], [], []
@@ -513,7 +529,7 @@ def memory_from_features(
             if options.knn_metric == "L2_normalized":
                 sel = l2_normalize(sel)
             rows.append(sel)
-            s = np.stack([np.full(idx.size, r), np.full(idx.size, a), idx], axis=1)
+            s = np.stack([np.full(idx.size, pos[r]), np.full(idx.size, a), idx], axis=1)
             src.append(torch.from_numpy(s.astype(np.int32)))
         feats.append(torch.cat(rows, dim=0).contiguous())
         source.append(torch.cat(src, dim=0))
@@ -539,44 +555,50 @@ def build_memory_with(
     images_u8: Sequence[np.ndarray],
     options: FewShotOptions,
     names: Sequence[str] | None = None,
+    *,
+    seed: int = 0,
 ) -> MemoryBank:
     """A bank from uint8 reference images with a given DINOv2 wrapper (see :func:`build_memory`).
 
-    Each reference is rotated (``options.angles()``), its angles run through the model as one
-    batch, and its rows are appended; the memory is a list of per-reference blocks, never
-    concatenated into a second copy.
+    With ``options.shots`` the references are the reference's few-shot draw from the given
+    list (:func:`reference_positions`: the block ``seed·shots ..``; the first ``shots`` at seed
+    0); each bank row records its image's position in the given list. Each reference is rotated
+    (``options.angles()``), its angles run through the model as one batch, and its rows are
+    appended; the memory is a list of per-reference blocks, never concatenated into a second
+    copy.
     """
     options = options.validate()
-    imgs = list(images_u8)
-    if options.shots is not None:
-        imgs = imgs[: int(options.shots)]
-    if not imgs:
+    given = list(images_u8)
+    if not given:
         raise ConfigError("few-shot scoring needs at least one reference (good) image")
+    positions = reference_positions(len(given), options.shots, seed)
+    imgs = [given[i] for i in positions]
     angles = options.angles()
     settings = bank_settings(options, dino)
     model = model_identity(dino, options)
     parts: list[MemoryBank] = []
-    for img in imgs:
+    for img, at in zip(imgs, positions, strict=True):
         rotated = [rotate_image(img, a) for a in angles]
         fg = extract_features(dino, rotated, options.image_size, options.pos_interp)
         parts.append(
-            memory_from_features([fg], [img.shape[:2]], options, settings=settings, model=model)
+            memory_from_features(
+                [fg], [img.shape[:2]], options, settings=settings, model=model, positions=[at]
+            )
         )
     bank = parts[0]
-    for r, p in enumerate(parts[1:], start=1):
-        src = p.source[0].clone()
-        src[:, 0] = r
+    for p in parts[1:]:
         bank.features.append(p.features[0])
-        bank.source.append(src)
+        bank.source.append(p.source[0])
         bank.masks.append(p.masks[0])
         bank.grids.append(p.grids[0])
         bank.sizes.append(p.sizes[0])
-    n = len(imgs)
-    bank.names = [str(x) for x in (names or [f"ref{i}" for i in range(n)])][:n]
+    all_names = [str(x) for x in (names or [])]
+    all_names += [f"ref{i}" for i in range(len(all_names), len(given))]
+    bank.names = [all_names[i] for i in positions]
     return bank
 
 
-def _reference_contexts(seg, images: Any) -> tuple[list, list[str]]:
+def _reference_contexts(rt, images: Any) -> tuple[list, list[str]]:
     """Reference images (folder / glob / file / list of paths, arrays, PIL, contexts) ->
     (ImageContexts, names). Folders and globs are read in sorted name order."""
     if isinstance(images, (str, Path)):
@@ -587,29 +609,27 @@ def _reference_contexts(seg, images: Any) -> tuple[list, list[str]]:
     if not items:
         raise ConfigError("few-shot scoring needs at least one reference (good) image")
     names = [str(p) if isinstance(p, (str, Path)) else f"ref{i}" for i, p in enumerate(items)]
-    return seg.contexts(items), names
+    return rt.contexts(items), names
 
 
-def _reference_inputs(seg, images: Any) -> tuple[list[np.ndarray], list[str]]:
+def _reference_inputs(rt, images: Any) -> tuple[list[np.ndarray], list[str]]:
     """Like :func:`_reference_contexts`, as uint8 RGB arrays."""
-    ctxs, names = _reference_contexts(seg, images)
+    ctxs, names = _reference_contexts(rt, images)
     return [c.image_u8 for c in ctxs], names
 
 
 def build_memory(
-    seg, images: Any, options: FewShotOptions | None = None, *, object_name=None, dataset=None
+    rt, images: Any, options: FewShotOptions | None = None, *, object_name=None, dataset=None
 ) -> MemoryBank:
-    """A :class:`MemoryBank` from known-good ``images`` with the Segmenter's DINOv2.
+    """A :class:`MemoryBank` from known-good ``images`` with the runtime's DINOv2.
 
     ``images``: a folder, glob, file or a list of paths / arrays / PIL images. ``options``
     default to :func:`options_for` ``(object_name, dataset)``.
     """
     opts = options or options_for(object_name, dataset)
-    imgs, names = _reference_inputs(seg, images)
-    if opts.shots is not None:
-        imgs, names = imgs[: int(opts.shots)], names[: int(opts.shots)]
-    dino = seg.dinov2(opts.model)
-    with seg.autocast():
+    imgs, names = _reference_inputs(rt, images)
+    dino = rt.dinov2(opts.model)
+    with rt.autocast():
         return build_memory_with(dino, imgs, opts, names)
 
 
@@ -798,7 +818,7 @@ def reference_maps(bank: MemoryBank, options: FewShotOptions) -> list[tuple[np.n
     return out
 
 
-def _as_bank(seg, reference: Any, options: FewShotOptions | None, object_name, dataset):
+def _as_bank(rt, reference: Any, options: FewShotOptions | None, object_name, dataset):
     """(bank, options) from a bank object, a bank path or reference images."""
     if isinstance(reference, MemoryBank):
         bank = reference
@@ -806,7 +826,7 @@ def _as_bank(seg, reference: Any, options: FewShotOptions | None, object_name, d
         bank = load_memory(reference)
     else:
         opts = options or options_for(object_name, dataset)
-        return build_memory(seg, reference, opts), opts
+        return build_memory(rt, reference, opts), opts
     opts = options or options_from_bank(bank)
     if opts.shots is not None and int(opts.shots) != bank.n_shots:
         if int(opts.shots) > bank.n_shots:
@@ -818,7 +838,7 @@ def _as_bank(seg, reference: Any, options: FewShotOptions | None, object_name, d
 
 
 def run_fewshot(
-    seg,
+    rt,
     ctxs: Sequence,
     *,
     reference: Any,
@@ -845,22 +865,22 @@ def run_fewshot(
     """
     from zsdense.config import ANOMALY_DEFAULT_THRESHOLD
 
-    ctxs = seg.contexts(list(ctxs))
+    ctxs = rt.contexts(list(ctxs))
     if not ctxs:
         return []
-    bank, opts = _as_bank(seg, reference, options, object_name, dataset)
+    bank, opts = _as_bank(rt, reference, options, object_name, dataset)
     opts = opts.validate()
-    dino = seg.dinov2(opts.model)
+    dino = rt.dinov2(opts.model)
     check_bank(bank, opts, dino)
-    with seg.autocast():
+    with rt.autocast():
         scored = score_contexts(dino, bank, ctxs, opts)
 
     thr, thr_src = threshold, ("fixed" if threshold is not None else None)
     ithr, ithr_src = image_threshold, ("fixed" if image_threshold is not None else None)
     calib_n = None
     if calibrate_with is not None and (thr is None or ithr is None):
-        cal_imgs = seg.contexts(_calibration_images(calibrate_with))
-        with seg.autocast():
+        cal_imgs = rt.contexts(_calibration_images(calibrate_with))
+        with rt.autocast():
             cal = score_contexts(dino, bank, cal_imgs, opts)
         calib_n = len(cal)
         if thr is None:
@@ -887,7 +907,7 @@ def run_fewshot(
     results = []
     for r in scored:
         amap = r.anomaly_map.astype(np.float32)
-        meta = dict(seg.result_meta())
+        meta = dict(rt.result_meta())
         meta.update(
             preset="anomalydino",
             method="fewshot",
@@ -1007,7 +1027,7 @@ FUSED_THRESHOLD = 1.0
 
 
 def run_crane_fewshot(
-    seg,
+    rt,
     ctxs: Sequence,
     *,
     reference: Any,
@@ -1034,18 +1054,18 @@ def run_crane_fewshot(
     """
     from zsdense.tasks.anomaly import run_anomaly
 
-    ctxs = seg.contexts(list(ctxs))
+    ctxs = rt.contexts(list(ctxs))
     if not ctxs:
         return []
-    bank, opts = _as_bank(seg, reference, options, object_name, dataset)
-    few = run_fewshot(seg, ctxs, reference=bank, options=opts, threshold=0.0, image_threshold=0.0)
+    bank, opts = _as_bank(rt, reference, options, object_name, dataset)
+    few = run_fewshot(rt, ctxs, reference=bank, options=opts, threshold=0.0, image_threshold=0.0)
     few_stats_maps = reference_maps(bank, opts)
     few_stats = map_stats([m for m, _ in few_stats_maps])
     copts = dict(crane_options or {})
     copts.update(threshold=1.0, image_threshold=None)
-    crane = run_anomaly(seg, ctxs, object_name=object_name, preset=crane_preset, **copts)
+    crane = run_anomaly(rt, ctxs, object_name=object_name, preset=crane_preset, **copts)
     crane_stats = crane_reference_stats(
-        seg, bank, crane_preset, object_name, reference, reference_images, copts
+        rt, bank, crane_preset, object_name, reference, reference_images, copts
     )
     thr = FUSED_THRESHOLD if threshold is None else float(threshold)
     out = []
@@ -1054,7 +1074,7 @@ def run_crane_fewshot(
             c.anomaly_map, f.anomaly_map, crane_stats, few_stats, weight=weight, rule=rule
         )
         score = fuse_scores(c.score, f.score, crane_stats, few_stats, weight=weight, rule=rule)
-        meta = dict(seg.result_meta())
+        meta = dict(rt.result_meta())
         meta.update(
             preset="crane+fewshot",
             method="crane+fewshot",
@@ -1088,7 +1108,7 @@ def run_crane_fewshot(
 
 
 def crane_reference_stats(
-    seg,
+    rt,
     bank: MemoryBank,
     crane_preset: str,
     object_name: str | None,
@@ -1115,20 +1135,20 @@ def crane_reference_stats(
                 ": build the bank with `zsdense memory build ... --crane-preset "
                 f"{crane_preset}` or give the reference images too"
             )
-        if stored.get("models") != seg.config.models:
+        if stored.get("models") != rt.config.models:
             raise ConfigError(
                 f"the bank's Crane statistics were made with models={stored.get('models')!r}, "
-                f"this run uses {seg.config.models!r}: rebuild the bank"
+                f"this run uses {rt.config.models!r}: rebuild the bank"
             )
         return MapStats(float(stored["mean"]), float(stored["high"]), int(stored["n_images"]))
-    ctxs, _ = _reference_contexts(seg, images)
+    ctxs, _ = _reference_contexts(rt, images)
     n = bank.n_shots
-    res = run_anomaly(seg, ctxs[:n], object_name=object_name, preset=crane_preset, **crane_options)
+    res = run_anomaly(rt, ctxs[:n], object_name=object_name, preset=crane_preset, **crane_options)
     return map_stats([r.anomaly_map for r in res])
 
 
 def add_crane_stats(
-    seg,
+    rt,
     bank: MemoryBank,
     images: Any,
     crane_preset: str = "crane+",
@@ -1138,10 +1158,10 @@ def add_crane_stats(
     """Store Crane's reference statistics in ``bank.extra`` (for ``crane+fewshot`` from a bank)."""
     copts = dict(crane_options or {})
     copts.update(threshold=1.0, image_threshold=None)
-    st = crane_reference_stats(seg, bank, crane_preset, object_name, images, images, copts)
+    st = crane_reference_stats(rt, bank, crane_preset, object_name, images, images, copts)
     extra = dict(bank.extra)
     cs = dict(extra.get("crane_stats") or {})
-    cs[crane_preset] = {**st.to_dict(), "models": seg.config.models, "object": object_name}
+    cs[crane_preset] = {**st.to_dict(), "models": rt.config.models, "object": object_name}
     extra["crane_stats"] = cs
     bank.extra = extra
     return bank

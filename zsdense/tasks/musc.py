@@ -461,22 +461,22 @@ def reference_gt_mask(
 
 
 def _backbone_features(
-    seg: Any, cfg: AnomalyPreset, ctxs: list, layers_24: tuple[int, ...]
+    rt: Any, cfg: AnomalyPreset, ctxs: list, layers_24: tuple[int, ...]
 ) -> list[dict]:
     """Per image: {layer: (N, C) float32 CPU patch tokens}, the RsCIN embedding, grid, info."""
     kind, dino_name = resolve_backbone(cfg.musc_backbone)
     if kind == "clip":
-        clip = seg.clip(cfg.clip_arch)
+        clip = rt.clip(cfg.clip_arch)
         layers = scale_layers(layers_24, clip.num_layers)
         act = clip_activation(clip, cfg.image_size, cfg.musc_act)
-        x = clip.normalize(model_input(ctxs, cfg.image_size, seg.device))
-        with seg.autocast():
+        x = clip.normalize(model_input(ctxs, cfg.image_size, rt.device))
+        with rt.autocast():
             st = clip_streams(clip, x, layers, act=act, pos_mode="bicubic")
     else:
-        dino = seg.dinov2(dino_name)
+        dino = rt.dinov2(dino_name)
         layers = scale_layers(layers_24, len(dino.model.encoder.layer))
-        x = dino.normalize(model_input(ctxs, cfg.image_size, seg.device, "bilinear"))
-        with seg.autocast():
+        x = dino.normalize(model_input(ctxs, cfg.image_size, rt.device, "bilinear"))
+        with rt.autocast():
             st = dinov2_streams(dino, x, layers)
     per_layer = {layer: st.patches[layer].float().cpu() for layer in layers}
     embed = st.image_embed.float().cpu()
@@ -494,7 +494,7 @@ def _backbone_features(
 
 @torch.no_grad()
 def run_musc(
-    seg: Any,  # a zsdense.api.Segmenter
+    rt: Any,  # a zsdense.api.Segmenter
     cfg: AnomalyPreset,
     ctxs: list,
     dataset: str | None = None,
@@ -531,10 +531,10 @@ def run_musc(
         tuple(cfg.musc_layers),
         cfg.musc_act,
     )
-    bs = int(seg.config.batch_size)
+    bs = int(rt.config.batch_size)
 
     def features(cs: list) -> list[dict]:
-        return _backbone_features(seg, cfg, cs, cfg.musc_layers)
+        return _backbone_features(rt, cfg, cs, cfg.musc_layers)
 
     if in_memory:
         feats: list[dict] = []
@@ -548,7 +548,7 @@ def run_musc(
             (lambda layer=layer: torch.stack([f["tokens"][layer] for f in feats]))
             for layer in info["layers"]
         ]
-        patch = musc_patch_scores(tokens, grid, cfg.musc_r, cfg.musc_topmin, device=seg.device)
+        patch = musc_patch_scores(tokens, grid, cfg.musc_r, cfg.musc_topmin, device=rt.device)
         del feats, tokens
     else:
         if cache_dir is not None:
@@ -573,7 +573,7 @@ def run_musc(
                     embed_list.append(f["embed"])
             embeds = torch.stack(embed_list)
             patch = musc_patch_scores(
-                list(stacks.values()), grid, cfg.musc_r, cfg.musc_topmin, device=seg.device
+                list(stacks.values()), grid, cfg.musc_r, cfg.musc_topmin, device=rt.device
             )
     maps64 = upsample_aligned(patch, grid, cfg.image_size)  # (M, S, S) float64
     if cfg.sigma and cfg.sigma > 0:

@@ -516,7 +516,7 @@ def _dense_key(cfg: OpenVocabPreset, clip, extra: tuple = ()) -> tuple:
 
 
 def run_open_vocab(
-    seg, ctxs: Sequence, options: OpenVocabOptions | None = None, /, **kwargs: Any
+    rt, ctxs: Sequence, options: OpenVocabOptions | None = None, /, **kwargs: Any
 ) -> list[OpenVocabResult]:
     """Open-vocabulary segmentation of each image context.
 
@@ -528,13 +528,13 @@ def run_open_vocab(
     """
     opts = _options(options, kwargs)
     cfg = opts.config()
-    clip = seg.clip(cfg.clip_arch)
-    clf = build_classifier(clip, list(opts.classes), cache=seg.text_cache)
+    clip = rt.clip(cfg.clip_arch)
+    clf = build_classifier(clip, list(opts.classes), cache=rt.text_cache)
     method = get_method(cfg.method)
-    dino = seg.dinov2(cfg.vfm) if method.needs_vfm else None
-    sam = seg.sam(cfg.sam_arch or "vit_b") if method.needs_sam else None
+    dino = rt.dinov2(cfg.vfm) if method.needs_vfm else None
+    sam = rt.sam(cfg.sam_arch or "vit_b") if method.needs_sam else None
     vfm_fn = vfm_on_clip_windows(dino) if dino is not None else None
-    return [_run_one(seg, ctx, cfg, clip, clf, vfm_fn, sam) for ctx in ctxs]
+    return [_run_one(rt, ctx, cfg, clip, clf, vfm_fn, sam) for ctx in ctxs]
 
 
 def _options(options: OpenVocabOptions | None, kwargs: dict) -> OpenVocabOptions:
@@ -545,24 +545,24 @@ def _options(options: OpenVocabOptions | None, kwargs: dict) -> OpenVocabOptions
     return options
 
 
-def load_encoders(seg, options: OpenVocabOptions) -> None:
+def load_encoders(rt, options: OpenVocabOptions) -> None:
     """Load every model the options need (a run's setup, before its first image)."""
     cfg = options.config()
     method = get_method(cfg.method)
-    seg.clip(cfg.clip_arch)
+    rt.clip(cfg.clip_arch)
     if method.needs_vfm:
-        seg.dinov2(cfg.vfm)
+        rt.dinov2(cfg.vfm)
     if method.needs_sam:
-        seg.sam(cfg.sam_arch or "vit_b")
+        rt.sam(cfg.sam_arch or "vit_b")
 
 
-def _run_one(seg, ctx, cfg: OpenVocabPreset, clip, clf: TextClassifier, vfm_fn, sam):
+def _run_one(rt, ctx, cfg: OpenVocabPreset, clip, clf: TextClassifier, vfm_fn, sam):
     H, W = ctx.size
     size = mmseg_resize_hw((H, W), cfg.short_side, cfg.max_long_side)
     text = clf.weights
-    meta: dict = dict(seg.result_meta())
+    meta: dict = dict(rt.result_meta())
     meta.update(preset=cfg.name, method=cfg.method, resized_hw=list(size))
-    with seg.autocast():
+    with rt.autocast():
         x = clip.normalize(resize_image(ctx.image, size).to(clip.device))
         if get_method(cfg.method).pipeline == "splice-then-segment":
             feats, grid = ctx.get(

@@ -339,13 +339,13 @@ def encode_text_raw(clip, tokens_bl: torch.Tensor) -> torch.Tensor:
     return proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
 
 
-def raw_text_embeddings(seg, clip, texts: Sequence[str]) -> torch.Tensor:
-    """Raw (unnormalised) CLIP text embeddings (T, D), cached in ``seg.text_cache`` (``seg`` may
+def raw_text_embeddings(rt, clip, texts: Sequence[str]) -> torch.Tensor:
+    """Raw (unnormalised) CLIP text embeddings (T, D), cached in ``rt.text_cache`` (``rt`` may
     also be a plain dict used as the cache, or None)."""
-    if isinstance(seg, dict):
-        cache = seg
+    if isinstance(rt, dict):
+        cache = rt
     else:
-        cache = seg.text_cache if seg is not None else {}
+        cache = rt.text_cache if rt is not None else {}
     keys = [("refer-raw", clip.arch, t) for t in texts]
     missing = list(dict.fromkeys(t for t, k in zip(texts, keys) if k not in cache))
     if missing:
@@ -365,12 +365,12 @@ class TextFeatures:
     p: torch.Tensor  # (D,) raw E(p), for the heat map
 
 
-def text_features(seg, clip, expr) -> TextFeatures:
-    e = raw_text_embeddings(seg, clip, [expr.sentence, expr.noun_phrase])
+def text_features(rt, clip, expr) -> TextFeatures:
+    e = raw_text_embeddings(rt, clip, [expr.sentence, expr.noun_phrase])
     t = F.normalize(0.5 * e[0] + 0.5 * e[1], dim=-1)
     n = None
     if expr.context:
-        n = raw_text_embeddings(seg, clip, ["a photo of " + c for c in expr.context]).mean(0)
+        n = raw_text_embeddings(rt, clip, ["a photo of " + c for c in expr.context]).mean(0)
     return TextFeatures(t=t, n=n, p=e[1])
 
 
@@ -429,15 +429,15 @@ def refine_with_sam(sam, state, mask: np.ndarray, box_xywh: Sequence[int], A: to
     return masks[0].astype(bool), float(ious[0])
 
 
-def _image_stage(seg, ctx, cfg: ReferPreset, n_side: int, timing: dict):
+def _image_stage(rt, ctx, cfg: ReferPreset, n_side: int, timing: dict):
     """SAM state, proposals and normalised mask features of one image (cached in ``ctx``)."""
     from zsdense.dense.maskfeatures import blur_image_u8, mask_features
 
-    clip = seg.clip(cfg.clip_arch)
-    sam = seg.sam(cfg.sam_arch)
+    clip = rt.clip(cfg.clip_arch)
+    sam = rt.sam(cfg.sam_arch)
     t0 = time.perf_counter()
     state = ctx.sam_state(sam)
-    _sync(seg.device)
+    _sync(rt.device)
     timing["sam_encoder"] = time.perf_counter() - t0
 
     pkey = _proposal_key(sam, cfg, n_side)
@@ -448,7 +448,7 @@ def _image_stage(seg, ctx, cfg: ReferPreset, n_side: int, timing: dict):
             sam, state, cfg, points_per_side=n_side, stability=cfg.proposal_stability
         ),
     )
-    _sync(seg.device)
+    _sync(rt.device)
     timing["sam_decoder"] = time.perf_counter() - t0
 
     def compute_features() -> torch.Tensor:
@@ -477,26 +477,26 @@ def _image_stage(seg, ctx, cfg: ReferPreset, n_side: int, timing: dict):
     )
     t0 = time.perf_counter()
     feats = ctx.get(fkey, compute_features)  # (N, D) normalised
-    _sync(seg.device)
+    _sync(rt.device)
     timing["clip_views"] = time.perf_counter() - t0
     return clip, sam, state, props, feats
 
 
-def _refer_one(seg, ctx, text: str, cfg: ReferPreset, n_side: int) -> ReferResult:
+def _refer_one(rt, ctx, text: str, cfg: ReferPreset, n_side: int) -> ReferResult:
     from zsdense.text.parse import analyse
 
     if not isinstance(text, str) or not text.strip():
         raise ConfigError("a referring expression must be a non-empty string")
     timing = {"sam_encoder": 0.0, "sam_decoder": 0.0, "clip_views": 0.0, "heat": 0.0, "text": 0.0}
-    seg.clip(cfg.clip_arch)  # load (cached) before the clock starts
-    seg.sam(cfg.sam_arch)
+    rt.clip(cfg.clip_arch)  # load (cached) before the clock starts
+    rt.sam(cfg.sam_arch)
     t_start = time.perf_counter()
-    with seg.autocast():
-        clip, sam, state, props, feats = _image_stage(seg, ctx, cfg, n_side, timing)
+    with rt.autocast():
+        clip, sam, state, props, feats = _image_stage(rt, ctx, cfg, n_side, timing)
 
         t0 = time.perf_counter()
         expr = analyse(text, backend=cfg.parser, right_relation=cfg.right_relation)
-        tf = text_features(seg, clip, expr)
+        tf = text_features(rt, clip, expr)
         timing["text"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -524,7 +524,7 @@ def _refer_one(seg, ctx, text: str, cfg: ReferPreset, n_side: int) -> ReferResul
     mask = props.masks[pick].numpy().copy()
     refined = False
     if cfg.refine:
-        with seg.autocast():
+        with rt.autocast():
             rmask, riou = refine_with_sam(sam, state, mask, props.boxes_xywh[pick].tolist(), sc.A)
         if riou > float(props.iou_preds[pick]) and rmask.any():
             mask, refined = rmask, True
@@ -544,7 +544,7 @@ def _refer_one(seg, ctx, text: str, cfg: ReferPreset, n_side: int) -> ReferResul
             }
         )
     timing["total"] = time.perf_counter() - t_start
-    meta = dict(seg.result_meta()) if hasattr(seg, "result_meta") else {}
+    meta = dict(rt.result_meta()) if hasattr(rt, "result_meta") else {}
     meta.update(
         {
             "task": "refer",
@@ -568,7 +568,7 @@ def _refer_one(seg, ctx, text: str, cfg: ReferPreset, n_side: int) -> ReferResul
 
 
 def run_refer(
-    seg,
+    rt,
     ctxs: Sequence[Any],
     texts: Sequence[str],
     options: ReferOptions | None = None,
@@ -595,13 +595,13 @@ def run_refer(
             f"refer needs one text per image: got {len(ctxs)} images, {len(texts)} texts"
         )
     cfg = options.config()
-    tiny = bool(getattr(seg, "tiny", False))
+    tiny = bool(getattr(rt, "tiny", False))
     n_side = cfg.tiny_points_per_side if tiny else cfg.points_per_side
-    return [_refer_one(seg, ctx, text, cfg, n_side) for ctx, text in zip(ctxs, texts)]
+    return [_refer_one(rt, ctx, text, cfg, n_side) for ctx, text in zip(ctxs, texts)]
 
 
-def load_encoders(seg, options: ReferOptions) -> None:
+def load_encoders(rt, options: ReferOptions) -> None:
     """Load every model the options need (a run's setup, before its first image)."""
     cfg = options.config()
-    seg.clip(cfg.clip_arch)
-    seg.sam(cfg.sam_arch)
+    rt.clip(cfg.clip_arch)
+    rt.sam(cfg.sam_arch)

@@ -18,13 +18,14 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from zsdense.errors import ConfigError
 from zsdense.io.writers import atomic_path
+from zsdense.runtime import Runtime, runtime_of
 from zsdense.train.checkpoint import base_model_info, load_state, save_prompts, save_state
 from zsdense.train.data import (
     TrainItem,
@@ -56,12 +57,9 @@ CACHE_MODES = ("auto", "on", "off")
 
 @dataclass(frozen=True)
 class TrainOptions:
-    """How (not what) to train: models, device, caching, micro-batches, validation data."""
+    """How (not what) to train: caching, micro-batches, validation data (the models, device and
+    precision are the runtime's)."""
 
-    models: str = "default"  # default | tiny | random
-    device: str = "cpu"
-    weights_dir: str | None = None
-    download: bool | None = None
     cache_features: str = "auto"  # auto: on when the recipe allows it
     micro_batch: int | None = None  # gradient accumulation: at most this many images at once
     layout: str = "auto"
@@ -87,7 +85,8 @@ class PromptTrainer:
     recipe: TrainRecipe
     options: TrainOptions = field(default_factory=TrainOptions)
     resume: bool = False
-    clip: object = None  # injected models (tests, benches); else loaded from options.models
+    runtime: Any = None  # a Runtime (or Segmenter): models, device, precision; default fp32 CPU
+    clip: object = None  # injected models (tests, benches); else the runtime's
     dino: object = None
 
     def __post_init__(self) -> None:
@@ -107,31 +106,29 @@ class PromptTrainer:
                 raise ConfigError(f"--val {', '.join(o.val)}: no images found")
         state_path = self.out / STATE_FILE
         if self.resume and not state_path.is_file():
-            raise ConfigError(f"--resume: {state_path} not found; nothing to resume")
+            started = sorted(p.name for p in self.out.glob("epoch_*.safetensors"))
+            why = (
+                f" ({', '.join(started)} written, but the run stopped before that epoch's "
+                "resume point): start it again without --resume"
+                if started
+                else "; nothing to resume"
+            )
+            raise ConfigError(f"--resume: {state_path} not found{why}")
         if not self.resume and state_path.is_file():
             raise ConfigError(
                 f"{self.out} already holds a training run ({STATE_FILE}); pass --resume to "
                 f"continue it or choose another --out"
             )
         # models
-        from zsdense.models import get_clip, get_dinov2
-
+        self.rt = (
+            runtime_of(self.runtime)
+            if self.runtime is not None
+            else Runtime(device="cpu", precision="fp32")
+        )
         if self.clip is None:
-            self.clip = get_clip(
-                r.clip_arch,
-                models=o.models,
-                device=o.device,
-                weights_dir=o.weights_dir,
-                download=o.download,
-            )
+            self.clip = self.rt.clip(r.clip_arch)
         if r.use_dattn and self.dino is None:
-            self.dino = get_dinov2(
-                r.dino_name,
-                models=o.models,
-                device=o.device,
-                weights_dir=o.weights_dir,
-                download=o.download,
-            )
+            self.dino = self.rt.dinov2(r.dino_name)
         self.device = self.clip.device
         self.setup = vision_setup(r, self.clip.num_layers)
         if o.cache_features == "on" and not cacheable(self.setup):
@@ -275,7 +272,7 @@ class PromptTrainer:
             "epoch": epoch,
             "metrics": record or {},
             "depth": self.learner.depth,
-            "models": self.options.models,
+            "models": self.rt.config.models,
         }
 
     def _write_log(self) -> None:
@@ -289,7 +286,7 @@ class PromptTrainer:
             "val": list(self.options.val),
             "counts": self.counts,
             "epochs": self.recipe.epochs,
-            "models": self.options.models,
+            "models": self.rt.config.models,
             "device": str(self.device),
         }
         with atomic_path(self.out / RUN_FILE) as tmp:
@@ -404,11 +401,15 @@ def train_prompts(
     recipe: TrainRecipe,
     options: TrainOptions | None = None,
     *,
+    runtime: Any = None,
     resume: bool = False,
     progress: ProgressFn | None = None,
 ) -> list[dict]:
-    """Train Crane prompts on ``data`` into ``out_dir`` (Python entry of ``train-prompts``)."""
-    trainer = PromptTrainer(data, out_dir, recipe, options or TrainOptions(), resume=resume)
+    """Train Crane prompts on ``data`` into ``out_dir`` (Python entry of ``train-prompts``);
+    ``runtime``: a :class:`~zsdense.runtime.Runtime` or ``Segmenter`` (default: CPU, fp32)."""
+    trainer = PromptTrainer(
+        data, out_dir, recipe, options or TrainOptions(), resume=resume, runtime=runtime
+    )
     return trainer.run(progress=progress)
 
 
