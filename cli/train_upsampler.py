@@ -13,7 +13,7 @@ import time
 
 import click
 
-from zsdense.cli.common import runtime_options
+from zsdense.cli.common import make_runtime, runtime_options
 
 
 class _Progress:
@@ -58,15 +58,6 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def _precision_name(precision: str, device) -> str:
-    import torch
-
-    from zsdense.runtime import resolve_precision
-
-    dtype = resolve_precision(precision, device)
-    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
 @click.command("train-upsampler")
@@ -153,13 +144,8 @@ def train_upsampler_cmd(
     save_every,
     val_every,
     quiet,
-    models,
-    device,
-    precision,
-    weights_dir,
     batch_size,
-    offline,
-    max_pixels,
+    **runtime,
 ) -> None:
     """Train a JAFAR upsampler for the encoder --backbone on the images in DATA (any folder the
     readers accept; no labels), as the authors' train.py does; use the result with
@@ -167,8 +153,10 @@ def train_upsampler_cmd(
 
     Validation reports the held-out loss of JAFAR against plain bilinear upsampling of the same
     low-resolution features (ratio < 1: JAFAR is better). Ctrl-C finishes the current step,
-    saves it and exits (130); rerun with --resume to continue."""
-    import os
+    saves it and exits (130); rerun with --resume to continue.
+
+    --precision auto trains in float32 on the CPU and under bf16 autocast on CUDA (as the
+    authors)."""
     from pathlib import Path
 
     from zsdense.runtime import resolve_device
@@ -180,9 +168,10 @@ def train_upsampler_cmd(
         UpsamplerTrainer,
     )
 
-    if offline:
-        os.environ["ZSDENSE_OFFLINE"] = "1"
-    dev = resolve_device(device)
+    if runtime.get("precision") == "auto":
+        cuda = resolve_device(runtime.get("device", "auto")).type == "cuda"
+        runtime["precision"] = "bf16" if cuda else "fp32"
+    rt = make_runtime(batch_size=batch_size, **runtime)
     recipe = JafarRecipe(
         img_size=img_size,
         batch_size=batch_size,
@@ -194,29 +183,22 @@ def train_upsampler_cmd(
         seed=seed,
         val_images=val_images,
     )
-    options = UpsamplerOptions(
-        models=models,
-        device=str(dev),
-        precision=_precision_name(precision, dev),
-        weights_dir=weights_dir,
-        download=False if offline else None,
-        max_pixels=max_pixels,
-        val=tuple(val),
-        save_every=save_every,
-        val_every=val_every,
-    )
-    if models != "default" and not quiet:
+    options = UpsamplerOptions(val=tuple(val), save_every=save_every, val_every=val_every)
+    if rt.random_weights and not quiet:
         click.echo(
-            f"zsdense: models='{models}' uses random weights: the upsampler is NOT meaningful",
+            f"zsdense: models='{rt.config.models}' uses random weights: the upsampler is NOT "
+            "meaningful",
             err=True,
         )
-    trainer = UpsamplerTrainer(list(data), out_dir, backbone, recipe, options, resume=resume)
+    trainer = UpsamplerTrainer(
+        list(data), out_dir, backbone, recipe, options, resume=resume, runtime=rt
+    )
     if not quiet:
         click.echo(
             f"training a JAFAR upsampler for {trainer.backbone_id} on "
             f"{len(trainer.train_items)} images ({len(trainer.val_items)} held out), "
             f"{recipe.steps} steps, batch {recipe.batch_size}, {recipe.img_size} px, "
-            f"{options.precision}" + (f", resuming after step {trainer.step}" if resume else ""),
+            f"{trainer.precision}" + (f", resuming after step {trainer.step}" if resume else ""),
             err=True,
         )
     stop = {"asked": False}

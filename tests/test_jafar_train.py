@@ -45,12 +45,19 @@ def images(tmp_path_factory) -> Path:
     return root
 
 
-def _trainer(data, out, backbone="dinov2-small", resume=False, options=None, **kw):
+def _runtime(precision="fp32"):
+    from zsdense.runtime import Runtime
+
+    return Runtime(device="cpu", models="tiny", precision=precision)
+
+
+def _trainer(data, out, backbone="dinov2-small", resume=False, options=None, runtime=None, **kw):
     from zsdense.train.jafar import JafarRecipe, UpsamplerOptions, UpsamplerTrainer
 
     recipe = JafarRecipe(**{**FAST, **kw})
-    opts = options or UpsamplerOptions(models="tiny", precision="fp32", save_every=2, val_every=2)
-    return UpsamplerTrainer([data], out, backbone, recipe, opts, resume=resume)
+    opts = options or UpsamplerOptions(save_every=2, val_every=2)
+    rt = runtime or _runtime()
+    return UpsamplerTrainer([data], out, backbone, recipe, opts, resume=resume, runtime=rt)
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -64,7 +71,7 @@ def test_short_run_beats_bilinear_on_held_out_images(images, tmp_path):
     (random init) to below it."""
     from zsdense.train.jafar import UpsamplerOptions
 
-    opts = UpsamplerOptions(models="tiny", precision="fp32", save_every=1000, val_every=1000)
+    opts = UpsamplerOptions(save_every=1000, val_every=1000)
     tr = _trainer(images, tmp_path / "run", options=opts, steps=30, lr=1e-3)
     assert len(tr.val_items) == FAST["val_images"] and len(tr.train_items) == 24 - 6
     hist = tr.run()
@@ -162,8 +169,9 @@ def test_clip_backbone_trains(images, tmp_path):
 def test_bf16_autocast_step_runs(images, tmp_path):
     from zsdense.train.jafar import UpsamplerOptions
 
-    opts = UpsamplerOptions(models="tiny", precision="bf16", save_every=10, val_every=10)
-    tr = _trainer(images, tmp_path / "bf16", options=opts, steps=1)
+    opts = UpsamplerOptions(save_every=10, val_every=10)
+    tr = _trainer(images, tmp_path / "bf16", options=opts, runtime=_runtime("bf16"), steps=1)
+    assert tr.precision == "bf16" and tr.settings["precision"] == "bf16"
     hist = tr.run()
     assert np.isfinite(hist[-1]["loss"]["total"])
     assert all(p.dtype == torch.float32 for p in tr.model.parameters())
@@ -248,7 +256,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(images, tmp_path):
 def test_longer_run_beats_bilinear_on_the_tiny_clip(images, tmp_path):
     from zsdense.train.jafar import UpsamplerOptions
 
-    opts = UpsamplerOptions(models="tiny", precision="fp32", save_every=1000, val_every=1000)
+    opts = UpsamplerOptions(save_every=1000, val_every=1000)
     tr = _trainer(
         images,
         tmp_path / "clip",

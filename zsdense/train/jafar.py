@@ -17,7 +17,8 @@ images normalised with the backbone's mean/std:
 
 The loss (``Cosine_MSE``): ``mean(1 − cos)`` over the tokens plus the MSE of both maps min-max
 normalised with the **target's** per-token min and max. The authors trained under bf16 autocast
-on CUDA (``precision="bf16"`` does the same); the fixture and ``fp32`` are float32 throughout.
+on CUDA (a runtime at bf16 does the same: the frozen encoder in bf16, JAFAR's float32 weights
+under autocast); the fixture and ``fp32`` are float32 throughout.
 
 Randomness is counter-based: the data order of epoch e and the draws of step k come from
 generators seeded with (seed, e) and (seed, k), so a resumed run continues bit for bit from
@@ -41,7 +42,7 @@ import time
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -57,7 +58,6 @@ STATE_FILE = "state.safetensors"
 LOG_FILE = "train.jsonl"
 RUN_FILE = "run.json"
 UPSAMPLER_FILE = "upsampler.safetensors"
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,14 +372,9 @@ def fingerprint(items: Sequence[ImageItem]) -> str:
 
 @dataclass(frozen=True)
 class UpsamplerOptions:
-    """How (not what) to train: model set, device, precision, weights, validation data."""
+    """How (not what) to train: validation data and how often to validate and save (the
+    models, device, precision and image-size limit are the runtime's)."""
 
-    models: str = "default"  # default | tiny | random
-    device: str = "cpu"
-    precision: str = "fp32"  # fp32 | bf16 (autocast, as the authors) | fp16 (CUDA)
-    weights_dir: str | None = None
-    download: bool | None = None
-    max_pixels: int | None = None
     val: tuple[str, ...] = ()  # a separate held-out set instead of a share of DATA
     save_every: int = 500
     val_every: int = 500
@@ -390,28 +385,19 @@ ProgressFn = Callable[[dict], None]
 _RECIPE_NOT_SETTINGS = ("steps",)  # a resume may extend the run
 
 
-def load_backbone(name: str, options: UpsamplerOptions):
-    """The zsdense encoder ``name``: a DINOv2 registry name (``dinov2-small``...) or a CLIP
-    (``clip-ViT-B-16-openai`` or the bare arch ``ViT-B-16``)."""
-    from zsdense.models import get_clip, get_dinov2
+def load_backbone(name: str, runtime):
+    """The zsdense encoder ``name`` from ``runtime``: a DINOv2 registry name (``dinov2-small``...)
+    or a CLIP (``clip-ViT-B-16-openai`` or the bare arch ``ViT-B-16``)."""
     from zsdense.models.clip import CLIP_ARCHS
     from zsdense.models.dinov2 import DINOV2_MODELS
 
-    dtype = torch.bfloat16 if options.precision == "bf16" else None
-    kw = dict(
-        models=options.models,
-        device=options.device,
-        weights_dir=options.weights_dir,
-        download=options.download,
-        dtype=dtype,
-    )
     if name in DINOV2_MODELS:
-        return get_dinov2(name, **kw)
+        return runtime.dinov2(name)
     arch, pretrained = name, "openai"
     if name.startswith("clip-"):
         arch, _, pretrained = name[len("clip-") :].rpartition("-")
     if arch in CLIP_ARCHS:
-        return get_clip(arch, pretrained=pretrained, **kw)
+        return runtime.clip(arch, pretrained=pretrained)
     known = ", ".join([*DINOV2_MODELS, *(f"clip-{a}-openai" for a in CLIP_ARCHS)])
     raise ConfigError(f"--backbone {name!r}: not a DINOv2 or CLIP zsdense loads; known: {known}")
 
@@ -431,15 +417,15 @@ class UpsamplerTrainer:
     recipe: JafarRecipe = field(default_factory=JafarRecipe)
     options: UpsamplerOptions = field(default_factory=UpsamplerOptions)
     resume: bool = False
-    encoder: object = None  # injected encoder (tests); else loaded from ``backbone``
+    runtime: Any = None  # a Runtime (or Segmenter): models, device, precision; default fp32 CPU
+    encoder: object = None  # injected encoder (tests); else the runtime's ``backbone``
 
     def __post_init__(self) -> None:
         from zsdense.models.jafar_backbone import encoder_id, encoder_patch_size, encoder_width
+        from zsdense.runtime import Runtime, runtime_of
 
         r, o = self.recipe, self.options
         self.out = Path(self.out_dir)
-        if o.precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}")
         if o.save_every < 1 or o.val_every < 1:
             raise ConfigError("save_every and val_every must be >= 1")
         # data first: what a user can fix is reported before any model loads
@@ -473,9 +459,15 @@ class UpsamplerTrainer:
                 f"{self.out} already holds a training run ({STATE_FILE}); pass --resume to "
                 f"continue it or choose another --out"
             )
+        self.rt = (
+            runtime_of(self.runtime)
+            if self.runtime is not None
+            else Runtime(device="cpu", precision="fp32")
+        )
+        self.precision = self.rt.precision
         if self.encoder is None:
-            self.encoder = load_backbone(self.backbone, o)
-        self.device = torch.device(o.device)
+            self.encoder = load_backbone(self.backbone, self.rt)
+        self.device = self.rt.device
         self.patch = encoder_patch_size(self.encoder)
         self.width = encoder_width(self.encoder)
         self.backbone_id = encoder_id(self.encoder)
@@ -493,7 +485,7 @@ class UpsamplerTrainer:
             "backbone_name": self.backbone,
             "data": fingerprint(train),
             "val": fingerprint(val),
-            "precision": o.precision,
+            "precision": self.precision,
         }
         self.step = 0
         self.history: list[dict] = []
@@ -534,7 +526,8 @@ class UpsamplerTrainer:
         """Normalised (B, 3, S, S) batch; unreadable files are skipped with a warning."""
         from zsdense.io.readers import read_image
 
-        kw = {} if self.options.max_pixels is None else {"max_pixels": self.options.max_pixels}
+        max_pixels = getattr(self.rt.config, "max_pixels", None)
+        kw = {} if max_pixels is None else {"max_pixels": max_pixels}
         ims = []
         for it in items:
             try:
@@ -572,7 +565,7 @@ class UpsamplerTrainer:
                 lo, hi = r.factor_range
                 f = float(np.random.default_rng([int(r.seed), 3, i]).uniform(lo, hi))
                 n = lr_size(r.img_size, f, self.patch)
-                with _autocast(self.device, self.options.precision):
+                with _autocast(self.device, self.precision):
                     hr = self.features(x)
                     lr = self.features(F.interpolate(x, size=(n, n), mode="bilinear"))
                 img = F.interpolate(x, scale_factor=0.5, mode="bilinear")
@@ -583,7 +576,7 @@ class UpsamplerTrainer:
         self.model.eval()
         for img, lr, hr in self._val_cache:
             grid = tuple(hr.shape[-2:])
-            with _autocast(self.device, self.options.precision):
+            with _autocast(self.device, self.precision):
                 pred = self.model.forward_reference(img, lr, grid).float()
             bil = F.interpolate(lr, size=grid, mode="bilinear", align_corners=False)
             b = img.shape[0]
@@ -606,7 +599,7 @@ class UpsamplerTrainer:
             "backbone_name": self.backbone,
             "step": self.step,
             "recipe": self.recipe.to_json(),
-            "models": self.options.models,
+            "models": self.rt.config.models,
         }
 
     def save(self) -> None:
@@ -648,7 +641,8 @@ class UpsamplerTrainer:
             "val": list(self.options.val),
             "train_images": len(self.train_items),
             "val_images": len(self.val_items),
-            "models": self.options.models,
+            "models": self.rt.config.models,
+            "precision": self.precision,
             "device": str(self.device),
         }
         with atomic_path(self.out / RUN_FILE) as tmp:
@@ -693,7 +687,7 @@ class UpsamplerTrainer:
                     draws,
                     r,
                     patch_size=self.patch,
-                    precision=o.precision,
+                    precision=self.precision,
                 )
             self.step += 1
             done += 1
@@ -734,8 +728,10 @@ def train_upsampler(
     *,
     resume: bool = False,
     progress: ProgressFn | None = None,
+    runtime: Any = None,
 ) -> UpsamplerTrainer:
-    """Train (or continue) a JAFAR upsampler for ``backbone`` on ``data`` into ``out_dir``."""
+    """Train (or continue) a JAFAR upsampler for ``backbone`` on ``data`` into ``out_dir``;
+    ``runtime``: a :class:`~zsdense.runtime.Runtime` or ``Segmenter`` (default: CPU, fp32)."""
     trainer = UpsamplerTrainer(
         data,
         out_dir,
@@ -743,6 +739,7 @@ def train_upsampler(
         recipe or JafarRecipe(),
         options or UpsamplerOptions(),
         resume=resume,
+        runtime=runtime,
     )
     trainer.run(progress=progress)
     return trainer
