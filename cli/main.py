@@ -27,6 +27,7 @@ LAZY_COMMANDS: dict[str, str] = {
     "models": "zsdense.cli.models:models_group",
     "memory": "zsdense.cli.memory:memory_group",
     "train-prompts": "zsdense.cli.train:train_prompts_cmd",
+    "train-upsampler": "zsdense.cli.train_upsampler:train_upsampler_cmd",
     "registers": "zsdense.cli.registers:registers_group",
 }
 
