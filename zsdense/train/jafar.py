@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from zsdense.dense.jafar import JAFAR, JafarConfig, save_jafar
 from zsdense.errors import ConfigError, InputError
 from zsdense.io.writers import atomic_path
-from zsdense.train.checkpoint import load_state, save_state
+from zsdense.train.checkpoint import check_resume_settings, load_state, save_state
 
 FORMAT = "zsdense-jafar-train/1"
 STATE_FILE = "state.safetensors"
@@ -495,26 +495,11 @@ class UpsamplerTrainer:
                 raise ConfigError(
                     f"{state_path}: not a JAFAR training state ({meta.get('format')})"
                 )
-            self._check_resume(meta.get("settings", {}))
+            check_resume_settings(self.out, meta.get("settings", {}), self.settings)
             self.step = int(meta["step"])
             self.history = list(meta.get("history", []))
         self._val_cache: list | None = None
         self.skipped: list[str] = []
-
-    def _check_resume(self, saved: dict) -> None:
-        for key, now in self.settings.items():
-            was = saved.get(key)
-            if json.dumps(was, sort_keys=True) == json.dumps(now, sort_keys=True):
-                continue
-            if isinstance(was, dict) and isinstance(now, dict):
-                diff = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
-                what = ", ".join(f"{k}: {was.get(k)!r} -> {now.get(k)!r}" for k in diff)
-            else:
-                what = f"{was!r} -> {now!r}"
-            raise ConfigError(
-                f"--resume: the run in {self.out} was started with another {key} ({what}); a "
-                f"resume never mixes two settings: use the same options or a new --out"
-            )
 
     # ---- data --------------------------------------------------------------------------------
     def features(self, x_norm: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,13 @@ import torch
 from zsdense.errors import ConfigError
 from zsdense.io.writers import atomic_path
 from zsdense.runtime import Runtime, runtime_of
-from zsdense.train.checkpoint import base_model_info, load_state, save_prompts, save_state
+from zsdense.train.checkpoint import (
+    base_model_info,
+    check_resume_settings,
+    load_state,
+    save_prompts,
+    save_state,
+)
 from zsdense.train.data import (
     TrainItem,
     batches,
@@ -154,7 +160,7 @@ class PromptTrainer:
         self.best: dict | None = None
         if self.resume:
             meta = load_state(state_path, self.learner, self.optimizer, self.data_gen)
-            self._check_resume(meta.get("settings", {}))
+            check_resume_settings(self.out, meta.get("settings", {}), self.settings)
             self.start_epoch = int(meta["epoch"])
             self.global_step = int(meta["global_step"])
             self.history = list(meta.get("history", []))
@@ -164,21 +170,6 @@ class PromptTrainer:
         self._val_cache: list | None = None
 
     # ---- setup checks ------------------------------------------------------------------------
-    def _check_resume(self, saved: dict) -> None:
-        for key, now in self.settings.items():
-            was = saved.get(key)
-            if json.dumps(was, sort_keys=True) == json.dumps(now, sort_keys=True):
-                continue
-            if isinstance(was, dict) and isinstance(now, dict):
-                diff = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
-                what = ", ".join(f"{k}: {was.get(k)!r} -> {now.get(k)!r}" for k in diff)
-            else:
-                what = f"{was!r} -> {now!r}"
-            raise ConfigError(
-                f"--resume: the run in {self.out} was started with another {key} ({what}); a "
-                f"resume never mixes two settings: use the same options or a new --out"
-            )
-
     # ---- batches -----------------------------------------------------------------------------
     def _encode(self, items: Sequence[TrainItem]) -> VisionBatch:
         x = self.clip.normalize(load_images(items, self.recipe.image_size).to(self.device))
