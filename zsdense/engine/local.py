@@ -58,6 +58,7 @@ from zsdense.io.manifest import (
     out_stem,
     plan_run,
 )
+from zsdense.io.instances import manifest_instances
 from zsdense.io.writers import to_jsonable
 from zsdense.runtime import runtime_of
 from zsdense.version import __version__
@@ -461,9 +462,12 @@ def write_units(
             outputs: dict = {}
             scores: dict = {}
             res_meta: dict = {}
+            instances: dict = {}  # task -> (instances kept, total when some were left out)
             for task in tasks:
                 stem = out_stem(out_dir, it, suffix, task.name if multi else None)
                 got = task.write(results[task.name][i], ctx, stem, it.params) or {}
+                if got.get("instances") is not None:
+                    instances[task.name] = manifest_instances(list(got["instances"]))
                 if multi:
                     outputs[task.name] = got.get("outputs", {})
                     scores[task.name] = got.get("scores", {})
@@ -488,9 +492,26 @@ def write_units(
             encoders=_encoder_counts(ctx),
             timing={"compute_s": round(task_secs[i], 4), "write_s": round(write_s, 4)},
         )
+        if instances:  # the connected components of each mask (zsdense.io.instances)
+            add_instances(rec, instances, multi)
         emit(rec)
         if release:
             ctx.release()
+
+
+def add_instances(rec: dict, instances: dict[str, tuple[list, int | None]], multi: bool) -> None:
+    """``rec["instances"]`` (a list; ``{task: list}`` when several tasks ran) and, where the
+    list was cut to the largest ones, ``rec["instances_total"]`` (the same nesting)."""
+    if multi:
+        rec["instances"] = {k: to_jsonable(v[0]) for k, v in instances.items()}
+        totals = {k: v[1] for k, v in instances.items() if v[1] is not None}
+        if totals:
+            rec["instances_total"] = totals
+        return
+    kept, total = next(iter(instances.values()))
+    rec["instances"] = to_jsonable(kept)
+    if total is not None:
+        rec["instances_total"] = total
 
 
 def process_units(
