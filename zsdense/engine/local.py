@@ -46,6 +46,7 @@ from zsdense.engine.specs import TaskSpec
 from zsdense.engine.volumes import write_volume_maps
 from zsdense.errors import ConfigError, InputError, ZsdenseError
 from zsdense.io import list_inputs, read_image_records
+from zsdense.io.instances import manifest_instances
 from zsdense.io.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -58,7 +59,6 @@ from zsdense.io.manifest import (
     out_stem,
     plan_run,
 )
-from zsdense.io.instances import manifest_instances
 from zsdense.io.writers import to_jsonable
 from zsdense.runtime import runtime_of
 from zsdense.version import __version__
