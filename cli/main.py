@@ -27,6 +27,8 @@ LAZY_COMMANDS: dict[str, str] = {
     "models": "zsdense.cli.models:models_group",
     "memory": "zsdense.cli.memory:memory_group",
     "train-prompts": "zsdense.cli.train:train_prompts_cmd",
+    "decide": "zsdense.cli.decide:decide_cmd",
+    "export": "zsdense.cli.export:export_group",
 }
 
 

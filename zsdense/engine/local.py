@@ -41,6 +41,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from zsdense.config import ENGINE
 from zsdense.context import ImageContext
+from zsdense.engine.decide import save_run_thresholds
 from zsdense.engine.report import write_report
 from zsdense.engine.specs import TaskSpec
 from zsdense.engine.volumes import write_volume_maps
@@ -804,6 +805,10 @@ def finish_run(
             summary.extra_outputs.extend(write_volume_maps(out_dir, items))
         except Exception as exc:  # noqa: BLE001
             print(f"zsdense: warning: volume maps not written: {exc}", file=sys.stderr)
+    try:  # calibrated thresholds kept for reuse (--thresholds, memory banks)
+        summary.extra_outputs.extend(save_run_thresholds(out_dir))
+    except Exception as exc:  # noqa: BLE001
+        print(f"zsdense: warning: thresholds.json not written: {exc}", file=sys.stderr)
     if report:
         try:
             summary.extra_outputs.append(write_report(out_dir))
