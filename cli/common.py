@@ -236,6 +236,16 @@ def print_summary(summary, out_dir: str | Path, quiet: bool = False) -> None:
         click.echo(f"  failed: {key}: {msg}", err=True)
     if len(summary.errors) > 20:
         click.echo(f"  ... and {len(summary.errors) - 20} more (see results.jsonl)", err=True)
+    earlier = list(getattr(summary, "previous_errors", []) or [])
+    for key, msg in earlier[:20]:
+        click.echo(f"  failed in an earlier run (kept): {key}: {msg}", err=True)
+    if len(earlier) > 20:
+        click.echo(f"  ... and {len(earlier) - 20} more (see results.jsonl)", err=True)
+    if earlier:
+        click.echo(
+            "  rerun the same command with --retry-errors to compute the failed input(s) again",
+            err=True,
+        )
     click.echo(f"results: {Path(out_dir) / 'results.jsonl'}", err=True)
 
 

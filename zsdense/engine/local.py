@@ -43,6 +43,7 @@ from zsdense.config import ENGINE
 from zsdense.context import ImageContext
 from zsdense.engine.decide import save_run_thresholds
 from zsdense.engine.report import write_report
+from zsdense.engine.report_view import store_view
 from zsdense.engine.specs import TaskSpec
 from zsdense.engine.volumes import write_volume_maps
 from zsdense.errors import ConfigError, InputError, ZsdenseError
@@ -82,6 +83,8 @@ class RunSummary:
     stage_seconds: dict = field(default_factory=dict)
     errors: list = field(default_factory=list)  # (key, message)
     extra_outputs: list = field(default_factory=list)  # report.html, volume maps
+    # (key, message) of failures an earlier run recorded and this one left as they were
+    previous_errors: list = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -97,7 +100,10 @@ class RunSummary:
         if self.inputs:  # the progress line's unit; records: one per image (page, frame...)
             records = self.total + self.skipped  # made now + settled earlier
             text = f"{self.inputs} input(s) -> {records} image record(s): "
-        text += f"{self.ok} ok, {self.failed} failed, {self.skipped} skipped (already done)"
+        text += f"{self.ok} ok, {self.failed} failed"
+        if self.previous_errors:
+            text += f" ({len(self.previous_errors)} in an earlier run, kept: --retry-errors)"
+        text += f", {self.skipped} skipped (already done)"
         if self.not_processed:
             text += (
                 f", {self.not_processed} path(s) not processed (see the 'skipped' lines of "
@@ -467,6 +473,9 @@ def write_units(
             for task in tasks:
                 stem = out_stem(out_dir, it, suffix, task.name if multi else None)
                 got = task.write(results[task.name][i], ctx, stem, it.params) or {}
+                _store_view(
+                    out_dir, rec["key"], task.name if multi else None, got, results, task, i, ctx
+                )
                 if got.get("instances") is not None:
                     instances[task.name] = manifest_instances(list(got["instances"]))
                 if multi:
@@ -498,6 +507,19 @@ def write_units(
         emit(rec)
         if release:
             ctx.release()
+
+
+def _store_view(out_dir, key, task_name, got, results, task, i, ctx) -> None:
+    """Cache the report's view of an anomaly map while it is in memory (report_view)."""
+    amap = getattr(results[task.name][i], "anomaly_map", None)
+    map_path = (got.get("outputs") or {}).get("map")
+    if amap is None or not map_path:
+        return
+    try:
+        rel = _stringify_paths(map_path, out_dir)
+        store_view(out_dir, key, task_name, rel, amap, ctx.image)
+    except Exception as exc:  # noqa: BLE001 - the report makes it later from the files
+        log.debug("report view of %s not cached: %s", key, exc)
 
 
 def add_instances(rec: dict, instances: dict[str, tuple[list, int | None]], multi: bool) -> None:
@@ -593,6 +615,11 @@ def run_batch(
         summary.skipped += 1
         if rec.get("status") != "ok":
             summary.failed += 1
+            summary.previous_errors.append((key, rec.get("error")))
+    settled = {it.key for it in items} - {it.key for it in todo}
+    for rec in plan.previous.values():  # failures of settled items: named, with the hint
+        if rec.get("status") == "error" and rec.get("item", rec.get("key")) in settled:
+            summary.previous_errors.append((rec.get("key"), rec.get("error")))
 
     batch_size = batch_size or rt.config.batch_size
     needs_all = any(t.group == "all" for t in tasks)
