@@ -49,6 +49,7 @@ import numpy as np
 from zsdense.errors import ConfigError
 from zsdense.io.instances import manifest_instances, mask_instances
 from zsdense.io.manifest import MANIFEST_NAME, SETTINGS_NAME, Manifest, WorkItem
+from zsdense.io.saved_maps import read_map
 from zsdense.io.thresholds import (
     THRESHOLDS_NAME,
     Thresholds,
@@ -106,15 +107,6 @@ def calibrate_values(values: Sequence[np.ndarray], percentile: float | None = No
 
 
 # ---- reading a run -------------------------------------------------------------------------
-
-
-def read_map(path: Path) -> np.ndarray:
-    """A saved float map (``.npy`` or ``.tiff``) as float32."""
-    if path.suffix == ".npy":
-        return np.load(path, allow_pickle=False).astype(np.float32, copy=False)
-    import tifffile
-
-    return np.asarray(tifffile.imread(path), dtype=np.float32)
 
 
 def load_settings(out_dir: Path) -> dict:

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from zsdense.io.saved_maps import read_map
 from zsdense.io.writers import atomic_path
 
 VIEW_SIDE = 128
@@ -189,8 +190,6 @@ def load_view(out_dir: Path, rec: dict, task: str | None, map_rel: str) -> dict 
             return view
     except (OSError, ValueError):
         pass
-    from zsdense.engine.decide import read_map
-
     try:
         amap = read_map(out_dir / map_rel)
     except Exception:  # noqa: BLE001 - a damaged map: no view, the report still lists it
