@@ -11,8 +11,7 @@ from zsdense.cli.common import (
     make_runtime,
     run_cli_batch,
 )
-from zsdense.config import ANOMALY_PRESETS, DEFAULT_ANOMALY_PRESET
-from zsdense.dense.attention import CORRELATION_TYPES
+from zsdense.config import ANOMALY_PRESETS, CORRELATION_TYPES, DEFAULT_ANOMALY_PRESET
 from zsdense.errors import ConfigError
 from zsdense.options import DOMAINS
 

@@ -32,6 +32,22 @@ LAZY_COMMANDS: dict[str, str] = {
 }
 
 
+# the one-line help of each lazy command, shown by ``zsdense --help`` without importing it (a
+# command's own module is imported only for its own --help or a run); tests check they match
+SHORT_HELP: dict[str, str] = {
+    "anomaly": "Anomaly segmentation: per image an anomaly map, a defect mask and a score.",
+    "openvocab": "Open-vocabulary semantic segmentation: one class label per pixel.",
+    "refer": "Referring segmentation: one mask per (image, expression) pair.",
+    "run": "Run several tasks over DATA in one pass: each image is decoded once and each...",
+    "eval": "Score a preset against ground truth (anomaly, openvocab, refer).",
+    "models": "List, download and check model weights.",
+    "memory": "Build and inspect few-shot memory banks (.zsdmem).",
+    "train-prompts": "Learn Crane's anomaly prompts on a labelled data set (resumable).",
+    "decide": "Re-decide the masks, labels, overlays, manifest lines and report of an...",
+    "export": "Export a run's results to other formats (COCO instances).",
+}
+
+
 def _available(spec: str) -> bool:
     module = spec.split(":", 1)[0]
     try:
@@ -46,6 +62,21 @@ class LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         lazy = [n for n, spec in LAZY_COMMANDS.items() if _available(spec)]
         return sorted(set(super().list_commands(ctx)) | set(lazy))
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The command list of ``zsdense --help`` from :data:`SHORT_HELP`: no command module is
+        imported (they pull in torch), so the top-level help is instant."""
+        rows = []
+        for name in self.list_commands(ctx):
+            if name in LAZY_COMMANDS and name in SHORT_HELP and name not in self.commands:
+                rows.append((name, SHORT_HELP[name]))
+                continue
+            cmd = self.get_command(ctx, name)
+            if cmd is not None and not cmd.hidden:
+                rows.append((name, cmd.get_short_help_str(formatter.width - 6 - len(name))))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
     def get_command(self, ctx: click.Context, name: str):
         cmd = super().get_command(ctx, name)
