@@ -32,20 +32,32 @@ LAZY_COMMANDS: dict[str, str] = {
 }
 
 
-# the one-line help of each lazy command, shown by ``zsdense --help`` without importing it (a
-# command's own module is imported only for its own --help or a run); tests check they match
-SHORT_HELP: dict[str, str] = {
-    "anomaly": "Anomaly segmentation: per image an anomaly map, a defect mask and a score.",
-    "openvocab": "Open-vocabulary semantic segmentation: one class label per pixel.",
-    "refer": "Referring segmentation: one mask per (image, expression) pair.",
-    "run": "Run several tasks over DATA in one pass: each image is decoded once and each...",
-    "eval": "Score a preset against ground truth (anomaly, openvocab, refer).",
-    "models": "List, download and check model weights.",
-    "memory": "Build and inspect few-shot memory banks (.zsdmem).",
-    "train-prompts": "Learn Crane's anomaly prompts on a labelled data set (resumable).",
-    "decide": "Re-decide the masks, labels, overlays, manifest lines and report of an...",
-    "export": "Export a run's results to other formats (COCO instances).",
-}
+def lazy_short_help(spec: str, limit: int = 45) -> str | None:
+    """The one-line help of a lazy command read from its module's source (its function's
+    docstring, or ``short_help=`` of its decorator) without importing it: the modules pull in
+    torch, which ``zsdense --help`` must not wait for. None when it cannot be read."""
+    import ast
+    import inspect
+
+    module, attr = spec.split(":", 1)
+    try:
+        origin = importlib.util.find_spec(module).origin
+        with open(origin, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+    except (ImportError, AttributeError, ValueError, OSError, SyntaxError):
+        return None
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name == attr:
+            for dec in node.decorator_list:
+                for kw in getattr(dec, "keywords", []):
+                    if kw.arg == "short_help" and isinstance(kw.value, ast.Constant):
+                        return str(kw.value.value)
+            doc = ast.get_docstring(node, clean=False)
+            # click's own shortening, through a bare command holding the same help text
+            return click.Command(
+                attr, help=inspect.cleandoc(doc) if doc else None
+            ).get_short_help_str(limit)
+    return None
 
 
 def _available(spec: str) -> bool:
@@ -64,16 +76,21 @@ class LazyGroup(click.Group):
         return sorted(set(super().list_commands(ctx)) | set(lazy))
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        """The command list of ``zsdense --help`` from :data:`SHORT_HELP`: no command module is
-        imported (they pull in torch), so the top-level help is instant."""
+        """The command list of ``zsdense --help``, the lazy commands' lines read from their
+        source (:func:`lazy_short_help`): nothing heavy is imported, so the help is instant."""
+        names = self.list_commands(ctx)
+        limit = formatter.width - 6 - max((len(n) for n in names), default=0)
         rows = []
-        for name in self.list_commands(ctx):
-            if name in LAZY_COMMANDS and name in SHORT_HELP and name not in self.commands:
-                rows.append((name, SHORT_HELP[name]))
-                continue
-            cmd = self.get_command(ctx, name)
-            if cmd is not None and not cmd.hidden:
-                rows.append((name, cmd.get_short_help_str(formatter.width - 6 - len(name))))
+        for name in names:
+            text = None
+            if name in LAZY_COMMANDS and name not in self.commands:
+                text = lazy_short_help(LAZY_COMMANDS[name], limit)
+            if text is None:
+                cmd = self.get_command(ctx, name)
+                if cmd is None or cmd.hidden:
+                    continue
+                text = cmd.get_short_help_str(limit)
+            rows.append((name, text))
         if rows:
             with formatter.section("Commands"):
                 formatter.write_dl(rows)
