@@ -273,17 +273,19 @@ def render_anomaly_report(table: Any, report_data: dict[str, dict], size: int) -
             lo = float(m.min()) if lo is None else min(lo, float(m.min()))
             hi = float(m.max()) if hi is None else max(hi, float(m.max()))
         ithr = th.get("image_threshold")
-        for kind, items, none_msg in (
-            ("false positives", fps, "no false positive"),
-            ("false negatives", fns, "no false negative"),
+        goods = sorted((p for p in preds if p.sample.label == 0), key=lambda p: -p.score)
+        bads = sorted((p for p in preds if p.sample.label == 1), key=lambda p: p.score)
+        for kind, items, closest, none_msg in (
+            ("false positives", fps, goods, "no false positive; the highest-scored good images"),
+            ("false negatives", fns, bads, "no false negative; the lowest-scored anomalous images"),
         ):
             parts.append(
                 f"<h3>Worst {kind} at the image threshold {_cell(ithr, False)} "
                 f"({len(items)} in all; image | ground truth | prediction)</h3>"
             )
             if not items:
-                parts.append(f"<p>{none_msg} at this threshold.</p>")
-                continue
+                parts.append(f"<p>{none_msg} (the closest to being one):</p>")
+                items = closest
             for p in items[:WORST_K]:
                 try:
                     b64 = _strip(p, lo or 0.0, hi or 1.0, th.get("threshold"))
