@@ -31,6 +31,7 @@ import base64
 import hashlib
 import io
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -63,16 +64,29 @@ def reduced_size(h: int, w: int, side: int = VIEW_SIDE) -> tuple[int, int]:
 
 def quantise(amap: np.ndarray) -> tuple[np.ndarray, float, float]:
     """(codes uint8, lo, hi) of a float map over its finite range (non-finite -> code 0)."""
-    a = np.asarray(amap, dtype=np.float64)
-    finite = np.isfinite(a)
-    if not finite.any():
-        return np.zeros(a.shape, np.uint8), 0.0, 0.0
-    lo, hi = float(a[finite].min()), float(a[finite].max())
+    a = np.asarray(amap)
+    lo, hi = float(a.min()), float(a.max())
+    if not (math.isfinite(lo) and math.isfinite(hi)):  # rare: NaN or inf pixels
+        finite = np.isfinite(a)
+        if not finite.any():
+            return np.zeros(a.shape, np.uint8), 0.0, 0.0
+        lo, hi = float(a[finite].min()), float(a[finite].max())
+        a = np.where(finite, a, lo)
     if not hi > lo:
         return np.zeros(a.shape, np.uint8), lo, hi
     step = (hi - lo) / (CODES - 1)
-    codes = np.rint((np.where(finite, a, lo) - lo) / step)
-    return np.clip(codes, 0, CODES - 1).astype(np.uint8), lo, hi
+    codes = np.subtract(a, lo, dtype=np.float64)
+    codes /= step
+    np.rint(codes, out=codes)
+    np.clip(codes, 0, CODES - 1, out=codes)
+    return codes.astype(np.uint8), lo, hi
+
+
+def _decimate(a: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Every k-th row and column so the array is at most ~2x (h, w) before the box filter:
+    a thumbnail does not need every pixel of a large image."""
+    k = max(1, min(a.shape[0] // (2 * h), a.shape[1] // (2 * w)))
+    return a[::k, ::k] if k > 1 else a
 
 
 def code_threshold(lo: float, hi: float, t: float) -> int:
@@ -96,10 +110,11 @@ def make_view(amap: np.ndarray, image: np.ndarray | None = None) -> dict:
     codes, lo, hi = quantise(a)
     hist = np.bincount(codes.ravel(), minlength=CODES)
     h, w = reduced_size(H, W)
+    sub = _decimate(a, h, w)
+    if not np.isfinite(sub).all():
+        sub = np.where(np.isfinite(sub), sub, lo)
     small = np.asarray(
-        Image.fromarray(np.where(np.isfinite(a), a, lo if np.isfinite(lo) else 0), mode="F").resize(
-            (w, h), Image.Resampling.BOX
-        ),
+        Image.fromarray(np.ascontiguousarray(sub), mode="F").resize((w, h), Image.Resampling.BOX),
         dtype=np.float64,
     )
     if hi > lo:
@@ -122,11 +137,14 @@ def make_view(amap: np.ndarray, image: np.ndarray | None = None) -> dict:
         "orig": None,
     }
     if image is not None:
-        img = np.asarray(image, dtype=np.float32)
+        img = np.asarray(image)
         if img.ndim == 2:
-            img = np.repeat(img[:, :, None], 3, axis=2)
-        rgb = (np.clip(img[:, :, :3], 0, 1) * 255 + 0.5).astype(np.uint8)
-        pil = Image.fromarray(rgb).resize((w, h), Image.Resampling.BOX)
+            img = img[:, :, None]
+        img = _decimate(img, h, w)[:, :, :3]
+        if img.shape[2] == 1:
+            img = np.repeat(img, 3, axis=2)
+        rgb = (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+        pil = Image.fromarray(np.ascontiguousarray(rgb)).resize((w, h), Image.Resampling.BOX)
         buf = io.BytesIO()
         pil.save(buf, format="JPEG", quality=80)
         view["orig"] = _b64(buf.getvalue())
