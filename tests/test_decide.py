@@ -223,6 +223,14 @@ def test_image_threshold_only_keeps_masks(run_dir, tmp_path, capsys):
         assert r["scores"]["threshold"] == 0.5 and r["scores"]["label"] == (
             r["scores"]["score"] >= ith
         )
+        assert r["scores"]["threshold_source"] == "default"  # the kept value keeps its source
+    # only the image threshold became an option: the run resumes with just that option
+    tset = json.loads((out / "run_settings.json").read_text())["tasks"]["anomaly"]
+    assert tset["threshold"] is None and tset["image_threshold"] == ith
+    assert js["resume_options"] == f"--image-threshold {ith!r}"
+    code, _, err = _cli(["anomaly", _data_dir, "--out", out, *TINY, "--image-threshold", ith],
+                        capsys)  # fmt: skip
+    assert code == 0 and "skipped" in err, err
 
 
 def test_calibrate_with_good_inputs_of_the_run(run_dir, tmp_path, capsys):
@@ -308,3 +316,32 @@ def test_decide_is_fast(run_dir, tmp_path, capsys):
     assert _cli(["decide", out, "--threshold", "0.6", "-q", "--no-overlay"], capsys)[0] == 0
     assert time.perf_counter() - t0 < 30
     assert all("overlay" not in r["outputs"] for r in _ok(out))  # removed: would be stale
+
+
+def test_decide_one_task_of_a_multitask_run(tmp_path, capsys):
+    d = tmp_path / "d"
+    d.mkdir()
+    Image.fromarray(np.random.default_rng(1).integers(50, 200, (30, 34, 3), np.uint8)).save(
+        d / "a.png"
+    )
+    out = tmp_path / "o"
+    code, _, err = _cli(["run", d, "--out", out, *TINY, "-q", "--task", "anomaly", "--task",
+                         "engine_dummy:spec,name=dummy,fmt=npy"], capsys)  # fmt: skip
+    assert code == 0, err
+    before = _records(out)[0]
+    amap = tifffile.imread(out / before["outputs"]["anomaly"]["map"])
+    t = float(np.quantile(amap, 0.5))
+    code, stdout, err = _cli(["decide", out, "--threshold", t, "--json", "-q"], capsys)
+    assert code == 0, err
+    assert json.loads(stdout)["task"] == "anomaly"
+    rec = _records(out)[0]
+    mask = np.asarray(Image.open(out / rec["outputs"]["anomaly"]["mask"])) > 0
+    assert np.array_equal(mask, amap >= t)
+    assert rec["scores"]["anomaly"]["threshold"] == t
+    assert rec["scores"]["dummy"] == before["scores"]["dummy"]  # the other task is untouched
+    assert rec["outputs"]["dummy"] == before["outputs"]["dummy"]
+    assert rec["instances"]["anomaly"] == json.loads(json.dumps(mask_instances(mask, amap)))
+    settings = json.loads((out / "run_settings.json").read_text())
+    assert settings["tasks"]["anomaly"]["threshold"] == t
+    text = (out / "report.html").read_text()
+    assert "--task anomaly" in text or '"task":"anomaly"' in text

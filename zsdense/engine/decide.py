@@ -48,7 +48,13 @@ import numpy as np
 
 from zsdense.errors import ConfigError
 from zsdense.io.instances import manifest_instances, mask_instances
-from zsdense.io.manifest import MANIFEST_NAME, SETTINGS_NAME, Manifest, WorkItem
+from zsdense.io.manifest import (
+    MANIFEST_NAME,
+    SETTINGS_NAME,
+    Manifest,
+    WorkItem,
+    resume_options,
+)
 from zsdense.io.saved_maps import read_map
 from zsdense.io.thresholds import (
     THRESHOLDS_NAME,
@@ -167,6 +173,7 @@ class DecideSummary:
     outputs: list = field(default_factory=list)  # report.html, thresholds.json, volumes
     calibration: dict | None = None
     seconds: float = 0.0
+    resume_options: str = ""  # the anomaly command's threshold options that resume the folder
 
     @property
     def exit_code(self) -> int:
@@ -174,10 +181,7 @@ class DecideSummary:
 
     def command(self) -> str:
         """The ``zsdense anomaly`` options that resume this folder with these decisions."""
-        parts = [f"--threshold {self.threshold!r}"]
-        if self.image_threshold is not None:
-            parts.append(f"--image-threshold {self.image_threshold!r}")
-        return " ".join(parts)
+        return self.resume_options
 
     def format(self) -> str:
         ith = "none" if self.image_threshold is None else f"{self.image_threshold:.6g}"
@@ -211,6 +215,7 @@ class DecideSummary:
                 "previous": self.previous,
             },
             "calibration": self.calibration,
+            "resume_options": self.resume_options,
             "outputs": [str(p) for p in self.outputs],
             "warnings": list(self.warnings),
             "seconds": round(self.seconds, 3),
@@ -218,13 +223,21 @@ class DecideSummary:
         }
 
 
-def _current(records: list[dict], task: str, multi: bool) -> tuple[float | None, float | None]:
-    """The run's current thresholds (the first ok record's; a run decides once for all)."""
+def _current(records: list[dict], task: str, multi: bool) -> dict:
+    """The run's current thresholds and their sources (the first ok record's: a run decides
+    once for all its images)."""
     for rec in records:
         if rec.get("status") == "ok":
-            s = _part(json.loads(json.dumps(rec)), "scores", task, multi)
-            return s.get("threshold"), s.get("image_threshold")
-    return None, None
+            r = json.loads(json.dumps(rec))
+            s = _part(r, "scores", task, multi)
+            m = _part(r, "meta", task, multi)
+            return {
+                "threshold": s.get("threshold"),
+                "image_threshold": s.get("image_threshold"),
+                "threshold_source": s.get("threshold_source") or m.get("threshold_source"),
+                "image_threshold_source": m.get("image_threshold_source"),
+            }
+    return {}
 
 
 def _good_records(
@@ -350,7 +363,8 @@ def decide_run(
         raise ConfigError(
             f"the records in {out_dir} name no saved map (--format none?): nothing to decide from"
         )
-    cur_thr, cur_ithr = _current(records, task, multi)
+    current = _current(records, task, multi)
+    cur_thr, cur_ithr = current.get("threshold"), current.get("image_threshold")
     previous = {"threshold": cur_thr, "image_threshold": cur_ithr}
     warnings: list[str] = []
 
@@ -399,12 +413,15 @@ def decide_run(
         if image_threshold is None:
             image_threshold = calibrate_values(scores, calibrate_percentile)
             ithr_src = "calibrated"
+    thr_changed = threshold is not None
+    ithr_changed = image_threshold is not None
     if threshold is None:  # only the image threshold changes
         if cur_thr is None:
             raise ConfigError("the run records no pixel threshold: give --threshold")
-        threshold, thr_src = float(cur_thr), "kept"
+        threshold, thr_src = float(cur_thr), current.get("threshold_source") or "fixed"
     if image_threshold is None and cur_ithr is not None and ithr_src is None:
-        image_threshold, ithr_src = float(cur_ithr), "kept"
+        image_threshold = float(cur_ithr)
+        ithr_src = current.get("image_threshold_source") or "fixed"
     threshold = float(threshold)
     image_threshold = None if image_threshold is None else float(image_threshold)
 
@@ -522,12 +539,18 @@ def decide_run(
         tmp.write_text(text, encoding="utf-8")
 
     # the settings now say what the outputs were decided with
+    # a changed value becomes an explicit option; a kept one keeps the option that made it (the
+    # default, an explicit value or the calibration, which then stays in the settings)
     tset = dict(tset)
-    tset["threshold"] = threshold
-    tset["image_threshold"] = image_threshold
-    tset["calibrate_with"] = None
-    tset["calibrate_percentile"] = None
+    if thr_changed:
+        tset["threshold"] = threshold
+    if ithr_changed:
+        tset["image_threshold"] = image_threshold
+    if tset.get("threshold") is not None and tset.get("image_threshold") is not None:
+        tset["calibrate_with"] = None  # both values explicit: no calibration decides any more
+        tset["calibrate_percentile"] = None
     settings["tasks"][task] = tset
+    summary.resume_options = resume_options(tset)
     settings.pop(PENDING_KEY, None)
     history = list((settings.get(DECIDED_KEY) or {}).get("history", []))
     history.append(

@@ -356,19 +356,42 @@ def _diff(old: Any, new: Any, where: str = "") -> list[str]:
     return [] if old == new else [f"{where}: {old!r} -> {new!r}"]
 
 
+def resume_options(task_settings: Mapping[str, Any]) -> str:
+    """The threshold options of ``zsdense anomaly`` that give an anomaly task's recorded
+    decision settings (what a resume must pass)."""
+    parts = []
+    if task_settings.get("threshold") is not None:
+        parts.append(f"--threshold {task_settings['threshold']!r}")
+    if task_settings.get("image_threshold") is not None:
+        parts.append(f"--image-threshold {task_settings['image_threshold']!r}")
+    cal = task_settings.get("calibrate_with")
+    if cal:
+        for c in cal if isinstance(cal, (list, tuple)) else [cal]:
+            parts.append(f"--calibrate-with {c}")
+        if task_settings.get("calibrate_percentile") is not None:
+            parts.append(f"--calibrate-percentile {task_settings['calibrate_percentile']!r}")
+    return " ".join(parts)
+
+
 def _decided_hint(path: Path) -> str:
     """What to pass to continue a folder whose masks ``zsdense decide`` re-decided."""
     try:
-        decided = json.loads(path.read_text(encoding="utf-8")).get("decided")
-    except (OSError, ValueError, AttributeError):
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return ""
-    if not isinstance(decided, Mapping) or decided.get("threshold") is None:
+    decided = old.get("decided") if isinstance(old, Mapping) else None
+    if not isinstance(decided, Mapping):
         return ""
-    opts = f"--threshold {decided['threshold']!r}"
-    if decided.get("image_threshold") is not None:
-        opts += f" --image-threshold {decided['image_threshold']!r}"
+    task = (old.get("tasks") or {}).get(decided.get("task"))
+    if not isinstance(task, Mapping):
+        return ""
+    opts = resume_options(task) or "no threshold option"
     thr_file = path.parent / "thresholds.json"
-    alt = f" (or --thresholds {thr_file})" if thr_file.is_file() else ""
+    alt = (
+        f" (or --thresholds {thr_file})"
+        if thr_file.is_file() and not task.get("calibrate_with")
+        else ""
+    )
     return (
         f"Its masks were re-decided by `zsdense decide`: to add inputs with the same decisions "
         f"pass {opts}{alt}; to change them, run `zsdense decide` again. "
@@ -425,7 +448,7 @@ def check_settings(
             )
             raise ConfigError(
                 f"{out_dir} holds outputs made with other settings ({shown}). "
-                + _decided_hint(path)
+                + (_decided_hint(path) if any("threshold" in c for c in changes) else "")
                 + "Rerun with --force to recompute everything with the new settings, "
                 "or choose another --out"
             )
