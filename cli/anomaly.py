@@ -11,8 +11,7 @@ from zsdense.cli.common import (
     make_runtime,
     run_cli_batch,
 )
-from zsdense.config import ANOMALY_PRESETS, DEFAULT_ANOMALY_PRESET
-from zsdense.dense.attention import CORRELATION_TYPES
+from zsdense.config import ANOMALY_PRESETS, CORRELATION_TYPES, DEFAULT_ANOMALY_PRESET
 from zsdense.options import DOMAINS
 
 
@@ -84,6 +83,15 @@ from zsdense.options import DOMAINS
     help="Image label = score >= this (no label without it or --calibrate-with).",
 )
 @click.option(
+    "--thresholds",
+    "thresholds_file",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="thresholds.json from `zsdense decide`, a calibrated run or `zsdense eval anomaly` "
+    "(per category: chosen by --object): fills --threshold / --image-threshold where not "
+    "given. Refused when made for another preset or model set.",
+)
+@click.option(
     "--domain",
     type=click.Choice(DOMAINS),
     default="industrial",
@@ -134,6 +142,7 @@ def anomaly_cmd(
     calibrate_with,
     calibrate_percentile,
     image_threshold,
+    thresholds_file,
     domain,
     dataset,
     eattn_layers,
@@ -167,9 +176,21 @@ def anomaly_cmd(
     (Ctrl-C), 143 terminated (SIGTERM); after 130/143 rerun the same command to resume.
     """
     from zsdense.engine.specs import anomaly_spec
+    from zsdense.io.thresholds import resolve_options
     from zsdense.options import AnomalyOptions, OutputOptions
     from zsdense.tasks.anomaly_methods import check_options, check_set_size
     from zsdense.tasks.good_images import single
+
+    threshold, image_threshold, notes = resolve_options(
+        threshold=threshold,
+        image_threshold=image_threshold,
+        thresholds_file=thresholds_file,
+        calibrate_with=calibrate_with,
+        reference=list(reference) or None,
+        settings={"preset": preset, "models": runtime.get("models"), "object_name": object_name},
+    )
+    for note in notes:
+        click.echo(f"zsdense: {note}", err=True)
 
     opts = AnomalyOptions.from_mapping(
         preset=preset,

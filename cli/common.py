@@ -145,6 +145,21 @@ def output_options(f: Callable) -> Callable:
                 "still go to stderr)."
             ),
         ),
+        click.option(
+            "--volume-maps",
+            is_flag=True,
+            default=False,
+            help="NIfTI inputs: after all slices of a volume are done, stack their float maps "
+            "and masks into <stem>.map.nii.gz and <stem>.mask.nii.gz with the input's affine.",
+        ),
+        click.option(
+            "--json",
+            "json_summary",
+            is_flag=True,
+            default=False,
+            help="Print a machine-readable summary (JSON: counts, outputs, failures with their "
+            "keys and messages, thresholds) on stdout at the end.",
+        ),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -217,8 +232,16 @@ def run_cli_batch(
 
     if not items:
         raise no_inputs_error(items)
+    ctx = click.get_current_context(silent=True)
     summary = run_batch(
-        rt, items, out_dir, tasks, force=force, retry_errors=retry_errors, progress=not quiet
+        rt,
+        items,
+        out_dir,
+        tasks,
+        force=force,
+        retry_errors=retry_errors,
+        progress=not quiet,
+        volume_maps=bool(ctx is not None and ctx.meta.get("zsdense.volume_maps")),
     )
     print_summary(summary, out_dir, quiet=quiet)
     return summary.exit_code
@@ -229,6 +252,11 @@ def print_summary(summary, out_dir: str | Path, quiet: bool = False) -> None:
 
     ``quiet``: nothing when the run succeeded (exit 0); failures and interruptions still print.
     """
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and ctx.meta.get("zsdense.json_summary"):
+        from zsdense.cli.summary import print_json_summary
+
+        print_json_summary(summary, out_dir, ctx.info_name)
     if quiet and summary.exit_code == 0:
         return
     click.echo(f"zsdense: {summary.format()}", err=True)
@@ -236,14 +264,38 @@ def print_summary(summary, out_dir: str | Path, quiet: bool = False) -> None:
         click.echo(f"  failed: {key}: {msg}", err=True)
     if len(summary.errors) > 20:
         click.echo(f"  ... and {len(summary.errors) - 20} more (see results.jsonl)", err=True)
+    earlier = list(getattr(summary, "previous_errors", []) or [])
+    for key, msg in earlier[:20]:
+        click.echo(f"  failed in an earlier run (kept): {key}: {msg}", err=True)
+    if len(earlier) > 20:
+        click.echo(f"  ... and {len(earlier) - 20} more (see results.jsonl)", err=True)
+    if earlier:
+        click.echo(
+            "  rerun the same command with --retry-errors to compute the failed input(s) again",
+            err=True,
+        )
     click.echo(f"results: {Path(out_dir) / 'results.jsonl'}", err=True)
 
 
 def batch_command(f: Callable) -> Callable:
-    """Runtime + output options, and turn the returned exit code into the process's."""
+    """Runtime + output options, and turn the returned exit code into the process's.
+
+    ``--json`` and ``--volume-maps`` are handled here (the context's ``meta`` carries them to
+    :func:`run_cli_batch` and :func:`print_summary`); a command that declares a
+    ``volume_maps`` parameter receives it."""
+
+    import inspect
+
+    params = inspect.signature(f).parameters
 
     @functools.wraps(f)
     def wrapper(*args: Any, **kwargs: Any):
+        # --json: print_summary reads it from the context (the commands' signatures stay)
+        meta = click.get_current_context().meta
+        meta["zsdense.json_summary"] = bool(kwargs.pop("json_summary", False))
+        meta["zsdense.volume_maps"] = bool(kwargs.pop("volume_maps", False))
+        if "volume_maps" in params:  # a command that handles it itself (zsdense run)
+            kwargs["volume_maps"] = meta["zsdense.volume_maps"]
         code = f(*args, **kwargs)
         ctx = click.get_current_context()
         ctx.exit(int(code or 0))

@@ -18,16 +18,38 @@ from typing import Any
 
 import click
 
-from zsdense import metrics as M
 from zsdense.cli.common import RegistryChoice, make_runtime, runtime_options
+from zsdense.config import (
+    ANOMALY_PRESETS,
+    OPENVOCAB_DATASETS,
+    OPENVOCAB_PRESETS,
+    PIXEL_METRIC_BINS,
+    REFER_PRESETS,
+)
 from zsdense.errors import ZsdenseError
-from zsdense.eval import evaluate_anomaly, evaluate_openvocab, evaluate_refer
-from zsdense.eval.anomaly import ANOMALY_METRICS, ANOMALY_PRESET_CHOICES
-from zsdense.eval.common import MetricTable
-from zsdense.eval.datasets import ANOMALY_LAYOUTS, REFER_LAYOUTS, SEG_LAYOUTS
-from zsdense.eval.openvocab import OPENVOCAB_PRESET_CHOICES
-from zsdense.eval.refer import REFER_PRESET_CHOICES
-from zsdense.text.classifier import CLASS_FILES
+from zsdense.eval.protocols import ANOMALY_LAYOUTS, ANOMALY_METRICS, REFER_LAYOUTS
+
+
+class _SegLayouts(click.Choice):
+    """``auto``, ``generic`` and the segmentation layouts of :mod:`zsdense.eval.datasets`, read
+    when first needed (that module imports numpy: ``zsdense eval --help`` stays fast)."""
+
+    def __init__(self) -> None:
+        super().__init__(())
+
+    @property
+    def choices(self):  # type: ignore[override]
+        from zsdense.eval.datasets import SEG_LAYOUTS
+
+        return ("auto", "generic", *SEG_LAYOUTS)
+
+    @choices.setter
+    def choices(self, value) -> None:  # click's __init__ assigns it; the table is the truth
+        pass
+
+# the choices come from the live preset tables (registered presets included), read when used,
+# without importing the protocols (they load torch: --help stays fast)
+CLASS_FILES = OPENVOCAB_DATASETS
 
 __all__ = ["eval_group"]
 
@@ -93,7 +115,7 @@ def _common(f: Callable) -> Callable:
     return f
 
 
-def _run(ctx: click.Context, kw: dict[str, Any], fn: Callable[..., MetricTable]) -> None:
+def _run(ctx: click.Context, kw: dict[str, Any], fn: Callable[..., Any]) -> None:
     """Build the runtime, run one evaluation, print its table. User errors print one line
     and exit with their code (2; 130 when interrupted); failed predictions exit 3."""
     runtime = {k: kw.pop(k) for k in _RUNTIME_KEYS if k in kw}
@@ -104,6 +126,10 @@ def _run(ctx: click.Context, kw: dict[str, Any], fn: Callable[..., MetricTable])
     obj = ctx.obj or {}
     if obj.get("task") is not None:
         kw["task"] = obj["task"]
+    if isinstance(fn, str):  # the protocol, imported when it runs
+        import zsdense.eval
+
+        fn = getattr(zsdense.eval, fn)
     try:
         rt = make_runtime(**runtime)
         if quiet:
@@ -113,6 +139,7 @@ def _run(ctx: click.Context, kw: dict[str, Any], fn: Callable[..., MetricTable])
         click.echo(f"error: {exc}", err=True)
         ctx.exit(exc.exit_code)
     click.echo(table.format())
+    _print_files(table)
     for note in table.notes:
         click.echo(f"note: {note}", err=True)
     if table.warning:
@@ -128,6 +155,27 @@ def _run(ctx: click.Context, kw: dict[str, Any], fn: Callable[..., MetricTable])
         ctx.exit(3)
 
 
+def _print_files(table: Any) -> None:
+    """Where the report and the F1-optimal thresholds went (stderr)."""
+    files = getattr(table, "files", {}) or {}
+    th = (getattr(table, "extra", {}) or {}).get("f1_thresholds") or {}
+    for cat, t in th.items():
+        parts = []
+        if t.get("threshold") is not None:
+            f1 = t.get("pixel_f1_max", float("nan"))
+            parts.append(f"pixel {t['threshold']:.6g} (F1 {f1:.3f})")
+        if t.get("image_threshold") is not None:
+            parts.append(
+                f"image {t['image_threshold']:.6g} (F1 {t.get('image_f1_max', float('nan')):.3f})"
+            )
+        if parts:
+            click.echo(f"zsdense: F1-optimal thresholds [{cat}]: " + ", ".join(parts), err=True)
+    if files.get("thresholds"):
+        click.echo(f"zsdense: thresholds saved: {files['thresholds']}", err=True)
+    if files.get("report"):
+        click.echo(f"zsdense: report: {files['report']}", err=True)
+
+
 @click.group("eval")
 def eval_group() -> None:
     """Score a preset against ground truth (anomaly, openvocab, refer)."""
@@ -139,7 +187,7 @@ def eval_group() -> None:
     "--layout", type=click.Choice(("auto", *ANOMALY_LAYOUTS)), default="auto", show_default=True
 )
 @click.option(
-    "--preset", type=RegistryChoice(ANOMALY_PRESET_CHOICES), default="crane", show_default=True
+    "--preset", type=RegistryChoice(ANOMALY_PRESETS), default="crane", show_default=True
 )
 @click.option("--categories", default=None, help="Comma-separated categories (default: all).")
 @click.option(
@@ -152,7 +200,7 @@ def eval_group() -> None:
 @click.option(
     "--bins",
     type=click.IntRange(min=16),
-    default=M.DEFAULT_BINS,
+    default=PIXEL_METRIC_BINS,
     show_default=True,
     help="Histogram bins of the streaming pixel metrics.",
 )
@@ -198,7 +246,7 @@ def anomaly_cmd(
             "metrics": _split_list(metric_names) or list(ANOMALY_METRICS),
             "fmt": "npy" if keep_maps else "none",
         },
-        evaluate_anomaly,
+        "evaluate_anomaly",
     )
 
 
@@ -206,14 +254,14 @@ def anomaly_cmd(
 @_common
 @click.option(
     "--layout",
-    type=click.Choice(("auto", "generic", *SEG_LAYOUTS)),
+    type=_SegLayouts(),
     default="auto",
     show_default=True,
 )
 @click.option("--split", default="val", show_default=True)
 @click.option(
     "--preset",
-    type=click.Choice(OPENVOCAB_PRESET_CHOICES),
+    type=RegistryChoice(OPENVOCAB_PRESETS),
     default="trident",
     show_default=True,
 )
@@ -234,7 +282,7 @@ def openvocab_cmd(ctx: click.Context, **kw: Any) -> None:
 
     Exit codes: 0 ok, 2 usage or data error, 3 some predictions failed, 130 interrupted.
     """
-    _run(ctx, kw, evaluate_openvocab)
+    _run(ctx, kw, "evaluate_openvocab")
 
 
 @eval_group.command("refer")
@@ -244,7 +292,7 @@ def openvocab_cmd(ctx: click.Context, **kw: Any) -> None:
 )
 @click.option("--split", default="val", show_default=True)
 @click.option(
-    "--preset", type=click.Choice(REFER_PRESET_CHOICES), default="hybridgl", show_default=True
+    "--preset", type=RegistryChoice(REFER_PRESETS), default="hybridgl", show_default=True
 )
 @click.option(
     "--images",
@@ -259,4 +307,4 @@ def refer_cmd(ctx: click.Context, **kw: Any) -> None:
 
     Exit codes: 0 ok, 2 usage or data error, 3 some predictions failed, 130 interrupted.
     """
-    _run(ctx, kw, evaluate_refer)
+    _run(ctx, kw, "evaluate_refer")

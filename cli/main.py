@@ -29,7 +29,37 @@ LAZY_COMMANDS: dict[str, str] = {
     "train-prompts": "zsdense.cli.train:train_prompts_cmd",
     "train-upsampler": "zsdense.cli.train_upsampler:train_upsampler_cmd",
     "registers": "zsdense.cli.registers:registers_group",
+    "decide": "zsdense.cli.decide:decide_cmd",
+    "export": "zsdense.cli.export:export_group",
 }
+
+
+def lazy_short_help(spec: str, limit: int = 45) -> str | None:
+    """The one-line help of a lazy command read from its module's source (its function's
+    docstring, or ``short_help=`` of its decorator) without importing it: the modules pull in
+    torch, which ``zsdense --help`` must not wait for. None when it cannot be read."""
+    import ast
+    import inspect
+
+    module, attr = spec.split(":", 1)
+    try:
+        origin = importlib.util.find_spec(module).origin
+        with open(origin, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+    except (ImportError, AttributeError, ValueError, OSError, SyntaxError):
+        return None
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name == attr:
+            for dec in node.decorator_list:
+                for kw in getattr(dec, "keywords", []):
+                    if kw.arg == "short_help" and isinstance(kw.value, ast.Constant):
+                        return str(kw.value.value)
+            doc = ast.get_docstring(node, clean=False)
+            # click's own shortening, through a bare command holding the same help text
+            return click.Command(
+                attr, help=inspect.cleandoc(doc) if doc else None
+            ).get_short_help_str(limit)
+    return None
 
 
 def _available(spec: str) -> bool:
@@ -46,6 +76,26 @@ class LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         lazy = [n for n, spec in LAZY_COMMANDS.items() if _available(spec)]
         return sorted(set(super().list_commands(ctx)) | set(lazy))
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The command list of ``zsdense --help``, the lazy commands' lines read from their
+        source (:func:`lazy_short_help`): nothing heavy is imported, so the help is instant."""
+        names = self.list_commands(ctx)
+        limit = formatter.width - 6 - max((len(n) for n in names), default=0)
+        rows = []
+        for name in names:
+            text = None
+            if name in LAZY_COMMANDS and name not in self.commands:
+                text = lazy_short_help(LAZY_COMMANDS[name], limit)
+            if text is None:
+                cmd = self.get_command(ctx, name)
+                if cmd is None or cmd.hidden:
+                    continue
+                text = cmd.get_short_help_str(limit)
+            rows.append((name, text))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
     def get_command(self, ctx: click.Context, name: str):
         cmd = super().get_command(ctx, name)

@@ -71,6 +71,15 @@ def memory_group() -> None:
     default=None,
     help="Also store Crane's statistics on these images (crane+fewshot from the bank).",
 )
+@click.option(
+    "--thresholds",
+    "thresholds_file",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Keep these thresholds (a thresholds.json from a calibrated run, `zsdense decide` or "
+    "`zsdense eval anomaly`) in the bank: `zsdense anomaly --reference BANK` then uses them "
+    "when no threshold option is given.",
+)
 @click.option("--force", is_flag=True, default=False, help="Overwrite an existing bank.")
 @runtime_options
 def build_cmd(
@@ -88,6 +97,7 @@ def build_cmd(
     mask_ref_images,
     knn_metric,
     crane_preset,
+    thresholds_file,
     force,
     **runtime,
 ) -> None:
@@ -100,6 +110,11 @@ def build_cmd(
     from zsdense.tasks import fewshot as fs
 
     out = Path(out_path)
+    kept = None
+    if thresholds_file:
+        from zsdense.io.thresholds import read_thresholds
+
+        kept = read_thresholds(thresholds_file).to_dict()  # checked before any model loads
     if out.exists() and not force:
         raise ConfigError(f"{out} exists; pass --force to overwrite it")
     items = sorted(list_inputs(list(good)), key=lambda it: str(it.path))
@@ -124,6 +139,8 @@ def build_cmd(
         bank = fs.build_memory(rt, paths, opts)
         if crane_preset:
             fs.add_crane_stats(rt, bank, paths[: bank.n_shots], crane_preset, object_name)
+    if kept is not None:
+        bank.extra["thresholds"] = kept
     save_memory(bank, out)
     summary = describe(bank)
     summary.update(

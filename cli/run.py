@@ -71,13 +71,6 @@ RUN_TABLE_KEYS = ("batch_size", "models", "device", "precision", "max_pixels")
     show_default=True,
     help="Local engine: decoding threads running ahead of the encoders.",
 )
-@click.option(
-    "--volume-maps",
-    is_flag=True,
-    default=False,
-    help="After all slices of a NIfTI volume are done, stack their float maps into "
-    "<stem>.map.nii.gz with the input's affine.",
-)
 @click.option("--no-report", is_flag=True, default=False, help="Do not write report.html.")
 @batch_command
 def run_cmd(

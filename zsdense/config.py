@@ -425,3 +425,18 @@ class EngineConfig:
 
 ENGINE = EngineConfig()
 # --- end engine ---
+
+
+# Attention types of Crane's E-Attn (and AnomalyCLIP's V-V). Each sum term is a separate softmax;
+# the sum is deliberately not renormalised (as in the reference).
+CORRELATION_TYPES: dict[str, tuple[str, ...]] = {
+    "qq+kk+vv": ("q", "k", "v"),
+    "vv": ("v",),
+    "qq": ("q",),
+    "kk": ("k",),
+    "qq+kk": ("q", "k"),
+    "(q+k+v)^2": ("qkv",),
+}
+
+# bins of the streaming pixel metrics (zsdense.metrics.DEFAULT_BINS; here for the CLI's --help)
+PIXEL_METRIC_BINS = 16384

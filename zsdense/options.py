@@ -13,7 +13,7 @@ The heads (``zsdense.tasks``) receive these objects and never filter keyword lis
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 from zsdense.config import (
     ANOMALY_PRESETS,
@@ -31,7 +31,9 @@ from zsdense.config import (
     with_overrides,
 )
 from zsdense.errors import ConfigError
-from zsdense.text.classifier import ClassEntry, load_class_file, parse_classes
+
+if TYPE_CHECKING:  # the classifier imports torch: loaded when classes are parsed, not for --help
+    from zsdense.text.classifier import ClassEntry
 
 OUTPUT_FORMATS = ("tiff", "npy", "rle", "none")
 DOMAINS = ("industrial", "medical")
@@ -215,6 +217,8 @@ class AnomalyOptions(_TaskOptions):
 def resolve_classes(classes: Any = None, classes_file: Any = None) -> tuple[ClassEntry, ...]:
     """The one parser of class lists: a list, a ``"a, b; synonym"`` string, ``file:NAME`` or a
     class file (path or shipped name such as ``voc21``)."""
+    from zsdense.text.classifier import load_class_file, parse_classes
+
     if classes is not None and classes_file is not None:
         raise ConfigError("give classes or a classes file, not both")
     if classes is None and classes_file is None:

@@ -41,11 +41,14 @@ from typing import Any, Callable, Iterable, Sequence
 
 from zsdense.config import ENGINE
 from zsdense.context import ImageContext
+from zsdense.engine.decide import save_run_thresholds
 from zsdense.engine.report import write_report
+from zsdense.engine.report_view import store_view
 from zsdense.engine.specs import TaskSpec
 from zsdense.engine.volumes import write_volume_maps
 from zsdense.errors import ConfigError, InputError, ZsdenseError
 from zsdense.io import list_inputs, read_image_records
+from zsdense.io.instances import manifest_instances
 from zsdense.io.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -81,6 +84,8 @@ class RunSummary:
     stage_seconds: dict = field(default_factory=dict)
     errors: list = field(default_factory=list)  # (key, message)
     extra_outputs: list = field(default_factory=list)  # report.html, volume maps
+    # (key, message) of failures an earlier run recorded and this one left as they were
+    previous_errors: list = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -96,7 +101,10 @@ class RunSummary:
         if self.inputs:  # the progress line's unit; records: one per image (page, frame...)
             records = self.total + self.skipped  # made now + settled earlier
             text = f"{self.inputs} input(s) -> {records} image record(s): "
-        text += f"{self.ok} ok, {self.failed} failed, {self.skipped} skipped (already done)"
+        text += f"{self.ok} ok, {self.failed} failed"
+        if self.previous_errors:
+            text += f" ({len(self.previous_errors)} in an earlier run, kept: --retry-errors)"
+        text += f", {self.skipped} skipped (already done)"
         if self.not_processed:
             text += (
                 f", {self.not_processed} path(s) not processed (see the 'skipped' lines of "
@@ -419,9 +427,15 @@ def write_units(
             outputs: dict = {}
             scores: dict = {}
             res_meta: dict = {}
+            instances: dict = {}  # task -> (instances kept, total when some were left out)
             for task in tasks:
                 stem = out_stem(out_dir, it, suffix, task.name if multi else None)
                 got = task.write(results[task.name][i], ctx, stem, it.params) or {}
+                _store_view(
+                    out_dir, rec["key"], task.name if multi else None, got, results, task, i, ctx
+                )
+                if got.get("instances") is not None:
+                    instances[task.name] = manifest_instances(list(got["instances"]))
                 if multi:
                     outputs[task.name] = got.get("outputs", {})
                     scores[task.name] = got.get("scores", {})
@@ -446,9 +460,39 @@ def write_units(
             encoders=_encoder_counts(ctx),
             timing={"compute_s": round(task_secs[i], 4), "write_s": round(write_s, 4)},
         )
+        if instances:  # the connected components of each mask (zsdense.io.instances)
+            add_instances(rec, instances, multi)
         emit(rec)
         if release:
             ctx.release()
+
+
+def _store_view(out_dir, key, task_name, got, results, task, i, ctx) -> None:
+    """Cache the report's view of an anomaly map while it is in memory (report_view)."""
+    amap = getattr(results[task.name][i], "anomaly_map", None)
+    map_path = (got.get("outputs") or {}).get("map")
+    if amap is None or not map_path:
+        return
+    try:
+        rel = _stringify_paths(map_path, out_dir)
+        store_view(out_dir, key, task_name, rel, amap, ctx.image)
+    except Exception as exc:  # noqa: BLE001 - the report makes it later from the files
+        log.debug("report view of %s not cached: %s", key, exc)
+
+
+def add_instances(rec: dict, instances: dict[str, tuple[list, int | None]], multi: bool) -> None:
+    """``rec["instances"]`` (a list; ``{task: list}`` when several tasks ran) and, where the
+    list was cut to the largest ones, ``rec["instances_total"]`` (the same nesting)."""
+    if multi:
+        rec["instances"] = {k: to_jsonable(v[0]) for k, v in instances.items()}
+        totals = {k: v[1] for k, v in instances.items() if v[1] is not None}
+        if totals:
+            rec["instances_total"] = totals
+        return
+    kept, total = next(iter(instances.values()))
+    rec["instances"] = to_jsonable(kept)
+    if total is not None:
+        rec["instances_total"] = total
 
 
 def process_units(
@@ -535,6 +579,11 @@ def run_batch(
         summary.skipped += 1
         if rec.get("status") != "ok":
             summary.failed += 1
+            summary.previous_errors.append((key, rec.get("error")))
+    settled = {it.key for it in items} - {it.key for it in todo}
+    for rec in plan.previous.values():  # failures of settled items: named, with the hint
+        if rec.get("status") == "error" and rec.get("item", rec.get("key")) in settled:
+            summary.previous_errors.append((rec.get("key"), rec.get("error")))
 
     batch_size = batch_size or rt.config.batch_size
     needs_all = any(t.group == "all" for t in tasks)
@@ -748,6 +797,10 @@ def finish_run(
             summary.extra_outputs.extend(write_volume_maps(out_dir, items))
         except Exception as exc:  # noqa: BLE001
             print(f"zsdense: warning: volume maps not written: {exc}", file=sys.stderr)
+    try:  # calibrated thresholds kept for reuse (--thresholds, memory banks)
+        summary.extra_outputs.extend(save_run_thresholds(out_dir))
+    except Exception as exc:  # noqa: BLE001
+        print(f"zsdense: warning: thresholds.json not written: {exc}", file=sys.stderr)
     if report:
         try:
             summary.extra_outputs.append(write_report(out_dir))

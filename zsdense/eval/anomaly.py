@@ -49,6 +49,7 @@ from zsdense.eval.datasets import (
     read_anomaly,
     train_good_images,
 )
+from zsdense.eval.protocols import ANOMALY_METRICS, EVAL_SIZE, IMAGE_METRICS, PIXEL_METRICS
 from zsdense.io.manifest import WorkItem, record_complete
 from zsdense.io.writers import write_map_npy
 from zsdense.runtime import runtime_of
@@ -68,19 +69,6 @@ __all__ = [
     "limit_spread",
 ]
 
-EVAL_SIZE = 518  # anomaly maps and masks are scored at 518x518 (specs/anomaly.md)
-ANOMALY_METRICS = (
-    "image_auroc",
-    "image_ap",
-    "image_f1_max",
-    "pixel_auroc",
-    "pixel_ap",
-    "pixel_f1_max",
-    "aupro",
-    "aupro_mvtec",
-)
-PIXEL_METRICS = frozenset({"pixel_auroc", "pixel_ap", "pixel_f1_max", "aupro", "aupro_mvtec"})
-IMAGE_METRICS = frozenset({"image_auroc", "image_ap", "image_f1_max"})
 ANOMALY_PRESET_CHOICES = ANOMALY_PRESETS  # the live preset table: registered presets included
 _COUNTS = ("n_images", "n_anomalous", "n_pixel_images", "n_failed")
 
@@ -147,18 +135,34 @@ class _Pred:
 
 
 def _category_metrics(
-    preds: list[_Pred], wanted: set[str], size: int, bins: int, exact: bool, log: Log
+    preds: list[_Pred],
+    wanted: set[str],
+    size: int,
+    bins: int,
+    exact: bool,
+    log: Log,
+    seen: dict | None = None,
 ) -> tuple[dict[str, Any], bool]:
     """Metrics of one category; the flag says whether pixel metrics were wanted but no mask
-    exists (image metrics only)."""
+    exists (image metrics only). ``seen`` (a dict) receives what the evaluation report shows:
+    the F1-optimal thresholds (``thresholds``) and the curves (``curves``)."""
+    seen = {} if seen is None else seen
     row: dict[str, Any] = {
         "n_images": len(preds),
         "n_anomalous": sum(p.sample.label for p in preds),
     }
     if not preds:
         return row, False
+    labels = [p.sample.label for p in preds]
+    scores = [p.score for p in preds]
+    f1_img, thr_img = M.f1_max_threshold(labels, scores)
+    seen["thresholds"] = {"image_threshold": thr_img, "image_f1_max": f1_img}
+    seen["curves"] = {
+        "image_roc": M.roc_curve(labels, scores),
+        "image_pr": M.pr_curve(labels, scores),
+    }
     if wanted & IMAGE_METRICS:
-        got = M.image_metrics([p.sample.label for p in preds], [p.score for p in preds])
+        got = M.image_metrics(labels, scores)
         row.update({k: v for k, v in got.items() if k in wanted})
     if not wanted & PIXEL_METRICS:
         return row, False
@@ -186,6 +190,14 @@ def _category_metrics(
         maps, masks = zip(*pairs())
         pm = M.pixel_metrics(np.stack(masks), np.stack(maps))
         row.update({k: v for k, v in pm.items() if k in wanted})
+        f1_pix, thr_pix = M.f1_max_threshold(np.stack(masks), np.stack(maps))
+        seen["thresholds"].update(threshold=thr_pix, pixel_f1_max=f1_pix)
+        fpr, pro = M.pro_curve_mvtec(np.stack(masks), np.stack(maps))
+        seen["curves"].update(
+            pixel_roc=M.roc_curve(np.stack(masks), np.stack(maps)),
+            pixel_pr=M.pr_curve(np.stack(masks), np.stack(maps)),
+            pro=(fpr, pro),
+        )
         return row, False
     rt = M.RangeTracker()  # pass 1: the category's score range
     for p in pix:
@@ -200,6 +212,14 @@ def _category_metrics(
         if pro is not None:
             pro.update(amap, mask)
     pm = {"pixel_auroc": acc.auroc(), "pixel_ap": acc.ap(), "pixel_f1_max": acc.f1_max()}
+    f1_pix, thr_pix = acc.f1_max_threshold()
+    seen["thresholds"].update(threshold=thr_pix, pixel_f1_max=f1_pix)
+    cv = acc.curves()
+    seen["curves"].update(
+        pixel_roc=(cv.get("fpr"), cv.get("tpr")),
+        pixel_pr=(cv.get("recall"), cv.get("precision")),
+        pro=(cv.get("pro_fpr"), cv.get("pro")),
+    )
     if "aupro_mvtec" in wanted:
         pm["aupro_mvtec"] = acc.aupro_mvtec()
     if pro is not None:
@@ -387,6 +407,7 @@ def evaluate_anomaly(
         config["warning"] = warning
 
     wanted = set(metrics)
+    report_data: dict[str, dict] = {}  # category -> thresholds, curves, predictions
     rows: list[dict] = []
     failed: list[tuple[str, str]] = []
     no_masks: list[str] = []
@@ -397,7 +418,10 @@ def evaluate_anomaly(
         cat_samples = limit_spread(by_cat[cat], limit)
         preds, cat_failed = _predict_category(rt, cat, cat_samples, spec, data, root, run_kw, log)
         failed.extend(cat_failed)
-        got, masks_missing = _category_metrics(preds, wanted, size, bins, exact, log)
+        seen: dict[str, Any] = {}
+        got, masks_missing = _category_metrics(preds, wanted, size, bins, exact, log, seen)
+        seen["preds"] = preds
+        report_data[cat] = seen
         got["n_failed"] = len(cat_failed)
         if masks_missing:
             no_masks.append(cat)
@@ -405,6 +429,18 @@ def evaluate_anomaly(
         rows.append(row)
         shown = [f"{k}={row[k]:.4f}" for k in metrics if isinstance(row.get(k), float)]
         log(f"[{cat}] " + ", ".join(shown))
+    thresholds = {cat: d.get("thresholds") or {} for cat, d in report_data.items()}
     table = _table(rows, failed, no_masks, set(metrics), config, None if exact else bins, log)
+    table.extra["f1_thresholds"] = thresholds
     table.save(out)
+    from zsdense.eval.report import save_eval_thresholds, write_anomaly_report
+
+    try:
+        table.files["thresholds"] = save_eval_thresholds(out, table, thresholds)
+    except OSError as exc:
+        log(f"thresholds.json not written: {exc}")
+    try:
+        table.files["report"] = write_anomaly_report(out, table, report_data, size=size)
+    except Exception as exc:  # noqa: BLE001 - the metrics are saved; the page is a view
+        log(f"the evaluation report was not written: {exc}")
     return table

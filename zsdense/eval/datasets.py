@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from zsdense.errors import ConfigError, InputError
+from zsdense.eval.protocols import ANOMALY_LAYOUTS, REFER_LAYOUTS
 from zsdense.io.writers import rle_to_mask
 from zsdense.safe_pickle import safe_load_path
 
@@ -98,7 +99,6 @@ class AnomalySample:
     defect: str  # "good" for normal images
 
 
-ANOMALY_LAYOUTS = ("mvtec", "visa", "folder")
 
 
 def _mvtec_categories(root: Path) -> list[Path]:
@@ -600,7 +600,6 @@ def load_label(path: str | Path, reduce_zero: bool = False, ignore_index: int = 
 # ================================================================================== referring
 
 
-REFER_LAYOUTS = ("jsonl", "refcoco")
 
 
 @dataclass(frozen=True)

@@ -147,10 +147,10 @@ def save_memory(bank: MemoryBank, path: str | os.PathLike) -> Path:
         "extra": bank.extra,
         "payload_sha256": _payload_sha256(tensors),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    save_file(tensors, str(tmp), metadata={HEADER_KEY: json.dumps(header, sort_keys=True)})
-    os.replace(tmp, path)
+    from zsdense.io.writers import atomic_path  # the outputs' one file mode (umask)
+
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={HEADER_KEY: json.dumps(header, sort_keys=True)})
     return path
 
 

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import secrets
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -53,13 +54,40 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------
 
 
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system says it (Linux
+    ``/proc/self/status``); else set and restored under a lock."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def output_mode() -> int:
+    """The one file mode of every output: ``0o666`` minus the umask, as ``open()`` creates
+    files (so a bank or checkpoint written through a library that creates 0600 files gets the
+    same mode as a mask or a manifest)."""
+    return 0o666 & ~current_umask()
+
+
 @contextmanager
 def atomic_path(final_path: str | Path, *, fsync: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to ``final_path``; on success rename it over ``final_path``.
 
     Parents are created. If the body raises, the temporary file is deleted and the exception
     propagates; ``final_path`` is untouched. ``fsync=True`` also flushes the file to disk before
-    the rename (for data that must survive a power loss, not only a killed process).
+    the rename (for data that must survive a power loss, not only a killed process). The file
+    gets :func:`output_mode` (the umask's mode) whatever created it (safetensors writes 0600).
     """
     final = Path(final_path)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -71,6 +99,7 @@ def atomic_path(final_path: str | Path, *, fsync: bool = False) -> Iterator[Path
         yield tmp
         if not tmp.exists():
             raise RuntimeError(f"atomic_path: nothing was written to the temporary file {tmp}")
+        os.chmod(tmp, output_mode())
         if fsync:
             fd = os.open(tmp, os.O_RDONLY)
             try:

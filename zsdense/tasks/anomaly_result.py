@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from zsdense.io.instances import instance_masks, mask_instances, to_supervision
 from zsdense.io.writers import write_outputs
 from zsdense.options import OutputOptions
 from zsdense.tasks.anomaly_registry import RawScore
@@ -80,7 +81,26 @@ class AnomalyResult:
         scores["image_threshold"] = self.image_threshold
         scores["label"] = self.label
         scores["defect_area"] = round(float(self.mask.mean()), 6) if self.mask.size else 0.0
-        return {"outputs": outputs, "scores": scores, "meta": dict(self.meta)}
+        return {
+            "outputs": outputs,
+            "scores": scores,
+            "meta": dict(self.meta),
+            "instances": self.instances,
+        }
+
+    @property
+    def instances(self) -> list[dict]:
+        """The defects: connected components of the mask with box, area and the max / mean of
+        the anomaly map over each (:func:`zsdense.io.instances.mask_instances`)."""
+        return mask_instances(self.mask, self.anomaly_map)
+
+    def to_supervision(self):
+        """The defects as ``supervision.Detections`` (class "anomaly", confidence = the max of
+        the map over the defect); needs ``pip install 'zsdense[supervision]'``."""
+        insts = self.instances
+        return to_supervision(
+            insts, instance_masks(self.mask, insts), self.mask.shape, class_names=("anomaly",)
+        )
 
 
 __all__ = ["AnomalyResult"]

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from zsdense.config import ReferPreset
 from zsdense.errors import ConfigError
+from zsdense.io.instances import instance_masks, to_supervision, whole_mask_instance
 from zsdense.io.writers import write_outputs
 from zsdense.models.sam_proposals import (  # noqa: F401 - re-exported for the task's users
     Proposals,
@@ -72,7 +73,30 @@ class ReferResult:
         if params.get("id") is not None:
             scores["id"] = params["id"]
         scores["text"] = text
-        return {"outputs": outputs, "scores": scores, "meta": dict(self.meta)}
+        return {
+            "outputs": outputs,
+            "scores": scores,
+            "meta": dict(self.meta),
+            "instances": self.instances,
+        }
+
+    @property
+    def instances(self) -> list[dict]:
+        """The one mask as one instance (box, area; the result's score as its statistics)."""
+        return whole_mask_instance(self.mask, self.score)
+
+    def to_supervision(self):
+        """The mask as one ``supervision.Detections`` row (class "referred", confidence = the
+        result's score); needs ``pip install 'zsdense[supervision]'``."""
+        insts = self.instances
+        text = self.meta.get("text")
+        return to_supervision(
+            insts,
+            instance_masks(self.mask, insts, whole=True),
+            self.mask.shape,
+            class_names=(str(text) if text else "referred",),
+            confidence=float(self.score),
+        )
 
 
 # ---- relation guidance ------------------------------------------------------------------------
