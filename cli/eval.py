@@ -12,34 +12,27 @@ its ``task`` factory.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import click
 
 from zsdense import metrics as M
-from zsdense.cli.common import make_runtime, runtime_options
+from zsdense.cli.common import RUNTIME_KEYS, make_runtime, option, output_options, runtime_options
+from zsdense.cli.openvocab import classes_file_option
+from zsdense.config import ANOMALY_PRESETS, OPENVOCAB_PRESETS, REFER_PRESETS
 from zsdense.errors import ZsdenseError
 from zsdense.eval import evaluate_anomaly, evaluate_openvocab, evaluate_refer
-from zsdense.eval.anomaly import ANOMALY_METRICS, ANOMALY_PRESET_CHOICES
+from zsdense.eval.anomaly import ANOMALY_METRICS
 from zsdense.eval.common import MetricTable
-from zsdense.eval.datasets import ANOMALY_LAYOUTS, REFER_LAYOUTS, SEG_LAYOUTS
-from zsdense.eval.openvocab import OPENVOCAB_PRESET_CHOICES
-from zsdense.eval.refer import REFER_PRESET_CHOICES
-from zsdense.text.classifier import CLASS_FILES
+from zsdense.eval.datasets import (
+    ANOMALY_LAYOUT_CHOICES,
+    REFER_LAYOUT_CHOICES,
+    SEG_LAYOUT_CHOICES,
+)
 
 __all__ = ["eval_group"]
-
-_RUNTIME_KEYS = (
-    "models",
-    "device",
-    "precision",
-    "weights_dir",
-    "batch_size",
-    "offline",
-    "max_pixels",
-)
 
 
 def _split_list(value: str | None) -> list[str] | None:
@@ -56,47 +49,46 @@ def _common(f: Callable) -> Callable:
     """--data, --out, --limit, --force (--recompute: deprecated alias), --retry-errors,
     --quiet, then the shared runtime options (--models, --device, --precision, --weights-dir,
     --batch-size, --offline, --max-pixels)."""
-    opts = [
-        click.option(
-            "--data",
-            "data",
-            required=True,
-            type=click.Path(exists=True, path_type=Path),
-            help="Dataset root.",
-        ),
-        click.option(
-            "--out",
-            "out",
-            required=True,
-            type=click.Path(path_type=Path),
-            help="Output folder: predictions/, metrics_<task>.json, .csv and .md.",
-        ),
-        click.option(
-            "--limit",
-            type=click.IntRange(min=1),
-            default=None,
-            help="Evaluate at most N samples (per category for anomaly, spread over "
-            "normal and defective images).",
-        ),
-        click.option(
-            "--force", is_flag=True, help="Predict again even where stored predictions exist."
-        ),
-        click.option("--recompute", is_flag=True, hidden=True, help="Deprecated: use --force."),
-        click.option(
-            "--retry-errors", is_flag=True, help="Predict again the inputs that failed before."
-        ),
-        click.option("--quiet", "-q", is_flag=True, help="No progress or per-category log lines."),
-    ]
-    f = runtime_options(f)
-    for o in reversed(opts):
+    f = runtime_options(output_options(f, exclude=("out_dir", "fmt", "no_overlay")))
+    for o in reversed(
+        [
+            option(
+                "--data", required=True, type=click.Path(exists=True, path_type=Path),
+                help="Dataset root.",
+            ),
+            option(
+                "--out", required=True, type=click.Path(path_type=Path),
+                help="Output folder: predictions/, metrics_<task>.json, .csv and .md.",
+            ),
+            option(
+                "--limit", type=click.IntRange(min=1),
+                help="Evaluate at most N samples (per category for anomaly, spread over "
+                "normal and defective images).",
+            ),
+            option("--recompute", is_flag=True, hidden=True, help="Deprecated: use --force."),
+        ]
+    ):  # fmt: skip
         f = o(f)
     return f
+
+
+def _task_options(layouts: Sequence[str], presets: Mapping, default: str) -> Callable:
+    """--layout and --preset (choices from the library's layouts and preset registry), and
+    ``--split`` unless the task has none (anomaly)."""
+
+    def deco(f: Callable) -> Callable:
+        f = option("--preset", choices=presets, default=default, show_default=True)(f)
+        if layouts is not ANOMALY_LAYOUT_CHOICES:
+            f = option("--split", default="val", show_default=True)(f)
+        return option("--layout", choices=layouts, default="auto", show_default=True)(f)
+
+    return deco
 
 
 def _run(ctx: click.Context, kw: dict[str, Any], fn: Callable[..., MetricTable]) -> None:
     """Build the runtime, run one evaluation, print its table. User errors print one line
     and exit with their code (2; 130 when interrupted); failed predictions exit 3."""
-    runtime = {k: kw.pop(k) for k in _RUNTIME_KEYS if k in kw}
+    runtime = {k: kw.pop(k) for k in RUNTIME_KEYS if k in kw}
     if kw.pop("recompute", False):
         click.echo("zsdense: warning: --recompute is deprecated; use --force", err=True)
         kw["force"] = True
@@ -135,12 +127,7 @@ def eval_group() -> None:
 
 @eval_group.command("anomaly")
 @_common
-@click.option(
-    "--layout", type=click.Choice(("auto", *ANOMALY_LAYOUTS)), default="auto", show_default=True
-)
-@click.option(
-    "--preset", type=click.Choice(ANOMALY_PRESET_CHOICES), default="crane", show_default=True
-)
+@_task_options(ANOMALY_LAYOUT_CHOICES, ANOMALY_PRESETS, "crane")
 @click.option("--categories", default=None, help="Comma-separated categories (default: all).")
 @click.option(
     "--metrics",
@@ -204,25 +191,8 @@ def anomaly_cmd(
 
 @eval_group.command("openvocab")
 @_common
-@click.option(
-    "--layout",
-    type=click.Choice(("auto", "generic", *SEG_LAYOUTS)),
-    default="auto",
-    show_default=True,
-)
-@click.option("--split", default="val", show_default=True)
-@click.option(
-    "--preset",
-    type=click.Choice(OPENVOCAB_PRESET_CHOICES),
-    default="trident",
-    show_default=True,
-)
-@click.option(
-    "--classes-file",
-    default=None,
-    help="Class names, one per line, in label-index order (synonyms separated by ';'), or a "
-    "shipped list: " + ", ".join(CLASS_FILES) + ".",
-)
+@_task_options(SEG_LAYOUT_CHOICES, OPENVOCAB_PRESETS, "trident")
+@classes_file_option("Class names, one per line, in label-index order")
 @click.option(
     "--reduce-zero-label/--no-reduce-zero-label",
     default=None,
@@ -239,13 +209,7 @@ def openvocab_cmd(ctx: click.Context, **kw: Any) -> None:
 
 @eval_group.command("refer")
 @_common
-@click.option(
-    "--layout", type=click.Choice(("auto", *REFER_LAYOUTS)), default="auto", show_default=True
-)
-@click.option("--split", default="val", show_default=True)
-@click.option(
-    "--preset", type=click.Choice(REFER_PRESET_CHOICES), default="hybridgl", show_default=True
-)
+@_task_options(REFER_LAYOUT_CHOICES, REFER_PRESETS, "hybridgl")
 @click.option(
     "--images",
     "images_dir",

@@ -12,6 +12,8 @@ The heads (``zsdense.tasks``) receive these objects and never filter keyword lis
 
 from __future__ import annotations
 
+import functools
+import typing
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar, Mapping
 
@@ -20,8 +22,11 @@ from zsdense.config import (
     DEFAULT_ANOMALY_PRESET,
     DEFAULT_OPENVOCAB_PRESET,
     DEFAULT_REFER_PRESET,
+    FALLBACK_READINGS,
     FEWSHOT_METHODS,
+    FUSION_MODES,
     OPENVOCAB_DATASETS,
+    PARSERS,
     PROPOSAL_STABILITY_MODES,
     REFER_PRESETS,
     AnomalyPreset,
@@ -59,6 +64,49 @@ def _freeze(value: Any) -> Any:
     return value
 
 
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _field_types(cls: type) -> dict[str, tuple]:
+    """field name -> the types its annotation allows (None left out)."""
+    import types as _types
+
+    def allowed(h: Any) -> tuple:
+        if typing.get_origin(h) in (typing.Union, _types.UnionType):
+            return tuple(a for a in typing.get_args(h) if a is not type(None))
+        return (h,)
+
+    return {k: allowed(h) for k, h in typing.get_type_hints(cls).items()}
+
+
+def _typed(cls: type, key: str, value: Any) -> Any:
+    """Text from ``--task k=v`` as the field's declared type: int, float, bool, or a tuple of
+    numbers (``6|12|18``); other values, and text that does not convert, are returned as given
+    (the option's own validation then names the problem)."""
+    types = _field_types(cls).get(key, ())
+    tup = next((t for t in types if typing.get_origin(t) is tuple), None)
+    item = (typing.get_args(tup) or (str,))[0] if tup is not None else None
+    try:
+        if isinstance(value, (list, tuple)):
+            if item in (int, float) and all(isinstance(v, str) for v in value):
+                return tuple(item(v) for v in value)
+            return value
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        for t in types:
+            if t is bool and text.lower() in _TRUE + _FALSE:
+                return text.lower() in _TRUE
+            if t in (int, float) and t is not bool:
+                return t(text)
+            if t is tup and item in (int, float):
+                return tuple(item(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        pass
+    return value
+
+
 class _TaskOptions:
     """Shared :meth:`from_mapping` for the task option dataclasses below."""
 
@@ -80,9 +128,9 @@ class _TaskOptions:
             if value is None:
                 continue
             if key in own:
-                values[key] = value
+                values[key] = _typed(cls, key, value)
             elif key in preset_fields:
-                overrides[key] = _freeze(value)
+                overrides[key] = _freeze(_typed(cls.PRESET_CLASS, key, value))
             else:
                 unknown.append(key)
         if unknown:
@@ -296,11 +344,16 @@ class ReferOptions(_TaskOptions):
     def config(self) -> ReferPreset:
         base = pick_preset(REFER_PRESETS, self.preset, "referring")
         cfg = with_overrides(base, **dict(self.overrides)) if self.overrides else base
-        if cfg.proposal_stability not in PROPOSAL_STABILITY_MODES:
-            raise ConfigError(
-                f"proposal_stability must be one of {', '.join(PROPOSAL_STABILITY_MODES)}, "
-                f"not {cfg.proposal_stability!r}"
-            )
+        for name, allowed in (
+            ("proposal_stability", PROPOSAL_STABILITY_MODES),
+            ("fusion", FUSION_MODES),
+            ("parser", PARSERS),
+            ("fallback_reading", FALLBACK_READINGS),
+        ):
+            if getattr(cfg, name) not in allowed:
+                raise ConfigError(
+                    f"{name} must be one of {', '.join(allowed)}, not {getattr(cfg, name)!r}"
+                )
         return cfg
 
 

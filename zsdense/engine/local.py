@@ -79,6 +79,7 @@ class RunSummary:
     wall_seconds: float = 0.0
     stage_seconds: dict = field(default_factory=dict)
     errors: list = field(default_factory=list)  # (key, message)
+    fallbacks: int = 0  # ok records whose result is a method's stand-in ("fallback": true)
     extra_outputs: list = field(default_factory=list)  # report.html, volume maps
 
     @property
@@ -95,7 +96,10 @@ class RunSummary:
         if self.inputs:  # the progress line's unit; records: one per image (page, frame...)
             records = self.total + self.skipped  # made now + settled earlier
             text = f"{self.inputs} input(s) -> {records} image record(s): "
-        text += f"{self.ok} ok, {self.failed} failed, {self.skipped} skipped (already done)"
+        text += f"{self.ok} ok"
+        if self.fallbacks:
+            text += f" ({self.fallbacks} of them fallbacks: see 'fallback' in results.jsonl)"
+        text += f", {self.failed} failed, {self.skipped} skipped (already done)"
         if self.not_processed:
             text += (
                 f", {self.not_processed} path(s) not processed (see the 'skipped' lines of "
@@ -461,9 +465,12 @@ def write_units(
             outputs: dict = {}
             scores: dict = {}
             res_meta: dict = {}
+            fallbacks: dict = {}
             for task in tasks:
                 stem = out_stem(out_dir, it, suffix, task.name if multi else None)
                 got = task.write(results[task.name][i], ctx, stem, it.params) or {}
+                if got.get("fallback"):
+                    fallbacks[task.name] = str(got["fallback"])
                 if multi:
                     outputs[task.name] = got.get("outputs", {})
                     scores[task.name] = got.get("scores", {})
@@ -482,6 +489,8 @@ def write_units(
         rec.update(
             status="ok",
             error=None,
+            fallback=bool(fallbacks),  # a method's stand-in, not an answer (write() says why)
+            **({"fallback_reason": _fallback_reason(fallbacks, multi)} if fallbacks else {}),
             outputs=_stringify_paths(outputs, out_dir),
             scores=_jsonable_meta(scores),
             meta={"image": meta, "result": _jsonable_meta(res_meta)},
@@ -491,6 +500,12 @@ def write_units(
         emit(rec)
         if release:
             ctx.release()
+
+
+def _fallback_reason(reasons: dict[str, str], multi: bool) -> str:
+    if not multi:
+        return next(iter(reasons.values()))
+    return "; ".join(f"{task}: {why}" for task, why in reasons.items())
 
 
 def process_units(
@@ -587,6 +602,7 @@ def run_batch(
             summary.total += 1
             if record["status"] == "ok":
                 summary.ok += 1
+                summary.fallbacks += bool(record.get("fallback"))
             else:
                 summary.failed += 1
                 summary.errors.append((record["key"], record.get("error")))

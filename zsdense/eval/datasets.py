@@ -48,6 +48,9 @@ __all__ = [
     "SegSample",
     "SegDataset",
     "SEG_LAYOUTS",
+    "SEG_LAYOUT_CHOICES",
+    "ANOMALY_LAYOUT_CHOICES",
+    "REFER_LAYOUT_CHOICES",
     "detect_seg_layout",
     "read_segmentation",
     "read_class_file",
@@ -99,6 +102,7 @@ class AnomalySample:
 
 
 ANOMALY_LAYOUTS = ("mvtec", "visa", "folder")
+ANOMALY_LAYOUT_CHOICES = ("auto", *ANOMALY_LAYOUTS)  # what layout= / --layout accept
 
 
 def _mvtec_categories(root: Path) -> list[Path]:
@@ -291,7 +295,7 @@ def read_anomaly(
     if layout == "folder":
         return _select(read_anomaly_folder(root), categories, root)
     raise ConfigError(
-        f"unknown anomaly layout {layout!r}; use one of auto, {', '.join(ANOMALY_LAYOUTS)}"
+        f"unknown anomaly layout {layout!r}; use one of {', '.join(ANOMALY_LAYOUT_CHOICES)}"
     )
 
 
@@ -417,6 +421,7 @@ SEG_LAYOUTS: dict[str, _SegConvention] = {
         class_lists=("cityscapes",),
     ),
 }
+SEG_LAYOUT_CHOICES = ("auto", "generic", *SEG_LAYOUTS)  # what layout= / --layout accept
 
 
 def _descend(root: Path, conv: _SegConvention) -> Path:
@@ -560,8 +565,8 @@ def read_segmentation(
         )
     else:
         raise ConfigError(
-            f"unknown segmentation layout {layout!r}; use auto, generic or one of "
-            f"{', '.join(SEG_LAYOUTS)}"
+            f"unknown segmentation layout {layout!r}; use one of "
+            f"{', '.join(SEG_LAYOUT_CHOICES)}"
         )
     if not ds.samples:
         raise ConfigError(f"no images found for the {layout} layout under {root}")
@@ -601,6 +606,7 @@ def load_label(path: str | Path, reduce_zero: bool = False, ignore_index: int = 
 
 
 REFER_LAYOUTS = ("jsonl", "refcoco")
+REFER_LAYOUT_CHOICES = ("auto", *REFER_LAYOUTS)  # what layout= / --layout accept
 
 
 @dataclass(frozen=True)
@@ -826,4 +832,6 @@ def read_referring(
         return read_refer_jsonl(root)
     if layout == "refcoco":
         return read_refcoco(root, split=split, images_dir=images_dir)
-    raise ConfigError(f"unknown referring layout {layout!r}; use auto, jsonl or refcoco")
+    raise ConfigError(
+        f"unknown referring layout {layout!r}; use one of {', '.join(REFER_LAYOUT_CHOICES)}"
+    )

@@ -33,9 +33,8 @@ from zsdense.eval.datasets import ReferSample, read_referring
 from zsdense.io.manifest import WorkItem
 from zsdense.runtime import runtime_of
 
-__all__ = ["REFER_PRESET_CHOICES", "evaluate_refer", "refer_items"]
+__all__ = ["evaluate_refer", "refer_items"]
 
-REFER_PRESET_CHOICES = tuple(REFER_PRESETS)
 _ID_RE = re.compile(r"[^A-Za-z0-9._-]+")
 
 TaskFactory = Callable[[], TaskSpec]  # -> the head's TaskSpec (the text comes in the params)
