@@ -69,6 +69,8 @@ def test_single_query(tmp_path, scenes):
     assert rec["fallback"] is True and "no mask" in rec["fallback_reason"]
     assert rec["scores"]["score"] is None and rec["scores"]["candidates"] == []
     assert mask.min() == 255
+    report = (out / "report.html").read_text()
+    assert "1 fallbacks (not answers)" in report and "ok (fallback)" in report
 
 
 def test_queries_jsonl_with_an_unreadable_image(tmp_path, scenes):
