@@ -49,7 +49,7 @@ def _common(f: Callable) -> Callable:
     """--data, --out, --limit, --force (--recompute: deprecated alias), --retry-errors,
     --quiet, then the shared runtime options (--models, --device, --precision, --weights-dir,
     --batch-size, --offline, --max-pixels)."""
-    f = runtime_options(output_options(f, exclude=("out_dir", "fmt", "no_overlay")))
+    f = output_options(runtime_options(f), exclude=("out_dir", "fmt", "no_overlay"))
     for o in reversed(
         [
             option(
@@ -120,107 +120,100 @@ def _run(ctx: click.Context, kw: dict[str, Any], fn: Callable[..., MetricTable])
         ctx.exit(3)
 
 
+EXIT_CODES = "Exit codes: 0 ok, 2 usage or data error, 3 some predictions failed, 130 interrupted."
+
+
 @click.group("eval")
 def eval_group() -> None:
     """Score a preset against ground truth (anomaly, openvocab, refer)."""
 
 
-@eval_group.command("anomaly")
-@_common
-@_task_options(ANOMALY_LAYOUT_CHOICES, ANOMALY_PRESETS, "crane")
-@click.option("--categories", default=None, help="Comma-separated categories (default: all).")
-@click.option(
-    "--metrics",
-    "metric_names",
-    default=",".join(ANOMALY_METRICS),
-    show_default=True,
-    help="Comma-separated metrics to compute.",
-)
-@click.option(
-    "--bins",
-    type=click.IntRange(min=16),
-    default=M.DEFAULT_BINS,
-    show_default=True,
-    help="Histogram bins of the streaming pixel metrics.",
-)
-@click.option(
-    "--exact", is_flag=True, help="Exact pixel metrics with every map of a category in memory."
-)
-@click.option(
-    "--shots",
-    type=int,
-    default=None,
-    help="Few-shot presets (anomalydino, crane+fewshot): good references per category, drawn "
-    "from its train/good images as the reference does (-1 or unset: all).",
-)
-@click.option(
-    "--seed",
-    type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-    help="Few-shot: which block of references (sorted names[seed*shots:(seed+1)*shots]).",
-)
-@click.option(
-    "--keep-maps",
-    is_flag=True,
-    help="Also keep the full-size anomaly maps (.map.npy) beside the 518x518 ones scored.",
-)
-@click.pass_context
-def anomaly_cmd(
-    ctx: click.Context,
-    categories: str | None,
-    metric_names: str,
-    keep_maps: bool,
-    **kw: Any,
-) -> None:
-    """Image and pixel AUROC / AP / F1-max and AUPRO per category, at 518x518.
+def _eval_command(
+    name: str,
+    evaluate: Callable[..., MetricTable],
+    choices: tuple[Sequence[str], Mapping, str],
+    options: Sequence[Callable],
+    doc: str,
+    prepare: Callable[[dict], dict] = lambda kw: kw,
+) -> click.Command:
+    """``zsdense eval NAME``: the common options, --layout/--preset(/--split) from ``choices``
+    (layouts, preset registry, default preset), the task's own ``options``; the command runs
+    ``evaluate`` (from :mod:`zsdense.eval`) on the options ``prepare`` makes of its values."""
 
-    Exit codes: 0 ok, 2 usage or data error, 3 some predictions failed, 130 interrupted.
-    """
-    _run(
-        ctx,
-        {
-            **kw,
-            "categories": _split_list(categories),
-            "metrics": _split_list(metric_names) or list(ANOMALY_METRICS),
-            "fmt": "npy" if keep_maps else "none",
-        },
-        evaluate_anomaly,
-    )
+    @click.pass_context
+    def command(ctx: click.Context, **kw: Any) -> None:
+        _run(ctx, prepare(kw), evaluate)
+
+    command.__doc__ = f"{doc}\n\n{EXIT_CODES}"
+    for opt in reversed(options):
+        command = opt(command)
+    return eval_group.command(name)(_common(_task_options(*choices)(command)))
 
 
-@eval_group.command("openvocab")
-@_common
-@_task_options(SEG_LAYOUT_CHOICES, OPENVOCAB_PRESETS, "trident")
-@classes_file_option("Class names, one per line, in label-index order")
-@click.option(
-    "--reduce-zero-label/--no-reduce-zero-label",
-    default=None,
-    help="Override the layout's convention (label 0 ignored, others shifted by -1).",
-)
-@click.pass_context
-def openvocab_cmd(ctx: click.Context, **kw: Any) -> None:
-    """Per-class IoU and mIoU (mmseg's protocol) at the original resolution.
-
-    Exit codes: 0 ok, 2 usage or data error, 3 some predictions failed, 130 interrupted.
-    """
-    _run(ctx, kw, evaluate_openvocab)
+def _anomaly_kwargs(kw: dict) -> dict:
+    kw = dict(kw)
+    kw["categories"] = _split_list(kw.pop("categories"))
+    kw["metrics"] = _split_list(kw.pop("metric_names")) or list(ANOMALY_METRICS)
+    kw["fmt"] = "npy" if kw.pop("keep_maps") else "none"
+    return kw
 
 
-@eval_group.command("refer")
-@_common
-@_task_options(REFER_LAYOUT_CHOICES, REFER_PRESETS, "hybridgl")
-@click.option(
-    "--images",
-    "images_dir",
-    type=click.Path(exists=True, path_type=Path),
-    default=None,
-    help="COCO train2014 image folder (RefCOCO layout).",
-)
-@click.pass_context
-def refer_cmd(ctx: click.Context, **kw: Any) -> None:
-    """oIoU, mIoU and precision@0.5/0.7/0.9 over every expression.
+anomaly_cmd = _eval_command(
+    "anomaly",
+    evaluate_anomaly,
+    (ANOMALY_LAYOUT_CHOICES, ANOMALY_PRESETS, "crane"),
+    [
+        option("--categories", help="Comma-separated categories (default: all)."),
+        option(
+            "--metrics", "metric_names", default=",".join(ANOMALY_METRICS), show_default=True,
+            help="Comma-separated metrics to compute.",
+        ),
+        option(
+            "--bins", type=click.IntRange(min=16), default=M.DEFAULT_BINS, show_default=True,
+            help="Histogram bins of the streaming pixel metrics.",
+        ),
+        option("--exact", is_flag=True, help="Exact pixel metrics, a category's maps in memory."),
+        option(
+            "--shots", type=int,
+            help="Few-shot presets (anomalydino, crane+fewshot): good references per category, "
+            "drawn from its train/good images as the reference does (-1 or unset: all).",
+        ),
+        option(
+            "--seed", type=click.IntRange(min=0), default=0, show_default=True,
+            help="Few-shot: which block of references (sorted names[seed*shots:(seed+1)*shots]).",
+        ),
+        option(
+            "--keep-maps", is_flag=True,
+            help="Also keep the full-size anomaly maps (.map.npy) beside the 518x518 ones scored.",
+        ),
+    ],
+    "Image and pixel AUROC / AP / F1-max and AUPRO per category, at 518x518.",
+    _anomaly_kwargs,
+)  # fmt: skip
 
-    Exit codes: 0 ok, 2 usage or data error, 3 some predictions failed, 130 interrupted.
-    """
-    _run(ctx, kw, evaluate_refer)
+openvocab_cmd = _eval_command(
+    "openvocab",
+    evaluate_openvocab,
+    (SEG_LAYOUT_CHOICES, OPENVOCAB_PRESETS, "trident"),
+    [
+        classes_file_option("Class names, one per line, in label-index order"),
+        option(
+            "--reduce-zero-label/--no-reduce-zero-label", default=None,
+            help="Override the layout's convention (label 0 ignored, others shifted by -1).",
+        ),
+    ],
+    "Per-class IoU and mIoU (mmseg's protocol) at the original resolution.",
+)  # fmt: skip
+
+refer_cmd = _eval_command(
+    "refer",
+    evaluate_refer,
+    (REFER_LAYOUT_CHOICES, REFER_PRESETS, "hybridgl"),
+    [
+        option(
+            "--images", "images_dir", type=click.Path(exists=True, path_type=Path),
+            help="COCO train2014 image folder (RefCOCO layout).",
+        ),
+    ],
+    "oIoU, mIoU and precision@0.5/0.7/0.9 over every expression.",
+)  # fmt: skip

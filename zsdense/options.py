@@ -26,6 +26,7 @@ from zsdense.config import (
     FEWSHOT_METHODS,
     FUSION_MODES,
     OPENVOCAB_DATASETS,
+    OPENVOCAB_PRESETS,
     PARSERS,
     PROPOSAL_STABILITY_MODES,
     REFER_PRESETS,
@@ -36,6 +37,7 @@ from zsdense.config import (
     pick_preset,
     with_overrides,
 )
+from zsdense.dense.methods import get_method
 from zsdense.errors import ConfigError
 from zsdense.text.classifier import ClassEntry, load_class_file, parse_classes
 
@@ -316,8 +318,11 @@ class OpenVocabOptions(_TaskOptions):
                 f"choose one of: {', '.join(OPENVOCAB_DATASETS)}"
             )
         cfg = self.config()
-        if cfg.sam_refine and cfg.method != "trident":
-            raise ConfigError("--sam-refine needs --preset trident or trident-fixed")
+        if cfg.sam_refine and not get_method(cfg.method).needs_sam:
+            with_sam = [n for n, p in OPENVOCAB_PRESETS.items() if get_method(p.method).needs_sam]
+            raise ConfigError(
+                f"--sam-refine needs a preset whose method uses SAM: {', '.join(with_sam)}"
+            )
 
     def config(self) -> OpenVocabPreset:
         return openvocab_preset(self.preset, self.dataset, **dict(self.overrides))
