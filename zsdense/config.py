@@ -162,6 +162,7 @@ ANOMALY_PRESETS: dict[str, AnomalyPreset] = {
     ),
 }
 FEWSHOT_METHODS = ("anomalydino", "crane+fewshot")  # need --reference good images
+DATTN_MEAN_MODES = ("image", "batch")  # AnomalyPreset.dattn_mean (--dattn-mean)
 # --- end anomaly ---
 
 # --- openvocab ---

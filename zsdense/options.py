@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Mapping
 
 from zsdense.config import (
     ANOMALY_PRESETS,
+    DATTN_MEAN_MODES,
     DEFAULT_ANOMALY_PRESET,
     DEFAULT_OPENVOCAB_PRESET,
     DEFAULT_REFER_PRESET,
@@ -186,8 +187,10 @@ def resolve_anomaly_preset(preset: str | AnomalyPreset, **overrides: Any) -> Ano
     cfg = with_overrides(base, **ov)
     if layers_given:
         cfg = replace(cfg, eattn_layers=layers)
-    if cfg.dattn_mean not in ("image", "batch"):
-        raise ConfigError(f"--dattn-mean must be 'image' or 'batch', not {cfg.dattn_mean!r}")
+    if cfg.dattn_mean not in DATTN_MEAN_MODES:
+        raise ConfigError(
+            f"--dattn-mean must be one of {', '.join(DATTN_MEAN_MODES)}, not {cfg.dattn_mean!r}"
+        )
     if cfg.image_size % 14:
         raise ConfigError(
             f"image size {cfg.image_size} must be a multiple of the patch size 14 (e.g. 518)"
