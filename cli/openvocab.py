@@ -42,10 +42,24 @@ def classes_file_option(help_start: str = "A text file with one class per line")
     "--dataset-preset", choices=OPENVOCAB_DATASETS,
     help="Benchmark settings (input size, stride, thresholds) of a dataset.",
 )  # fmt: skip
-@option("--sam-refine", is_flag=True, help="Refine the labels with SAM prompts (trident).")
-@option("--prob-thd", type=float, help="Pixels whose best probability is below it become 0.")
-@option("--short-side", type=click.IntRange(min=32), help="Resize the short side to this.")
-@option("--upsample", choices=UPSAMPLE_MODES, help="Score upsampling: bilinear or jbu (edges).")
+@option(
+    "--sam-refine", is_flag=True,
+    help="Refine the labels with SAM prompts from connected components (presets whose method "
+    "uses SAM: trident, trident-fixed).",
+)  # fmt: skip
+@option(
+    "--prob-thd", type=float,
+    help="Pixels whose best class probability is below this become class 0 (default: the "
+    "preset's).",
+)  # fmt: skip
+@option(
+    "--short-side", type=click.IntRange(min=32),
+    help="Resize the image so its short side is this (default: the preset's).",
+)  # fmt: skip
+@option(
+    "--upsample", choices=UPSAMPLE_MODES,
+    help="Score upsampling: bilinear (the references) or jbu (joint bilateral, edge-aware).",
+)  # fmt: skip
 @option(
     "--save-probs/--no-save-probs", default=False, show_default=True,
     help="Also write the per-class probabilities (K, H, W) as .map.tiff / .map.npy (--format).",

@@ -131,8 +131,10 @@ def _fill_task_options(cfgs: list[dict], **given) -> None:
 
     for cfg in cfgs:
         kind = TASK_ALIASES.get(str(cfg.get("task")).lower())
-        if kind == "anomaly" and given["object_name"] and not (
-            cfg.get("object") or cfg.get("object_name")
+        if (
+            kind == "anomaly"
+            and given["object_name"]
+            and not (cfg.get("object") or cfg.get("object_name"))
         ):
             cfg["object_name"] = given["object_name"]
         if kind == "openvocab" and given["classes"] and not cfg.get("classes"):

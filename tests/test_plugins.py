@@ -79,12 +79,12 @@ def register():  # the entry point names this callable (no argument)
     )
 '''
 
-BROKEN_FILE = '''
+BROKEN_FILE = """
 from zsdense.dense.methods import register_method
 
 register_method("halfbroken", lambda *a: None, description="registered, then the module fails")
 raise RuntimeError("this plug-in is broken on purpose")
-'''
+"""
 
 
 def _dist(root: Path, name: str, entry_points: dict[str, str]) -> None:

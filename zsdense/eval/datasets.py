@@ -565,8 +565,7 @@ def read_segmentation(
         )
     else:
         raise ConfigError(
-            f"unknown segmentation layout {layout!r}; use one of "
-            f"{', '.join(SEG_LAYOUT_CHOICES)}"
+            f"unknown segmentation layout {layout!r}; use one of {', '.join(SEG_LAYOUT_CHOICES)}"
         )
     if not ds.samples:
         raise ConfigError(f"no images found for the {layout} layout under {root}")

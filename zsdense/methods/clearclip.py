@@ -10,9 +10,7 @@ register_method(
     description="q-q attention, no residual, no feed-forward",
     reference="ClearCLIP, ECCV 2024",
     presets={
-        "clearclip": dict(
-            short_side=448, crop=448, stride=224, logit_scale=50.0, pad_multiple=16
-        )
+        "clearclip": dict(short_side=448, crop=448, stride=224, logit_scale=50.0, pad_multiple=16)
     },
     datasets={ds: dict(prob_thd=0.0) for ds in OPENVOCAB_DATASETS},
 )
