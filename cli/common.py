@@ -52,8 +52,16 @@ def _apply(f: Callable, opts: dict[str, Callable], exclude: Sequence[str] = ()) 
     return f
 
 
-RUNTIME_KEYS = ("models", "device", "precision", "weights_dir", "batch_size", "offline")
-RUNTIME_KEYS += ("max_pixels",)
+# the runtime options' parameter names (make_runtime's keywords)
+RUNTIME_KEYS = (
+    "models",
+    "device",
+    "precision",
+    "weights_dir",
+    "batch_size",
+    "offline",
+    "max_pixels",
+)
 
 
 def _runtime_option_table() -> dict[str, Callable]:
