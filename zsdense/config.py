@@ -78,6 +78,26 @@ def pick_preset(table: dict[str, Any], name: str, what: str) -> Any:
         ) from None
 
 
+def preset_from_spec(
+    cls: type, name: str, method: str, spec: Any, defaults: dict[str, Any] | None = None
+) -> tuple[Any, str]:
+    """A registered preset: ``spec`` is a ``cls`` instance (renamed) or a mapping of its fields
+    over the defaults (``defaults`` first), whose ``description`` key is returned apart.
+    Unknown field names are a ConfigError naming the valid ones."""
+    if isinstance(spec, cls):
+        return replace(spec, name=name, method=method), ""
+    values = {**(defaults or {}), **dict(spec)}
+    desc = str(values.pop("description", "") or "")
+    valid = {f.name for f in fields(cls)} - {"name", "method"}
+    bad = sorted(set(values) - valid)
+    if bad:
+        raise ConfigError(
+            f"preset {name!r}: unknown {cls.__name__} field(s) {', '.join(bad)}; "
+            f"valid: {', '.join(sorted(valid))}"
+        )
+    return cls(name=name, method=method, **values), desc
+
+
 # --- anomaly ---
 DEFAULT_ANOMALY_PRESET = "crane"
 ANOMALY_DEFAULT_THRESHOLD = 0.5  # on the anomaly probability map, when nothing else is given

@@ -37,6 +37,8 @@ from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, TypeVar
 
+from zsdense.errors import ConfigError
+
 ENTRY_POINT_GROUP = "zsdense.methods"
 BUILTIN_PACKAGE = "zsdense.methods"
 BUILTIN_OWNER = "zsdense"  # the owner of what the built-in modules register
@@ -121,6 +123,15 @@ class Registry(MutableMapping, Generic[V]):
     def current(self) -> dict[str, V]:
         """A copy of what is registered now (no plug-in load)."""
         return dict(self._data)
+
+    def lookup(self, key: str) -> V:
+        """The entry, or a ConfigError naming the registered ones (what a user mistyped)."""
+        try:
+            return self[key]
+        except KeyError:
+            raise ConfigError(
+                f"unknown {self.what} {key!r}; registered: {', '.join(sorted(self))}"
+            ) from None
 
     def registered(self, key: str) -> bool:
         """True if ``key`` is registered now (no plug-in load: for the register functions)."""

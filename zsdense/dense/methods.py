@@ -30,10 +30,15 @@ types are the registry ``zsdense.dense.attention.CORRELATION_TYPES``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Any, Callable, Mapping
 
-from zsdense.config import OPENVOCAB_DATASET_PRESETS, OPENVOCAB_PRESETS, OpenVocabPreset
+from zsdense.config import (
+    OPENVOCAB_DATASET_PRESETS,
+    OPENVOCAB_PRESETS,
+    OpenVocabPreset,
+    preset_from_spec,
+)
 from zsdense.errors import ConfigError
 from zsdense.plugins import Registry
 
@@ -55,7 +60,7 @@ class DenseMethod:
     reference: str = ""
 
 
-METHODS: Registry[DenseMethod] = Registry("open-vocabulary method")
+METHODS: Registry[DenseMethod] = Registry("dense method")
 PRESET_DESCRIPTIONS: Registry[str] = Registry("open-vocabulary preset description")
 
 PresetSpec = OpenVocabPreset | Mapping[str, Any]
@@ -138,22 +143,10 @@ def register_openvocab_preset(
 def _build_preset(
     pname: str, method: str, spec: PresetSpec, needs_vfm: bool, needs_sam: bool
 ) -> tuple[OpenVocabPreset, str]:
-    if isinstance(spec, OpenVocabPreset):
-        return replace(spec, name=pname, method=method), ""
-    fields_ = dict(spec)
-    desc = str(fields_.pop("description", "") or "")
-    if needs_vfm:
-        fields_.setdefault("vfm", "dinov2-reg-base")
+    encoders = {"vfm": "dinov2-reg-base"} if needs_vfm else {}
     if needs_sam:
-        fields_.setdefault("sam_arch", "vit_b")
-    valid = {f.name for f in fields(OpenVocabPreset)} - {"name", "method"}
-    bad = sorted(set(fields_) - valid)
-    if bad:
-        raise ConfigError(
-            f"preset {pname!r}: unknown OpenVocabPreset field(s) {', '.join(bad)}; "
-            f"valid: {', '.join(sorted(valid))}"
-        )
-    return replace(OpenVocabPreset(pname, method), **fields_), desc
+        encoders["sam_arch"] = "vit_b"
+    return preset_from_spec(OpenVocabPreset, pname, method, spec, encoders)
 
 
 def unregister_method(name: str) -> None:
@@ -167,12 +160,7 @@ def unregister_method(name: str) -> None:
 
 def get_method(name: str) -> DenseMethod:
     """The registered method, or a ConfigError listing the registered ones."""
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise ConfigError(
-            f"unknown dense method {name!r}; registered: {', '.join(sorted(METHODS))}"
-        ) from None
+    return METHODS.lookup(name)
 
 
 def methods_table() -> str:

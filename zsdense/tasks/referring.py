@@ -39,12 +39,12 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from zsdense.config import REFER_PRESETS, ReferPreset
+from zsdense.config import REFER_PRESETS, ReferPreset, preset_from_spec
 from zsdense.errors import ConfigError
 from zsdense.io.writers import write_outputs
 from zsdense.options import OutputOptions, ReferOptions
@@ -173,18 +173,7 @@ def register_refer_preset(
 
 
 def _build_preset(pname: str, method: str, spec: ReferPresetSpec) -> tuple[ReferPreset, str]:
-    if isinstance(spec, ReferPreset):
-        return replace(spec, name=pname, method=method), ""
-    fields_ = dict(spec)
-    desc = str(fields_.pop("description", "") or "")
-    valid = {f.name for f in fields(ReferPreset)} - {"name", "method"}
-    bad = sorted(set(fields_) - valid)
-    if bad:
-        raise ConfigError(
-            f"referring preset {pname!r}: unknown ReferPreset field(s) {', '.join(bad)}; "
-            f"valid: {', '.join(sorted(valid))}"
-        )
-    return ReferPreset(name=pname, method=method, **fields_), desc
+    return preset_from_spec(ReferPreset, pname, method, spec)
 
 
 def unregister_refer_method(name: str) -> None:
@@ -197,12 +186,7 @@ def unregister_refer_method(name: str) -> None:
 
 def get_refer_method(name: str) -> ReferMethod:
     """The registered method, or a ConfigError listing the registered ones."""
-    try:
-        return REFER_METHODS[name]
-    except KeyError:
-        raise ConfigError(
-            f"unknown referring method {name!r}; registered: {', '.join(sorted(REFER_METHODS))}"
-        ) from None
+    return REFER_METHODS.lookup(name)
 
 
 def refer_methods_table() -> str:
