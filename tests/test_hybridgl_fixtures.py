@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from zsdense.config import REFER_PRESETS
 from zsdense.dense import maskfeatures as mf
-from zsdense.tasks import referring as R
+from zsdense.tasks import hybridgl as R
 from zsdense.text import parse as P
 
 

@@ -224,7 +224,7 @@ def test_lowres_stability_mode(sam, images):
 
 
 def test_referring_uses_the_moved_proposals(sam, images):
-    from zsdense.tasks import referring as R
+    from zsdense.tasks import hybridgl as R
 
     assert R.sam_proposals is SP.sam_proposals and R.Proposals is SP.Proposals
     _, state = images["portrait"]

@@ -12,15 +12,23 @@ The heads (``zsdense.tasks``) receive these objects and never filter keyword lis
 
 from __future__ import annotations
 
+import functools
+import typing
 from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 from zsdense.config import (
     ANOMALY_PRESETS,
+    DATTN_MEAN_MODES,
     DEFAULT_ANOMALY_PRESET,
     DEFAULT_OPENVOCAB_PRESET,
     DEFAULT_REFER_PRESET,
+    DATTN_MEAN_MODES,
+    FALLBACK_READINGS,
+    FUSION_MODES,
     OPENVOCAB_DATASETS,
+    OPENVOCAB_PRESETS,
+    PARSERS,
     PROPOSAL_STABILITY_MODES,
     REFER_PRESETS,
     AnomalyPreset,
@@ -30,6 +38,7 @@ from zsdense.config import (
     pick_preset,
     with_overrides,
 )
+from zsdense.dense.methods import get_method
 from zsdense.errors import ConfigError
 
 if TYPE_CHECKING:  # the classifier imports torch: loaded when classes are parsed, not for --help
@@ -60,6 +69,49 @@ def _freeze(value: Any) -> Any:
     return value
 
 
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _field_types(cls: type) -> dict[str, tuple]:
+    """field name -> the types its annotation allows (None left out)."""
+    import types as _types
+
+    def allowed(h: Any) -> tuple:
+        if typing.get_origin(h) in (typing.Union, _types.UnionType):
+            return tuple(a for a in typing.get_args(h) if a is not type(None))
+        return (h,)
+
+    return {k: allowed(h) for k, h in typing.get_type_hints(cls).items()}
+
+
+def _typed(cls: type, key: str, value: Any) -> Any:
+    """Text from ``--task k=v`` as the field's declared type: int, float, bool, or a tuple of
+    numbers (``6|12|18``); other values, and text that does not convert, are returned as given
+    (the option's own validation then names the problem)."""
+    types = _field_types(cls).get(key, ())
+    tup = next((t for t in types if typing.get_origin(t) is tuple), None)
+    item = (typing.get_args(tup) or (str,))[0] if tup is not None else None
+    try:
+        if isinstance(value, (list, tuple)):
+            if item in (int, float) and all(isinstance(v, str) for v in value):
+                return tuple(item(v) for v in value)
+            return value
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        for t in types:
+            if t is bool and text.lower() in _TRUE + _FALSE:
+                return text.lower() in _TRUE
+            if t in (int, float) and t is not bool:
+                return t(text)
+            if t is tup and item in (int, float):
+                return tuple(item(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        pass
+    return value
+
+
 class _TaskOptions:
     """Shared :meth:`from_mapping` for the task option dataclasses below."""
 
@@ -81,9 +133,9 @@ class _TaskOptions:
             if value is None:
                 continue
             if key in own:
-                values[key] = value
+                values[key] = _typed(cls, key, value)
             elif key in preset_fields:
-                overrides[key] = _freeze(value)
+                overrides[key] = _freeze(_typed(cls.PRESET_CLASS, key, value))
             else:
                 unknown.append(key)
         if unknown:
@@ -137,8 +189,10 @@ def resolve_anomaly_preset(preset: str | AnomalyPreset, **overrides: Any) -> Ano
     cfg = with_overrides(base, **ov)
     if layers_given:
         cfg = replace(cfg, eattn_layers=layers)
-    if cfg.dattn_mean not in ("image", "batch"):
-        raise ConfigError(f"--dattn-mean must be 'image' or 'batch', not {cfg.dattn_mean!r}")
+    if cfg.dattn_mean not in DATTN_MEAN_MODES:
+        raise ConfigError(
+            f"--dattn-mean must be one of {', '.join(DATTN_MEAN_MODES)}, not {cfg.dattn_mean!r}"
+        )
     validate_image_size(cfg.image_size)
     return cfg
 
@@ -271,8 +325,11 @@ class OpenVocabOptions(_TaskOptions):
                 f"choose one of: {', '.join(OPENVOCAB_DATASETS)}"
             )
         cfg = self.config()
-        if cfg.sam_refine and cfg.method != "trident":
-            raise ConfigError("--sam-refine needs --preset trident or trident-fixed")
+        if cfg.sam_refine and not get_method(cfg.method).needs_sam:
+            with_sam = [n for n, p in OPENVOCAB_PRESETS.items() if get_method(p.method).needs_sam]
+            raise ConfigError(
+                f"--sam-refine needs a preset whose method uses SAM: {', '.join(with_sam)}"
+            )
 
     def config(self) -> OpenVocabPreset:
         return openvocab_preset(self.preset, self.dataset, **dict(self.overrides))
@@ -299,11 +356,16 @@ class ReferOptions(_TaskOptions):
     def config(self) -> ReferPreset:
         base = pick_preset(REFER_PRESETS, self.preset, "referring")
         cfg = with_overrides(base, **dict(self.overrides)) if self.overrides else base
-        if cfg.proposal_stability not in PROPOSAL_STABILITY_MODES:
-            raise ConfigError(
-                f"proposal_stability must be one of {', '.join(PROPOSAL_STABILITY_MODES)}, "
-                f"not {cfg.proposal_stability!r}"
-            )
+        for name, allowed in (
+            ("proposal_stability", PROPOSAL_STABILITY_MODES),
+            ("fusion", FUSION_MODES),
+            ("parser", PARSERS),
+            ("fallback_reading", FALLBACK_READINGS),
+        ):
+            if getattr(cfg, name) not in allowed:
+                raise ConfigError(
+                    f"{name} must be one of {', '.join(allowed)}, not {getattr(cfg, name)!r}"
+                )
         return cfg
 
 

@@ -32,7 +32,6 @@ from zsdense.dense.attention import (
     split_heads,
     vfm_guided_attention,
 )
-from zsdense.dense.methods import register_method
 from zsdense.errors import ConfigError
 
 POS_MODE = "bicubic-scale"  # positional-embedding resize of every open-vocab reference
@@ -216,7 +215,9 @@ CLIP_LAST_BLOCKS: dict[str, Callable] = {
 }
 
 
-def _clip_only_features(variant: str) -> Callable:
+def clip_only_features(variant: str) -> Callable:
+    """The feature function of a CLIP-only last block (``CLIP_LAST_BLOCKS``), for the registry."""
+
     def features(clip, x_norm_bchw, cfg, vfm_fn=None):  # noqa: ARG001 - no VFM
         return dense_clip_features(clip, x_norm_bchw, variant, sigma=cfg.naclip_sigma).float()
 
@@ -231,21 +232,3 @@ def proxyclip_features(clip, x_norm_bchw, cfg, vfm_fn) -> torch.Tensor:
     )
     f = F.normalize(clip.head(tok).float(), dim=-1)
     return f.transpose(1, 2).reshape(x_norm_bchw.shape[0], -1, vf.shape[-2], vf.shape[-1])
-
-
-for _name, _desc, _ref in (
-    ("sclip", "correlative self-attention (q-q + k-k) in the last block", "SCLIP, 2024"),
-    ("clearclip", "q-q attention, no residual, no feed-forward", "ClearCLIP, ECCV 2024"),
-    ("naclip", "k-k attention + Gaussian neighbourhood, no residual/FFN", "NACLIP, WACV 2025"),
-):
-    register_method(
-        _name, _clip_only_features(_name), description=_desc, reference=_ref, replace_existing=True
-    )
-register_method(
-    "proxyclip",
-    proxyclip_features,
-    needs_vfm=True,
-    description="DINOv2 patch similarity as CLIP's last-block attention",
-    reference="ProxyCLIP, ECCV 2024",
-    replace_existing=True,
-)

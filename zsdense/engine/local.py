@@ -83,6 +83,7 @@ class RunSummary:
     wall_seconds: float = 0.0
     stage_seconds: dict = field(default_factory=dict)
     errors: list = field(default_factory=list)  # (key, message)
+    fallbacks: int = 0  # ok records whose result is a method's stand-in ("fallback": true)
     extra_outputs: list = field(default_factory=list)  # report.html, volume maps
     # (key, message) of failures an earlier run recorded and this one left as they were
     previous_errors: list = field(default_factory=list)
@@ -101,7 +102,10 @@ class RunSummary:
         if self.inputs:  # the progress line's unit; records: one per image (page, frame...)
             records = self.total + self.skipped  # made now + settled earlier
             text = f"{self.inputs} input(s) -> {records} image record(s): "
-        text += f"{self.ok} ok, {self.failed} failed"
+        text += f"{self.ok} ok"
+        if self.fallbacks:
+            text += f" ({self.fallbacks} of them fallbacks: see 'fallback' in results.jsonl)"
+        text += f", {self.failed} failed"
         if self.previous_errors:
             text += f" ({len(self.previous_errors)} in an earlier run, kept: --retry-errors)"
         text += f", {self.skipped} skipped (already done)"
@@ -428,6 +432,7 @@ def write_units(
             scores: dict = {}
             res_meta: dict = {}
             instances: dict = {}  # task -> (instances kept, total when some were left out)
+            fallbacks: dict = {}
             for task in tasks:
                 stem = out_stem(out_dir, it, suffix, task.name if multi else None)
                 got = task.write(results[task.name][i], ctx, stem, it.params) or {}
@@ -436,6 +441,8 @@ def write_units(
                 )
                 if got.get("instances") is not None:
                     instances[task.name] = manifest_instances(list(got["instances"]))
+                if got.get("fallback"):
+                    fallbacks[task.name] = str(got["fallback"])
                 if multi:
                     outputs[task.name] = got.get("outputs", {})
                     scores[task.name] = got.get("scores", {})
@@ -454,6 +461,8 @@ def write_units(
         rec.update(
             status="ok",
             error=None,
+            fallback=bool(fallbacks),  # a method's stand-in, not an answer (write() says why)
+            **({"fallback_reason": _fallback_reason(fallbacks, multi)} if fallbacks else {}),
             outputs=_stringify_paths(outputs, out_dir),
             scores=_jsonable_meta(scores),
             meta={"image": meta, "result": _jsonable_meta(res_meta)},
@@ -493,6 +502,12 @@ def add_instances(rec: dict, instances: dict[str, tuple[list, int | None]], mult
     rec["instances"] = to_jsonable(kept)
     if total is not None:
         rec["instances_total"] = total
+
+
+def _fallback_reason(reasons: dict[str, str], multi: bool) -> str:
+    if not multi:
+        return next(iter(reasons.values()))
+    return "; ".join(f"{task}: {why}" for task, why in reasons.items())
 
 
 def process_units(
@@ -600,6 +615,7 @@ def run_batch(
             summary.total += 1
             if record["status"] == "ok":
                 summary.ok += 1
+                summary.fallbacks += bool(record.get("fallback"))
             else:
                 summary.failed += 1
                 summary.errors.append((record["key"], record.get("error")))

@@ -363,6 +363,7 @@ def run_ray(
                 summary.total += 1
                 if rec.get("status") == "ok":
                     summary.ok += 1
+                    summary.fallbacks += bool(rec.get("fallback"))
                 else:
                     summary.failed += 1
                     summary.errors.append((rec["key"], rec.get("error")))

@@ -177,12 +177,14 @@ def render_report(
     n_ok = sum(r.get("status") == "ok" for r in recs)
     n_skip = sum(r.get("status") == "skipped" for r in recs)
     n_err = len(recs) - n_ok - n_skip
+    n_fallback = sum(bool(r.get("fallback")) for r in recs)
     esc = html.escape
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'>",
         f"<title>{esc(title)}</title><style>{_STYLE}{report_decide.STYLE}</style></head><body>",
         f"<h1>{esc(title)}</h1><p class='summary'><span>{len(recs)} images</span>"
         f"<span>{n_ok} ok</span><span>{n_err} failed</span>"
+        + (f"<span>{n_fallback} fallbacks (not answers)</span>" if n_fallback else "")
         + (f"<span>{n_skip} not processed</span>" if n_skip else "")
         + f"<span>written {esc(time.strftime('%Y-%m-%d %H:%M:%S'))}</span></p>",
         (
@@ -208,7 +210,8 @@ def render_report(
         )
         row = [
             f"<tr{cls}><td class='num' data-v='{i}'>{i + 1}</td>",
-            f"<td>{esc(str(r.get('status', '?')))}</td>",
+            f"<td>{esc(str(r.get('status', '?')) + (' (fallback)' if r.get('fallback') else ''))}"
+            "</td>",
             f"<td>{esc(str(r.get('key', r.get('input', ''))))}</td><td>{thumbs}</td>",
         ]
         for c in score_cols:
@@ -218,7 +221,8 @@ def render_report(
             else:
                 row.append(f"<td data-v='{esc(str(v))}'>{esc(str(v))}</td>")
         warn = r.get("meta", {}).get("image", {}).get("warnings", []) if ok else []
-        msg = r.get("error") or r.get("reason") or "; ".join(str(w) for w in warn or [])
+        warn = ([r["fallback_reason"]] if r.get("fallback_reason") else []) + list(warn or [])
+        msg = r.get("error") or r.get("reason") or "; ".join(str(w) for w in warn)
         row.append(f"<td class='err'>{esc(str(msg or ''))}</td></tr>")
         parts.append("".join(row))
     script = _SCRIPT + (report_decide.SCRIPT if sections else "")

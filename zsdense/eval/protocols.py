@@ -20,3 +20,5 @@ IMAGE_METRICS = frozenset({"image_auroc", "image_ap", "image_f1_max"})
 # dataset layouts (zsdense.eval.datasets reads them; SEG layouts are its conventions table)
 ANOMALY_LAYOUTS = ("mvtec", "visa", "folder")
 REFER_LAYOUTS = ("jsonl", "refcoco")
+ANOMALY_LAYOUT_CHOICES = ("auto", *ANOMALY_LAYOUTS)  # what layout= / --layout accept
+REFER_LAYOUT_CHOICES = ("auto", *REFER_LAYOUTS)

@@ -28,7 +28,7 @@ from zsdense.config import OpenVocabPreset
 from zsdense.dense import aggregation as agg
 from zsdense.dense import lastblock as lb
 from zsdense.dense import windows as win
-from zsdense.dense.methods import get_method, register_method
+from zsdense.dense.methods import get_method
 from zsdense.dense.upsample import pamr, upsample_scores
 from zsdense.errors import ConfigError
 from zsdense.io.instances import instance_masks, label_map_instances, to_supervision
@@ -632,17 +632,6 @@ def _run_one(rt, ctx, cfg: OpenVocabPreset, clip, clf: TextClassifier, vfm_fn, s
     res.meta["areas"] = res.areas()
     return res
 
-
-register_method(
-    "trident",
-    None,
-    needs_vfm=True,
-    needs_sam=True,
-    pipeline="splice-then-segment",
-    description="splice-then-segment: CLIP + DINOv2 proxy attention + SAM aggregation",
-    reference="Trident, 2024",
-    replace_existing=True,
-)
 
 __all__ = [
     "OpenVocabResult",
