@@ -53,8 +53,11 @@ class LazyChoice(click.Choice):
 
 def option(*decls: str, choices: Mapping | Sequence[str] | None = None, **kw: Any) -> Callable:
     """``click.option`` whose ``choices`` come from the library: a tuple of names (a
-    ``click.Choice``) or a registry mapping (a :class:`RegistryChoice`)."""
-    if choices is not None:
+    ``click.Choice``), a registry mapping (a :class:`RegistryChoice`) or a ready choice type
+    (a :class:`LazyChoice`)."""
+    if isinstance(choices, click.Choice):
+        kw["type"] = choices
+    elif choices is not None:
         kw["type"] = (
             RegistryChoice(choices) if isinstance(choices, Mapping) else click.Choice(choices)
         )

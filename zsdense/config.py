@@ -149,40 +149,10 @@ class AnomalyPreset:
     musc_backbone: str = "clip"  # clip | dinov2_vit{s,b,l}14 | a DINOv2 registry name
 
 
-# The preset table: the built-in presets as data; zsdense.tasks.anomaly_registry checks each
-# against its scorer and adds the presets that plug-ins register (register_anomaly_preset).
-ANOMALY_PRESETS: dict[str, AnomalyPreset] = {
-    "crane": AnomalyPreset(name="crane", method="crane"),
-    "crane+": AnomalyPreset(
-        name="crane+",
-        method="crane",
-        use_dattn=True,
-        soft_mean=False,  # test.sh: MVTec/VisA/MPDD/SDD/BTAD/DTD; True with --domain medical
-        checkpoint="crane+-mvtec",
-        checkpoint_mvtec="crane+-visa",
-        checkpoint_medical="crane+-mvtec-epoch1",
-    ),
-    # MuSc as its reference runs it: no smoothing; at 518 px CLIP runs with erf GELU
-    "musc": AnomalyPreset(name="musc", method="musc", prompts="none", sigma=0.0),
-    # the same with OpenAI's own QuickGELU (what the weights were trained with)
-    "musc-fixed": AnomalyPreset(
-        name="musc-fixed", method="musc", prompts="none", sigma=0.0, musc_act="quick_gelu"
-    ),
-    # few-shot: good reference images score each test image (AnomalyDINO as its reference runs)
-    "anomalydino": AnomalyPreset(
-        name="anomalydino", method="anomalydino", prompts="none", dino_name="dinov2-small"
-    ),
-    # our fusion: Crane+ and AnomalyDINO, each normalised on the good references
-    "crane+fewshot": AnomalyPreset(
-        name="crane+fewshot",
-        method="crane+fewshot",
-        use_dattn=True,
-        soft_mean=False,
-        checkpoint="crane+-mvtec",
-        checkpoint_mvtec="crane+-visa",
-        checkpoint_medical="crane+-mvtec-epoch1",
-    ),
-}
+# The preset table, filled by the methods' files (zsdense/methods/crane.py, musc.py,
+# anomalydino.py, crane_fewshot.py) and plug-ins (zsdense.tasks.anomaly_registry
+# .register_anomaly_preset) on its first read.
+ANOMALY_PRESETS: Registry[AnomalyPreset] = Registry("anomaly preset")
 DATTN_MEAN_MODES = ("image", "batch")  # AnomalyPreset.dattn_mean (--dattn-mean)
 # --- end anomaly ---
 

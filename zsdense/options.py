@@ -23,7 +23,6 @@ from zsdense.config import (
     DEFAULT_ANOMALY_PRESET,
     DEFAULT_OPENVOCAB_PRESET,
     DEFAULT_REFER_PRESET,
-    DATTN_MEAN_MODES,
     FALLBACK_READINGS,
     FUSION_MODES,
     OPENVOCAB_DATASETS,
@@ -82,7 +81,10 @@ def _field_types(cls: type) -> dict[str, tuple]:
             return tuple(a for a in typing.get_args(h) if a is not type(None))
         return (h,)
 
-    return {k: allowed(h) for k, h in typing.get_type_hints(cls).items()}
+    from zsdense.text.classifier import ClassEntry  # a type-checking-only import at the top
+
+    hints = typing.get_type_hints(cls, localns={"ClassEntry": ClassEntry})
+    return {k: allowed(h) for k, h in hints.items()}
 
 
 def _typed(cls: type, key: str, value: Any) -> Any:

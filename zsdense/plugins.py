@@ -251,6 +251,26 @@ def load_plugins() -> list[PluginStatus]:
     return list(_status)
 
 
+def deferred(target: str, *args: Any) -> Callable[..., Any]:
+    """A stand-in for the callable ``module:attribute``, imported when first called (with
+    ``args``, the attribute is a factory called once to make the callable). A method's file
+    registers it so that declaring a method costs no import of its heavy code: the registries
+    (and ``--help``, which lists their choices) never load torch."""
+    made: list[Callable[..., Any]] = []
+
+    def call(*a: Any, **kw: Any) -> Any:
+        if not made:
+            module, _, attr = target.partition(":")
+            obj = getattr(importlib.import_module(module), attr)
+            made.append(obj(*args) if args else obj)
+        return made[0](*a, **kw)
+
+    call.__name__ = target.rpartition(":")[2]
+    call.__qualname__ = call.__name__
+    call.__doc__ = f"{target}{args if args else ''}, imported when first called"
+    return call
+
+
 def plugin_status() -> list[PluginStatus]:
     """What :func:`load_plugins` loaded or refused (loads them first)."""
     return load_plugins()

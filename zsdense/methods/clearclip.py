@@ -1,12 +1,12 @@
 """ClearCLIP: q-q attention without residual and feed-forward in CLIP's last block (CLIP only)."""
 
 from zsdense.config import OPENVOCAB_DATASETS
-from zsdense.dense.lastblock import clip_only_features
 from zsdense.dense.methods import register_method
+from zsdense.plugins import deferred
 
 register_method(
     "clearclip",
-    clip_only_features("clearclip"),
+    deferred("zsdense.dense.lastblock:clip_only_features", "clearclip"),
     description="q-q attention, no residual, no feed-forward",
     reference="ClearCLIP, ECCV 2024",
     presets={

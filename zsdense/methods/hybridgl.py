@@ -4,12 +4,12 @@ The method is :func:`zsdense.tasks.hybridgl.run_hybridgl`; this file declares it
 presets (the settings are :class:`zsdense.config.ReferPreset` fields, ``specs/referring.md``).
 """
 
-from zsdense.tasks.hybridgl import run_hybridgl
+from zsdense.plugins import deferred
 from zsdense.tasks.referring import register_refer_method
 
 register_refer_method(
     "hybridgl",
-    run_hybridgl,
+    deferred("zsdense.tasks.hybridgl:run_hybridgl"),
     encoders=("clip", "sam"),
     description="SAM proposals scored by hybrid global-local CLIP mask features, relation "
     "guidance and a heat-map coherence",

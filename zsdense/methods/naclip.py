@@ -1,12 +1,12 @@
 """NACLIP: k-k attention with a Gaussian neighbourhood, no residual/FFN, PAMR (CLIP only)."""
 
 from zsdense.config import OPENVOCAB_DATASETS
-from zsdense.dense.lastblock import clip_only_features
 from zsdense.dense.methods import register_method
+from zsdense.plugins import deferred
 
 register_method(
     "naclip",
-    clip_only_features("naclip"),
+    deferred("zsdense.dense.lastblock:clip_only_features", "naclip"),
     description="k-k attention + Gaussian neighbourhood, no residual/FFN",
     reference="NACLIP, WACV 2025",
     presets={"naclip": dict(short_side=336, crop=224, stride=112, pamr=True, pad_multiple=16)},

@@ -1,11 +1,11 @@
 """ProxyCLIP: DINOv2's patch similarity as the attention of CLIP's last block."""
 
-from zsdense.dense.lastblock import proxyclip_features
 from zsdense.dense.methods import register_method
+from zsdense.plugins import deferred
 
 register_method(
     "proxyclip",
-    proxyclip_features,
+    deferred("zsdense.dense.lastblock:proxyclip_features"),
     needs_vfm=True,
     description="DINOv2 patch similarity as CLIP's last-block attention",
     reference="ProxyCLIP, ECCV 2024",

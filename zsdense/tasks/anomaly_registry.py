@@ -16,15 +16,15 @@ A new method is one file::
     register_scorer(AnomalyScorer(name="mine", prepare=..., run=..., description="..."))
     register_anomaly_preset(AnomalyPreset(name="mine", method="mine", prompts="none"))
 
-Presets live in :data:`zsdense.config.ANOMALY_PRESETS` (the built-in ones are data there;
-registered ones are added to the same table, so the CLI's ``--preset`` choices, ``zsdense info``
-and the evaluation see them). The built-in scorers are modules of :mod:`zsdense.tasks.scorers`,
-imported the first time a scorer is looked up, the way a plug-in would be.
+Scorers and presets live in :class:`zsdense.plugins.Registry` tables (presets in
+:data:`zsdense.config.ANOMALY_PRESETS`, so the CLI's ``--preset`` choices, ``zsdense info`` and
+the evaluation see every registered one). The built-in methods are files of
+:mod:`zsdense.methods` (``crane``, ``musc``, ``anomalydino``, ``crane_fewshot``), loaded with the
+plug-ins of the ``zsdense.methods`` entry-point group the first time a table is read.
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -32,14 +32,8 @@ import numpy as np
 
 from zsdense.config import ANOMALY_PRESETS, AnomalyPreset
 from zsdense.errors import ConfigError
+from zsdense.plugins import Registry
 
-# the built-in scorers, imported on first lookup (like entry points: no import arrow back here)
-BUILTIN_SCORER_MODULES = (
-    "zsdense.tasks.scorers.crane",
-    "zsdense.tasks.scorers.musc",
-    "zsdense.tasks.scorers.anomalydino",
-    "zsdense.tasks.scorers.crane_fewshot",
-)
 GROUPS = ("batch", "all")
 REFERENCE_NEEDS = ("none", "required", "optional")
 REFERENCE_KINDS = ("images", "bank")
@@ -112,17 +106,7 @@ class AnomalyScorer:
             raise ConfigError(f"scorer {self.name}: prepare and run must be callables")
 
 
-_SCORERS: dict[str, AnomalyScorer] = {}
-_builtins_loaded = False
-
-
-def _load_builtins() -> None:
-    global _builtins_loaded
-    if _builtins_loaded:
-        return
-    _builtins_loaded = True
-    for module in BUILTIN_SCORER_MODULES:
-        importlib.import_module(module)
+_SCORERS: Registry[AnomalyScorer] = Registry("anomaly scorer")
 
 
 def register_scorer(scorer: AnomalyScorer, *, replace: bool = False) -> AnomalyScorer:
@@ -130,7 +114,8 @@ def register_scorer(scorer: AnomalyScorer, *, replace: bool = False) -> AnomalyS
     ``replace``); returns it."""
     if not isinstance(scorer, AnomalyScorer):
         raise ConfigError(f"register_scorer needs an AnomalyScorer, got {type(scorer).__name__}")
-    if scorer.name in _SCORERS and not replace and _SCORERS[scorer.name] is not scorer:
+    old = _SCORERS.current().get(scorer.name)
+    if old is not None and not replace and old is not scorer:
         raise ConfigError(f"an anomaly scorer named {scorer.name!r} is already registered")
     _SCORERS[scorer.name] = scorer
     return scorer
@@ -143,7 +128,7 @@ def register_anomaly_preset(preset: AnomalyPreset, *, replace: bool = False) -> 
             f"register_anomaly_preset needs an AnomalyPreset, got {type(preset).__name__}"
         )
     get_scorer(preset.method)  # a preset without its method is refused here, not at run time
-    old = ANOMALY_PRESETS.get(preset.name)
+    old = ANOMALY_PRESETS.current().get(preset.name)
     if old is not None and old != preset and not replace:
         raise ConfigError(f"an anomaly preset named {preset.name!r} is already registered")
     ANOMALY_PRESETS[preset.name] = preset
@@ -159,8 +144,6 @@ def unregister(name: str) -> None:
 
 def get_scorer(method: str) -> AnomalyScorer:
     """The scorer registered for ``method`` (ConfigError listing the known ones)."""
-    if method not in _SCORERS:
-        _load_builtins()
     try:
         return _SCORERS[method]
     except KeyError:
@@ -171,8 +154,7 @@ def get_scorer(method: str) -> AnomalyScorer:
 
 
 def scorers() -> dict[str, AnomalyScorer]:
-    """Every registered scorer (the built-ins loaded), by method name."""
-    _load_builtins()
+    """Every registered scorer (the built-ins and plug-ins loaded), by method name."""
     return dict(_SCORERS)
 
 

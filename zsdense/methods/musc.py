@@ -1,18 +1,17 @@
-"""Scorer ``musc``: the images of one set score each other (MuSc; presets ``musc``,
-``musc-fixed``)."""
+"""MuSc (zero-shot, set-level): the images of one set score each other, exactly as MuSc's
+reference code runs it. Declares the scorer ``musc`` and its presets ``musc`` (as run: erf GELU
+at 518 px) and ``musc-fixed`` (OpenAI's QuickGELU); the computation is :mod:`zsdense.tasks.musc`.
+"""
 
 from __future__ import annotations
 
-from zsdense.config import ANOMALY_PRESETS, AnomalyPreset
-from zsdense.dense.musc_backbones import resolve_backbone
+from zsdense.config import AnomalyPreset
 from zsdense.tasks.anomaly_registry import (
     AnomalyScorer,
     RawScore,
     register_anomaly_preset,
     register_scorer,
 )
-from zsdense.tasks.common import preset_meta, resize_map
-from zsdense.tasks.musc import min_images, run_musc
 from zsdense.tasks.thresholds import Default
 
 DEFAULT_NOTE = (
@@ -22,6 +21,8 @@ DEFAULT_NOTE = (
 
 
 def _backbones(cfg: AnomalyPreset) -> tuple[str, str | None]:
+    from zsdense.dense.musc_backbones import resolve_backbone
+
     return cfg.clip_arch, resolve_backbone(cfg.musc_backbone)[1]
 
 
@@ -34,6 +35,9 @@ def prepare(rt, opts) -> None:
 
 
 def run(rt, ctxs, opts, state) -> list[RawScore]:  # noqa: ARG001
+    from zsdense.tasks.common import preset_meta, resize_map
+    from zsdense.tasks.musc import run_musc
+
     cfg = opts.config()
     maps, scores, info = run_musc(rt, cfg, list(ctxs), dataset=opts.dataset)
     meta = {"musc": info, **preset_meta(cfg, opts.domain)}
@@ -48,6 +52,12 @@ def encoders(cfg: AnomalyPreset) -> tuple[str, ...]:
     return (f"clip/{clip_arch}",) + ((f"dinov2/{dino_name}",) if dino_name else ())
 
 
+def min_images(cfg: AnomalyPreset) -> int:
+    from zsdense.tasks.musc import min_images as msm_min
+
+    return max(int(cfg.musc_min_images), msm_min(cfg.musc_topmin))
+
+
 SCORER = register_scorer(
     AnomalyScorer(
         name="musc",
@@ -55,10 +65,16 @@ SCORER = register_scorer(
         run=run,
         description="the images of one set score each other (MuSc, >= 5 images)",
         group="all",
-        min_images=lambda cfg: max(int(cfg.musc_min_images), min_images(cfg.musc_topmin)),
+        min_images=min_images,
         encoders=encoders,
         default_threshold=lambda rt, opts, state: Default(note=DEFAULT_NOTE),
     )
 )
-register_anomaly_preset(ANOMALY_PRESETS["musc"])
-register_anomaly_preset(ANOMALY_PRESETS["musc-fixed"])
+# MuSc as its reference runs it: no smoothing; at 518 px CLIP runs with erf GELU
+register_anomaly_preset(AnomalyPreset(name="musc", method="musc", prompts="none", sigma=0.0))
+# the same with OpenAI's own QuickGELU (what the weights were trained with)
+register_anomaly_preset(
+    AnomalyPreset(
+        name="musc-fixed", method="musc", prompts="none", sigma=0.0, musc_act="quick_gelu"
+    )
+)

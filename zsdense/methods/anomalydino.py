@@ -1,18 +1,20 @@
-"""Scorer ``anomalydino``: few-shot, each patch's distance to the good references' DINOv2
-patches (AnomalyDINO as its reference code runs it; preset ``anomalydino``)."""
+"""AnomalyDINO (few-shot): each patch's distance to the good references' DINOv2 patches, as
+its reference code runs it. Declares the scorer and preset ``anomalydino``; the computation is
+:mod:`zsdense.tasks.fewshot`.
+"""
 
 from __future__ import annotations
 
-from zsdense.config import ANOMALY_PRESETS, AnomalyPreset
+from zsdense.config import AnomalyPreset
 from zsdense.tasks.anomaly_registry import AnomalyScorer, register_anomaly_preset, register_scorer
-from zsdense.tasks.fewshot.options import FewShotOptions, options_for
-from zsdense.tasks.fewshot.run import FewShotState, fewshot_raw, fewshot_state, reference_default
-from zsdense.tasks.good_images import is_bank, single
 
 
-def fewshot_options(opts) -> FewShotOptions | None:
+def fewshot_options(opts):
     """None for a bank (it brings its own settings), else the reference's per-dataset table
     for the options' object and dataset (``dino_name`` picks the model)."""
+    from zsdense.tasks.fewshot.options import options_for
+    from zsdense.tasks.good_images import is_bank, single
+
     if is_bank(single(opts.reference)):
         return None
     ov = dict(opts.overrides)
@@ -21,17 +23,27 @@ def fewshot_options(opts) -> FewShotOptions | None:
     )
 
 
-def prepare(rt, opts) -> FewShotState:
+def prepare(rt, opts):
     """The memory of good references: built from the images, or a bank loaded and checked."""
+    from zsdense.tasks.fewshot.run import fewshot_state
+
     return fewshot_state(rt, opts.reference, fewshot_options(opts), opts.object_name, opts.dataset)
 
 
-def run(rt, ctxs, opts, state: FewShotState):  # noqa: ARG001 - the state holds the options
+def run(rt, ctxs, opts, state):  # noqa: ARG001 - the state holds the options
+    from zsdense.tasks.fewshot.run import fewshot_raw
+
     return fewshot_raw(rt, ctxs, state)
 
 
 def encoders(cfg: AnomalyPreset) -> tuple[str, ...]:
     return (f"dinov2/{cfg.dino_name}",)
+
+
+def default_threshold(rt, opts, state):  # noqa: ARG001
+    from zsdense.tasks.fewshot.run import reference_default
+
+    return reference_default(state)
 
 
 SCORER = register_scorer(
@@ -44,7 +56,12 @@ SCORER = register_scorer(
         references="required",
         reference_kinds=("images", "bank"),
         encoders=encoders,
-        default_threshold=lambda rt, opts, state: reference_default(state),
+        default_threshold=default_threshold,
     )
 )
-register_anomaly_preset(ANOMALY_PRESETS["anomalydino"])
+# few-shot: good reference images score each test image (AnomalyDINO as its reference runs)
+register_anomaly_preset(
+    AnomalyPreset(
+        name="anomalydino", method="anomalydino", prompts="none", dino_name="dinov2-small"
+    )
+)
