@@ -22,7 +22,7 @@ from typing import Any, Iterator
 import click
 import numpy as np
 
-from zsdense.cli.common import make_runtime, runtime_options, warn
+from zsdense.cli.common import REGISTER_KEYS, make_runtime, runtime_options, warn
 from zsdense.errors import ConfigError, InputError
 
 CLIP_KIND, DINO_KIND = "clip", "dinov2"
@@ -322,7 +322,7 @@ def registers_group() -> None:
 )
 @click.option("--force", is_flag=True, default=False, help="Overwrite an existing file.")
 @click.option("--quiet", "-q", is_flag=True, default=False, help="No progress bar.")
-@runtime_options
+@runtime_options(exclude=REGISTER_KEYS)  # the plain encoder: its own --num-registers
 def find_cmd(
     data,
     encoder,
@@ -467,7 +467,7 @@ def find_cmd(
 @click.option("--max-images", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--threshold", type=float, default=None, help="Norm threshold (file's by default).")
 @click.option("--html", "html_path", type=click.Path(dir_okay=False), default=None)
-@runtime_options
+@runtime_options(exclude=REGISTER_KEYS)  # the plain encoder: its own --num-registers
 def check_cmd(
     neurons, data, encoder, num_registers, mode, max_images, threshold, html_path, **runtime
 ) -> None:

@@ -11,7 +11,12 @@ import time
 
 import click
 
-from zsdense.cli.common import RegistryChoice, make_runtime, runtime_options
+from zsdense.cli.common import (
+    REGISTER_KEYS,
+    RegistryChoice,
+    make_runtime,
+    runtime_options,
+)
 from zsdense.train.recipe import RECIPES
 
 
@@ -137,7 +142,7 @@ class _Progress:
     help="Also write best.pth in the layout Crane's train.py saves (loads in Crane).",
 )
 @click.option("--quiet", "-q", is_flag=True, default=False, help="No progress output.")
-@runtime_options(exclude=("batch_size", "max_pixels"))
+@runtime_options(exclude=("batch_size", "max_pixels", *REGISTER_KEYS))
 def train_prompts_cmd(
     data,
     out_dir,

@@ -39,6 +39,7 @@ from zsdense.eval.common import (
     predict,
     prepare_predictions,
     random_weights_warning,
+    registers_entry,
     rel_key,
     stderr_log,
 )
@@ -396,6 +397,7 @@ def evaluate_anomaly(
         "models": str(rt.config.models),
         "precision": rt.precision,
         "fmt": fmt,
+        **registers_entry(rt),
     }
     if any(t.group == "all" for t in tasks.values()):
         settings["limit"] = limit  # a set-level method scores each image against its set

@@ -77,6 +77,14 @@ def random_weights_warning(models: str) -> str | None:
 # ============================================================================== tables
 
 
+def registers_entry(rt: Any) -> dict:
+    """``{"registers": ...}``, the runtime's test-time register setting as predictions record
+    it (predictions made with another setting are then redone), or ``{}`` when off."""
+    rec = getattr(rt, "registers_settings", None)
+    got = rec() if callable(rec) else None
+    return {} if got is None else {"registers": got}
+
+
 def _finite(v: Any) -> bool:
     real = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
     return real and math.isfinite(float(v))

@@ -25,6 +25,7 @@ from zsdense.eval.common import (
     predict,
     prepare_predictions,
     random_weights_warning,
+    registers_entry,
     safe_rel,
     stderr_log,
 )
@@ -125,6 +126,7 @@ def evaluate_openvocab(
         "options": opts,
         "models": models,
         "precision": rt.precision,
+        **registers_entry(rt),
     }
     if task is not None:
         spec = task(list(classes))

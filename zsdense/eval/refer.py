@@ -26,6 +26,7 @@ from zsdense.eval.common import (
     predict,
     prepare_predictions,
     random_weights_warning,
+    registers_entry,
     rel_key,
     stderr_log,
 )
@@ -111,6 +112,7 @@ def evaluate_refer(
         "options": opts,
         "models": models,
         "precision": rt.precision,
+        **registers_entry(rt),
     }
     if task is not None:
         spec = task()
