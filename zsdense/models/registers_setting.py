@@ -197,7 +197,8 @@ class RegisterSetting:
             served_txt = ", ".join(i.describe() for i in idents) or "none"
             problems.append(
                 f"{e.source}: the register neurons were found for {enc.describe()}, which this "
-                f"run does not use (its CLIP / DINOv2 encoders: {served_txt})"
+                f"run does not use (its CLIP / DINOv2 encoders: {served_txt}); drop it, or run "
+                "a preset that uses that encoder"
             )
         return problems
 
