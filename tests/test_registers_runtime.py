@@ -373,3 +373,14 @@ def test_segmenter_helpers_take_the_register_options():
     seg, rest = _split_kwargs({"registers": "auto", "registers_count": 2, "threshold": 0.3})
     assert seg == {"registers": "auto", "registers_count": 2} and rest == {"threshold": 0.3}
     assert json.loads(json.dumps(Segmenter(**TINY, registers="auto").runtime.registers_settings()))
+
+
+def test_evaluation_settings_record_the_registers(tmp_path):
+    from zsdense.eval.common import registers_entry
+
+    assert registers_entry(Runtime(RuntimeConfig(**TINY))) == {}
+    assert registers_entry(Runtime(RuntimeConfig(**TINY, registers="off"))) == {}
+    rec = registers_entry(Runtime(RuntimeConfig(**TINY, registers="auto", registers_mode="mean")))
+    assert rec == {
+        "registers": {"neurons": ["auto"], "count": None, "mode": "mean", "batch": "per-image"}
+    }
