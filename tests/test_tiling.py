@@ -344,3 +344,18 @@ def test_cli_refusals_exit_2_before_any_input(tmp_path, capsys, args, match):
         ["anomaly", tmp_path / "nothing-here", "--out", tmp_path / "o", *args, *TINY], capsys
     )
     assert code == 2 and match in err
+
+
+def test_run_toml_takes_tile(tmp_path, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(_asset("brick.png", (70, 100))).save(src / "b.png")
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f'[anomaly]\npreset = "crane"\ntile = "64:16"\nimage_size = {SIZE}\n')
+    out = tmp_path / "out"
+    code, _, err = _invoke(["run", src, "--config", cfg, "--out", out, "-q", *TINY], capsys)
+    assert code == 0, err
+    rec = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()][-1]
+    t = rec["meta"]["result"]["tiling"]
+    assert (t["size"], t["overlap"]) == (64, 16)
+    assert t["tiles"] == len(tiling.tile_boxes((70, 100), TileSpec(64, 16)))
