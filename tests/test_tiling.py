@@ -359,3 +359,16 @@ def test_run_toml_takes_tile(tmp_path, capsys):
     t = rec["meta"]["result"]["tiling"]
     assert (t["size"], t["overlap"]) == (64, 16)
     assert t["tiles"] == len(tiling.tile_boxes((70, 100), TileSpec(64, 16)))
+
+
+def test_open_vocab_presets_work_at_their_own_scale():
+    """README: open-vocabulary presets resize a 6000x4000 photo to their short side (their
+    windows then tile that), so --tile is not offered there."""
+    from zsdense.config import OPENVOCAB_PRESETS
+    from zsdense.tasks.openvocab import mmseg_resize_hw
+
+    for p in OPENVOCAB_PRESETS.values():
+        h, w = mmseg_resize_hw((4000, 6000), p.short_side, p.max_long_side)
+        assert min(h, w) == p.short_side and max(h, w) <= p.max_long_side
+    p = OPENVOCAB_PRESETS["proxyclip"]
+    assert mmseg_resize_hw((4000, 6000), p.short_side, p.max_long_side) == (336, 504)
