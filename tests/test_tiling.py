@@ -321,6 +321,7 @@ def test_cli_tile_records_settings_and_meta(tmp_path, capsys):
     rec = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()][-1]
     assert rec["status"] == "ok"
     t = rec["meta"]["result"]["tiling"]
+    assert set(rec["encoders"].values()) == {t["tiles"]}  # one encoder pass per tile
     assert (t["size"], t["overlap"], t["tiles"]) == (
         64,
         8,

@@ -13,7 +13,8 @@ crane+fewshot, and registered ones) gets tiles the same way:
 - **Streaming.** The tiles of the images of one call are contexts of their own, handed to
   ``scorer.run`` in batches of ``batch_size`` (``--batch-size``); each tile's map is added to the
   image's stitched map as soon as its batch is done, so memory holds one batch of tiles and one
-  float32 map per image, never a model input of the whole image.
+  float32 map per image, never a model input of the whole image. The image's context counts
+  the tiles' encoder passes (a manifest line's ``encoders``: one pass per tile).
 - **Blending** (:func:`axis_weights`). Along each axis a tile weighs 1, except over OVERLAP
   pixels along each edge that faces another tile, where its weight ramps linearly,
   ``(k + ½) / OVERLAP`` at the k-th pixel from that edge; a tile's 2-D weight is the product of
@@ -302,7 +303,9 @@ def run_tiled(rt, ctxs: Sequence, state: TiledState, batch_size: int) -> list[Ra
                 f"anomaly scorer {state.inner.name!r} returned {len(raws)} results for "
                 f"{len(pending)} tiles"
             )
-        for (i, k, _), raw in zip(pending, raws):
+        for (i, k, tile_ctx), raw in zip(pending, raws):
+            if tile_ctx is not ctxs[i]:  # the image's record counts one encoder pass per tile
+                ctxs[i].computed.update(tile_ctx.computed)
             stitchers[i].add(k, raw)
             if stitchers[i].done == stitchers[i].n:
                 out[i] = stitchers[i].result(meta)
