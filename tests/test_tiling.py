@@ -218,8 +218,8 @@ def test_whole_image_tile_reproduces_zero_shot_exactly(tiny_seg, preset):
 @pytest.fixture
 def small_fewshot(monkeypatch):
     """Few-shot at a 56-px smaller edge without rotations (fast on the tiny DINOv2)."""
-    from zsdense.tasks.fewshot.options import options_for
     from zsdense.methods import anomalydino
+    from zsdense.tasks.fewshot.options import options_for
 
     def opts(o):
         return options_for(o.object_name, o.dataset, shots=o.shots, image_size=56, rotation=False)
