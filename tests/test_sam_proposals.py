@@ -181,7 +181,11 @@ def test_filters_that_remove_everything_give_the_flagged_whole_image(sam, images
 
 def test_decoder_with_shared_image_side_is_bit_identical(sam):
     """Mixed positive / negative two-point prompts on a random embedding. (Identity holds at
-    the same batch size: the reference's own last bits depend on ``points_per_batch``.)"""
+    the same batch size: the reference's own last bits depend on ``points_per_batch``. One
+    product differs in shape: the image side is projected once, 4096 rows, where the reference
+    projects B × 4096; a row's bits do not depend on the row count unless the BLAS splits the
+    inner dimension (256): matched at batch sizes 1-64, 1-8 threads and ATEN_CPU_CAPABILITY
+    avx512 / avx2 / default.)"""
     m = sam.model
     g = torch.Generator().manual_seed(3)
     emb = torch.randn(1, 256, 64, 64, generator=g)
