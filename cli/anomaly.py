@@ -11,7 +11,12 @@ from zsdense.cli.common import (
     make_runtime,
     run_cli_batch,
 )
-from zsdense.config import ANOMALY_PRESETS, CORRELATION_TYPES, DEFAULT_ANOMALY_PRESET
+from zsdense.config import (
+    ANOMALY_PRESETS,
+    CORRELATION_TYPES,
+    DATTN_MEAN_MODES,
+    DEFAULT_ANOMALY_PRESET,
+)
 from zsdense.options import DOMAINS
 
 
@@ -119,7 +124,7 @@ from zsdense.options import DOMAINS
 )
 @click.option(
     "--dattn-mean",
-    type=click.Choice(["image", "batch"]),
+    type=click.Choice(DATTN_MEAN_MODES),
     default=None,
     help="crane+: mean of the DINO similarity per image (default; batch-independent) "
     "or over the batch (Crane's exact behaviour, results depend on the batch).",
