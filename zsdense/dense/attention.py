@@ -130,10 +130,11 @@ def dual_attention_heads(
     """(plain ``softmax(s·qkᵀ)·v``, E-Attn ``A·v``), each (B, H, N, d), without forming N×N.
 
     ``A·v = Σ_t softmax(s·x_t x_tᵀ)·v`` is evaluated as a sum of fused scaled-dot-product
-    attentions ``sdpa(x_t, x_t, v)`` (linearity of the product in A), stacked along the batch axis
-    with the plain attention ``sdpa(q, k, v)`` so that one kernel call serves every term, every
-    head and every image. Same numbers as :func:`self_correlation_attention` ``@ v`` (to float
-    rounding) at a fraction of the memory.
+    attentions ``sdpa(x_t, x_t, v)`` (linearity of the product in A), one call per term on the
+    heads as they are (each call serves every head and every image; stacking the terms into one
+    call gave the same bits after copying every operand). Same numbers as
+    :func:`self_correlation_attention` ``@ v`` (to float rounding) at a fraction of the
+    memory.
 
     On the CPU in bf16 the terms are instead materialised in cache-sized chunks
     (:func:`_dual_attention_materialised`): torch's fused CPU attention gains nothing from bf16
@@ -143,7 +144,6 @@ def dual_attention_heads(
     at 1370 tokens and 0.65× at 197 (one thread).
     """
     terms = correlation_terms(attn_type)
-    b = q_bhnd.shape[0]
     if q_bhnd.device.type == "cpu" and q_bhnd.dtype in MATERIALISE_DTYPES:
         return _dual_attention_materialised(q_bhnd, k_bhnd, v_bhnd, terms, with_plain)
     if terms == ("qkv",):
@@ -153,16 +153,16 @@ def dual_attention_heads(
         plain = F.scaled_dot_product_attention(q_bhnd, k_bhnd, v_bhnd) if with_plain else None
         return plain, corr
     src = {"q": q_bhnd, "k": k_bhnd, "v": v_bhnd}
-    qs = ([q_bhnd] if with_plain else []) + [src[t] for t in terms]
-    ks = ([k_bhnd] if with_plain else []) + [src[t] for t in terms]
-    n_calls = len(qs)
-    out = F.scaled_dot_product_attention(
-        torch.cat(qs), torch.cat(ks), v_bhnd.repeat(n_calls, 1, 1, 1)
-    )  # (n_calls·B, H, N, d)
-    out = out.unflatten(0, (n_calls, b))
-    if with_plain:
-        return out[0], out[1:].sum(dim=0)
-    return None, out.sum(dim=0)
+    # one fused call per term on the tensors as they are (stacking them first only copied:
+    # the kernel treats every (batch, head) alike, so the outputs are the same bits), summed
+    # in order
+    plain = F.scaled_dot_product_attention(q_bhnd, k_bhnd, v_bhnd) if with_plain else None
+    corr = None
+    for t in terms:
+        x = src[t]
+        out = F.scaled_dot_product_attention(x, x, v_bhnd)
+        corr = out if corr is None else corr + out
+    return plain, corr
 
 
 # Dtypes for which CPU attention is computed materialised in chunks (see dual_attention_heads)
