@@ -16,15 +16,26 @@ downloaded). For each preset, in one process and interleaved (pipeline, bare, pi
   attention; one extra untimed run) and their ratio, the preset's floor: a pipeline that does
   more arithmetic than its encoders cannot run faster than that ratio allows, so the target is
   ``ratio <= max(1.15, FLOP ratio)`` (the ``target`` column);
+- the time outside matrix products, convolutions and attention (``non-matrix``): one untimed
+  run of each side under ``torch.profiler``, by operator (``common.profile_by_op``); the
+  pipeline's share of its own time outside those operators times its ratio, i.e. that time as
+  a fraction of the bare encoders' time, and in brackets the bare encoders' own share (their
+  LayerNorms, activations, softmaxes: the floor of the column). It is the part that does not
+  shrink when matrix products get faster (bf16, a GPU); ``--top N`` names its largest
+  operators per side;
 - the peak memory of the preset's section (resident set on CPU, allocated GPU
   memory on CUDA) and the precision it ran at.
+
+The first lines name the machine (CPU, its kernel capability, whether bf16 is native, the GPU on
+CUDA) and the precision (``--precision auto`` picks the machine's best: bf16 where native).
 
 ``musc`` scores a set: its row is per image of a ``--musc-images`` set (20; 6 with ``--quick``).
 Then images per second of ``crane`` through the local engine (``run_batch``: decoding in threads
 ahead of the encoders, outputs written) at ``--batch-size`` 1 and 4, on ViT-B/16 and, unless
 ``--quick``, ViT-L/14-336. The last line is ``ratios: name=value ...`` for every preset.
 
-    python bench/bench_all.py [--quick] [--repeats 3] [--device cpu|cuda] [--precision fp32]
+    python bench/bench_all.py [--quick] [--repeats 3] [--device cpu|cuda]
+        [--precision fp32|bf16|auto] [--threads N] [--top N]
 """
 
 from __future__ import annotations
