@@ -26,7 +26,8 @@ def test_bf16_casts_encoder_weights_and_keeps_fp32_cache_apart():
     assert sam16.model.image_encoder.patch_embed.proj.weight.dtype == torch.bfloat16
     assert sam16.model.mask_decoder.iou_prediction_head.layers[0].weight.dtype == torch.float32
     state = sam16.encode(np.zeros((32, 32, 3), np.uint8), capture_last_attn=True)
-    assert state.embedding.dtype == torch.float32 and state.last_attn.dtype == torch.float32
+    assert state.embedding.dtype == torch.float32 and state.last_v.dtype == torch.float32
+    assert state.last_attn.dtype == torch.bfloat16  # kept as computed (read a chunk at a time)
 
 
 def test_bf16_anomaly_and_openvocab_close_to_fp32(image):

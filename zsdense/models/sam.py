@@ -53,7 +53,7 @@ class SamImageState:
     embedding: torch.Tensor  # (1, 256, 64, 64) image embedding
     original_size: tuple[int, int]  # (H, W) of the image given to SAM
     input_size: tuple[int, int]  # (h, w) after ResizeLongestSide, before padding
-    last_attn: torch.Tensor | None = None  # (heads, N, N) last encoder block, N = gh*gw
+    last_attn: torch.Tensor | None = None  # (heads, N, N) last block, N = gh*gw; encoder dtype
     last_v: torch.Tensor | None = None  # (heads, gh, gw, head_dim)
     extra: dict = field(default_factory=dict)
 
@@ -162,7 +162,9 @@ class SamModel:
             embedding=emb.float(),
             original_size=(int(image_u8_hwc.shape[0]), int(image_u8_hwc.shape[1])),
             input_size=input_size,  # type: ignore[arg-type]
-            last_attn=None if attn is None else attn.float(),
+            # kept in the encoder's precision: (heads, N, N) is 800 MB in float32 at 64×64
+            # tokens, and its reader (Trident's aggregation) converts one row chunk at a time
+            last_attn=attn,
             last_v=None if v is None else v.float(),
         )
 
