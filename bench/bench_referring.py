@@ -97,7 +97,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from zsdense.context import ImageContext
-    from zsdense.tasks import referring as R
+    from zsdense.options import ReferOptions
+    from zsdense.tasks import hybridgl as R
+    from zsdense.tasks.referring import run_refer
 
     t0 = time.perf_counter()
     seg, clip, sam = build_models()
@@ -108,7 +110,8 @@ def main() -> None:
     img = load_image(args.image, args.size)
     ctx = ImageContext(image=img.astype(np.float32) / 255.0, meta={})
     opts = {} if args.strict_filters else {"pred_iou_thresh": -1e9, "stability_score_thresh": -1e9}
-    cfg = R._resolve_preset(args.preset, opts)
+    options = ReferOptions.from_mapping(preset=args.preset, **opts)
+    cfg = options.config()
     print(
         f"image {img.shape[1]}x{img.shape[0]}, preset {cfg.name}, "
         f"{cfg.points_per_side}x{cfg.points_per_side} point prompts"
@@ -139,7 +142,7 @@ def main() -> None:
     rows = []
     for i, q in enumerate(queries):
         t = time.perf_counter()
-        r = R.run_refer(seg, [ctx], [q], preset=cfg)[0]
+        r = run_refer(seg, [ctx], [q], options)[0]
         total = time.perf_counter() - t
         tm = r.meta["timing"]
         sam_t = tm["sam_encoder"] + tm["sam_decoder"]

@@ -1,4 +1,4 @@
-"""``zsdense anomaly``: anomaly maps, defect masks and image scores (Crane, Crane+, musc)."""
+"""``zsdense anomaly``: anomaly maps, defect masks and image scores (every registered preset)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,12 @@ from zsdense.cli.common import (
     make_runtime,
     run_cli_batch,
 )
-from zsdense.config import ANOMALY_PRESETS, DEFAULT_ANOMALY_PRESET
-from zsdense.dense.attention import CORRELATION_TYPES
-from zsdense.errors import ConfigError
+from zsdense.config import (
+    ANOMALY_PRESETS,
+    CORRELATION_TYPES,
+    DATTN_MEAN_MODES,
+    DEFAULT_ANOMALY_PRESET,
+)
 from zsdense.options import DOMAINS
 
 
@@ -66,10 +69,10 @@ from zsdense.options import DOMAINS
 )
 @click.option(
     "--calibrate-with",
-    type=click.Path(exists=True),
-    default=None,
-    help="Folder (or file / glob) of known-good images: the pixel threshold is the max "
-    "over their maps and the image threshold the max of their scores.",
+    multiple=True,
+    help="Known-good images (a folder, files or globs such as 'good/*.png'; repeatable), scored "
+    "with the same preset and settings: the pixel threshold is the max over their maps and the "
+    "image threshold the max of their scores.",
 )
 @click.option(
     "--calibrate-percentile",
@@ -83,6 +86,15 @@ from zsdense.options import DOMAINS
     type=float,
     default=None,
     help="Image label = score >= this (no label without it or --calibrate-with).",
+)
+@click.option(
+    "--thresholds",
+    "thresholds_file",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="thresholds.json from `zsdense decide`, a calibrated run or `zsdense eval anomaly` "
+    "(per category: chosen by --object): fills --threshold / --image-threshold where not "
+    "given. Refused when made for another preset or model set.",
 )
 @click.option(
     "--domain",
@@ -112,7 +124,7 @@ from zsdense.options import DOMAINS
 )
 @click.option(
     "--dattn-mean",
-    type=click.Choice(["image", "batch"]),
+    type=click.Choice(DATTN_MEAN_MODES),
     default=None,
     help="crane+: mean of the DINO similarity per image (default; batch-independent) "
     "or over the batch (Crane's exact behaviour, results depend on the batch).",
@@ -122,6 +134,15 @@ from zsdense.options import DOMAINS
     type=click.IntRange(min=28),
     default=None,
     help="Model input size (default 518 as the papers; must be a multiple of 14).",
+)
+@click.option(
+    "--tile",
+    default=None,
+    metavar="SIZE[:OVERLAP]",
+    help="Large images at full resolution: score SIZE x SIZE tiles (OVERLAP px shared, default "
+    "SIZE/8, blended), stitch the maps; the image score is the max over tiles. Reference and "
+    "calibration images are tiled alike. --batch-size then counts tiles per encoder batch and "
+    "images are read one at a time. Not for musc or a memory bank (README: Large images).",
 )
 @batch_command
 def anomaly_cmd(
@@ -135,12 +156,14 @@ def anomaly_cmd(
     calibrate_with,
     calibrate_percentile,
     image_threshold,
+    thresholds_file,
     domain,
     dataset,
     eattn_layers,
     attn_type,
     dattn_mean,
     image_size,
+    tile,
     out_dir,
     fmt,
     no_overlay,
@@ -168,7 +191,21 @@ def anomaly_cmd(
     (Ctrl-C), 143 terminated (SIGTERM); after 130/143 rerun the same command to resume.
     """
     from zsdense.engine.specs import anomaly_spec
+    from zsdense.io.thresholds import resolve_options
     from zsdense.options import AnomalyOptions, OutputOptions
+    from zsdense.tasks.anomaly_methods import check_options, check_set_size
+    from zsdense.tasks.good_images import single
+
+    threshold, image_threshold, notes = resolve_options(
+        threshold=threshold,
+        image_threshold=image_threshold,
+        thresholds_file=thresholds_file,
+        calibrate_with=calibrate_with,
+        reference=list(reference) or None,
+        settings={"preset": preset, "models": runtime.get("models"), "object_name": object_name},
+    )
+    for note in notes:
+        click.echo(f"zsdense: {note}", err=True)
 
     opts = AnomalyOptions.from_mapping(
         preset=preset,
@@ -177,7 +214,7 @@ def anomaly_cmd(
         reference=list(reference) or None,
         shots=shots,
         threshold=threshold,
-        calibrate_with=calibrate_with,
+        calibrate_with=single(list(calibrate_with)) or None,
         calibrate_percentile=calibrate_percentile,
         image_threshold=image_threshold,
         domain=domain,
@@ -186,16 +223,20 @@ def anomaly_cmd(
         attn_type=attn_type,
         dattn_mean=dattn_mean,
         image_size=image_size,
+        tile=tile,
     )
+    check_options(opts)  # --reference as the preset's scorer declares it
     items = list_data(data, out_dir, quiet)
-    need = opts.config().musc_min_images
-    if opts.config().method == "musc" and 0 < len(items) < need:
-        raise ConfigError(
-            f"--preset {preset} scores the images against each other and needs at least {need} "
-            f"images of one product; DATA has {len(items)}. Use --preset crane or crane+"
-        )
+    check_set_size(opts, len(items))  # a set-level scorer (musc) refuses too small a DATA
     rt = make_runtime(**runtime)
     task = anomaly_spec(rt, opts, OutputOptions(fmt=fmt, overlay=not no_overlay))
     return run_cli_batch(
-        rt, items, out_dir, [task], force=force, retry_errors=retry_errors, quiet=quiet
+        rt,
+        items,
+        out_dir,
+        [task],
+        force=force,
+        retry_errors=retry_errors,
+        quiet=quiet,
+        batch_size=1 if opts.tile else None,  # with tiles: one image in flight, tiles batched
     )

@@ -5,8 +5,9 @@ from __future__ import annotations
 import functools
 import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import click
 
@@ -16,10 +17,11 @@ from zsdense.options import OUTPUT_FORMATS as FORMATS
 
 
 class RegistryChoice(click.Choice):
-    """A ``click.Choice`` whose choices are read from a registry (a dict) when used, so a method
-    or preset registered at run time (a plug-in, a test) is offered without editing the CLI."""
+    """A ``click.Choice`` whose choices are read from a registry (a mapping) when used, so a
+    method or preset registered at run time (a plug-in, a test) is offered without editing the
+    CLI; reading it loads the plug-ins (:mod:`zsdense.plugins`)."""
 
-    def __init__(self, registry: dict, case_sensitive: bool = True) -> None:
+    def __init__(self, registry: Mapping, case_sensitive: bool = True) -> None:
         self.registry = registry
         super().__init__(list(registry), case_sensitive=case_sensitive)
 
@@ -32,123 +34,146 @@ class RegistryChoice(click.Choice):
         pass
 
 
+class LazyChoice(click.Choice):
+    """A ``click.Choice`` whose choices a function gives when first needed (a table in a
+    module that is slow to import: ``--help`` must not import it)."""
+
+    def __init__(self, get: Callable[[], Sequence[str]], case_sensitive: bool = True) -> None:
+        self.get = get
+        super().__init__((), case_sensitive=case_sensitive)
+
+    @property
+    def choices(self):  # type: ignore[override]
+        return tuple(self.get())
+
+    @choices.setter
+    def choices(self, value) -> None:  # click's __init__ assigns it; the getter is the truth
+        pass
+
+
+def option(*decls: str, choices: Mapping | Sequence[str] | None = None, **kw: Any) -> Callable:
+    """``click.option`` whose ``choices`` come from the library: a tuple of names (a
+    ``click.Choice``), a registry mapping (a :class:`RegistryChoice`) or a ready choice type
+    (a :class:`LazyChoice`)."""
+    if isinstance(choices, click.Choice):
+        kw["type"] = choices
+    elif choices is not None:
+        kw["type"] = (
+            RegistryChoice(choices) if isinstance(choices, Mapping) else click.Choice(choices)
+        )
+    return click.option(*decls, **kw)
+
+
+def _apply(f: Callable, opts: dict[str, Callable], exclude: Sequence[str] = ()) -> Callable:
+    """Decorate ``f`` with the options of ``opts`` (in order, as --help lists them)."""
+    for name, make in reversed(list(opts.items())):
+        if name not in exclude:
+            f = make()(f)
+    return f
+
+
+# the runtime options' parameter names (make_runtime's keywords)
+RUNTIME_KEYS = (
+    "models",
+    "device",
+    "precision",
+    "weights_dir",
+    "batch_size",
+    "offline",
+    "max_pixels",
+)
+
+
+def _runtime_option_table() -> dict[str, Callable]:
+    from zsdense.config import PRECISIONS
+    from zsdense.models import MODEL_SETS
+
+    return {
+        "models": lambda: option(
+            "--models", choices=MODEL_SETS, default="default", show_default=True,
+            help="'tiny': small random-weight models for smoke runs; 'random': full-size "
+            "architectures with random weights for benchmarks (results meaningless).",
+        ),
+        "device": lambda: option(
+            "--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps."
+        ),
+        "precision": lambda: option(
+            "--precision", choices=PRECISIONS, default="auto", show_default=True,
+            help="auto: bf16 on CUDA (else fp16) and on CPUs with native bf16, else fp32; "
+            "the precision that ran is recorded in run_settings.json.",
+        ),
+        "weights_dir": lambda: option(
+            "--weights-dir", type=click.Path(file_okay=False), envvar="ZSDENSE_WEIGHTS",
+            help="Folder with checkpoints (searched first; env ZSDENSE_WEIGHTS).",
+        ),
+        "batch_size": lambda: option(
+            "--batch-size", type=click.IntRange(min=1), default=DEFAULT_BATCH_SIZE,
+            show_default=True, help="Images per encoder batch.",
+        ),
+        "offline": lambda: option(
+            "--offline", is_flag=True,
+            help="Never download weights; fail with instructions if one is missing.",
+        ),
+        "max_pixels": lambda: option(
+            "--max-pixels", type=click.IntRange(min=1), default=MAX_PIXELS, show_default=True,
+            help="Refuse images with more pixels, before decoding (memory, decompression bombs); "
+            "the default keeps a 2-core 8 GB machine safe (README: memory).",
+        ),
+    }  # fmt: skip
+
+
 def runtime_options(f: Callable | None = None, *, exclude: Sequence[str] = ()) -> Callable:
     """--models, --device, --precision, --weights-dir, --batch-size, --offline, --max-pixels:
     every command takes the runtime options from here (``exclude`` drops the ones a command has
     no use for, e.g. ``max_pixels`` for training). Choices come from the library."""
     if f is None:
         return lambda g: runtime_options(g, exclude=exclude)
-    from zsdense.config import PRECISIONS
-    from zsdense.models import MODEL_SETS
-
-    opts = {
-        "models": click.option(
-            "--models",
-            type=click.Choice(MODEL_SETS),
-            default="default",
-            show_default=True,
-            help="'tiny': small random-weight models for smoke runs; 'random': full-size "
-            "architectures with random weights for benchmarks (results meaningless).",
-        ),
-        "device": click.option(
-            "--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps."
-        ),
-        "precision": click.option(
-            "--precision",
-            type=click.Choice(PRECISIONS),
-            default="auto",
-            show_default=True,
-            help="auto: bf16 on CUDA (else fp16) and on CPUs with native bf16, else fp32; "
-            "the precision that ran is recorded in run_settings.json.",
-        ),
-        "weights_dir": click.option(
-            "--weights-dir",
-            type=click.Path(file_okay=False),
-            default=None,
-            envvar="ZSDENSE_WEIGHTS",
-            help="Folder with checkpoints (searched first; env ZSDENSE_WEIGHTS).",
-        ),
-        "batch_size": click.option(
-            "--batch-size",
-            type=click.IntRange(min=1),
-            default=DEFAULT_BATCH_SIZE,
-            show_default=True,
-            help="Images per encoder batch.",
-        ),
-        "offline": click.option(
-            "--offline",
-            is_flag=True,
-            default=False,
-            help="Never download weights; fail with instructions if one is missing.",
-        ),
-        "max_pixels": click.option(
-            "--max-pixels",
-            type=click.IntRange(min=1),
-            default=MAX_PIXELS,
-            show_default=True,
-            help=(
-                "Refuse images with more pixels, before decoding (memory, decompression bombs); "
-                "the default keeps a 2-core 8 GB machine safe (README: memory)."
-            ),
-        ),
-    }
-    for name, opt in reversed(list(opts.items())):
-        if name not in exclude:
-            f = opt(f)
-    return f
+    return _apply(f, _runtime_option_table(), exclude)
 
 
-def output_options(f: Callable) -> Callable:
-    """--out, --format, --force, --retry-errors, --no-overlay."""
-    opts = [
-        click.option(
-            "--out",
-            "out_dir",
-            required=True,
-            type=click.Path(file_okay=False),
-            help="Output folder; the input tree is mirrored inside it.",
-        ),
-        click.option(
-            "--format",
-            "fmt",
-            type=click.Choice(FORMATS),
-            default="tiff",
-            show_default=True,
-            help="Float maps as tiff or npy; 'rle' also writes COCO RLE JSON masks; "
-            "'none' writes masks and overlays only.",
-        ),
-        click.option(
-            "--no-overlay",
-            is_flag=True,
-            default=False,
-            help="Skip the JPEG overlays (faster on huge batches).",
-        ),
-        click.option(
-            "--force",
-            is_flag=True,
-            default=False,
-            help="Recompute every input even if its outputs are complete.",
-        ),
-        click.option(
-            "--retry-errors",
-            is_flag=True,
-            default=False,
-            help="Recompute inputs whose earlier result was an error.",
-        ),
-        click.option(
-            "--quiet",
-            "-q",
-            is_flag=True,
-            default=False,
-            help=(
-                "No progress and no summary when every input succeeds (failures and errors "
-                "still go to stderr)."
-            ),
-        ),
-    ]
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
+OUTPUT_OPTIONS: dict[str, Callable] = {
+    "out_dir": lambda: option(
+        "--out", "out_dir", required=True, type=click.Path(file_okay=False),
+        help="Output folder; the input tree is mirrored inside it.",
+    ),
+    "fmt": lambda: option(
+        "--format", "fmt", choices=FORMATS, default="tiff", show_default=True,
+        help="Float maps as tiff or npy; 'rle' also writes COCO RLE JSON masks; "
+        "'none' writes masks and overlays only.",
+    ),
+    "no_overlay": lambda: option(
+        "--no-overlay", is_flag=True, help="Skip the JPEG overlays (faster on huge batches)."
+    ),
+    "force": lambda: option(
+        "--force", is_flag=True, help="Compute every input again, even where outputs are stored."
+    ),
+    "retry_errors": lambda: option(
+        "--retry-errors", is_flag=True, help="Compute again the inputs that failed before."
+    ),
+    "quiet": lambda: option(
+        "--quiet", "-q", is_flag=True,
+        help="No progress and no summary when every input succeeds (failures and errors "
+        "still go to stderr).",
+    ),
+    "volume_maps": lambda: option(
+        "--volume-maps", is_flag=True,
+        help="NIfTI inputs: after all slices of a volume are done, stack their float maps "
+        "and masks into <stem>.map.nii.gz and <stem>.mask.nii.gz with the input's affine.",
+    ),
+    "json_summary": lambda: option(
+        "--json", "json_summary", is_flag=True,
+        help="Print a machine-readable summary (JSON: counts, outputs, failures with their "
+        "keys and messages, thresholds) on stdout at the end.",
+    ),
+}  # fmt: skip
+
+
+def output_options(f: Callable | None = None, *, exclude: Sequence[str] = ()) -> Callable:
+    """--out, --format, --no-overlay, --force, --retry-errors, --quiet (``exclude`` drops some:
+    ``zsdense eval`` has its own --out)."""
+    if f is None:
+        return lambda g: output_options(g, exclude=exclude)
+    return _apply(f, OUTPUT_OPTIONS, exclude)
 
 
 def make_runtime(
@@ -211,14 +236,25 @@ def run_cli_batch(
     force: bool = False,
     retry_errors: bool = False,
     quiet: bool = False,
+    batch_size: int | None = None,
 ) -> int:
-    """Run the batch, print the summary, return the exit code (0 ok, 3 some failed, 130 stop)."""
+    """Run the batch, print the summary, return the exit code (0 ok, 3 some failed, 130 stop).
+    ``batch_size``: images per batch when not the runtime's (``--tile``: 1)."""
     from zsdense.engine.local import run_batch
 
     if not items:
         raise no_inputs_error(items)
+    ctx = click.get_current_context(silent=True)
     summary = run_batch(
-        rt, items, out_dir, tasks, force=force, retry_errors=retry_errors, progress=not quiet
+        rt,
+        items,
+        out_dir,
+        tasks,
+        batch_size=batch_size,
+        force=force,
+        retry_errors=retry_errors,
+        progress=not quiet,
+        volume_maps=bool(ctx is not None and ctx.meta.get("zsdense.volume_maps")),
     )
     print_summary(summary, out_dir, quiet=quiet)
     return summary.exit_code
@@ -229,6 +265,11 @@ def print_summary(summary, out_dir: str | Path, quiet: bool = False) -> None:
 
     ``quiet``: nothing when the run succeeded (exit 0); failures and interruptions still print.
     """
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and ctx.meta.get("zsdense.json_summary"):
+        from zsdense.cli.summary import print_json_summary
+
+        print_json_summary(summary, out_dir, ctx.info_name)
     if quiet and summary.exit_code == 0:
         return
     click.echo(f"zsdense: {summary.format()}", err=True)
@@ -236,17 +277,105 @@ def print_summary(summary, out_dir: str | Path, quiet: bool = False) -> None:
         click.echo(f"  failed: {key}: {msg}", err=True)
     if len(summary.errors) > 20:
         click.echo(f"  ... and {len(summary.errors) - 20} more (see results.jsonl)", err=True)
+    earlier = list(getattr(summary, "previous_errors", []) or [])
+    for key, msg in earlier[:20]:
+        click.echo(f"  failed in an earlier run (kept): {key}: {msg}", err=True)
+    if len(earlier) > 20:
+        click.echo(f"  ... and {len(earlier) - 20} more (see results.jsonl)", err=True)
+    if earlier:
+        click.echo(
+            "  rerun the same command with --retry-errors to compute the failed input(s) again",
+            err=True,
+        )
     click.echo(f"results: {Path(out_dir) / 'results.jsonl'}", err=True)
 
 
 def batch_command(f: Callable) -> Callable:
-    """Runtime + output options, and turn the returned exit code into the process's."""
+    """Runtime + output options, and turn the returned exit code into the process's.
+
+    ``--json`` and ``--volume-maps`` are handled here (the context's ``meta`` carries them to
+    :func:`run_cli_batch` and :func:`print_summary`); a command that declares a
+    ``volume_maps`` parameter receives it."""
+
+    import inspect
+
+    params = inspect.signature(f).parameters
 
     @functools.wraps(f)
     def wrapper(*args: Any, **kwargs: Any):
+        # --json: print_summary reads it from the context (the commands' signatures stay)
+        meta = click.get_current_context().meta
+        meta["zsdense.json_summary"] = bool(kwargs.pop("json_summary", False))
+        meta["zsdense.volume_maps"] = bool(kwargs.pop("volume_maps", False))
+        if "volume_maps" in params:  # a command that handles it itself (zsdense run)
+            kwargs["volume_maps"] = meta["zsdense.volume_maps"]
         code = f(*args, **kwargs)
         ctx = click.get_current_context()
         ctx.exit(int(code or 0))
+
+    return output_options(runtime_options(wrapper))
+
+
+@dataclass
+class BatchRun:
+    """What a batch command's output and runtime options ask for (:func:`task_command`)."""
+
+    out_dir: str
+    fmt: str = "tiff"
+    overlay: bool = True
+    force: bool = False
+    retry_errors: bool = False
+    quiet: bool = False
+    runtime: dict = field(default_factory=dict)  # RUNTIME_KEYS -> value
+
+    @property
+    def output(self):
+        """The writers' :class:`~zsdense.options.OutputOptions`."""
+        from zsdense.options import OutputOptions
+
+        return OutputOptions(fmt=self.fmt, overlay=self.overlay)
+
+    def items(self, data):
+        """DATA as work items (the output folder left out; see :func:`list_data`)."""
+        return list_data(data, self.out_dir, self.quiet)
+
+    def run(self, items, specs: Callable[[Any, Any], Sequence]) -> int:
+        """Build the runtime, the task specs (``specs(runtime, output options)``), run the
+        batch and print its summary; returns the exit code."""
+        rt = make_runtime(**self.runtime)
+        return run_cli_batch(
+            rt,
+            items,
+            self.out_dir,
+            list(specs(rt, self.output)),
+            force=self.force,
+            retry_errors=self.retry_errors,
+            quiet=self.quiet,
+        )
+
+
+def task_command(f: Callable) -> Callable:
+    """Runtime + output options handed to the command as one ``batch``
+    (:class:`BatchRun`) argument; the returned exit code becomes the process's."""
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kw: Any):
+        runtime = {k: kw.pop(k) for k in RUNTIME_KEYS if k in kw}
+        out = {k: kw.pop(k) for k in OUTPUT_OPTIONS}
+        meta = click.get_current_context().meta  # read by run_cli_batch / print_summary
+        meta["zsdense.json_summary"] = bool(out.pop("json_summary", False))
+        meta["zsdense.volume_maps"] = bool(out.pop("volume_maps", False))
+        batch = BatchRun(
+            out_dir=out["out_dir"],
+            fmt=out["fmt"],
+            overlay=not out["no_overlay"],
+            force=out["force"],
+            retry_errors=out["retry_errors"],
+            quiet=out["quiet"],
+            runtime=runtime,
+        )
+        code = f(*args, batch=batch, **kw)
+        click.get_current_context().exit(int(code or 0))
 
     return output_options(runtime_options(wrapper))
 

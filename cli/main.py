@@ -27,7 +27,61 @@ LAZY_COMMANDS: dict[str, str] = {
     "models": "zsdense.cli.models:models_group",
     "memory": "zsdense.cli.memory:memory_group",
     "train-prompts": "zsdense.cli.train:train_prompts_cmd",
+    "train-upsampler": "zsdense.cli.train_upsampler:train_upsampler_cmd",
+    "registers": "zsdense.cli.registers:registers_group",
+    "decide": "zsdense.cli.decide:decide_cmd",
+    "export": "zsdense.cli.export:export_group",
 }
+
+
+def lazy_short_help(spec: str, limit: int = 45) -> str | None:
+    """The one-line help of a lazy command read from its module's source (its function's
+    docstring, or ``short_help=`` of its decorator) without importing it: the modules pull in
+    torch, which ``zsdense --help`` must not wait for. None when it cannot be read."""
+    import ast
+    import inspect
+
+    module, attr = spec.split(":", 1)
+    try:
+        origin = importlib.util.find_spec(module).origin
+        with open(origin, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+    except (ImportError, AttributeError, ValueError, OSError, SyntaxError):
+        return None
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name == attr:
+            for dec in node.decorator_list:
+                for kw in getattr(dec, "keywords", []):
+                    if kw.arg == "short_help" and isinstance(kw.value, ast.Constant):
+                        return str(kw.value.value)
+            doc = ast.get_docstring(node, clean=False)
+            # click's own shortening, through a bare command holding the same help text
+            return click.Command(
+                attr, help=inspect.cleandoc(doc) if doc else None
+            ).get_short_help_str(limit)
+    return None
+
+# commands that read no method registry: they start without loading the plug-ins
+NO_PLUGIN_COMMANDS = frozenset({"models"})
+
+
+def load_plugins_once() -> None:
+    """Load the method plug-ins (``zsdense.plugins``) before a command parses its options, so
+    ``--preset`` offers theirs; a broken plug-in is one warning line, never a failed command."""
+    import warnings
+
+    from zsdense.plugins import PluginWarning, load_plugins, plugins_loaded
+
+    if plugins_loaded():
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PluginWarning)
+        load_plugins()
+    for w in caught:
+        if issubclass(w.category, PluginWarning):
+            click.echo(f"zsdense: warning: {w.message}", err=True)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def _available(spec: str) -> bool:
@@ -45,7 +99,29 @@ class LazyGroup(click.Group):
         lazy = [n for n, spec in LAZY_COMMANDS.items() if _available(spec)]
         return sorted(set(super().list_commands(ctx)) | set(lazy))
 
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The command list of ``zsdense --help``, the lazy commands' lines read from their
+        source (:func:`lazy_short_help`): nothing heavy is imported, so the help is instant."""
+        names = self.list_commands(ctx)
+        limit = formatter.width - 6 - max((len(n) for n in names), default=0)
+        rows = []
+        for name in names:
+            text = None
+            if name in LAZY_COMMANDS and name not in self.commands:
+                text = lazy_short_help(LAZY_COMMANDS[name], limit)
+            if text is None:
+                cmd = self.get_command(ctx, name)
+                if cmd is None or cmd.hidden:
+                    continue
+                text = cmd.get_short_help_str(limit)
+            rows.append((name, text))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
     def get_command(self, ctx: click.Context, name: str):
+        if name not in NO_PLUGIN_COMMANDS and (name in LAZY_COMMANDS or name in self.commands):
+            load_plugins_once()
         cmd = super().get_command(ctx, name)
         if cmd is not None:
             return cmd
@@ -72,19 +148,19 @@ def cli() -> None:
     "--methods",
     "methods_only",
     is_flag=True,
-    help="Print only the table of registered open-vocabulary methods and presets (Markdown).",
+    help="Print only the tables of the registered methods and presets (Markdown, as in the "
+    "README).",
 )
 def info(methods_only: bool = False) -> None:
-    """Versions, device, precision, the registered presets and methods, and the folders where
-    weights are looked for."""
+    """Versions, device, precision, the registered presets and methods, the plug-ins, and the
+    folders where weights are looked for."""
     import platform
 
-    from zsdense.config import ANOMALY_PRESETS, REFER_PRESETS
-    from zsdense.dense.methods import methods_table
-    from zsdense.tasks import openvocab  # noqa: F401 - registers its pipeline (trident)
+    from zsdense.config import ANOMALY_PRESETS
+    from zsdense.plugins import plugin_status
 
     if methods_only:
-        click.echo(methods_table())
+        click.echo(method_tables())
         return
 
     import torch
@@ -130,15 +206,35 @@ def info(methods_only: bool = False) -> None:
     if dev.type == "cpu":
         lines.append(f"cpu threads  {torch.get_num_threads()}")
     lines.append(f"anomaly      presets: {', '.join(ANOMALY_PRESETS)}")
-    lines.append(f"refer        presets: {', '.join(REFER_PRESETS)}")
-    lines.append("open-vocabulary presets and methods:")
-    lines.extend(f"  {row}" for row in methods_table().splitlines())
+    lines.extend(f"  {row}" for row in method_tables().splitlines())
+    plugins = [p for p in plugin_status() if p.dist != "zsdense"]
+    lines.append(f"plug-ins     {len(plugins)} (entry-point group zsdense.methods)")
+    for p in plugins:
+        state = "loaded" if p.error is None else f"FAILED: {p.error}"
+        lines.append(f"  {p.name} ({p.dist}, {p.target}): {state}")
     lines.append("weights dirs (searched in order):")
     for d in registry.search_locations():
         lines.append(f"  {d}")
     offline = registry.is_offline()
     lines.append(f"downloads    {'disabled (offline)' if offline else 'allowed'}")
     click.echo("\n".join(lines))
+
+
+def method_tables() -> str:
+    """The Markdown tables of the methods of every task family and their presets, as the
+    README shows them (``zsdense info --methods``)."""
+    from zsdense.dense.methods import methods_table
+    from zsdense.tasks.anomaly_registry import anomaly_methods_table
+    from zsdense.tasks.referring import refer_methods_table
+
+    return (
+        "Anomaly presets (`zsdense anomaly --preset`):\n\n"
+        + anomaly_methods_table()
+        + "\n\nOpen-vocabulary presets (`zsdense openvocab --preset`):\n\n"
+        + methods_table()
+        + "\n\nReferring presets (`zsdense refer --preset`):\n\n"
+        + refer_methods_table()
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

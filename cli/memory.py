@@ -16,6 +16,7 @@ import time
 import click
 
 from zsdense.cli.common import make_runtime, runtime_options
+from zsdense.config import FEWSHOT_PRESET_NAMES, KNN_METRICS
 from zsdense.errors import ConfigError
 
 
@@ -35,7 +36,7 @@ def memory_group() -> None:
 )
 @click.option(
     "--preset",
-    type=click.Choice(["anomalydino"]),
+    type=click.Choice(FEWSHOT_PRESET_NAMES),
     default="anomalydino",
     show_default=True,
     help="Few-shot method and its published settings.",
@@ -62,7 +63,7 @@ def memory_group() -> None:
 )
 @click.option(
     "--knn-metric",
-    type=click.Choice(["L2_normalized", "L2"]),
+    type=click.Choice(KNN_METRICS),
     default=None,
     help="L2_normalized (1 - cos, the paper) or L2 on raw features.",
 )
@@ -70,6 +71,15 @@ def memory_group() -> None:
     "--crane-preset",
     default=None,
     help="Also store Crane's statistics on these images (crane+fewshot from the bank).",
+)
+@click.option(
+    "--thresholds",
+    "thresholds_file",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Keep these thresholds (a thresholds.json from a calibrated run, `zsdense decide` or "
+    "`zsdense eval anomaly`) in the bank: `zsdense anomaly --reference BANK` then uses them "
+    "when no threshold option is given.",
 )
 @click.option("--force", is_flag=True, default=False, help="Overwrite an existing bank.")
 @runtime_options
@@ -88,6 +98,7 @@ def build_cmd(
     mask_ref_images,
     knn_metric,
     crane_preset,
+    thresholds_file,
     force,
     **runtime,
 ) -> None:
@@ -96,9 +107,15 @@ def build_cmd(
 
     from zsdense.io import list_inputs
     from zsdense.io.membank import describe, save_memory
+    from zsdense.io.progress import progress_scope
     from zsdense.tasks import fewshot as fs
 
     out = Path(out_path)
+    kept = None
+    if thresholds_file:
+        from zsdense.io.thresholds import read_thresholds
+
+        kept = read_thresholds(thresholds_file).to_dict()  # checked before any model loads
     if out.exists() and not force:
         raise ConfigError(f"{out} exists; pass --force to overwrite it")
     items = sorted(list_inputs(list(good)), key=lambda it: str(it.path))
@@ -119,9 +136,12 @@ def build_cmd(
     rt = make_runtime(**runtime)
     t0 = time.perf_counter()
     paths = [str(it.path) for it in items]
-    bank = fs.build_memory(rt, paths, opts)
-    if crane_preset:
-        fs.add_crane_stats(rt, bank, paths[: bank.n_shots], crane_preset, object_name)
+    with progress_scope(True):  # the reference pass and Crane's statistics show progress
+        bank = fs.build_memory(rt, paths, opts)
+        if crane_preset:
+            fs.add_crane_stats(rt, bank, paths[: bank.n_shots], crane_preset, object_name)
+    if kept is not None:
+        bank.extra["thresholds"] = kept
     save_memory(bank, out)
     summary = describe(bank)
     summary.update(

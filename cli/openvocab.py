@@ -4,98 +4,68 @@ from __future__ import annotations
 
 import click
 
-from zsdense.cli.common import (
-    RegistryChoice,
-    batch_command,
-    list_data,
-    make_runtime,
-    run_cli_batch,
+from zsdense.cli.common import option, task_command
+from zsdense.config import (
+    DEFAULT_OPENVOCAB_PRESET,
+    OPENVOCAB_DATASETS,
+    OPENVOCAB_PRESETS,
+    UPSAMPLE_MODES,
 )
-from zsdense.config import DEFAULT_OPENVOCAB_PRESET, OPENVOCAB_DATASETS, OPENVOCAB_PRESETS
 
-DATASET_CHOICES = OPENVOCAB_DATASETS
+CLASSES_HELP = (
+    'Classes separated by ",", synonyms of one class by ";" (e.g. "sky; cloud, cat, sofa; '
+    'couch"). "NAME: a; b" names a class whose queries are a and b. The first class is the '
+    "background of --prob-thd."
+)
+
+
+def classes_file_option(help_start: str = "A text file with one class per line") -> click.Option:
+    """--classes-file (also ``zsdense eval openvocab``): a file or a shipped list's name."""
+    return option(
+        "--classes-file",
+        help=f"{help_start} (synonyms separated by ';'), or a shipped list: "
+        + ", ".join(OPENVOCAB_DATASETS)
+        + ".",
+    )
 
 
 @click.command("openvocab")
 @click.argument("data", nargs=-1, required=True)
-@click.option(
-    "--classes",
-    "classes_str",
-    default=None,
-    help='Classes separated by ",", synonyms of one class by ";" '
-    '(e.g. "sky; cloud, cat, sofa; couch"). "NAME: a; b" names a class whose '
-    "queries are a and b. The first class is the background of --prob-thd.",
-)
-@click.option(
-    "--classes-file",
-    default=None,
-    help="A text file with one class per line (synonyms separated by ';'), or a "
-    "shipped list: " + ", ".join(DATASET_CHOICES) + ".",
-)
-@click.option(
-    "--preset",
-    type=RegistryChoice(OPENVOCAB_PRESETS),
-    default=DEFAULT_OPENVOCAB_PRESET,
-    show_default=True,
-    help="trident (CLIP+DINOv2+SAM), trident-fixed (its SAM prompt quirks fixed), "
-    "proxyclip (CLIP+DINOv2), sclip / clearclip / naclip (CLIP only, fastest).",
-)
-@click.option(
-    "--dataset-preset",
-    type=click.Choice(DATASET_CHOICES),
-    default=None,
+@option("--classes", "classes_str", help=CLASSES_HELP)
+@classes_file_option()
+@option(
+    "--preset", choices=OPENVOCAB_PRESETS, default=DEFAULT_OPENVOCAB_PRESET, show_default=True,
+    help="A registered method preset (`zsdense info --methods`): trident (CLIP+DINOv2+SAM), "
+    "trident-fixed, proxyclip (CLIP+DINOv2), sclip / clearclip / naclip (CLIP only, fastest).",
+)  # fmt: skip
+@option(
+    "--dataset-preset", choices=OPENVOCAB_DATASETS,
     help="Benchmark settings (input size, stride, thresholds) of a dataset.",
-)
-@click.option(
-    "--sam-refine",
-    is_flag=True,
-    default=False,
-    help="Trident: refine the labels with SAM prompts from connected components.",
-)
-@click.option(
-    "--prob-thd",
-    type=float,
-    default=None,
-    help="Pixels whose best class probability is below this become class 0.",
-)
-@click.option(
-    "--short-side",
-    type=click.IntRange(min=32),
-    default=None,
+)  # fmt: skip
+@option(
+    "--sam-refine", is_flag=True,
+    help="Refine the labels with SAM prompts from connected components (presets whose method "
+    "uses SAM: trident, trident-fixed).",
+)  # fmt: skip
+@option(
+    "--prob-thd", type=float,
+    help="Pixels whose best class probability is below this become class 0 (default: the "
+    "preset's).",
+)  # fmt: skip
+@option(
+    "--short-side", type=click.IntRange(min=32),
     help="Resize the image so its short side is this (default: the preset's).",
-)
-@click.option(
-    "--upsample",
-    type=click.Choice(["bilinear", "jbu"]),
-    default=None,
-    help="Score upsampling: bilinear (the references) or joint bilateral (edge-aware).",
-)
-@click.option(
-    "--save-probs/--no-save-probs",
-    default=False,
-    show_default=True,
+)  # fmt: skip
+@option(
+    "--upsample", choices=UPSAMPLE_MODES,
+    help="Score upsampling: bilinear (the references) or jbu (joint bilateral, edge-aware).",
+)  # fmt: skip
+@option(
+    "--save-probs/--no-save-probs", default=False, show_default=True,
     help="Also write the per-class probabilities (K, H, W) as .map.tiff / .map.npy (--format).",
-)
-@batch_command
-def openvocab_cmd(
-    data,
-    classes_str,
-    classes_file,
-    preset,
-    dataset_preset,
-    sam_refine,
-    prob_thd,
-    short_side,
-    upsample,
-    save_probs,
-    out_dir,
-    fmt,
-    no_overlay,
-    force,
-    retry_errors,
-    quiet,
-    **runtime,
-) -> int:
+)  # fmt: skip
+@task_command
+def openvocab_cmd(data, classes_str, classes_file, preset, dataset_preset, batch, **opts) -> int:
     """Open-vocabulary segmentation: a label map over your classes for every image in DATA.
 
     \b
@@ -103,7 +73,8 @@ def openvocab_cmd(
       --classes "background: sky; wall, cat, sofa; couch"
         classes are separated by ",", synonyms of one class by ";"; the class takes the
         best of its synonyms. "NAME: a; b" displays NAME. Class 0 is the background that
-        low-confidence pixels fall back to (--prob-thd).
+        low-confidence pixels fall back to (--prob-thd). An empty class ("cat,,cup") is an
+        error: the label index of a class is its position.
       --classes-file FILE   one class per line, synonyms separated by ";"
       --classes-file voc21  a shipped benchmark list (voc21, context60, ade20k, ...)
 
@@ -122,24 +93,13 @@ def openvocab_cmd(
     (Ctrl-C), 143 terminated (SIGTERM); after 130/143 rerun the same command to resume.
     """
     from zsdense.engine.specs import openvocab_spec
-    from zsdense.options import OpenVocabOptions, OutputOptions
+    from zsdense.options import OpenVocabOptions
 
     if bool(classes_str) == bool(classes_file):
         raise click.UsageError('give exactly one of --classes "a, b; c" or --classes-file FILE')
-    opts = OpenVocabOptions.from_mapping(
-        classes=classes_str,
-        classes_file=classes_file,
-        preset=preset,
-        dataset=dataset_preset,
-        save_probs=save_probs,
-        sam_refine=sam_refine or None,
-        prob_thd=prob_thd,
-        short_side=short_side,
-        upsample=upsample,
+    opts["sam_refine"] = opts["sam_refine"] or None  # not given: the preset's
+    task = OpenVocabOptions.from_mapping(
+        opts, classes=classes_str, classes_file=classes_file, preset=preset, dataset=dataset_preset
     )
-    items = list_data(data, out_dir, quiet)
-    rt = make_runtime(**runtime)
-    task = openvocab_spec(rt, opts, OutputOptions(fmt=fmt, overlay=not no_overlay))
-    return run_cli_batch(
-        rt, items, out_dir, [task], force=force, retry_errors=retry_errors, quiet=quiet
-    )
+    items = batch.items(data)
+    return batch.run(items, lambda rt, out: [openvocab_spec(rt, task, out)])

@@ -6,79 +6,42 @@ from pathlib import Path
 
 import click
 
-from zsdense.cli.common import (
-    RegistryChoice,
-    batch_command,
-    list_data,
-    make_runtime,
-    run_cli_batch,
+from zsdense.cli.common import option, task_command
+from zsdense.config import (
+    DEFAULT_REFER_PRESET,
+    FUSION_MODES,
+    PARSERS,
+    PROPOSAL_STABILITY_MODES,
+    REFER_PRESETS,
 )
-from zsdense.config import DEFAULT_REFER_PRESET, PROPOSAL_STABILITY_MODES, REFER_PRESETS
 
 
 @click.command("refer")
 @click.argument("data", nargs=-1, required=False)
-@click.option("--text", default=None, help="The referring expression (one per run over DATA).")
-@click.option(
-    "--queries",
-    "queries_path",
-    type=click.Path(dir_okay=False),
-    default=None,
+@option("--text", help="The referring expression (one per run over DATA).")
+@option(
+    "--queries", "queries_path", type=click.Path(dir_okay=False),
     help='JSONL file of {"image": path, "text": "...", "id": optional} lines; relative '
     "image paths are resolved against the file's folder.",
-)
-@click.option(
-    "--preset",
-    type=RegistryChoice(REFER_PRESETS),
-    default=DEFAULT_REFER_PRESET,
-    show_default=True,
-    help="hybridgl (the reference) or hybridgl+ (its defects fixed).",
-)
-@click.option(
-    "--refine",
-    is_flag=True,
-    default=False,
-    help="Refine the chosen mask with SAM (box + heat-map peak) when SAM is surer.",
-)
-@click.option(
-    "--fusion",
-    type=click.Choice(["G2L", "L2G", "G2L&L2G"]),
-    default=None,
-    help="Hybrid feature fusion mode (default: the preset's, G2L).",
-)
-@click.option(
-    "--parser",
-    type=click.Choice(["auto", "spacy", "fallback"]),
-    default=None,
-    help="Expression parser: spaCy when installed with an English model, else rules.",
-)
-@click.option(
-    "--proposal-stability",
-    type=click.Choice(PROPOSAL_STABILITY_MODES),
-    default=None,
+)  # fmt: skip
+@option(
+    "--preset", choices=REFER_PRESETS, default=DEFAULT_REFER_PRESET, show_default=True,
+    help="A registered referring preset (`zsdense info --methods`): hybridgl (the reference) "
+    "or hybridgl+ (its defects fixed).",
+)  # fmt: skip
+@option("--refine", is_flag=True, help="Refine the chosen mask with SAM when SAM is surer.")
+@option("--fusion", choices=FUSION_MODES, help="Hybrid feature fusion (the preset's: G2L).")
+@option("--parser", choices=PARSERS, help="Expression parser: spaCy when installed, else rules.")
+@option(
+    "--proposal-stability", choices=PROPOSAL_STABILITY_MODES,
     help="SAM proposals' stability score on the image-size logits (image: the reference's) "
     "or on the 256x256 decoder logits (lowres: faster when masks fail the filter; the kept "
     "set can differ near the threshold).",
-)
-@batch_command
-def refer_cmd(
-    data,
-    text,
-    queries_path,
-    preset,
-    refine,
-    fusion,
-    parser,
-    proposal_stability,
-    out_dir,
-    fmt,
-    no_overlay,
-    force,
-    retry_errors,
-    quiet,
-    **runtime,
-) -> int:
-    """One mask per (image, expression): HybridGL over SAM proposals and CLIP.
+)  # fmt: skip
+@task_command
+def refer_cmd(data, text, queries_path, batch, **opts) -> int:
+    """One mask per (image, expression): HybridGL over SAM proposals and CLIP, or any
+    registered referring method.
 
     \b
     Examples:
@@ -93,23 +56,18 @@ def refer_cmd(
     Outputs in OUT, mirroring the inputs: <name>[.<id>].mask.png (0/255), <name>[.<id>].overlay.jpg
     (with the expression as caption) and one line per query in OUT/results.jsonl (score, top
     candidates, parsed phrase and relation). Queries on the same image reuse its SAM proposals
-    and mask features.
+    and mask features. When the method has no answer (SAM found no mask) the line says
+    "fallback": true (the mask is the whole image, the score null) and the summary counts it.
 
     Exit codes: 0 all ok, 2 usage or setup error, 3 some queries failed, 130 interrupted
     (Ctrl-C), 143 terminated (SIGTERM); after 130/143 rerun the same command to resume.
     """
     from zsdense.engine.local import items_from_queries, load_queries
     from zsdense.engine.specs import refer_spec
-    from zsdense.options import OutputOptions, ReferOptions
+    from zsdense.options import ReferOptions
 
-    opts = ReferOptions.from_mapping(
-        preset=preset,
-        text=text,
-        refine=refine or None,
-        fusion=fusion,
-        parser=parser,
-        proposal_stability=proposal_stability,
-    )
+    opts["refine"] = opts["refine"] or None  # not given: the preset's
+    task = ReferOptions.from_mapping(opts, text=text)
     if queries_path and text:
         raise click.UsageError("give either --text (with DATA) or --queries, not both")
     if queries_path:
@@ -122,11 +80,7 @@ def refer_cmd(
             raise click.UsageError('give --text "..." (and DATA) or --queries FILE.jsonl')
         if not data:
             raise click.UsageError("no DATA given: pass image files, folders or globs")
-        items = list_data(data, out_dir, quiet)
+        items = batch.items(data)
         for it in items:
             it.params.update({"text": text})
-    rt = make_runtime(**runtime)
-    task = refer_spec(rt, opts, OutputOptions(fmt=fmt, overlay=not no_overlay))
-    return run_cli_batch(
-        rt, items, out_dir, [task], force=force, retry_errors=retry_errors, quiet=quiet
-    )
+    return batch.run(items, lambda rt, out: [refer_spec(rt, task, out)])

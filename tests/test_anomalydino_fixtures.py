@@ -1,6 +1,9 @@
 """AnomalyDINO's own outputs on a tiny random DINOv2 (../shared/fixtures/anomalydino) vs zsdense.
 
-Every size, grid, angle, threshold, σ, case name and setting is read from the fixture files.
+Every size, grid, angle, threshold, σ, case name, setting and the few-shot draw (shots, seed:
+which references a case uses, and the bank's source numbering by position in the given list)
+is read from the fixture files; :func:`test_sizes_follow_a_modified_fixture` checks the draw
+and the bank provenance on draws with other seeds.
 Tolerances (fixtures README §7): preprocessing, rotations, masks, memory order and kNN index
 sets exact; features 5e-5; first-PC scores 2e-4; cosine distances, maps and scores 2e-6; raw
 kNN squared distances 8e-6; the ``L2`` metric case 2e-4 (raw squared distances relative 1e-5).
@@ -10,6 +13,7 @@ the raw uint8 images through our preprocessing, rotation and DINOv2 path.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -160,11 +164,14 @@ def test_features_end_to_end(e2e, feats):
         assert (f - feats["test_features"][i]).abs().max().item() < TOL_FEAT
 
 
-def test_transformers_resize_is_not_the_reference(dino, inputs, feats):
+def test_transformers_resize_is_not_the_reference(dino, inputs, feats, cfg):
     """The trap: transformers' own pos-embed resize is far off (README F1: 0.70)."""
-    x = inputs["prepared"][0]["tensor"][None]
-    t = dino.tokens(x, pos_interp="transformers")[0, 1 + dino.num_registers :]
-    assert (t - feats["test_features"][0]).abs().max().item() > 100 * TOL_FEAT
+    angles = [int(a) for a in cfg["rot_angles"]]
+    p = inputs["prepared"][0]
+    i, a = int(p["index"]), angles.index(int(p["angle"]))
+    ref = feats["test_features"][i] if p["which"] == "test" else feats["ref_features"][i, a]
+    t = dino.tokens(p["tensor"][None], pos_interp="transformers")[0, 1 + dino.num_registers :]
+    assert (t - ref).abs().max().item() > 100 * TOL_FEAT
 
 
 def test_first_pc_and_masks(feats, cfg):
@@ -243,12 +250,26 @@ def _check_case(bank, scored, case, name, src):
         assert abs(r.score - float(t["score"])) < tol, where
 
 
+def check_draw(case, inputs) -> list[int]:
+    """The case's references are the reference's few-shot draw (``n_shot``, ``seed``) from
+    the given list; returns their positions in it."""
+    st = case["settings"]
+    n_given = len(inputs["ref_images"])
+    positions = fs.reference_positions(n_given, int(st["n_shot"]), int(st["seed"]))
+    assert positions == [int(i) for i in case["ref_indices_used"]]
+    files = list(inputs["ref_files"])
+    assert fs.select_references(files, int(st["n_shot"]), int(st["seed"])) == list(
+        case["ref_files_used"]
+    )
+    return positions
+
+
 @pytest.mark.parametrize("source", ["stored", "e2e"])
 @pytest.mark.parametrize("name", _case_names())
 def test_case(name, source, cases, feats, inputs, cfg, e2e):
     case = cases["cases"][name]
     opts = _options(case, cfg)
-    refs_used = [int(i) for i in case["ref_indices_used"]]
+    refs_used = check_draw(case, inputs)
     n_aug = int(case["n_augment"])
     assert len(opts.angles()) == n_aug
     grid = tuple(int(g) for g in feats["config"]["grid"])
@@ -259,7 +280,7 @@ def test_case(name, source, cases, feats, inputs, cfg, e2e):
         per_ref = [e2e["refs"][r][:n_aug] for r in refs_used]
         tests = e2e["tests"]
     sizes = [tuple(inputs["ref_images"][r].shape[:2]) for r in refs_used]
-    bank = fs.memory_from_features(per_ref, sizes, opts, settings={}, model={})
+    bank = fs.memory_from_features(per_ref, sizes, opts, settings={}, model={}, positions=refs_used)
     size = tuple(int(v) for v in cfg["image_hw"])
     scored = [
         fs.score_features(f, g, size, bank.features, opts, keep_unsmoothed=True) for f, g in tests
@@ -281,10 +302,59 @@ def test_full_pipeline_one_case(dino, cases, inputs, cfg):
         ),
     )
     case = cs[name]
-    opts = _options(case, cfg)
-    refs = [_u8(inputs["ref_images"][int(i)]) for i in case["ref_indices_used"]]
-    bank = fs.build_memory_with(dino, refs, opts)
+    st = case["settings"]
+    opts = replace(_options(case, cfg), shots=int(st["n_shot"]))
+    given = [_u8(img) for img in inputs["ref_images"]]  # the draw happens in the library
+    bank = fs.build_memory_with(dino, given, opts, list(inputs["ref_files"]), seed=int(st["seed"]))
+    assert bank.names == list(case["ref_files_used"])
     scored = fs.score_images_with(
         dino, bank, [_u8(t) for t in inputs["test_images"]], opts, keep_unsmoothed=True
     )
     _check_case(bank, scored, case, name, "build_memory_with")
+
+
+# ---- the draw and the bank's provenance follow the fixture ---------------------------------
+
+
+def test_sizes_follow_a_modified_fixture(cases, feats, inputs, cfg):
+    """Draws with other seeds, made consistently from a stored case: the block of ``seed`` with
+    ``k`` shots inside a case's references is that case's bank restricted to those images (the
+    bank is built image by image), and its rows keep the images' positions in the given list
+    (the reference's numbering: the draw with seed S starts at S·k), not 0..k-1."""
+    cs = cases["cases"]
+    # a case whose memory holds every reference row (no reference masking)
+    full = max(
+        (
+            c
+            for c in cs.values()
+            if not (c["settings"]["masking"] and c["settings"]["mask_ref_images"])
+        ),
+        key=lambda c: (len(c["ref_indices_used"]), c["settings"]["rotation"]),
+    )
+    opts = _options(full, cfg)
+    used = check_draw(full, inputs)
+    grid = tuple(int(g) for g in feats["config"]["grid"])
+    n_aug = int(full["n_augment"])
+    src = full["memory_bank_source"].long()
+    n_given = len(inputs["ref_images"])
+    draws = [
+        (k, seed)
+        for k in range(1, len(used) + 1)
+        for seed in range(1, (n_given + k - 1) // k)
+        if set(fs.reference_positions(n_given, k, seed)) <= set(used)
+    ]
+    assert draws, used
+    for k, seed in draws:
+        pos = fs.reference_positions(n_given, k, seed)
+        assert pos[0] == seed * k  # the reference's block, numbered in the given list
+        files = fs.select_references(list(inputs["ref_files"]), k, seed)
+        assert files == [inputs["ref_files"][i] for i in pos]
+        per_ref = [[(feats["ref_features"][r, a], grid) for a in range(n_aug)] for r in pos]
+        sizes = [tuple(inputs["ref_images"][r].shape[:2]) for r in pos]
+        bank = fs.memory_from_features(per_ref, sizes, opts, settings={}, model={}, positions=pos)
+        want = src[torch.isin(src[:, 0], torch.tensor(pos))]
+        assert bank.n_rows == want.shape[0] > 0
+        assert torch.equal(bank.all_source().long(), want), (k, seed)
+        # numbering the rows 0..k-1 (within the shots) would not be the reference's
+        shots_only = fs.memory_from_features(per_ref, sizes, opts, settings={}, model={})
+        assert not torch.equal(shots_only.all_source().long(), want)

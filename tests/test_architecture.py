@@ -152,14 +152,18 @@ def test_test_helpers_are_not_installed(helper):
 
 
 def test_readme_method_table_is_the_registry():
-    """The README's open-vocabulary table is what ``zsdense info --methods`` prints."""
+    """The README's method tables are what ``zsdense info --methods`` prints (the registries);
+    after adding a method, paste that output into README "Registries"."""
+    from zsdense.cli.main import method_tables
     from zsdense.dense.methods import methods_table
-    from zsdense.tasks import openvocab  # noqa: F401 - registers trident
+    from zsdense.tasks.referring import refer_methods_table
 
     readme = Path(__file__).resolve().parents[1] / "README.md"
     if not readme.is_file():
         pytest.skip("README.md not next to the tests")
-    assert methods_table() in readme.read_text(encoding="utf-8")
+    text = readme.read_text(encoding="utf-8")
+    assert methods_table() in method_tables() and refer_methods_table() in method_tables()
+    assert method_tables() in text, "README tables differ from `zsdense info --methods`"
 
 
 # ---- the layers README "Architecture" documents -----------------------------------------------
@@ -173,6 +177,7 @@ LAYERS: dict[str, int] = {
     "zsdense.train": 5,
     "zsdense.tasks": 4,
     "zsdense.options": 4,
+    "zsdense.methods": 4,  # the built-in method declarations (loaded by zsdense.plugins)
     "zsdense.dense": 3,
     "zsdense.text": 3,
     "zsdense.runtime": 2,
@@ -180,6 +185,7 @@ LAYERS: dict[str, int] = {
     "zsdense.models": 1,
     "zsdense.io": 1,
     "zsdense.config": 0,
+    "zsdense.plugins": 0,  # the registries and the entry-point loader
     "zsdense.errors": 0,
     "zsdense.version": 0,
     "zsdense.safe_pickle": 0,

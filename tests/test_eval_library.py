@@ -400,6 +400,11 @@ def test_openvocab_and_refer_through_the_real_heads_tiny(tmp_path):
         ref.update(pred > 0, m > 0)
     assert t.mean["oiou"] == pytest.approx(ref.metrics()["oiou"], abs=1e-12)
     assert [x["id"] for x in t.extra["per_sample"]] == ["s0", "s1"]
+    # fallbacks (no SAM mask: the whole image) are scored, and counted in a note
+    fb = [recs[k]["fallback"] for k in ("a.jpg#s0", "a.jpg#s1")]
+    assert [x["fallback"] for x in t.extra["per_sample"]] == fb
+    note = f"{sum(fb)} of 2 expression(s) got the method's fallback"
+    assert any(note in n for n in t.notes) == any(fb)
 
 
 def test_ctrl_c_finishes_the_batch_then_raises_eval_interrupted(tmp_path):

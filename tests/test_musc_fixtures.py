@@ -3,17 +3,21 @@
 Tolerances from the fixture README §7.1: 2e-5 on single MSM outputs, 1e-5 on LNAMD features,
 patch scores, maps, raw image scores, unit class embeddings and final image scores, 1e-4 on the
 low-dimensional RsCIN case and on unnormalised embeddings, 1e-5 × max|tokens| on raw tokens.
-Every size, layer, grid, k and case name is read from the files.
+Every size, layer, grid, k, set size and case name is read from the files (the MSM fraction
+``topmin`` from ``msm.pt``'s recorded call); :func:`test_sizes_follow_a_modified_fixture`
+checks the derivations on altered copies (fewer images, other depth and layers).
 """
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import pytest
 import torch
 
 from zsdense.api import Segmenter
-from zsdense.dense.crane import scale_layers
+from zsdense.dense.crane import REFERENCE_LAYERS, scale_layers
 from zsdense.dense.musc_backbones import clip_activation, clip_block_forward, clip_streams
 from zsdense.errors import ConfigError
 from zsdense.models.clip import OPENAI_MEAN, OPENAI_STD, ClipModel
@@ -21,6 +25,7 @@ from zsdense.tasks.anomaly import resolve_preset
 from zsdense.tasks.common import model_input
 from zsdense.tasks.musc import (
     layer_features,
+    min_images,
     musc_patch_scores,
     mutual_scores,
     reference_gt_mask,
@@ -34,7 +39,6 @@ from zsdense.tasks.musc import (
 TOL = 1e-5
 TOL_MSM = 2e-5
 TOL_LOWDIM = 1e-4
-TOPMIN = 0.3  # the reference's topmin_max (msm.pt meta.call)
 
 
 def _load(d, name):
@@ -67,6 +71,17 @@ def lnamd_fx(musc_dir):
 @pytest.fixture(scope="module")
 def msm_fx(musc_dir):
     return _load(musc_dir, "msm.pt")
+
+
+@pytest.fixture(scope="module")
+def topmin(msm_fx):
+    """MSM's fraction of the M-1 per-image distances (the reference's ``topmin_max``), as the
+    fixture records the call; it is the ``musc`` preset's."""
+    m = re.search(r"topmin_max ([0-9.]+)", msm_fx["meta"]["call"])
+    assert m, msm_fx["meta"]["call"]
+    value = float(m.group(1))
+    assert value == resolve_preset("musc").musc_topmin
+    return value
 
 
 @pytest.fixture(scope="module")
@@ -115,17 +130,21 @@ def test_lnamd_needs_the_patch_grid(lnamd_fx):
 # ---- MSM -------------------------------------------------------------------------------------
 
 
-def test_msm_every_case(msm_fx):
+def test_msm_every_case(msm_fx, topmin):
+    check_msm_cases(msm_fx, topmin)
+
+
+def check_msm_cases(msm_fx: dict, topmin: float) -> None:
     r_list = msm_fx["meta"]["r_list"]
     assert msm_fx["cases"], "no MSM cases stored"
     for c in msm_fx["cases"]:
         m, g = int(c["M"]), int(c["grid"])
-        assert topmin_count(m, TOPMIN) == int(c["k"]), c["name"]
+        assert topmin_count(m, topmin) == int(c["k"]), c["name"]
         # MSM alone on the stored Z
-        assert _maxdiff(mutual_scores(c["Z"], TOPMIN), c["scores_Z"]) < TOL_MSM, c["name"]
+        assert _maxdiff(mutual_scores(c["Z"], topmin), c["scores_Z"]) < TOL_MSM, c["name"]
         # LNAMD + MSM per (r, layer), layer means and the patch scores, from the raw tokens
         patch, per = musc_patch_scores(
-            _patches(c["tokens"]), (g, g), r_list, TOPMIN, keep_per_layer=True
+            _patches(c["tokens"]), (g, g), r_list, topmin, keep_per_layer=True
         )
         assert per.shape == c["scores"].shape
         assert _maxdiff(per, c["scores"]) < TOL_MSM, c["name"]
@@ -140,8 +159,8 @@ def _largest_case(msm_fx):
     return max(msm_fx["cases"], key=lambda c: int(c["M"]))
 
 
-def test_msm_largest_set_scored_at_once_in_any_slicing(msm_fx):
-    """The largest stored set (40 images) as one set: however the distance step is streamed
+def test_msm_largest_set_scored_at_once_in_any_slicing(msm_fx, topmin):
+    """The largest stored set as one set: however the distance step is streamed
     (tiny matrix-product blocks, the nearest-distance table in slices of one block), the patch
     scores are the reference's."""
     c = _largest_case(msm_fx)
@@ -153,25 +172,25 @@ def test_msm_largest_set_scored_at_once_in_any_slicing(msm_fx):
             _patches(c["tokens"]),
             (g, g),
             r_list,
-            TOPMIN,
+            topmin,
             block_rows=block_rows,
             table_bytes=table_bytes,
         )
         assert _maxdiff(patch, c["patch_scores"]) < TOL, (block_rows, table_bytes)
 
 
-def test_msm_independent_of_image_order(msm_fx):
+def test_msm_independent_of_image_order(msm_fx, topmin):
     c = _largest_case(msm_fx)
     g = int(c["grid"])
     perm = torch.randperm(int(c["M"]), generator=torch.Generator().manual_seed(3))
     tokens = [t[perm] for t in _patches(c["tokens"])]
     patch = musc_patch_scores(
-        tokens, (g, g), msm_fx["meta"]["r_list"], TOPMIN, block_rows=2 * g * g
+        tokens, (g, g), msm_fx["meta"]["r_list"], topmin, block_rows=2 * g * g
     )
     assert _maxdiff(patch, c["patch_scores"][perm]) < TOL
 
 
-def test_msm_grouping_would_change_scores(msm_fx):
+def test_msm_grouping_would_change_scores(msm_fx, topmin):
     """Scoring the largest set as two halves (what the old read-order grouping did) is not the
     reference: the scores move far beyond the tolerance (README §7.2: 1.0e-2)."""
     c = _largest_case(msm_fx)
@@ -180,19 +199,27 @@ def test_msm_grouping_would_change_scores(msm_fx):
     toks = _patches(c["tokens"])
     r_list = msm_fx["meta"]["r_list"]
     parts = [
-        musc_patch_scores([t[sl] for t in toks], (g, g), r_list, TOPMIN)
+        musc_patch_scores([t[sl] for t in toks], (g, g), r_list, topmin)
         for sl in (slice(0, half), slice(half, None))
     ]
     assert _maxdiff(torch.cat(parts), c["patch_scores"]) > 100 * TOL
 
 
-def test_too_few_images_is_a_clear_error(msm_fx):
-    assert msm_fx["meta"]["M4_all_nan"] is True  # the reference returns NaN at M = 4
-    c = min(msm_fx["cases"], key=lambda c: int(c["M"]))
-    m = int(c["M"])
-    assert topmin_count(m - 1, TOPMIN) == 0
+def test_too_few_images_is_a_clear_error(msm_fx, topmin):
+    """Below the smallest set at which MSM averages a distance (:func:`min_images` of the
+    fraction) the reference returns NaN (``meta['M<n>_all_nan']``); we refuse with a
+    ConfigError naming the minimum."""
+    m = min_images(topmin)
+    assert topmin_count(m - 1, topmin) == 0 < topmin_count(m, topmin)
+    for key, value in msm_fx["meta"].items():
+        hit = re.fullmatch(r"M(\d+)_all_nan", key)
+        if hit and value is True:
+            assert int(hit.group(1)) < m, key  # the reference's NaN sizes are below the minimum
+    assert all(int(c["M"]) >= m for c in msm_fx["cases"])  # every stored set is scorable
+    c = max(msm_fx["cases"], key=lambda c: int(c["M"]))
     with pytest.raises(ConfigError, match=f"at least {m} images"):
-        mutual_scores(c["Z"][: m - 1], TOPMIN)
+        mutual_scores(c["Z"][: m - 1], topmin)
+    mutual_scores(c["Z"][:m], topmin)  # the minimum itself is fine
 
 
 # ---- RsCIN -----------------------------------------------------------------------------------
@@ -220,8 +247,14 @@ def test_rscin_edge_behaviour(rscin_fx):
     assert torch.equal(rscin(raw, cls, (0, 1)), raw.double())
     # k larger than the set: the reference raises a RuntimeError; ours is a ConfigError
     assert "out of range" in rscin_fx["meta"]["M8_with_k189"]
-    with pytest.raises(ConfigError, match="at least 9 images"):
-        rscin(raw[:8], cls[:8], (1, 8, 9))
+    ks = rscin_k_list("visa")
+    need = max(ks)
+    big = max(rscin_fx["cases"], key=lambda c: int(c["M"]))
+    assert int(big["M"]) >= need
+    raw, cls = big["raw_scores"], big["cls_tokens"]
+    with pytest.raises(ConfigError, match=f"at least {need} images"):
+        rscin(raw[: need - 1], cls[: need - 1], ks)
+    assert rscin(raw[:need], cls[:need], ks).shape == (need,)
 
 
 # ---- the whole pipeline on the tiny random CLIP ---------------------------------------------
@@ -246,21 +279,31 @@ def _fixture_clip(pipe, quick_gelu: bool = True) -> ClipModel:
 class _FixtureSegmenter(Segmenter):
     """A Segmenter whose CLIP is the fixture's model (injected, nothing downloaded)."""
 
-    def __init__(self, clip: ClipModel) -> None:
-        super().__init__(device="cpu", models="tiny", precision="fp32", batch_size=4)
+    def __init__(self, clip: ClipModel, batch_size: int) -> None:
+        super().__init__(device="cpu", models="tiny", precision="fp32", batch_size=batch_size)
         self._clip = clip
 
     def clip(self, arch: str, pretrained: str = "openai") -> ClipModel:
         return self._clip
 
 
+def layers_for(features_list, n_blocks: int) -> tuple[int, ...]:
+    """The presets write blocks for a 24-block model and scale them to the model's depth
+    (:func:`scale_layers`): a 24-block list that lands on exactly ``features_list`` (the
+    fixture's 1-based blocks, the reference's 0-based config + 1)."""
+    layers_24 = []
+    for b in features_list:
+        hits = [v for v in range(1, REFERENCE_LAYERS + 1) if scale_layers((v,), n_blocks) == (b,)]
+        assert hits, (b, n_blocks)
+        layers_24.append(hits[0])
+    assert scale_layers(layers_24, n_blocks) == tuple(int(b) for b in features_list)
+    return tuple(layers_24)
+
+
 def _cfg(pipe, preset: str = "musc"):
     meta = pipe["meta"]
-    # the fixture's layers are the reference's 0-based config + 1 (blocks 3/6/9/12 of 12);
-    # scaled from a 24-block list they are the preset's 6/12/18/24
     n_blocks = int(meta["model_config"]["vision_cfg"]["layers"])
-    layers_24 = tuple(int(b) * 24 // n_blocks for b in meta["features_list"])
-    assert scale_layers(layers_24, n_blocks) == tuple(meta["features_list"])
+    layers_24 = layers_for(meta["features_list"], n_blocks)
     return resolve_preset(
         preset,
         image_size=int(meta["img_resize"]),
@@ -289,7 +332,7 @@ def test_pipeline_pos_embed_input_tokens_and_embeddings(pipe, fixture_clip):
     assert _maxdiff(clip.pos_embed((g, g), "bicubic"), pipe["pos_embed_resized"]) < TOL
     assert tuple(meta["openai_mean"]) == pytest.approx(OPENAI_MEAN)
     assert tuple(meta["openai_std"]) == pytest.approx(OPENAI_STD)
-    seg = _FixtureSegmenter(clip)
+    seg = _FixtureSegmenter(clip, int(pipe["meta"]["batch_size"]))
     x = clip.normalize(model_input(_contexts(seg, pipe), s, "cpu"))
     assert _maxdiff(x, pipe["images"]) < TOL
     # as run: the checkpoint is rebuilt with erf GELU off its native size
@@ -312,11 +355,11 @@ def test_pipeline_pos_embed_input_tokens_and_embeddings(pipe, fixture_clip):
     assert _maxdiff(q.patches[meta["features_list"][-1]], tok[-1][:, 1:]) > 100 * TOL * scale
 
 
-def test_pipeline_scores_maps_from_tokens(pipe):
+def test_pipeline_scores_maps_from_tokens(pipe, topmin):
     meta = pipe["meta"]
     g, s = int(meta["grid"]), int(meta["img_resize"])
     patch, per = musc_patch_scores(
-        _patches(pipe["tokens"]), (g, g), meta["r_list"], TOPMIN, keep_per_layer=True
+        _patches(pipe["tokens"]), (g, g), meta["r_list"], topmin, keep_per_layer=True
     )
     assert _maxdiff(per, pipe["msm_scores"]) < TOL_MSM
     assert _maxdiff(patch, pipe["patch_scores"]) < TOL
@@ -333,7 +376,7 @@ def test_pipeline_scores_maps_from_tokens(pipe):
 @pytest.mark.parametrize("dataset", ["mvtec", "visa"])
 def test_pipeline_end_to_end_from_raw_images(pipe, fixture_clip, dataset):
     """run_musc from the raw uint8 images: maps and final image scores of the reference run."""
-    seg = _FixtureSegmenter(fixture_clip)
+    seg = _FixtureSegmenter(fixture_clip, int(pipe["meta"]["batch_size"]))
     cfg = _cfg(pipe)
     maps, scores, info = run_musc(seg, cfg, _contexts(seg, pipe), dataset=dataset)
     assert maps.shape == pipe["anomaly_maps"].shape
@@ -345,7 +388,7 @@ def test_pipeline_end_to_end_from_raw_images(pipe, fixture_clip, dataset):
 
 
 def test_pipeline_shuffled_file_order_gives_the_same_per_image_results(pipe, fixture_clip):
-    seg = _FixtureSegmenter(fixture_clip)
+    seg = _FixtureSegmenter(fixture_clip, int(pipe["meta"]["batch_size"]))
     cfg = _cfg(pipe)
     m = int(pipe["meta"]["M"])
     order = torch.randperm(m, generator=torch.Generator().manual_seed(7)).tolist()
@@ -355,7 +398,7 @@ def test_pipeline_shuffled_file_order_gives_the_same_per_image_results(pipe, fix
 
 
 def test_pipeline_musc_fixed_uses_quick_gelu(pipe, fixture_clip):
-    seg = _FixtureSegmenter(fixture_clip)
+    seg = _FixtureSegmenter(fixture_clip, int(pipe["meta"]["batch_size"]))
     maps, _, info = run_musc(seg, _cfg(pipe, "musc-fixed"), _contexts(seg, pipe), dataset="mvtec")
     assert info["act"] == "quick_gelu"
     d = _maxdiff(maps, pipe["anomaly_maps"])
@@ -380,3 +423,79 @@ def test_pipeline_mask_binarisation_per_dataset(pipe):
         assert torch.equal(got, pipe[ds]["gt_px"].bool()), ds
     mv, vi = pipe["mvtec"]["gt_px"].sum(), pipe["visa"]["gt_px"].sum()
     assert mv < vi  # the two rules differ on the same masks
+
+
+# ---- the derivations follow the fixture, not constants ---------------------------------------
+
+
+def test_sizes_follow_a_modified_fixture(msm_fx, pipe, fixture_clip, topmin):
+    """Altered copies, their expected values recomputed with our own code where the reference's
+    cannot be: an MSM case cut to fewer images (its own k), preset layers for other depths,
+    and the whole pipeline on a shallower copy of the model with fewer images and fewer
+    feature layers (the preset path picks exactly the copy's layers and image count)."""
+    # 1. an MSM case with fewer images: k and every check follow the copy's M
+    c = _largest_case(msm_fx)
+    g, m = int(c["grid"]), int(c["M"])
+    cut = max(min_images(topmin), m // 2)
+    assert cut < m
+    r_list = msm_fx["meta"]["r_list"]
+    toks = c["tokens"][:, :cut]
+    patch, per = musc_patch_scores(_patches(toks), (g, g), r_list, topmin, keep_per_layer=True)
+    small = dict(
+        c,
+        name=f"{c['name']}_cut{cut}",
+        M=cut,
+        k=topmin_count(cut, topmin),
+        tokens=toks,
+        Z=c["Z"][:cut],
+        scores_Z=mutual_scores(c["Z"][:cut], topmin),
+        scores=per,
+        scores_layer_mean=per.double().mean(dim=1),
+        patch_scores=patch,
+    )
+    check_msm_cases(dict(msm_fx, cases=[small]), topmin)
+    with pytest.raises(AssertionError):  # the cut case's scores are not the full set's
+        check_msm_cases(
+            dict(msm_fx, cases=[dict(small, patch_scores=c["patch_scores"][:cut])]), topmin
+        )
+
+    # 2. preset layers (written for 24 blocks) that land on a given list at other depths,
+    # including depths where the plain b*24//depth rounds onto the wrong block
+    for n_blocks, blocks in ((6, (2, 4, 6)), (17, (2, 7, 12, 17)), (20, (4, 9, 19)), (24, (6, 24))):
+        assert scale_layers(layers_for(blocks, n_blocks), n_blocks) == blocks
+
+    # 3. the pipeline on a shallower model (its first half of the blocks), fewer images
+    meta = pipe["meta"]
+    depth = int(meta["model_config"]["vision_cfg"]["layers"]) // 2
+    layers = [int(b) for b in meta["features_list"] if int(b) <= depth]
+    assert layers and depth < int(meta["model_config"]["vision_cfg"]["layers"])
+    n_img = max(min_images(topmin), max(rscin_k_list("mvtec_ad")), int(meta["M"]) * 2 // 3)
+    assert n_img < int(meta["M"])
+    pre = "visual.transformer.resblocks."
+    sd = {
+        k: v
+        for k, v in pipe["state_dict"].items()
+        if not k.startswith(pre) or int(k[len(pre) :].split(".")[0]) < depth
+    }
+    vision_cfg = dict(meta["model_config"]["vision_cfg"], layers=depth)
+    mod = dict(
+        pipe,
+        state_dict=sd,
+        raw_images=pipe["raw_images"][:n_img],
+        images=pipe["images"][:n_img],
+        meta=dict(
+            meta,
+            M=n_img,
+            features_list=layers,
+            model_config=dict(meta["model_config"], vision_cfg=vision_cfg),
+        ),
+    )
+    clip = _fixture_clip(mod)
+    assert clip.num_layers == depth
+    seg = _FixtureSegmenter(clip, int(meta["batch_size"]))
+    maps, _, info = run_musc(seg, _cfg(mod), _contexts(seg, mod), dataset="mvtec")
+    assert info["layers"] == layers and info["n_images"] == n_img
+    s = int(meta["img_resize"])
+    st = clip_streams(clip, mod["images"], layers, act=clip_activation(clip, s, "as-run"))
+    want = musc_patch_scores([st.patches[b] for b in layers], st.grid, meta["r_list"], topmin)
+    assert _maxdiff(maps, upsample_aligned(want, st.grid, s)) < TOL

@@ -64,7 +64,13 @@ def test_single_query(tmp_path, scenes):
     assert rec["scores"]["text"] == "the cat on the left"
     assert rec["meta"]["result"]["relation"] == "left"
     assert rec["meta"]["result"]["random_weights"] is True
-    assert len(rec["scores"]["candidates"]) >= 1
+    # the random tiny SAM finds no mask on this scene: the whole image stands in, and the line
+    # says so (not a success with score 1.0)
+    assert rec["fallback"] is True and "no mask" in rec["fallback_reason"]
+    assert rec["scores"]["score"] is None and rec["scores"]["candidates"] == []
+    assert mask.min() == 255
+    report = (out / "report.html").read_text()
+    assert "1 fallbacks (not answers)" in report and "ok (fallback)" in report
 
 
 def test_queries_jsonl_with_an_unreadable_image(tmp_path, scenes):

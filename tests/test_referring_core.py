@@ -11,7 +11,7 @@ import torch
 from zsdense.config import REFER_PRESETS
 from zsdense.dense import maskfeatures as mf
 from zsdense.options import ReferOptions
-from zsdense.tasks import referring as R
+from zsdense.tasks import hybridgl as R
 
 # ---- relation guidance on hand-made boxes --------------------------------------------------------
 
@@ -300,34 +300,43 @@ def scene():
     return img
 
 
+# the random tiny SAM's masks fail the preset's filters (a whole-image fallback): opened here so
+# that real proposals are scored
+OPEN_FILTERS = dict(pred_iou_thresh=-1e9, stability_score_thresh=-1e9)
+
+
 def test_refer_reuses_proposals_and_features(tiny_seg, scene):
     ctx = tiny_seg.context(scene)
     sam = tiny_seg.sam("vit_b")
     calls0 = sam.encoder_calls
-    r1 = tiny_seg.refer_batch([ctx], ["the red box on the left"], preset="hybridgl+")[0]
-    r2 = tiny_seg.refer_batch([ctx], ["the blue box on the right"], preset="hybridgl+")[0]
+    q1, q2 = "the red box on the left", "the blue box on the right"
+    r1 = tiny_seg.refer_batch([ctx], [q1], preset="hybridgl+", **OPEN_FILTERS)[0]
+    r2 = tiny_seg.refer_batch([ctx], [q2], preset="hybridgl+", **OPEN_FILTERS)[0]
     assert sam.encoder_calls == calls0 + 1  # SAM encoded once for both queries
     assert all(v == 1 for v in ctx.computed.values()), dict(ctx.computed)
     for r in (r1, r2):
         assert r.mask.shape == scene.shape[:2] and r.mask.dtype == bool and r.mask.any()
-        assert np.isfinite(r.score)
+        assert not r.fallback and r.meta["fallback"] is None and np.isfinite(r.score)
         assert r.meta["random_weights"] is True and r.meta["preset"] == "hybridgl+"
         assert 1 <= len(r.candidates) <= 3
         assert {"index", "box_xywh", "area", "score", "P", "R", "C"} <= set(r.candidates[0])
     assert r1.meta["relation"] == "left" and r2.meta["relation"] == "right"
     assert r2.meta["timing"]["sam_encoder"] < 0.05 and r2.meta["timing"]["clip_views"] < 0.05
     # the reference preset never fires "right"
-    r3 = tiny_seg.refer_batch([ctx], ["the blue box on the right"], preset="hybridgl")[0]
+    r3 = tiny_seg.refer_batch([ctx], [q2], preset="hybridgl", **OPEN_FILTERS)[0]
     assert r3.meta["relation"] == "none" and r3.meta["direction"] == "right"
 
 
 def test_whole_image_fallback_is_flagged(tiny_seg, scene):
-    # thresholds no mask can pass -> the whole image stands in; NaN-free in both presets
+    # thresholds no mask can pass -> the whole image stands in, and says so: fallback True, no
+    # score (NaN, not the 1.0 of a lone candidate), no candidates, the reason in meta
     ctx = tiny_seg.context(scene)
     for preset in ("hybridgl", "hybridgl+"):
         r = tiny_seg.refer_batch([ctx], ["the dog"], preset=preset, pred_iou_thresh=2.0)[0]
+        assert r.fallback is True
         assert r.meta["fallback"] == "whole-image" and r.meta["proposals"] == 1
-        assert r.mask.all() and np.isfinite(r.score)
+        assert "no mask" in r.meta["warning_fallback"]
+        assert r.mask.all() and np.isnan(r.score) and r.candidates == []
 
 
 def test_refine_option_and_bad_options(tiny_seg, scene):
@@ -348,7 +357,7 @@ def test_proposal_stability_option_reaches_the_generator(tiny_seg, scene, monkey
     passed to the proposal generator, and part of the proposals' cache key."""
     from zsdense.errors import ConfigError
     from zsdense.models import sam_proposals as SP
-    from zsdense.tasks import referring
+    from zsdense.tasks import hybridgl
 
     seen = []
 
@@ -356,7 +365,7 @@ def test_proposal_stability_option_reaches_the_generator(tiny_seg, scene, monkey
         seen.append(kw.get("stability"))
         return SP.sam_proposals(*args, **kw)
 
-    monkeypatch.setattr(referring, "sam_proposals", spy)
+    monkeypatch.setattr(hybridgl, "sam_proposals", spy)
     ctx = tiny_seg.context(scene)
     opened = dict(pred_iou_thresh=-1e9, stability_score_offset=0.02)
     a = tiny_seg.refer_batch([ctx], ["the red box"], **opened)[0]

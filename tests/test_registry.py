@@ -78,7 +78,7 @@ def test_required_names_and_well_formed_entries():
         assert name in CHECKPOINTS, name
     for name, ck in CHECKPOINTS.items():
         assert ck.name == name
-        assert ck.kind in {"clip", "dinov2", "sam", "prompts"}
+        assert ck.kind in {"clip", "dinov2", "sam", "prompts", "upsampler"}
         assert ck.files and ck.license
         for spec in (*ck.files, *ck.alternates):
             assert spec.url.startswith("https://"), spec
@@ -151,6 +151,7 @@ def test_table_is_data_and_registry_reexports_it():
             weights_table.DINOV2,
             weights_table.SAM,
             weights_table.CRANE,
+            weights_table.JAFAR,
         )
     )
     assert len(CHECKPOINTS) == n_rows

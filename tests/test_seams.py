@@ -61,7 +61,8 @@ def _toy_features(clip, x_norm_bchw, cfg, vfm_fn):
     b, _, h, w = x_norm_bchw.shape
     p = clip.patch_size
     pooled = F.avg_pool2d(x_norm_bchw.float(), p)  # (B, 3, h/p, w/p)
-    d = clip.head(torch.zeros(1, 1, clip.width, device=x_norm_bchw.device)).shape[-1]
+    zeros = torch.zeros(1, 1, clip.width, device=x_norm_bchw.device, dtype=clip.dtype)
+    d = clip.head(zeros).shape[-1]
     proj = torch.linspace(-1, 1, 3 * d, device=pooled.device).reshape(d, 3)
     f = torch.einsum("dc,bchw->bdhw", proj, pooled)
     return F.normalize(f, dim=1)

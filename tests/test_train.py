@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from zsdense.errors import ConfigError, InputError, ZsdenseError
-from zsdense.train.data import epoch_order, load_masks, read_training_set
 from zsdense.runtime import Runtime
+from zsdense.train.data import epoch_order, load_masks, read_training_set
 from zsdense.train.loop import PromptTrainer, TrainOptions
 from zsdense.train.recipe import get_recipe
 from zsdense.train.step import forward_losses
@@ -354,7 +354,9 @@ def test_exported_layout_matches_cranes_checkpoint(fixtures_dir, tmp_path):
     sd["token_embedding.weight"] = w
     clip = clip_from_state_dict(sd, arch="fx", is_random=True)
     c = fx["cases"]["crane"]
-    lr = PromptLearner(clip, get_recipe("crane", depth=fx["config"]["depth"]))
+    args = c["train_args"]  # the prompt sizes Crane's train.py ran with
+    sizes = {k: int(args[k]) for k in ("n_ctx", "t_n_ctx", "depth")}
+    lr = PromptLearner(clip, get_recipe("crane", **sizes))
     lr.load_state_dict(c["checkpoint"]["prompt_learner"])
     save_prompts(tmp_path / "x.safetensors", lr.state_dict(), {"epoch": 3})
     pl = torch.load(
@@ -429,7 +431,8 @@ def test_sigkill_after_epoch_1_of_3_then_resume_equals_an_uninterrupted_run(data
         stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 600
-    while not (killed / "epoch_1.safetensors").is_file():
+    # the resume point of an epoch is its state file, written after the epoch's checkpoints
+    while not (killed / "state.safetensors").is_file():
         assert proc.poll() is None, "the run ended before it could be killed"
         assert time.monotonic() < deadline
         time.sleep(0.05)

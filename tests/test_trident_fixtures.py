@@ -4,10 +4,11 @@ Tolerances (README): 1e-5 for token/feature tensors, 1e-6 for W / attention / sp
 exact equality for integer outputs (window grids, pads, label maps, component masks).
 
 Every size comes from the fixture files: the tiny CLIP from ``tiny_clip_config``, window crop
-and patch from ``windows.pt``, grids from tensor shapes or the ``HxW`` suffix of the stored key,
-the tiny SAM decoder from its state dict (and its ``note`` for the head count, which no shape
-holds), case names by iterating the stored dicts. Regenerated fixtures (other seeds, widths,
-depths, grids) need no edit here.
+and patch from ``windows.pt``, grids and image sides from tensor shapes (never from the digits
+in a key's name: a regenerated set may keep the names and change the sizes), the tiny SAM
+decoder from its state dict (and its ``note`` for the head count, which no shape holds), case
+names by iterating the stored dicts. Regenerated fixtures (other seeds, widths, depths, grids)
+need no edit here; :func:`test_sizes_follow_a_modified_fixture` proves it on altered copies.
 """
 
 from __future__ import annotations
@@ -58,11 +59,34 @@ def _tiny_clip(fx: dict) -> ClipModel:
     return ClipModel(model=types.SimpleNamespace(visual=vt), arch="fixture-tiny")
 
 
-def _hw_suffix(key: str) -> tuple[int, int]:
-    """``(h, w)`` from a stored key ending in ``_<h>x<w>`` (e.g. ``pos_embed_interp_7x5``)."""
-    m = re.search(r"(\d+)x(\d+)$", key)
-    assert m, key
-    return int(m.group(1)), int(m.group(2))
+def _image_grids(d: dict) -> dict[str, tuple[int, int]]:
+    """CLIP token grid (h, w) of every stored window ``image_*``, from its tensor shape."""
+    p = int(d["tiny_clip_config"]["patch_size"])
+    return {
+        k: (int(v.shape[-2]) // p, int(v.shape[-1]) // p)
+        for k, v in d.items()
+        if k.startswith("image_") and torch.is_tensor(v)
+    }
+
+
+def _grids_with(d: dict, n_tokens: int) -> list[tuple[int, int]]:
+    """The stored windows' grids with ``n_tokens`` patch tokens (a stored per-grid tensor is
+    matched to its window by its token count; both orientations are kept when present)."""
+    grids = sorted(set(_image_grids(d).values()))
+    hits = [g for g in grids if g[0] * g[1] == n_tokens]
+    assert hits, (n_tokens, grids)
+    return hits
+
+
+def _closest(make, grids, ref) -> float:
+    """Smallest max |diff| to ``ref`` over the candidate grids (``make(grid)`` -> tensor)."""
+    errs = []
+    for g in grids:
+        t = make(g)
+        if t.shape == ref.shape:
+            errs.append((t.float() - ref.float()).abs().max().item())
+    assert errs, [tuple(g) for g in grids]
+    return min(errs)
 
 
 def _close(a, b, atol):
@@ -81,13 +105,17 @@ def proxy(fixtures_dir):
 
 
 def test_pos_embed_interp(proxy):
-    d, clip = proxy
+    check_pos_embed_interp(*proxy)
+
+
+def check_pos_embed_interp(d: dict, clip) -> None:
+    """Each stored resize (class row + gh*gw rows) is ours for the grid of a stored window."""
     keys = [k for k in d if k.startswith("pos_embed_interp_")]
     assert keys
     for key in keys:
-        grid = _hw_suffix(key)
-        assert d[key].shape[0] == 1 + grid[0] * grid[1], key
-        _close(clip.pos_embed(grid, lb.POS_MODE), d[key], EXACT)
+        grids = _grids_with(d, d[key].shape[0] - 1)
+        err = _closest(lambda g: clip.pos_embed(g, lb.POS_MODE), grids, d[key])
+        assert err <= EXACT, (key, err)
 
 
 def test_proxyclip_last_block(proxy):
@@ -159,10 +187,17 @@ def test_trident_batch_mean_vs_window_mean(proxy):
 def test_proxyclip_nonsquare_does_not_reproduce_reference_bug(proxy):
     d, clip = proxy
     bug = d["proxyclip_nonsquare_REFERENCE_BUG"]["tokens_pre_ln_post"]
-    (feats_key,) = [k for k in d if k.startswith("vfm_feats_") and re.search(r"\d+x\d+_", k)]
-    img = d["image_" + feats_key[len("vfm_feats_") :].rsplit("_", 1)[0]]
-    feats = d[feats_key]
-    assert feats.shape[-2] != feats.shape[-1]  # a non-square VFM grid
+    # the non-square window and the VFM features for it: found by shape, not by name
+    (img_key,) = [k for k, (h, w) in _image_grids(d).items() if h != w]
+    (feats_key,) = [
+        k
+        for k, v in d.items()
+        if k.startswith("vfm_feats_")
+        and torch.is_tensor(v)
+        and v.shape[-2] != v.shape[-1]
+        and v.shape[-2] * v.shape[-1] == bug.shape[0]
+    ]
+    img, feats = d[img_key], d[feats_key]
     with torch.no_grad():
         t = lb.proxy_clip_tokens(clip, img, feats)
     assert t.shape[1] == feats.shape[-2] * feats.shape[-1] == bug.shape[0]
@@ -171,14 +206,16 @@ def test_proxyclip_nonsquare_does_not_reproduce_reference_bug(proxy):
 
 
 def test_clip_only_baselines(proxy):
-    d, clip = proxy
+    check_clip_only_baselines(*proxy)
+
+
+def check_clip_only_baselines(d: dict, clip) -> None:
     cases = {k: v for k, v in d["baselines"].items() if isinstance(v, dict)}
     assert cases
     p = d["tiny_clip_config"]["patch_size"]
     for key, variants in cases.items():
-        img = d[f"image_{key}"]
-        h, w = _hw_suffix(key)
-        assert tuple(img.shape[-2:]) == (h, w)
+        img = d[f"image_{key}"]  # the window a baseline case ran on; its side from its shape
+        h, w = img.shape[-2:]
         assert variants
         for variant, ref in variants.items():
             assert ref.shape[0] == (h // p) * (w // p), (key, variant)
@@ -188,11 +225,60 @@ def test_clip_only_baselines(proxy):
 
 
 def test_naclip_omega(proxy):
-    d, _ = proxy
+    check_naclip_omega(proxy[0])
+
+
+def check_naclip_omega(d: dict) -> None:
+    """Each stored Omega ((1+gh*gw) square, class row/column zero) is ours for the grid of a
+    stored window."""
     keys = [k for k in d["baselines"] if k.startswith("naclip_omega_")]
     assert keys
     for key in keys:
-        _close(lb.naclip_omega(_hw_suffix(key)), d["baselines"][key], EXACT)
+        ref = d["baselines"][key]
+        assert ref.shape[0] == ref.shape[1], key
+        err = _closest(lb.naclip_omega, _grids_with(d, ref.shape[0] - 1), ref)
+        assert err <= EXACT, (key, err)
+
+
+def test_sizes_follow_a_modified_fixture(proxy):
+    """A regenerated set may keep the key names (``image_112x112``, ``pos_embed_interp_7x7``,
+    ``naclip_omega_7x5``) and change the window sizes. On a copy whose windows are one patch
+    taller and two patches wider under the same names (stored values recomputed with our own
+    code for the new grids), the checks follow the tensors; a copy with a resize for a grid no
+    window has is caught."""
+    d, clip = proxy
+    p = int(d["tiny_clip_config"]["patch_size"])
+    mod = dict(d, baselines=dict(d["baselines"]))
+    old_grids = _image_grids(d)
+    new_grid = {}
+    for k, (gh, gw) in old_grids.items():
+        mod[k] = F.interpolate(d[k], size=((gh + 1) * p, (gw + 2) * p), mode="bilinear")
+        new_grid[old_grids[k]] = (gh + 1, gw + 2)
+    assert sorted(_image_grids(mod).values()) == sorted(new_grid[g] for g in old_grids.values())
+    with torch.no_grad():
+        for k in [k for k in d if k.startswith("pos_embed_interp_")]:
+            g = next(g for g in old_grids.values() if g[0] * g[1] == d[k].shape[0] - 1)
+            mod[k] = clip.pos_embed(new_grid[g], lb.POS_MODE)
+        for k, v in d["baselines"].items():
+            if k.startswith("naclip_omega_"):
+                g = next(g for g in old_grids.values() if g[0] * g[1] == v.shape[0] - 1)
+                mod["baselines"][k] = lb.naclip_omega(new_grid[g])
+            elif isinstance(v, dict):
+                img = mod[f"image_{k}"]
+                mod["baselines"][k] = {
+                    variant: lb.dense_clip_features(clip, img, variant).flatten(2)[0].T
+                    for variant in v
+                }
+    check_pos_embed_interp(mod, clip)
+    check_naclip_omega(mod)
+    check_clip_only_baselines(mod, clip)
+    # a stored resize for a grid that no window has is not silently accepted
+    bad = dict(mod)
+    key = next(k for k in d if k.startswith("pos_embed_interp_"))
+    gh, gw = max(_image_grids(mod).values())
+    bad[key] = clip.pos_embed((gh + 1, gw + 1), lb.POS_MODE)
+    with pytest.raises(AssertionError):
+        check_pos_embed_interp(bad, clip)
 
 
 # ---- fixture 2: windows ---------------------------------------------------------------------
@@ -209,7 +295,8 @@ def test_trident_resize_rule(windows_fx):
         got = W.trident_resize_hw(e["in_hw"], patch, crop, upscale_small=False)
         assert list(got) == e["out_hw"], e
     # the fix: sides that are multiples of the patch but below the crop are raised to it
-    small = (crop - 6 * patch, crop - patch)
+    below = (crop - 1) // patch * patch  # the largest multiple of the patch below the crop
+    small = (max(patch, below // 2 // patch * patch), below)
     assert W.trident_resize_hw(small, patch, crop, upscale_small=False) == small
     assert W.trident_resize_hw(small, patch, crop) == (crop, crop)
     ex = windows_fx["preprocess_image_example"]

@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from zsdense.config import (
-    ANOMALY_PRESETS,
     DEFAULT_ANOMALY_PRESET,
     DEFAULT_BATCH_SIZE,
     DEFAULT_OPENVOCAB_PRESET,
@@ -94,9 +93,10 @@ class Segmenter:
         Segmenter and reference), ``shots=N`` to use the first N."""
         from zsdense.options import AnomalyOptions
         from zsdense.tasks import anomaly_methods
+        from zsdense.tasks.anomaly_registry import scorer_for
 
         if self.prompts is not None and options.get("prompts") is None:
-            if ANOMALY_PRESETS[preset].method in ("crane", "crane+fewshot"):
+            if scorer_for(preset).uses_prompts:  # the scorer's declaration
                 options = {**options, "prompts": self.prompts}
         opts = AnomalyOptions.from_mapping(options, object_name=object_name, preset=preset)
         return anomaly_methods.run(self.runtime, self.runtime.contexts(images), opts)

@@ -1,8 +1,11 @@
-"""Settings and named presets: the one place where defaults live.
+"""Settings and presets: the dataclasses that hold every default, and the preset tables.
 
-Each task area keeps its presets in its own section below as frozen dataclasses; a preset is
-data (constants from the specs), chosen by name with ``--preset`` / ``preset=``. The model set
-(``default`` real weights or ``tiny`` random ones) is chosen independently with ``--models``.
+Each task area keeps its settings in its own section below as frozen dataclasses; a preset is
+data (constants from the specs), chosen by name with ``--preset`` / ``preset=``. The named
+open-vocabulary and referring presets are registered with their method (one file per method in
+``zsdense/methods/``, or a plug-in), so their tables here start empty and fill on first read
+(:mod:`zsdense.plugins`). The model set (``default`` real weights or ``tiny`` random ones) is
+chosen independently with ``--models``.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from zsdense.errors import ConfigError
+from zsdense.plugins import Registry
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -74,6 +78,26 @@ def pick_preset(table: dict[str, Any], name: str, what: str) -> Any:
         ) from None
 
 
+def preset_from_spec(
+    cls: type, name: str, method: str, spec: Any, defaults: dict[str, Any] | None = None
+) -> tuple[Any, str]:
+    """A registered preset: ``spec`` is a ``cls`` instance (renamed) or a mapping of its fields
+    over the defaults (``defaults`` first), whose ``description`` key is returned apart.
+    Unknown field names are a ConfigError naming the valid ones."""
+    if isinstance(spec, cls):
+        return replace(spec, name=name, method=method), ""
+    values = {**(defaults or {}), **dict(spec)}
+    desc = str(values.pop("description", "") or "")
+    valid = {f.name for f in fields(cls)} - {"name", "method"}
+    bad = sorted(set(values) - valid)
+    if bad:
+        raise ConfigError(
+            f"preset {name!r}: unknown {cls.__name__} field(s) {', '.join(bad)}; "
+            f"valid: {', '.join(sorted(valid))}"
+        )
+    return cls(name=name, method=method, **values), desc
+
+
 # --- anomaly ---
 DEFAULT_ANOMALY_PRESET = "crane"
 ANOMALY_DEFAULT_THRESHOLD = 0.5  # on the anomaly probability map, when nothing else is given
@@ -91,7 +115,7 @@ class AnomalyPreset:
     """
 
     name: str
-    method: str  # "crane" | "musc"
+    method: str  # the registered scorer (zsdense.tasks.anomaly_registry): crane, musc, ...
     clip_arch: str = "ViT-L-14-336"
     image_size: int = 518  # whole image resized (bicubic, no crop) to size×size
     temperature: float = 0.07
@@ -125,39 +149,14 @@ class AnomalyPreset:
     musc_backbone: str = "clip"  # clip | dinov2_vit{s,b,l}14 | a DINOv2 registry name
 
 
-ANOMALY_PRESETS: dict[str, AnomalyPreset] = {
-    "crane": AnomalyPreset(name="crane", method="crane"),
-    "crane+": AnomalyPreset(
-        name="crane+",
-        method="crane",
-        use_dattn=True,
-        soft_mean=False,  # test.sh: MVTec/VisA/MPDD/SDD/BTAD/DTD; True with --domain medical
-        checkpoint="crane+-mvtec",
-        checkpoint_mvtec="crane+-visa",
-        checkpoint_medical="crane+-mvtec-epoch1",
-    ),
-    # MuSc as its reference runs it: no smoothing; at 518 px CLIP runs with erf GELU
-    "musc": AnomalyPreset(name="musc", method="musc", prompts="none", sigma=0.0),
-    # the same with OpenAI's own QuickGELU (what the weights were trained with)
-    "musc-fixed": AnomalyPreset(
-        name="musc-fixed", method="musc", prompts="none", sigma=0.0, musc_act="quick_gelu"
-    ),
-    # few-shot: good reference images score each test image (AnomalyDINO as its reference runs)
-    "anomalydino": AnomalyPreset(
-        name="anomalydino", method="anomalydino", prompts="none", dino_name="dinov2-small"
-    ),
-    # our fusion: Crane+ and AnomalyDINO, each normalised on the good references
-    "crane+fewshot": AnomalyPreset(
-        name="crane+fewshot",
-        method="crane+fewshot",
-        use_dattn=True,
-        soft_mean=False,
-        checkpoint="crane+-mvtec",
-        checkpoint_mvtec="crane+-visa",
-        checkpoint_medical="crane+-mvtec-epoch1",
-    ),
-}
-FEWSHOT_METHODS = ("anomalydino", "crane+fewshot")  # need --reference good images
+# The preset table, filled by the methods' files (zsdense/methods/crane.py, musc.py,
+# anomalydino.py, crane_fewshot.py) and plug-ins (zsdense.tasks.anomaly_registry
+# .register_anomaly_preset) on its first read.
+ANOMALY_PRESETS: Registry[AnomalyPreset] = Registry("anomaly preset")
+DATTN_MEAN_MODES = ("image", "batch")  # AnomalyPreset.dattn_mean (--dattn-mean)
+KNN_METRICS = ("L2_normalized", "L2")  # few-shot distance (--knn-metric; tasks/fewshot/options)
+FEWSHOT_PRESET_NAMES = ("anomalydino",)  # banks `zsdense memory build` makes (FEWSHOT_PRESETS)
+TRAIN_CACHE_MODES = ("auto", "on", "off")  # train-prompts --cache-features
 # --- end anomaly ---
 
 # --- openvocab ---
@@ -166,11 +165,11 @@ DEFAULT_OPENVOCAB_PRESET = "trident"
 
 @dataclass(frozen=True)
 class OpenVocabPreset:
-    """One open-vocabulary method with its constants (specs/openvocab.md).
+    """One open-vocabulary preset: a method with its constants (specs/openvocab.md).
 
-    ``method`` picks the pipeline: ``trident`` (splice-then-segment + SAM aggregation),
-    ``proxyclip`` (VFM-proxy attention, segment-then-splice) or a CLIP-only last block
-    (``sclip``, ``clearclip``, ``naclip``). Dataset presets override the size/threshold fields.
+    ``method`` names a registered method (``zsdense.dense.methods.METHODS``: ``trident``,
+    ``proxyclip``, ``sclip``, ``clearclip``, ``naclip`` and plug-ins), which picks the pipeline.
+    Dataset presets override the size/threshold fields.
     """
 
     name: str
@@ -207,56 +206,14 @@ class OpenVocabPreset:
     window_batch: int | None = None  # windows per forward (None: all windows of an image)
 
 
-# Method presets. prob_thd is 0 here (a user's class list need not start with a background);
-# the dataset presets (voc21, context60, coco-object) set the benchmarks' thresholds.
-OPENVOCAB_PRESETS: dict[str, OpenVocabPreset] = {
-    "trident": OpenVocabPreset(
-        "trident",
-        "trident",
-        vfm="dinov2-reg-base",
-        sam_arch="vit_b",
-        short_side=448,
-        crop=336,
-        stride=224,
-        coarse_thresh=0.2,
-    ),
-    # Trident with prompts mapped in SAM's true frame and a (B,1,256,256) dense prompt
-    "trident-fixed": OpenVocabPreset(
-        "trident-fixed",
-        "trident",
-        vfm="dinov2-reg-base",
-        sam_arch="vit_b",
-        short_side=448,
-        crop=336,
-        stride=224,
-        coarse_thresh=0.2,
-        reference_prompts=False,
-    ),
-    "proxyclip": OpenVocabPreset(
-        "proxyclip",
-        "proxyclip",
-        vfm="dinov2-reg-base",
-        short_side=336,
-        crop=336,
-        stride=112,
-    ),
-    "sclip": OpenVocabPreset(
-        "sclip", "sclip", short_side=336, crop=224, stride=112, pad_multiple=16
-    ),
-    "clearclip": OpenVocabPreset(
-        "clearclip",
-        "clearclip",
-        short_side=448,
-        crop=448,
-        stride=224,
-        logit_scale=50.0,
-        pad_multiple=16,
-    ),
-    "naclip": OpenVocabPreset(
-        "naclip", "naclip", short_side=336, crop=224, stride=112, pamr=True, pad_multiple=16
-    ),
-}
+# The named presets (``trident``, ``sclip``...) and each method's benchmark settings per dataset
+# (``--dataset-preset``) are registered with their method, one file per method in
+# ``zsdense/methods/`` (``zsdense.dense.methods.register_method``); plug-ins add theirs through
+# the ``zsdense.methods`` entry-point group. Reading either table loads them (zsdense.plugins).
+OPENVOCAB_PRESETS: Registry[OpenVocabPreset] = Registry("open-vocabulary preset")
+OPENVOCAB_DATASET_PRESETS: Registry[dict[str, dict[str, Any]]] = Registry("dataset presets")
 
+# benchmark datasets: shipped class lists (``--classes-file voc21``) and ``--dataset-preset``
 OPENVOCAB_DATASETS = (
     "voc21",
     "voc20",
@@ -267,52 +224,7 @@ OPENVOCAB_DATASETS = (
     "cityscapes",
     "ade20k",
 )
-
-# Per-dataset overrides, per method (data from the references' configs; see the spec).
-# Trident: short side, stride, prob_thd, coarse_thresh, cos_fac, refine_neg_cos (+ SAM strips).
-_TRIDENT_DS = {
-    "voc21": dict(short_side=448, stride=224, prob_thd=0.2, coarse_thresh=0.2, cos_fac=1.2),
-    "context60": dict(short_side=576, stride=224, prob_thd=0.15, coarse_thresh=0.15, cos_fac=1.2),
-    "coco-object": dict(short_side=448, stride=224, prob_thd=0.25, coarse_thresh=0.25, cos_fac=1.2),
-    "voc20": dict(short_side=336, stride=112, prob_thd=0.0, coarse_thresh=0.2, cos_fac=0.0),
-    "context59": dict(short_side=576, stride=224, prob_thd=0.0, coarse_thresh=0.15, cos_fac=1.2),
-    "coco-stuff": dict(short_side=448, stride=224, prob_thd=0.0, coarse_thresh=0.05, cos_fac=1.2),
-    "cityscapes": dict(
-        short_side=688,
-        stride=224,
-        prob_thd=0.0,
-        coarse_thresh=0.10,
-        cos_fac=3.0,
-        refine_neg_cos=False,
-        sam_strips=2,
-    ),
-    "ade20k": dict(
-        short_side=576,
-        stride=224,
-        prob_thd=0.0,
-        coarse_thresh=0.05,
-        cos_fac=1.2,
-        refine_neg_cos=False,
-    ),
-}
-_PROXYCLIP_DS = {
-    "voc21": dict(short_side=336, prob_thd=0.2),
-    "context60": dict(short_side=336, prob_thd=0.15),
-    "coco-object": dict(short_side=336, prob_thd=0.25),
-    "voc20": dict(short_side=336, prob_thd=0.0),
-    "context59": dict(short_side=336, prob_thd=0.0),
-    "coco-stuff": dict(short_side=336, prob_thd=0.0),
-    "cityscapes": dict(short_side=448, crop=224, stride=112, prob_thd=0.0),
-    "ade20k": dict(short_side=448, prob_thd=0.0),
-}
-_ZERO_THD = {ds: dict(prob_thd=0.0) for ds in OPENVOCAB_DATASETS}
-OPENVOCAB_DATASET_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "trident": _TRIDENT_DS,
-    "proxyclip": _PROXYCLIP_DS,
-    "sclip": {**_ZERO_THD, "voc21": dict(logit_scale=65.0, prob_thd=0.1)},
-    "clearclip": dict(_ZERO_THD),
-    "naclip": {**_ZERO_THD, "voc21": dict(whole_image=True), "voc20": dict(whole_image=True)},
-}
+UPSAMPLE_MODES = ("bilinear", "jbu")  # OpenVocabPreset.upsample (zsdense.dense.upsample)
 
 
 def openvocab_preset(
@@ -335,6 +247,9 @@ def openvocab_preset(
 
 # --- referring ---
 PROPOSAL_STABILITY_MODES = ("image", "lowres")
+FUSION_MODES = ("G2L", "L2G", "G2L&L2G")  # hybrid global-local mask features
+PARSERS = ("auto", "spacy", "fallback")  # expression parsers (zsdense.text.parse)
+FALLBACK_READINGS = ("reference", "sensible")  # ReferPreset.fallback_reading
 
 
 @dataclass(frozen=True)
@@ -352,6 +267,7 @@ class ReferPreset:
     """
 
     name: str = "hybridgl"
+    method: str = "hybridgl"  # a registered referring method (zsdense.tasks.refer_methods)
     clip_arch: str = "ViT-B-16"
     sam_arch: str = "vit_b"
     # proposals: SAM automatic masks (HybridGL/TAS settings)
@@ -369,12 +285,12 @@ class ReferPreset:
     proposal_stability: str = "image"
     # hybrid mask features
     view_size: int | None = None  # None: the CLIP's native input (224 for ViT-B/16)
-    fusion: str = "G2L"  # G2L | L2G | G2L&L2G
+    fusion: str = "G2L"  # FUSION_MODES: G2L | L2G | G2L&L2G
     fusion_blocks: int = 3  # fused last blocks (10-12 of ViT-B/16)
     grid_antialias: bool = False  # the reference's pinned torchvision: no antialias
     feature_batch: int = 32  # masks per encoder batch (2x views)
     # text and scores
-    parser: str = "auto"  # auto (spaCy if installed with a model) | spacy | fallback
+    parser: str = "auto"  # PARSERS: auto (spaCy if installed with a model) | spacy | fallback
     logit_scale: float = 100.0
     k1: int = 3  # candidates T: top-k1 by P
     k2: int = 6  # context masks U: top-k2 by Q
@@ -390,27 +306,25 @@ class ReferPreset:
     nan_guards: bool = False
     mix: str = "reference"  # reference | scaled
     within_self: bool = True  # the reference counts b = a in "within" (ratio 1 for itself)
+    # how the rule parser's parses are read (spaCy's always as the reference): "reference", or
+    # "sensible" (near / behind / front relations, sides of possessed parts; zsdense.text.parse)
+    fallback_reading: str = "reference"
     # optional SAM refinement of the chosen mask (box + heat-map peak)
     refine: bool = False
     top_candidates: int = 3  # candidates reported in the result
 
 
-REFER_PRESETS: dict[str, ReferPreset] = {
-    "hybridgl": ReferPreset(),
-    "hybridgl+": ReferPreset(
-        name="hybridgl+",
-        right_relation=True,
-        vertical_ramps=True,
-        nan_guards=True,
-        mix="scaled",
-        within_self=False,
-    ),
-}
+# named referring presets, registered with their method (zsdense/methods/hybridgl.py;
+# zsdense.tasks.refer_methods.register_refer_method)
+REFER_PRESETS: Registry[ReferPreset] = Registry("referring preset")
 DEFAULT_REFER_PRESET = "hybridgl+"
 # --- end referring ---
 
 
 # --- engine ---
+ENGINES = ("local", "ray")  # zsdense run --engine
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Batch-runner defaults (local and Ray engines)."""
@@ -424,3 +338,18 @@ class EngineConfig:
 
 ENGINE = EngineConfig()
 # --- end engine ---
+
+
+# Attention types of Crane's E-Attn (and AnomalyCLIP's V-V). Each sum term is a separate softmax;
+# the sum is deliberately not renormalised (as in the reference).
+CORRELATION_TYPES: dict[str, tuple[str, ...]] = {
+    "qq+kk+vv": ("q", "k", "v"),
+    "vv": ("v",),
+    "qq": ("q",),
+    "kk": ("k",),
+    "qq+kk": ("q", "k"),
+    "(q+k+v)^2": ("qkv",),
+}
+
+# bins of the streaming pixel metrics (zsdense.metrics.DEFAULT_BINS; here for the CLI's --help)
+PIXEL_METRIC_BINS = 16384

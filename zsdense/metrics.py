@@ -45,12 +45,16 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import ndimage
+
+from zsdense.config import PIXEL_METRIC_BINS
 
 __all__ = [
     "auroc",
     "average_precision",
     "f1_max",
+    "f1_max_threshold",
+    "roc_curve",
+    "pr_curve",
     "image_metrics",
     "pixel_metrics",
     "aupro_papers",
@@ -71,7 +75,7 @@ __all__ = [
     "AUPRO_FPR_LIMIT",
 ]
 
-DEFAULT_BINS = 16384
+DEFAULT_BINS = PIXEL_METRIC_BINS
 PAPERS_AUPRO_STEPS = 200
 AUPRO_FPR_LIMIT = 0.3
 # 8-connectivity: skimage.measure.label's default on 2-D masks, which the papers' code uses.
@@ -135,6 +139,55 @@ def _f1max_counts(tps: np.ndarray, fps: np.ndarray) -> float:
     return float(f1.max()) if f1.size else float("nan")
 
 
+def _thresholds_exact(scores: np.ndarray) -> np.ndarray:
+    """The distinct scores in decreasing order: the thresholds of :func:`_counts_exact`."""
+    s = np.sort(np.asarray(scores, dtype=np.float64).ravel(), kind="mergesort")[::-1]
+    if not s.size:
+        return s
+    return s[np.r_[np.flatnonzero(np.diff(s)), s.size - 1]]
+
+
+def _f1_argmax_counts(tps: np.ndarray, fps: np.ndarray) -> tuple[float, int | None]:
+    """(F1-max, index of the threshold that reaches it) over the counts; (NaN, None) when
+    undefined. Ties: the first (highest) threshold, as ``argmax``."""
+    if tps.size == 0 or tps[-1] <= 0:
+        return float("nan"), None
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = tps / (tps + fps)
+        recall = tps / tps[-1]
+        f1 = 2 * precision * recall / (precision + recall)
+    f1 = np.where(np.isfinite(f1), f1, -np.inf)
+    i = int(np.argmax(f1))
+    if not np.isfinite(f1[i]):
+        return float("nan"), None
+    return float(f1[i]), i
+
+
+def f1_max_threshold(y_true: np.ndarray, scores: np.ndarray) -> tuple[float, float | None]:
+    """(F1-max, the threshold that reaches it): predicting ``score >= threshold`` gives the
+    F1-max of :func:`f1_max` (the arg-max; ties: the highest threshold). (NaN, None) without
+    positives."""
+    tps, fps = _counts_exact(y_true, scores)
+    f1, i = _f1_argmax_counts(tps, fps)
+    return f1, (None if i is None else float(_thresholds_exact(scores)[i]))
+
+
+def roc_curve(y_true: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(fpr, tpr) from (0, 0), one point per distinct score (``score >= t``)."""
+    tps, fps = _counts_exact(y_true, scores)
+    if tps.size == 0 or tps[-1] <= 0 or fps[-1] <= 0:
+        return np.zeros(0), np.zeros(0)
+    return np.r_[0.0, fps / fps[-1]], np.r_[0.0, tps / tps[-1]]
+
+
+def pr_curve(y_true: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(recall, precision), one point per distinct score (``score >= t``), highest first."""
+    tps, fps = _counts_exact(y_true, scores)
+    if tps.size == 0 or tps[-1] <= 0:
+        return np.zeros(0), np.zeros(0)
+    return tps / tps[-1], tps / (tps + fps)
+
+
 def auroc(y_true: np.ndarray, scores: np.ndarray) -> float:
     """Area under the ROC curve (``sklearn.metrics.roc_auc_score``); NaN with one class only."""
     return _auroc_counts(*_counts_exact(y_true, scores))
@@ -185,6 +238,8 @@ def pixel_metrics(masks: np.ndarray, maps: np.ndarray) -> dict[str, float]:
 
 def label_regions(mask: np.ndarray) -> tuple[np.ndarray, int]:
     """8-connected regions of a 2-D ground-truth mask: (labels (H, W) int32, count)."""
+    from scipy import ndimage
+
     lab, n = ndimage.label(np.asarray(mask).astype(bool), structure=_EIGHT)
     return lab, int(n)
 
@@ -407,6 +462,36 @@ class PixelAccumulator:
 
     def f1_max(self) -> float:
         return _f1max_counts(*self._counts())
+
+    def _edges_desc(self) -> np.ndarray:
+        """Lower edge of every non-empty bin, highest first (the thresholds of the counts)."""
+        lo, hi = self.value_range
+        edges = lo + np.arange(self.bins, dtype=np.float64) * ((hi - lo) / self.bins)
+        keep = (self.pos + self.neg) > 0
+        return edges[::-1][keep[::-1]]
+
+    def f1_max_threshold(self) -> tuple[float, float | None]:
+        """(F1-max of the binned scores, its threshold): the lower edge of the bin where it is
+        reached, so ``map >= threshold`` predicts that bin and every one above."""
+        f1, i = _f1_argmax_counts(*self._counts())
+        return f1, (None if i is None else float(self._edges_desc()[i]))
+
+    def curves(self) -> dict[str, np.ndarray]:
+        """ROC (``fpr``, ``tpr``), PR (``recall``, ``precision``) and PRO (``pro_fpr``,
+        ``pro``) points of the binned scores, one per non-empty bin, highest threshold first
+        (``thresholds``)."""
+        tps, fps = self._counts()
+        out: dict[str, np.ndarray] = {"thresholds": self._edges_desc()}
+        if tps.size and tps[-1] > 0 and fps[-1] > 0:
+            out["fpr"], out["tpr"] = fps / fps[-1], tps / tps[-1]
+        if tps.size and tps[-1] > 0:
+            out["recall"], out["precision"] = tps / tps[-1], tps / (tps + fps)
+        n_neg = int(self.neg.sum())
+        if self.n_regions and n_neg:
+            keep = ((self.pos + self.neg) > 0)[::-1]
+            out["pro_fpr"] = np.minimum((np.cumsum(self.neg[::-1]) / n_neg)[keep], 1.0)
+            out["pro"] = (np.cumsum(self.pro[::-1]) / self.n_regions)[keep]
+        return out
 
     def aupro_mvtec(self, fpr_limit: float = AUPRO_FPR_LIMIT) -> float:
         """MVTec AUPRO of the bin-quantised scores (thresholds at the bin edges)."""

@@ -12,16 +12,22 @@ The heads (``zsdense.tasks``) receive these objects and never filter keyword lis
 
 from __future__ import annotations
 
+import functools
+import typing
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 from zsdense.config import (
     ANOMALY_PRESETS,
+    DATTN_MEAN_MODES,
     DEFAULT_ANOMALY_PRESET,
     DEFAULT_OPENVOCAB_PRESET,
     DEFAULT_REFER_PRESET,
-    FEWSHOT_METHODS,
+    FALLBACK_READINGS,
+    FUSION_MODES,
     OPENVOCAB_DATASETS,
+    OPENVOCAB_PRESETS,
+    PARSERS,
     PROPOSAL_STABILITY_MODES,
     REFER_PRESETS,
     AnomalyPreset,
@@ -31,8 +37,11 @@ from zsdense.config import (
     pick_preset,
     with_overrides,
 )
+from zsdense.dense.methods import get_method
 from zsdense.errors import ConfigError
-from zsdense.text.classifier import ClassEntry, load_class_file, parse_classes
+
+if TYPE_CHECKING:  # the classifier imports torch: loaded when classes are parsed, not for --help
+    from zsdense.text.classifier import ClassEntry
 
 OUTPUT_FORMATS = ("tiff", "npy", "rle", "none")
 DOMAINS = ("industrial", "medical")
@@ -59,6 +68,52 @@ def _freeze(value: Any) -> Any:
     return value
 
 
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _field_types(cls: type) -> dict[str, tuple]:
+    """field name -> the types its annotation allows (None left out)."""
+    import types as _types
+
+    def allowed(h: Any) -> tuple:
+        if typing.get_origin(h) in (typing.Union, _types.UnionType):
+            return tuple(a for a in typing.get_args(h) if a is not type(None))
+        return (h,)
+
+    from zsdense.text.classifier import ClassEntry  # a type-checking-only import at the top
+
+    hints = typing.get_type_hints(cls, localns={"ClassEntry": ClassEntry})
+    return {k: allowed(h) for k, h in hints.items()}
+
+
+def _typed(cls: type, key: str, value: Any) -> Any:
+    """Text from ``--task k=v`` as the field's declared type: int, float, bool, or a tuple of
+    numbers (``6|12|18``); other values, and text that does not convert, are returned as given
+    (the option's own validation then names the problem)."""
+    types = _field_types(cls).get(key, ())
+    tup = next((t for t in types if typing.get_origin(t) is tuple), None)
+    item = (typing.get_args(tup) or (str,))[0] if tup is not None else None
+    try:
+        if isinstance(value, (list, tuple)):
+            if item in (int, float) and all(isinstance(v, str) for v in value):
+                return tuple(item(v) for v in value)
+            return value
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        for t in types:
+            if t is bool and text.lower() in _TRUE + _FALSE:
+                return text.lower() in _TRUE
+            if t in (int, float) and t is not bool:
+                return t(text)
+            if t is tup and item in (int, float):
+                return tuple(item(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        pass
+    return value
+
+
 class _TaskOptions:
     """Shared :meth:`from_mapping` for the task option dataclasses below."""
 
@@ -80,9 +135,9 @@ class _TaskOptions:
             if value is None:
                 continue
             if key in own:
-                values[key] = value
+                values[key] = _typed(cls, key, value)
             elif key in preset_fields:
-                overrides[key] = _freeze(value)
+                overrides[key] = _freeze(_typed(cls.PRESET_CLASS, key, value))
             else:
                 unknown.append(key)
         if unknown:
@@ -129,20 +184,86 @@ def resolve_anomaly_preset(preset: str | AnomalyPreset, **overrides: Any) -> Ano
         preset
         if isinstance(preset, AnomalyPreset)
         else pick_preset(ANOMALY_PRESETS, preset, "anomaly")
-    )
+    )  # the table registered presets join (zsdense.tasks.anomaly_registry)
     ov = dict(overrides)
     layers_given = "eattn_layers" in ov
     layers = parse_layers(ov.pop("eattn_layers", None))
     cfg = with_overrides(base, **ov)
     if layers_given:
         cfg = replace(cfg, eattn_layers=layers)
-    if cfg.dattn_mean not in ("image", "batch"):
-        raise ConfigError(f"--dattn-mean must be 'image' or 'batch', not {cfg.dattn_mean!r}")
-    if cfg.image_size % 14:
+    if cfg.dattn_mean not in DATTN_MEAN_MODES:
         raise ConfigError(
-            f"image size {cfg.image_size} must be a multiple of the patch size 14 (e.g. 518)"
+            f"--dattn-mean must be one of {', '.join(DATTN_MEAN_MODES)}, not {cfg.dattn_mean!r}"
         )
+    validate_image_size(cfg.image_size)
     return cfg
+
+
+def validate_image_size(size: int, patch: int = 14) -> int:
+    """The model input size of the CLIP anomaly heads (``zsdense anomaly`` and
+    ``zsdense train-prompts`` alike): a multiple of the 14-px patch, at least two patches."""
+    if int(size) < 2 * patch or int(size) % patch:
+        raise ConfigError(
+            f"image size {size} must be a multiple of the patch size {patch} and at least "
+            f"{2 * patch} (e.g. 518)"
+        )
+    return int(size)
+
+
+@dataclass(frozen=True)
+class TileSpec:
+    """``--tile SIZE[:OVERLAP]``: tile side and overlap in pixels of the original image (the
+    tiling itself: :mod:`zsdense.tasks.tiling`)."""
+
+    size: int
+    overlap: int
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise ConfigError(f"--tile {self.text()}: SIZE must be a positive number of pixels")
+        if not 0 <= self.overlap or not 2 * self.overlap < self.size:
+            raise ConfigError(
+                f"--tile {self.text()}: OVERLAP must satisfy 0 <= OVERLAP < SIZE/2 "
+                f"(here < {self.size / 2:g})"
+            )
+
+    @property
+    def stride(self) -> int:
+        return self.size - self.overlap
+
+    def text(self) -> str:
+        """The canonical ``SIZE:OVERLAP`` string (what run settings record)."""
+        return f"{self.size}:{self.overlap}"
+
+
+def default_overlap(size: int) -> int:
+    """OVERLAP when ``--tile SIZE`` gives none: an eighth of the tile (518 -> 64)."""
+    return int(size) // 8
+
+
+def parse_tile(value: Any) -> TileSpec | None:
+    """``--tile`` / ``tile=`` value -> :class:`TileSpec` (None: no tiles).
+
+    ``"512:64"``, ``"512"`` (overlap :func:`default_overlap`), ``512``, ``(512, 64)`` or a
+    TileSpec. Anything else is a ConfigError saying the syntax."""
+    if value is None or isinstance(value, TileSpec):
+        return value
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        if isinstance(value, int):
+            return TileSpec(int(value), default_overlap(value))
+        if isinstance(value, (tuple, list)) and len(value) == 2:
+            return TileSpec(int(value[0]), int(value[1]))
+        if isinstance(value, str):
+            head, sep, tail = value.strip().partition(":")
+            size = int(head)
+            return TileSpec(size, int(tail) if sep else default_overlap(size))
+    except (TypeError, ValueError):
+        pass
+    raise ConfigError(
+        f"--tile {value!r}: give SIZE[:OVERLAP] in pixels, e.g. --tile 518:64 (tile = '518:64')"
+    )
 
 
 @dataclass(frozen=True)
@@ -165,24 +286,17 @@ class AnomalyOptions(_TaskOptions):
     keep_model_map: bool = False
     reference: Any = None  # few-shot presets: good images (folder/glob/paths) or a .zsdmem bank
     shots: int | None = None  # use the first N references (None: all)
+    tile: Any = None  # "SIZE[:OVERLAP]": score tiles at full resolution (zsdense.tasks.tiling)
     overrides: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
-        if isinstance(self.reference, list):
-            object.__setattr__(self, "reference", tuple(self.reference))
+        for name in ("reference", "calibrate_with"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.shots is not None and int(self.shots) < 1:
             raise ConfigError(f"--shots must be at least 1, got {self.shots}")
-        fewshot = self.config().method in FEWSHOT_METHODS
-        if fewshot and self.reference is None:
-            raise ConfigError(
-                f"--preset {self.preset} scores images against good reference images: "
-                "give --reference GOOD_DIR (or a .zsdmem bank from `zsdense memory build`)"
-            )
-        if not fewshot and self.reference is not None:
-            raise ConfigError(
-                f"--reference needs a few-shot preset ({', '.join(FEWSHOT_METHODS)}); "
-                f"{self.preset!r} does not use reference images"
-            )
+        # whether the preset takes --reference is its scorer's declaration, checked where the
+        # options become a run (zsdense.tasks.anomaly_methods.check_options)
         if self.domain not in DOMAINS:
             raise ConfigError(f"--domain must be one of {', '.join(DOMAINS)}, not {self.domain!r}")
         if self.calibrate_percentile is not None:
@@ -194,6 +308,8 @@ class AnomalyOptions(_TaskOptions):
                 )
         if self.batch_size is not None and int(self.batch_size) < 1:
             raise ConfigError("batch_size must be at least 1")
+        if self.tile is not None:  # canonical "SIZE:OVERLAP" (the scorer checks the rest)
+            object.__setattr__(self, "tile", parse_tile(self.tile).text())
         self.config()  # the preset and its overrides are valid
 
     @property
@@ -216,6 +332,8 @@ class AnomalyOptions(_TaskOptions):
 def resolve_classes(classes: Any = None, classes_file: Any = None) -> tuple[ClassEntry, ...]:
     """The one parser of class lists: a list, a ``"a, b; synonym"`` string, ``file:NAME`` or a
     class file (path or shipped name such as ``voc21``)."""
+    from zsdense.text.classifier import load_class_file, parse_classes
+
     if classes is not None and classes_file is not None:
         raise ConfigError("give classes or a classes file, not both")
     if classes is None and classes_file is None:
@@ -268,8 +386,11 @@ class OpenVocabOptions(_TaskOptions):
                 f"choose one of: {', '.join(OPENVOCAB_DATASETS)}"
             )
         cfg = self.config()
-        if cfg.sam_refine and cfg.method != "trident":
-            raise ConfigError("--sam-refine needs --preset trident or trident-fixed")
+        if cfg.sam_refine and not get_method(cfg.method).needs_sam:
+            with_sam = [n for n, p in OPENVOCAB_PRESETS.items() if get_method(p.method).needs_sam]
+            raise ConfigError(
+                f"--sam-refine needs a preset whose method uses SAM: {', '.join(with_sam)}"
+            )
 
     def config(self) -> OpenVocabPreset:
         return openvocab_preset(self.preset, self.dataset, **dict(self.overrides))
@@ -296,11 +417,16 @@ class ReferOptions(_TaskOptions):
     def config(self) -> ReferPreset:
         base = pick_preset(REFER_PRESETS, self.preset, "referring")
         cfg = with_overrides(base, **dict(self.overrides)) if self.overrides else base
-        if cfg.proposal_stability not in PROPOSAL_STABILITY_MODES:
-            raise ConfigError(
-                f"proposal_stability must be one of {', '.join(PROPOSAL_STABILITY_MODES)}, "
-                f"not {cfg.proposal_stability!r}"
-            )
+        for name, allowed in (
+            ("proposal_stability", PROPOSAL_STABILITY_MODES),
+            ("fusion", FUSION_MODES),
+            ("parser", PARSERS),
+            ("fallback_reading", FALLBACK_READINGS),
+        ):
+            if getattr(cfg, name) not in allowed:
+                raise ConfigError(
+                    f"{name} must be one of {', '.join(allowed)}, not {getattr(cfg, name)!r}"
+                )
         return cfg
 
 

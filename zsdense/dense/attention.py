@@ -17,18 +17,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from zsdense.config import CORRELATION_TYPES  # the registry (config: no torch for --help)
 from zsdense.errors import ConfigError
-
-# Attention types of Crane's E-Attn (and AnomalyCLIP's V-V). Each sum term is a separate softmax;
-# the sum is deliberately not renormalised (as in the reference).
-CORRELATION_TYPES: dict[str, tuple[str, ...]] = {
-    "qq+kk+vv": ("q", "k", "v"),
-    "vv": ("v",),
-    "qq": ("q",),
-    "kk": ("k",),
-    "qq+kk": ("q", "k"),
-    "(q+k+v)^2": ("qkv",),
-}
 
 
 def split_heads(x_bnc: torch.Tensor, num_heads: int) -> torch.Tensor:

@@ -123,10 +123,10 @@ def eattn_dual_path(
             f"E-Attn layers {bad} outside {start_block}..{n_layers} (the refined stream exists "
             f"only from the start block on)"
         )
-    o = clip.embed(x_norm_bchw, pos_mode)  # (B, 1+N, C)
-    n_tok = o.shape[1] - 1
+    o = clip.embed(x_norm_bchw, pos_mode)  # (B, 1+N[+R], C): test-time registers at the end
     gh = x_norm_bchw.shape[-2] // clip.patch_size
     gw = x_norm_bchw.shape[-1] // clip.patch_size
+    n_tok = gh * gw
     o = clip.run_blocks(o, 0, start_block - 1)
     r = o  # the refined stream starts as the start block's input (never modified in place)
     refined_at: dict[int, torch.Tensor] = {}
@@ -144,7 +144,7 @@ def eattn_dual_path(
         del plain, corr
         o_mid = o + _layer_scale(mod, "ls_1")(attn_o)
         if last and keep_last_inputs:
-            out.last_in, out.last_mid = o, o_mid
+            out.last_in, out.last_mid = clip.strip_registers(o), clip.strip_registers(o_mid)
         if last and not keep_streams:
             # Only the class token of the final original stream is used (global embedding).
             c = o_mid[:, :1]
@@ -154,10 +154,10 @@ def eattn_dual_path(
         if (i + 1) in want:
             refined_at[i + 1] = r
         if keep_streams:
-            out.refined[i + 1] = r
-            out.original[i + 1] = o
+            out.refined[i + 1] = clip.strip_registers(r)
+            out.original[i + 1] = clip.strip_registers(o)
     for layer in want:
-        raw = clip.head(refined_at[layer][:, 1:])  # (B, N, D)
+        raw = clip.head(clip.strip_registers(refined_at[layer])[:, 1:])  # (B, N, D)
         assert raw.shape[1] == n_tok
         out.dense_raw.append(raw)
         out.dense.append(F.normalize(raw, dim=-1))

@@ -32,7 +32,6 @@ from zsdense.dense.attention import (
     split_heads,
     vfm_guided_attention,
 )
-from zsdense.dense.methods import register_method
 from zsdense.errors import ConfigError
 
 POS_MODE = "bicubic-scale"  # positional-embedding resize of every open-vocab reference
@@ -85,11 +84,13 @@ def naclip_omega(
 def naclip_last_block(
     block_weights, x_bnc: torch.Tensor, grid_hw: tuple[int, int], sigma: float = 5.0
 ) -> torch.Tensor:
-    """NACLIP: ``softmax(s·kkᵀ + Ω)``, no residual, no MLP; ``x_bnc`` holds the class token."""
+    """NACLIP: ``softmax(s·kkᵀ + Ω)``, no residual, no MLP; ``x_bnc`` holds the class token
+    (and test-time registers after the patches, which get no neighbourhood term, as the class)."""
     q, k, v = qkv_heads(block_weights, block_weights.ln_1(x_bnc))
-    n = x_bnc.shape[1]
-    with_cls = n == grid_hw[0] * grid_hw[1] + 1
-    omega = naclip_omega(grid_hw, sigma, with_cls=with_cls, device=x_bnc.device, dtype=k.dtype)
+    extra = x_bnc.shape[1] - grid_hw[0] * grid_hw[1]  # class token + test-time registers
+    omega = naclip_omega(grid_hw, sigma, with_cls=extra > 0, device=x_bnc.device, dtype=k.dtype)
+    if extra > 1:
+        omega = F.pad(omega, (0, extra - 1, 0, extra - 1))
     s = k.shape[-1] ** -0.5
     a = torch.softmax(s * (k @ k.transpose(-1, -2)) + omega, dim=-1)
     return out_proj(block_weights, merge_heads(a @ v))
@@ -155,7 +156,7 @@ def proxyclip_last_block(
 
 def clip_last_block_input(clip, x_norm_bchw: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
     """Tokens entering the last block (B, 1+N, C) and the CLIP grid, pos-embed as the references."""
-    x = clip.embed(x_norm_bchw, POS_MODE)
+    x = clip.embed(x_norm_bchw, POS_MODE)  # test-time registers (if any) after the patches
     x = clip.run_blocks(x, 0, clip.num_layers - 1)
     p = clip.patch_size
     return x, (x_norm_bchw.shape[-2] // p, x_norm_bchw.shape[-1] // p)
@@ -182,7 +183,7 @@ def dense_clip_features(
             f"unknown CLIP-only variant {variant!r}; choose one of {', '.join(CLIP_LAST_BLOCKS)}"
         ) from None
     y = last_block(clip.block(clip.num_layers - 1), x, (gh, gw), sigma)
-    t = clip.head(y)[:, 1:]  # (B, N, D)
+    t = clip.head(clip.strip_registers(y))[:, 1:]  # (B, N, D)
     if normalize:
         t = F.normalize(t, dim=-1)
     return t.transpose(1, 2).reshape(t.shape[0], -1, gh, gw)
@@ -199,6 +200,7 @@ def proxy_clip_tokens(
 ) -> torch.Tensor:
     """ProxyCLIP tokens before ln_post (B, N_vfm, C) for a batch of CLIP-normalised windows."""
     x, grid = clip_last_block_input(clip, x_norm_bchw)
+    x = clip.strip_registers(x)  # the last block reads only the patches' values
     bw = clip.block(clip.num_layers - 1)
     return proxyclip_last_block(
         bw, x, grid, vfm_bchw, beta=beta, gamma=gamma, mean_scope=mean_scope
@@ -213,7 +215,9 @@ CLIP_LAST_BLOCKS: dict[str, Callable] = {
 }
 
 
-def _clip_only_features(variant: str) -> Callable:
+def clip_only_features(variant: str) -> Callable:
+    """The feature function of a CLIP-only last block (``CLIP_LAST_BLOCKS``), for the registry."""
+
     def features(clip, x_norm_bchw, cfg, vfm_fn=None):  # noqa: ARG001 - no VFM
         return dense_clip_features(clip, x_norm_bchw, variant, sigma=cfg.naclip_sigma).float()
 
@@ -228,21 +232,3 @@ def proxyclip_features(clip, x_norm_bchw, cfg, vfm_fn) -> torch.Tensor:
     )
     f = F.normalize(clip.head(tok).float(), dim=-1)
     return f.transpose(1, 2).reshape(x_norm_bchw.shape[0], -1, vf.shape[-2], vf.shape[-1])
-
-
-for _name, _desc, _ref in (
-    ("sclip", "correlative self-attention (q-q + k-k) in the last block", "SCLIP, 2024"),
-    ("clearclip", "q-q attention, no residual, no feed-forward", "ClearCLIP, ECCV 2024"),
-    ("naclip", "k-k attention + Gaussian neighbourhood, no residual/FFN", "NACLIP, WACV 2025"),
-):
-    register_method(
-        _name, _clip_only_features(_name), description=_desc, reference=_ref, replace_existing=True
-    )
-register_method(
-    "proxyclip",
-    proxyclip_features,
-    needs_vfm=True,
-    description="DINOv2 patch similarity as CLIP's last-block attention",
-    reference="ProxyCLIP, ECCV 2024",
-    replace_existing=True,
-)

@@ -223,14 +223,18 @@ def hybrid_mask_features(
         raise ConfigError(f"fusion_blocks must be in 1..{L}, got {fusion_blocks}")
     dev = clip.device
     views = torch.cat([local_views_nchw, global_views_nchw], dim=0).to(dev)  # (2N, 3, s, s)
-    x = clip.run_blocks(clip.embed(views, pos_mode), 0, start)  # (2N, 1+P, C)
+    x = clip.run_blocks(clip.embed(views, pos_mode), 0, start)  # (2N, 1+P[+R], C)
     loc, glob = x[:n], x[n:]
     m = grid_masks_nhw.to(device=dev, dtype=x.dtype).reshape(n, -1)  # (N, P)
-    if m.shape[1] != x.shape[1] - 1:
+    r = clip.extra_tokens  # test-time registers after the patches: handled as the class token
+    if m.shape[1] != x.shape[1] - 1 - r:
         raise ValueError(
-            f"grid masks have {m.shape[1]} cells but the views {x.shape[1] - 1} patches"
+            f"grid masks have {m.shape[1]} cells but the views {x.shape[1] - 1 - r} patches"
         )
     bias_mask = class_attention_bias(grid_masks_nhw.to(dev), x.dtype)  # (N, 1, T, T)
+    if r:  # registers: injected unmasked, always visible to the class token
+        m = torch.cat([m, m.new_ones(n, r)], dim=1)
+        bias_mask = F.pad(bias_mask, (0, r, 0, r))
     zeros = torch.zeros_like(bias_mask)
 
     if mode == "G2L":

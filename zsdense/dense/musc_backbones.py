@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from zsdense.errors import ConfigError
+from zsdense.models.registers import edit_activation
 
 MUSC_ACTS = ("as-run", "gelu", "quick_gelu")
 
@@ -118,6 +119,7 @@ def clip_block_forward(block: torch.nn.Module, x_bnc: torch.Tensor, act: str) ->
     x = x_bnc + block.ls_1(block.attention(q_x=block.ln_1(x_bnc)))
     h = block.mlp.c_fc(block.ln_2(x))
     h = F.gelu(h) if act == "gelu" else h * torch.sigmoid(1.702 * h)
+    h = edit_activation(block.mlp.gelu, h)  # test-time registers' edit hooked on gelu, if any
     return x + block.ls_2(block.mlp.c_proj(h))
 
 
@@ -140,7 +142,7 @@ def clip_streams(
     for i, blk in enumerate(clip.blocks, start=1):
         x = clip_block_forward(blk, x, act)
         if i in want:
-            out[i] = x[:, 1:]
+            out[i] = clip.strip_registers(x)[:, 1:]
     embed = F.normalize(clip.head(x[:, 0]).float(), dim=-1)
     info = {"backbone": "clip", "arch": clip.arch, "act": act, "pos_resize": pos_mode}
     return BackboneStreams(patches=out, image_embed=embed, grid=grid, info=info)
@@ -189,11 +191,12 @@ def dinov2_streams(dino, x_norm_bchw: torch.Tensor, layers: Sequence[int]) -> Ba
     regs = dino.num_registers
     if regs:
         x = torch.cat([x[:, :1], emb.register_tokens.expand(b, -1, -1).to(x.dtype), x[:, 1:]], 1)
+    x = emb.dropout(x)  # identity at inference; test-time registers hook it
     out: dict[int, torch.Tensor] = {}
     for i, layer in enumerate(m.encoder.layer, start=1):
         x = layer(x, None)
         if i in want:
-            out[i] = m.layernorm(x)[:, 1 + regs :]
+            out[i] = dino.strip_registers(m.layernorm(x))[:, 1 + regs :]
     embed = m.layernorm(x)[:, 0].float()
     info = {"backbone": "dinov2", "arch": dino.name, "pos_resize": "bicubic+0.1 (hub)"}
     return BackboneStreams(patches=out, image_embed=embed, grid=grid, info=info)

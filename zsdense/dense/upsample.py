@@ -20,9 +20,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from zsdense.config import UPSAMPLE_MODES
 from zsdense.errors import ConfigError
-
-UPSAMPLE_MODES = ("bilinear", "jbu")
 
 
 def upsample_scores(

@@ -41,11 +41,14 @@ from typing import Any, Callable, Iterable, Sequence
 
 from zsdense.config import ENGINE
 from zsdense.context import ImageContext
+from zsdense.engine.decide import save_run_thresholds
 from zsdense.engine.report import write_report
+from zsdense.engine.report_view import store_view
 from zsdense.engine.specs import TaskSpec
 from zsdense.engine.volumes import write_volume_maps
 from zsdense.errors import ConfigError, InputError, ZsdenseError
 from zsdense.io import list_inputs, read_image_records
+from zsdense.io.instances import manifest_instances
 from zsdense.io.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -58,6 +61,7 @@ from zsdense.io.manifest import (
     out_stem,
     plan_run,
 )
+from zsdense.io.progress import Progress, progress_scope
 from zsdense.io.writers import to_jsonable
 from zsdense.runtime import runtime_of
 from zsdense.version import __version__
@@ -79,7 +83,10 @@ class RunSummary:
     wall_seconds: float = 0.0
     stage_seconds: dict = field(default_factory=dict)
     errors: list = field(default_factory=list)  # (key, message)
+    fallbacks: int = 0  # ok records whose result is a method's stand-in ("fallback": true)
     extra_outputs: list = field(default_factory=list)  # report.html, volume maps
+    # (key, message) of failures an earlier run recorded and this one left as they were
+    previous_errors: list = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -95,7 +102,13 @@ class RunSummary:
         if self.inputs:  # the progress line's unit; records: one per image (page, frame...)
             records = self.total + self.skipped  # made now + settled earlier
             text = f"{self.inputs} input(s) -> {records} image record(s): "
-        text += f"{self.ok} ok, {self.failed} failed, {self.skipped} skipped (already done)"
+        text += f"{self.ok} ok"
+        if self.fallbacks:
+            text += f" ({self.fallbacks} of them fallbacks: see 'fallback' in results.jsonl)"
+        text += f", {self.failed} failed"
+        if self.previous_errors:
+            text += f" ({len(self.previous_errors)} in an earlier run, kept: --retry-errors)"
+        text += f", {self.skipped} skipped (already done)"
         if self.not_processed:
             text += (
                 f", {self.not_processed} path(s) not processed (see the 'skipped' lines of "
@@ -282,50 +295,7 @@ def items_from_queries(queries: list[dict], base: Path) -> list:
 # ---- progress ----------------------------------------------------------------------------
 
 
-class _Progress:
-    """tqdm (with ETA) on a terminal, periodic plain log lines otherwise."""
-
-    def __init__(self, total: int, enabled: bool, interval: float = 10.0, stream=None):
-        self.total, self.done, self.t0 = total, 0, time.monotonic()
-        self.last = self.t0
-        self.bar = None
-        self.enabled = enabled and total > 0
-        self.interval = interval
-        self.stream = stream if stream is not None else sys.stderr
-        if self.enabled and getattr(self.stream, "isatty", lambda: False)():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, unit="img", dynamic_ncols=True, file=self.stream)
-
-    def update(self, n: int = 1, failed: int = 0) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-            if failed:
-                self.bar.set_postfix(failed=failed)
-            return
-        now = time.monotonic()
-        if self.enabled and (now - self.last >= self.interval or self.done >= self.total):
-            self.last = now
-            rate = self.done / max(now - self.t0, 1e-9)
-            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-            print(
-                f"zsdense: {self.done}/{self.total} inputs ({100 * self.done / self.total:.0f}%), "
-                f"{rate:.2f}/s, {failed} failed, ETA {_fmt_eta(eta)}",
-                file=self.stream,
-                flush=True,
-            )
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _fmt_eta(s: float) -> str:
-    if s == float("inf"):
-        return "?"
-    s = int(round(s))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+_Progress = Progress  # the run's progress line (zsdense.io.progress, as the setup phases)
 
 
 def _jsonable_meta(meta: dict) -> dict:
@@ -461,9 +431,18 @@ def write_units(
             outputs: dict = {}
             scores: dict = {}
             res_meta: dict = {}
+            instances: dict = {}  # task -> (instances kept, total when some were left out)
+            fallbacks: dict = {}
             for task in tasks:
                 stem = out_stem(out_dir, it, suffix, task.name if multi else None)
                 got = task.write(results[task.name][i], ctx, stem, it.params) or {}
+                _store_view(
+                    out_dir, rec["key"], task.name if multi else None, got, results, task, i, ctx
+                )
+                if got.get("instances") is not None:
+                    instances[task.name] = manifest_instances(list(got["instances"]))
+                if got.get("fallback"):
+                    fallbacks[task.name] = str(got["fallback"])
                 if multi:
                     outputs[task.name] = got.get("outputs", {})
                     scores[task.name] = got.get("scores", {})
@@ -482,15 +461,53 @@ def write_units(
         rec.update(
             status="ok",
             error=None,
+            fallback=bool(fallbacks),  # a method's stand-in, not an answer (write() says why)
+            **({"fallback_reason": _fallback_reason(fallbacks, multi)} if fallbacks else {}),
             outputs=_stringify_paths(outputs, out_dir),
             scores=_jsonable_meta(scores),
             meta={"image": meta, "result": _jsonable_meta(res_meta)},
             encoders=_encoder_counts(ctx),
             timing={"compute_s": round(task_secs[i], 4), "write_s": round(write_s, 4)},
         )
+        if instances:  # the connected components of each mask (zsdense.io.instances)
+            add_instances(rec, instances, multi)
         emit(rec)
         if release:
             ctx.release()
+
+
+def _store_view(out_dir, key, task_name, got, results, task, i, ctx) -> None:
+    """Cache the report's view of an anomaly map while it is in memory (report_view)."""
+    amap = getattr(results[task.name][i], "anomaly_map", None)
+    map_path = (got.get("outputs") or {}).get("map")
+    if amap is None or not map_path:
+        return
+    try:
+        rel = _stringify_paths(map_path, out_dir)
+        store_view(out_dir, key, task_name, rel, amap, ctx.image)
+    except Exception as exc:  # noqa: BLE001 - the report makes it later from the files
+        log.debug("report view of %s not cached: %s", key, exc)
+
+
+def add_instances(rec: dict, instances: dict[str, tuple[list, int | None]], multi: bool) -> None:
+    """``rec["instances"]`` (a list; ``{task: list}`` when several tasks ran) and, where the
+    list was cut to the largest ones, ``rec["instances_total"]`` (the same nesting)."""
+    if multi:
+        rec["instances"] = {k: to_jsonable(v[0]) for k, v in instances.items()}
+        totals = {k: v[1] for k, v in instances.items() if v[1] is not None}
+        if totals:
+            rec["instances_total"] = totals
+        return
+    kept, total = next(iter(instances.values()))
+    rec["instances"] = to_jsonable(kept)
+    if total is not None:
+        rec["instances_total"] = total
+
+
+def _fallback_reason(reasons: dict[str, str], multi: bool) -> str:
+    if not multi:
+        return next(iter(reasons.values()))
+    return "; ".join(f"{task}: {why}" for task, why in reasons.items())
 
 
 def process_units(
@@ -510,6 +527,9 @@ def process_units(
 # ---- the runner --------------------------------------------------------------------------
 
 
+# run_batch is longer than the house's ~80 lines: the signal handlers, the reader pool, the
+# writer thread and the stop flag share the run's state through closures; splitting it means
+# turning that state into an object, the engine's own refactor (issue 19), not the anomaly one.
 def run_batch(
     rt,
     items: Sequence[WorkItem],
@@ -552,10 +572,13 @@ def run_batch(
     plan = plan_run(items, out_dir, force=force, retry_errors=retry_errors)
     if plan.todo:  # load what the tasks need: missing weights fail here, nothing written
         record = getattr(rt, "weights_record", None)
-        if callable(record):  # the hashes of the weights this run's tasks load
-            settings["weights"] = record(during=lambda: setup_tasks(tasks))
-        else:
-            setup_tasks(tasks)
+        # setup phases (calibration, reference passes) show their own progress, before the
+        # run's progress line starts its clock (so the first ETA does not include them)
+        with progress_scope(progress, progress_interval):
+            if callable(record):  # the hashes of the weights this run's tasks load
+                settings["weights"] = record(during=lambda: setup_tasks(tasks))
+            else:
+                setup_tasks(tasks)
         if record_settings:
             check_settings(out_dir, settings, force=force)
     clean_orphan_temp_files(out_dir)
@@ -571,6 +594,11 @@ def run_batch(
         summary.skipped += 1
         if rec.get("status") != "ok":
             summary.failed += 1
+            summary.previous_errors.append((key, rec.get("error")))
+    settled = {it.key for it in items} - {it.key for it in todo}
+    for rec in plan.previous.values():  # failures of settled items: named, with the hint
+        if rec.get("status") == "error" and rec.get("item", rec.get("key")) in settled:
+            summary.previous_errors.append((rec.get("key"), rec.get("error")))
 
     batch_size = batch_size or rt.config.batch_size
     needs_all = any(t.group == "all" for t in tasks)
@@ -587,6 +615,7 @@ def run_batch(
             summary.total += 1
             if record["status"] == "ok":
                 summary.ok += 1
+                summary.fallbacks += bool(record.get("fallback"))
             else:
                 summary.failed += 1
                 summary.errors.append((record["key"], record.get("error")))
@@ -665,11 +694,18 @@ def run_batch(
                     units.append((it, suffix, ctx, len(got)))
             add_time("wait-read", time.perf_counter() - t_wait)
             futures[b] = []
-            chunk = len(units) if needs_all else batch_size
-            computed = [
-                (units[c : c + chunk], compute_units(units[c : c + chunk], tasks, add_time))
-                for c in range(0, len(units), max(chunk, 1))
-            ]
+            chunk = max(len(units) if needs_all else batch_size, 1)
+            computed = []
+            for c in range(0, len(units), chunk):
+                part = units[c : c + chunk]
+                computed.append((part, compute_units(part, tasks, add_time)))
+                # a multi-page file is one batch of many units: drop each context's encoder
+                # outputs (SAM states, dense features) once no later unit of the batch shares
+                # it, so memory follows batch_size, not the pages in a file (writes use ctx.image)
+                later = {id(u[2]) for u in units[c + chunk :]}
+                for u in part:
+                    if id(u[2]) not in later:
+                        u[2].release()
 
             def write_batch(computed=computed, units=units) -> None:
                 for part, comp in computed:
@@ -696,6 +732,7 @@ def run_batch(
         pool.shutdown(wait=False, cancel_futures=True)
         if writer is not None:  # the last batch's records land before the manifest is compacted
             writer.shutdown(wait=True)
+        prog.set_failed(summary.failed)  # records written after the last update count too
         prog.close()
         for sig, old in old_handlers.items():
             signal.signal(sig, old)
@@ -783,6 +820,10 @@ def finish_run(
             summary.extra_outputs.extend(write_volume_maps(out_dir, items))
         except Exception as exc:  # noqa: BLE001
             print(f"zsdense: warning: volume maps not written: {exc}", file=sys.stderr)
+    try:  # calibrated thresholds kept for reuse (--thresholds, memory banks)
+        summary.extra_outputs.extend(save_run_thresholds(out_dir))
+    except Exception as exc:  # noqa: BLE001
+        print(f"zsdense: warning: thresholds.json not written: {exc}", file=sys.stderr)
     if report:
         try:
             summary.extra_outputs.append(write_report(out_dir))

@@ -54,6 +54,7 @@ from zsdense.io.manifest import (
 from zsdense.io.writers import dumps_strict
 from zsdense.options import options_for
 from zsdense.runtime import Runtime, runtime_of
+from zsdense.tasks import anomaly_methods
 
 
 def _require_ray():
@@ -229,6 +230,9 @@ def _item(v: Any, i: int) -> Any:
 # ---- the driver ----------------------------------------------------------------------------
 
 
+# run_ray is longer than the house's ~80 lines: it mirrors run_batch step by step (settings,
+# plan, skipped records, the Ray pipeline, the summary); it is split with run_batch, in the
+# engine's own refactor (issue 19).
 def run_ray(
     items: Sequence[WorkItem],
     out_dir: str | Path,
@@ -259,7 +263,7 @@ def run_ray(
     for c in cfgs:  # validated here, on the driver, before Ray starts
         if str(c.get("task")) == "anomaly":
             opts = options_for("anomaly", {k: v for k, v in c.items() if k not in META_KEYS})
-            if opts.config().method == "musc":
+            if anomaly_methods.scorer(opts).group == "all":
                 raise ConfigError(
                     f"preset {opts.preset!r} scores images against each other: use --engine local"
                 )
@@ -359,6 +363,7 @@ def run_ray(
                 summary.total += 1
                 if rec.get("status") == "ok":
                     summary.ok += 1
+                    summary.fallbacks += bool(rec.get("fallback"))
                 else:
                     summary.failed += 1
                     summary.errors.append((rec["key"], rec.get("error")))

@@ -8,7 +8,7 @@ it ran.
 A task config is a plain dict (picklable, so Ray workers can rebuild the heads)::
 
     {"task": "anomaly", "preset": "crane", "object_name": "screw"}
-    {"task": "openvocab", "preset": "trident", "classes": ["cat", "sofa"]}
+    {"task": "openvocab", "preset": "trident", "classes": ["cat; kitten", "sofa"]}
     {"task": "refer", "text": "the cat on the left"}
     {"task": "mypkg.heads:make_spec", ...}       # a callable (rt, **options) -> TaskSpec
 
@@ -100,24 +100,26 @@ def _settings(kind: str, opts: Any, out: OutputOptions) -> dict:
 def anomaly_spec(
     rt, opts: AnomalyOptions, out: OutputOptions = OutputOptions(), name: str = "anomaly"
 ) -> TaskSpec:
-    """Anomaly maps, masks and scores per batch (the whole readable set for ``musc``); the
-    few-shot presets build or load their memory of good references once, at setup."""
+    """Anomaly maps, masks and scores per batch (the whole readable set for a scorer that
+    declares ``group="all"``, e.g. ``musc``). At setup the preset's scorer prepares once what
+    it needs (models, the memory of good references and their statistics) and the run's
+    thresholds are decided (calibration included), before the first input."""
+    scorer = anomaly_scorers.check_options(opts)
     state: dict[str, Any] = {}
 
     def setup() -> None:
-        state["scorer"] = anomaly_scorers.prepare(rt, opts)
+        state["prepared"] = anomaly_scorers.prepare(rt, opts)
 
     def run(ctxs: list[ImageContext], params: list[dict]) -> list:
-        if "scorer" not in state:
+        if "prepared" not in state:
             setup()
-        return anomaly_scorers.run(rt, ctxs, opts, state["scorer"])
+        return anomaly_scorers.run(rt, ctxs, opts, state["prepared"])
 
-    group = "all" if opts.config().method == "musc" else "batch"
     return TaskSpec(
         name=name,
         run=run,
         write=_writer(out),
-        group=group,
+        group=scorer.group,
         setup=setup,
         settings=_settings("anomaly", opts, out),
     )
@@ -186,8 +188,12 @@ META_KEYS = ("task", "name", "fmt", "overlay")
 
 def parse_task_option(value: str) -> dict:
     """``--task`` value -> config: ``anomaly``, ``anomaly:crane+`` (preset), ``mod.sub:func``
-    (a callable ``(rt, **options) -> TaskSpec``), with ``key=value`` options after a comma:
-    ``openvocab:trident,classes=cat;sofa`` (``;`` separates list items)."""
+    (a callable ``(rt, **options) -> TaskSpec``), with ``key=value`` options after a comma.
+
+    ``,`` separates the options, so a value that is a list separates its items with ``|``:
+    ``openvocab:trident,classes=cat;kitten|sofa`` is two classes, the first with the synonyms
+    cat and kitten (``;`` joins synonyms everywhere, as in ``--classes "cat;kitten, sofa"``).
+    Values are text; the options give them their field's type (numbers, true/false)."""
     head, _, rest = value.partition(",")
     cfg: dict[str, Any] = {}
     name, _, preset = head.partition(":")
@@ -207,7 +213,7 @@ def parse_task_option(value: str) -> dict:
         k, eq, v = part.partition("=")
         if not eq:
             raise ConfigError(f"--task option {part!r} must be key=value")
-        cfg[k.strip()] = [s.strip() for s in v.split(";") if s.strip()] if ";" in v else v.strip()
+        cfg[k.strip()] = [s.strip() for s in v.split("|")] if "|" in v else v.strip()
     return cfg
 
 

@@ -6,8 +6,10 @@ slice maps (``.map.tiff`` / ``.map.npy``, one per slice) are read back from disk
 by an earlier, interrupted run count too), un-rotated from the display view the reader used
 (``np.rot90`` of the voxel slice) and stacked along the slicing axis:
 ``<stem>.map.nii.gz`` (one task) or ``<stem>.<task>.map.nii.gz``. A ``(K, H, W)`` map (class
-probabilities) gives a 4D volume ``(X, Y, Z, K)``. The file is gzip-compressed with a fixed
-timestamp, so the same maps give the same bytes, and written atomically.
+probabilities) gives a 4D volume ``(X, Y, Z, K)``. The slice masks are stacked the same way into
+``<stem>[.<task>].mask.nii.gz`` (uint8: 0/1 for a binary mask, the class index for a label map),
+so the decision can be overlaid on the scan as a segmentation. The files are gzip-compressed
+with a fixed timestamp, so the same maps give the same bytes, and written atomically.
 """
 
 from __future__ import annotations
@@ -31,14 +33,26 @@ def _read_map(path: Path) -> np.ndarray:
     return tifffile.imread(path)
 
 
-def _maps_by_task(outputs: dict) -> dict[str | None, str]:
-    """``{"map": p}`` -> ``{None: p}``; ``{task: {"map": p}}`` -> ``{task: p}``."""
+def _read_mask(path: Path) -> np.ndarray:
+    """A mask PNG as uint8: a palette (label) PNG keeps its class indices, a 0/255 mask -> 0/1."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        arr = np.asarray(im)
+        if im.mode == "P":
+            return arr.astype(np.uint8)
+    return (arr > 0).astype(np.uint8)
+
+
+def _maps_by_task(outputs: dict, kind: str = "map") -> dict[str | None, str]:
+    """``{"map": p}`` -> ``{None: p}``; ``{task: {"map": p}}`` -> ``{task: p}`` (``kind``:
+    the output, ``map`` or ``mask``)."""
     found: dict[str | None, str] = {}
-    if isinstance(outputs.get("map"), str):
-        found[None] = outputs["map"]
+    if isinstance(outputs.get(kind), str):
+        found[None] = outputs[kind]
     for k, v in outputs.items():
-        if isinstance(v, dict) and isinstance(v.get("map"), str):
-            found[k] = v["map"]
+        if isinstance(v, dict) and isinstance(v.get(kind), str):
+            found[k] = v[kind]
     return found
 
 
@@ -48,14 +62,14 @@ def slice_to_voxels(map_hw: np.ndarray) -> np.ndarray:
 
 
 def volume_from_slices(
-    slices: dict[int, np.ndarray], shape: Sequence[int], axis: int
+    slices: dict[int, np.ndarray], shape: Sequence[int], axis: int, dtype=np.float32
 ) -> np.ndarray:
     """Stack display-view slice maps (index -> ``(H, W)`` or ``(K, H, W)``) into the volume."""
     first = next(iter(slices.values()))
     extra = () if first.ndim == 2 else (first.shape[0],)
-    vol = np.zeros(tuple(shape[:3]) + extra, dtype=np.float32)
+    vol = np.zeros(tuple(shape[:3]) + extra, dtype=dtype)
     for k, m in slices.items():
-        m = np.asarray(m, dtype=np.float32)
+        m = np.asarray(m, dtype=dtype)
         if m.ndim == 3:
             m = np.moveaxis(m, 0, -1)  # (H, W, K)
         sl = slice_to_voxels(m)
@@ -65,7 +79,9 @@ def volume_from_slices(
     return vol
 
 
-def write_nifti_gz(path: Path, vol: np.ndarray, affine: np.ndarray, like=None) -> Path:
+def write_nifti_gz(
+    path: Path, vol: np.ndarray, affine: np.ndarray, like=None, dtype=np.float32
+) -> Path:
     """Write ``vol`` as a gzipped NIfTI-1 with ``affine`` (units/qform copied from ``like``)."""
     try:
         import nibabel
@@ -75,9 +91,9 @@ def write_nifti_gz(path: Path, vol: np.ndarray, affine: np.ndarray, like=None) -
     header = None
     if like is not None:
         header = like.header.copy()
-        header.set_data_dtype(np.float32)
-    img = nibabel.Nifti1Image(vol.astype(np.float32), affine, header=header)
-    img.header.set_data_dtype(np.float32)
+        header.set_data_dtype(dtype)
+    img = nibabel.Nifti1Image(vol.astype(dtype), affine, header=header)
+    img.header.set_data_dtype(dtype)
     img.header["scl_slope"] = 1.0
     img.header["scl_inter"] = 0.0
     raw = img.to_bytes()
@@ -87,8 +103,9 @@ def write_nifti_gz(path: Path, vol: np.ndarray, affine: np.ndarray, like=None) -
     return path
 
 
-def write_volume_maps(out_dir: str | Path, items: Sequence) -> list[Path]:
-    """For every NIfTI item with all slices ok, write its map volume(s); returns the paths."""
+def write_volume_maps(out_dir: str | Path, items: Sequence, masks_only: bool = False) -> list[Path]:
+    """For every NIfTI item with all slices ok, write its map volume(s) and mask volume(s);
+    returns the paths. ``masks_only``: the mask volumes only (``zsdense decide``)."""
 
     out_dir = Path(out_dir)
     records = Manifest(out_dir / MANIFEST_NAME).load().values()
@@ -97,6 +114,9 @@ def write_volume_maps(out_dir: str | Path, items: Sequence) -> list[Path]:
         if (r.get("meta", {}).get("image", {}) or {}).get("format") == "nifti":
             by_item.setdefault(str(r.get("item")), []).append(r)
     written: list[Path] = []
+    kinds = (("mask", _read_mask, np.uint8),)
+    if not masks_only:
+        kinds = (("map", _read_map, np.float32),) + kinds
     for it in items:
         recs = by_item.get(it.key)
         if not recs:
@@ -117,17 +137,19 @@ def write_volume_maps(out_dir: str | Path, items: Sequence) -> list[Path]:
         except Exception:  # the input moved: fall back to the affine kept in the manifest
             like = None
             affine = np.asarray(meta0.get("affine") or np.eye(4), dtype=float)
-        tasks = _maps_by_task(recs[0].get("outputs", {}))
-        for task in tasks:
-            slices: dict[int, np.ndarray] = {}
-            for r in recs:
-                p = _maps_by_task(r.get("outputs", {})).get(task)
-                k = r["meta"]["image"].get("slice")
-                if p is None or k is None:
-                    break
-                slices[int(k)] = _read_map(out_dir / p)
-            else:
-                vol = volume_from_slices(slices, shape, int(axis))
-                stem = out_stem(out_dir, it, "", task)
-                written.append(write_nifti_gz(Path(f"{stem}.map.nii.gz"), vol, affine, like))
+        for kind, read, dtype in kinds:
+            tasks = _maps_by_task(recs[0].get("outputs", {}), kind)
+            for task in tasks:
+                slices: dict[int, np.ndarray] = {}
+                for r in recs:
+                    p = _maps_by_task(r.get("outputs", {}), kind).get(task)
+                    k = r["meta"]["image"].get("slice")
+                    if p is None or k is None:
+                        break
+                    slices[int(k)] = read(out_dir / p)
+                else:
+                    vol = volume_from_slices(slices, shape, int(axis), dtype)
+                    stem = out_stem(out_dir, it, "", task)
+                    path = Path(f"{stem}.{kind}.nii.gz")
+                    written.append(write_nifti_gz(path, vol, affine, like, dtype))
     return written

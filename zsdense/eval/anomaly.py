@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from zsdense import metrics as M
-from zsdense.config import ANOMALY_PRESETS, FEWSHOT_METHODS
+from zsdense.config import ANOMALY_PRESETS
 from zsdense.engine.local import load_records
 from zsdense.engine.specs import TaskSpec, build_task_spec
 from zsdense.errors import ConfigError
@@ -49,9 +49,11 @@ from zsdense.eval.datasets import (
     read_anomaly,
     train_good_images,
 )
+from zsdense.eval.protocols import ANOMALY_METRICS, EVAL_SIZE, IMAGE_METRICS, PIXEL_METRICS
 from zsdense.io.manifest import WorkItem, record_complete
 from zsdense.io.writers import write_map_npy
 from zsdense.runtime import runtime_of
+from zsdense.tasks.anomaly_registry import scorer_for
 from zsdense.tasks.fewshot import select_references
 
 __all__ = [
@@ -67,20 +69,7 @@ __all__ = [
     "limit_spread",
 ]
 
-EVAL_SIZE = 518  # anomaly maps and masks are scored at 518x518 (specs/anomaly.md)
-ANOMALY_METRICS = (
-    "image_auroc",
-    "image_ap",
-    "image_f1_max",
-    "pixel_auroc",
-    "pixel_ap",
-    "pixel_f1_max",
-    "aupro",
-    "aupro_mvtec",
-)
-PIXEL_METRICS = frozenset({"pixel_auroc", "pixel_ap", "pixel_f1_max", "aupro", "aupro_mvtec"})
-IMAGE_METRICS = frozenset({"image_auroc", "image_ap", "image_f1_max"})
-ANOMALY_PRESET_CHOICES = tuple(ANOMALY_PRESETS)
+ANOMALY_PRESET_CHOICES = ANOMALY_PRESETS  # the live preset table: registered presets included
 _COUNTS = ("n_images", "n_anomalous", "n_pixel_images", "n_failed")
 
 TaskFactory = Callable[[str], TaskSpec]  # object name -> the head's TaskSpec
@@ -146,18 +135,34 @@ class _Pred:
 
 
 def _category_metrics(
-    preds: list[_Pred], wanted: set[str], size: int, bins: int, exact: bool, log: Log
+    preds: list[_Pred],
+    wanted: set[str],
+    size: int,
+    bins: int,
+    exact: bool,
+    log: Log,
+    seen: dict | None = None,
 ) -> tuple[dict[str, Any], bool]:
     """Metrics of one category; the flag says whether pixel metrics were wanted but no mask
-    exists (image metrics only)."""
+    exists (image metrics only). ``seen`` (a dict) receives what the evaluation report shows:
+    the F1-optimal thresholds (``thresholds``) and the curves (``curves``)."""
+    seen = {} if seen is None else seen
     row: dict[str, Any] = {
         "n_images": len(preds),
         "n_anomalous": sum(p.sample.label for p in preds),
     }
     if not preds:
         return row, False
+    labels = [p.sample.label for p in preds]
+    scores = [p.score for p in preds]
+    f1_img, thr_img = M.f1_max_threshold(labels, scores)
+    seen["thresholds"] = {"image_threshold": thr_img, "image_f1_max": f1_img}
+    seen["curves"] = {
+        "image_roc": M.roc_curve(labels, scores),
+        "image_pr": M.pr_curve(labels, scores),
+    }
     if wanted & IMAGE_METRICS:
-        got = M.image_metrics([p.sample.label for p in preds], [p.score for p in preds])
+        got = M.image_metrics(labels, scores)
         row.update({k: v for k, v in got.items() if k in wanted})
     if not wanted & PIXEL_METRICS:
         return row, False
@@ -185,6 +190,14 @@ def _category_metrics(
         maps, masks = zip(*pairs())
         pm = M.pixel_metrics(np.stack(masks), np.stack(maps))
         row.update({k: v for k, v in pm.items() if k in wanted})
+        f1_pix, thr_pix = M.f1_max_threshold(np.stack(masks), np.stack(maps))
+        seen["thresholds"].update(threshold=thr_pix, pixel_f1_max=f1_pix)
+        fpr, pro = M.pro_curve_mvtec(np.stack(masks), np.stack(maps))
+        seen["curves"].update(
+            pixel_roc=M.roc_curve(np.stack(masks), np.stack(maps)),
+            pixel_pr=M.pr_curve(np.stack(masks), np.stack(maps)),
+            pro=(fpr, pro),
+        )
         return row, False
     rt = M.RangeTracker()  # pass 1: the category's score range
     for p in pix:
@@ -199,12 +212,110 @@ def _category_metrics(
         if pro is not None:
             pro.update(amap, mask)
     pm = {"pixel_auroc": acc.auroc(), "pixel_ap": acc.ap(), "pixel_f1_max": acc.f1_max()}
+    f1_pix, thr_pix = acc.f1_max_threshold()
+    seen["thresholds"].update(threshold=thr_pix, pixel_f1_max=f1_pix)
+    cv = acc.curves()
+    seen["curves"].update(
+        pixel_roc=(cv.get("fpr"), cv.get("tpr")),
+        pixel_pr=(cv.get("recall"), cv.get("precision")),
+        pro=(cv.get("pro_fpr"), cv.get("pro")),
+    )
     if "aupro_mvtec" in wanted:
         pm["aupro_mvtec"] = acc.aupro_mvtec()
     if pro is not None:
         pm["aupro"] = pro.aupro()
     row.update({k: v for k, v in pm.items() if k in wanted})
     return row, False
+
+
+def _category_task(
+    rt,
+    cat: str,
+    task: TaskFactory | None,
+    base: dict,
+    data: Path,
+    layout: str,
+    shots: int | None,
+    seed: int,
+    fmt: str,
+    size: int,
+) -> TaskSpec:
+    """The head that predicts one category: ``task`` (object name -> TaskSpec) or the preset's
+    spec for the category's object; a preset whose scorer takes good references draws them
+    from the category's good training images (``shots``, ``seed``) as the reference does."""
+    object_name = cat.replace("_", " ")
+    if task is not None:
+        return anomaly_eval_task(task(object_name), size)
+    cfg = {**base, "object_name": object_name, "keep_model_map": True}
+    if scorer_for(cfg["preset"]).references != "none":
+        pool = train_good_images(data, layout, cat)
+        cfg["reference"] = [str(p) for p in select_references(pool, shots, seed)]
+    return anomaly_eval_task(build_task_spec(rt, cfg, fmt=fmt, overlay=False), size)
+
+
+def _predict_category(
+    rt,
+    cat: str,
+    samples: list[AnomalySample],
+    spec: TaskSpec,
+    data: Path,
+    root: Path,
+    run_kw: dict,
+    log: Log,
+) -> tuple[list[_Pred], list[tuple[str, str]]]:
+    """Predictions of one category (stored ones reused; a set-level head predicts its whole
+    set again when one is missing) and its failures."""
+    items = [
+        WorkItem(key=str(r), path=s.image_path, rel=r)
+        for s in samples
+        for r in [rel_key(s.image_path, data)]
+    ]
+    stored = {rec.get("key"): rec for rec in load_records(root)}
+    missing = sum(not record_complete(stored.get(it.key, {}), root) for it in items)
+    redo_set = spec.group == "all" and missing > 0
+    if missing:
+        n = len(items) if redo_set else missing
+        log(f"[{cat}] predicting {n} of {len(items)} images")
+    run = predict(rt, items, root, spec, force=redo_set, **run_kw)
+    preds = [
+        _Pred(s, float(run.records[it.key]["scores"]["score"]), run.path(it.key, "eval_map"))
+        for s, it in zip(samples, items)
+        if it.key in run.records
+    ]
+    if run.failed:
+        log(f"[{cat}] {len(run.failed)} image(s) failed and are left out of the metrics")
+    return preds, list(run.failed)
+
+
+def _table(
+    rows: list[dict],
+    failed: list,
+    no_masks: list[str],
+    wanted: set[str],
+    config: dict,
+    bins: int | None,
+    log: Log,
+) -> MetricTable:
+    """The evaluation's table: per-category rows, their mean, the notes."""
+    notes = []
+    if no_masks:
+        notes.append(
+            "pixel metrics need ground-truth masks: none found for "
+            f"{', '.join(no_masks)}; image metrics only there"
+        )
+        log(notes[-1])
+    cols = [m for m in ANOMALY_METRICS if m in wanted]
+    return MetricTable(
+        task="anomaly",
+        key="category",
+        columns=cols,
+        rows=rows,
+        mean=mean_row(rows, cols, "category"),
+        config=config,
+        extra={"pixel_bins": bins},
+        failed=failed,
+        notes=notes,
+    )
 
 
 def evaluate_anomaly(
@@ -240,8 +351,9 @@ def evaluate_anomaly(
     :class:`~zsdense.runtime.Runtime` or ``Segmenter`` (default: a new one). ``dataset`` picks
     the prompts as the papers do (default: the detected layout, so MVTec gets the VisA-trained
     prompts); ``options`` are further anomaly options (``prompts``, ``domain``, ``attn_type``...).
-    Few-shot presets (``anomalydino``, ``crane+fewshot``) draw ``shots`` references per category
-    from its good training images as the reference does (``sorted(files)[seed·n:(seed+1)·n]``).
+    Presets whose scorer takes good references (``anomalydino``, ``crane+fewshot``) draw
+    ``shots`` per category from its good training images as the reference does
+    (``sorted(files)[seed·n:(seed+1)·n]``).
     ``limit`` keeps at most N images per category, spread over normal and defective ones.
     ``fmt`` ``npy``/``tiff`` also keeps the full-size maps; ``task`` replaces the head
     (object name -> TaskSpec, e.g. a custom method; ``preset`` then only names the stored
@@ -266,29 +378,12 @@ def evaluate_anomaly(
     for s in samples:
         by_cat[s.category].append(s)
 
-    def make_task(cat: str) -> TaskSpec:
-        object_name = cat.replace("_", " ")
-        if task is not None:
-            inner = task(object_name)
-        else:
-            cfg = {
-                "task": "anomaly",
-                "preset": preset,
-                "object_name": object_name,
-                "dataset": dataset,
-                "keep_model_map": True,
-                **opts,
-            }
-            if ANOMALY_PRESETS[preset].method in FEWSHOT_METHODS:
-                pool = train_good_images(data, layout, cat)
-                cfg["reference"] = [str(p) for p in select_references(pool, shots, seed)]
-            inner = build_task_spec(rt, cfg, fmt=fmt, overlay=False)
-        return anomaly_eval_task(inner, size)
-
-    tasks = {cat: make_task(cat) for cat in sorted(by_cat)}
-    whole_set = any(t.group == "all" for t in tasks.values())
-    models = str(rt.config.models)
-    settings: dict[str, Any] = {
+    base = {"task": "anomaly", "preset": preset, "dataset": dataset, **opts}
+    tasks = {
+        cat: _category_task(rt, cat, task, base, data, layout, shots, seed, fmt, size)
+        for cat in sorted(by_cat)
+    }
+    settings = {
         "task": "anomaly",
         "data": str(data.resolve()),
         "layout": layout,
@@ -298,81 +393,54 @@ def evaluate_anomaly(
         "options": opts,
         "shots": shots,
         "seed": seed,
-        "models": models,
+        "models": str(rt.config.models),
         "precision": rt.precision,
         "fmt": fmt,
     }
-    if whole_set:
+    if any(t.group == "all" for t in tasks.values()):
         settings["limit"] = limit  # a set-level method scores each image against its set
     root = out / "predictions" / "anomaly"
     prepare_predictions(root, settings, force, log)
     config = dict(settings)
-    warning = random_weights_warning(models)
+    warning = random_weights_warning(settings["models"])
     if warning:
         config["warning"] = warning
 
     wanted = set(metrics)
+    report_data: dict[str, dict] = {}  # category -> thresholds, curves, predictions
     rows: list[dict] = []
     failed: list[tuple[str, str]] = []
     no_masks: list[str] = []
+    run_kw = dict(
+        batch_size=batch_size, retry_errors=retry_errors, progress=progress, on_record=on_record
+    )
     for cat, spec in tasks.items():
         cat_samples = limit_spread(by_cat[cat], limit)
-        items = [
-            WorkItem(key=str(r), path=s.image_path, rel=r)
-            for s in cat_samples
-            for r in [rel_key(s.image_path, data)]
-        ]
-        stored = {rec.get("key"): rec for rec in load_records(root)}
-        missing = sum(not record_complete(stored.get(it.key, {}), root) for it in items)
-        redo_set = spec.group == "all" and missing > 0
-        if missing:
-            n = len(items) if redo_set else missing
-            log(f"[{cat}] predicting {n} of {len(items)} images")
-        run = predict(
-            rt,
-            items,
-            root,
-            spec,
-            batch_size=batch_size,
-            force=redo_set,
-            retry_errors=retry_errors,
-            progress=progress,
-            on_record=on_record,
-        )
-        preds = [
-            _Pred(s, float(run.records[it.key]["scores"]["score"]), run.path(it.key, "eval_map"))
-            for s, it in zip(cat_samples, items)
-            if it.key in run.records
-        ]
-        if run.failed:
-            failed.extend(run.failed)
-            log(f"[{cat}] {len(run.failed)} image(s) failed and are left out of the metrics")
-        got, masks_missing = _category_metrics(preds, wanted, size, bins, exact, log)
-        got["n_failed"] = len(run.failed)
+        preds, cat_failed = _predict_category(rt, cat, cat_samples, spec, data, root, run_kw, log)
+        failed.extend(cat_failed)
+        seen: dict[str, Any] = {}
+        got, masks_missing = _category_metrics(preds, wanted, size, bins, exact, log, seen)
+        seen["preds"] = preds
+        report_data[cat] = seen
+        got["n_failed"] = len(cat_failed)
         if masks_missing:
             no_masks.append(cat)
         row = {"category": cat, **{k: got[k] for k in (*_COUNTS, *ANOMALY_METRICS) if k in got}}
         rows.append(row)
         shown = [f"{k}={row[k]:.4f}" for k in metrics if isinstance(row.get(k), float)]
         log(f"[{cat}] " + ", ".join(shown))
-    notes = []
-    if no_masks:
-        notes.append(
-            "pixel metrics need ground-truth masks: none found for "
-            f"{', '.join(no_masks)}; image metrics only there"
-        )
-        log(notes[-1])
-    cols = [m for m in ANOMALY_METRICS if m in wanted]
-    table = MetricTable(
-        task="anomaly",
-        key="category",
-        columns=cols,
-        rows=rows,
-        mean=mean_row(rows, cols, "category"),
-        config=config,
-        extra={"pixel_bins": None if exact else bins},
-        failed=failed,
-        notes=notes,
-    )
+    thresholds = {cat: d.get("thresholds") or {} for cat, d in report_data.items()}
+    table = _table(rows, failed, no_masks, set(metrics), config, None if exact else bins, log)
+    table.extra["f1_thresholds"] = thresholds
     table.save(out)
+    from zsdense.eval.report import save_eval_thresholds, write_anomaly_report
+
+    try:
+        table.files["thresholds"] = save_eval_thresholds(out, table, thresholds)
+    except OSError as exc:
+        log(f"thresholds.json not written: {exc}")
+    try:
+        table.files["report"] = write_anomaly_report(out, table, report_data, size=size)
+    except Exception as exc:  # noqa: BLE001 - the metrics are saved; the page is a view
+        log(f"the evaluation report was not written: {exc}")
     return table

@@ -31,6 +31,12 @@ import numpy as np
 from PIL import Image
 
 from zsdense.errors import ConfigError, InputError
+from zsdense.eval.protocols import (
+    ANOMALY_LAYOUT_CHOICES,
+    ANOMALY_LAYOUTS,
+    REFER_LAYOUT_CHOICES,
+    REFER_LAYOUTS,
+)
 from zsdense.io.writers import rle_to_mask
 from zsdense.safe_pickle import safe_load_path
 
@@ -48,6 +54,9 @@ __all__ = [
     "SegSample",
     "SegDataset",
     "SEG_LAYOUTS",
+    "SEG_LAYOUT_CHOICES",
+    "ANOMALY_LAYOUT_CHOICES",
+    "REFER_LAYOUT_CHOICES",
     "detect_seg_layout",
     "read_segmentation",
     "read_class_file",
@@ -98,7 +107,6 @@ class AnomalySample:
     defect: str  # "good" for normal images
 
 
-ANOMALY_LAYOUTS = ("mvtec", "visa", "folder")
 
 
 def _mvtec_categories(root: Path) -> list[Path]:
@@ -291,7 +299,7 @@ def read_anomaly(
     if layout == "folder":
         return _select(read_anomaly_folder(root), categories, root)
     raise ConfigError(
-        f"unknown anomaly layout {layout!r}; use one of auto, {', '.join(ANOMALY_LAYOUTS)}"
+        f"unknown anomaly layout {layout!r}; use one of {', '.join(ANOMALY_LAYOUT_CHOICES)}"
     )
 
 
@@ -417,6 +425,7 @@ SEG_LAYOUTS: dict[str, _SegConvention] = {
         class_lists=("cityscapes",),
     ),
 }
+SEG_LAYOUT_CHOICES = ("auto", "generic", *SEG_LAYOUTS)  # what layout= / --layout accept
 
 
 def _descend(root: Path, conv: _SegConvention) -> Path:
@@ -560,8 +569,7 @@ def read_segmentation(
         )
     else:
         raise ConfigError(
-            f"unknown segmentation layout {layout!r}; use auto, generic or one of "
-            f"{', '.join(SEG_LAYOUTS)}"
+            f"unknown segmentation layout {layout!r}; use one of {', '.join(SEG_LAYOUT_CHOICES)}"
         )
     if not ds.samples:
         raise ConfigError(f"no images found for the {layout} layout under {root}")
@@ -600,7 +608,6 @@ def load_label(path: str | Path, reduce_zero: bool = False, ignore_index: int = 
 # ================================================================================== referring
 
 
-REFER_LAYOUTS = ("jsonl", "refcoco")
 
 
 @dataclass(frozen=True)
@@ -826,4 +833,6 @@ def read_referring(
         return read_refer_jsonl(root)
     if layout == "refcoco":
         return read_refcoco(root, split=split, images_dir=images_dir)
-    raise ConfigError(f"unknown referring layout {layout!r}; use auto, jsonl or refcoco")
+    raise ConfigError(
+        f"unknown referring layout {layout!r}; use one of {', '.join(REFER_LAYOUT_CHOICES)}"
+    )

@@ -33,9 +33,7 @@ from zsdense.io.manifest import WorkItem
 from zsdense.runtime import runtime_of
 from zsdense.text.classifier import ClassEntry, load_class_file, parse_classes
 
-__all__ = ["OPENVOCAB_PRESET_CHOICES", "evaluate_openvocab", "resolve_classes"]
-
-OPENVOCAB_PRESET_CHOICES = tuple(OPENVOCAB_PRESETS)
+__all__ = ["evaluate_openvocab", "resolve_classes"]
 
 TaskFactory = Callable[[list[ClassEntry]], TaskSpec]  # classes -> the head's TaskSpec
 

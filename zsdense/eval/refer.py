@@ -33,9 +33,8 @@ from zsdense.eval.datasets import ReferSample, read_referring
 from zsdense.io.manifest import WorkItem
 from zsdense.runtime import runtime_of
 
-__all__ = ["REFER_PRESET_CHOICES", "evaluate_refer", "refer_items"]
+__all__ = ["evaluate_refer", "refer_items"]
 
-REFER_PRESET_CHOICES = tuple(REFER_PRESETS)
 _ID_RE = re.compile(r"[^A-Za-z0-9._-]+")
 
 TaskFactory = Callable[[], TaskSpec]  # -> the head's TaskSpec (the text comes in the params)
@@ -152,8 +151,12 @@ def evaluate_refer(
             raise InputError(
                 s.id, f"prediction {pred.shape} and ground truth {gt.shape} differ in size"
             )
-        per_sample.append({"id": s.id, "iou": acc.update(pred, gt), "text": s.text})
+        fallback = bool(run.records[key].get("fallback"))
+        per_sample.append(
+            {"id": s.id, "iou": acc.update(pred, gt), "text": s.text, "fallback": fallback}
+        )
     summary = acc.metrics()
+    n_fallback = sum(p["fallback"] for p in per_sample)
     cols = ["oiou", "miou", *(f"prec@{t:g}" for t in acc.thresholds)]
     table = MetricTable(
         task="refer",
@@ -166,5 +169,10 @@ def evaluate_refer(
         failed=run.failed,
         show_mean=False,
     )
+    if n_fallback:  # scored as predicted (the whole image), but they are not answers
+        table.notes.append(
+            f"{n_fallback} of {len(per_sample)} expression(s) got the method's fallback (SAM "
+            "found no mask: the whole image); they are scored as such (per_sample 'fallback')"
+        )
     table.save(out)
     return table

@@ -101,7 +101,7 @@ class Manifest:
         data = (line + "\n").encode("utf-8")
         with self._lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # umask
             try:
                 size = os.fstat(fd).st_size
                 if size > 0:
@@ -356,6 +356,48 @@ def _diff(old: Any, new: Any, where: str = "") -> list[str]:
     return [] if old == new else [f"{where}: {old!r} -> {new!r}"]
 
 
+def resume_options(task_settings: Mapping[str, Any]) -> str:
+    """The threshold options of ``zsdense anomaly`` that give an anomaly task's recorded
+    decision settings (what a resume must pass)."""
+    parts = []
+    if task_settings.get("threshold") is not None:
+        parts.append(f"--threshold {task_settings['threshold']!r}")
+    if task_settings.get("image_threshold") is not None:
+        parts.append(f"--image-threshold {task_settings['image_threshold']!r}")
+    cal = task_settings.get("calibrate_with")
+    if cal:
+        for c in cal if isinstance(cal, (list, tuple)) else [cal]:
+            parts.append(f"--calibrate-with {c}")
+        if task_settings.get("calibrate_percentile") is not None:
+            parts.append(f"--calibrate-percentile {task_settings['calibrate_percentile']!r}")
+    return " ".join(parts)
+
+
+def _decided_hint(path: Path) -> str:
+    """What to pass to continue a folder whose masks ``zsdense decide`` re-decided."""
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ""
+    decided = old.get("decided") if isinstance(old, Mapping) else None
+    if not isinstance(decided, Mapping):
+        return ""
+    task = (old.get("tasks") or {}).get(decided.get("task"))
+    if not isinstance(task, Mapping):
+        return ""
+    opts = resume_options(task) or "no threshold option"
+    thr_file = path.parent / "thresholds.json"
+    alt = (
+        f" (or --thresholds {thr_file})"
+        if thr_file.is_file() and not task.get("calibrate_with")
+        else ""
+    )
+    return (
+        f"Its masks were re-decided by `zsdense decide`: to add inputs with the same decisions "
+        f"pass {opts}{alt}; to change them, run `zsdense decide` again. "
+    )
+
+
 def check_settings(
     out_dir: str | Path,
     settings: Mapping[str, Any],
@@ -363,7 +405,7 @@ def check_settings(
     force: bool,
     record: bool = True,
     partial: Sequence[str] = ("weights",),
-    informational: Sequence[str] = ("machine",),
+    informational: Sequence[str] = ("machine", "decided"),
 ) -> None:
     """Record ``settings`` in ``out_dir/run_settings.json``, or refuse a rerun that would mix them.
 
@@ -371,8 +413,8 @@ def check_settings(
     changed (the old outputs would otherwise stay as if made with the new ones), unless ``force``
     (everything is recomputed and the new settings recorded). ``record=False`` only checks.
     Keys in ``partial`` (the weight hashes, known only once the models are loaded) are compared
-    only when both records hold them; keys in ``informational`` (the machine that ran) are
-    recorded, never compared.
+    only when both records hold them; keys in ``informational`` (the machine that ran, the
+    history of ``zsdense decide``) are recorded, never compared.
     """
     path = Path(out_dir) / SETTINGS_NAME
     new = json.loads(dumps_strict(settings))
@@ -393,13 +435,21 @@ def check_settings(
             if k not in informational and (k not in partial or (old and k in old))
         }
         if old is not None and old != cmp_new:
+            pending = old.get("decide_pending")
+            if isinstance(pending, Mapping) and not new.get("decide_pending"):
+                again = pending.get("command") or "zsdense decide OUT ..."
+                raise ConfigError(
+                    f"a `zsdense decide` on {out_dir} was interrupted: its masks may be half "
+                    f"re-decided. Run it again first: {again}"
+                )
             changes = _diff(old, cmp_new)
             shown = "; ".join(changes[:6]) + (
                 f"; and {len(changes) - 6} more" if len(changes) > 6 else ""
             )
             raise ConfigError(
                 f"{out_dir} holds outputs made with other settings ({shown}). "
-                "Rerun with --force to recompute everything with the new settings, "
+                + (_decided_hint(path) if any("threshold" in c for c in changes) else "")
+                + "Rerun with --force to recompute everything with the new settings, "
                 "or choose another --out"
             )
         if old is not None:

@@ -8,10 +8,11 @@ computed them. It is built by :func:`zsdense.tasks.fewshot.build_memory` and use
 
 File layout (``.zsdmem``, a plain safetensors file):
 
-- tensors ``features.{i}`` (n_i, D) float32, ``source.{i}`` (n_i, 3) int32 (reference, angle
-  index, patch) and ``masks.{i}`` (A, N_i) uint8, one triple per reference image ``i``. The
-  features are the rows of the nearest-neighbour index, in the reference's order (reference,
-  then angle, then patch); L2-normalised for the ``L2_normalized`` metric;
+- tensors ``features.{i}`` (n_i, D) float32, ``source.{i}`` (n_i, 3) int32 (the reference
+  image's position in the list the bank was built from, angle index, patch) and ``masks.{i}``
+  (A, N_i) uint8, one triple per reference image ``i``. The features are the rows of the
+  nearest-neighbour index, in the reference's order (reference, then angle, then patch);
+  L2-normalised for the ``L2_normalized`` metric;
 - metadata key ``zsdense_membank``: a JSON header with ``format`` (``"zsdense-membank"``),
   ``format_version``, ``settings`` (the bank-defining options), ``model`` (registry name,
   SHA-256 of the loaded weights, hub id), per-reference ``names``, ``sizes`` and ``grids``,
@@ -46,8 +47,10 @@ class MemoryBank:
     """The memory of a few-shot scorer: features per reference image and how they were made.
 
     ``features[i]`` (n_i, D) float32 and ``source[i]`` (n_i, 3) int32 hold reference ``i``'s
-    kept patches over all its angles; ``masks[i]`` (A, N_i) bool the foreground mask of each
-    angle (all True where masking was off); ``grids[i]`` its patch grid, ``sizes[i]`` its
+    kept patches over all its angles, each row as (position of the image in the reference list
+    the bank was built from, angle index, patch): with a few-shot draw the position is the
+    image's place in the user's list, not ``i``; ``masks[i]`` (A, N_i) bool the foreground mask
+    of each angle (all True where masking was off); ``grids[i]`` its patch grid, ``sizes[i]`` its
     original (H, W). ``settings`` are the options that decided the features; ``model`` names
     the backbone and the SHA-256 of its weights.
     """
@@ -97,7 +100,8 @@ class MemoryBank:
         )
 
     def all_source(self) -> torch.Tensor:
-        """(M, 3) int32 (reference, angle index, patch) of every memory row, in index order."""
+        """(M, 3) int32 (position in the given reference list, angle index, patch) of every
+        memory row, in index order."""
         key = "all_source"
         if key not in self._cache:
             self._cache[key] = torch.cat(self.source, dim=0) if self.source else torch.zeros(0, 3)
@@ -143,10 +147,10 @@ def save_memory(bank: MemoryBank, path: str | os.PathLike) -> Path:
         "extra": bank.extra,
         "payload_sha256": _payload_sha256(tensors),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    save_file(tensors, str(tmp), metadata={HEADER_KEY: json.dumps(header, sort_keys=True)})
-    os.replace(tmp, path)
+    from zsdense.io.writers import atomic_path  # the outputs' one file mode (umask)
+
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={HEADER_KEY: json.dumps(header, sort_keys=True)})
     return path
 
 

@@ -61,6 +61,8 @@ class ClipModel:
     _tokenizer: object = field(default=None, repr=False)
     weights_name: str | None = None  # registry name of the loaded checkpoint (real weights)
     weights_sha256: str | None = None  # SHA-256 of the loaded checkpoint file, when known
+    # test-time registers while attached (zsdense.models.registers), else None
+    _registers: object = field(default=None, repr=False, compare=False)
 
     @property
     def base_model_id(self) -> str:
@@ -131,6 +133,17 @@ class ClipModel:
         self._pos_cache.clear()
         return self
 
+    # ---- test-time registers (zsdense.models.registers) -------------------------------------
+    @property
+    def extra_tokens(self) -> int:
+        """Test-time register tokens :meth:`embed` appends after the patches (0 when off)."""
+        return 0 if self._registers is None else self._registers.extra_tokens
+
+    def strip_registers(self, tokens_bnc: torch.Tensor) -> torch.Tensor:
+        """Tokens from :meth:`embed` / the blocks without the test-time registers (B, 1+N, C);
+        the same tensor when none are attached."""
+        return tokens_bnc if self._registers is None else self._registers.strip(tokens_bnc)
+
     # ---- image side ------------------------------------------------------------------------
     def normalize(self, images_bchw: torch.Tensor) -> torch.Tensor:
         """[0,1] RGB (B,3,H,W) -> CLIP-normalised input."""
@@ -182,7 +195,11 @@ class ClipModel:
         return out
 
     def embed(self, x_bchw: torch.Tensor, pos_mode: str = "bilinear") -> torch.Tensor:
-        """Patch embedding + class token + positional embedding + ln_pre -> (B, 1+N, C)."""
+        """Patch embedding + class token + positional embedding + ln_pre -> (B, 1+N, C).
+
+        With test-time registers attached, (B, 1+N+R, C): R tokens after the patches (appended
+        by a hook on ``patch_dropout``, an identity at inference, as in open_clip's forward).
+        """
         v = self.model.visual
         x = v.conv1(x_bchw.to(v.conv1.weight.dtype))  # (B, C, gh, gw)
         gh, gw = x.shape[-2:]
@@ -190,12 +207,14 @@ class ClipModel:
         cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1)
         x = x + self.pos_embed((gh, gw), pos_mode).to(x.dtype)
-        return v.ln_pre(x)
+        return v.ln_pre(v.patch_dropout(x))
 
     def run_blocks(
         self, x_bnc: torch.Tensor, start: int = 0, stop: int | None = None
     ) -> torch.Tensor:
-        """Run blocks ``start..stop-1`` (0-based) on batch-first tokens (B, N, C)."""
+        """Run blocks ``start..stop-1`` (0-based) on batch-first tokens (B, N, C), cast to the
+        model's dtype first (a method may hand fp32 tokens to bf16 weights)."""
+        x_bnc = x_bnc.to(self.dtype)
         blocks = self.model.visual.transformer.resblocks
         stop = len(blocks) if stop is None else stop
         for i in range(start, stop):
@@ -203,7 +222,9 @@ class ClipModel:
         return x_bnc
 
     def forward_layers(self, x_bnc: torch.Tensor, layers: Sequence[int]) -> dict[int, torch.Tensor]:
-        """Residual tokens after each listed block (1-based block numbers, as papers count)."""
+        """Residual tokens after each listed block (1-based block numbers, as papers count); the
+        input is cast to the model's dtype."""
+        x_bnc = x_bnc.to(self.dtype)
         want = sorted(set(int(i) for i in layers))
         out: dict[int, torch.Tensor] = {}
         blocks = self.model.visual.transformer.resblocks
@@ -216,9 +237,10 @@ class ClipModel:
         return out
 
     def head(self, tokens_bnc: torch.Tensor) -> torch.Tensor:
-        """ln_post then projection: (..., C) -> (..., D), not normalised."""
+        """ln_post then projection: (..., C) -> (..., D), not normalised; the input is cast to
+        the model's dtype (bf16 weights under ``--precision bf16``), so the output is in it."""
         v = self.model.visual
-        return v.ln_post(tokens_bnc) @ v.proj
+        return v.ln_post(tokens_bnc.to(v.proj.dtype)) @ v.proj
 
     def encode_image_global(self, x_bchw: torch.Tensor, pos_mode: str = "bilinear") -> torch.Tensor:
         """Global image embedding (B, D), L2-normalised, on any input size."""

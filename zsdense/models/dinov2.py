@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +53,9 @@ class DinoModel:
     pos_interp: str = "transformers"
     hub_interpolate_offset: float = HUB_INTERPOLATE_OFFSET
     hub_interpolate_antialias: bool = False
+    weights_file: str | None = None  # the loaded weights file (real weights), for its SHA-256
+    # test-time registers while attached (zsdense.models.registers), else None
+    _registers: object = field(default=None, repr=False, compare=False)
 
     @property
     def patch_size(self) -> int:
@@ -74,6 +77,17 @@ class DinoModel:
         self.model.to(device)
         return self
 
+    # ---- test-time registers (zsdense.models.registers) -------------------------------------
+    @property
+    def extra_tokens(self) -> int:
+        """Test-time register tokens appended after the patches (0 when off)."""
+        return 0 if self._registers is None else self._registers.extra_tokens
+
+    def strip_registers(self, tokens_bnc: torch.Tensor) -> torch.Tensor:
+        """Tokens as the layers carry them -> without test-time registers, in transformers'
+        order ``[CLS, trained registers, patches]``; the same tensor when none are attached."""
+        return tokens_bnc if self._registers is None else self._registers.strip(tokens_bnc)
+
     def normalize(self, images_bchw: torch.Tensor) -> torch.Tensor:
         """[0,1] RGB -> ImageNet-normalised input."""
         mean = torch.tensor(IMAGENET_MEAN, device=images_bchw.device, dtype=images_bchw.dtype)
@@ -85,7 +99,7 @@ class DinoModel:
         """``last_hidden_state`` (B, 1 + R + N, C): after the final LayerNorm.
 
         ``pos_interp`` overrides ``self.pos_interp`` for this call (``"transformers"`` |
-        ``"hub"``).
+        ``"hub"``). R counts the trained registers; test-time registers are stripped.
         """
         mode = self.pos_interp if pos_interp is None else pos_interp
         if mode not in POS_INTERPS:
@@ -93,10 +107,10 @@ class DinoModel:
         dtype = next(self.model.parameters()).dtype
         x = x_norm_bchw.to(self.device, dtype)
         if mode == "transformers":
-            return self.model(pixel_values=x).last_hidden_state
+            return self.strip_registers(self.model(pixel_values=x).last_hidden_state)
         emb = self._hub_embeddings(x)
         hidden = self.model.encoder(emb).last_hidden_state
-        return self.model.layernorm(hidden)
+        return self.strip_registers(self.model.layernorm(hidden))
 
     def hub_pos_embed(self, grid_hw: tuple[int, int]) -> torch.Tensor:
         """The positional embedding (1, 1 + gh*gw, C) resized the torch-hub way.
@@ -140,7 +154,7 @@ class DinoModel:
         regs = getattr(emb, "register_tokens", None)
         if regs is not None and self.num_registers:
             t = torch.cat([t[:, :1], regs.expand(b, -1, -1), t[:, 1:]], dim=1)
-        return t
+        return emb.dropout(t)  # identity at inference; test-time registers hook it
 
     @torch.no_grad()
     def patch_features(
@@ -255,7 +269,9 @@ def load_dinov2(
     except Exception as exc:  # noqa: BLE001 - any failure here is a weights problem
         raise WeightsError(f"{directory}: DINOv2 weights do not fit {name} ({exc})") from None
     model = model.float().eval().requires_grad_(False)
-    return DinoModel(model=model, name=name).to(device)
+    files = sorted(directory.glob("*.safetensors"))
+    weights_file = str(files[0]) if len(files) == 1 else None
+    return DinoModel(model=model, name=name, weights_file=weights_file).to(device)
 
 
 # ---- the official (torch-hub) checkpoint layout ---------------------------------------------

@@ -11,10 +11,12 @@ import re
 import warnings
 import zipfile
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from zsdense.errors import WeightsError
+
+if TYPE_CHECKING:  # torch is imported when a file is loaded (the CLI's --help stays fast)
+    import torch
 
 __all__ = ["load_state_dict_file"]
 
@@ -32,6 +34,8 @@ def _is_torchscript(path: Path) -> bool:
 
 
 def _is_tensor_dict(obj: object) -> bool:
+    import torch
+
     return isinstance(obj, dict) and all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
     )
@@ -50,6 +54,8 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     entry is the tensor dict, e.g. Crane's ``{"prompt_learner": {...}}``), and a ``module.``
     prefix (DataParallel) is stripped. Anything else raises WeightsError naming the file.
     """
+    import torch
+
     p = Path(path)
     if not p.is_file():
         raise WeightsError(f"{p}: checkpoint file not found")

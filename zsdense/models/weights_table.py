@@ -22,10 +22,13 @@ __all__ = [
     "CRANE",
     "CRANE_COMMIT",
     "DINOV2",
+    "JAFAR",
+    "JAFAR_RELEASE_URL",
     "OPENAI_CLIP",
     "SAM",
     "Checkpoint",
     "FileSpec",
+    "JafarRelease",
     "build_checkpoints",
     "get_checkpoint",
     "hf_url",
@@ -52,7 +55,7 @@ class Checkpoint:
     """
 
     name: str
-    kind: str  # "clip" | "dinov2" | "sam" | "prompts"
+    kind: str  # "clip" | "dinov2" | "sam" | "prompts" | "upsampler"
     arch: str
     files: tuple[FileSpec, ...]
     hub_id: str | None = None
@@ -201,6 +204,90 @@ CRANE: tuple[tuple[str, str, int, str], ...] = (
     ),
 )
 
+# JAFAR feature upsamplers (PaulCouairon/JAFAR, GitHub release "Weights"; each file is
+# {"jafar": state_dict}). The file names are timm model names and decide the backbone: the
+# README's "ViT-B-16" and "ViT-B-16-DINO" labels are swapped (vit_base_patch16_224.dino.pth is the
+# DINO one), and the CLIP upsampler was trained on timm's vit_base_patch16_clip_384 default tag,
+# laion2b_ft_in12k_in1k: the LAION-2B CLIP ViT-B/16 image tower fine-tuned on ImageNet-12k/1k at
+# 384 px, not a zero-shot CLIP (OpenAI's or open_clip's). No SHA-256 is published for the
+# release assets, so the hashes are unknown (``verify`` says so).
+JAFAR_RELEASE_URL = "https://github.com/PaulCouairon/JAFAR/releases/download/Weights"
+
+
+@dataclass(frozen=True)
+class JafarRelease:
+    """A released JAFAR upsampler: its file, the timm backbone whose features it was trained
+    on, the zsdense encoder that computes those features (None: none does), the feature width
+    and patch size, and the image normalisation the backbone (and so JAFAR) expects."""
+
+    name: str
+    filename: str
+    backbone: str
+    encoder: str | None
+    feature_dim: int
+    patch_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    description: str
+
+
+_IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+_OPENAI = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+
+JAFAR: tuple[JafarRelease, ...] = (
+    JafarRelease(
+        "jafar-dinov2-small",
+        "vit_small_patch14_dinov2.lvd142m.pth",
+        "vit_small_patch14_dinov2.lvd142m",
+        "dinov2-small",
+        384,
+        14,
+        *_IMAGENET,
+        "JAFAR upsampler for DINOv2 ViT-S/14",
+    ),
+    JafarRelease(
+        "jafar-dinov2-base",
+        "vit_base_patch14_dinov2.lvd142m.pth",
+        "vit_base_patch14_dinov2.lvd142m",
+        "dinov2-base",
+        768,
+        14,
+        *_IMAGENET,
+        "JAFAR upsampler for DINOv2 ViT-B/14",
+    ),
+    JafarRelease(
+        "jafar-dinov2-reg-small",
+        "vit_small_patch14_reg4_dinov2.pth",
+        "vit_small_patch14_reg4_dinov2.lvd142m",
+        "dinov2-reg-small",
+        384,
+        14,
+        *_IMAGENET,
+        "JAFAR upsampler for DINOv2 ViT-S/14 with registers",
+    ),
+    JafarRelease(
+        "jafar-clip-b16-laion2b-in1k",
+        "vit_base_patch16_clip_384.pth",
+        "vit_base_patch16_clip_384.laion2b_ft_in12k_in1k",
+        None,
+        768,
+        16,
+        *_OPENAI,
+        "JAFAR upsampler for the LAION-2B CLIP ViT-B/16 fine-tuned on ImageNet-12k/1k (384 px; "
+        "not a zero-shot CLIP)",
+    ),
+    JafarRelease(
+        "jafar-dino-b16",
+        "vit_base_patch16_224.dino.pth",
+        "vit_base_patch16_224.dino",
+        None,
+        768,
+        16,
+        *_IMAGENET,
+        "JAFAR upsampler for DINO ViT-B/16",
+    ),
+)
+
 
 def build_checkpoints() -> dict[str, Checkpoint]:
     """The registry entries, by name, built from the tables above."""
@@ -274,6 +361,15 @@ def build_checkpoints() -> dict[str, Checkpoint]:
             license="MIT (Crane)",
             description=f"Crane{'+' if folder.endswith('cranep') else ''} prompt learner, "
             f"{folder.split('_')[2]}, epoch {epoch}",
+        )
+    for rel in JAFAR:
+        reg[rel.name] = Checkpoint(
+            name=rel.name,
+            kind="upsampler",
+            arch=rel.backbone,
+            files=(FileSpec(rel.filename, f"{JAFAR_RELEASE_URL}/{rel.filename}", None),),
+            license="see github.com/PaulCouairon/JAFAR (not verified here)",
+            description=f"{rel.description} (timm {rel.backbone})",
         )
     return reg
 

@@ -29,3 +29,29 @@ def model_input(ctxs: Sequence, size: int, device, interpolation: str = "bicubic
     return preprocess_images(
         [c.image for c in ctxs], size, interpolation=interpolation, device=device
     )
+
+
+def resize_map(map_hw: torch.Tensor, size_hw: tuple[int, int]):
+    """(S, S) -> (H, W) float32 numpy, bilinear (align_corners=False)."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    m = map_hw.float()
+    if tuple(m.shape[-2:]) != tuple(size_hw):
+        m = F.interpolate(m[None, None], size=tuple(size_hw), mode="bilinear", align_corners=False)[
+            0, 0
+        ]
+    return m.cpu().numpy().astype(np.float32, copy=False)
+
+
+def preset_meta(cfg, domain: str) -> dict:
+    """What every CLIP-based anomaly result records about its preset (Crane, MuSc)."""
+    return {
+        "preset": cfg.name,
+        "method": cfg.method,
+        "domain": domain,
+        "image_size": cfg.image_size,
+        "clip_arch": cfg.clip_arch,
+        "soft_mean": cfg.soft_mean,
+        "sigma": cfg.sigma,
+    }

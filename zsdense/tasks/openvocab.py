@@ -28,9 +28,10 @@ from zsdense.config import OpenVocabPreset
 from zsdense.dense import aggregation as agg
 from zsdense.dense import lastblock as lb
 from zsdense.dense import windows as win
-from zsdense.dense.methods import get_method, register_method
+from zsdense.dense.methods import get_method
 from zsdense.dense.upsample import pamr, upsample_scores
 from zsdense.errors import ConfigError
+from zsdense.io.instances import instance_masks, label_map_instances, to_supervision
 from zsdense.io.writers import write_outputs
 from zsdense.options import OpenVocabOptions, OutputOptions
 from zsdense.text.classifier import TextClassifier, build_classifier
@@ -78,7 +79,27 @@ class OpenVocabResult:
         }
         meta = {k: v for k, v in self.meta.items() if k != "areas"}
         meta["class_names"] = names
-        return {"outputs": outputs, "scores": scores, "meta": meta}
+        return {"outputs": outputs, "scores": scores, "meta": meta, "instances": self.instances}
+
+    @property
+    def instances(self) -> list[dict]:
+        """Per class present, the connected components of its region with box, area and the
+        max / mean of the class's probability (:func:`zsdense.io.instances.label_map_instances`)."""
+        probs = self.probs if self.probs is not None and np.ndim(self.probs) == 3 else None
+        return label_map_instances(self.labels, self.class_names, probs)
+
+    def to_supervision(self):
+        """The class regions as ``supervision.Detections`` (``class_id`` = class index,
+        confidence = the mean probability over the region); needs
+        ``pip install 'zsdense[supervision]'``."""
+        insts = self.instances
+        return to_supervision(
+            insts,
+            instance_masks(self.labels, insts),
+            self.labels.shape,
+            class_names=self.class_names,
+            confidence_key="score_mean",
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -611,17 +632,6 @@ def _run_one(rt, ctx, cfg: OpenVocabPreset, clip, clf: TextClassifier, vfm_fn, s
     res.meta["areas"] = res.areas()
     return res
 
-
-register_method(
-    "trident",
-    None,
-    needs_vfm=True,
-    needs_sam=True,
-    pipeline="splice-then-segment",
-    description="splice-then-segment: CLIP + DINOv2 proxy attention + SAM aggregation",
-    reference="Trident, 2024",
-    replace_existing=True,
-)
 
 __all__ = [
     "OpenVocabResult",

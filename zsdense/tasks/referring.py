@@ -1,62 +1,79 @@
-"""Referring segmentation (HybridGL): one mask for an image and an expression.
+"""Referring segmentation: one mask for an image and an expression, by a registered method.
 
-Pipeline per (image, expression), ``specs/referring.md``:
+**The contract of a referring method** (one function)::
 
-1. **proposals**: SAM automatic masks (8×8 point grid, IoU/stability 0.7, small regions < 800 px
-   removed; ``zsdense.models.sam_proposals``) decoded from the image's SAM state, so SAM's encoder
-   runs at most once per image (shared with other heads through the ImageContext); none found →
-   the whole image, flagged;
-2. **mask features**: hybrid global-local CLIP features (``zsdense.dense.maskfeatures``), cached
-   per image, so later expressions on the same image only pay for text and scoring;
-3. **text**: parse (spaCy or the fallback), t = L2norm(½E(sentence) + ½E(p)), context n = mean
-   E("a photo of " + chunk) (raw embeddings);
-4. **scores**: P = softmax(100·cos(f, t)), Q = softmax(100·cos(f, n)); relation guidance R over
-   the top-k1 candidates T against the top-k2 context masks U; coherence C of each mask with a
-   dense CLIP heat map of p (min-max, direction ramp, /mean); F = 0.4·R + 0.6·C; argmax.
+    def my_method(rt, ctx, expr, preset) -> ReferResult:
+        ...
 
-The scoring functions are plain functions over tensors so that the reference's 30 fixture cases
-can be replayed exactly (``tests/test_hybridgl_fixtures.py``).
+* ``rt``: the :class:`~zsdense.runtime.Runtime` (``device``, ``autocast()``, ``clip(arch)``,
+  ``sam(arch)``, ``text_cache``, ``tiny``...);
+* ``ctx``: the image's :class:`~zsdense.context.ImageContext` (``image`` float HxWx3,
+  ``image_u8``, ``size``, ``get(key, compute)`` a per-image cache shared with the other heads and
+  the other expressions on the image, ``sam_state(sam)`` SAM's encoding computed once);
+* ``expr``: the parsed expression (:class:`zsdense.text.parse.Expression`: ``sentence``,
+  ``noun_phrase``, ``head_noun``, ``context``, ``relation``, ``direction``), parsed here once
+  with the preset's ``parser``;
+* ``preset``: the method's :class:`~zsdense.config.ReferPreset` with the user's overrides;
+* returns a :class:`ReferResult` at the image size. When the method could not do its job and
+  returns a stand-in (HybridGL: no SAM proposal, the whole image), it sets ``fallback=True``,
+  a NaN ``score`` and says why in ``meta["warning_fallback"]``: the manifest line then carries
+  ``"fallback": true`` and the run's summary counts it.
+
+**Registering** (a file of ``zsdense/methods/`` or a plug-in module named in the
+``zsdense.methods`` entry-point group; see :mod:`zsdense.plugins`)::
+
+    from zsdense.tasks.referring import register_refer_method
+
+    register_refer_method(
+        "mymethod", my_method, encoders=("clip",), description="what it does",
+        presets={"mymethod": {"clip_arch": "ViT-B-16"},
+                 "mymethod-fast": {"k1": 1, "description": "one candidate"}},
+    )
+
+The presets become ``--preset`` choices of ``zsdense refer`` / ``eval refer``, rows of
+``zsdense info --methods`` and of the README table (:func:`refer_methods_table`). The built-in
+method is HybridGL (:mod:`zsdense.tasks.hybridgl`, declared in ``zsdense/methods/hybridgl.py``).
 """
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass, field, replace
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from zsdense.config import ReferPreset
+from zsdense.config import REFER_PRESETS, ReferPreset, preset_from_spec
 from zsdense.errors import ConfigError
+from zsdense.io.instances import instance_masks, to_supervision, whole_mask_instance
 from zsdense.io.writers import write_outputs
-from zsdense.models.sam_proposals import (  # noqa: F401 - re-exported for the task's users
-    Proposals,
-    sam_proposals,
-    whole_image_proposal,
-)
 from zsdense.options import OutputOptions, ReferOptions
+from zsdense.plugins import Registry
 
-RELATIONS = ("none", "left", "right", "up", "down", "big", "small", "within")
-DIRECTIONS = ("none", "left", "right", "middle", "up", "down")
-MIXES = ("reference", "scaled")
+ENCODERS = ("clip", "sam")  # what a referring method may declare it loads (setup, info table)
 
 
 @dataclass
 class ReferResult:
-    """One mask for one (image, expression) pair, at the original image size."""
+    """One mask for one (image, expression) pair, at the original image size.
+
+    ``fallback``: True when the method returned a stand-in instead of an answer (HybridGL: SAM
+    found no mask, so the mask is the whole image); ``score`` is then NaN (``null`` in the
+    manifest) and ``candidates`` empty, so a fallback never looks like a confident answer.
+    """
 
     mask: np.ndarray  # (H, W) bool
-    score: float  # final mix F of the chosen mask (higher is better; not a probability)
-    candidates: list[dict]  # top candidates: index, box_xywh, area, score (F), P, R, C
+    score: float  # the method's score of the chosen mask (HybridGL: its mix F; not a probability)
+    candidates: list[dict]  # top candidates: index, box_xywh, area, score, method terms
     meta: dict = field(default_factory=dict)
+    fallback: bool = False
 
     def write(
         self, stem, image: np.ndarray, out: OutputOptions, params: dict | None = None
     ) -> dict:
         """Mask and overlay (the expression as caption) next to ``stem``; score, candidates,
-        the query id and text for the manifest."""
+        the query id and text for the manifest (and ``fallback``, the reason, when one)."""
         params = params or {}
         text = params.get("text") or self.meta.get("text")
         outputs = write_outputs(
@@ -72,483 +89,178 @@ class ReferResult:
         if params.get("id") is not None:
             scores["id"] = params["id"]
         scores["text"] = text
-        return {"outputs": outputs, "scores": scores, "meta": dict(self.meta)}
+        got = {
+            "outputs": outputs,
+            "scores": scores,
+            "meta": dict(self.meta),
+            "instances": self.instances,
+        }
+        if self.fallback:
+            got["fallback"] = str(self.meta.get("warning_fallback") or "fallback result")
+        return got
+
+    @property
+    def instances(self) -> list[dict]:
+        """The one mask as one instance (box, area; the result's score as its statistics)."""
+        return whole_mask_instance(self.mask, self.score)
+
+    def to_supervision(self):
+        """The mask as one ``supervision.Detections`` row (class "referred", confidence = the
+        result's score); needs ``pip install 'zsdense[supervision]'``."""
+        insts = self.instances
+        text = self.meta.get("text")
+        return to_supervision(
+            insts,
+            instance_masks(self.mask, insts, whole=True),
+            self.mask.shape,
+            class_names=(str(text) if text else "referred",),
+            confidence=float(self.score),
+        )
 
 
-# ---- relation guidance ------------------------------------------------------------------------
+# ---- the registry ---------------------------------------------------------------------------
+
+ReferRun = Callable[[Any, Any, Any, ReferPreset], ReferResult]
 
 
-@dataclass
-class RelationScores:
-    T: torch.Tensor  # (k1,) candidate indices, top-k1 by P
-    U: torch.Tensor  # (|U|,) context mask indices
-    weights: str  # "Q" (context chunks exist) or "P" (U = T)
-    R_raw: torch.Tensor  # (k1,) float64
-    R: torch.Tensor  # (k1,) float32 softmax(R_raw)
+@dataclass(frozen=True)
+class ReferMethod:
+    """One referring method: its function and the encoders its setup loads."""
+
+    name: str
+    run: ReferRun
+    encoders: tuple[str, ...] = ENCODERS  # loaded at setup from the preset's clip_arch/sam_arch
+    description: str = ""
+    reference: str = ""
 
 
-def _box_terms(boxes_xywh: torch.Tensor):
-    b = boxes_xywh.to(torch.float64)
-    x, y, w, h = b.unbind(-1)
-    return x, y, w, h, x + w / 2.0, y + h / 2.0, w * h
+REFER_METHODS: Registry[ReferMethod] = Registry("referring method")
+REFER_PRESET_DESCRIPTIONS: Registry[str] = Registry("referring preset description")
+
+ReferPresetSpec = ReferPreset | Mapping[str, Any]
 
 
-def relation_guidance(
-    P: torch.Tensor,
-    Q: torch.Tensor | None,
-    boxes_xywh: torch.Tensor,
-    relation: str,
+def register_refer_method(
+    name: str,
+    run: ReferRun,
     *,
-    k1: int = 3,
-    k2: int = 6,
-    guard: bool = False,
-    within_self: bool = True,
-) -> RelationScores:
-    """Relation guidance R over T = top-k1 by P.
+    encoders: Sequence[str] = ENCODERS,
+    description: str = "",
+    reference: str = "",
+    preset: ReferPresetSpec | None = None,
+    presets: Mapping[str, ReferPresetSpec] | None = None,
+    replace_existing: bool = False,
+) -> ReferMethod:
+    """Add a referring method and its presets.
 
-    U = top-k2 by Q with weights Q_b, or U = T with weights P_b when there is no context chunk
-    (``Q is None``). R_raw_a = Σ_{b∈U} P_a·w_b·[cond(a, b)] with boxes in SAM's integer XYWH:
-    left/right/up/down compare box centres, big/small box areas w·h, within = box
-    intersection / box area of a; relation ``none`` adds P_a for every b (R_raw = |U|·P_a, as the
-    reference). R = softmax(R_raw). ``guard`` avoids a division by zero for zero-area boxes;
-    ``within_self=False`` drops the pair b = a from "within" (the reference counts it, ratio 1).
+    ``presets``: preset name -> a :class:`~zsdense.config.ReferPreset` (a subclass may add
+    fields) or a mapping of its fields over the defaults (a ``description`` key describes the
+    preset). ``preset`` is the short form for one preset named after the method; with neither,
+    one preset of the defaults. ``encoders``: which of ``clip`` / ``sam`` the run's setup loads
+    (from the preset's ``clip_arch`` / ``sam_arch``), so missing weights fail before the first
+    image. A name already registered is a ConfigError unless ``replace_existing``.
     """
-    if relation not in RELATIONS:
-        raise ConfigError(f"unknown relation {relation!r}; choose one of {', '.join(RELATIONS)}")
-    n = P.shape[0]
-    T = torch.topk(P, min(k1, n)).indices
-    if Q is None:
-        U, wts, kind = T, P, "P"
-    else:
-        U, wts, kind = torch.topk(Q, min(k2, n)).indices, Q, "Q"
-    x, y, w, h, cx, cy, area = _box_terms(boxes_xywh)
-    a, b = T[:, None], U[None, :]  # (k1, 1), (1, |U|)
-    if relation == "none":
-        cond = torch.ones(a.shape[0], b.shape[1], dtype=torch.float64)
-        terms = P.double()[a] * cond  # the reference ignores w_b here
-    else:
-        if relation == "left":
-            cond = (cx[a] < cx[b]).double()
-        elif relation == "right":
-            cond = (cx[a] > cx[b]).double()
-        elif relation == "up":
-            cond = (cy[a] < cy[b]).double()
-        elif relation == "down":
-            cond = (cy[a] > cy[b]).double()
-        elif relation == "big":
-            cond = (area[a] > area[b]).double()
-        elif relation == "small":
-            cond = (area[a] < area[b]).double()
-        else:  # within
-            iw = (torch.minimum(x[a] + w[a], x[b] + w[b]) - torch.maximum(x[a], x[b])).clamp(min=0)
-            ih = (torch.minimum(y[a] + h[a], y[b] + h[b]) - torch.maximum(y[a], y[b])).clamp(min=0)
-            den = area[a].clamp(min=1.0) if guard else area[a]
-            cond = iw * ih / den
-            if not within_self:
-                cond = cond * (a != b).double()
-        terms = P.double()[a] * wts.double()[b] * cond
-    R_raw = terms.sum(dim=1)
-    if guard:
-        R_raw = torch.nan_to_num(R_raw, nan=0.0)
-    R = torch.softmax(R_raw.float(), dim=0)
-    return RelationScores(T=T, U=U, weights=kind, R_raw=R_raw, R=R)
+    if REFER_METHODS.registered(name) and not replace_existing:
+        raise ConfigError(f"referring method {name!r} is already registered")
+    if not callable(run):
+        raise ConfigError(f"referring method {name!r}: run must be a function")
+    bad = sorted(set(encoders) - set(ENCODERS))
+    if bad:
+        raise ConfigError(f"referring method {name!r}: unknown encoder(s) {bad}; use {ENCODERS}")
+    if preset is not None and presets is not None:
+        raise ConfigError(f"referring method {name!r}: give preset= or presets=, not both")
+    table = dict(presets) if presets is not None else {name: preset or {}}
+    built = {p: _build_preset(p, name, spec) for p, spec in table.items()}
+    for pname in built:
+        if REFER_PRESETS.registered(pname) and not replace_existing:
+            raise ConfigError(f"referring preset {pname!r} is already registered")
+    entry = ReferMethod(name, run, tuple(encoders), description, reference)
+    REFER_METHODS[name] = entry
+    for pname, (p, desc) in built.items():
+        REFER_PRESETS[pname] = p
+        REFER_PRESET_DESCRIPTIONS[pname] = desc or description
+    return entry
 
 
-# ---- heat map, ramps, coherence ---------------------------------------------------------------
+def register_refer_preset(
+    name: str, method: str, *, description: str = "", replace_existing: bool = False, **fields_
+) -> ReferPreset:
+    """Add a preset of an already registered referring method (``fields_`` over the
+    :class:`~zsdense.config.ReferPreset` defaults)."""
+    m = get_refer_method(method)
+    if REFER_PRESETS.registered(name) and not replace_existing:
+        raise ConfigError(f"referring preset {name!r} is already registered")
+    p, desc = _build_preset(name, method, {**fields_, "description": description})
+    REFER_PRESETS[name] = p
+    REFER_PRESET_DESCRIPTIONS[name] = desc or m.description
+    return p
 
 
-def direction_ramp(
-    direction: str, height: int, width: int, *, vertical: bool = False
-) -> torch.Tensor:
-    """The reference's direction weighting (H, W): left linspace(1→0) across the width, right
-    (0→1), middle rising to two 1s at W//2−1, W//2 and falling to 0; up/down all ones in the
-    reference, vertical ramps (up 1→0 down the height, down 0→1) when ``vertical``."""
-    if direction not in DIRECTIONS:
-        raise ConfigError(f"unknown direction {direction!r}; choose one of {', '.join(DIRECTIONS)}")
-    H, W = int(height), int(width)
-    if direction == "left":
-        row = torch.linspace(1, 0, W)
-    elif direction == "right":
-        row = torch.linspace(0, 1, W)
-    elif direction == "middle":
-        row = torch.cat([torch.linspace(0, 1, W // 2), torch.linspace(1, 0, W - W // 2)])
-    elif direction in ("up", "down") and vertical:
-        col = torch.linspace(1, 0, H) if direction == "up" else torch.linspace(0, 1, H)
-        return col[:, None].expand(H, W).clone()
-    else:
-        return torch.ones(H, W)
-    return row[None, :].expand(H, W).clone()
+def _build_preset(pname: str, method: str, spec: ReferPresetSpec) -> tuple[ReferPreset, str]:
+    return preset_from_spec(ReferPreset, pname, method, spec)
 
 
-def heat_map(
-    heat_lowres: torch.Tensor,
-    size_hw: tuple[int, int],
-    direction: str = "none",
-    *,
-    vertical_ramps: bool = False,
-    guard: bool = False,
-) -> torch.Tensor:
-    """A (H, W): the low-resolution heat map resized to the image (bilinear), min-max
-    normalised, times the direction ramp, divided by its mean. ``guard``: a flat map (or a ramp
-    that zeroes everything) gives ones instead of NaN."""
-    h = heat_lowres.float().reshape(1, 1, *heat_lowres.shape[-2:])
-    A = F.interpolate(h, size=tuple(size_hw), mode="bilinear", align_corners=False, antialias=True)[
-        0, 0
-    ]
-    lo, hi = A.min(), A.max()
-    if guard and not bool(hi > lo):
-        A = torch.ones_like(A)
-    else:
-        A = (A - lo) / (hi - lo)
-    A = A * direction_ramp(direction, A.shape[0], A.shape[1], vertical=vertical_ramps).to(A)
-    m = A.mean()
-    if guard and not bool(m > 0):
-        return torch.ones_like(A)
-    return A / m
+def unregister_refer_method(name: str) -> None:
+    """Remove a referring method and its presets (tests, plug-in reloads)."""
+    REFER_METHODS.pop(name, None)
+    for pname in [k for k, p in REFER_PRESETS.current().items() if p.method == name]:
+        REFER_PRESETS.pop(pname)
+        REFER_PRESET_DESCRIPTIONS.pop(pname, None)
 
 
-def coherence(
-    A: torch.Tensor, masks_nhw: torch.Tensor, beta: float, *, guard: bool = False
-) -> torch.Tensor:
-    """C_i = (2−β)·mean_{M_i}(A) − β·mean_{outside M_i}(A), (N,). ``guard``: an empty mask
-    gives mean 0 inside; a mask covering the whole image uses the image mean (1 after the /mean
-    normalisation) outside, instead of the reference's NaN."""
-    m = masks_nhw.to(A.device).float().reshape(masks_nhw.shape[0], -1)  # (N, HW)
-    a = A.reshape(-1)
-    inside_n, outside_n = m.sum(1), (1 - m).sum(1)
-    inside = (m * a).sum(1)
-    outside = ((1 - m) * a).sum(1)
-    if guard:
-        mean_in = torch.where(
-            inside_n > 0, inside / inside_n.clamp(min=1), torch.zeros_like(inside)
-        )
-        mean_out = torch.where(
-            outside_n > 0, outside / outside_n.clamp(min=1), a.mean().expand_as(outside)
-        )
-    else:
-        mean_in, mean_out = inside / inside_n, outside / outside_n
-    return (2.0 - beta) * mean_in - beta * mean_out
+def get_refer_method(name: str) -> ReferMethod:
+    """The registered method, or a ConfigError listing the registered ones."""
+    return REFER_METHODS.lookup(name)
 
 
-def beta_for(relation: str, preset: ReferPreset) -> float:
-    return {"big": preset.beta_big, "small": preset.beta_small}.get(relation, preset.beta_default)
+def refer_methods_table() -> str:
+    """A Markdown table of the referring presets and their methods (README, info)."""
+    rows = ["| preset | method | encoders | what |", "|---|---|---|---|"]
+    for pname, p in REFER_PRESETS.items():
+        m = REFER_METHODS.get(p.method)
+        if m is None:
+            continue
+        enc = " + ".join({"clip": "CLIP", "sam": "SAM"}[e] for e in m.encoders) or "-"
+        what = REFER_PRESET_DESCRIPTIONS.get(pname) or m.description
+        rows.append(f"| `{pname}` | {m.name} | {enc} | {what} |")
+    return "\n".join(rows)
 
 
-def final_mix(
-    rel: RelationScores, C_all: torch.Tensor, *, alpha: float = 0.6, mix: str = "reference"
-) -> torch.Tensor:
-    """F over T. ``reference``: (1−α)·R + α·C_T with R = softmax(R_raw) (nearly uniform for any
-    real relation, so C dominates). ``scaled``: both as distributions over T: R̃ = R_raw/ΣR_raw
-    (uniform when all zero), C̃ = softmax(C_T); F = (1−α)·R̃ + α·C̃."""
-    C_T = C_all[rel.T].float()
-    if mix == "reference":
-        return (1 - alpha) * rel.R + alpha * C_T
-    if mix != "scaled":
-        raise ConfigError(f"unknown mix {mix!r}; choose one of {', '.join(MIXES)}")
-    r = rel.R_raw.float().clamp(min=0)
-    s = r.sum()
-    r = r / s if bool(s > 0) else torch.full_like(r, 1.0 / max(1, r.numel()))
-    c = torch.softmax(torch.nan_to_num(C_T, nan=-1e4), dim=0)
-    return (1 - alpha) * r + alpha * c
+# ---- the task ---------------------------------------------------------------------------------
 
 
-@dataclass
-class Scores:
-    P: torch.Tensor
-    Q: torch.Tensor | None
-    relation: RelationScores
-    A: torch.Tensor
-    C: torch.Tensor
-    beta: float
-    F: torch.Tensor  # over relation.T
-    pick: int  # index into the masks
-
-
-def score_masks(
-    S: torch.Tensor,
-    S_ctx: torch.Tensor | None,
-    boxes_xywh: torch.Tensor,
-    masks_nhw: torch.Tensor,
-    heat_lowres: torch.Tensor,
-    relation: str,
-    direction: str,
-    preset: ReferPreset,
-    *,
-    k1: int | None = None,
-    k2: int | None = None,
-) -> Scores:
-    """All of §4 from logits S (N,) (and S_ctx, None without context chunks)."""
-    guard = preset.nan_guards
-    P = torch.softmax(S.float(), dim=0)
-    Q = None if S_ctx is None else torch.softmax(S_ctx.float(), dim=0)
-    rel = relation_guidance(
-        P,
-        Q,
-        boxes_xywh,
-        relation,
-        k1=preset.k1 if k1 is None else k1,
-        k2=preset.k2 if k2 is None else k2,
-        guard=guard,
-        within_self=preset.within_self,
-    )
-    A = heat_map(
-        heat_lowres,
-        masks_nhw.shape[-2:],
-        direction,
-        vertical_ramps=preset.vertical_ramps,
-        guard=guard,
-    )
-    beta = beta_for(relation, preset)
-    C = coherence(A, masks_nhw, beta, guard=guard)
-    Fv = final_mix(rel, C, alpha=preset.alpha, mix=preset.mix)
-    if guard:
-        Fv = torch.nan_to_num(Fv, nan=float("-inf"))
-    pick = int(rel.T[int(torch.argmax(Fv))])
-    return Scores(P=P, Q=Q, relation=rel, A=A, C=C, beta=beta, F=Fv, pick=pick)
-
-
-# ---- proposals ----------------------------------------------------------------------------------
-# SAM's automatic masks live next to the SAM wrapper (zsdense.models.sam_proposals); re-exported
-# here because the task and its benchmarks use them under these names.
-
-# ---- text ---------------------------------------------------------------------------------------
-
-
-def encode_text_raw(clip, tokens_bl: torch.Tensor) -> torch.Tensor:
-    """Raw text embeddings (B, D), running the text transformer only up to the longest
-    end-of-text position of the batch.
-
-    CLIP's text tower is causal and pools at the end-of-text token, so positions after it cannot
-    change the result: cutting the 77-token context to the used length (about 10 for a referring
-    expression) gives the same embedding several times faster. Models without a causal mask or
-    argmax pooling use open_clip's ``encode_text`` unchanged.
-    """
-    m = clip.model
-    mask = getattr(m, "attn_mask", None)
-    if mask is None or getattr(m, "text_pool_type", "argmax") != "argmax":
-        return m.encode_text(tokens_bl)
-    eot = tokens_bl.argmax(dim=-1)  # (B,) the end-of-text token has the largest id
-    L = int(eot.max()) + 1
-    cast = m.transformer.get_cast_dtype()
-    x = m.token_embedding(tokens_bl[:, :L]).to(cast)  # (B, L, W)
-    x = x + m.positional_embedding[:L].to(cast)
-    x = m.transformer(x, attn_mask=mask[:L, :L])
-    x = m.ln_final(x)
-    x = x[torch.arange(x.shape[0], device=x.device), eot]
-    proj = m.text_projection
-    return proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
-
-
-def raw_text_embeddings(rt, clip, texts: Sequence[str]) -> torch.Tensor:
-    """Raw (unnormalised) CLIP text embeddings (T, D), cached in ``rt.text_cache`` (``rt`` may
-    also be a plain dict used as the cache, or None)."""
-    if isinstance(rt, dict):
-        cache = rt
-    else:
-        cache = rt.text_cache if rt is not None else {}
-    keys = [("refer-raw", clip.arch, t) for t in texts]
-    missing = list(dict.fromkeys(t for t, k in zip(texts, keys) if k not in cache))
-    if missing:
-        with torch.no_grad():
-            emb = encode_text_raw(clip, clip.tokenize(missing)).float()
-        for t, e in zip(missing, emb):
-            cache[("refer-raw", clip.arch, t)] = e
-    if not texts:
-        return torch.zeros(0, clip.embed_dim, device=clip.device)
-    return torch.stack([cache[k] for k in keys])
-
-
-@dataclass
-class TextFeatures:
-    t: torch.Tensor  # (D,) L2norm(½E(sentence) + ½E(p))
-    n: torch.Tensor | None  # (D,) mean raw E("a photo of " + chunk); None without context
-    p: torch.Tensor  # (D,) raw E(p), for the heat map
-
-
-def text_features(rt, clip, expr) -> TextFeatures:
-    e = raw_text_embeddings(rt, clip, [expr.sentence, expr.noun_phrase])
-    t = F.normalize(0.5 * e[0] + 0.5 * e[1], dim=-1)
-    n = None
-    if expr.context:
-        n = raw_text_embeddings(rt, clip, ["a photo of " + c for c in expr.context]).mean(0)
-    return TextFeatures(t=t, n=n, p=e[1])
-
-
-# ---- the task ----------------------------------------------------------------------------------
-
-
-def _dense_heat_features(ctx, clip, preset: ReferPreset) -> torch.Tensor:
-    """Dense CLIP features of the whole image (D, gh, gw), L2-normalised, cached per image."""
-    from zsdense.dense.lastblock import dense_clip_features
-    from zsdense.models.clip import preprocess_images
-
-    size = clip.native_size if preset.heat_size is None else int(preset.heat_size)
-    key = ("clip-dense", clip.arch, (size, size), preset.heat_variant, "whole-image")
-
-    def compute() -> torch.Tensor:
-        x = preprocess_images([ctx.image], size=(size, size), device=clip.device)
-        return dense_clip_features(clip, clip.normalize(x), preset.heat_variant)[0]
-
-    return ctx.get(key, compute)
-
-
-def _proposal_key(sam, preset: ReferPreset, n_side: int) -> tuple:
-    return (
-        "refer-proposals",
-        sam.arch,
-        n_side,
-        preset.pred_iou_thresh,
-        preset.stability_score_thresh,
-        preset.stability_score_offset,
-        preset.box_nms_thresh,
-        preset.min_mask_region_area,
-        preset.proposal_stability,
-    )
-
-
-def _sync(device) -> None:
-    if getattr(device, "type", str(device)).startswith("cuda") and torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def refine_with_sam(sam, state, mask: np.ndarray, box_xywh: Sequence[int], A: torch.Tensor):
-    """One SAM prediction from the chosen mask's box plus the heat-map peak inside it.
-
-    Returns (mask (H, W) bool, predicted IoU)."""
-    pred = sam.predictor_for(state)
-    x, y, w, h = (int(v) for v in box_xywh)
-    inside = torch.as_tensor(mask, dtype=torch.bool)
-    a = torch.where(inside, A.cpu(), torch.full_like(A.cpu(), float("-inf")))
-    iy, ix = divmod(int(torch.argmax(a)), A.shape[1])
-    masks, ious, _ = pred.predict(
-        point_coords=np.array([[ix, iy]], dtype=np.float32),
-        point_labels=np.array([1]),
-        box=np.array([x, y, x + w, y + h], dtype=np.float32),
-        multimask_output=False,
-    )
-    return masks[0].astype(bool), float(ious[0])
-
-
-def _image_stage(rt, ctx, cfg: ReferPreset, n_side: int, timing: dict):
-    """SAM state, proposals and normalised mask features of one image (cached in ``ctx``)."""
-    from zsdense.dense.maskfeatures import blur_image_u8, mask_features
-
-    clip = rt.clip(cfg.clip_arch)
-    sam = rt.sam(cfg.sam_arch)
-    t0 = time.perf_counter()
-    state = ctx.sam_state(sam)
-    _sync(rt.device)
-    timing["sam_encoder"] = time.perf_counter() - t0
-
-    pkey = _proposal_key(sam, cfg, n_side)
-    t0 = time.perf_counter()
-    props: Proposals = ctx.get(
-        pkey,
-        lambda: sam_proposals(
-            sam, state, cfg, points_per_side=n_side, stability=cfg.proposal_stability
-        ),
-    )
-    _sync(rt.device)
-    timing["sam_decoder"] = time.perf_counter() - t0
-
-    def compute_features() -> torch.Tensor:
-        blur = ctx.get(("blur15", "u8"), lambda: blur_image_u8(ctx.image_u8))
-        f = mask_features(
-            clip,
-            ctx.image_u8,
-            props.masks,
-            size=cfg.view_size,
-            mode=cfg.fusion,
-            fusion_blocks=cfg.fusion_blocks,
-            grid_antialias=cfg.grid_antialias,
-            batch_size=cfg.feature_batch,
-            blurred_u8_hwc=blur,
-        )
-        return F.normalize(f.float(), dim=-1)
-
-    fkey = (
-        "refer-maskfeat",
-        clip.arch,
-        pkey,
-        cfg.view_size,
-        cfg.fusion,
-        cfg.fusion_blocks,
-        cfg.grid_antialias,
-    )
-    t0 = time.perf_counter()
-    feats = ctx.get(fkey, compute_features)  # (N, D) normalised
-    _sync(rt.device)
-    timing["clip_views"] = time.perf_counter() - t0
-    return clip, sam, state, props, feats
-
-
-def _refer_one(rt, ctx, text: str, cfg: ReferPreset, n_side: int) -> ReferResult:
+def refer_one(rt, ctx, text: str, cfg: ReferPreset) -> ReferResult:
+    """Parse ``text`` with the preset's parser, run the preset's method on ``ctx``, and add the
+    meta every referring result carries (task, preset, method, the parse, fallback)."""
     from zsdense.text.parse import analyse
 
     if not isinstance(text, str) or not text.strip():
         raise ConfigError("a referring expression must be a non-empty string")
-    timing = {"sam_encoder": 0.0, "sam_decoder": 0.0, "clip_views": 0.0, "heat": 0.0, "text": 0.0}
-    rt.clip(cfg.clip_arch)  # load (cached) before the clock starts
-    rt.sam(cfg.sam_arch)
-    t_start = time.perf_counter()
-    with rt.autocast():
-        clip, sam, state, props, feats = _image_stage(rt, ctx, cfg, n_side, timing)
-
-        t0 = time.perf_counter()
-        expr = analyse(text, backend=cfg.parser, right_relation=cfg.right_relation)
-        tf = text_features(rt, clip, expr)
-        timing["text"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        dense = _dense_heat_features(ctx, clip, cfg).float()  # (D, gh, gw)
-        heat = torch.einsum("dhw,d->hw", dense, F.normalize(tf.p.float(), dim=-1))
-        timing["heat"] = time.perf_counter() - t0
-
-        S = cfg.logit_scale * feats @ tf.t.to(feats)
-        S_ctx = None
-        if tf.n is not None:
-            S_ctx = cfg.logit_scale * feats @ F.normalize(tf.n.to(feats), dim=-1)
-        # a lone whole-image fallback has no outside: score it with the NaN guards on
-        scfg = replace(cfg, nan_guards=True) if props.fallback else cfg
-        sc = score_masks(
-            S.float().cpu(),
-            None if S_ctx is None else S_ctx.float().cpu(),
-            props.boxes_xywh,
-            props.masks,
-            heat.float().cpu(),
-            expr.relation,
-            expr.direction,
-            scfg,
+    method = get_refer_method(cfg.method)
+    t0 = time.perf_counter()
+    expr = analyse(
+        text,
+        backend=cfg.parser,
+        right_relation=cfg.right_relation,
+        fallback_reading=cfg.fallback_reading,
+    )
+    parse_s = time.perf_counter() - t0
+    res = method.run(rt, ctx, expr, cfg)
+    if not isinstance(res, ReferResult):
+        raise TypeError(
+            f"referring method {method.name!r} returned {type(res).__name__}, not a ReferResult"
         )
-    pick = sc.pick
-    mask = props.masks[pick].numpy().copy()
-    refined = False
-    if cfg.refine:
-        with rt.autocast():
-            rmask, riou = refine_with_sam(sam, state, mask, props.boxes_xywh[pick].tolist(), sc.A)
-        if riou > float(props.iou_preds[pick]) and rmask.any():
-            mask, refined = rmask, True
-    order = torch.argsort(sc.F, descending=True, stable=True)[: cfg.top_candidates]
-    cands = []
-    for j in order.tolist():
-        i = int(sc.relation.T[j])
-        cands.append(
-            {
-                "index": i,
-                "box_xywh": [int(v) for v in props.boxes_xywh[i].tolist()],
-                "area": int(props.masks[i].sum()),
-                "score": float(sc.F[j]),
-                "P": float(sc.P[i]),
-                "R": float(sc.relation.R[j]),
-                "C": float(sc.C[i]),
-            }
+    if tuple(res.mask.shape) != tuple(ctx.size):
+        raise ValueError(
+            f"referring method {method.name!r} returned a mask of shape {res.mask.shape} for "
+            f"an image of size {tuple(ctx.size)}"
         )
-    timing["total"] = time.perf_counter() - t_start
     meta = dict(rt.result_meta()) if hasattr(rt, "result_meta") else {}
     meta.update(
         {
             "task": "refer",
             "preset": cfg.name,
+            "method": method.name,
             "text": text,
             "sentence": expr.sentence,
             "noun_phrase": expr.noun_phrase,
@@ -556,15 +268,16 @@ def _refer_one(rt, ctx, text: str, cfg: ReferPreset, n_side: int) -> ReferResult
             "relation": expr.relation,
             "direction": expr.direction,
             "parser": expr.backend,
-            "proposals": int(props.masks.shape[0]),
-            "fallback": "whole-image" if props.fallback else None,
-            "refined": refined,
-            "timing": {k: round(v, 6) for k, v in timing.items()},
         }
     )
-    if props.fallback:
-        meta["warning_fallback"] = "SAM found no mask: the whole image was used"
-    return ReferResult(mask=mask.astype(bool), score=float(sc.F.max()), candidates=cands, meta=meta)
+    meta.update(res.meta)
+    meta.setdefault("fallback", None)
+    if isinstance(meta.get("timing"), dict):
+        meta["timing"] = {**meta["timing"], "parse": round(parse_s, 6)}
+    res.meta = meta
+    if res.fallback and not math.isnan(res.score):
+        res.score = float("nan")  # a stand-in has no score (see ReferResult)
+    return res
 
 
 def run_refer(
@@ -575,14 +288,13 @@ def run_refer(
     /,
     **kwargs: Any,
 ) -> list[ReferResult]:
-    """One :class:`ReferResult` per (context, text) pair.
+    """One :class:`ReferResult` per (context, text) pair, by the preset's registered method.
 
-    Proposals and mask features are cached in each ImageContext, so further expressions on the
-    same context cost only the text encoder, the parser and the scoring. ``options``: a
-    :class:`~zsdense.options.ReferOptions`, or keyword arguments mapped onto one: ``preset``
-    (``hybridgl``, the reference, or ``hybridgl+``, the default: defects fixed) and any
-    :class:`~zsdense.config.ReferPreset` field (unknown names are a ConfigError). With
-    ``models="tiny"`` the SAM point grid is ``tiny_points_per_side``² (4 prompts) to stay fast.
+    ``options``: a :class:`~zsdense.options.ReferOptions`, or keyword arguments mapped onto one:
+    ``preset`` (``hybridgl``, the reference, ``hybridgl+``, the default: defects fixed, or any
+    registered preset) and any :class:`~zsdense.config.ReferPreset` field (unknown names are a
+    ConfigError). Per-image work (HybridGL: SAM proposals and mask features) is cached in each
+    ImageContext, so further expressions on the same context cost only text and scoring.
     """
     if options is None:
         if kwargs.get("preset") is None:
@@ -595,13 +307,14 @@ def run_refer(
             f"refer needs one text per image: got {len(ctxs)} images, {len(texts)} texts"
         )
     cfg = options.config()
-    tiny = bool(getattr(rt, "tiny", False))
-    n_side = cfg.tiny_points_per_side if tiny else cfg.points_per_side
-    return [_refer_one(rt, ctx, text, cfg, n_side) for ctx, text in zip(ctxs, texts)]
+    return [refer_one(rt, ctx, text, cfg) for ctx, text in zip(ctxs, texts)]
 
 
 def load_encoders(rt, options: ReferOptions) -> None:
-    """Load every model the options need (a run's setup, before its first image)."""
+    """Load every model the preset's method declares (a run's setup, before its first image)."""
     cfg = options.config()
-    rt.clip(cfg.clip_arch)
-    rt.sam(cfg.sam_arch)
+    method = get_refer_method(cfg.method)
+    if "clip" in method.encoders:
+        rt.clip(cfg.clip_arch)
+    if "sam" in method.encoders:
+        rt.sam(cfg.sam_arch)

@@ -70,15 +70,27 @@ def parse_classes(spec: str | Sequence) -> list[ClassEntry]:
 
     A string: classes separated by ``,`` (or newlines), synonyms by ``;``. A list: each item is
     one class, a string (synonyms separated by ``;``), a list of synonyms or a (name, synonyms)
-    pair.
+    pair. The label index of a class is its position, so an empty class (``"cat,,cup"``, a
+    trailing ``,``, an empty list item) is a ConfigError naming its position, never dropped.
     """
     if isinstance(spec, str):
-        items = [part for line in spec.splitlines() for part in line.split(",")]
+        lines = [line for line in spec.splitlines() if line.strip()]
+        items: list = [part for line in lines for part in line.split(",")]
     else:
         items = list(spec)
-    classes = [c for c in (parse_class_item(i) for i in items) if c is not None]
-    if not classes:
+    if not items:
         raise ConfigError("the class list is empty; give classes like --classes 'cat, sofa; couch'")
+    classes = []
+    for pos, item in enumerate(items, start=1):
+        c = parse_class_item(item)
+        if c is None:
+            where = f"in {spec!r}" if isinstance(spec, str) else "in the class list"
+            raise ConfigError(
+                f"class {pos} of {len(items)} {where} is empty: remove the extra separator "
+                "(',' separates classes, ';' synonyms of one class); an empty class would "
+                "shift the label index of every class after it"
+            )
+        classes.append(c)
     return classes
 
 

@@ -18,6 +18,16 @@ whole lower-case tokens only (so "bright" never triggers "right"); when several 
 a keyword is taken only if its syntactic head index is strictly smaller than the previously
 taken one's. ``right_relation=False`` reproduces the reference's defect (its "right"/"east"
 test compares a string with a set and never fires).
+
+The reference's keyword table reads "behind"/"back" as *up*, "front" as *down*, and has no
+relation for "next to", "beside" or "near"; a side word inside the target ("the cat's left
+eye") is a *left* relation. A spaCy parse always gets these readings (they are the reference's).
+For the rule-based parser, ``fallback_reading="sensible"`` (the ``hybridgl+`` preset) reads them
+as a person would (:data:`SENSIBLE_RELATION_KEYWORDS`): "next to" / "beside" / "near" /
+"adjacent" / "alongside" are *near*, "behind" / "back" *behind* and "in front of" *front* (near
+and above / below the other object, see ``zsdense.tasks.hybridgl.relation_guidance``), and a
+side word after a possessive ("the cat's left eye", "his right hand") names a part of the
+target, so it is neither a relation nor a direction.
 """
 
 from __future__ import annotations
@@ -25,6 +35,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from typing import Sequence
+
+from zsdense.config import FALLBACK_READINGS
 
 RELATION_WORDS = frozenset(
     "left west right east above north top back behind below south under front bigger larger "
@@ -48,6 +60,22 @@ DIRECTION_KEYWORDS: tuple[tuple[str, frozenset[str]], ...] = (
     ("down", frozenset({"down", "under", "bottom", "low"})),
 )
 NO_HEAD = 999  # the reference's start value for the head-index rule
+# the rule parser's own reading (fallback_reading="sensible"): depth and proximity words get
+# relations of their own instead of up/down/none
+SENSIBLE_RELATION_KEYWORDS: tuple[tuple[str, frozenset[str]], ...] = (
+    ("left", frozenset({"left", "west"})),
+    ("right", frozenset({"right", "east"})),
+    ("up", frozenset({"above", "north", "top"})),
+    ("down", frozenset({"below", "south", "under", "beneath", "underneath"})),
+    ("behind", frozenset({"behind", "back"})),
+    ("front", frozenset({"front"})),
+    ("near", frozenset({"next", "beside", "besides", "near", "nearby", "adjacent", "alongside"})),
+    ("big", frozenset({"bigger", "larger", "closer"})),
+    ("small", frozenset({"smaller", "tinier", "further", "smallest"})),
+    ("within", frozenset({"inside", "within", "contained"})),
+)
+SIDE_WORDS = frozenset({"left", "right"})
+_POSSESSIVE_DET = frozenset("his her its their my your our".split())
 
 
 @dataclass(frozen=True)
@@ -136,10 +164,15 @@ def other_nouns(parse: Parse, phrase: str | None = None) -> list[tuple[int, int,
 
 
 def _scan(
-    parse: Parse, table: Sequence[tuple[str, frozenset[str]]], skip: frozenset[str] = frozenset()
+    parse: Parse,
+    table: Sequence[tuple[str, frozenset[str]]],
+    skip: frozenset[str] = frozenset(),
+    skip_tokens: frozenset[int] = frozenset(),
 ) -> tuple[str, int]:
     flag, best, idx = "none", NO_HEAD, NO_HEAD
     for i, w in enumerate(parse.words):
+        if i in skip_tokens:
+            continue
         for name, words in table:
             if name in skip or w not in words:
                 continue
@@ -154,20 +187,42 @@ def relation_word(
     context: Sequence[tuple[int, int, int]] | None = None,
     *,
     right_relation: bool = True,
+    reading: str = "reference",
 ) -> str:
     """Relation flag (``extract_rela_word``): ``none`` when any context root is a NULL keyword
     (part, image, side, ...); else the keyword scan with the head-index rule.
-    ``right_relation=False`` reproduces the reference, where right/east never fire."""
+    ``right_relation=False`` reproduces the reference, where right/east never fire.
+    ``reading="sensible"``: the table :data:`SENSIBLE_RELATION_KEYWORDS`, and side words naming
+    a part of a possessed noun are skipped (module docstring)."""
     context = other_nouns(parse) if context is None else context
     if any(parse.words[c[2]] in NULL_KEYWORDS for c in context):
         return "none"
     skip = frozenset() if right_relation else frozenset({"right"})
+    if reading == "sensible":
+        return _scan(parse, SENSIBLE_RELATION_KEYWORDS, skip, possessed_sides(parse))[0]
     return _scan(parse, RELATION_KEYWORDS, skip)[0]
 
 
-def direction_word(parse: Parse) -> tuple[str, int]:
-    """Direction flag and its token index, 999 if none (``extract_dir_phrase``)."""
-    return _scan(parse, DIRECTION_KEYWORDS)
+def direction_word(parse: Parse, *, reading: str = "reference") -> tuple[str, int]:
+    """Direction flag and its token index, 999 if none (``extract_dir_phrase``);
+    ``reading="sensible"`` skips side words naming a part ("the cat's left eye")."""
+    skip = possessed_sides(parse) if reading == "sensible" else frozenset()
+    return _scan(parse, DIRECTION_KEYWORDS, skip_tokens=skip)
+
+
+def possessed_sides(parse: Parse) -> frozenset[int]:
+    """Side words (left, right) inside a noun chunk after a possessive ("the cat 's left eye",
+    "his right hand"): they name a part of the possessed noun, not a place in the image."""
+    out = set()
+    for start, end, _root in parse.chunks:
+        owner = [
+            i
+            for i in range(start, end)
+            if parse.words[i] == "'s" or (i == start and parse.words[i] in _POSSESSIVE_DET)
+        ]
+        if owner:
+            out.update(i for i in range(owner[0] + 1, end) if parse.words[i] in SIDE_WORDS)
+    return frozenset(out)
 
 
 # ---- spaCy --------------------------------------------------------------------------------------
@@ -343,7 +398,8 @@ def _verbish(words: list[str], i: int, prev_content: bool) -> bool:
 def parse_fallback(text: str) -> Parse:
     """Rule-based parse (no model needed).
 
-    1. tokens: :func:`tokenize`; each token is a function word (determiner, preposition,
+    1. tokens: :func:`tokenize` ("cat's" -> "cat", "'s"); each token is a function word
+       (determiner, preposition,
        conjunction, pronoun, auxiliary, adverb, punctuation), a verb (common verbs, -ing/-ed
        participles in clause position) or a content word. Position decides for some words:
        a compass or side word (left, right, west, east, north, south, north-west...) right after
@@ -354,11 +410,12 @@ def parse_fallback(text: str) -> Parse:
        adverbs (nearest / opposite / near: prepositions) after a noun and adjectives before one
        ("the man closest to the door" vs "the closest cup"); multi-word relations ("in front
        of", "on top of", "next to", "to the left of") come out of these rules as spaCy's do;
-    2. chunks: an optional determiner followed by a maximal run of content words; the root is the
-       run's last word; a run made only of plain adjectives right after a verb/auxiliary
-       ("is white") or bare after a preposition ("in white") is not a chunk; subject and object
-       pronouns are one-word chunks ("next to her"; "that" in "the cup that is white"), as
-       spaCy's noun-chunk iterator gives them;
+    2. chunks: an optional determiner followed by a maximal run of content words, possessives
+       included ("the cat 's left eye" is one chunk rooted at "eye", as spaCy's noun chunks
+       are); the root is the run's last word; a run made only of plain adjectives right after a
+       verb/auxiliary ("is white") or bare after a preposition ("in white") is not a chunk;
+       subject and object pronouns are one-word chunks ("next to her"; "that" in "the cup that
+       is white"), as spaCy's noun-chunk iterator gives them;
     3. the sentence root is the first chunk's root, or a leading verb; the target phrase is then
        the first chunk (or the verb's object chunk, or the whole sentence as spaCy would give);
     4. heads: chunk members → chunk root; "of" → the preceding noun; other prepositions, adverbs,
@@ -404,6 +461,9 @@ def parse_fallback(text: str) -> Parse:
         kind.append(k)
         prev_content = k == "W"
     _mark_post_spatial(words, kind)
+    for i in range(1, n - 1):  # "the cat 's left eye": a possessive inside one noun phrase
+        if words[i] == "'s" and kind[i - 1] == "W" and kind[i + 1] == "W":
+            kind[i] = "POSS"
 
     chunks: list[tuple[int, int, int]] = []
     i = 0
@@ -419,6 +479,8 @@ def parse_fallback(text: str) -> Parse:
             j = i
             while j < n and kind[j] == "W":
                 j += 1
+                if j + 1 < n and kind[j] == "POSS" and kind[j + 1] == "W":
+                    j += 1  # the possessor and the possessed are one chunk, as spaCy's
             after_verb = start > 0 and kind[start - 1] in ("AUX", "VERB")
             # "the woman in white": a bare colour / size adjective after a preposition
             bare_after_prep = start == i and start > 0 and kind[start - 1] == "PREP"
@@ -507,14 +569,33 @@ def parse(text: str, backend: str = "auto") -> Parse:
     return parse_fallback(text)
 
 
-def analyse(text: str, *, backend: str = "auto", right_relation: bool = True) -> Expression:
-    """Parse an expression and extract what the referring scorer needs."""
+def analyse(
+    text: str,
+    *,
+    backend: str = "auto",
+    right_relation: bool = True,
+    fallback_reading: str = "reference",
+) -> Expression:
+    """Parse an expression and extract what the referring scorer needs.
+
+    ``fallback_reading``: how the rule parser's parses are read (``reference`` or ``sensible``,
+    see the module docstring); a spaCy parse is always read as the reference reads it."""
     p = parse(text, backend)
-    return analyse_parse(p, right_relation=right_relation)
+    return analyse_parse(p, right_relation=right_relation, fallback_reading=fallback_reading)
 
 
-def analyse_parse(p: Parse, *, right_relation: bool = True) -> Expression:
-    """The reference functions applied to one parse."""
+def analyse_parse(
+    p: Parse, *, right_relation: bool = True, fallback_reading: str = "reference"
+) -> Expression:
+    """The reference functions applied to one parse (``fallback_reading`` applies to the rule
+    parser's parses only)."""
+    if fallback_reading not in FALLBACK_READINGS:
+        from zsdense.errors import ConfigError
+
+        raise ConfigError(
+            f"unknown fallback_reading {fallback_reading!r}; choose {', '.join(FALLBACK_READINGS)}"
+        )
+    reading = fallback_reading if p.backend == "fallback" else "reference"
     np_ = noun_phrase(p)
     ctx = other_nouns(p, np_.text)
     return Expression(
@@ -523,8 +604,8 @@ def analyse_parse(p: Parse, *, right_relation: bool = True) -> Expression:
         head_noun=np_.head_noun,
         context=tuple(p.chunk_text(c) for c in ctx),
         context_roots=tuple(p.words[c[2]] for c in ctx),
-        relation=relation_word(p, ctx, right_relation=right_relation),
-        direction=direction_word(p)[0],
+        relation=relation_word(p, ctx, right_relation=right_relation, reading=reading),
+        direction=direction_word(p, reading=reading)[0],
         backend=p.backend,
         parse=p,
     )

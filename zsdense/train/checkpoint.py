@@ -131,6 +131,24 @@ def load_state(
     return meta
 
 
+def check_resume_settings(out: str | Path, saved: dict, now: dict) -> None:
+    """ConfigError naming the first setting of ``now`` that differs from the ``saved`` state's:
+    a resume never mixes two settings (shared by every resumable training in zsdense.train)."""
+    for key, value in now.items():
+        was = saved.get(key)
+        if json.dumps(was, sort_keys=True) == json.dumps(value, sort_keys=True):
+            continue
+        if isinstance(was, dict) and isinstance(value, dict):
+            diff = sorted(k for k in set(was) | set(value) if was.get(k) != value.get(k))
+            what = ", ".join(f"{k}: {was.get(k)!r} -> {value.get(k)!r}" for k in diff)
+        else:
+            what = f"{was!r} -> {value!r}"
+        raise ConfigError(
+            f"--resume: the run in {out} was started with another {key} ({what}); a "
+            f"resume never mixes two settings: use the same options or a new --out"
+        )
+
+
 def export_published(src: str | Path, dst: str | Path) -> Path:
     """A zsdense prompt checkpoint -> ``{'prompt_learner': state_dict}`` as Crane's train.py
     saves it (``torch.save``; token ids int32; Crane's key order)."""

@@ -23,10 +23,17 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from zsdense.config import TRAIN_CACHE_MODES
 from zsdense.errors import ConfigError
 from zsdense.io.writers import atomic_path
 from zsdense.runtime import Runtime, runtime_of
-from zsdense.train.checkpoint import base_model_info, load_state, save_prompts, save_state
+from zsdense.train.checkpoint import (
+    base_model_info,
+    check_resume_settings,
+    load_state,
+    save_prompts,
+    save_state,
+)
 from zsdense.train.data import (
     TrainItem,
     batches,
@@ -52,7 +59,7 @@ STATE_FILE = "state.safetensors"
 LOG_FILE = "train.jsonl"
 RUN_FILE = "run.json"
 BEST_FILE = "best.safetensors"
-CACHE_MODES = ("auto", "on", "off")
+CACHE_MODES = TRAIN_CACHE_MODES
 
 
 @dataclass(frozen=True)
@@ -106,7 +113,14 @@ class PromptTrainer:
                 raise ConfigError(f"--val {', '.join(o.val)}: no images found")
         state_path = self.out / STATE_FILE
         if self.resume and not state_path.is_file():
-            raise ConfigError(f"--resume: {state_path} not found; nothing to resume")
+            started = sorted(p.name for p in self.out.glob("epoch_*.safetensors"))
+            why = (
+                f" ({', '.join(started)} written, but the run stopped before that epoch's "
+                "resume point): start it again without --resume"
+                if started
+                else "; nothing to resume"
+            )
+            raise ConfigError(f"--resume: {state_path} not found{why}")
         if not self.resume and state_path.is_file():
             raise ConfigError(
                 f"{self.out} already holds a training run ({STATE_FILE}); pass --resume to "
@@ -147,7 +161,7 @@ class PromptTrainer:
         self.best: dict | None = None
         if self.resume:
             meta = load_state(state_path, self.learner, self.optimizer, self.data_gen)
-            self._check_resume(meta.get("settings", {}))
+            check_resume_settings(self.out, meta.get("settings", {}), self.settings)
             self.start_epoch = int(meta["epoch"])
             self.global_step = int(meta["global_step"])
             self.history = list(meta.get("history", []))
@@ -157,21 +171,6 @@ class PromptTrainer:
         self._val_cache: list | None = None
 
     # ---- setup checks ------------------------------------------------------------------------
-    def _check_resume(self, saved: dict) -> None:
-        for key, now in self.settings.items():
-            was = saved.get(key)
-            if json.dumps(was, sort_keys=True) == json.dumps(now, sort_keys=True):
-                continue
-            if isinstance(was, dict) and isinstance(now, dict):
-                diff = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
-                what = ", ".join(f"{k}: {was.get(k)!r} -> {now.get(k)!r}" for k in diff)
-            else:
-                what = f"{was!r} -> {now!r}"
-            raise ConfigError(
-                f"--resume: the run in {self.out} was started with another {key} ({what}); a "
-                f"resume never mixes two settings: use the same options or a new --out"
-            )
-
     # ---- batches -----------------------------------------------------------------------------
     def _encode(self, items: Sequence[TrainItem]) -> VisionBatch:
         x = self.clip.normalize(load_images(items, self.recipe.image_size).to(self.device))

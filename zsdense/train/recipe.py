@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from zsdense.errors import ConfigError
+from zsdense.options import validate_image_size
 
 
 @dataclass(frozen=True)
@@ -118,8 +119,7 @@ def validate_recipe(r: TrainRecipe) -> None:
         raise ConfigError(f"--batch-size must be >= 1, got {r.batch_size}")
     if not r.lr > 0:
         raise ConfigError(f"--lr must be > 0, got {r.lr}")
-    if r.image_size < 14:
-        raise ConfigError(f"image size {r.image_size} is too small")
+    validate_image_size(r.image_size)  # the rule `zsdense anomaly` applies to the same models
     if r.dattn_mean not in ("image", "batch"):
         raise ConfigError(f"dattn_mean must be 'image' or 'batch', not {r.dattn_mean!r}")
     if r.interpolation not in ("nearest", "bilinear"):
