@@ -407,9 +407,9 @@ class Evaluation:
     progress: bool = True
     on_record: Callable[[dict], None] | None = None
     log: Log = stderr_log
-    rt: Any = None
-    root: Path | None = None
-    config: dict = field(default_factory=dict)
+    rt: Any = field(default=None, init=False)
+    root: Path | None = field(default=None, init=False)
+    config: dict = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
