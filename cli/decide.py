@@ -35,10 +35,7 @@ import click
     "--calibrate-percentile", type=click.FloatRange(0, 100),
     help="With --calibrate-with: this percentile of the good pixels/scores instead of the max.",
 )  # fmt: skip
-@click.option(
-    "--task",
-    help="The anomaly task to decide (only for a `zsdense run` with several).",
-)  # fmt: skip
+@click.option("--task", help="The anomaly task to decide (only for a `zsdense run` with several).")
 @click.option(
     "--no-overlay", is_flag=True,
     help="Do not rewrite the overlays (they are removed: they would show the old masks).",

@@ -30,7 +30,7 @@ from PIL import Image
 from zsdense import metrics as M
 from zsdense.config import ANOMALY_PRESETS
 from zsdense.engine.local import load_records
-from zsdense.engine.specs import TaskSpec, build_task_spec
+from zsdense.engine.specs import TaskSpec
 from zsdense.errors import ConfigError
 from zsdense.eval.common import (
     Evaluation,
@@ -39,6 +39,7 @@ from zsdense.eval.common import (
     RunOptions,
     check_preset,
     mean_row,
+    preset_head,
     rel_key,
     runtime_settings,
 )
@@ -273,7 +274,7 @@ def _category_task(
     if scorer_for(cfg["preset"]).references != "none":
         pool = train_good_images(data, layout, cat)
         cfg["reference"] = [str(p) for p in select_references(pool, shots, seed)]
-    return anomaly_eval_task(build_task_spec(rt, cfg, fmt=fmt, overlay=False), size)
+    return anomaly_eval_task(preset_head(rt, cfg, fmt), size)
 
 
 def _predict_category(
