@@ -236,8 +236,10 @@ def export_coco(
     written = []
     for name in names:
         coco = coco_for_task(out_dir, records, name, tasks[name], multi, skip)
-        path = Path(to) if to is not None else out_dir / (
-            f"instances_coco.{name}.json" if multi else "instances_coco.json"
+        path = (
+            Path(to)
+            if to is not None
+            else out_dir / (f"instances_coco.{name}.json" if multi else "instances_coco.json")
         )
         written.append(write_json(path, coco, indent=None))
     return written
