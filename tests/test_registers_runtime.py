@@ -376,7 +376,7 @@ def test_segmenter_helpers_take_the_register_options():
 
 
 def test_evaluation_settings_record_the_registers(tmp_path):
-    from zsdense.eval.common import registers_entry
+    from zsdense.eval.common import registers_entry, runtime_settings
 
     assert registers_entry(Runtime(RuntimeConfig(**TINY))) == {}
     assert registers_entry(Runtime(RuntimeConfig(**TINY, registers="off"))) == {}
@@ -384,3 +384,7 @@ def test_evaluation_settings_record_the_registers(tmp_path):
     assert rec == {
         "registers": {"neurons": ["auto"], "count": None, "mode": "mean", "batch": "per-image"}
     }
+    # every protocol's recorded settings (eval.common.runtime_settings) carry it; off adds none
+    on = Runtime(RuntimeConfig(**TINY, registers="auto", registers_mode="mean"))
+    assert runtime_settings(on)["registers"] == rec["registers"]
+    assert "registers" not in runtime_settings(Runtime(RuntimeConfig(**TINY)))
