@@ -17,7 +17,7 @@ Formats (lossless unless said otherwise):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,7 @@ __all__ = [
     "write_map_npy",
     "write_overlay_jpg",
     "write_outputs",
+    "write_result",
     "mask_to_rle",
     "rle_to_mask",
     "write_rle_json",
@@ -503,3 +504,20 @@ def write_outputs(
     if fmt == "rle" and mask is not None and labels is None:
         outputs["rle"] = str(write_rle_json(f"{stem}.rle.json", mask_to_rle(mask)))
     return outputs
+
+
+def write_result(
+    stem: str | Path,
+    image: np.ndarray,
+    out: Any,
+    meta: Mapping[str, Any] | None = None,
+    **layers: Any,
+) -> dict[str, str]:
+    """:func:`write_outputs` as a result type's ``write`` calls it: the map format and the
+    overlay switch from ``out`` (an :class:`~zsdense.options.OutputOptions`), the random-weights
+    mark from the result's ``meta``; ``layers`` are the rest of its keywords (``mask``,
+    ``labels``, ``float_map``, ``heat``, ``caption``, ...)."""
+    random_weights = bool((meta or {}).get("random_weights"))
+    return write_outputs(
+        stem, image, fmt=out.fmt, overlay=out.overlay, random_weights=random_weights, **layers
+    )

@@ -47,7 +47,7 @@ import numpy as np
 from zsdense.config import REFER_PRESETS, ReferPreset, preset_from_spec
 from zsdense.errors import ConfigError
 from zsdense.io.instances import instance_masks, to_supervision, whole_mask_instance
-from zsdense.io.writers import write_outputs
+from zsdense.io.writers import write_result
 from zsdense.options import OutputOptions, ReferOptions
 from zsdense.plugins import Registry
 
@@ -76,15 +76,8 @@ class ReferResult:
         the query id and text for the manifest (and ``fallback``, the reason, when one)."""
         params = params or {}
         text = params.get("text") or self.meta.get("text")
-        outputs = write_outputs(
-            stem,
-            image,
-            fmt=out.fmt,
-            overlay=out.overlay,
-            mask=self.mask,
-            caption=str(text) if text else None,
-            random_weights=bool(self.meta.get("random_weights")),
-        )
+        caption = str(text) if text else None
+        outputs = write_result(stem, image, out, self.meta, mask=self.mask, caption=caption)
         scores: dict[str, Any] = {"score": float(self.score), "candidates": self.candidates}
         if params.get("id") is not None:
             scores["id"] = params["id"]
