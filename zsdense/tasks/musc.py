@@ -226,7 +226,8 @@ def _score_in_memory(
         (lambda layer=layer: torch.stack([f["tokens"][layer] for f in feats]))
         for layer in info["layers"]
     ]
-    patch = musc_patch_scores(tokens, grid, cfg.musc_r, cfg.musc_topmin, device=rt.device)
+    with rt.autocast():  # the distance products at the runtime's precision
+        patch = musc_patch_scores(tokens, grid, cfg.musc_r, cfg.musc_topmin, device=rt.device)
     return patch, grid, info, embeds
 
 
@@ -240,9 +241,10 @@ def _score_on_disk(
     with tempfile.TemporaryDirectory(prefix="zsdense-musc-", dir=cache_dir) as tmp:
         bs = int(rt.config.batch_size)
         stacks, grid, info, embeds = _spill_tokens(ctxs, key, features, bs, Path(tmp))
-        patch = musc_patch_scores(
-            list(stacks.values()), grid, cfg.musc_r, cfg.musc_topmin, device=rt.device
-        )
+        with rt.autocast():  # the distance products at the runtime's precision
+            patch = musc_patch_scores(
+                list(stacks.values()), grid, cfg.musc_r, cfg.musc_topmin, device=rt.device
+            )
     return patch, grid, info, embeds
 
 
