@@ -209,6 +209,26 @@ def _exact_sq_dist(
     return (diff * diff).sum(dim=1).reshape(q_n, k)
 
 
+def _merge_best(
+    best_d: torch.Tensor | None,
+    best_i: torch.Tensor | None,
+    dv: torch.Tensor,
+    di: torch.Tensor,
+    k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k smallest of the running best and one block's candidates (sorted, stable: earlier
+    memory rows win ties, as a linear scan would)."""
+    if best_d is None:
+        return dv, di
+    if k == 1:
+        better = dv < best_d  # strict: earlier rows win ties
+        return torch.where(better, dv, best_d), torch.where(better, di, best_i)
+    cat_d = torch.cat([best_d, dv], dim=1)
+    cat_i = torch.cat([best_i, di], dim=1)
+    order = torch.argsort(cat_d, dim=1, stable=True)[:, :k]
+    return torch.gather(cat_d, 1, order), torch.gather(cat_i, 1, order)
+
+
 def _knn_torch(
     queries: torch.Tensor,
     blocks: list[torch.Tensor],
@@ -259,19 +279,7 @@ def _knn_torch(
                 else:
                     kk = min(k, d.shape[1])
                     dv, di = torch.topk(d, kk, dim=1, largest=False, sorted=True)
-                di = di + (offset + m0)
-                if best_d is None:
-                    best_d, best_i = dv, di
-                elif k == 1:
-                    better = dv < best_d  # strict: earlier rows win ties, as a linear scan
-                    best_d = torch.where(better, dv, best_d)
-                    best_i = torch.where(better, di, best_i)
-                else:
-                    cat_d = torch.cat([best_d, dv], dim=1)
-                    cat_i = torch.cat([best_i, di], dim=1)
-                    order = torch.argsort(cat_d, dim=1, stable=True)[:, :k]
-                    best_d = torch.gather(cat_d, 1, order)
-                    best_i = torch.gather(cat_i, 1, order)
+                best_d, best_i = _merge_best(best_d, best_i, dv, di + (offset + m0), k)
             offset += b.shape[0]
         qn = (q * q).sum(dim=1, keepdim=True)
         out_d[q0 : q0 + nq] = (best_d + qn).clamp_(min=0.0)
@@ -321,19 +329,7 @@ def _knn_torch_reduced(
                     dv, di = d.min(dim=1, keepdim=True)
                 else:
                     dv, di = torch.topk(d, min(k, d.shape[1]), dim=1, largest=False, sorted=True)
-                dv, di = dv.float(), di + (offset + m0)
-                if best_d is None:
-                    best_d, best_i = dv, di
-                elif k == 1:
-                    better = dv < best_d  # strict: earlier rows win ties, as a linear scan
-                    best_d = torch.where(better, dv, best_d)
-                    best_i = torch.where(better, di, best_i)
-                else:
-                    cat_d = torch.cat([best_d, dv], dim=1)
-                    cat_i = torch.cat([best_i, di], dim=1)
-                    order = torch.argsort(cat_d, dim=1, stable=True)[:, :k]
-                    best_d = torch.gather(cat_d, 1, order)
-                    best_i = torch.gather(cat_i, 1, order)
+                best_d, best_i = _merge_best(best_d, best_i, dv.float(), di + (offset + m0), k)
             offset += b.shape[0]
         qf = q.float()
         qn = (qf * qf).sum(dim=1, keepdim=True) - 1.0
