@@ -51,7 +51,13 @@ import torch.nn.functional as F
 from zsdense.dense.jafar import JAFAR, JafarConfig, save_jafar
 from zsdense.errors import ConfigError, InputError
 from zsdense.io.writers import atomic_path
-from zsdense.train.checkpoint import check_resume_settings, load_state, save_state
+from zsdense.train.checkpoint import (
+    check_out_for_training,
+    check_resume_settings,
+    load_state,
+    save_state,
+    training_runtime,
+)
 
 FORMAT = "zsdense-jafar-train/1"
 STATE_FILE = "state.safetensors"
@@ -422,7 +428,6 @@ class UpsamplerTrainer:
 
     def __post_init__(self) -> None:
         from zsdense.models.jafar_backbone import encoder_id, encoder_patch_size, encoder_width
-        from zsdense.runtime import Runtime, runtime_of
 
         r, o = self.recipe, self.options
         self.out = Path(self.out_dir)
@@ -451,19 +456,8 @@ class UpsamplerTrainer:
         if not train:
             raise ConfigError(f"{', '.join(str(d) for d in self.data)}: no images found")
         self.train_items, self.val_items = train, val
-        state_path = self.out / STATE_FILE
-        if self.resume and not state_path.is_file():
-            raise ConfigError(f"--resume: {state_path} not found; nothing to resume")
-        if not self.resume and state_path.is_file():
-            raise ConfigError(
-                f"{self.out} already holds a training run ({STATE_FILE}); pass --resume to "
-                f"continue it or choose another --out"
-            )
-        self.rt = (
-            runtime_of(self.runtime)
-            if self.runtime is not None
-            else Runtime(device="cpu", precision="fp32")
-        )
+        state_path = check_out_for_training(self.out, STATE_FILE, self.resume)
+        self.rt = training_runtime(self.runtime)
         self.precision = self.rt.precision
         if self.encoder is None:
             self.encoder = load_backbone(self.backbone, self.rt)
