@@ -297,8 +297,7 @@ def make_optimizer(model: JAFAR, recipe: JafarRecipe) -> torch.optim.AdamW:
 def new_jafar(v_dim: int, recipe: JafarRecipe) -> JAFAR:
     """A freshly initialised upsampler (PyTorch default init, RoPE init) from ``recipe.seed``,
     without touching the global RNG."""
-    state = torch.random.get_rng_state()
-    try:
+    with torch.random.fork_rng(devices=[]):  # the global RNG left as it was
         torch.manual_seed(int(recipe.seed))
         cfg = JafarConfig(
             v_dim=int(v_dim),
@@ -307,8 +306,6 @@ def new_jafar(v_dim: int, recipe: JafarRecipe) -> JAFAR:
             kernel_size=recipe.kernel_size,
         )
         return JAFAR(cfg).float()
-    finally:
-        torch.random.set_rng_state(state)
 
 
 # ---------------------------------------------------------------------------------------------
