@@ -92,6 +92,9 @@ def _apply(f: Callable, opts: dict[str, Callable], exclude: Sequence[str] = ()) 
     return f
 
 
+# the test-time register options (a runtime setting; commands that train or find neurons
+# exclude them: runtime_options(exclude=REGISTER_KEYS))
+REGISTER_KEYS = ("registers", "registers_count", "registers_mode", "registers_batch")
 # the runtime options' parameter names (make_runtime's keywords)
 RUNTIME_KEYS = (
     "models",
@@ -101,11 +104,30 @@ RUNTIME_KEYS = (
     "batch_size",
     "offline",
     "max_pixels",
+    *REGISTER_KEYS,
 )
 
 
+def register_values(values: Any) -> tuple:
+    """``--registers`` values (or the ``[run]`` table's ``registers``: a string or a list) with
+    file paths made absolute (Ray actors may start elsewhere); auto / off kept."""
+    if values is None:
+        return ()
+    items = [values] if isinstance(values, (str, os.PathLike)) else list(values)
+    out = []
+    for v in items:
+        v = os.fspath(v) if isinstance(v, os.PathLike) else str(v)
+        keep = v.strip().lower() in ("", "auto", "off")
+        out.append(v.strip().lower() if keep else str(Path(v).expanduser().resolve()))
+    return tuple(out)
+
+
+def _register_values(ctx, param, value):  # noqa: ARG001 - click callback
+    return register_values(value)
+
+
 def _runtime_option_table() -> dict[str, Callable]:
-    from zsdense.config import PRECISIONS
+    from zsdense.config import PRECISIONS, REGISTER_BATCHES, REGISTER_MODES
     from zsdense.models import MODEL_SETS
 
     return {
@@ -139,13 +161,40 @@ def _runtime_option_table() -> dict[str, Callable]:
             help="Refuse images with more pixels, before decoding (memory, decompression bombs); "
             "the default keeps a 2-core 8 GB machine safe (README: memory).",
         ),
+        "registers": lambda: option(
+            "--registers", multiple=True, metavar="auto|FILE|off", callback=_register_values,
+            help="Test-time registers for the CLIP / DINOv2 encoders (README: test-time "
+            "registers). off (default): the plain encoders; auto: the shipped neuron list where "
+            "one exists (real-weight dinov2-large only), else off; FILE: a neurons.json from "
+            "`zsdense registers find`, applied to the encoder it was found for (repeatable: "
+            "one file per encoder, may be combined with auto). Recorded in run_settings.json.",
+        ),
+        "registers_count": lambda: option(
+            "--registers-count", type=click.IntRange(min=0), default=None,
+            help="R, the register tokens appended (default: the neuron list's own, 1 for the "
+            "shipped list; 0: off).",
+        ),
+        "registers_mode": lambda: option(
+            "--registers-mode", choices=REGISTER_MODES, default=None,
+            help="What the register neurons' patch activations become (default: the neuron "
+            "list's own, zero).",
+        ),
+        "registers_batch": lambda: option(
+            "--registers-batch", choices=REGISTER_BATCHES, default="per-image",
+            show_default=True,
+            help="per-image: every image of a batch is edited as if alone. reference: only the "
+            "first image of each batch is edited, as the reference code does (a defect; for "
+            "comparisons only).",
+        ),
     }  # fmt: skip
 
 
 def runtime_options(f: Callable | None = None, *, exclude: Sequence[str] = ()) -> Callable:
-    """--models, --device, --precision, --weights-dir, --batch-size, --offline, --max-pixels:
-    every command takes the runtime options from here (``exclude`` drops the ones a command has
-    no use for, e.g. ``max_pixels`` for training). Choices come from the library."""
+    """--models, --device, --precision, --weights-dir, --batch-size, --offline, --max-pixels,
+    --registers (with --registers-count, --registers-mode, --registers-batch): every command
+    takes the runtime options from here (``exclude`` drops the ones a command has no use for,
+    e.g. ``max_pixels`` or the register options for training). Choices come from the
+    library."""
     if f is None:
         return lambda g: runtime_options(g, exclude=exclude)
     return _apply(f, _runtime_option_table(), exclude)
@@ -204,6 +253,10 @@ def make_runtime(
     batch_size: int = DEFAULT_BATCH_SIZE,
     offline: bool = False,
     max_pixels: int = MAX_PIXELS,
+    registers: Any = (),
+    registers_count: int | None = None,
+    registers_mode: str | None = None,
+    registers_batch: str = "per-image",
     **_: Any,
 ):
     """The :class:`~zsdense.runtime.Runtime` of the runtime options."""
@@ -221,6 +274,10 @@ def make_runtime(
             download=False if offline else None,
             batch_size=batch_size,
             max_pixels=max_pixels,
+            registers=registers or "off",
+            registers_count=registers_count,
+            registers_mode=registers_mode,
+            registers_batch=registers_batch or "per-image",
         )
     )
 

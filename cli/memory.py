@@ -121,10 +121,14 @@ def build_cmd(
     rt = make_runtime(**runtime)
     t0 = time.perf_counter()
     paths = [str(it.path) for it in items]
+    rt.dinov2(opts.model)  # loaded (cached) first: a --registers file for another encoder
+    if not crane_preset:  # is refused before the reference pass
+        rt.check_registers_used()
     with progress_scope(True):  # the reference pass and Crane's statistics show progress
         bank = fs.build_memory(rt, paths, opts)
         if crane_preset:
             fs.add_crane_stats(rt, bank, paths[: bank.n_shots], crane_preset, object_name)
+            rt.check_registers_used()
     if kept is not None:
         bank.extra["thresholds"] = kept
     save_memory(bank, out)

@@ -22,7 +22,8 @@ from typing import Any, Iterator
 import click
 import numpy as np
 
-from zsdense.cli.common import make_runtime, runtime_options, warn
+from zsdense.cli.common import REGISTER_KEYS, make_runtime, runtime_options, warn
+from zsdense.config import REGISTER_MODES
 from zsdense.errors import ConfigError, InputError
 
 CLIP_KIND, DINO_KIND = "clip", "dinov2"
@@ -314,7 +315,7 @@ def registers_group() -> None:
 @click.option("--num-registers", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option(
     "--mode",
-    type=click.Choice(["zero", "mean", "only_outliers", "same"]),
+    type=click.Choice(REGISTER_MODES),
     default="zero",
     show_default=True,
     help="What the found neurons' patch activations become (the check and the file's "
@@ -322,7 +323,7 @@ def registers_group() -> None:
 )
 @click.option("--force", is_flag=True, default=False, help="Overwrite an existing file.")
 @click.option("--quiet", "-q", is_flag=True, default=False, help="No progress bar.")
-@runtime_options
+@runtime_options(exclude=REGISTER_KEYS)  # the plain encoder: its own --num-registers
 def find_cmd(
     data,
     encoder,
@@ -463,11 +464,11 @@ def find_cmd(
 @click.argument("data", nargs=-1)
 @encoder_option
 @click.option("--num-registers", type=click.IntRange(min=1), default=None)
-@click.option("--mode", type=click.Choice(["zero", "mean", "only_outliers", "same"]), default=None)
+@click.option("--mode", type=click.Choice(REGISTER_MODES), default=None)
 @click.option("--max-images", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--threshold", type=float, default=None, help="Norm threshold (file's by default).")
 @click.option("--html", "html_path", type=click.Path(dir_okay=False), default=None)
-@runtime_options
+@runtime_options(exclude=REGISTER_KEYS)  # the plain encoder: its own --num-registers
 def check_cmd(
     neurons, data, encoder, num_registers, mode, max_images, threshold, html_path, **runtime
 ) -> None:

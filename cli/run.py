@@ -4,11 +4,28 @@ from __future__ import annotations
 
 import click
 
-from zsdense.cli.common import RUNTIME_KEYS, no_inputs_error, option, print_summary, task_command
+from zsdense.cli.common import (
+    RUNTIME_KEYS,
+    no_inputs_error,
+    option,
+    print_summary,
+    register_values,
+    task_command,
+)
 from zsdense.config import DEFAULT_BATCH_SIZE, ENGINE, ENGINES
 from zsdense.errors import ConfigError
 
-RUN_TABLE_KEYS = ("batch_size", "models", "device", "precision", "max_pixels")
+RUN_TABLE_KEYS = (
+    "batch_size",
+    "models",
+    "device",
+    "precision",
+    "max_pixels",
+    "registers",  # a string or a list: auto, off, neurons.json files
+    "registers_count",
+    "registers_mode",
+    "registers_batch",
+)
 
 
 @click.command("run")
@@ -68,6 +85,7 @@ def run_cmd(data, config_path, task_opts, object_name, classes, text, batch, **e
       text = "the cup left of the laptop"
       [run]            # optional defaults for runtime options
       batch_size = 8
+      registers = "auto"   # or a neurons.json, or a list of them
 
     Outputs go to OUT mirroring the input tree (<name>.<task>.mask.png, .map.tiff, .overlay.jpg
     when several tasks run), one line per image in OUT/results.jsonl and OUT/report.html. A rerun
@@ -97,7 +115,8 @@ def run_cmd(data, config_path, task_opts, object_name, classes, text, batch, **e
     for key in RUN_TABLE_KEYS:  # the [run] table fills options not given on the command line
         source = click_ctx.get_parameter_source(key)
         if key in run_table and source in (None, click.core.ParameterSource.DEFAULT):
-            batch.runtime[key] = run_table[key]
+            value = run_table[key]
+            batch.runtime[key] = register_values(value) if key == "registers" else value
     items = batch.items(data)
     if not items:
         raise no_inputs_error(items)

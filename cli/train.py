@@ -11,7 +11,13 @@ import time
 
 import click
 
-from zsdense.cli.common import dattn_mean_option, make_runtime, option, runtime_options
+from zsdense.cli.common import (
+    REGISTER_KEYS,
+    dattn_mean_option,
+    make_runtime,
+    option,
+    runtime_options,
+)
 from zsdense.config import TRAIN_CACHE_MODES
 from zsdense.eval.protocols import ANOMALY_LAYOUT_CHOICES
 from zsdense.train.recipe import RECIPES
@@ -111,7 +117,7 @@ class _Progress:
     help="Also write best.pth in the layout Crane's train.py saves (loads in Crane).",
 )  # fmt: skip
 @option("--quiet", "-q", is_flag=True, default=False, help="No progress output.")
-@runtime_options(exclude=("batch_size", "max_pixels"))
+@runtime_options(exclude=("batch_size", "max_pixels", *REGISTER_KEYS))
 def train_prompts_cmd(
     data,
     out_dir,

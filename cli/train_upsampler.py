@@ -13,7 +13,7 @@ import time
 
 import click
 
-from zsdense.cli.common import make_runtime, runtime_options
+from zsdense.cli.common import REGISTER_KEYS, make_runtime, runtime_options
 
 
 class _Progress:
@@ -125,7 +125,7 @@ class _Progress:
 @click.option("--save-every", type=click.IntRange(min=1), default=500, show_default=True)
 @click.option("--val-every", type=click.IntRange(min=1), default=500, show_default=True)
 @click.option("--quiet", "-q", is_flag=True, default=False, help="No progress output.")
-@runtime_options
+@runtime_options(exclude=REGISTER_KEYS)  # trains on the plain backbone
 def train_upsampler_cmd(
     data,
     backbone,

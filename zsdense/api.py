@@ -194,6 +194,10 @@ _SEGMENTER_KW = (
     "download",
     "batch_size",
     "max_pixels",
+    "registers",
+    "registers_count",
+    "registers_mode",
+    "registers_batch",
 )
 
 

@@ -23,6 +23,43 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # 1.3 / 2.2 / 3.6 GB at 4 / 16 / 36 MP (bench/bench_max_pixels.py); real models add their weights.
 MAX_PIXELS = 25_000_000
 DEFAULT_BATCH_SIZE = 4  # images per encoder batch
+# --registers (test-time registers, zsdense.models.registers_setting): what the register neurons'
+# patch activations become, and how a batch is edited ("reference": only its first image, the
+# reference code's defect, for comparisons)
+REGISTER_MODES = ("zero", "mean", "only_outliers", "same")
+REGISTER_BATCHES = ("per-image", "reference")
+
+
+def register_entries(value: Any) -> tuple:
+    """``RuntimeConfig.registers`` as given -> its entries: ``"auto"``, file paths (str) and
+    neuron sets, in order; ``()`` means off. ``off`` / None / ``""`` are off; ``off`` cannot
+    be combined with other entries."""
+    import os
+
+    if value is None:
+        return ()
+    single = isinstance(value, (str, os.PathLike)) or not isinstance(value, (list, tuple))
+    items = [value] if single else list(value)
+    out: list = []
+    for v in items:
+        if isinstance(v, os.PathLike):
+            v = os.fspath(v)
+        if isinstance(v, str):
+            s = v.strip()
+            if s.lower() in ("", "off"):
+                if len(items) > 1:
+                    raise ConfigError("--registers off cannot be combined with other values")
+                continue
+            s = "auto" if s.lower() == "auto" else s
+            if s not in out:
+                out.append(s)
+        elif hasattr(v, "layers") and hasattr(v, "encoder"):  # a NeuronSet (models layer)
+            out.append(v)
+        else:
+            raise ConfigError(
+                f"--registers takes auto, off, a neurons.json path or a NeuronSet, not {v!r}"
+            )
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -36,8 +73,28 @@ class RuntimeConfig:
     download: bool | None = None  # None: allowed unless ZSDENSE_OFFLINE / HF_HUB_OFFLINE is set
     batch_size: int = DEFAULT_BATCH_SIZE
     max_pixels: int = MAX_PIXELS
+    # test-time registers (README "Test-time registers"): off | auto | neurons.json | NeuronSet,
+    # or a list of auto and files (each file applies to the encoder it was found for)
+    registers: Any = "off"
+    registers_count: int | None = None  # R; None: the neuron list's own (1 for the shipped one)
+    registers_mode: str | None = None  # REGISTER_MODES; None: the neuron list's own ("zero")
+    registers_batch: str = "per-image"  # REGISTER_BATCHES
 
     def __post_init__(self) -> None:
+        register_entries(self.registers)  # validated here; resolved by the Runtime
+        if self.registers_mode is not None and self.registers_mode not in REGISTER_MODES:
+            raise ConfigError(
+                f"unknown register mode {self.registers_mode!r}; choose one of: "
+                f"{', '.join(REGISTER_MODES)}"
+            )
+        if self.registers_batch not in REGISTER_BATCHES:
+            raise ConfigError(
+                f"unknown register batch behaviour {self.registers_batch!r}; choose one of: "
+                f"{', '.join(REGISTER_BATCHES)}"
+            )
+        r = self.registers_count
+        if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 0):
+            raise ConfigError(f"--registers-count must be an integer >= 0, not {r!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(
                 f"unknown precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}"

@@ -21,6 +21,9 @@ class ImageContext:
     meta: dict = field(default_factory=dict)
     cache: dict = field(default_factory=dict, repr=False)
     computed: Counter = field(default_factory=Counter, repr=False)
+    # the test-time register setting the cached encoder outputs belong to ("off", or the
+    # setting's record as JSON); None until a runtime claims the context (Runtime.context)
+    registers: str | None = field(default=None, repr=False, compare=False)
 
     @property
     def size(self) -> tuple[int, int]:

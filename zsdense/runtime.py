@@ -43,7 +43,7 @@ from typing import Iterator
 
 import torch
 
-from zsdense.config import PRECISIONS, RuntimeConfig
+from zsdense.config import PRECISIONS, RuntimeConfig, register_entries
 from zsdense.context import ImageContext
 from zsdense.errors import ConfigError
 
@@ -360,6 +360,12 @@ class Runtime:
 
         check_model_set(config.models)
         self.config = config
+        self._register_setting = None
+        if register_entries(config.registers):  # neuron files read now: errors before any input
+            from zsdense.models.registers_setting import RegisterSetting
+
+            self._register_setting = RegisterSetting.from_config(config)
+        self._registers_served: dict[str, tuple] = {}  # label -> (model, spec, entry, why not)
         self._device: torch.device | None = None
         self._dtype: torch.dtype | None = None
         self._precision_reason = ""
@@ -428,6 +434,12 @@ class Runtime:
         if self.random_weights:
             meta["random_weights"] = True
             meta["warning"] = "random weights — not meaningful"
+        if self.registers_on:  # per encoder: the neurons' source and fingerprint, R, mode
+            keep = ("neurons_from", "fingerprint", "num_registers", "mode", "batch")
+            meta["registers"] = {
+                label: {k: rec[k] for k in keep} if rec["registers"] == "on" else "none"
+                for label, rec in self.registers_applied().items()
+            }
         return meta
 
     # ---- encoders (lazy, cached per process) ------------------------------------------------
@@ -447,6 +459,13 @@ class Runtime:
         if self.random_weights and not self._warned:  # one stderr line per runtime
             self._warned = True
             print(TINY_WARNING.format(self.config.models), file=sys.stderr)
+        label = "/".join([kind, name, *(str(v) for v in extra.values())])
+        spec = entry = None
+        setting = self._register_setting
+        pretrained = extra.get("pretrained", "openai")
+        if setting is not None and kind != "sam":
+            got = setting.spec_for(kind, name, self.config.models, pretrained)
+            spec, entry = got if got is not None else (None, None)
         model = get_model(
             kind,
             name,
@@ -455,11 +474,50 @@ class Runtime:
             weights_dir=self.config.weights_dir,
             download=self.config.download,
             dtype=self.dtype,
+            registers=spec,
             **extra,
         )
-        label = "/".join([kind, name, *(str(v) for v in extra.values())])
         self._models_used[label] = model
+        if setting is not None and kind != "sam" and label not in self._registers_served:
+            from zsdense.models.registers_setting import why_plain
+
+            why = "" if spec else why_plain(setting, kind, name, self.config.models, pretrained)
+            self._registers_served[label] = (model, spec, entry, why)
         return model
+
+    # ---- test-time registers (zsdense.models.registers_setting) -------------------------------
+    @property
+    def registers_on(self) -> bool:
+        """True when ``--registers`` asks for registers (some encoder may still run plain)."""
+        return self._register_setting is not None and not self._register_setting.off
+
+    def registers_settings(self) -> dict | None:
+        """The requested register setting as a run records and compares it (None when off)."""
+        return None if self._register_setting is None else self._register_setting.record()
+
+    def registers_applied(self, labels=None) -> dict:
+        """What each CLIP / DINOv2 served so far (or only those of ``labels``) runs with:
+        ``{label: {"registers": "on", neurons_from, fingerprint, num_registers, mode, ...}}`` or
+        ``{"registers": "none", "why": ...}``. Empty when off."""
+        from zsdense.models.registers_setting import applied_record
+
+        if not self.registers_on:
+            return {}
+        return {
+            label: applied_record(spec, entry, why)
+            for label, (_, spec, entry, why) in sorted(self._registers_served.items())
+            if labels is None or label in labels
+        }
+
+    def check_registers_used(self, labels=None) -> None:
+        """ConfigError when a ``--registers`` file matched none of the encoders this runtime
+        served (or those of ``labels``): a file for another encoder is a setup error."""
+        if not self.registers_on:
+            return
+        served = [m for label, m in self._models_used.items() if labels is None or label in labels]
+        problems = self._register_setting.unused(served)
+        if problems:
+            raise ConfigError("; ".join(problems))
 
     def weights_record(self, during=None) -> dict[str, str | None]:
         """The encoders this runtime has served — only those asked for while ``during()`` runs
@@ -495,11 +553,26 @@ class Runtime:
     def context(self, image) -> ImageContext:
         """An :class:`ImageContext` for a path, PIL image, array or an existing context."""
         if isinstance(image, ImageContext):
+            self._claim(image)
             return image
         from zsdense.io import to_float_rgb
 
         arr, meta = to_float_rgb(image, max_pixels=self.config.max_pixels)
-        return ImageContext(image=arr, meta=meta)
+        return ImageContext(image=arr, meta=meta, registers=self._registers_stamp())
+
+    def _registers_stamp(self) -> str:
+        setting = self.registers_settings()
+        return "off" if setting is None else json.dumps(setting, sort_keys=True)
+
+    def _claim(self, ctx: ImageContext) -> None:
+        """A context made or first used under another register setting drops the encoder
+        outputs it cached there (computed with other registers), keeping the image."""
+        mine = self._registers_stamp()
+        if ctx.registers is not None and ctx.registers != mine:
+            kept = {k: ctx.cache[k] for k in ("_u8",) if k in ctx.cache}
+            ctx.cache.clear()
+            ctx.cache.update(kept)
+        ctx.registers = mine
 
     def contexts(self, images) -> list[ImageContext]:
         return [self.context(im) for im in images]

@@ -579,6 +579,7 @@ def run_batch(
                 settings["weights"] = record(during=lambda: setup_tasks(tasks))
             else:
                 setup_tasks(tasks)
+        record_registers(rt, settings)
         if record_settings:
             check_settings(out_dir, settings, force=force)
     clean_orphan_temp_files(out_dir)
@@ -775,7 +776,23 @@ def run_settings(rt, tasks: Sequence[TaskSpec]) -> dict:
         machine = record()
         settings["precision"] = machine.pop("precision")
         settings["machine"] = machine
+    registers = getattr(rt, "registers_settings", None)
+    if callable(registers) and registers() is not None:  # off: no key (older runs resume)
+        settings["registers"] = registers()
     return settings
+
+
+def record_registers(rt, settings: dict) -> None:
+    """After setup: which encoders of the run's tasks got test-time registers (neurons, their
+    fingerprint, R, mode) as ``settings["registers_applied"]``; a ``--registers`` file that
+    matched none of them is a setup error (ConfigError)."""
+    applied = getattr(rt, "registers_applied", None)
+    if not callable(applied) or not getattr(rt, "registers_on", False):
+        return
+    labels = settings.get("weights")  # the encoders the tasks' setup loaded
+    if labels != {}:  # a setup that loads nothing (a plug-in task) tells nothing
+        rt.check_registers_used(labels)
+    settings["registers_applied"] = applied(labels)
 
 
 def setup_tasks(tasks: Sequence[TaskSpec]) -> None:

@@ -93,6 +93,14 @@ def random_weights_warning(models: str) -> str | None:
 # ============================================================================== tables
 
 
+def registers_entry(rt: Any) -> dict:
+    """``{"registers": ...}``, the runtime's test-time register setting as predictions record
+    it (predictions made with another setting are then redone), or ``{}`` when off."""
+    rec = getattr(rt, "registers_settings", None)
+    got = rec() if callable(rec) else None
+    return {} if got is None else {"registers": got}
+
+
 def _finite(v: Any) -> bool:
     real = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
     return real and math.isfinite(float(v))
@@ -384,9 +392,10 @@ def check_preset(preset: str, presets: Mapping, family: str, task: Any) -> None:
         )
 
 
-def runtime_settings(rt: Runtime) -> dict[str, str]:
-    """What the runtime adds to the recorded settings: the model set and resolved precision."""
-    return {"models": str(rt.config.models), "precision": rt.precision}
+def runtime_settings(rt: Runtime) -> dict[str, Any]:
+    """What the runtime adds to the recorded settings: the model set, the resolved precision
+    and, when on, the test-time registers (:func:`registers_entry`)."""
+    return {"models": str(rt.config.models), "precision": rt.precision, **registers_entry(rt)}
 
 
 def preset_head(rt: Runtime, cfg: dict, fmt: str = "none") -> TaskSpec:

@@ -404,7 +404,7 @@ def check_settings(
     *,
     force: bool,
     record: bool = True,
-    partial: Sequence[str] = ("weights",),
+    partial: Sequence[str] = ("weights", "registers_applied"),
     informational: Sequence[str] = ("machine", "decided"),
 ) -> None:
     """Record ``settings`` in ``out_dir/run_settings.json``, or refuse a rerun that would mix them.
@@ -412,9 +412,10 @@ def check_settings(
     A rerun with the same settings resumes; with other settings it is a ConfigError naming what
     changed (the old outputs would otherwise stay as if made with the new ones), unless ``force``
     (everything is recomputed and the new settings recorded). ``record=False`` only checks.
-    Keys in ``partial`` (the weight hashes, known only once the models are loaded) are compared
-    only when both records hold them; keys in ``informational`` (the machine that ran, the
-    history of ``zsdense decide``) are recorded, never compared.
+    Keys in ``partial`` (the weight hashes and the encoders' test-time registers, known only once
+    the models are loaded) are compared only when both records hold them; keys in
+    ``informational`` (the machine that ran, the history of ``zsdense decide``) are recorded,
+    never compared.
     """
     path = Path(out_dir) / SETTINGS_NAME
     new = json.loads(dumps_strict(settings))

@@ -86,11 +86,17 @@ def get_model(
     weights_dir=None,
     download=None,
     dtype=None,
+    registers=None,
     **extra,
 ):
     """Encoder ``kind`` (``clip``: open_clip arch, ``pretrained=`` tag; ``dinov2``: registry
     name; ``sam``: ``vit_b|vit_l|vit_h``), real weights or ``tiny``/``random`` ones, loaded
-    once per process and settings, cast to ``dtype`` (bf16 weights; see :func:`_cast`)."""
+    once per process and settings, cast to ``dtype`` (bf16 weights; see :func:`_cast`).
+
+    ``registers``: a :class:`~zsdense.models.registers.RegisterSpec` to attach for good (CLIP and
+    DINOv2; checked against the loaded encoder). The hooked model is its own cache entry (the
+    spec's key is part of the cache key), so a process never shares one hooked model between two
+    settings; None or R = 0 is the plain, shared model."""
     if kind not in MODEL_KINDS:
         raise ValueError(f"unknown encoder kind {kind!r}; one of {', '.join(MODEL_KINDS)}")
     check_model_set(models)
@@ -98,7 +104,19 @@ def get_model(
         extra.setdefault("pretrained", "openai")
     key = (kind, name, *extra.values(), models, str(device), str(weights_dir), str(dtype))
     build = _builder(kind, name, models, device, weights_dir, download, **extra)
-    return _cached(key, lambda: _cast(build(), dtype))
+    if registers is None or not registers.active:
+        return _cached(key, lambda: _cast(build(), dtype))
+    if kind == "sam":
+        raise ValueError("test-time registers apply to CLIP and DINOv2, not SAM")
+
+    def build_hooked():
+        from zsdense.models.registers import attach_registers
+
+        model = _cast(build(), dtype)
+        attach_registers(model, registers)  # for the lifetime of this cached copy
+        return model
+
+    return _cached((*key, "registers", registers.key), build_hooked)
 
 
 def get_clip(arch: str, *, pretrained: str = "openai", **kw):

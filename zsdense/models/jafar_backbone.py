@@ -123,8 +123,9 @@ def _clip_features(clip, x: torch.Tensor) -> torch.Tensor:
     g = clip.native_grid
     if (gh, gw) != (g, g):
         pe = torch.cat([pe[:1], resample_pos_embed(pe[1:], (g, g), (gh, gw))], dim=0)
-    t = v.ln_pre(t + pe.to(t.dtype))
-    t = clip.run_blocks(t)
+    # open_clip's order: + positions, patch_dropout (identity; test-time registers hook it), ln_pre
+    t = v.ln_pre(v.patch_dropout(t + pe.to(t.dtype)))
+    t = clip.strip_registers(clip.run_blocks(t))
     t = v.ln_post(t)[:, 1:]
     return t.transpose(1, 2).reshape(b, -1, gh, gw)
 

@@ -69,10 +69,11 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
+from zsdense.config import REGISTER_BATCHES, REGISTER_MODES
 from zsdense.errors import ConfigError
 
-MODES = ("zero", "mean", "only_outliers", "same")
-BATCH_BEHAVIOURS = ("per-image", "reference")
+MODES = REGISTER_MODES  # ("zero", "mean", "only_outliers", "same")
+BATCH_BEHAVIOURS = REGISTER_BATCHES  # ("per-image", "reference")
 LAYOUTS = ("append", "reference")
 FORMAT = "zsdense.registers.neurons"
 FORMAT_VERSION = 1
@@ -89,6 +90,7 @@ __all__ = [
     "RegisterSpec",
     "RegistersHandle",
     "attach_registers",
+    "attached_record",
     "edit_activation",
     "encoder_id",
     "intervene_",
@@ -390,6 +392,13 @@ class NeuronSet:
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{p}: not JSON ({exc.msg} at line {exc.lineno})") from None
         return cls.from_json(d, source=str(p))
+
+    def __reduce__(self):  # picklable (Ray actors): MappingProxyType fields are not
+        return (_neuron_set_from_json, (self.to_json(),))
+
+
+def _neuron_set_from_json(d: Mapping[str, Any]) -> NeuronSet:
+    return NeuronSet.from_json(d)
 
 
 def _dumps(obj: Any, indent: int = 0) -> str:
@@ -833,6 +842,15 @@ def attach_registers(model: Any, spec: RegisterSpec) -> RegistersHandle | _Off:
         handle.remove()
         raise
     return handle
+
+
+def attached_record(model: Any) -> dict | None:
+    """What test-time registers ``model`` (a zsdense wrapper) runs with: the attached spec's
+    :meth:`RegisterSpec.record`, or None when none are attached (what a memory bank records
+    about its backbone)."""
+    handle = getattr(model, "_registers", None)
+    spec = getattr(handle, "spec", None)
+    return spec.record() if isinstance(spec, RegisterSpec) else None
 
 
 @contextlib.contextmanager

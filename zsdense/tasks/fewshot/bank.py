@@ -44,13 +44,20 @@ def bank_settings(options: FewShotOptions, dino) -> dict:
 
 
 def model_identity(dino, options: FewShotOptions) -> dict:
-    """What a bank records about its backbone: registry name, model name, weights SHA-256."""
-    return {
+    """What a bank records about its backbone: registry name, model name, weights SHA-256, and
+    the test-time registers it ran with (``registers``, only when it had some)."""
+    from zsdense.models.registers import attached_record
+
+    out = {
         "name": options.model,
         "model": dino.name,
         "weights_sha256": dino.weights_sha256(),
         "random_weights": bool(getattr(dino, "is_random", False)),
     }
+    registers = attached_record(dino)
+    if registers is not None:
+        out["registers"] = registers
+    return out
 
 
 def memory_from_features(
@@ -227,6 +234,11 @@ def check_bank(bank: MemoryBank, options: FewShotOptions, dino) -> None:
             f"{str(have.get('weights_sha256'))[:12]}..., loaded weights "
             f"{want_model['weights_sha256'][:12]}..."
         )
+    if have.get("registers") != want_model.get("registers"):
+        problems.append(
+            f"test-time registers: bank {_registers_text(have.get('registers'))}, "
+            f"now {_registers_text(want_model.get('registers'))}"
+        )
     want = bank_settings(options, dino)
     for k in BANK_KEYS:
         if bank.settings.get(k) != want[k]:
@@ -238,6 +250,14 @@ def check_bank(bank: MemoryBank, options: FewShotOptions, dino) -> None:
             + "): rebuild it with `zsdense memory build` for these settings, or run with the "
             "bank's settings"
         )
+
+
+def _registers_text(rec: Any) -> str:
+    if not rec:
+        return "off"
+    fp = str(rec.get("fingerprint", ""))[:12]
+    r, mode = rec.get("num_registers"), rec.get("mode")
+    return f"{rec.get('neurons')} neurons ({fp}...), R={r}, {mode}"
 
 
 def load_reference_bank(rt, reference: Any, options: FewShotOptions | None, object_name, dataset):

@@ -141,6 +141,13 @@ def stored_crane_stats(rt, bank: MemoryBank, copts: AnomalyOptions) -> tuple[Map
             f"the bank's Crane statistics were made with models={stored.get('models')!r}, "
             f"this run uses {rt.config.models!r}: rebuild the bank"
         )
+    registers = rt.registers_settings() if hasattr(rt, "registers_settings") else None
+    if stored.get("registers") != registers:
+        raise ConfigError(
+            "the bank's Crane statistics were made with test-time registers "
+            f"{stored.get('registers') or 'off'}, this run uses {registers or 'off'}: rebuild the "
+            "bank with the same --registers options"
+        )
     notes: dict = {}
     made_for, now = stored.get("object"), copts.object_name
     if made_for != now:
@@ -307,6 +314,9 @@ def add_crane_stats(
     extra = dict(bank.extra)
     cs = dict(extra.get("crane_stats") or {})
     cs[crane_preset] = {**st.to_dict(), "models": rt.config.models, "object": object_name}
+    registers = rt.registers_settings() if hasattr(rt, "registers_settings") else None
+    if registers is not None:  # off: no key (banks made before --registers stay valid)
+        cs[crane_preset]["registers"] = registers
     extra["crane_stats"] = cs
     bank.extra = extra
     return bank
