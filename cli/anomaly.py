@@ -130,6 +130,20 @@ from zsdense.options import DOMAINS
     default=None,
     help="Model input size (default 518 as the papers; must be a multiple of 14).",
 )
+@click.option(
+    "--upsampler",
+    default=None,
+    help="Feature upsampling (anomalydino): bilinear (default: the reference), jafar (the "
+    "released JAFAR upsampler for the DINOv2 in use) or jafar:FILE (e.g. from `zsdense "
+    "train-upsampler`). The test features are compared with the good patches on a grid "
+    "--upsampler-scale times finer.",
+)
+@click.option(
+    "--upsampler-scale",
+    type=click.IntRange(1, 16),
+    default=None,
+    help="With --upsampler jafar: cells per patch side (default 2; the search costs scale^2).",
+)
 @batch_command
 def anomaly_cmd(
     data,
@@ -149,6 +163,8 @@ def anomaly_cmd(
     attn_type,
     dattn_mean,
     image_size,
+    upsampler,
+    upsampler_scale,
     out_dir,
     fmt,
     no_overlay,
@@ -208,6 +224,8 @@ def anomaly_cmd(
         attn_type=attn_type,
         dattn_mean=dattn_mean,
         image_size=image_size,
+        upsampler=upsampler,
+        upsampler_scale=upsampler_scale,
     )
     check_options(opts)  # --reference as the preset's scorer declares it
     items = list_data(data, out_dir, quiet)
