@@ -11,7 +11,12 @@ from zsdense.cli.common import (
     make_runtime,
     run_cli_batch,
 )
-from zsdense.config import ANOMALY_PRESETS, CORRELATION_TYPES, DEFAULT_ANOMALY_PRESET
+from zsdense.config import (
+    ANOMALY_PRESETS,
+    CORRELATION_TYPES,
+    DATTN_MEAN_MODES,
+    DEFAULT_ANOMALY_PRESET,
+)
 from zsdense.options import DOMAINS
 
 
@@ -119,7 +124,7 @@ from zsdense.options import DOMAINS
 )
 @click.option(
     "--dattn-mean",
-    type=click.Choice(["image", "batch"]),
+    type=click.Choice(DATTN_MEAN_MODES),
     default=None,
     help="crane+: mean of the DINO similarity per image (default; batch-independent) "
     "or over the batch (Crane's exact behaviour, results depend on the batch).",
@@ -144,6 +149,15 @@ from zsdense.options import DOMAINS
     default=None,
     help="With --upsampler jafar: cells per patch side (default 2; the search costs scale^2).",
 )
+@click.option(
+    "--tile",
+    default=None,
+    metavar="SIZE[:OVERLAP]",
+    help="Large images at full resolution: score SIZE x SIZE tiles (OVERLAP px shared, default "
+    "SIZE/8, blended), stitch the maps; the image score is the max over tiles. Reference and "
+    "calibration images are tiled alike. --batch-size then counts tiles per encoder batch and "
+    "images are read one at a time. Not for musc or a memory bank (README: Large images).",
+)
 @batch_command
 def anomaly_cmd(
     data,
@@ -165,6 +179,7 @@ def anomaly_cmd(
     image_size,
     upsampler,
     upsampler_scale,
+    tile,
     out_dir,
     fmt,
     no_overlay,
@@ -226,6 +241,7 @@ def anomaly_cmd(
         image_size=image_size,
         upsampler=upsampler,
         upsampler_scale=upsampler_scale,
+        tile=tile,
     )
     check_options(opts)  # --reference as the preset's scorer declares it
     items = list_data(data, out_dir, quiet)
@@ -233,5 +249,12 @@ def anomaly_cmd(
     rt = make_runtime(**runtime)
     task = anomaly_spec(rt, opts, OutputOptions(fmt=fmt, overlay=not no_overlay))
     return run_cli_batch(
-        rt, items, out_dir, [task], force=force, retry_errors=retry_errors, quiet=quiet
+        rt,
+        items,
+        out_dir,
+        [task],
+        force=force,
+        retry_errors=retry_errors,
+        quiet=quiet,
+        batch_size=1 if opts.tile else None,  # with tiles: one image in flight, tiles batched
     )

@@ -236,8 +236,10 @@ def run_cli_batch(
     force: bool = False,
     retry_errors: bool = False,
     quiet: bool = False,
+    batch_size: int | None = None,
 ) -> int:
-    """Run the batch, print the summary, return the exit code (0 ok, 3 some failed, 130 stop)."""
+    """Run the batch, print the summary, return the exit code (0 ok, 3 some failed, 130 stop).
+    ``batch_size``: images per batch when not the runtime's (``--tile``: 1)."""
     from zsdense.engine.local import run_batch
 
     if not items:
@@ -248,6 +250,7 @@ def run_cli_batch(
         items,
         out_dir,
         tasks,
+        batch_size=batch_size,
         force=force,
         retry_errors=retry_errors,
         progress=not quiet,

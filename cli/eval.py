@@ -58,7 +58,9 @@ def _common(f: Callable) -> Callable:
     """--data, --out, --limit, --force (--recompute: deprecated alias), --retry-errors,
     --quiet, then the shared runtime options (--models, --device, --precision, --weights-dir,
     --batch-size, --offline, --max-pixels)."""
-    f = output_options(runtime_options(f), exclude=("out_dir", "fmt", "no_overlay"))
+    f = output_options(
+        runtime_options(f), exclude=("out_dir", "fmt", "no_overlay", "volume_maps", "json_summary")
+    )
     for o in reversed(
         [
             option(

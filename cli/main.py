@@ -221,13 +221,16 @@ def info(methods_only: bool = False) -> None:
 
 
 def method_tables() -> str:
-    """The Markdown tables of the open-vocabulary and referring methods and their presets, as
-    the README shows them (``zsdense info --methods``)."""
+    """The Markdown tables of the methods of every task family and their presets, as the
+    README shows them (``zsdense info --methods``)."""
     from zsdense.dense.methods import methods_table
+    from zsdense.tasks.anomaly_registry import anomaly_methods_table
     from zsdense.tasks.referring import refer_methods_table
 
     return (
-        "Open-vocabulary presets (`zsdense openvocab --preset`):\n\n"
+        "Anomaly presets (`zsdense anomaly --preset`):\n\n"
+        + anomaly_methods_table()
+        + "\n\nOpen-vocabulary presets (`zsdense openvocab --preset`):\n\n"
         + methods_table()
         + "\n\nReferring presets (`zsdense refer --preset`):\n\n"
         + refer_methods_table()

@@ -16,6 +16,7 @@ import time
 import click
 
 from zsdense.cli.common import make_runtime, runtime_options
+from zsdense.config import FEWSHOT_PRESET_NAMES, KNN_METRICS
 from zsdense.errors import ConfigError
 
 
@@ -35,7 +36,7 @@ def memory_group() -> None:
 )
 @click.option(
     "--preset",
-    type=click.Choice(["anomalydino"]),
+    type=click.Choice(FEWSHOT_PRESET_NAMES),
     default="anomalydino",
     show_default=True,
     help="Few-shot method and its published settings.",
@@ -62,7 +63,7 @@ def memory_group() -> None:
 )
 @click.option(
     "--knn-metric",
-    type=click.Choice(["L2_normalized", "L2"]),
+    type=click.Choice(KNN_METRICS),
     default=None,
     help="L2_normalized (1 - cos, the paper) or L2 on raw features.",
 )

@@ -12,6 +12,8 @@ import time
 import click
 
 from zsdense.cli.common import RegistryChoice, make_runtime, runtime_options
+from zsdense.config import DATTN_MEAN_MODES, TRAIN_CACHE_MODES
+from zsdense.eval.protocols import ANOMALY_LAYOUT_CHOICES
 from zsdense.train.recipe import RECIPES
 
 
@@ -98,7 +100,7 @@ class _Progress:
 @click.option("--image-size", type=int, default=None, help="Input size (Crane: 518).")
 @click.option(
     "--cache-features",
-    type=click.Choice(("auto", "on", "off")),
+    type=click.Choice(TRAIN_CACHE_MODES),
     default="auto",
     show_default=True,
     help="Compute the frozen encoders' features once instead of every batch "
@@ -113,7 +115,7 @@ class _Progress:
 )
 @click.option(
     "--dattn-mean",
-    type=click.Choice(("image", "batch")),
+    type=click.Choice(DATTN_MEAN_MODES),
     default=None,
     help="crane+: D-Attn mean per image (default) or over the batch (as run).",
 )
@@ -125,7 +127,7 @@ class _Progress:
 )
 @click.option(
     "--layout",
-    type=click.Choice(("auto", "mvtec", "visa", "folder")),
+    type=click.Choice(ANOMALY_LAYOUT_CHOICES),
     default="auto",
     show_default=True,
     help="Dataset layout of DATA and --val.",

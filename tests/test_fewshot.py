@@ -263,3 +263,13 @@ def test_fusion_where_it_helps_and_where_it_does_not():
         auroc(gt.ravel(), fused.ravel()),
     )
     assert a_f < a_fused < a_c
+
+
+def test_cli_bank_presets_are_the_fewshot_presets():
+    """`zsdense memory build --preset` offers config.FEWSHOT_PRESET_NAMES (config loads no torch
+    for --help): it must name exactly the few-shot presets."""
+    from zsdense.config import FEWSHOT_PRESET_NAMES, KNN_METRICS
+    from zsdense.tasks.fewshot.options import FEWSHOT_PRESETS, FewShotOptions
+
+    assert tuple(FEWSHOT_PRESETS) == FEWSHOT_PRESET_NAMES
+    assert FewShotOptions().knn_metric in KNN_METRICS

@@ -2,9 +2,13 @@
 recorded before the library restructuring (``tests/golden/*.json``, made by
 ``tests/golden/summarize.py`` from the code of the previous release).
 
-Maps, masks and scores are compared with tolerances (a CPU with other float kernels may move the
-last bits); on the machine that recorded them the files were byte-identical, which the test
-reports when it is not the case.
+**The goldens are fp32 numbers** (recorded on a CPU without native bf16, where ``--precision
+auto`` is fp32): every run here pins ``--precision fp32``, so they hold on any CPU. Maps, masks
+and scores are compared with tolerances (a CPU with other float kernels may move the last bits);
+on the machine that recorded them the files were byte-identical, which the test reports when it
+is not the case. ``auto`` is tested apart with the CPU's answer mocked both ways: fp32 on a CPU
+without native bf16 (the goldens again), bf16 on one with it (within the bf16 tolerance of the
+README's "Devices and precision" table).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ summarize_mod = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(summarize_mod)
 
 A = ASSETS
+GOLDEN_PRECISION = "fp32"  # what tests/golden/*.json were recorded at
 CASES = {
     "anomaly-crane": ["anomaly", A / "inspection", A / "medical", "--preset", "crane"],
     "anomaly-craneplus": [
@@ -57,18 +62,35 @@ def _close(a, b, tol: float, where: str, problems: list[str]) -> None:
         problems.append(f"{where}: {a!r} != {b!r}")
 
 
+def _run(name: str, out: Path, precision: str, capsys) -> list[dict]:
+    from zsdense.cli.main import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(
+            [str(a) for a in CASES[name]]
+            + ["--out", str(out), "--models", "tiny", "-q", "--precision", precision]
+        )
+    text = capsys.readouterr().err
+    assert exc.value.code == 0, text
+    return summarize_mod.summarize(out)
+
+
+def _recorded_precision(out: Path) -> set[str]:
+    recs = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    return {r["meta"]["result"]["precision"] for r in recs}
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_bundled_assets_give_the_golden_outputs(name, tmp_path, capsys):
     if name.startswith("anomaly"):
         pytest.importorskip("pydicom", reason="the medical extra reads assets/medical/*.dcm")
-    from zsdense.cli.main import main
-
     out = tmp_path / name
-    with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in CASES[name]] + ["--out", str(out), "--models", "tiny", "-q"])
-    text = capsys.readouterr().err
-    assert exc.value.code == 0, text
-    got = summarize_mod.summarize(out)
+    got = _run(name, out, GOLDEN_PRECISION, capsys)
+    assert _recorded_precision(out) == {"float32"}
+    _compare(name, got)
+
+
+def _compare(name: str, got: list[dict]) -> None:
     want = json.loads((GOLDEN / f"{name}.json").read_text())
     assert [r["key"] for r in got] == [r["key"] for r in want]
     problems: list[str] = []
@@ -96,3 +118,37 @@ def test_bundled_assets_give_the_golden_outputs(name, tmp_path, capsys):
     total = sum(len(w["files"]) for w in want)
     if identical != total:
         print(f"{name}: {identical}/{total} files byte-identical (values within tolerance)")
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["cpu-without-bf16", "cpu-with-bf16"])
+def test_auto_precision_follows_the_cpu(native, tmp_path, capsys, monkeypatch):
+    """``--precision auto`` (the default) with the CPU's bf16 answer mocked, whatever CPU runs
+    the test: without native bf16 it is fp32 and gives the goldens; with it, bf16, and the
+    scores and maps stay within the README's bf16 bound for crane (5e-3) while the recorded
+    precision says bf16."""
+    pytest.importorskip("pydicom", reason="the medical extra reads assets/medical/*.dcm")
+    import torch
+
+    from zsdense import runtime
+
+    answer = runtime.CpuBf16Support(native=native, source="test", detail="mocked")
+    monkeypatch.delenv(runtime.CPU_BF16_ENV, raising=False)
+    monkeypatch.setattr(runtime, "cpu_bf16_support", lambda **kw: answer)
+    monkeypatch.setattr(runtime, "_WARNED", set())
+    want_dtype = torch.bfloat16 if native else torch.float32
+    assert runtime.auto_precision(torch.device("cpu"))[0] == want_dtype
+    assert runtime.resolve_precision("auto", torch.device("cpu")) == want_dtype
+    name = "anomaly-crane"
+    out = tmp_path / name
+    got = _run(name, out, "auto", capsys)
+    assert _recorded_precision(out) == {str(want_dtype).replace("torch.", "")}
+    if not native:
+        _compare(name, got)
+        return
+    want = json.loads((GOLDEN / f"{name}.json").read_text())
+    assert [r["key"] for r in got] == [r["key"] for r in want]
+    problems: list[str] = []
+    for g, w in zip(got, want):
+        _close(g["scores"]["score"], w["scores"]["score"], 5e-3, f"{w['key']} score", problems)
+        _close(g["files"]["map"]["q"], w["files"]["map"]["q"], 5e-3, f"{w['key']} map", problems)
+    assert not problems, "\n".join(problems)

@@ -168,6 +168,40 @@ def test_anomalydino_python_bilinear_is_the_default_and_jafar_refines(files):
         assert np.isfinite(up.anomaly_map).all() and np.isfinite(up.score)
 
 
+def test_anomalydino_tiles_take_the_upsampler(files, monkeypatch, tmp_path):
+    """--tile and --upsampler together: every tile is scored through the upsampler (against
+    the tiled references' memory) and the stitched result records both."""
+    from PIL import Image
+
+    from zsdense import Segmenter
+    from zsdense.methods import anomalydino
+    from zsdense.tasks import tiling
+    from zsdense.tasks.fewshot.options import options_for
+
+    def small(o):  # a small edge without rotations: fast on the tiny DINOv2
+        return options_for(o.object_name, o.dataset, shots=o.shots, image_size=56, rotation=False)
+
+    monkeypatch.setattr(anomalydino, "fewshot_options", small)
+    good = tmp_path / "good"
+    good.mkdir()
+    for name in ("gravel.png", "brick.png"):
+        shutil.copy(ASSETS / "inspection" / name, good / name)
+    img = str(files["test"] / "scratch.png")
+    w, h = Image.open(img).size
+    spec = tiling.parse_tile(max(h, w) // 2)
+    seg = Segmenter(models="tiny", device="cpu", precision="fp32")
+    kw = dict(preset="anomalydino", reference=str(good), tile=spec.text())
+    plain = seg.anomaly(img, **kw)
+    up = seg.anomaly(img, upsampler=f"jafar:{files['dino']}", upsampler_scale=2, **kw)
+    n_tiles = len(tiling.tile_boxes((h, w), spec))
+    assert n_tiles > 1 and up.meta["tiling"]["tiles"] == plain.meta["tiling"]["tiles"] == n_tiles
+    assert up.meta["upsampler"]["upsampler"] == "jafar" and up.meta["upsampler"]["scale"] == 2
+    assert plain.meta["upsampler"] == {"upsampler": "bilinear"}
+    assert up.anomaly_map.shape == plain.anomaly_map.shape == (h, w)
+    assert np.isfinite(up.anomaly_map).all() and np.isfinite(up.score)
+    assert not np.allclose(up.anomaly_map, plain.anomaly_map)
+
+
 def test_upsampled_features_are_jafar_on_the_scorers_features(files):
     """The cells compared with the memory are JAFAR(image as the scorer prepared it, the
     encoder's JAFAR features) applied to the scorer's own patch features."""

@@ -296,11 +296,23 @@ def test_run_musc_on_disk_bit_identical_to_in_memory_and_removes_files(
         return any(isinstance(k, tuple) and k[0] == "musc-feats" for k in c.cache)
 
     assert all(has_tokens(c) for c in mem_ctxs) and not any(has_tokens(c) for c in disk_ctxs)
-    # tokens already cached (some contexts only) are used as they are
-    mixed = mem_ctxs[:3] + tiny_seg.contexts(imgs[3:])
-    maps_mix, scores_mix, _ = run_musc(tiny_seg, cfg, mixed, cache_dir=tmp_path)
-    assert torch.equal(maps_mix, maps_mem) and torch.equal(scores_mix, scores_mem)
-    assert _musc_dirs(tmp_path) == []  # the token files went with their directory
+    # tokens already cached (some contexts only) are used as they are. Cached up to a batch
+    # boundary, the missing images are encoded in the batches the in-memory run used (same
+    # shapes): exact. Cached inside a batch, the rest of that batch is encoded as a smaller
+    # batch, whose matrix products MKL may sum in another order (thread split by shape): the
+    # RsCIN embeddings move in the last bits (measured max |Δ score| 2.3e-10, maps equal, with 3
+    # threads on an AVX-512 CPU; 0 with 2)
+    bs = int(tiny_seg.config.batch_size)
+    assert 0 < bs < len(imgs) - 1
+    for cached, exact in ((bs, True), (bs - 1, False)):
+        mixed = mem_ctxs[:cached] + tiny_seg.contexts(imgs[cached:])
+        maps_mix, scores_mix, _ = run_musc(tiny_seg, cfg, mixed, cache_dir=tmp_path)
+        if exact:
+            assert torch.equal(maps_mix, maps_mem) and torch.equal(scores_mix, scores_mem)
+        else:
+            torch.testing.assert_close(maps_mix, maps_mem, rtol=0, atol=1e-6)
+            torch.testing.assert_close(scores_mix, scores_mem, rtol=0, atol=1e-6)
+        assert _musc_dirs(tmp_path) == []  # the token files went with their directory
 
     # an error while scoring: the token files existed, and are removed all the same
     seen = []

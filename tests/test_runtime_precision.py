@@ -22,6 +22,7 @@ def cpu_flags(monkeypatch, tmp_path):
     tell). The per-process detection cache, the once-only warning and the probe cache dir are
     reset around each test."""
     monkeypatch.setenv("ZSDENSE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv(runtime.CPU_BF16_ENV, raising=False)  # a run playing the other CPU kind
     monkeypatch.setattr(runtime.torch.backends.mkldnn, "is_available", lambda: True)
     runtime._cpu_bf16_support_cached.cache_clear()
     monkeypatch.setattr(runtime, "_WARNED", set())
@@ -56,6 +57,29 @@ def test_proc_cpuinfo_answers_where_torch_cannot(cpu_flags):
     assert runtime.cpu_bf16_support().source == "/proc/cpuinfo"
     cpu_flags(torch_flags=None, proc_flags={"fp", "asimd"})
     assert runtime.resolve_precision("auto", CPU) == torch.float32
+
+
+@pytest.mark.parametrize("value, native", [("native", True), ("none", False), ("NONE", False)])
+def test_environment_overrides_what_the_cpu_says(cpu_flags, monkeypatch, value, native):
+    """$ZSDENSE_CPU_BF16 answers before the flags (both ways), in this process and in a
+    subprocess (how tests and CI play a CPU of the other kind)."""
+    import subprocess
+    import sys
+
+    cpu_flags(torch_flags=set() if native else {"amx_bf16"})  # the CPU says the opposite
+    monkeypatch.setenv(runtime.CPU_BF16_ENV, value)
+    sup = runtime.cpu_bf16_support()
+    assert sup.native is native and sup.source == "$ZSDENSE_CPU_BF16"
+    want = torch.bfloat16 if native else torch.float32
+    assert runtime.resolve_precision("auto", CPU) == want
+    code = "import torch, zsdense.runtime as r; print(r.auto_precision(torch.device('cpu'))[0])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(want)
+    monkeypatch.setenv(runtime.CPU_BF16_ENV, "")  # empty: ask the CPU again
+    assert runtime.cpu_bf16_support().native is not native
+    monkeypatch.setenv(runtime.CPU_BF16_ENV, "avx512")
+    with pytest.raises(ConfigError, match="native, none"):
+        runtime.cpu_bf16_support()
 
 
 def test_proc_cpuinfo_parser(monkeypatch, tmp_path):

@@ -154,6 +154,9 @@ class AnomalyPreset:
 # .register_anomaly_preset) on its first read.
 ANOMALY_PRESETS: Registry[AnomalyPreset] = Registry("anomaly preset")
 DATTN_MEAN_MODES = ("image", "batch")  # AnomalyPreset.dattn_mean (--dattn-mean)
+KNN_METRICS = ("L2_normalized", "L2")  # few-shot distance (--knn-metric; tasks/fewshot/options)
+FEWSHOT_PRESET_NAMES = ("anomalydino",)  # banks `zsdense memory build` makes (FEWSHOT_PRESETS)
+TRAIN_CACHE_MODES = ("auto", "on", "off")  # train-prompts --cache-features
 # --- end anomaly ---
 
 # --- openvocab ---

@@ -220,6 +220,62 @@ def validate_image_size(size: int, patch: int = 14) -> int:
 
 
 @dataclass(frozen=True)
+class TileSpec:
+    """``--tile SIZE[:OVERLAP]``: tile side and overlap in pixels of the original image (the
+    tiling itself: :mod:`zsdense.tasks.tiling`)."""
+
+    size: int
+    overlap: int
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise ConfigError(f"--tile {self.text()}: SIZE must be a positive number of pixels")
+        if not 0 <= self.overlap or not 2 * self.overlap < self.size:
+            raise ConfigError(
+                f"--tile {self.text()}: OVERLAP must satisfy 0 <= OVERLAP < SIZE/2 "
+                f"(here < {self.size / 2:g})"
+            )
+
+    @property
+    def stride(self) -> int:
+        return self.size - self.overlap
+
+    def text(self) -> str:
+        """The canonical ``SIZE:OVERLAP`` string (what run settings record)."""
+        return f"{self.size}:{self.overlap}"
+
+
+def default_overlap(size: int) -> int:
+    """OVERLAP when ``--tile SIZE`` gives none: an eighth of the tile (518 -> 64)."""
+    return int(size) // 8
+
+
+def parse_tile(value: Any) -> TileSpec | None:
+    """``--tile`` / ``tile=`` value -> :class:`TileSpec` (None: no tiles).
+
+    ``"512:64"``, ``"512"`` (overlap :func:`default_overlap`), ``512``, ``(512, 64)`` or a
+    TileSpec. Anything else is a ConfigError saying the syntax."""
+    if value is None or isinstance(value, TileSpec):
+        return value
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        if isinstance(value, int):
+            return TileSpec(int(value), default_overlap(value))
+        if isinstance(value, (tuple, list)) and len(value) == 2:
+            return TileSpec(int(value[0]), int(value[1]))
+        if isinstance(value, str):
+            head, sep, tail = value.strip().partition(":")
+            size = int(head)
+            return TileSpec(size, int(tail) if sep else default_overlap(size))
+    except (TypeError, ValueError):
+        pass
+    raise ConfigError(
+        f"--tile {value!r}: give SIZE[:OVERLAP] in pixels, e.g. --tile 518:64 (tile = '518:64')"
+    )
+
+
+@dataclass(frozen=True)
 class AnomalyOptions(_TaskOptions):
     """Options of the anomaly head (``specs/anomaly.md``); ``overrides`` are preset fields."""
 
@@ -242,6 +298,7 @@ class AnomalyOptions(_TaskOptions):
     # feature upsampling (presets whose scorer declares it): bilinear | jafar | jafar:FILE
     upsampler: str = "bilinear"
     upsampler_scale: int | None = None  # cells per patch side (None: DEFAULT_SCALE["anomaly"])
+    tile: Any = None  # "SIZE[:OVERLAP]": score tiles at full resolution (zsdense.tasks.tiling)
     overrides: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
@@ -264,6 +321,8 @@ class AnomalyOptions(_TaskOptions):
                 )
         if self.batch_size is not None and int(self.batch_size) < 1:
             raise ConfigError("batch_size must be at least 1")
+        if self.tile is not None:  # canonical "SIZE:OVERLAP" (the scorer checks the rest)
+            object.__setattr__(self, "tile", parse_tile(self.tile).text())
         self.config()  # the preset and its overrides are valid
 
     @property

@@ -18,11 +18,13 @@ within the tolerance documented in the README ("Devices and precision"):
   with avx512_bf16 it was 2.84× faster;
 - MPS and anything else: fp32.
 
-The CPU is asked first through torch's own cpuinfo (``torch.cpu._is_avx512_bf16_supported``,
-``_is_amx_tile_supported``), then ``/proc/cpuinfo``. Where neither can tell (no x86 helpers, no
-``/proc``; e.g. macOS on Arm), a short one-off probe times a bf16 and an fp32 matrix product and
-caches the ratio per machine under the user cache dir (``$XDG_CACHE_HOME/zsdense`` or
-``~/.cache/zsdense``; ``$ZSDENSE_CACHE_DIR`` overrides), so it runs once per machine.
+``$ZSDENSE_CPU_BF16=native|none`` overrides the detection (tests and CI use it to play a CPU
+of the other kind). Otherwise the CPU is asked first through torch's own cpuinfo
+(``torch.cpu._is_avx512_bf16_supported``, ``_is_amx_tile_supported``), then ``/proc/cpuinfo``.
+Where neither can tell (no x86 helpers, no ``/proc``; e.g. macOS on Arm), a short one-off probe
+times a bf16 and an fp32 matrix product and caches the ratio per machine under the user cache
+dir (``$XDG_CACHE_HOME/zsdense`` or ``~/.cache/zsdense``; ``$ZSDENSE_CACHE_DIR`` overrides), so
+it runs once per machine.
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ DOCUMENTED_BF16_SLOWDOWN = 11.0  # ViT-L/14-336, AMD EPYC without avx512_bf16 / 
 # Flags (as /proc/cpuinfo spells them) that mean bf16 matrix products run natively.
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 PROBE_CACHE_FILE = "cpu_bf16_probe.json"
+# Environment override of the bf16 detection (tests, CI): "native" or "none".
+CPU_BF16_ENV = "ZSDENSE_CPU_BF16"
+CPU_BF16_ENV_VALUES = ("native", "none")
 
 
 class PrecisionWarning(UserWarning):
@@ -220,10 +225,30 @@ def _detect_cpu_bf16(cache_dir: Path | None) -> CpuBf16Support:
     return _probe_cached(cache_dir)
 
 
+def _env_bf16_override() -> CpuBf16Support | None:
+    """``$ZSDENSE_CPU_BF16`` (``native`` or ``none``): the answer given by the environment, for
+    tests and CI that play a CPU of the other kind (unset or empty: ask the CPU)."""
+    value = os.environ.get(CPU_BF16_ENV, "").strip().lower()
+    if not value:
+        return None
+    if value not in CPU_BF16_ENV_VALUES:
+        raise ConfigError(
+            f"${CPU_BF16_ENV}={value!r}: use one of {', '.join(CPU_BF16_ENV_VALUES)} "
+            "(or unset it to ask the CPU)"
+        )
+    native = value == "native"
+    detail = "native bf16" if native else "no native bf16"
+    return CpuBf16Support(native=native, source=f"${CPU_BF16_ENV}", detail=f"{detail} (set)")
+
+
 def cpu_bf16_support(*, cache_dir: str | os.PathLike | None = None) -> CpuBf16Support:
-    """Does this CPU multiply bf16 natively? Flags first (torch's cpuinfo, /proc/cpuinfo); where
-    neither answers, a probe timed once per machine and cached (``cache_dir`` or
-    :func:`probe_cache_dir`). Cached per process."""
+    """Does this CPU multiply bf16 natively? ``$ZSDENSE_CPU_BF16`` (``native`` / ``none``)
+    answers first when set; then flags (torch's cpuinfo, /proc/cpuinfo); where neither answers,
+    a probe timed once per machine and cached (``cache_dir`` or :func:`probe_cache_dir`).
+    Cached per process (the environment override is read on every call)."""
+    forced = _env_bf16_override()
+    if forced is not None:
+        return forced
     if cache_dir is not None:
         return _detect_cpu_bf16(Path(cache_dir))
     return _cpu_bf16_support_cached()

@@ -23,9 +23,27 @@ registry, so nothing else needs an edit::
         datasets={"voc21": {"prob_thd": 0.2}},
     )
 
+**Dtypes (the contract).** A method is called inside the run's autocast (``rt.autocast()``)
+with ``clip`` in the run's precision: its weights are bf16 under ``--precision bf16`` (and under
+``auto`` on a CPU with native bf16, or a CUDA GPU), fp32 otherwise; ``clip.dtype`` says which.
+
+- It receives ``x_norm_bchw`` as **float32** (CLIP-normalised windows on ``clip.device``), and
+  ``vfm_fn`` (or None) returning DINOv2 features in the DINOv2's dtype.
+- The library casts at its entry points, so a method need not: ``clip.embed``,
+  ``clip.run_blocks``, ``clip.forward_layers`` and ``clip.head`` cast what they are given to the
+  model's dtype (and return that dtype); ``vfm_fn`` casts to the DINOv2's dtype. A method that
+  uses weights directly (``clip.block(i)``, ``clip.model``) gets them in the model's dtype and
+  must match it itself (``x.to(clip.dtype)``); autocast covers matrix products, not layer norms.
+- It may return any floating dtype (float32 or the model's), (B, D, gh, gw), L2-normalised over
+  D. The head scores it against the text embeddings (cast to the features' dtype) under the same
+  autocast, and every array in the result (``probs``; ``labels`` are int64) is float32.
+
+A method written and tested at fp32 thus also runs at bf16, with bf16's tolerance (README,
+"Devices and precision"); ``tests/test_method_dtypes.py`` runs one both ways.
+
 The built-ins are the files of ``zsdense/methods/`` (the feature functions themselves live in
 :mod:`zsdense.dense.lastblock` and :mod:`zsdense.tasks.openvocab`). Crane's E-Attn correlation
-types are the registry ``zsdense.dense.attention.CORRELATION_TYPES``.
+types are the table ``zsdense.config.CORRELATION_TYPES``.
 """
 
 from __future__ import annotations
@@ -89,6 +107,11 @@ def register_method(
     ``vfm="dinov2-reg-base"`` / ``sam_arch="vit_b"`` unless its preset says otherwise.
     ``datasets``: dataset name (``zsdense.config.OPENVOCAB_DATASETS``) -> preset fields, applied
     by ``--dataset-preset`` / ``dataset=``.
+
+    ``features(clip, x_norm_bchw, cfg, vfm_fn) -> (B, D, gh, gw)``: see the module docstring for
+    what it receives (float32 windows, ``clip`` in the run's dtype, inside autocast), what it may
+    return (any float dtype, L2-normalised over D) and who casts (the library, at
+    ``clip.embed`` / ``run_blocks`` / ``forward_layers`` / ``head`` and the text scoring).
 
     A name (method or preset) already registered is a ConfigError unless ``replace_existing``.
     """

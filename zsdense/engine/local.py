@@ -694,11 +694,18 @@ def run_batch(
                     units.append((it, suffix, ctx, len(got)))
             add_time("wait-read", time.perf_counter() - t_wait)
             futures[b] = []
-            chunk = len(units) if needs_all else batch_size
-            computed = [
-                (units[c : c + chunk], compute_units(units[c : c + chunk], tasks, add_time))
-                for c in range(0, len(units), max(chunk, 1))
-            ]
+            chunk = max(len(units) if needs_all else batch_size, 1)
+            computed = []
+            for c in range(0, len(units), chunk):
+                part = units[c : c + chunk]
+                computed.append((part, compute_units(part, tasks, add_time)))
+                # a multi-page file is one batch of many units: drop each context's encoder
+                # outputs (SAM states, dense features) once no later unit of the batch shares
+                # it, so memory follows batch_size, not the pages in a file (writes use ctx.image)
+                later = {id(u[2]) for u in units[c + chunk :]}
+                for u in part:
+                    if id(u[2]) not in later:
+                        u[2].release()
 
             def write_batch(computed=computed, units=units) -> None:
                 for part, comp in computed:

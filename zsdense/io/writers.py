@@ -324,6 +324,32 @@ def _text_size(draw: ImageDraw.ImageDraw, text: str, font: Any) -> tuple[int, in
     return right - left, bottom - top
 
 
+# rows of an overlay computed at once: its float temporaries stay a few MB whatever the image
+OVERLAY_STRIP_VALUES = 1 << 19
+
+
+def _finite_range(h: np.ndarray, step: int) -> tuple[float, float] | None:
+    """(min, max) of the finite values of ``h``, strip by strip; None when none is finite."""
+    lo, hi = np.inf, -np.inf
+    for a in range(0, h.shape[0], step):
+        part = h[a : a + step]
+        finite = np.isfinite(part)
+        if finite.all():
+            lo, hi = min(lo, float(part.min())), max(hi, float(part.max()))
+        elif finite.any():
+            vals = part[finite]
+            lo, hi = min(lo, float(vals.min())), max(hi, float(vals.max()))
+    return None if lo > hi else (lo, hi)
+
+
+def _caption_layout(caption: str, font: Any, width: int) -> tuple[list[str], int, int]:
+    """(wrapped lines, line height, strip height) of the caption strip under an overlay."""
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines = _wrap(caption, probe, font, max(width - 8, 16))
+    line_h = max(_text_size(probe, ln or " ", font)[1] for ln in lines) + 4
+    return lines, line_h, line_h * len(lines) + 8
+
+
 def write_overlay_jpg(
     path: str | Path,
     image: np.ndarray,
@@ -349,27 +375,29 @@ def write_overlay_jpg(
     classes present (largest first, at most ``max_legend``). ``mask`` gets a coloured outline.
     ``caption`` is drawn in a black strip under the image. Maps of another size are resized to
     the image (bilinear for heat, nearest for labels and mask).
+
+    Memory: the blend runs in strips of rows into one uint8 picture, so a large image costs that
+    picture (3 bytes a pixel, plus Pillow's copy) and a few MB of float temporaries, not several
+    float copies of the image.
     """
-    img = np.asarray(image, dtype=np.float32)
-    if img.ndim == 2:
-        img = np.repeat(img[:, :, None], 3, axis=2)
-    if img.ndim != 3 or img.shape[2] != 3:
+    img = np.asarray(image)
+    if img.ndim != 2 and (img.ndim != 3 or img.shape[2] != 3):
         raise ValueError(f"image must be (H, W, 3), got shape {img.shape}")
+    if img.ndim == 2:
+        img = img[:, :, None]
     hw = (img.shape[0], img.shape[1])
-    out = np.clip(img, 0.0, 1.0)
+    step = max(1, OVERLAY_STRIP_VALUES // max(1, hw[1] * 3))
+    h = lo = hi = None
     if heat is not None:
         h = _resize(np.asarray(heat, dtype=np.float32), hw, nearest=False)
-        finite = np.isfinite(h)
-        lo = vmin if vmin is not None else (float(h[finite].min()) if finite.any() else 0.0)
-        hi = vmax if vmax is not None else (float(h[finite].max()) if finite.any() else 1.0)
-        norm = (h - lo) / (hi - lo) if hi > lo else np.zeros_like(h)
-        norm = np.where(finite, norm, 0.0)
-        out = (1.0 - alpha) * out + alpha * jet_colors(norm)
+        rng = _finite_range(h, step) if vmin is None or vmax is None else None
+        lo = vmin if vmin is not None else (rng[0] if rng else 0.0)
+        hi = vmax if vmax is not None else (rng[1] if rng else 1.0)
     legend: list[tuple[str, tuple[int, int, int]]] = []
+    lab = pal = None
     if labels is not None:
         lab = _resize(_check_labels(labels), hw, nearest=True)
         pal = _palette_array(palette, int(lab.max()) + 1 if lab.size else 1)
-        out = (1.0 - alpha) * out + alpha * (pal[lab].astype(np.float32) / 255.0)
         if class_names:
             counts = np.bincount(lab.ravel(), minlength=256)
             present = [int(i) for i in np.argsort(-counts, kind="stable") if counts[i] > 0]
@@ -378,37 +406,56 @@ def write_overlay_jpg(
                 legend.append((str(name), tuple(int(v) for v in pal[i])))
             if len(present) > max_legend:
                 legend.append((f"+{len(present) - max_legend} more", (0, 0, 0)))
-    rgb = (np.clip(out, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    m = width = None
     if mask is not None:
         m = _resize(_as_mask(mask), hw, nearest=True)
         width = max(1, round(min(hw) / 256))
-        rgb[_outline(m, width)] = np.asarray(mask_color, dtype=np.uint8)
-    pil = Image.fromarray(rgb)
     font_size = max(10, min(hw) // 40)
     font = _font(font_size)
+    strip_h = 0
+    if caption:
+        lines, line_h, strip_h = _caption_layout(caption, font, hw[1])
+    rgb = np.zeros((hw[0] + strip_h, hw[1], 3), dtype=np.uint8)  # the caption strip is black
+    color = np.asarray(mask_color, dtype=np.uint8)
+    for a in range(0, hw[0], step):
+        b = min(hw[0], a + step)
+        part = img[a:b].astype(np.float32, copy=False)
+        if part.shape[2] == 1:
+            part = np.repeat(part, 3, axis=2)
+        out = np.clip(part, 0.0, 1.0)
+        if h is not None:
+            hp = h[a:b]
+            finite = np.isfinite(hp)
+            norm = (hp - lo) / (hi - lo) if hi > lo else np.zeros_like(hp)
+            norm = np.where(finite, norm, 0.0)
+            out = (1.0 - alpha) * out + alpha * jet_colors(norm)
+        if lab is not None:
+            out = (1.0 - alpha) * out + alpha * (pal[lab[a:b]].astype(np.float32) / 255.0)
+        rgb[a:b] = (np.clip(out, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        if m is not None:  # the outline of these rows needs `width` rows of mask around them
+            a0, b0 = max(0, a - width), min(hw[0], b + width)
+            edge = _outline(m[a0:b0], width)[a - a0 : a - a0 + (b - a)]
+            rgb[a:b][edge] = color
+    pil = Image.fromarray(rgb)
+    del rgb
     if legend:
         draw = ImageDraw.Draw(pil)
         pad, sw = 4, font_size
         sizes = [_text_size(draw, name, font) for name, _ in legend]
-        line_h = max(sw, max(s[1] for s in sizes)) + 2
+        line_h_l = max(sw, max(s[1] for s in sizes)) + 2
         box_w = pad * 3 + sw + max(s[0] for s in sizes)
-        box_h = pad * 2 + line_h * len(legend)
+        box_h = pad * 2 + line_h_l * len(legend)
         draw.rectangle([0, 0, box_w, box_h], fill=(255, 255, 255))
-        for k, (name, color) in enumerate(legend):
-            y = pad + k * line_h
-            draw.rectangle([pad, y, pad + sw, y + sw], fill=color, outline=(0, 0, 0))
+        for k, (name, color_k) in enumerate(legend):
+            y = pad + k * line_h_l
+            draw.rectangle([pad, y, pad + sw, y + sw], fill=color_k, outline=(0, 0, 0))
             draw.text((pad * 2 + sw, y), name, fill=(0, 0, 0), font=font)
     if caption:
-        probe = ImageDraw.Draw(pil)
-        lines = _wrap(caption, probe, font, max(hw[1] - 8, 16))
-        line_h = max(_text_size(probe, ln or " ", font)[1] for ln in lines) + 4
-        strip_h = line_h * len(lines) + 8
-        canvas = Image.new("RGB", (hw[1], hw[0] + strip_h), (0, 0, 0))
-        canvas.paste(pil, (0, 0))
-        draw = ImageDraw.Draw(canvas)
+        draw = ImageDraw.Draw(pil)
+        if legend:  # a legend taller than the image stops at its bottom edge
+            draw.rectangle([0, hw[0], hw[1], hw[0] + strip_h], fill=(0, 0, 0))
         for k, ln in enumerate(lines):
             draw.text((4, hw[0] + 4 + k * line_h), ln, fill=(255, 255, 255), font=font)
-        pil = canvas
     with atomic_path(path) as tmp:
         pil.save(tmp, format="JPEG", quality=int(quality))
     return Path(path)

@@ -40,7 +40,11 @@ SCORER = register_scorer(
         uses_prompts=True,
     )
 )
-register_anomaly_preset(AnomalyPreset(name="crane", method="crane"))
+register_anomaly_preset(
+    AnomalyPreset(name="crane", method="crane"),
+    description="Crane as run for the published numbers: ViT-L/14-336 at 518, last-block E-Attn "
+    "map, learned prompts",
+)
 register_anomaly_preset(
     AnomalyPreset(
         name="crane+",
@@ -50,5 +54,6 @@ register_anomaly_preset(
         checkpoint="crane+-mvtec",
         checkpoint_mvtec="crane+-visa",
         checkpoint_medical="crane+-mvtec-epoch1",
-    )
+    ),
+    description="Crane+: Crane plus DINOv2 D-Attn, its own learned prompts",
 )

@@ -71,10 +71,14 @@ SCORER = register_scorer(
     )
 )
 # MuSc as its reference runs it: no smoothing; at 518 px CLIP runs with erf GELU
-register_anomaly_preset(AnomalyPreset(name="musc", method="musc", prompts="none", sigma=0.0))
+register_anomaly_preset(
+    AnomalyPreset(name="musc", method="musc", prompts="none", sigma=0.0),
+    description="MuSc as its reference runs it (no smoothing; erf GELU at 518 px)",
+)
 # the same with OpenAI's own QuickGELU (what the weights were trained with)
 register_anomaly_preset(
     AnomalyPreset(
         name="musc-fixed", method="musc", prompts="none", sigma=0.0, musc_act="quick_gelu"
-    )
+    ),
+    description="musc with CLIP's own QuickGELU (what OpenAI's weights were trained with)",
 )

@@ -212,7 +212,9 @@ class ClipModel:
     def run_blocks(
         self, x_bnc: torch.Tensor, start: int = 0, stop: int | None = None
     ) -> torch.Tensor:
-        """Run blocks ``start..stop-1`` (0-based) on batch-first tokens (B, N, C)."""
+        """Run blocks ``start..stop-1`` (0-based) on batch-first tokens (B, N, C), cast to the
+        model's dtype first (a method may hand fp32 tokens to bf16 weights)."""
+        x_bnc = x_bnc.to(self.dtype)
         blocks = self.model.visual.transformer.resblocks
         stop = len(blocks) if stop is None else stop
         for i in range(start, stop):
@@ -220,7 +222,9 @@ class ClipModel:
         return x_bnc
 
     def forward_layers(self, x_bnc: torch.Tensor, layers: Sequence[int]) -> dict[int, torch.Tensor]:
-        """Residual tokens after each listed block (1-based block numbers, as papers count)."""
+        """Residual tokens after each listed block (1-based block numbers, as papers count); the
+        input is cast to the model's dtype."""
+        x_bnc = x_bnc.to(self.dtype)
         want = sorted(set(int(i) for i in layers))
         out: dict[int, torch.Tensor] = {}
         blocks = self.model.visual.transformer.resblocks
@@ -233,9 +237,10 @@ class ClipModel:
         return out
 
     def head(self, tokens_bnc: torch.Tensor) -> torch.Tensor:
-        """ln_post then projection: (..., C) -> (..., D), not normalised."""
+        """ln_post then projection: (..., C) -> (..., D), not normalised; the input is cast to
+        the model's dtype (bf16 weights under ``--precision bf16``), so the output is in it."""
         v = self.model.visual
-        return v.ln_post(tokens_bnc) @ v.proj
+        return v.ln_post(tokens_bnc.to(v.proj.dtype)) @ v.proj
 
     def encode_image_global(self, x_bchw: torch.Tensor, pos_mode: str = "bilinear") -> torch.Tensor:
         """Global image embedding (B, D), L2-normalised, on any input size."""

@@ -1,13 +1,16 @@
 """SAM automatic mask proposals from an encoded image, at the cost of the mask decoder.
 
 :func:`sam_proposals` gives the same masks, predicted IoUs, boxes and order as
-``segment_anything.SamAutomaticMaskGenerator`` with one crop (the whole image), without running
+``segment_anything.SamAutomaticMaskGenerator`` with one crop (the whole image) decoding the same
+prompt counts per call (``points_per_batch`` = ``DECODE_CHUNK`` where :func:`decoder_call_sizes`
+chunks; other counts: equal up to the last bits of the logits), without running
 the image encoder again (it reads a :class:`~zsdense.models.sam.SamImageState`) and with much
 less work per prompt:
 
 1. **decoding** (:func:`decode_points`): the mask decoder for a batch of point prompts, doing
    the arithmetic of ``MaskDecoder`` operation for operation (bit-identical logits and IoUs at
-   the same batch size, which the reference's own last bits depend on), but computing once per
+   the same batch size; across batch sizes the reference's own last bits move on some CPUs and
+   thread counts, see :func:`decode_in_chunks`), but computing once per
    image what the reference repeats for every prompt: the image embedding plus the no-mask
    embedding, its positional terms and the first block's image-side projections (token-to-image
    keys and values, image-to-token queries), which do not depend on the prompt; the sum
@@ -256,25 +259,39 @@ def decode_points(
     return masks, iou_pred
 
 
+def decoder_call_sizes(batch: int, device: torch.device | str = "cpu") -> list[int]:
+    """The prompt counts of the :func:`decode_points` calls that :func:`decode_in_chunks` makes
+    for one batch of ``batch`` prompts: ``DECODE_CHUNK`` at a time on the CPU when ``batch`` is
+    a larger multiple of it, else the whole batch in one call."""
+    b = int(batch)
+    if b <= DECODE_CHUNK or b % DECODE_CHUNK or torch.device(device).type != "cpu":
+        return [b]
+    return [DECODE_CHUNK] * (b // DECODE_CHUNK)
+
+
 def decode_in_chunks(
     model, side: DecoderImageSide, coords: torch.Tensor, labels: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`decode_points` for one batch of ``points_per_batch`` prompts, run
-    ``DECODE_CHUNK`` prompts at a time when the batch is a multiple of it (else whole).
+    """:func:`decode_points` for one batch of ``points_per_batch`` prompts, in the calls that
+    :func:`decoder_call_sizes` gives (``DECODE_CHUNK`` prompts at a time on the CPU when the
+    batch is a multiple of it, else whole).
 
-    Every prompt's result depends only on its own row of each product, and at 4 prompts and
-    more the CPU kernels keep the per-row arithmetic of the whole batch: the logits and IoUs
-    are bit-identical to decoding the batch at once (``tests/test_sam_proposals.py`` checks it
-    against ``SamAutomaticMaskGenerator``; at 1 or 2 prompts oneDNN picks other kernels and the
-    last bits move, so smaller chunks are not used). The per-prompt image-side tensors
-    (4 × 4096 × 256 floats, 16 MB) then stay in the CPU's cache: decoding the preset's 64
-    prompts took 0.76 of the time of one batch of 64 (``bench/bench_sam_proposals.py``)."""
-    b = coords.shape[0]
-    if b <= DECODE_CHUNK or b % DECODE_CHUNK or coords.device.type != "cpu":
+    Every prompt's result depends only on its own rows of each product, but the matrix products
+    of a 4-prompt call have other shapes than those of a 64-prompt one, and MKL / oneDNN pick
+    their blocking and thread split by shape (and thread count): the logits and IoUs equal those
+    of decoding the batch at once up to the last bits (measured max |Δ logit| 5.2e-8 with 3
+    threads on an AVX-512 CPU, 0 with 1, 2, 4 or 8). Bit-identity holds against the reference
+    decoding the same prompt counts (``SamAutomaticMaskGenerator`` with
+    ``points_per_batch=DECODE_CHUNK``; ``tests/test_sam_proposals.py``). The per-prompt
+    image-side tensors (4 × 4096 × 256 floats, 16 MB) stay in the CPU's cache: decoding the
+    preset's 64 prompts took 0.76 of the time of one batch of 64
+    (``bench/bench_sam_proposals.py``)."""
+    sizes = decoder_call_sizes(coords.shape[0], coords.device)
+    if len(sizes) == 1:
         return decode_points(model, side, coords, labels)
     parts = [
         decode_points(model, side, coords[i : i + DECODE_CHUNK], labels[i : i + DECODE_CHUNK])
-        for i in range(0, b, DECODE_CHUNK)
+        for i in range(0, coords.shape[0], DECODE_CHUNK)
     ]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 

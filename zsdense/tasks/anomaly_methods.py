@@ -29,6 +29,7 @@ from zsdense.tasks.anomaly_registry import (
 from zsdense.tasks.anomaly_result import AnomalyResult
 from zsdense.tasks.good_images import calibration_values, is_bank, memo, source_key
 from zsdense.tasks.thresholds import Thresholds, resolve_thresholds
+from zsdense.tasks.tiling import tiled
 
 # option fields that change the decisions only (not what a scorer prepares)
 DECISION_FIELDS = ("threshold", "image_threshold", "calibrate_with", "calibrate_percentile")
@@ -46,8 +47,10 @@ class Prepared:
 
 
 def scorer(opts: AnomalyOptions) -> AnomalyScorer:
-    """The scorer of the options' preset."""
-    return get_scorer(opts.config().method)
+    """The scorer of the options' preset (run on tiles with ``opts.tile``:
+    :func:`zsdense.tasks.tiling.tiled`)."""
+    sc = get_scorer(opts.config().method)
+    return sc if opts.tile is None else tiled(sc, opts)
 
 
 def check_options(opts: AnomalyOptions) -> AnomalyScorer:

@@ -112,6 +112,7 @@ class AnomalyScorer:
 
 
 _SCORERS: Registry[AnomalyScorer] = Registry("anomaly scorer")
+PRESET_DESCRIPTIONS: dict[str, str] = {}  # preset -> its own line (else the scorer's)
 
 
 def register_scorer(scorer: AnomalyScorer, *, replace: bool = False) -> AnomalyScorer:
@@ -126,8 +127,11 @@ def register_scorer(scorer: AnomalyScorer, *, replace: bool = False) -> AnomalyS
     return scorer
 
 
-def register_anomaly_preset(preset: AnomalyPreset, *, replace: bool = False) -> AnomalyPreset:
-    """Add ``preset`` to the preset table (its ``method`` must be a registered scorer)."""
+def register_anomaly_preset(
+    preset: AnomalyPreset, *, description: str = "", replace: bool = False
+) -> AnomalyPreset:
+    """Add ``preset`` to the preset table (its ``method`` must be a registered scorer);
+    ``description`` is its line in ``zsdense info --methods`` (default: the scorer's)."""
     if not isinstance(preset, AnomalyPreset):
         raise ConfigError(
             f"register_anomaly_preset needs an AnomalyPreset, got {type(preset).__name__}"
@@ -137,7 +141,27 @@ def register_anomaly_preset(preset: AnomalyPreset, *, replace: bool = False) -> 
     if old is not None and old != preset and not replace:
         raise ConfigError(f"an anomaly preset named {preset.name!r} is already registered")
     ANOMALY_PRESETS[preset.name] = preset
+    PRESET_DESCRIPTIONS[preset.name] = description
     return preset
+
+
+def anomaly_methods_table() -> str:
+    """A Markdown table of the anomaly presets, their scorers and what each needs (README,
+    ``zsdense info --methods``)."""
+    rows = ["| preset | method | needs | what |", "|---|---|---|---|"]
+    for name, p in ANOMALY_PRESETS.items():
+        sc = get_scorer(p.method)
+        needs = []
+        if sc.group == "all":
+            needs.append(f"a set of >= {sc.min_images(p)} images")
+        if sc.references != "none":
+            kinds = " or ".join(
+                {"images": "good images", "bank": "a memory bank"}[k] for k in sc.reference_kinds
+            )
+            needs.append(kinds if sc.references == "required" else f"optionally {kinds}")
+        what = PRESET_DESCRIPTIONS.get(name) or sc.description
+        rows.append(f"| `{name}` | {sc.name} | {', '.join(needs) or 'one image'} | {what} |")
+    return "\n".join(rows)
 
 
 def unregister(name: str) -> None:

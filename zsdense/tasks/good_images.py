@@ -19,6 +19,22 @@ from zsdense.io.membank import MemoryBank
 from zsdense.io.progress import phase
 
 
+class GroupedImages(tuple):
+    """Good images of which several may come from one picture (the tiles of a large reference,
+    :mod:`zsdense.tasks.tiling`): ``groups[i]`` numbers the picture of item ``i``. Leave-one-out
+    statistics of the few-shot memory then leave out a whole picture, not just the one item."""
+
+    groups: tuple[int, ...]
+
+    def __new__(cls, items: Any = (), groups: Sequence[int] | None = None):
+        self = super().__new__(cls, items)
+        g = tuple(range(len(self))) if groups is None else tuple(int(v) for v in groups)
+        if len(g) != len(self):
+            raise ConfigError(f"{len(g)} groups for {len(self)} good images")
+        self.groups = g
+        return self
+
+
 def is_bank(source: Any) -> bool:
     """A memory bank object or a ``.zsdmem`` path."""
     if isinstance(source, MemoryBank):
@@ -152,6 +168,7 @@ def calibration_values(
 
 
 __all__ = [
+    "GroupedImages",
     "calibration_values",
     "image_names",
     "is_bank",

@@ -20,7 +20,8 @@ its own outputs in ``shared/fixtures/musc``):
    distances read it back in blocks, so RAM holds the table slice (≤ ``TABLE_BYTES``, plus about
    as much for its top-k), ``GROUP_BYTES`` of query blocks, one product block and one LNAMD
    chunk: a bound that does not depend on M (below it the table grows as M²·N until it is
-   sliced). Bit-identical to the in-memory path (``in_memory=True``).
+   sliced). Bit-identical to the in-memory path (``in_memory=True``): the same products on the
+   same shapes (tokens encoded in other batches move in the last bits, see :func:`run_musc`).
 4. Patch score = mean over layers, then over r (float64); upsampled to the input size with
    bilinear ``align_corners=True``; **no smoothing** (``sigma > 0`` adds it, an option).
 5. **Image score** (:func:`rscin`): the max of the upsampled map, min-max normalised over the set,
@@ -513,7 +514,10 @@ def run_musc(
     memory does not grow with the number of images (the files take 4 × M × N × C × 4 bytes of
     disk, plus one layer's LNAMD features at a time). The directory is removed at the end, also
     after an error. ``in_memory=True`` keeps the tokens in the contexts' cache instead (reused
-    by a later call on the same contexts); both give bit-identical results.
+    by a later call on the same contexts); both give bit-identical results. Tokens cached by an
+    earlier call are used as they are: where they cover part of an encoder batch, the rest of
+    that batch is encoded as a smaller batch, whose matrix products can differ in the last bits
+    on some CPUs and thread counts (measured 2.3e-10 on the image scores).
     """
     m = len(ctxs)
     _check_set_size(m, cfg.musc_topmin)

@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from zsdense.config import TRAIN_CACHE_MODES
 from zsdense.errors import ConfigError
 from zsdense.io.writers import atomic_path
 from zsdense.runtime import Runtime, runtime_of
@@ -58,7 +59,7 @@ STATE_FILE = "state.safetensors"
 LOG_FILE = "train.jsonl"
 RUN_FILE = "run.json"
 BEST_FILE = "best.safetensors"
-CACHE_MODES = ("auto", "on", "off")
+CACHE_MODES = TRAIN_CACHE_MODES
 
 
 @dataclass(frozen=True)

@@ -143,11 +143,14 @@ def scale_array(
     raise TypeError(f"unsupported array dtype {dt}")
 
 
-def to_rgb(x: np.ndarray, warn: list[str]) -> tuple[np.ndarray, int]:
+def to_rgb(x: np.ndarray, warn: list[str], *, alpha: bool = True) -> tuple[np.ndarray, int]:
     """(H, W) / (H, W, C) float -> (H, W, 3) float32; return it and the source channel count.
 
-    1 channel is replicated, 2 (gray + alpha) keeps the gray, 3/4 keep RGB (alpha dropped); more
-    channels (a multi-sample TIFF) keep the first three with a warning.
+    One rule for every format (:data:`CHANNEL_RULE`): 1 channel is replicated; 2 keep the first
+    as grey; 3 are RGB; 4 keep the first three as RGB; 5 and more keep the first three as RGB.
+    ``alpha``: the extra channel of 2 (grey + alpha) or 4 (RGBA) is declared alpha (PNG modes,
+    a TIFF's ExtraSamples), dropped silently; otherwise (a 2- or 4-band TIFF, an H×W×C array
+    file) a warning says what was dropped. 5 and more always warn.
     """
     if x.ndim == 2:
         ch = 1
@@ -158,14 +161,27 @@ def to_rgb(x: np.ndarray, warn: list[str]) -> tuple[np.ndarray, int]:
         raise ValueError(f"expected an (H, W) or (H, W, C) array, got shape {x.shape}")
     if ch == 1:
         rgb = np.repeat(x, 3, axis=2)
-    elif ch == 2:  # gray + alpha: alpha dropped
+    elif ch == 2:  # gray + alpha, or two bands: the first as grey
         rgb = np.repeat(x[:, :, :1], 3, axis=2)
+        if not alpha:
+            warn.append("2 channels: the first is used as grey, the second is dropped")
     elif ch in (3, 4):
         rgb = x[:, :, :3]
+        if ch == 4 and not alpha:
+            warn.append("4 channels: the first 3 are used as RGB, the fourth is dropped")
     else:
         warn.append(f"{ch} channels: only the first 3 are used as RGB")
         rgb = x[:, :, :3]
     return np.ascontiguousarray(rgb, dtype=np.float32), ch
+
+
+#: How a file's channels become RGB (README, "input formats"; recorded as meta channels_used).
+CHANNEL_RULE = "1: grey; 2: first as grey; 3: RGB; 4 and more: first 3 as RGB"
+
+
+def channels_used(ch: int) -> list[int]:
+    """The source channels an image of ``ch`` channels is read from (:func:`to_rgb`)."""
+    return [0] if ch <= 2 else [0, 1, 2]
 
 
 def orient(arr: np.ndarray, orientation: int) -> np.ndarray:
@@ -207,10 +223,14 @@ def base_meta(path: Path | None, fmt: str) -> dict[str, Any]:
     }
 
 
-def finish(arr_float: np.ndarray, meta: dict, warn: list[str], suffix: str = "") -> ImageRecord:
-    """Scaled pixels -> an :class:`ImageRecord` with ``channels``, ``orig_size``, ``warnings``."""
-    rgb, ch = to_rgb(arr_float, warn)
+def finish(
+    arr_float: np.ndarray, meta: dict, warn: list[str], suffix: str = "", *, alpha: bool = True
+) -> ImageRecord:
+    """Scaled pixels -> an :class:`ImageRecord` with ``channels``, ``channels_used``,
+    ``orig_size``, ``warnings`` (``alpha``: see :func:`to_rgb`)."""
+    rgb, ch = to_rgb(arr_float, warn, alpha=alpha)
     meta["channels"] = ch
+    meta["channels_used"] = channels_used(ch)
     meta["orig_size"] = [int(rgb.shape[0]), int(rgb.shape[1])]
     meta["warnings"] = list(warn)
     return ImageRecord(image=rgb, meta=meta, suffix=suffix)

@@ -8,6 +8,17 @@ palette, MINISWHITE, CMYK, orientation), so a 12-bit stack is divided by 4095 on
 Pages of different shapes (a full image plus its thumbnail or pyramid levels) keep the first page
 only, with a warning; so do TIFFs that only Pillow can decode (missing codec, YCbCr, CIELab).
 A single-page TIFF gives one record with suffix ``""``.
+
+**Channels.** A page with C samples per pixel is one image of C channels (contiguous or planar).
+An H×W×C array saved by ``tifffile.imwrite`` is stored, unless C is 3 or 4, as H pages of W×C
+pixels with its shape in the ImageDescription (a "shaped" file); such a file is read as **one
+H×W×C image** when its declared axes are ``YXC`` / ``YXS``, or, with no axes declared, when C
+is 2..:data:`MAX_ARRAY_CHANNELS` and smaller than H and W (a channel axis is the short one). A
+stack of pages is still a stack: pages written one by one, ImageJ stacks, or a shaped file that
+declares other axes (``metadata={"axes": "ZYX"}``). Channels then become RGB by the one rule of
+:func:`~zsdense.io.readers.common.to_rgb` (1: grey, 2: the first as grey, 3: RGB, 4 and more:
+the first three), recorded in ``meta["channels"]`` / ``meta["channels_used"]`` with a warning
+naming what was dropped (an extra sample declared alpha is dropped silently).
 """
 
 from __future__ import annotations
@@ -33,6 +44,46 @@ from zsdense.io.readers.pil import read_pil_file
 
 #: Photometric interpretations decoded here; others (YCbCr, CIELab, ...) go through Pillow.
 _OWN_PHOTOMETRIC = (0, 1, 2, 3, 5)
+#: The most channels an undeclared trailing axis of a shaped H×W×C file may have to be channels.
+MAX_ARRAY_CHANNELS = 16
+
+
+def _array_channels(tif: Any) -> int | None:
+    """C when the file is one H×W×C array stored as H pages of W×C (a tifffile "shaped" file
+    whose axes say so, or say nothing and C is a short trailing axis); else None (pages)."""
+    try:
+        shaped = tif.shaped_metadata if tif.is_shaped else None
+    except Exception:  # noqa: BLE001 - unreadable metadata: read the pages as they are
+        return None
+    if not shaped or len(tif.series) != 1 or not isinstance(shaped[0], dict):
+        return None
+    shape = shaped[0].get("shape")
+    if not isinstance(shape, list) or len(shape) != 3:
+        return None
+    h, w, c = (int(v) for v in shape)
+    page = tif.pages.first
+    if len(tif.pages) != h or tuple(page.shape) != (w, c) or int(page.samplesperpixel) != 1:
+        return None
+    if int(page.photometric) not in (0, 1):  # grey pages only (no palette, no RGB)
+        return None
+    axes = str(shaped[0].get("axes") or "").upper()
+    if axes in ("YXC", "YXS"):
+        declared = True
+    elif axes in ("", "QYX"):
+        declared = False
+    else:
+        return None  # declared pages (ZYX, TYX, IYX, ...)
+    if declared:
+        return c  # more than MAX_ARRAY_CHANNELS: refused by _array_image, naming the limit
+    return c if 2 <= c <= MAX_ARRAY_CHANNELS and c < min(h, w) else None
+
+
+def _is_alpha(page: Any) -> bool:
+    """Whether the page's extra sample is declared alpha (ExtraSamples 1 or 2)."""
+    try:
+        return any(int(e) in (1, 2) for e in page.extrasamples)
+    except (TypeError, ValueError, AttributeError):
+        return False
 
 
 def _bits(page: Any) -> int:
@@ -106,12 +157,13 @@ def _record(
     warn: list[str],
     page: int | None = None,
     n_pages: int = 1,
+    alpha: bool = False,
 ) -> ImageRecord:
     meta["scaling"] = scaling
     meta["orientation"] = orientation
     x = orient(x.astype(np.float32, copy=False), orientation)
     suffix = f".p{page:0{digits(n_pages)}d}" if page is not None else ""
-    rec = finish(x, meta, warn, suffix)
+    rec = finish(x, meta, warn, suffix, alpha=alpha)
     if page is not None:
         rec.meta["page"] = page
     return rec
@@ -151,6 +203,10 @@ def iter_tiff(path: Path, max_pixels: int | None) -> Iterator[ImageRecord]:
         if not len(tif.pages):
             raise InputError(path, "TIFF file holds no image")
         page = tif.pages.first
+        n_channels = _array_channels(tif)
+        if n_channels is not None:
+            yield _array_image(path, tif, n_channels, max_pixels)
+            return
         h, w = int(page.imagelength), int(page.imagewidth)
         check_pixels(path, h * w * max(1, int(page.imagedepth)), max_pixels)
         n_pages = len(tif.pages)
@@ -181,7 +237,15 @@ def iter_tiff(path: Path, max_pixels: int | None) -> Iterator[ImageRecord]:
                 if not stack:
                     warn.append(f"file holds {n_pages} pages; only the first is used")
             first = _record(
-                path, x, scaling, _orientation(page), meta, warn, 0 if stack else None, n_pages
+                path,
+                x,
+                scaling,
+                _orientation(page),
+                meta,
+                warn,
+                0 if stack else None,
+                n_pages,
+                alpha=_is_alpha(page),
             )
         if first is not None:
             yield first
@@ -204,4 +268,34 @@ def _later_pages(path: Path, pages: list, n_pages: int) -> Iterator[ImageRecord]
             arr, axes, colormap, int(page.photometric), _bits(page), meta, warn
         )
         meta["pages_in_file"] = n_pages
-        yield _record(path, x, scaling, _orientation(page), meta, warn, i, n_pages)
+        yield _record(
+            path, x, scaling, _orientation(page), meta, warn, i, n_pages, alpha=_is_alpha(page)
+        )
+
+
+def _array_image(path: Path, tif: Any, n_channels: int, max_pixels: int | None) -> ImageRecord:
+    """The one H×W×C image of a shaped file whose pages are its rows (:func:`_array_channels`)."""
+    series = tif.series[0]
+    h, w = int(series.shape[0]), int(series.shape[1])
+    if n_channels > MAX_ARRAY_CHANNELS:
+        raise InputError(
+            path,
+            f"TIFF declares an image of {h}×{w} pixels with {n_channels} channels; at most "
+            f"{MAX_ARRAY_CHANNELS} channels are read (the first three are used): save those",
+        )
+    check_pixels(path, h * w, max_pixels)
+    page = tif.pages.first
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            arr = series.asarray()
+    except Exception as exc:  # noqa: BLE001 - a missing codec, corrupt strips
+        raise InputError(path, f"cannot decode TIFF data: {exc}") from exc
+    warn = [
+        f"an H×W×C array ({h}×{w}×{n_channels}) stored as {h} pages of {w}×{n_channels}: "
+        f"read as one image with {n_channels} channels"
+    ]
+    meta = base_meta(path, "tiff")
+    x, scaling = _scale_page(arr, "YXS", None, int(page.photometric), _bits(page), meta, warn)
+    meta["channel_axis"] = "last axis of the stored array"
+    return _record(path, x, scaling, 1, meta, warn)

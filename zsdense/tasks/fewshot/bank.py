@@ -4,6 +4,7 @@ built once (or loaded from a ``.zsdmem`` bank) and checked against the settings 
 
 from __future__ import annotations
 
+from collections import abc
 from typing import Any, Sequence
 
 import numpy as np
@@ -128,7 +129,7 @@ def build_memory_with(
     never concatenated into a second copy.
     """
     options = options.validate()
-    given = list(images_u8)
+    given = images_u8 if isinstance(images_u8, abc.Sequence) else list(images_u8)
     if not given:
         raise ConfigError("few-shot scoring needs at least one reference (good) image")
     if options.shots is not None and int(options.shots) > len(given):
@@ -172,19 +173,42 @@ def reference_contexts(rt, images: Any) -> tuple[list, list[str]]:
     return rt.contexts(items), image_names(items)
 
 
+class _DecodedU8(abc.Sequence):
+    """Reference images decoded to uint8 on access, one at a time (nothing kept)."""
+
+    def __init__(self, rt, items: Sequence[Any]):
+        self.rt, self.items = rt, list(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self.rt.context(self.items[i]).image_u8
+
+
 def build_memory(
     rt, images: Any, options: FewShotOptions | None = None, *, object_name=None, dataset=None
 ) -> MemoryBank:
     """A :class:`MemoryBank` from known-good ``images`` with the runtime's DINOv2.
 
     ``images``: a folder, glob, file or a list of paths / arrays / PIL images. ``options``
-    default to :func:`options_for` ``(object_name, dataset)``.
+    default to :func:`options_for` ``(object_name, dataset)``. A
+    :class:`~zsdense.tasks.good_images.GroupedImages` (tiles of large references) is recorded
+    in ``bank.extra["groups"]``: leave-one-out statistics then leave out a whole picture.
     """
     opts = options or options_for(object_name, dataset)
-    ctxs, names = reference_contexts(rt, images)
+    groups = getattr(images, "groups", None)  # tiles of one picture (GroupedImages)
+    if groups is not None and opts.shots is not None:
+        raise ConfigError("few-shot: choose --shots among whole images before grouping tiles")
+    items = resolve_images(images, "--reference")
     dino = rt.dinov2(opts.model)
-    with rt.autocast():
-        return build_memory_with(dino, [c.image_u8 for c in ctxs], opts, names)
+    with rt.autocast():  # one reference decoded at a time (the list may hold many tiles)
+        bank = build_memory_with(dino, _DecodedU8(rt, items), opts, image_names(items))
+    if groups is not None:
+        bank.extra = {**bank.extra, "groups": [int(g) for g in groups]}
+    return bank
 
 
 def check_bank(bank: MemoryBank, options: FewShotOptions, dino) -> None:

@@ -6,13 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
-from zsdense.config import with_overrides
+from zsdense.config import KNN_METRICS, with_overrides
 from zsdense.dense.knn import DEFAULT_BUDGET_MB
 from zsdense.errors import ConfigError
 from zsdense.io.membank import MemoryBank
 
 ROT_ANGLES = (0, 45, 90, 135, 180, 225, 270, 315)
-KNN_METRICS = ("L2_normalized", "L2")
 PREPROCESS_MODES = (
     "agnostic",
     "informed",

@@ -246,7 +246,8 @@ def upsampled_features(
 def reference_maps(bank: MemoryBank, options: FewShotOptions) -> list[tuple[np.ndarray, float]]:
     """Each reference's own (map, score), scored against the rest of the memory.
 
-    Leave-one-out: reference i's unrotated patches against every row not from reference i.
+    Leave-one-out: reference i's unrotated patches against every row not from reference i (not
+    from its picture, for tiles of large references: ``bank.extra["groups"]``).
     With one reference, its rotated copies (angles other than 0) are the memory; with one
     reference and no rotation there is nothing to compare with and a ConfigError says so.
     These maps give the few-shot method's scale on good parts (thresholds, fusion).
@@ -284,7 +285,11 @@ def _leave_one_out(
     present = torch.zeros(n, dtype=torch.bool)
     feats[src[a0, 2].long()] = bank.features[i][a0].float().cpu()
     present[src[a0, 2].long()] = True
-    if bank.n_shots >= 2:
+    groups = bank.extra.get("groups")
+    if groups is not None and len(groups) == bank.n_shots and len(set(groups)) >= 2:
+        # tiles of large references: leave out every tile of reference i's picture
+        memory = [f for j, f in enumerate(bank.features) if groups[j] != groups[i]]
+    elif bank.n_shots >= 2:
         memory = [f for j, f in enumerate(bank.features) if j != i]
     else:
         memory = [bank.features[i][~a0]]
