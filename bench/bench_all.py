@@ -16,15 +16,26 @@ downloaded). For each preset, in one process and interleaved (pipeline, bare, pi
   attention; one extra untimed run) and their ratio, the preset's floor: a pipeline that does
   more arithmetic than its encoders cannot run faster than that ratio allows, so the target is
   ``ratio <= max(1.15, FLOP ratio)`` (the ``target`` column);
+- the time outside matrix products, convolutions and attention (``non-matrix``): one untimed
+  run of each side under ``torch.profiler``, by operator (``common.profile_by_op``); the
+  pipeline's share of its own time outside those operators times its ratio, i.e. that time as
+  a fraction of the bare encoders' time, and in brackets the bare encoders' own share (their
+  LayerNorms, activations, softmaxes: the floor of the column). It is the part that does not
+  shrink when matrix products get faster (bf16, a GPU); ``--top N`` names its largest
+  operators per side;
 - the peak memory of the preset's section (resident set on CPU, allocated GPU
   memory on CUDA) and the precision it ran at.
+
+The first lines name the machine (CPU, its kernel capability, whether bf16 is native, the GPU on
+CUDA) and the precision (``--precision auto`` picks the machine's best: bf16 where native).
 
 ``musc`` scores a set: its row is per image of a ``--musc-images`` set (20; 6 with ``--quick``).
 Then images per second of ``crane`` through the local engine (``run_batch``: decoding in threads
 ahead of the encoders, outputs written) at ``--batch-size`` 1 and 4, on ViT-B/16 and, unless
 ``--quick``, ViT-L/14-336. The last line is ``ratios: name=value ...`` for every preset.
 
-    python bench/bench_all.py [--quick] [--repeats 3] [--device cpu|cuda] [--precision fp32]
+    python bench/bench_all.py [--quick] [--repeats 3] [--device cpu|cuda]
+        [--precision fp32|bf16|auto] [--threads N] [--top N]
 """
 
 from __future__ import annotations
@@ -44,6 +55,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from bench_engine import make_data, runner  # noqa: E402
+
+from zsdense.runtime import precision_name  # noqa: E402
 
 PRESETS = ("crane", "crane+", "anomalydino", "musc", "trident", "proxyclip", "hybridgl+")
 CLASSES = "background; sky; wall; tree; grass; road, person, cat, dog, car, chair, sofa"
@@ -152,6 +165,11 @@ def bench_preset(
     # the work each side does, counted once (untimed): their ratio is the preset's FLOP floor
     fp = common.count_flops(lambda: spec.run([ImageContext(image=im) for im in images], params))
     fb = common.count_flops(lambda: bare([ImageContext(image=im) for im in images]))
+    # where each side's time goes, by operator (one untimed profiled run each)
+    pp = common.profile_by_op(
+        lambda: spec.run([ImageContext(image=im) for im in images], params), device
+    )
+    pb = common.profile_by_op(lambda: bare([ImageContext(image=im) for im in images]), device)
     t_one = common.timed(
         lambda: spec.run([ImageContext(image=im) for im in images], params), device
     )
@@ -163,18 +181,26 @@ def bench_preset(
         ctxs = [ImageContext(image=im) for im in images]
         tb.append(common.timed(lambda c=ctxs: bare(c), device))
     n = len(images)
+    ratio = min(tp) / min(tb)
     return dict(
         name=name,
         n=n,
         pipeline=min(tp) / n,
         bare=min(tb) / n,
-        ratio=min(tp) / min(tb),
+        ratio=ratio,
         runs=runs,
+        # the pipeline's time outside matrix products / convolutions / attention, as a
+        # fraction of the bare encoders' time: its profiled share of the pipeline's time times
+        # the timed ratio (shares are robust to a loaded machine; single wall times are not)
+        nonmatrix=pp["nonmatrix"] / max(pp["wall"], 1e-12) * ratio,
+        nonmatrix_bare=pb["nonmatrix"] / max(pb["wall"], 1e-12),
+        top_pipeline=pp["top"],
+        top_bare=pb["top"],
         gflop_pipeline=fp / n / 1e9,
         gflop_bare=fb / n / 1e9,
         flop_ratio=fp / fb if fb else float("nan"),
         peak_mb=common.peak_mb(device),
-        precision=str(seg.dtype).replace("torch.", ""),
+        precision=precision_name(seg.dtype),
         note=f"per image of {n}" if n > 1 else "",
     )
 
@@ -225,6 +251,40 @@ def throughput(
     return rows
 
 
+def _load() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float("nan")
+
+
+def machine_line(seg) -> str:
+    """The machine the figures belong to: CPU name and kernel capability, whether bf16 is
+    native, the GPU's name on CUDA, and the precision that ran (and what ``auto`` picks)."""
+    from zsdense.runtime import _cpu_name, auto_precision, cpu_bf16_support, cpu_capability
+
+    dev = seg.device
+    parts = []
+    if dev.type == "cuda":
+        parts.append(f"GPU {torch.cuda.get_device_name(dev)}")
+    sup = cpu_bf16_support()
+    parts.append(
+        f"CPU {_cpu_name()} ({os.cpu_count()} CPUs, capability {cpu_capability()}, "
+        f"bf16 {'native' if sup.native else 'emulated'}: {sup.detail})"
+    )
+    auto = precision_name(auto_precision(dev)[0])
+    parts.append(f"precision {precision_name(seg.dtype)} (auto picks {auto})")
+    return "; ".join(parts)
+
+
+def print_top(r: dict, n: int) -> None:
+    """The ``n`` largest operators outside matrix products, pipeline and bare side by side."""
+    for side in ("pipeline", "bare"):
+        top = r[f"top_{side}"][:n]
+        cells = ", ".join(f"{k.removeprefix('aten::')} {sec:.3f}s/{calls}" for k, sec, calls in top)
+        print(f"    {side} non-matrix ops (self s/calls): {cells}", flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smallest sizes (ViT-B/16, small images)")
@@ -249,6 +309,12 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--models", default="random", help="random (full size) | tiny (smoke test)")
+    ap.add_argument(
+        "--top",
+        type=int,
+        default=0,
+        help="print each preset's N largest operators outside matrix products (profiled)",
+    )
     args = ap.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("--device cuda: no CUDA device is available to torch here", file=sys.stderr)
@@ -264,10 +330,7 @@ def main(argv=None) -> int:
         raise ConfigError(f"unknown preset(s) {', '.join(bad)}; choose from {', '.join(PRESETS)}")
     musc_n = args.musc_images or (6 if args.quick else 20)
     seg = Segmenter(device=args.device, models=args.models, precision=args.precision, batch_size=4)
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        load = float("nan")
+    load = _load()
     print(
         f"zsdense bench_all{' --quick' if args.quick else ''}: torch {torch.__version__}, "
         f"device {args.device}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
@@ -275,6 +338,7 @@ def main(argv=None) -> int:
         "interleaved runs",
         flush=True,
     )
+    print(f"machine: {machine_line(seg)}", flush=True)
     ref_dir = Path(tempfile.mkdtemp(prefix="zsb-refs-"))
     rows = []
     try:
@@ -288,9 +352,12 @@ def main(argv=None) -> int:
                 f"  {name}: pipeline {r['pipeline']:.2f}s bare {r['bare']:.2f}s ratio "
                 f"{r['ratio']:.2f}, FLOPs {r['gflop_pipeline']:.1f} / {r['gflop_bare']:.1f} G = "
                 f"{r['flop_ratio']:.2f}; minimum of {r['runs']} runs "
-                f"({time.perf_counter() - t:.0f}s incl. warm-up)",
+                f"({time.perf_counter() - t:.0f}s incl. warm-up); outside matrix products "
+                f"{r['nonmatrix']:.3f} of the bare encoders (theirs {r['nonmatrix_bare']:.3f})",
                 flush=True,
             )
+            if args.top:
+                print_top(r, args.top)
     finally:
         shutil.rmtree(ref_dir, ignore_errors=True)
     tp_rows = []
@@ -310,16 +377,20 @@ def main(argv=None) -> int:
         )
     if rows:
         print()
+        print(f"machine: {machine_line(seg)}; load average {_load():.1f} at the end")
+        print()
         print(
             "| preset | pipeline s/img | bare encoders s/img | ratio | GFLOP pipeline / bare "
-            "| FLOP ratio | target | peak MB | precision | note |"
+            "| FLOP ratio | target | non-matrix / bare (bare's own) | peak MB | precision "
+            "| note |"
         )
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             print(
                 f"| `{r['name']}` | {r['pipeline']:.2f} | {r['bare']:.2f} | {r['ratio']:.2f} | "
                 f"{r['gflop_pipeline']:.1f} / {r['gflop_bare']:.1f} | {r['flop_ratio']:.2f} | "
-                f"{target(r)} | {r['peak_mb']:.0f} | {r['precision']} | {r['note']} |"
+                f"{target(r)} | {r['nonmatrix']:.3f} ({r['nonmatrix_bare']:.3f}) | "
+                f"{r['peak_mb']:.0f} | {r['precision']} | {r['note']} |"
             )
     if tp_rows:
         print()
@@ -328,6 +399,8 @@ def main(argv=None) -> int:
         for arch in dict.fromkeys(t["arch"] for t in tp_rows):
             b = {t["batch"]: t["ips"] for t in tp_rows if t["arch"] == arch}
             print(f"| {arch} | {b[1]:.3f} | {b[4]:.3f} |")
+    if rows:
+        print("non-matrix: " + " ".join(f"{r['name']}={r['nonmatrix']:.3f}" for r in rows))
     print("ratios: " + " ".join(f"{r['name']}={r['ratio']:.2f}" for r in rows))
     return 0
 

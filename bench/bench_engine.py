@@ -5,9 +5,16 @@ Prints, for the tiny model set and one full-size preset (random weights, so no d
      read and processed one by one through the Python API (target >= 1.3x on CPU);
   2. a two-task run (openvocab Trident + refer HybridGL, both on SAM and CLIP) vs the sum of the
      two single-task runs (target: saves at least the shared encoders' time);
-  3. the Ray engine's throughput with 1 and 2 workers (local Ray on this machine).
+  3. the Ray engine's throughput with 1 and 2 workers (local Ray on this machine);
+  4. per-image fixed costs (``--fixed-only`` runs only this): ``crane`` on a full-size
+     ViT-B/16 at the machine's best precision (``--fixed-precision auto``), batch 4, through the
+     local engine with the CLI's outputs (mask PNG, float TIFF, overlay JPEG, manifest): what
+     the engine does per image outside the model (decode, context, resize and normalise, maps,
+     smoothing, outputs, manifest) against the model's own work (the CLIP forward with E-Attn
+     on prepared inputs), in CPU seconds (steady on a shared machine) and wall seconds.
+     Target: under 10 % of the model time.
 
-    python bench/bench_engine.py [--n 12] [--skip-full] [--skip-ray]
+    python bench/bench_engine.py [--n 12] [--skip-full] [--skip-ray] [--skip-fixed]
 
 Timings include writing every output (masks, float maps, overlays) in every mode.
 """
@@ -130,6 +137,128 @@ def bench_multi(label, seg, data_dir, n, cfgs, batch_size, repeat=2):
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+def model_seconds(seg, ctxs, cfg: dict, batch_size: int, repeat: int):
+    """(wall, CPU) seconds of what ``crane``'s model computes on ``ctxs`` in batches: its CLIP
+    forward with the E-Attn dual path (``crane_features``), on inputs resized and normalised
+    beforehand (the minimum of ``repeat`` runs)."""
+    import torch
+
+    from zsdense.dense.crane import crane_features, scale_block
+    from zsdense.options import options_for
+    from zsdense.tasks.common import model_input
+
+    pc = options_for("anomaly", {k: v for k, v in cfg.items() if k != "task"}).config()
+    clip = seg.clip(pc.clip_arch)
+    start = scale_block(pc.eattn_start_block, clip.num_layers)
+    xs = [
+        clip.normalize(model_input(ctxs[i : i + batch_size], pc.image_size, seg.device))
+        for i in range(0, len(ctxs), batch_size)
+    ]
+
+    def forwards():
+        t0, c0 = time.perf_counter(), time.process_time()
+        with seg.autocast():
+            for x in xs:
+                crane_features(clip, x, start_block=start, attn_type=pc.attn_type)
+        if seg.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0, time.process_time() - c0
+
+    forwards()  # warm-up
+    return best(forwards, repeat)
+
+
+def bench_fixed_costs(
+    seg, data_dir, n: int, arch: str, size: int, batch_size: int = 4, repeat: int = 2
+) -> dict:
+    """Per-image fixed costs of the local engine outside the models (see the module doc).
+
+    Per repeat two engine runs: one writing each batch's outputs before the next batch
+    (``overlap_writes`` off, so each stage's seconds are its own: the breakdown and the CPU
+    figure), one as the CLI runs (writes overlapped: the wall figure). The encoder forwards are
+    timed alone on the same batches (inputs prepared beforehand). Returns the per-image
+    figures (seconds) and the fractions."""
+    from zsdense.engine.local import items_from_data, run_batch
+    from zsdense.engine.specs import build_task_specs
+
+    cfg = {
+        "task": "anomaly",
+        "preset": "crane",
+        "object": "object",
+        "prompts": "ensemble",
+        "clip_arch": arch,
+        "image_size": size,
+    }
+    tmp = Path(tempfile.mkdtemp(prefix="zsb-fixed-"))
+    try:
+        items = items_from_data([data_dir])
+        specs = build_task_specs(seg, [cfg])  # the CLI defaults: tiff maps and overlays
+
+        def engine(overlap: bool):
+            out = tmp / ("o" if overlap else "s")
+            shutil.rmtree(out, ignore_errors=True)
+            t0, c0 = time.perf_counter(), time.process_time()
+            s = run_batch(
+                seg,
+                items,
+                out,
+                specs,
+                batch_size=batch_size,
+                progress=False,
+                report=False,
+                overlap_writes=overlap,
+            )
+            if s.failed:
+                raise RuntimeError(f"{s.failed} images failed: {s.errors[:2]}")
+            return time.perf_counter() - t0, time.process_time() - c0, s
+
+        engine(True)  # warm-up: models, text embeddings
+        runs: dict[bool, list] = {False: [], True: []}
+        for _ in range(max(1, repeat)):
+            for overlap in (False, True):
+                runs[overlap].append(engine(overlap))
+        ctxs = [seg.context(p) for p in sorted(Path(data_dir).iterdir())]
+        m_wall, m_cpu = model_seconds(seg, ctxs, cfg, batch_size, repeat)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    serial = min(runs[False], key=lambda r: r[1])  # the least disturbed serial run (CPU)
+    stages = serial[2].stage_seconds
+    task = sum(v for k, v in stages.items() if k not in ("read", "wait-read", "write"))
+    per = {
+        "model_wall": m_wall / n,
+        "model_cpu": m_cpu / n,
+        "decode": stages.get("read", 0.0) / n,
+        "head_outside_model": max(0.0, task - m_wall) / n,
+        "write": stages.get("write", 0.0) / n,
+        "run_cpu": serial[1] / n,
+        "run_wall": min(r[0] for r in runs[True]) / n,
+    }
+    per["fixed_cpu"] = max(0.0, per["run_cpu"] - per["model_cpu"])
+    per["fixed_wall"] = max(0.0, per["run_wall"] - per["model_wall"])
+    per["fraction_cpu"] = per["fixed_cpu"] / max(per["model_cpu"], 1e-12)
+    per["fraction_wall"] = per["fixed_wall"] / max(per["model_wall"], 1e-12)
+    print(
+        f"[fixed] crane {arch} at {size}, precision {seg.runtime.precision}, batch {batch_size}, "
+        f"{n} images, the CLI's outputs (tiff maps, overlays, manifest); per image:"
+    )
+    print(
+        f"    model (CLIP with E-Attn)  : {per['model_wall'] * 1e3:7.1f} ms wall "
+        f"{per['model_cpu'] * 1e3:7.1f} ms CPU"
+    )
+    print(
+        f"    outside the model         : decode {per['decode'] * 1e3:.1f} ms, head (resize, "
+        f"normalise, maps, results) {per['head_outside_model'] * 1e3:.1f} ms, outputs and "
+        f"manifest {per['write'] * 1e3:.1f} ms (stage wall, writes not overlapped)"
+    )
+    print(
+        f"    fixed cost / model time   : {per['fraction_cpu']:.3f} CPU "
+        f"({per['fixed_cpu'] * 1e3:.1f} ms), {per['fraction_wall']:.3f} wall as the CLI runs "
+        f"({per['fixed_wall'] * 1e3:.1f} ms); target < 0.10"
+    )
+    print(f"fixed: cpu={per['fraction_cpu']:.3f} wall={per['fraction_wall']:.3f}", flush=True)
+    return per
+
+
 def bench_ray(data_dir, n, cfg, batch_size):
     from zsdense.engine.local import items_from_data
     from zsdense.engine.ray_runner import ray_available, run_ray
@@ -175,7 +304,7 @@ def bench_ray(data_dir, n, cfg, batch_size):
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--n", type=int, default=12, help="images for the tiny runs")
     ap.add_argument("--n-full", type=int, default=4, help="images for the full-size run")
@@ -183,8 +312,19 @@ def main() -> None:
     ap.add_argument("--skip-full", action="store_true")
     ap.add_argument("--skip-ray", action="store_true")
     ap.add_argument("--repeat", type=int, default=2, help="repeats (minimum kept), tiny runs")
-    args = ap.parse_args()
+    ap.add_argument("--skip-fixed", action="store_true", help="skip the per-image fixed costs")
+    ap.add_argument("--fixed-only", action="store_true", help="only the per-image fixed costs")
+    ap.add_argument("--fixed-n", type=int, default=8, help="images for the fixed-cost run")
+    ap.add_argument("--fixed-size", default="480x640", help="their size HxW")
+    ap.add_argument("--fixed-arch", default="ViT-B-16")
+    ap.add_argument("--fixed-precision", default="auto", help="auto | fp32 | bf16")
+    ap.add_argument("--models", default="random", help="fixed costs: random (full size) | tiny")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads")
+    args = ap.parse_args(argv)
     import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from zsdense.api import Segmenter
 
@@ -194,6 +334,16 @@ def main() -> None:
     )
     root = Path(tempfile.mkdtemp(prefix="zsbench-"))
     try:
+        if not args.skip_fixed:
+            fixed_dir = root / "fixed"
+            h, w = (int(v) for v in args.fixed_size.lower().split("x"))
+            make_data(fixed_dir, args.fixed_n, (h, w))
+            fseg = Segmenter(
+                device="cpu", models=args.models, precision=args.fixed_precision, batch_size=4
+            )
+            bench_fixed_costs(fseg, fixed_dir, args.fixed_n, args.fixed_arch, 224, 4, args.repeat)
+        if args.fixed_only:
+            return
         tiny_dir = root / "tiny"
         paths = make_data(tiny_dir, args.n, (240, 320))
         seg = Segmenter(device="cpu", models="tiny", precision="fp32", batch_size=4)

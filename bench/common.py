@@ -168,3 +168,89 @@ def count_flops(fn: Callable[[], object]) -> float:
     with FlopCounterMode(display=False, custom_mapping=mapping) as fc:
         fn()
     return float(fc.get_total_flops())
+
+
+# ---- time outside matrix products, convolutions and attention ----------------------------
+
+# Operators whose own time is arithmetic that gets faster with the precision (matrix products,
+# convolutions, attention kernels). Everything else (element-wise work, copies, reductions,
+# resizes, indexing, Python between operators) is "non-matrix" time.
+MATRIX_OPS = frozenset(
+    {
+        "aten::mm",
+        "aten::addmm",
+        "aten::_addmm_activation",
+        "aten::bmm",
+        "aten::baddbmm",
+        "aten::addbmm",
+        "aten::matmul",
+        "aten::linear",
+        "aten::einsum",
+        "aten::tensordot",
+        "aten::dot",
+        "aten::mv",
+        "aten::addmv",
+        "aten::conv1d",
+        "aten::conv2d",
+        "aten::conv3d",
+        "aten::conv_transpose2d",
+        "aten::convolution",
+        "aten::_convolution",
+        "aten::mkldnn_convolution",
+        "aten::mkldnn_linear",
+        "aten::_mkl_linear",
+        "aten::slow_conv2d_forward",
+        "aten::_slow_conv2d_forward",
+        "aten::slow_conv_transpose2d",
+        "aten::_nnpack_spatial_convolution",
+        "aten::cudnn_convolution",
+        "aten::cudnn_convolution_transpose",
+        "aten::convolution_overrideable",
+        "aten::scaled_dot_product_attention",
+        "aten::_scaled_dot_product_flash_attention_for_cpu",
+        "aten::_scaled_dot_product_flash_attention",
+        "aten::_scaled_dot_product_efficient_attention",
+        "aten::_scaled_dot_product_cudnn_attention",
+        "aten::_flash_attention_forward",
+        "aten::_efficient_attention_forward",
+        "aten::_native_multi_head_attention",
+    }
+)
+
+
+def is_matrix_op(name: str) -> bool:
+    return name in MATRIX_OPS
+
+
+def profile_by_op(fn: Callable[[], object], device: str = "cpu") -> dict:
+    """One profiled run of ``fn()`` (``torch.profiler``, by operator): its wall seconds, the
+    seconds spent inside matrix products / convolutions / attention (their own time: on CPU the
+    operators' self CPU time, on CUDA their kernels' device time), the rest (``nonmatrix``:
+    wall minus matrix, so Python between operators counts as non-matrix), and the operators
+    outside the matrix set by self time, largest first (``top``: (name, seconds, calls); the
+    matrix operators likewise in ``top_matrix``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.startswith("cuda")
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync(device)
+    with profile(activities=acts) as prof:
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        wall = time.perf_counter() - t
+    matrix = 0.0
+    others: list[tuple[str, float, int]] = []
+    mats: list[tuple[str, float, int]] = []
+    for ev in prof.key_averages():
+        own = (ev.self_device_time_total if cuda else ev.self_cpu_time_total) / 1e6
+        if is_matrix_op(ev.key):
+            matrix += own
+            mats.append((ev.key, own, ev.count))
+        elif own > 0:
+            others.append((ev.key, own, ev.count))
+    others.sort(key=lambda r: -r[1])
+    mats.sort(key=lambda r: -r[1])
+    return dict(
+        wall=wall, matrix=matrix, nonmatrix=max(0.0, wall - matrix), top=others, top_matrix=mats
+    )

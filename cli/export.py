@@ -15,23 +15,16 @@ def export_group() -> None:
 @export_group.command("coco")
 @click.argument("out_dir", type=click.Path(exists=True, file_okay=False))
 @click.option(
-    "--to",
-    "to_path",
-    type=click.Path(dir_okay=False),
-    default=None,
+    "--to", "to_path", type=click.Path(dir_okay=False),
     help="The file to write (default OUT/instances_coco.json, or "
     "OUT/instances_coco.<task>.json per task of a multi-task run).",
-)
-@click.option("--task", "task_name", default=None, help="Export only this task of the run.")
+)  # fmt: skip
+@click.option("--task", "task_name", help="Export only this task of the run.")
 @click.option(
-    "--skip-class",
-    "skip",
-    multiple=True,
+    "--skip-class", "skip", multiple=True,
     help="Open-vocabulary: leave out the regions of this class (e.g. background). Repeatable.",
-)
-@click.option(
-    "--json", "json_summary", is_flag=True, default=False, help="Print a JSON summary on stdout."
-)
+)  # fmt: skip
+@click.option("--json", "json_summary", is_flag=True, help="Print a JSON summary on stdout.")
 def coco_cmd(out_dir, to_path, task_name, skip, json_summary) -> None:
     """Write the instances of the run in OUT as COCO JSON (RLE masks, boxes, areas, scores):
     anomaly defects (connected components of the masks), open-vocabulary regions per class,

@@ -45,6 +45,29 @@ def test_count_flops_fused_multihead_attention_equals_its_unfused_path(bench_mod
     assert fused == unfused == 2 * 2 * 10 * 32 * 32 * 4 + 4 * 2 * 10 * 10 * 32
 
 
+def test_profile_by_op_splits_matrix_from_other_work(bench_modules):
+    """Matrix products count as matrix time; element-wise work and Python between operators as
+    the rest; the largest other operators are listed."""
+    common, _ = bench_modules
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+    big = torch.randn(2_000_000)
+
+    def work():
+        for _ in range(3):
+            a @ b
+        (big * 2.0).exp_()
+
+    p = common.profile_by_op(work)
+    assert 0 < p["matrix"] < p["wall"]
+    assert p["nonmatrix"] == pytest.approx(p["wall"] - p["matrix"])
+    names = [n for n, _s, _c in p["top"]]
+    assert "aten::mul" in names and "aten::exp_" in names
+    assert not any(common.is_matrix_op(n) for n in names)
+    assert {n for n, _s, _c in p["top_matrix"]} == {"aten::mm", "aten::matmul"}
+    assert common.is_matrix_op("aten::_scaled_dot_product_flash_attention_for_cpu")
+    assert common.is_matrix_op("aten::mkldnn_convolution")
+
+
 def test_target_rule(bench_modules):
     _, bench_all = bench_modules
     assert bench_all.target(dict(ratio=1.10, flop_ratio=1.0)) == "met"
@@ -62,7 +85,10 @@ def test_bench_all_runs_on_tiny_models(bench_modules, capsys):
     assert rc == 0
     rows = [line for line in out if line.startswith("| `")]
     assert [r.split("`")[1] for r in rows] == ["crane", "proxyclip"]
-    assert len(rows[0].split("|")) == 12  # ten columns
+    assert len(rows[0].split("|")) == 13  # eleven columns
+    nonmatrix = rows[0].split("|")[8].split()
+    assert float(nonmatrix[0]) > 0 and nonmatrix[1].startswith("(")  # pipeline (bare's own)
+    assert any(line.startswith("machine: CPU ") and "bf16 " in line for line in out)
     last = out[-1]
     assert last.startswith("ratios: crane=") and " proxyclip=" in last
     assert float(last.split("crane=")[1].split()[0]) > 0

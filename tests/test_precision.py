@@ -26,7 +26,8 @@ def test_bf16_casts_encoder_weights_and_keeps_fp32_cache_apart():
     assert sam16.model.image_encoder.patch_embed.proj.weight.dtype == torch.bfloat16
     assert sam16.model.mask_decoder.iou_prediction_head.layers[0].weight.dtype == torch.float32
     state = sam16.encode(np.zeros((32, 32, 3), np.uint8), capture_last_attn=True)
-    assert state.embedding.dtype == torch.float32 and state.last_attn.dtype == torch.float32
+    assert state.embedding.dtype == torch.float32 and state.last_v.dtype == torch.float32
+    assert state.last_attn.dtype == torch.bfloat16  # kept as computed (read a chunk at a time)
 
 
 def test_bf16_anomaly_and_openvocab_close_to_fp32(image):
@@ -55,6 +56,16 @@ TOL = {
     "openvocab_probs": 0.08,
     "openvocab_labels": 0.85,
     "refer_scores": 0.05,
+    # few-shot (kNN in bf16, refined in float32): relative to the map's maximum / the score
+    "fewshot_map_rel": 0.02,
+    "fewshot_score_rel": 0.01,
+    # SAM proposals from the bf16 decoder (same image embedding): predicted IoUs, and the
+    # fraction of pixels on which a proposal's mask agrees with float32's (mean and median over
+    # the proposals; random tiny SAM: the previous bf16 path, float32 decoder weights under
+    # autocast, measured 0.951 / 0.9956 there)
+    "proposal_iou_pred": 0.01,
+    "proposal_pixels_mean": 0.92,
+    "proposal_pixels_median": 0.99,
 }
 
 
@@ -131,3 +142,49 @@ def test_bf16_refer_per_preset(segs, image, preset):
     for x, y in shared:
         for key in ("P", "C"):
             assert abs(x[key] - y[key]) < TOL["refer_scores"], key
+
+
+def test_bf16_fewshot_anomalydino(segs, image):
+    """AnomalyDINO: DINOv2 in bf16 and its nearest-neighbour search in bf16 (the bank's bf16
+    copy; distances of the chosen neighbours refined in float32)."""
+    rng = np.random.default_rng(3)
+
+    def u8(a):
+        return (np.round(np.clip(a, 0, 1) * 255) / 255).astype(np.float32)
+
+    refs = [u8(image + 0.05 * rng.standard_normal(image.shape)) for _ in range(3)]
+    tests = [u8(image), u8(image + 0.3 * (rng.random(image.shape) > 0.97))]
+    a, b = (s.anomaly_batch(tests, preset="anomalydino", reference=refs) for s in segs)
+    for x, y in zip(a, b):
+        assert y.anomaly_map.dtype == np.float32
+        top = float(np.abs(x.anomaly_map).max())
+        assert np.abs(x.anomaly_map - y.anomaly_map).max() < TOL["fewshot_map_rel"] * top
+        assert abs(x.score - y.score) < TOL["fewshot_score_rel"] * abs(x.score)
+
+
+def test_bf16_sam_proposals_from_the_bf16_decoder(segs):
+    """hybridgl+'s proposals: the same float32 image embedding decoded by SAM's float32
+    decoder and by the bf16 one (random tiny SAM: its logits are noise around the threshold,
+    the hardest case for agreement)."""
+    from dataclasses import replace
+
+    from zsdense.config import REFER_PRESETS, with_overrides
+
+    cfg = with_overrides(
+        REFER_PRESETS["hybridgl+"], pred_iou_thresh=-1e9, stability_score_thresh=-1e9
+    )
+    rng = np.random.default_rng(0)
+    img = (np.kron(rng.random((6, 8, 3)), np.ones((16, 16, 1))) * 255).astype(np.uint8)
+    s32, s16 = (s.sam("vit_b") for s in segs)
+    st = s32.encode(img)
+    every = dict(box_nms_thresh=1.0, min_mask_region_area=0)
+    with segs[0].autocast():
+        a = s32.proposals(st, cfg, **every)
+    with segs[1].autocast():
+        b = s16.proposals(replace(st), cfg, **every)
+    assert a.masks.shape == b.masks.shape and a.masks.shape[0] > 1
+    assert (a.iou_preds - b.iou_preds).abs().max() < TOL["proposal_iou_pred"]
+    agree = (a.masks == b.masks).flatten(1).float().mean(dim=1)
+    assert agree.mean() > TOL["proposal_pixels_mean"]
+    assert agree.median() > TOL["proposal_pixels_median"]
+    assert not torch.equal(a.iou_preds, b.iou_preds)  # bf16 really ran

@@ -37,7 +37,7 @@ def valid_token_index(valid_hw: tuple[int, int], grid_hw: tuple[int, int]) -> to
 
 
 def _weights_rows(
-    attn_rows: torch.Tensor,  # (H, r, N)
+    attn_rows: torch.Tensor,  # (H, r, N), any float dtype (read by the float32 product)
     cos_rows: torch.Tensor,  # (H, r, N), overwritten (used as the mask buffer)
     cos_fac: float,
     refine_neg_cos: bool,
@@ -94,7 +94,9 @@ def sam_aggregation(
         else:
             a = attn5[:, r0 // ws : r1 // ws, :ws, :hs, :ws].reshape(heads, r1 - r0, n)
         cos = vn[:, r0:r1] @ vn.transpose(1, 2)  # (H, r, N)
-        w = _weights_rows(a.float(), cos, cos_fac, refine_neg_cos, tau_cap, neg_tau_value)
+        # the attention as stored (bf16 in reduced precision): the in-place float32 product
+        # in _weights_rows reads it directly, exactly as a float32 copy would (no copy)
+        w = _weights_rows(a, cos, cos_fac, refine_neg_cos, tau_cap, neg_tau_value)
         outs.append(w @ tokens)
         if return_weights:
             ws_.append(w)

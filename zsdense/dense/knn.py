@@ -14,10 +14,26 @@ the ``fast`` extra) is importable, ``backend="faiss"`` runs the same exact searc
 ``IndexFlatL2``: the same neighbours (up to exact ties), and with the default ``refine`` the
 returned distances are recomputed from those neighbours by the same code, so they are
 identical too.
+
+**Reduced precision.** Inside an enabled bf16 autocast region (the runtime's ``autocast()`` at
+``--precision bf16``, or ``auto`` on a machine with native bf16) and when the memory rows are
+L2-normalised (the ``L2_normalized`` metric), the torch search runs its distance products in
+bf16 (``dtype="autocast"``, the default; ``dtype=torch.float32`` forces the exact search): the
+queries and a bf16 copy of each memory block (cached per block, kept while the block lives and
+is unchanged) go through the same blocked ``addmm``, which for unit rows computes the squared
+distance itself (``|m|² + 1 − 2 q·m``), so the neighbours are chosen on distances rounded to
+bf16's relative precision (2⁻⁹); with ``refine`` (the default) the returned distances are then
+recomputed in float32 against the float32 memory. Measured (``bench/bench_fewshot.py``-sized
+search, 1344 queries × 21,504 rows × 384, one thread): 1.9–2.0× faster than float32 on an AMD
+EPYC with avx512_bf16; 95 % of the neighbours identical, refined distances within 0.5 % (the
+neighbour chosen instead is that close to the nearest). Raw features
+(``L2``: |m|² in the hundreds, where bf16 cannot rank) always search in float32.
 """
 
 from __future__ import annotations
 
+import threading
+import weakref
 from typing import Sequence
 
 import torch
@@ -32,6 +48,51 @@ BACKENDS = ("auto", "torch", "faiss")
 # against 0.89 s).
 DEFAULT_BUDGET_MB = 4
 DEFAULT_BUDGET_BYTES = DEFAULT_BUDGET_MB * 2**20
+
+
+# Memory rows must have |m|² within this of 1 for the reduced-precision search (normalised rows).
+REDUCED_NORM_TOL = 1e-3
+REDUCED_DTYPES = (torch.bfloat16,)
+
+
+def search_dtype(dtype, device: torch.device) -> torch.dtype:
+    """The precision of the distance products: ``dtype`` as given, or for ``"autocast"`` the
+    enabled autocast dtype on ``device`` when it is one of ``REDUCED_DTYPES`` (bf16), else
+    float32."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in (None, "autocast"):
+        raise ConfigError(f"knn dtype must be a torch dtype or 'autocast', not {dtype!r}")
+    if dtype is None:
+        return torch.float32
+    kind = torch.device(device).type
+    try:
+        on = torch.is_autocast_enabled(kind)
+        at = torch.get_autocast_dtype(kind)
+    except (RuntimeError, TypeError, AttributeError):  # device types without autocast
+        return torch.float32
+    return at if on and at in REDUCED_DTYPES else torch.float32
+
+
+_CAST_LOCK = threading.Lock()
+_CAST_CACHE: dict[tuple[int, torch.dtype], tuple] = {}
+
+
+def _per_block(block: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the block in ``dtype``, its rows' |m|² in float32), computed once per block tensor and
+    dtype while the block lives and is not modified (a memory bank is searched by every test
+    image: its cast copy is made once)."""
+    key = (id(block), dtype)
+    with _CAST_LOCK:
+        hit = _CAST_CACHE.get(key)
+    if hit is not None and hit[0]() is block and hit[1] == block._version:
+        return hit[2], hit[3]
+    cast = block if block.dtype == dtype else block.to(dtype)
+    norms = torch.linalg.vector_norm(block.float(), dim=1).square_()
+    ref = weakref.ref(block, lambda _r, key=key: _CAST_CACHE.pop(key, None))
+    with _CAST_LOCK:
+        _CAST_CACHE[key] = (ref, block._version, cast, norms)
+    return cast, norms
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
@@ -76,6 +137,7 @@ def knn_search(
     budget_bytes: int = DEFAULT_BUDGET_BYTES,
     backend: str = "torch",
     refine: bool = True,
+    dtype: torch.dtype | str | None = "autocast",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` nearest memory rows of each query: (squared L2 (Q, k) ascending, index (Q, k)).
 
@@ -85,6 +147,9 @@ def knn_search(
     importable and the data is on the CPU, else torch). ``refine``: recompute the returned
     distances as ``sum((q − m)²)`` for the chosen rows (Q·k·D work): the expanded form loses
     digits when |q|² is large (raw, unnormalised features), the direct form does not.
+    ``dtype``: the precision of the torch search's distance products: ``"autocast"`` (bf16
+    inside an enabled bf16 autocast region when the memory rows are normalised, else float32;
+    see the module docstring), or a dtype (``torch.float32``: always exact; ``None`` = float32).
     """
     if backend not in BACKENDS:
         raise ConfigError(f"knn backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
@@ -103,10 +168,22 @@ def knn_search(
     if use_faiss:
         d, i = _knn_faiss(queries, blocks, k)
     else:
-        d, i = _knn_torch(queries, blocks, k, budget_bytes)
+        dt = search_dtype(dtype, blocks[0].device)
+        if dt != torch.float32 and not _normalised(blocks, dt):
+            dt = torch.float32  # raw features: bf16 cannot rank |m|² − 2q·m in the hundreds
+        d, i = _knn_torch(queries, blocks, k, budget_bytes, dt)
     if refine and d.numel():
         d = _exact_sq_dist(queries.to(d.device, torch.float32), blocks, i)
     return d, i
+
+
+def _normalised(blocks: list[torch.Tensor], dtype: torch.dtype) -> bool:
+    """True when every memory row has |m|² within ``REDUCED_NORM_TOL`` of 1."""
+    for b in blocks:
+        _cast, norms = _per_block(b, dtype)
+        if norms.numel() and float((norms - 1.0).abs().max()) > REDUCED_NORM_TOL:
+            return False
+    return True
 
 
 def _exact_sq_dist(
@@ -132,8 +209,32 @@ def _exact_sq_dist(
     return (diff * diff).sum(dim=1).reshape(q_n, k)
 
 
+def _merge_best(
+    best_d: torch.Tensor | None,
+    best_i: torch.Tensor | None,
+    dv: torch.Tensor,
+    di: torch.Tensor,
+    k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k smallest of the running best and one block's candidates (sorted, stable: earlier
+    memory rows win ties, as a linear scan would)."""
+    if best_d is None:
+        return dv, di
+    if k == 1:
+        better = dv < best_d  # strict: earlier rows win ties
+        return torch.where(better, dv, best_d), torch.where(better, di, best_i)
+    cat_d = torch.cat([best_d, dv], dim=1)
+    cat_i = torch.cat([best_i, di], dim=1)
+    order = torch.argsort(cat_d, dim=1, stable=True)[:, :k]
+    return torch.gather(cat_d, 1, order), torch.gather(cat_i, 1, order)
+
+
 def _knn_torch(
-    queries: torch.Tensor, blocks: list[torch.Tensor], k: int, budget_bytes: int
+    queries: torch.Tensor,
+    blocks: list[torch.Tensor],
+    k: int,
+    budget_bytes: int,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Streamed search: per (query chunk, memory step) one ``addmm`` into a reused buffer.
 
@@ -141,8 +242,11 @@ def _knn_torch(
     (``addmm`` copies the |m|² row into the output, then one GEMM accumulates onto it) and
     |q|² is added to the winners only: per step one GEMM plus one pass to take the minimum.
     (Folding |m|² into the GEMM as an extra column measured slower: the odd width costs more
-    than the copy it saves.)
+    than the copy it saves.) ``dtype``: the precision of the products and of the buffer
+    (float32: the exact path; bf16: the memory's cached bf16 copy, distances rounded to bf16).
     """
+    if dtype != torch.float32:
+        return _knn_torch_reduced(queries, blocks, k, budget_bytes, dtype)
     device = blocks[0].device
     q_all = queries.to(device=device, dtype=torch.float32)
     n_q = q_all.shape[0]
@@ -175,24 +279,83 @@ def _knn_torch(
                 else:
                     kk = min(k, d.shape[1])
                     dv, di = torch.topk(d, kk, dim=1, largest=False, sorted=True)
-                di = di + (offset + m0)
-                if best_d is None:
-                    best_d, best_i = dv, di
-                elif k == 1:
-                    better = dv < best_d  # strict: earlier rows win ties, as a linear scan
-                    best_d = torch.where(better, dv, best_d)
-                    best_i = torch.where(better, di, best_i)
-                else:
-                    cat_d = torch.cat([best_d, dv], dim=1)
-                    cat_i = torch.cat([best_i, di], dim=1)
-                    order = torch.argsort(cat_d, dim=1, stable=True)[:, :k]
-                    best_d = torch.gather(cat_d, 1, order)
-                    best_i = torch.gather(cat_i, 1, order)
+                best_d, best_i = _merge_best(best_d, best_i, dv, di + (offset + m0), k)
             offset += b.shape[0]
         qn = (q * q).sum(dim=1, keepdim=True)
         out_d[q0 : q0 + nq] = (best_d + qn).clamp_(min=0.0)
         out_i[q0 : q0 + nq] = best_i
     return out_d, out_i
+
+
+def _knn_torch_reduced(
+    queries: torch.Tensor,
+    blocks: list[torch.Tensor],
+    k: int,
+    budget_bytes: int,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_knn_torch` with the products in ``dtype`` (bf16) on the memory's cached cast
+    copy, for unit rows: the GEMM adds ``|m|² + 1`` (≈ 2) so that its bf16 output is the
+    squared distance itself (|q|² ≈ 1), rounded relative to its size rather than to 1; the
+    distances come back in float32 with bf16 rounding (refine them)."""
+    device = blocks[0].device
+    q_all = queries.to(device=device, dtype=dtype)
+    n_q = q_all.shape[0]
+    if n_q == 0:
+        return (
+            torch.zeros(0, k, dtype=torch.float32, device=device),
+            torch.zeros(0, k, dtype=torch.long, device=device),
+        )
+    cast = [_per_block(b, dtype) for b in blocks]
+    elems = max(1, int(budget_bytes) // q_all.element_size())
+    q_chunk = max(1, min(n_q, elems // 1024))
+    out_d = torch.empty(n_q, k, dtype=torch.float32, device=device)
+    out_i = torch.empty(n_q, k, dtype=torch.long, device=device)
+    norms = [(bn + 1.0).to(dtype) for _b, bn in cast]  # |m|² + 1 ≈ 2 for normalised rows
+    for q0 in range(0, n_q, q_chunk):
+        q = q_all[q0 : q0 + q_chunk]
+        nq = q.shape[0]
+        m_step = max(k, elems // nq)
+        buf = torch.empty(nq * m_step, dtype=dtype, device=device)
+        best_d: torch.Tensor | None = None
+        best_i: torch.Tensor | None = None
+        offset = 0
+        for (b, _bn), bn_all in zip(cast, norms):
+            for m0 in range(0, b.shape[0], m_step):
+                mb = b[m0 : m0 + m_step]
+                d = buf[: nq * mb.shape[0]].view(nq, mb.shape[0])
+                torch.addmm(bn_all[None, m0 : m0 + m_step], q, mb.T, alpha=-2.0, out=d)
+                if k == 1:
+                    dv, di = d.min(dim=1, keepdim=True)
+                else:
+                    dv, di = torch.topk(d, min(k, d.shape[1]), dim=1, largest=False, sorted=True)
+                best_d, best_i = _merge_best(best_d, best_i, dv.float(), di + (offset + m0), k)
+            offset += b.shape[0]
+        qf = q.float()
+        qn = (qf * qf).sum(dim=1, keepdim=True) - 1.0
+        out_d[q0 : q0 + nq] = (best_d + qn).clamp_(min=0.0)
+        out_i[q0 : q0 + nq] = best_i
+    return out_d, out_i
+
+
+def unit_similarity(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``a·bᵀ`` of unit rows in float32 (``dtype`` float32: the plain product), or in a reduced
+    ``dtype`` *shifted by −1*: ``a·bᵀ − 1`` with the −1 added inside the GEMM, so that the
+    similarities of close pairs (what nearest-neighbour scores take) come out near 0, where
+    bf16 keeps ~2⁻⁹ of their distance instead of 2⁻⁸ of 1. ``a`` and ``b`` must already be in
+    ``dtype``. Pair with :func:`unit_distance`."""
+    if dtype == torch.float32:
+        return a @ b.t()
+    shift = torch.full((1, 1), -1.0, dtype=dtype, device=a.device)
+    return torch.addmm(shift, a, b.t())
+
+
+def unit_distance(sim: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Euclidean distance of unit rows from :func:`unit_similarity`'s output (float32):
+    ``sqrt(max(2 − 2s, 0))``, or ``sqrt(max(−2t, 0))`` for the shifted ``t = s − 1``."""
+    if dtype == torch.float32:
+        return (2.0 - 2.0 * sim).clamp_min_(0.0).sqrt_()
+    return (sim.float() * -2.0).clamp_min_(0.0).sqrt_()
 
 
 def _knn_faiss(

@@ -90,73 +90,19 @@ def coco_for_task(
         if not isinstance(outs.get("mask"), str):
             continue
         arr = _read_png(out_dir / outs["mask"])
-        h, w = int(arr.shape[0]), int(arr.shape[1])
-        img_key = (str(rec.get("input")), str(rec.get("suffix") or ""))
-        if img_key not in image_ids:
-            image_ids[img_key] = len(images) + 1
-            entry = {
-                "id": image_ids[img_key],
-                "file_name": str(rec.get("rel") or rec.get("input")),
-                "width": w,
-                "height": h,
-                "zsdense_key": str(rec.get("item", rec.get("key"))).split("#")[0] + img_key[1],
-            }
-            if img_key[1]:
-                entry["frame"] = img_key[1].lstrip(".")
-            images.append(entry)
-        image_id = image_ids[img_key]
+        image_id = _image_id(rec, arr, image_ids, images)
         scores = _part(rec.get("scores"), name, multi)
-        stats_map = None
-        if isinstance(outs.get("map"), str) and kind == "anomaly":
-            try:
-                stats_map = read_map(out_dir / outs["map"])
-            except Exception:  # noqa: BLE001 - boxes and areas need only the mask
-                stats_map = None
         if kind == "anomaly":
-            mask = arr > 0
-            insts = mask_instances(mask, stats_map)
-            masks = instance_masks(mask, insts)
-            cats = [1] * len(insts)
+            insts, masks, cats = _anomaly_instances(out_dir, outs, arr)
         elif kind == "refer":
-            mask = arr > 0
-            insts = whole_mask_instance(mask, scores.get("score"))
-            masks = instance_masks(mask, insts, whole=True)
-            cats = [1] * len(insts)
+            insts, masks, cats = _refer_instances(arr, scores)
         else:
             res_meta = _part((rec.get("meta") or {}).get("result"), name, multi)
-            names = list(res_meta.get("class_names") or [])
-            for k, cname in enumerate(names):
-                categories.setdefault(cname, {"id": k + 1, "name": cname, "supercategory": ""})
-            probs = None
-            if isinstance(outs.get("map"), str):
-                try:
-                    probs = read_map(out_dir / outs["map"])
-                except Exception:  # noqa: BLE001
-                    probs = None
-            if probs is not None and (probs.ndim != 3 or probs.shape[1:] != arr.shape):
-                probs = None
-            skip_idx = [k for k, c in enumerate(names) if c.lower() in skipped]
-            insts = label_map_instances(arr, names, probs, skip=skip_idx)
-            masks = instance_masks(arr, insts)
-            cats = [int(i["class_index"]) + 1 for i in insts]
+            insts, masks, cats = _openvocab_instances(
+                out_dir, outs, arr, res_meta, categories, skipped
+            )
         for inst, m, cat in zip(insts, masks, cats):
-            ann: dict[str, Any] = {
-                "id": len(anns) + 1,
-                "image_id": image_id,
-                "category_id": cat,
-                "segmentation": mask_to_rle(m),
-                "area": int(inst["area"]),
-                "bbox": [float(v) for v in inst["box_xywh"]],
-                "iscrowd": 0,
-            }
-            if "score_max" in inst:
-                ann["score"] = float(inst["score_max"])
-                ann["score_mean"] = float(inst["score_mean"])
-            if kind == "refer":
-                ann["text"] = scores.get("text")
-                if scores.get("id") is not None:
-                    ann["query_id"] = scores["id"]
-            anns.append(ann)
+            anns.append(_annotation(len(anns) + 1, image_id, cat, inst, m, kind, scores))
     return {
         "info": {
             "description": f"zsdense {kind} results of {out_dir}",
@@ -170,6 +116,93 @@ def coco_for_task(
         "categories": sorted(categories.values(), key=lambda c: c["id"]),
         "annotations": anns,
     }
+
+
+def _image_id(rec: dict, arr: np.ndarray, image_ids: dict[tuple, int], images: list[dict]) -> int:
+    """The COCO image id of the record's input (file and frame/slice), added on first sight."""
+    img_key = (str(rec.get("input")), str(rec.get("suffix") or ""))
+    if img_key not in image_ids:
+        image_ids[img_key] = len(images) + 1
+        entry = {
+            "id": image_ids[img_key],
+            "file_name": str(rec.get("rel") or rec.get("input")),
+            "width": int(arr.shape[1]),
+            "height": int(arr.shape[0]),
+            "zsdense_key": str(rec.get("item", rec.get("key"))).split("#")[0] + img_key[1],
+        }
+        if img_key[1]:
+            entry["frame"] = img_key[1].lstrip(".")
+        images.append(entry)
+    return image_ids[img_key]
+
+
+def _saved_map(out_dir: Path, outs: dict) -> np.ndarray | None:
+    """The float map the record saved, if any and readable (boxes and areas need only the
+    mask)."""
+    if not isinstance(outs.get("map"), str):
+        return None
+    try:
+        return read_map(out_dir / outs["map"])
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _anomaly_instances(out_dir: Path, outs: dict, arr: np.ndarray) -> tuple[list, list, list]:
+    """One instance per defect (connected component), scored by the map when saved."""
+    mask = arr > 0
+    insts = mask_instances(mask, _saved_map(out_dir, outs))
+    return insts, instance_masks(mask, insts), [1] * len(insts)
+
+
+def _refer_instances(arr: np.ndarray, scores: dict) -> tuple[list, list, list]:
+    """The whole mask as one instance, with the result's score."""
+    mask = arr > 0
+    insts = whole_mask_instance(mask, scores.get("score"))
+    return insts, instance_masks(mask, insts, whole=True), [1] * len(insts)
+
+
+def _openvocab_instances(
+    out_dir: Path,
+    outs: dict,
+    arr: np.ndarray,
+    res_meta: dict,
+    categories: dict[str, dict],
+    skipped: set[str],
+) -> tuple[list, list, list]:
+    """One instance per connected region of each class not ``skipped`` (the class names join
+    ``categories``), with the class probability statistics when the run saved them."""
+    names = list(res_meta.get("class_names") or [])
+    for k, cname in enumerate(names):
+        categories.setdefault(cname, {"id": k + 1, "name": cname, "supercategory": ""})
+    probs = _saved_map(out_dir, outs)
+    if probs is not None and (probs.ndim != 3 or probs.shape[1:] != arr.shape):
+        probs = None
+    skip_idx = [k for k, c in enumerate(names) if c.lower() in skipped]
+    insts = label_map_instances(arr, names, probs, skip=skip_idx)
+    return insts, instance_masks(arr, insts), [int(i["class_index"]) + 1 for i in insts]
+
+
+def _annotation(
+    ann_id: int, image_id: int, cat: int, inst: dict, m: np.ndarray, kind: str, scores: dict
+) -> dict[str, Any]:
+    """One COCO annotation: RLE, area, box, and the scores (the text for referring)."""
+    ann: dict[str, Any] = {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": cat,
+        "segmentation": mask_to_rle(m),
+        "area": int(inst["area"]),
+        "bbox": [float(v) for v in inst["box_xywh"]],
+        "iscrowd": 0,
+    }
+    if "score_max" in inst:
+        ann["score"] = float(inst["score_max"])
+        ann["score_mean"] = float(inst["score_mean"])
+    if kind == "refer":
+        ann["text"] = scores.get("text")
+        if scores.get("id") is not None:
+            ann["query_id"] = scores["id"]
+    return ann
 
 
 def export_coco(
@@ -203,8 +236,10 @@ def export_coco(
     written = []
     for name in names:
         coco = coco_for_task(out_dir, records, name, tasks[name], multi, skip)
-        path = Path(to) if to is not None else out_dir / (
-            f"instances_coco.{name}.json" if multi else "instances_coco.json"
+        path = (
+            Path(to)
+            if to is not None
+            else out_dir / (f"instances_coco.{name}.json" if multi else "instances_coco.json")
         )
         written.append(write_json(path, coco, indent=None))
     return written

@@ -155,16 +155,7 @@ def render_report(
     saved maps (through the view cache); ``settings`` (``run_settings.json``) names the tasks
     and the decisions' origin."""
     recs = list(records)
-    sections = ""
-    if out_dir is not None:
-        names = report_decide.anomaly_task_names(recs, settings)
-        multi = len((settings or {}).get("tasks") or {}) > 1 or names not in ([], [None])
-        sections = "".join(
-            report_decide.render_decide_section(
-                recs, Path(out_dir), name, sx, settings=settings, multi=multi and name is not None
-            )
-            for sx, name in enumerate(names)
-        )
+    sections = _decide_sections(recs, out_dir, settings) if out_dir is not None else ""
     recs.sort(key=lambda r: 0 if r.get("status") != "ok" else 1)  # stable: failures first
     score_cols: list[str] = []
     flat = []
@@ -174,19 +165,11 @@ def render_report(
         for k in f:
             if k not in score_cols:
                 score_cols.append(k)
-    n_ok = sum(r.get("status") == "ok" for r in recs)
-    n_skip = sum(r.get("status") == "skipped" for r in recs)
-    n_err = len(recs) - n_ok - n_skip
-    n_fallback = sum(bool(r.get("fallback")) for r in recs)
     esc = html.escape
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'>",
         f"<title>{esc(title)}</title><style>{_STYLE}{report_decide.STYLE}</style></head><body>",
-        f"<h1>{esc(title)}</h1><p class='summary'><span>{len(recs)} images</span>"
-        f"<span>{n_ok} ok</span><span>{n_err} failed</span>"
-        + (f"<span>{n_fallback} fallbacks (not answers)</span>" if n_fallback else "")
-        + (f"<span>{n_skip} not processed</span>" if n_skip else "")
-        + f"<span>written {esc(time.strftime('%Y-%m-%d %H:%M:%S'))}</span></p>",
+        _summary_line(recs, title),
         (
             f"<p class='banner'>{esc(RANDOM_WEIGHTS_BANNER)}</p>"
             if any(_random_weights(r) for r in recs)
@@ -199,35 +182,67 @@ def render_report(
     ]
     parts += [f"<th>{esc(c)}</th>" for c in score_cols]
     parts.append("<th>error / warnings</th></tr></thead><tbody>")
-    for i, (r, f) in enumerate(zip(recs, flat)):
-        ok = r.get("status") == "ok"
-        cls = "" if ok else " class='error'"
-        thumbs = "".join(
-            ("<figure class='thumb'>" if task else "")
-            + f"<a href='{_href(p)}'><img loading='lazy' src='{_href(p)}' alt='overlay'></a>"
-            + (f"<figcaption>{esc(task)}</figcaption></figure>" if task else "")
-            for task, p in _overlays(r.get("outputs", {}))
-        )
-        row = [
-            f"<tr{cls}><td class='num' data-v='{i}'>{i + 1}</td>",
-            f"<td>{esc(str(r.get('status', '?')) + (' (fallback)' if r.get('fallback') else ''))}"
-            "</td>",
-            f"<td>{esc(str(r.get('key', r.get('input', ''))))}</td><td>{thumbs}</td>",
-        ]
-        for c in score_cols:
-            v = f.get(c, "")
-            if isinstance(v, float):
-                row.append(f"<td class='num' data-v='{v!r}'>{v:.4g}</td>")
-            else:
-                row.append(f"<td data-v='{esc(str(v))}'>{esc(str(v))}</td>")
-        warn = r.get("meta", {}).get("image", {}).get("warnings", []) if ok else []
-        warn = ([r["fallback_reason"]] if r.get("fallback_reason") else []) + list(warn or [])
-        msg = r.get("error") or r.get("reason") or "; ".join(str(w) for w in warn)
-        row.append(f"<td class='err'>{esc(str(msg or ''))}</td></tr>")
-        parts.append("".join(row))
+    parts += [_record_row(i, r, f, score_cols) for i, (r, f) in enumerate(zip(recs, flat))]
     script = _SCRIPT + (report_decide.SCRIPT if sections else "")
     parts.append(f"</tbody></table><script>{script}</script></body></html>\n")
     return "".join(parts)
+
+
+def _decide_sections(recs: list[dict], out_dir: str | Path, settings: dict | None) -> str:
+    """The decide section of each anomaly task of the run ("" when none)."""
+    names = report_decide.anomaly_task_names(recs, settings)
+    multi = len((settings or {}).get("tasks") or {}) > 1 or names not in ([], [None])
+    return "".join(
+        report_decide.render_decide_section(
+            recs, Path(out_dir), name, sx, settings=settings, multi=multi and name is not None
+        )
+        for sx, name in enumerate(names)
+    )
+
+
+def _summary_line(recs: list[dict], title: str) -> str:
+    """The title and the counts: images, ok, failed, fallbacks, not processed."""
+    esc = html.escape
+    n_ok = sum(r.get("status") == "ok" for r in recs)
+    n_skip = sum(r.get("status") == "skipped" for r in recs)
+    n_err = len(recs) - n_ok - n_skip
+    n_fallback = sum(bool(r.get("fallback")) for r in recs)
+    return (
+        f"<h1>{esc(title)}</h1><p class='summary'><span>{len(recs)} images</span>"
+        f"<span>{n_ok} ok</span><span>{n_err} failed</span>"
+        + (f"<span>{n_fallback} fallbacks (not answers)</span>" if n_fallback else "")
+        + (f"<span>{n_skip} not processed</span>" if n_skip else "")
+        + f"<span>written {esc(time.strftime('%Y-%m-%d %H:%M:%S'))}</span></p>"
+    )
+
+
+def _record_row(i: int, r: dict, f: dict, score_cols: list[str]) -> str:
+    """One record's table row: number, status, input, overlay thumbnails, scores, messages."""
+    esc = html.escape
+    ok = r.get("status") == "ok"
+    cls = "" if ok else " class='error'"
+    thumbs = "".join(
+        ("<figure class='thumb'>" if task else "")
+        + f"<a href='{_href(p)}'><img loading='lazy' src='{_href(p)}' alt='overlay'></a>"
+        + (f"<figcaption>{esc(task)}</figcaption></figure>" if task else "")
+        for task, p in _overlays(r.get("outputs", {}))
+    )
+    row = [
+        f"<tr{cls}><td class='num' data-v='{i}'>{i + 1}</td>",
+        f"<td>{esc(str(r.get('status', '?')) + (' (fallback)' if r.get('fallback') else ''))}</td>",
+        f"<td>{esc(str(r.get('key', r.get('input', ''))))}</td><td>{thumbs}</td>",
+    ]
+    for c in score_cols:
+        v = f.get(c, "")
+        if isinstance(v, float):
+            row.append(f"<td class='num' data-v='{v!r}'>{v:.4g}</td>")
+        else:
+            row.append(f"<td data-v='{esc(str(v))}'>{esc(str(v))}</td>")
+    warn = r.get("meta", {}).get("image", {}).get("warnings", []) if ok else []
+    warn = ([r["fallback_reason"]] if r.get("fallback_reason") else []) + list(warn or [])
+    msg = r.get("error") or r.get("reason") or "; ".join(str(w) for w in warn)
+    row.append(f"<td class='err'>{esc(str(msg or ''))}</td></tr>")
+    return "".join(row)
 
 
 def write_report(out_dir: str | Path, title: str | None = None) -> Path:

@@ -243,25 +243,75 @@ def render_decide_section(
     multi: bool = False,
 ) -> str:
     """The HTML of one anomaly task's section (empty when no record has a saved map)."""
-    esc = html.escape
-    rows = []
-    for r in records:
-        if r.get("status") != "ok":
-            continue
-        scores = _task_part(r.get("scores"), task if multi else None)
-        outs = _task_part(r.get("outputs"), task if multi else None)
-        if "threshold" not in scores:
-            continue
-        rows.append((r, scores, outs))
+    part_of = task if multi else None
+    rows = _decided_rows(records, part_of)
     if not rows:
         return ""
     thr = _f(rows[0][1].get("threshold"))
     ithr = _f(rows[0][1].get("image_threshold"))
-    meta = _task_part((rows[0][0].get("meta") or {}).get("result"), task if multi else None)
-    with_maps = [x for x in rows if isinstance(x[2].get("map"), str)]
+    meta = _task_part((rows[0][0].get("meta") or {}).get("result"), part_of)
     title = f"Decide: anomaly task {task}" if task else "Decide: anomaly threshold"
-    parts = [f"<section class='decide' id='decide{sx}'><h2>{esc(title)}</h2>"]
-    # the decision in force and where it came from
+    parts = [f"<section class='decide' id='decide{sx}'><h2>{html.escape(title)}</h2>"]
+    parts.append(_decision_in_force(rows, meta, thr, ithr, task, settings))
+    hist, geo = _histogram_block(rows, ithr, sx)
+    parts.append(hist)
+    with_maps = [x for x in rows if isinstance(x[2].get("map"), str)]
+    if not with_maps:
+        parts.append(
+            "<p>This run kept no float maps (<code>--format none</code>): the threshold slider "
+            "and <code>zsdense decide</code> need them. Run again with <code>--format tiff"
+            "</code> to choose thresholds here.</p></section>"
+        )
+        return "".join(parts)
+    images, pics, cards, (lo_all, hi_all) = _page_images(out_dir, with_maps, part_of, sx)
+    if not images:
+        parts.append("<p>The saved maps could not be read.</p></section>")
+        return "".join(parts)
+    svals = [e["s"] for e in images if e["s"] is not None] or [0.0, 1.0]
+    smin, smax = min(svals), max(svals)
+    t0 = thr if thr is not None else lo_all
+    data = {
+        "sx": sx,
+        "out": shlex.quote(str(Path(out_dir).resolve())),
+        "task": task if (multi and task) else None,
+        "images": images,
+        "pics": pics,
+        "hasIthr": ithr is not None,
+        "thr0": t0,
+        "ithr0": ithr,
+        "nCounts": len(images),
+        **geo,
+    }
+    parts.append(_controls(sx, (min(lo_all, t0), max(hi_all, t0)), t0, ithr, (smin, smax)))
+    parts.append(_counting_note(sx, len(with_maps), len(images), len(pics)))
+    parts.append("<div class='cards'>" + "".join(cards) + "</div>")
+    payload = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
+    parts.append(
+        f"<script type='application/json' class='zs-decide-data' id='data{sx}'>{payload}"
+        "</script></section>"
+    )
+    return "".join(parts)
+
+
+def _decided_rows(records: list[dict], part_of: str | None) -> list[tuple[dict, dict, dict]]:
+    """(record, its task's scores, its task's outputs) of the ok records with a decision."""
+    rows = []
+    for r in records:
+        if r.get("status") != "ok":
+            continue
+        scores = _task_part(r.get("scores"), part_of)
+        outs = _task_part(r.get("outputs"), part_of)
+        if "threshold" not in scores:
+            continue
+        rows.append((r, scores, outs))
+    return rows
+
+
+def _decision_in_force(
+    rows: list, meta: dict, thr: float | None, ithr: float | None, task: str | None, settings
+) -> str:
+    """The decision in force and where it came from (calibration, an earlier decide)."""
+    esc = html.escape
     calib = meta.get("calibration") or {}
     tset = ((settings or {}).get("tasks") or {}).get(task or "", None)
     if tset is None and settings and len(settings.get("tasks") or {}) == 1:
@@ -291,8 +341,11 @@ def render_decide_section(
         )
     if meta.get("threshold_note"):
         lines.append(esc(str(meta["threshold_note"])))
-    parts.append("<p class='calib'>" + "<br>".join(lines) + "</p>")
+    return "<p class='calib'>" + "<br>".join(lines) + "</p>"
 
+
+def _histogram_block(rows: list, ithr: float | None, sx: int) -> tuple[str, dict]:
+    """The score histogram with its legend ("" without scores), and its geometry."""
     labelled = [_is_good_path(str(r.get("rel") or r.get("key"))) for r, _s, _o in rows]
     known = any(labelled) and not all(labelled)
     hist_in = [
@@ -301,25 +354,24 @@ def render_decide_section(
         if _f(s.get("score")) is not None
     ]
     geo: dict = {"hx0": 0, "hw": 1, "smin": 0.0, "smax": 1.0}
-    if hist_in:
-        svg, geo = _svg_histogram(hist_in, ithr, sx)
-        legend = (
-            "<span style='color:#2a8'>&#9632; images under a good/ folder</span> "
-            "<span style='color:#d33'>&#9632; other images</span>"
-            if known
-            else "<span style='color:#888'>&#9632; images</span> (no good/ folder: no split)"
-        )
-        parts.append(f"<div>{svg}<br>{legend}; dashed line: image threshold</div>")
+    if not hist_in:
+        return "", geo
+    svg, geo = _svg_histogram(hist_in, ithr, sx)
+    legend = (
+        "<span style='color:#2a8'>&#9632; images under a good/ folder</span> "
+        "<span style='color:#d33'>&#9632; other images</span>"
+        if known
+        else "<span style='color:#888'>&#9632; images</span> (no good/ folder: no split)"
+    )
+    return f"<div>{svg}<br>{legend}; dashed line: image threshold</div>", geo
 
-    if not with_maps:
-        parts.append(
-            "<p>This run kept no float maps (<code>--format none</code>): the threshold slider "
-            "and <code>zsdense decide</code> need them. Run again with <code>--format tiff"
-            "</code> to choose thresholds here.</p></section>"
-        )
-        return "".join(parts)
 
-    # data for the page: counts for up to MAX_COUNTS images, pictures for up to MAX_PICTURES
+def _page_images(
+    out_dir: Path, with_maps: list, part_of: str | None, sx: int
+) -> tuple[list[dict], list[dict], list[str], tuple[float, float]]:
+    """The page's data: counts for up to MAX_COUNTS images (highest scores first), pictures
+    and cards (highest scores first) for up to MAX_PICTURES; and the range of every counted
+    map."""
     by_score = sorted(
         range(len(with_maps)), key=lambda i: -(_f(with_maps[i][1].get("score")) or -math.inf)
     )
@@ -330,7 +382,7 @@ def render_decide_section(
     for i, (r, s, o) in enumerate(with_maps):
         if i not in counted:
             continue
-        view = load_view(out_dir, r, task if multi else None, o["map"])
+        view = load_view(out_dir, r, part_of, o["map"])
         if view is None:
             continue
         lo_all, hi_all = min(lo_all, view["lo"]), max(hi_all, view["hi"])
@@ -343,61 +395,50 @@ def render_decide_section(
             "hist": view["hist"],
             "p": -1,
         }
-        idx = len(images)
         if i in pictured:
             entry["p"] = len(pics)
             pics.append({"w": view["w"], "h": view["h"], "map": view["map"]})
-            orig = (
-                f"<img class='orig' alt='original' src='data:image/jpeg;base64,{view['orig']}'>"
-                if view.get("orig")
-                else "<div>(input not readable)</div>"
-            )
-            cards.append(
-                (
-                    -(entry["s"] or 0.0),
-                    f"<div class='card' id='card{sx}-{idx}'><div class='key'>{esc(entry['k'])}"
-                    f"</div><div>score {entry['s']:.4g} | label <span class='lab'>-</span> | "
-                    f"mask <span class='px'>-</span> px (<span class='area'>-</span>%)</div>"
-                    "<div class='pics'>"
-                    f"<figure>{orig}<figcaption>original</figcaption></figure>"
-                    "<figure><canvas class='map'></canvas><figcaption>map</figcaption></figure>"
-                    "<figure><canvas class='mask'></canvas><figcaption>mask</figcaption></figure>"
-                    "<figure><canvas class='ovl'></canvas><figcaption>overlay</figcaption>"
-                    "</figure></div></div>",
-                )
-            )
+            cards.append((-(entry["s"] or 0.0), _card(sx, len(images), entry, view)))
         images.append(entry)
-    if not images:
-        parts.append("<p>The saved maps could not be read.</p></section>")
-        return "".join(parts)
     cards.sort(key=lambda c: c[0])
-    svals = [e["s"] for e in images if e["s"] is not None] or [0.0, 1.0]
-    smin, smax = min(svals), max(svals)
-    t0 = thr if thr is not None else lo_all
-    pmin, pmax, pstep = _slider_grid(min(lo_all, t0), max(hi_all, t0))
+    return images, pics, [c[1] for c in cards], (lo_all, hi_all)
+
+
+def _card(sx: int, idx: int, entry: dict, view: dict) -> str:
+    """One image's card: original | map | mask | overlay (the canvases drawn by the page)."""
+    esc = html.escape
+    orig = (
+        f"<img class='orig' alt='original' src='data:image/jpeg;base64,{view['orig']}'>"
+        if view.get("orig")
+        else "<div>(input not readable)</div>"
+    )
+    return (
+        f"<div class='card' id='card{sx}-{idx}'><div class='key'>{esc(entry['k'])}"
+        f"</div><div>score {entry['s']:.4g} | label <span class='lab'>-</span> | "
+        f"mask <span class='px'>-</span> px (<span class='area'>-</span>%)</div>"
+        "<div class='pics'>"
+        f"<figure>{orig}<figcaption>original</figcaption></figure>"
+        "<figure><canvas class='map'></canvas><figcaption>map</figcaption></figure>"
+        "<figure><canvas class='mask'></canvas><figcaption>mask</figcaption></figure>"
+        "<figure><canvas class='ovl'></canvas><figcaption>overlay</figcaption>"
+        "</figure></div></div>"
+    )
+
+
+def _controls(
+    sx: int,
+    pixel_range: tuple[float, float],
+    t0: float,
+    ithr: float | None,
+    score_range: tuple[float, float],
+) -> str:
+    """The pixel and image threshold sliders."""
+    smin, smax = score_range
+    pmin, pmax, pstep = _slider_grid(*pixel_range)
     imin, imax, istep = _slider_grid(
         min(smin, ithr if ithr is not None else smin), max(smax, ithr if ithr is not None else smax)
     )
-    multi_anomaly = bool(multi and task)
-    data = {
-        "sx": sx,
-        "out": shlex.quote(str(Path(out_dir).resolve())),
-        "task": task if multi_anomaly else None,
-        "images": images,
-        "pics": pics,
-        "hasIthr": ithr is not None,
-        "thr0": t0,
-        "ithr0": ithr,
-        "nCounts": len(images),
-        **geo,
-    }
-    left = len(with_maps) - len(images)
-    notes = []
-    if left:
-        notes.append(f"{left} image(s) beyond the first {MAX_COUNTS} are not counted here")
-    if len(pics) < len(images):
-        notes.append(f"pictures for the {len(pics)} highest scores of {len(images)}")
-    parts.append(
+    return (
         "<div class='ctl'><label>pixel threshold "
         f"<input type='range' id='thr{sx}' min='{pmin}' max='{pmax}' "
         f"step='{pstep}' value='{t0!r}'></label> <b id='thrv{sx}'></b></div>"
@@ -405,17 +446,23 @@ def render_decide_section(
         f"<input type='range' id='ithr{sx}' min='{imin}' max='{imax}' "
         f"step='{istep}' value='{(ithr if ithr is not None else smax)!r}'></label> "
         f"<b id='ithrv{sx}'></b></div>"
+    )
+
+
+def _counting_note(sx: int, n_maps: int, n_counted: int, n_pictured: int) -> str:
+    """How the counts are made and what is left out; the command the sliders fill in."""
+    notes = []
+    if n_maps - n_counted:
+        notes.append(
+            f"{n_maps - n_counted} image(s) beyond the first {MAX_COUNTS} are not counted here"
+        )
+    if n_pictured < n_counted:
+        notes.append(f"pictures for the {n_pictured} highest scores of {n_counted}")
+    return (
         f"<p><span id='tot{sx}'></span>. Mask pixel counts are at full resolution from an 8-bit "
         f"histogram of each map ({CODES} levels over its range: exact up to pixels within half "
         "a level of the threshold); pictures at reduced size. "
-        + esc("; ".join(notes))
+        + html.escape("; ".join(notes))
         + "</p><p>Apply the chosen values to the run's files:</p>"
         f"<code class='cmd' id='cmd{sx}'></code>"
     )
-    parts.append("<div class='cards'>" + "".join(c[1] for c in cards) + "</div>")
-    payload = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
-    parts.append(
-        f"<script type='application/json' class='zs-decide-data' id='data{sx}'>{payload}"
-        "</script></section>"
-    )
-    return "".join(parts)

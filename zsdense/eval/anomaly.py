@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -30,17 +30,18 @@ from PIL import Image
 from zsdense import metrics as M
 from zsdense.config import ANOMALY_PRESETS
 from zsdense.engine.local import load_records
-from zsdense.engine.specs import TaskSpec, build_task_spec
+from zsdense.engine.specs import TaskSpec
 from zsdense.errors import ConfigError
 from zsdense.eval.common import (
+    Evaluation,
     Log,
     MetricTable,
+    RunOptions,
+    check_preset,
     mean_row,
-    predict,
-    prepare_predictions,
-    random_weights_warning,
+    preset_head,
     rel_key,
-    stderr_log,
+    runtime_settings,
 )
 from zsdense.eval.datasets import (
     AnomalySample,
@@ -55,6 +56,9 @@ from zsdense.io.writers import write_map_npy
 from zsdense.runtime import runtime_of
 from zsdense.tasks.anomaly_registry import scorer_for
 from zsdense.tasks.fewshot import select_references
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = [
     "EVAL_SIZE",
@@ -153,17 +157,7 @@ def _category_metrics(
     }
     if not preds:
         return row, False
-    labels = [p.sample.label for p in preds]
-    scores = [p.score for p in preds]
-    f1_img, thr_img = M.f1_max_threshold(labels, scores)
-    seen["thresholds"] = {"image_threshold": thr_img, "image_f1_max": f1_img}
-    seen["curves"] = {
-        "image_roc": M.roc_curve(labels, scores),
-        "image_pr": M.pr_curve(labels, scores),
-    }
-    if wanted & IMAGE_METRICS:
-        got = M.image_metrics(labels, scores)
-        row.update({k: v for k, v in got.items() if k in wanted})
+    row.update(_image_metrics(preds, wanted, seen))
     if not wanted & PIXEL_METRICS:
         return row, False
     anomalous = [p for p in preds if p.sample.label == 1]
@@ -176,38 +170,69 @@ def _category_metrics(
             "mask: left out of the pixel metrics"
         )
     row["n_pixel_images"] = len(pix)
+    pm = (
+        _pixel_metrics_exact(pix, size, seen)
+        if exact
+        else _pixel_metrics(pix, size, bins, wanted, seen)
+    )
+    row.update({k: v for k, v in pm.items() if k in wanted})
+    return row, False
 
-    def pairs():
-        for p in pix:
-            amap = np.load(p.map_path)
-            if p.sample.mask_path:
-                mask = resize_mask(load_anomaly_mask(p.sample), size)
-            else:
-                mask = np.zeros((size, size), dtype=bool)
-            yield amap, mask
 
-    if exact:  # in memory: every map of the category at once
-        maps, masks = zip(*pairs())
-        pm = M.pixel_metrics(np.stack(masks), np.stack(maps))
-        row.update({k: v for k, v in pm.items() if k in wanted})
-        f1_pix, thr_pix = M.f1_max_threshold(np.stack(masks), np.stack(maps))
-        seen["thresholds"].update(threshold=thr_pix, pixel_f1_max=f1_pix)
-        fpr, pro = M.pro_curve_mvtec(np.stack(masks), np.stack(maps))
-        seen["curves"].update(
-            pixel_roc=M.roc_curve(np.stack(masks), np.stack(maps)),
-            pixel_pr=M.pr_curve(np.stack(masks), np.stack(maps)),
-            pro=(fpr, pro),
-        )
-        return row, False
+def _image_metrics(preds: list[_Pred], wanted: set[str], seen: dict) -> dict[str, Any]:
+    """The wanted image metrics; the image F1-optimal threshold and curves into ``seen``."""
+    labels = [p.sample.label for p in preds]
+    scores = [p.score for p in preds]
+    f1_img, thr_img = M.f1_max_threshold(labels, scores)
+    seen["thresholds"] = {"image_threshold": thr_img, "image_f1_max": f1_img}
+    seen["curves"] = {
+        "image_roc": M.roc_curve(labels, scores),
+        "image_pr": M.pr_curve(labels, scores),
+    }
+    if not wanted & IMAGE_METRICS:
+        return {}
+    return {k: v for k, v in M.image_metrics(labels, scores).items() if k in wanted}
+
+
+def _map_mask_pairs(pix: list[_Pred], size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(stored map, ground-truth mask at ``size``) of each image, one at a time."""
+    for p in pix:
+        amap = np.load(p.map_path)
+        if p.sample.mask_path:
+            mask = resize_mask(load_anomaly_mask(p.sample), size)
+        else:
+            mask = np.zeros((size, size), dtype=bool)
+        yield amap, mask
+
+
+def _pixel_metrics_exact(pix: list[_Pred], size: int, seen: dict) -> dict[str, Any]:
+    """Exact pixel metrics, every map of the category in memory at once."""
+    maps, masks = zip(*_map_mask_pairs(pix, size))
+    masks, maps = np.stack(masks), np.stack(maps)
+    pm = M.pixel_metrics(masks, maps)
+    f1_pix, thr_pix = M.f1_max_threshold(masks, maps)
+    seen["thresholds"].update(threshold=thr_pix, pixel_f1_max=f1_pix)
+    fpr, pro = M.pro_curve_mvtec(masks, maps)
+    seen["curves"].update(
+        pixel_roc=M.roc_curve(masks, maps), pixel_pr=M.pr_curve(masks, maps), pro=(fpr, pro)
+    )
+    return pm
+
+
+def _pixel_metrics(
+    pix: list[_Pred], size: int, bins: int, wanted: set[str], seen: dict
+) -> dict[str, Any]:
+    """Streamed pixel metrics in two passes over the stored maps: the category's score range,
+    then ``bins`` histogram bins over it (and the papers' exact AUPRO counts when wanted)."""
     rt = M.RangeTracker()  # pass 1: the category's score range
     for p in pix:
         rt.update(np.load(p.map_path))
     if rt.lo is None:
-        return row, False
+        return {}
     hi = rt.hi if rt.hi > rt.lo else rt.lo + 1.0
     acc = M.PixelAccumulator(bins=bins, value_range=(float(rt.lo), float(hi)))
     pro = M.AuproAccumulator.from_range(rt.lo, rt.hi) if "aupro" in wanted else None
-    for amap, mask in pairs():  # pass 2
+    for amap, mask in _map_mask_pairs(pix, size):  # pass 2
         acc.update(amap, mask)
         if pro is not None:
             pro.update(amap, mask)
@@ -224,8 +249,7 @@ def _category_metrics(
         pm["aupro_mvtec"] = acc.aupro_mvtec()
     if pro is not None:
         pm["aupro"] = pro.aupro()
-    row.update({k: v for k, v in pm.items() if k in wanted})
-    return row, False
+    return pm
 
 
 def _category_task(
@@ -250,18 +274,11 @@ def _category_task(
     if scorer_for(cfg["preset"]).references != "none":
         pool = train_good_images(data, layout, cat)
         cfg["reference"] = [str(p) for p in select_references(pool, shots, seed)]
-    return anomaly_eval_task(build_task_spec(rt, cfg, fmt=fmt, overlay=False), size)
+    return anomaly_eval_task(preset_head(rt, cfg, fmt), size)
 
 
 def _predict_category(
-    rt,
-    cat: str,
-    samples: list[AnomalySample],
-    spec: TaskSpec,
-    data: Path,
-    root: Path,
-    run_kw: dict,
-    log: Log,
+    ev: Evaluation, cat: str, samples: list[AnomalySample], spec: TaskSpec, data: Path
 ) -> tuple[list[_Pred], list[tuple[str, str]]]:
     """Predictions of one category (stored ones reused; a set-level head predicts its whole
     set again when one is missing) and its failures."""
@@ -270,21 +287,41 @@ def _predict_category(
         for s in samples
         for r in [rel_key(s.image_path, data)]
     ]
-    stored = {rec.get("key"): rec for rec in load_records(root)}
-    missing = sum(not record_complete(stored.get(it.key, {}), root) for it in items)
+    stored = {rec.get("key"): rec for rec in load_records(ev.root)}
+    missing = sum(not record_complete(stored.get(it.key, {}), ev.root) for it in items)
     redo_set = spec.group == "all" and missing > 0
     if missing:
         n = len(items) if redo_set else missing
-        log(f"[{cat}] predicting {n} of {len(items)} images")
-    run = predict(rt, items, root, spec, force=redo_set, **run_kw)
+        ev.log(f"[{cat}] predicting {n} of {len(items)} images")
+    run = ev.predict(items, spec, label=f"[{cat}] ", force=redo_set)
     preds = [
         _Pred(s, float(run.records[it.key]["scores"]["score"]), run.path(it.key, "eval_map"))
         for s, it in zip(samples, items)
         if it.key in run.records
     ]
-    if run.failed:
-        log(f"[{cat}] {len(run.failed)} image(s) failed and are left out of the metrics")
     return preds, list(run.failed)
+
+
+def _evaluate_category(
+    ev: Evaluation,
+    cat: str,
+    samples: list[AnomalySample],
+    spec: TaskSpec,
+    data: Path,
+    metrics: Sequence[str],
+    scoring: dict[str, Any],
+) -> tuple[dict, list[tuple[str, str]], dict[str, Any], bool]:
+    """Predict and score one category: its row, its failures, what the report shows of it
+    (thresholds, curves, predictions) and whether its masks were missing."""
+    preds, failed = _predict_category(ev, cat, samples, spec, data)
+    seen: dict[str, Any] = {}
+    got, masks_missing = _category_metrics(preds, set(metrics), log=ev.log, seen=seen, **scoring)
+    seen["preds"] = preds
+    got["n_failed"] = len(failed)
+    row = {"category": cat, **{k: got[k] for k in (*_COUNTS, *ANOMALY_METRICS) if k in got}}
+    shown = [f"{k}={row[k]:.4f}" for k in metrics if isinstance(row.get(k), float)]
+    ev.log(f"[{cat}] " + ", ".join(shown))
+    return row, failed, seen, masks_missing
 
 
 def _table(
@@ -318,6 +355,20 @@ def _table(
     )
 
 
+def _check_choices(metrics: Sequence[str], preset: str, task: TaskFactory | None) -> None:
+    unknown = sorted(set(metrics) - set(ANOMALY_METRICS))
+    if unknown:
+        raise ConfigError(f"unknown metric(s) {unknown}; choose from {', '.join(ANOMALY_METRICS)}")
+    check_preset(preset, ANOMALY_PRESETS, "anomaly", task)
+
+
+def _by_category(samples: list[AnomalySample]) -> dict[str, list[AnomalySample]]:
+    by_cat: dict[str, list[AnomalySample]] = defaultdict(list)
+    for s in samples:
+        by_cat[s.category].append(s)
+    return by_cat
+
+
 def evaluate_anomaly(
     data: str | Path,
     out: str | Path,
@@ -335,14 +386,9 @@ def evaluate_anomaly(
     size: int = EVAL_SIZE,
     bins: int = M.DEFAULT_BINS,
     exact: bool = False,
-    force: bool = False,
-    retry_errors: bool = False,
-    batch_size: int | None = None,
     fmt: str = "none",
     task: TaskFactory | None = None,
-    progress: bool = True,
-    on_record: Callable[[dict], None] | None = None,
-    log: Log = stderr_log,
+    **run_options: Unpack[RunOptions],
 ) -> MetricTable:
     """Predict (or reuse stored predictions) and score an anomaly test set per category.
 
@@ -357,27 +403,19 @@ def evaluate_anomaly(
     ``limit`` keeps at most N images per category, spread over normal and defective ones.
     ``fmt`` ``npy``/``tiff`` also keeps the full-size maps; ``task`` replaces the head
     (object name -> TaskSpec, e.g. a custom method; ``preset`` then only names the stored
-    predictions, so give each head its own name); ``on_record`` sees every manifest record.
+    predictions, so give each head its own name); ``run_options``: how the predictions run
+    (:class:`~zsdense.eval.common.RunOptions`; its ``on_record`` sees every manifest record).
     Returns the :class:`MetricTable` (rows per category, then the mean) after writing it.
     """
-    unknown = sorted(set(metrics) - set(ANOMALY_METRICS))
-    if unknown:
-        raise ConfigError(f"unknown metric(s) {unknown}; choose from {', '.join(ANOMALY_METRICS)}")
-    if task is None and preset not in ANOMALY_PRESETS:
-        raise ConfigError(
-            f"unknown anomaly preset {preset!r}; choose one of: {', '.join(ANOMALY_PRESETS)}"
-        )
-    data, out = Path(data), Path(out)
+    _check_choices(metrics, preset, task)
+    ev = Evaluation(out, **run_options)
+    data = Path(data)
     if layout == "auto":
         layout = detect_anomaly_layout(data)
-    samples = read_anomaly(data, layout, categories)
+    by_cat = _by_category(read_anomaly(data, layout, categories))
     dataset = dataset or layout
     rt = runtime_of(runtime)
     opts = dict(options or {})
-    by_cat: dict[str, list[AnomalySample]] = defaultdict(list)
-    for s in samples:
-        by_cat[s.category].append(s)
-
     base = {"task": "anomaly", "preset": preset, "dataset": dataset, **opts}
     tasks = {
         cat: _category_task(rt, cat, task, base, data, layout, shots, seed, fmt, size)
@@ -393,54 +431,64 @@ def evaluate_anomaly(
         "options": opts,
         "shots": shots,
         "seed": seed,
-        "models": str(rt.config.models),
-        "precision": rt.precision,
+        **runtime_settings(rt),
         "fmt": fmt,
     }
     if any(t.group == "all" for t in tasks.values()):
         settings["limit"] = limit  # a set-level method scores each image against its set
-    root = out / "predictions" / "anomaly"
-    prepare_predictions(root, settings, force, log)
-    config = dict(settings)
-    warning = random_weights_warning(settings["models"])
-    if warning:
-        config["warning"] = warning
+    ev.prepare(rt, settings)
 
-    wanted = set(metrics)
+    scoring = {"size": size, "bins": bins, "exact": exact}
+    rows, failed, no_masks, report_data = _evaluate_categories(
+        ev, tasks, by_cat, limit, data, metrics, scoring
+    )
+    table = _table(rows, failed, no_masks, set(metrics), ev.config, None if exact else bins, ev.log)
+    return _save(ev, table, report_data, size)
+
+
+def _evaluate_categories(
+    ev: Evaluation,
+    tasks: dict[str, TaskSpec],
+    by_cat: dict[str, list[AnomalySample]],
+    limit: int | None,
+    data: Path,
+    metrics: Sequence[str],
+    scoring: dict[str, Any],
+) -> tuple[list[dict], list[tuple[str, str]], list[str], dict[str, dict]]:
+    """Every category in turn (at most ``limit`` images each): the rows, the failures, the
+    categories without masks, and per category what the report shows."""
     report_data: dict[str, dict] = {}  # category -> thresholds, curves, predictions
     rows: list[dict] = []
     failed: list[tuple[str, str]] = []
     no_masks: list[str] = []
-    run_kw = dict(
-        batch_size=batch_size, retry_errors=retry_errors, progress=progress, on_record=on_record
-    )
     for cat, spec in tasks.items():
         cat_samples = limit_spread(by_cat[cat], limit)
-        preds, cat_failed = _predict_category(rt, cat, cat_samples, spec, data, root, run_kw, log)
+        row, cat_failed, report_data[cat], masks_missing = _evaluate_category(
+            ev, cat, cat_samples, spec, data, metrics, scoring
+        )
+        rows.append(row)
         failed.extend(cat_failed)
-        seen: dict[str, Any] = {}
-        got, masks_missing = _category_metrics(preds, wanted, size, bins, exact, log, seen)
-        seen["preds"] = preds
-        report_data[cat] = seen
-        got["n_failed"] = len(cat_failed)
         if masks_missing:
             no_masks.append(cat)
-        row = {"category": cat, **{k: got[k] for k in (*_COUNTS, *ANOMALY_METRICS) if k in got}}
-        rows.append(row)
-        shown = [f"{k}={row[k]:.4f}" for k in metrics if isinstance(row.get(k), float)]
-        log(f"[{cat}] " + ", ".join(shown))
+    return rows, failed, no_masks, report_data
+
+
+def _save(
+    ev: Evaluation, table: MetricTable, report_data: dict[str, dict], size: int
+) -> MetricTable:
+    """Write the table, the F1-optimal ``thresholds.json`` and ``report_anomaly.html`` (a
+    failure of either of the last two is said, not raised: the metrics are saved)."""
     thresholds = {cat: d.get("thresholds") or {} for cat, d in report_data.items()}
-    table = _table(rows, failed, no_masks, set(metrics), config, None if exact else bins, log)
     table.extra["f1_thresholds"] = thresholds
-    table.save(out)
+    ev.save(table)
     from zsdense.eval.report import save_eval_thresholds, write_anomaly_report
 
     try:
-        table.files["thresholds"] = save_eval_thresholds(out, table, thresholds)
+        table.files["thresholds"] = save_eval_thresholds(ev.out, table, thresholds)
     except OSError as exc:
-        log(f"thresholds.json not written: {exc}")
+        ev.log(f"thresholds.json not written: {exc}")
     try:
-        table.files["report"] = write_anomaly_report(out, table, report_data, size=size)
+        table.files["report"] = write_anomaly_report(ev.out, table, report_data, size=size)
     except Exception as exc:  # noqa: BLE001 - the metrics are saved; the page is a view
-        log(f"the evaluation report was not written: {exc}")
+        ev.log(f"the evaluation report was not written: {exc}")
     return table

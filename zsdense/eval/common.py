@@ -11,6 +11,14 @@ metric-only rerun recomputes nothing. Predictions made with other settings are r
 A :class:`MetricTable` holds the rows (one per category / class / split), the mean row and the
 run's settings; :meth:`MetricTable.save` writes ``metrics_<task>.json``, ``.csv`` and ``.md``
 atomically through :mod:`zsdense.io.writers`.
+
+Every protocol (``evaluate_anomaly``, ``evaluate_openvocab``, ``evaluate_refer``) has the same
+skeleton, kept here in :class:`Evaluation`: check the preset (:func:`check_preset`), read the
+dataset, record the settings (:meth:`Evaluation.prepare`: the predictions folder holds those
+settings only, the table's config carries the random-weights warning), predict through the
+engine (:meth:`Evaluation.predict`), score, save the table (:meth:`Evaluation.save`). The
+protocols keep only what differs: the dataset, the head, the metrics. They take the keywords of
+:class:`RunOptions` for how predictions run.
 """
 
 from __future__ import annotations
@@ -25,21 +33,29 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 
 from zsdense.engine.local import load_records, run_batch
-from zsdense.engine.specs import TaskSpec
+from zsdense.engine.specs import TaskSpec, build_task_spec
 from zsdense.errors import ConfigError, ZsdenseError
 from zsdense.io.manifest import WorkItem, record_complete
 from zsdense.io.writers import atomic_path, to_jsonable, write_json
+
+if TYPE_CHECKING:
+    from zsdense.runtime import Runtime
 
 __all__ = [
     "Log",
     "MetricTable",
     "EvalInterrupted",
     "PredictionRun",
+    "RunOptions",
+    "Evaluation",
+    "check_preset",
+    "preset_head",
+    "runtime_settings",
     "stderr_log",
     "rel_key",
     "safe_rel",
@@ -344,3 +360,101 @@ def predict(
             msg = "no prediction" if rec is None else str(rec.get("error") or "outputs missing")
             failed.append((k, msg))
     return PredictionRun(Path(root), records, failed, summary.total)
+
+
+# ============================================================================== the skeleton
+
+
+class RunOptions(TypedDict, total=False):
+    """How an evaluation runs its predictions: the keywords every ``evaluate_*`` takes."""
+
+    force: bool  # predict everything again (stored predictions are removed first)
+    retry_errors: bool  # predict again the inputs whose prediction failed
+    batch_size: int | None  # images per encoder batch (None: the engine's default)
+    progress: bool  # a progress bar on stderr
+    on_record: Callable[[dict], None] | None  # sees every manifest record
+    log: Log  # notes and warnings (default: one line on stderr)
+
+
+def check_preset(preset: str, presets: Mapping, family: str, task: Any) -> None:
+    """A ConfigError for a preset not in the registry (unless ``task`` replaces the head)."""
+    if task is None and preset not in presets:
+        raise ConfigError(
+            f"unknown {family} preset {preset!r}; choose one of: {', '.join(presets)}"
+        )
+
+
+def runtime_settings(rt: Runtime) -> dict[str, str]:
+    """What the runtime adds to the recorded settings: the model set and resolved precision."""
+    return {"models": str(rt.config.models), "precision": rt.precision}
+
+
+def preset_head(rt: Runtime, cfg: dict, fmt: str = "none") -> TaskSpec:
+    """The preset's head as its task command builds it from ``cfg``, writing no overlay."""
+    return build_task_spec(rt, cfg, fmt=fmt, overlay=False)
+
+
+@dataclass
+class Evaluation:
+    """One protocol's run around its metrics: how predictions run (:class:`RunOptions`), then,
+    once :meth:`prepare` has recorded the settings, the runtime, the predictions folder
+    ``<out>/predictions/<task>/`` and the table's ``config`` (settings + warning)."""
+
+    out: Path
+    force: bool = False
+    retry_errors: bool = False
+    batch_size: int | None = None
+    progress: bool = True
+    on_record: Callable[[dict], None] | None = None
+    log: Log = stderr_log
+    rt: Any = field(default=None, init=False)
+    root: Path | None = field(default=None, init=False)
+    config: dict = field(default_factory=dict, init=False)
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+
+    def prepare(self, rt: Runtime, settings: Mapping[str, Any]) -> Path:
+        """Make the predictions folder of ``settings["task"]`` hold predictions of
+        ``settings`` only (:func:`prepare_predictions`); the table's config gets the
+        random-weights warning. Returns the folder."""
+        self.rt = rt
+        self.root = self.out / "predictions" / str(settings["task"])
+        prepare_predictions(self.root, settings, self.force, self.log)
+        self.config = dict(settings)
+        warning = random_weights_warning(str(settings["models"]))
+        if warning:
+            self.config["warning"] = warning
+        return self.root
+
+    def predict(
+        self,
+        items: Sequence[WorkItem],
+        spec: TaskSpec,
+        what: str = "image(s)",
+        *,
+        label: str = "",
+        force: bool = False,
+    ) -> PredictionRun:
+        """:func:`predict` ``items`` into the folder; the failures are said once (``label``
+        prefixes the line, ``what`` names the items)."""
+        assert self.root is not None, "prepare() records the settings first"
+        run = predict(
+            self.rt,
+            items,
+            self.root,
+            spec,
+            batch_size=self.batch_size,
+            force=force,
+            retry_errors=self.retry_errors,
+            progress=self.progress,
+            on_record=self.on_record,
+        )
+        if run.failed:
+            self.log(f"{label}{len(run.failed)} {what} failed and are left out of the metrics")
+        return run
+
+    def save(self, table: MetricTable) -> MetricTable:
+        """Write ``metrics_<task>.{json,csv,md}`` under ``out``; the table back."""
+        table.save(self.out)
+        return table

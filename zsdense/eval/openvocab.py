@@ -10,28 +10,33 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
 from zsdense import metrics as M
 from zsdense.config import OPENVOCAB_PRESETS
-from zsdense.engine.specs import TaskSpec, build_task_spec
+from zsdense.engine.specs import TaskSpec
 from zsdense.errors import ConfigError
 from zsdense.eval.common import (
+    Evaluation,
     Log,
     MetricTable,
-    predict,
-    prepare_predictions,
-    random_weights_warning,
+    PredictionRun,
+    RunOptions,
+    check_preset,
+    preset_head,
+    runtime_settings,
     safe_rel,
-    stderr_log,
 )
-from zsdense.eval.datasets import SegDataset, load_label, read_segmentation
+from zsdense.eval.datasets import SegDataset, SegSample, load_label, read_segmentation
 from zsdense.io.manifest import WorkItem
 from zsdense.runtime import runtime_of
 from zsdense.text.classifier import ClassEntry, load_class_file, parse_classes
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["evaluate_openvocab", "resolve_classes"]
 
@@ -79,13 +84,8 @@ def evaluate_openvocab(
     limit: int | None = None,
     dataset: str | None = None,
     options: Mapping[str, Any] | None = None,
-    force: bool = False,
-    retry_errors: bool = False,
-    batch_size: int | None = None,
     task: TaskFactory | None = None,
-    progress: bool = True,
-    on_record: Callable[[dict], None] | None = None,
-    log: Log = stderr_log,
+    **run_options: Unpack[RunOptions],
 ) -> MetricTable:
     """Predict (or reuse stored label maps) and compute per-class IoU / accuracy and mIoU.
 
@@ -94,25 +94,18 @@ def evaluate_openvocab(
     (a file, or a shipped list name: ``voc21``, ``ade20k``...); ``dataset`` applies a
     benchmark's settings to the head (``--dataset-preset`` of ``zsdense openvocab``);
     ``task`` replaces the head (classes -> TaskSpec; ``preset`` then only names the stored
-    predictions). Rows per class, then the mean row;
+    predictions); ``run_options``: how the predictions run
+    (:class:`~zsdense.eval.common.RunOptions`). Rows per class, then the mean row;
     ``extra["summary"]`` holds aAcc, mIoU, mAcc and the number of images.
     """
-    if task is None and preset not in OPENVOCAB_PRESETS:
-        raise ConfigError(
-            f"unknown open-vocabulary preset {preset!r}; choose one of: "
-            + ", ".join(OPENVOCAB_PRESETS)
-        )
-    data, out = Path(data), Path(out)
+    check_preset(preset, OPENVOCAB_PRESETS, "open-vocabulary", task)
+    ev = Evaluation(out, **run_options)
+    data = Path(data)
     ds = read_segmentation(data, layout, split, reduce_zero_label)
     classes = resolve_classes(ds, classes_file)
-    samples = [s for s in ds.samples if s.label_path is not None]
-    if len(samples) < len(ds.samples):
-        log(f"{len(ds.samples) - len(samples)} images have no label file: skipped")
-    if limit is not None:
-        samples = samples[:limit]
+    samples = _labelled(ds, limit, ev.log)
     rt = runtime_of(runtime)
     opts = dict(options or {})
-    models = str(rt.config.models)
     settings: dict[str, Any] = {
         "task": "openvocab",
         "data": str(data.resolve()),
@@ -123,39 +116,57 @@ def evaluate_openvocab(
         "preset": preset,
         "dataset": dataset,
         "options": opts,
-        "models": models,
-        "precision": rt.precision,
+        **runtime_settings(rt),
     }
-    if task is not None:
-        spec = task(list(classes))
-    else:
-        cfg = {"task": "openvocab", "preset": preset, "classes": list(classes), **opts}
-        if dataset:
-            cfg["dataset"] = dataset
-        spec = build_task_spec(rt, cfg, fmt="none", overlay=False)
-    root = out / "predictions" / "openvocab"
-    prepare_predictions(root, settings, force, log)
-    config = dict(settings)
-    warning = random_weights_warning(models)
-    if warning:
-        config["warning"] = warning
-
-    items = []
-    for s in samples:
-        rel = safe_rel(s.id + s.image_path.suffix)
-        items.append(WorkItem(key=str(rel), path=s.image_path, rel=rel))
-    run = predict(
-        rt,
-        items,
-        root,
-        spec,
-        batch_size=batch_size,
-        retry_errors=retry_errors,
-        progress=progress,
-        on_record=on_record,
+    head = {"task": "openvocab", "preset": preset, "classes": list(classes), **opts}
+    if dataset:
+        head["dataset"] = dataset
+    spec = task(list(classes)) if task is not None else preset_head(rt, head)
+    ev.prepare(rt, settings)
+    items = [
+        WorkItem(key=str(rel), path=s.image_path, rel=rel)
+        for s in samples
+        for rel in [safe_rel(s.id + s.image_path.suffix)]
+    ]
+    run = ev.predict(items, spec)
+    acc, n_images = _confusion(ds, classes, samples, items, run, ev.log)
+    iou, accs = acc.iou(), acc.acc()
+    rows = [
+        {"class": name, "iou": iou[i], "acc": accs[i], "gt_pixels": int(acc.area_label[i])}
+        for i, (name, _syn) in enumerate(classes)
+    ]
+    summary = acc.metrics()
+    table = MetricTable(
+        task="openvocab",
+        key="class",
+        columns=["iou", "acc"],
+        rows=rows,
+        mean={"class": "mean", "iou": summary["miou"], "acc": summary["macc"]},
+        config=ev.config,
+        extra={"summary": {**summary, "n_images": n_images, "n_failed": len(run.failed)}},
+        failed=run.failed,
+        footer=f"aAcc {100 * summary['aacc']:.1f}  mIoU {100 * summary['miou']:.1f}",
     )
-    if run.failed:
-        log(f"{len(run.failed)} image(s) failed and are left out of the metrics")
+    return ev.save(table)
+
+
+def _labelled(ds: SegDataset, limit: int | None, log: Log) -> list[SegSample]:
+    """The samples that have a label file (the others are said and skipped), at most ``limit``."""
+    samples = [s for s in ds.samples if s.label_path is not None]
+    if len(samples) < len(ds.samples):
+        log(f"{len(ds.samples) - len(samples)} images have no label file: skipped")
+    return samples if limit is None else samples[:limit]
+
+
+def _confusion(
+    ds: SegDataset,
+    classes: list[ClassEntry],
+    samples: list[SegSample],
+    items: list[WorkItem],
+    run: PredictionRun,
+    log: Log,
+) -> tuple[M.IoUAccumulator, int]:
+    """The split's confusion counts over the predicted images, and how many were counted."""
     acc = M.IoUAccumulator(len(classes), ds.ignore_index)
     n_images = 0
     for s, it in zip(samples, items):
@@ -164,23 +175,4 @@ def evaluate_openvocab(
         gt = load_label(s.label_path, ds.reduce_zero_label, ds.ignore_index)
         acc.update(_load_prediction(run.path(it.key, "mask"), gt.shape, log, s.id), gt)
         n_images += 1
-    iou, accs = acc.iou(), acc.acc()
-    rows = [
-        {"class": name, "iou": iou[i], "acc": accs[i], "gt_pixels": int(acc.area_label[i])}
-        for i, (name, _syn) in enumerate(classes)
-    ]
-    summary = acc.metrics()
-    mean = {"class": "mean", "iou": summary["miou"], "acc": summary["macc"]}
-    table = MetricTable(
-        task="openvocab",
-        key="class",
-        columns=["iou", "acc"],
-        rows=rows,
-        mean=mean,
-        config=config,
-        extra={"summary": {**summary, "n_images": n_images, "n_failed": len(run.failed)}},
-        failed=run.failed,
-        footer=f"aAcc {100 * summary['aacc']:.1f}  mIoU {100 * summary['miou']:.1f}",
-    )
-    table.save(out)
-    return table
+    return acc, n_images

@@ -11,27 +11,31 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
 from zsdense import metrics as M
 from zsdense.config import REFER_PRESETS
-from zsdense.engine.specs import TaskSpec, build_task_spec
-from zsdense.errors import ConfigError, InputError
+from zsdense.engine.specs import TaskSpec
+from zsdense.errors import InputError
 from zsdense.eval.common import (
-    Log,
+    Evaluation,
     MetricTable,
-    predict,
-    prepare_predictions,
-    random_weights_warning,
+    PredictionRun,
+    RunOptions,
+    check_preset,
+    preset_head,
     rel_key,
-    stderr_log,
+    runtime_settings,
 )
 from zsdense.eval.datasets import ReferSample, read_referring
 from zsdense.io.manifest import WorkItem
 from zsdense.runtime import runtime_of
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["evaluate_refer", "refer_items"]
 
@@ -76,73 +80,70 @@ def evaluate_refer(
     images_dir: str | Path | None = None,
     limit: int | None = None,
     options: Mapping[str, Any] | None = None,
-    force: bool = False,
-    retry_errors: bool = False,
-    batch_size: int | None = None,
     task: TaskFactory | None = None,
-    progress: bool = True,
-    on_record: Callable[[dict], None] | None = None,
-    log: Log = stderr_log,
+    **run_options: Unpack[RunOptions],
 ) -> MetricTable:
     """Predict (or reuse stored masks) one mask per expression and score them.
 
     ``data``: a JSONL file (``{"image", "text", "mask"|"rle"|"polygon", "id"}`` lines) or a
     RefCOCO/+/g folder (``refs(*).p`` + ``instances.json``; ``images_dir`` = COCO train2014).
     ``options`` are referring options (``refine``, ``fusion``, ``parser``); ``task`` replaces
-    the head (``preset`` then only names the stored predictions). One row (the split) with
-    oIoU, mIoU and precision@0.5/0.7/0.9; ``extra["per_sample"]`` holds every expression's IoU.
+    the head (``preset`` then only names the stored predictions); ``run_options``: how the
+    predictions run (:class:`~zsdense.eval.common.RunOptions`: ``force``, ``retry_errors``,
+    ``batch_size``, ``progress``, ``on_record``, ``log``). One row (the split) with oIoU,
+    mIoU and precision@0.5/0.7/0.9; ``extra["per_sample"]`` holds every expression's IoU.
     """
-    if task is None and preset not in REFER_PRESETS:
-        raise ConfigError(
-            f"unknown referring preset {preset!r}; choose one of: {', '.join(REFER_PRESETS)}"
-        )
-    data, out = Path(data), Path(out)
+    check_preset(preset, REFER_PRESETS, "referring", task)
+    ev = Evaluation(out, **run_options)
+    data = Path(data)
     samples = read_referring(data, layout, split, images_dir)
     if limit is not None:
         samples = samples[:limit]
     rt = runtime_of(runtime)
     opts = dict(options or {})
-    models = str(rt.config.models)
     settings: dict[str, Any] = {
         "task": "refer",
         "data": str(data.resolve()),
         "split": split,
         "preset": preset,
         "options": opts,
-        "models": models,
-        "precision": rt.precision,
+        **runtime_settings(rt),
     }
-    if task is not None:
-        spec = task()
-    else:
-        cfg = {"task": "refer", "preset": preset, **opts}
-        spec = build_task_spec(rt, cfg, fmt="none", overlay=False)
-    root = out / "predictions" / "refer"
-    prepare_predictions(root, settings, force, log)
-    config = dict(settings)
-    warning = random_weights_warning(models)
-    if warning:
-        config["warning"] = warning
-
+    head = {"task": "refer", "preset": preset, **opts}
+    spec = task() if task is not None else preset_head(rt, head)
+    ev.prepare(rt, settings)
     base = data if data.is_dir() else data.parent
-    items = refer_items(samples, base)
-    run = predict(
-        rt,
-        items,
-        root,
-        spec,
-        batch_size=batch_size,
-        retry_errors=retry_errors,
-        progress=progress,
-        on_record=on_record,
+    run = ev.predict(refer_items(samples, base), spec, "expression(s)")
+    per_sample, summary, thresholds = _score(samples, base, run)
+    table = MetricTable(
+        task="refer",
+        key="split",
+        columns=["oiou", "miou", *(f"prec@{t:g}" for t in thresholds)],
+        rows=[{"split": split, **summary}],
+        mean={"split": "all", **summary},
+        config=ev.config,
+        extra={"per_sample": per_sample},
+        failed=run.failed,
+        show_mean=False,
     )
-    if run.failed:
-        log(f"{len(run.failed)} expression(s) failed and are left out of the metrics")
-    key_of = {id(s): f"{rel_key(s.image_path, base)}#{_safe_id(s.id)}" for s in samples}
+    n_fallback = sum(p["fallback"] for p in per_sample)
+    if n_fallback:  # scored as predicted (the whole image), but they are not answers
+        table.notes.append(
+            f"{n_fallback} of {len(per_sample)} expression(s) got the method's fallback (SAM "
+            "found no mask: the whole image); they are scored as such (per_sample 'fallback')"
+        )
+    return ev.save(table)
+
+
+def _score(
+    samples: list[ReferSample], base: Path, run: PredictionRun
+) -> tuple[list[dict], dict, tuple]:
+    """Every predicted expression's IoU (``per_sample``), the split's metrics, and the
+    precision thresholds."""
     acc = M.ReferAccumulator()
     per_sample = []
     for s in samples:
-        key = key_of[id(s)]
+        key = f"{rel_key(s.image_path, base)}#{_safe_id(s.id)}"
         if key not in run.records:
             continue
         pred = np.asarray(Image.open(run.path(key, "mask"))) > 0
@@ -155,24 +156,4 @@ def evaluate_refer(
         per_sample.append(
             {"id": s.id, "iou": acc.update(pred, gt), "text": s.text, "fallback": fallback}
         )
-    summary = acc.metrics()
-    n_fallback = sum(p["fallback"] for p in per_sample)
-    cols = ["oiou", "miou", *(f"prec@{t:g}" for t in acc.thresholds)]
-    table = MetricTable(
-        task="refer",
-        key="split",
-        columns=cols,
-        rows=[{"split": split, **summary}],
-        mean={"split": "all", **summary},
-        config=config,
-        extra={"per_sample": per_sample},
-        failed=run.failed,
-        show_mean=False,
-    )
-    if n_fallback:  # scored as predicted (the whole image), but they are not answers
-        table.notes.append(
-            f"{n_fallback} of {len(per_sample)} expression(s) got the method's fallback (SAM "
-            "found no mask: the whole image); they are scored as such (per_sample 'fallback')"
-        )
-    table.save(out)
-    return table
+    return per_sample, acc.metrics(), tuple(acc.thresholds)

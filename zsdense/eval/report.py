@@ -207,8 +207,9 @@ def _cell(v: Any, percent: bool = True) -> str:
 
 
 def render_anomaly_report(table: Any, report_data: dict[str, dict], size: int) -> str:
+    """The page: settings, the per-category table with the F1-optimal thresholds, then per
+    category its curves and worst false positives / negatives."""
     esc = html.escape
-    cols = list(table.columns)
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'>",
         f"<title>zsdense eval anomaly</title><style>{_STYLE}</style></head><body>",
@@ -226,9 +227,29 @@ def render_anomaly_report(table: Any, report_data: dict[str, dict], size: int) -
         )
         + f"; maps and masks scored at {size}x{size}.</p>"
     )
-    # the table, with the F1-optimal thresholds
+    parts.append(_metrics_table(table, report_data))
+    have_plots = True
+    for n, (cat, d) in enumerate(sorted(report_data.items())):
+        section, plotted = _category_section(n, cat, d)
+        parts.append(section)
+        have_plots = have_plots and plotted
+    if not have_plots:
+        parts.insert(  # the 5th part: after the settings line, or after the warning
+            4,
+            "<p class='note'>The ROC, PR and PRO curves need matplotlib: "
+            "<code>pip install 'zsdense[plots]'</code>, then run the same "
+            "<code>zsdense eval anomaly</code> command again (the predictions are reused).</p>",
+        )
+    parts.append("</body></html>\n")
+    return "".join(parts)
+
+
+def _metrics_table(table: Any, report_data: dict[str, dict]) -> str:
+    """The per-category metrics (x100) with the F1-optimal thresholds, and how to reuse them."""
+    esc = html.escape
+    cols = list(table.columns)
     head = ["category", "images", "anomalous", *cols, "pixel thr @F1", "image thr @F1"]
-    parts.append("<table><thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>")
+    parts = ["<table><thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>"]
     parts.append("</thead><tbody>")
     every = list(table.rows) + ([table.mean] if table.mean else [])
     for r in every:
@@ -239,9 +260,7 @@ def render_anomaly_report(table: Any, report_data: dict[str, dict], size: int) -
         cells += [_cell(th.get("threshold"), False), _cell(th.get("image_threshold"), False)]
         parts.append(
             "<tr>"
-            + "".join(
-                f"<td{' class=num' if i else ''}>{c}</td>" for i, c in enumerate(cells)
-            )
+            + "".join(f"<td{' class=num' if i else ''}>{c}</td>" for i, c in enumerate(cells))
             + "</tr>"
         )
     parts.append("</tbody></table>")
@@ -252,61 +271,66 @@ def render_anomaly_report(table: Any, report_data: dict[str, dict], size: int) -
         f"{THRESHOLDS_NAME}</code>). Chosen on the test set itself, they are optimistic for it."
         "</p>"
     )
-    have_plots = True
-    for n, (cat, d) in enumerate(sorted(report_data.items())):
-        th = d.get("thresholds") or {}
-        parts.append(f"<section class='cat' id='cat{n}'><h2>{esc(cat)}</h2>")
-        png = _plot(d.get("curves") or {}, cat)
-        if png is None:
-            have_plots = False
-        else:
-            parts.append(f"<img alt='ROC, PR and PRO curves of {esc(cat)}' "
-                         f"src='data:image/png;base64,{png}'>")  # fmt: skip
-        preds = d.get("preds") or []
-        fps, fns = _worst(preds, th.get("image_threshold"))
-        lo = hi = None
-        for p in preds:
-            try:
-                m = np.load(p.map_path, mmap_mode="r")
-            except OSError:
-                continue
-            lo = float(m.min()) if lo is None else min(lo, float(m.min()))
-            hi = float(m.max()) if hi is None else max(hi, float(m.max()))
-        ithr = th.get("image_threshold")
-        goods = sorted((p for p in preds if p.sample.label == 0), key=lambda p: -p.score)
-        bads = sorted((p for p in preds if p.sample.label == 1), key=lambda p: p.score)
-        for kind, items, closest, none_msg in (
-            ("false positives", fps, goods, "no false positive; the highest-scored good images"),
-            ("false negatives", fns, bads, "no false negative; the lowest-scored anomalous images"),
-        ):
-            parts.append(
-                f"<h3>Worst {kind} at the image threshold {_cell(ithr, False)} "
-                f"({len(items)} in all; image | ground truth | prediction)</h3>"
-            )
-            if not items:
-                parts.append(f"<p>{none_msg} (the closest to being one):</p>")
-                items = closest
-            for p in items[:WORST_K]:
-                try:
-                    b64 = _strip(p, lo or 0.0, hi or 1.0, th.get("threshold"))
-                except Exception as exc:  # noqa: BLE001 - a moved image: say so, go on
-                    parts.append(f"<p>{esc(str(p.sample.image_path))}: {esc(str(exc))}</p>")
-                    continue
-                parts.append(
-                    f"<div class='strip'><img alt='strip' src='data:image/png;base64,{b64}'>"
-                    f"{esc(p.sample.image_path.name)} ({esc(p.sample.defect)}), "
-                    f"score {p.score:.4g}</div>"
-                )
-        parts.append("</section>")
-    if not have_plots:
-        parts.insert(
-            4,
-            "<p class='note'>The ROC, PR and PRO curves need matplotlib: "
-            "<code>pip install 'zsdense[plots]'</code>, then run the same "
-            "<code>zsdense eval anomaly</code> command again (the predictions are reused).</p>",
-        )
-    parts.append("</body></html>\n")
     return "".join(parts)
+
+
+def _category_section(n: int, cat: str, d: dict) -> tuple[str, bool]:
+    """One category: its curves (the flag says whether matplotlib drew them) and its worst
+    false positives and false negatives at the image threshold."""
+    esc = html.escape
+    th = d.get("thresholds") or {}
+    parts = [f"<section class='cat' id='cat{n}'><h2>{esc(cat)}</h2>"]
+    png = _plot(d.get("curves") or {}, cat)
+    if png is not None:
+        parts.append(f"<img alt='ROC, PR and PRO curves of {esc(cat)}' "
+                     f"src='data:image/png;base64,{png}'>")  # fmt: skip
+    preds = d.get("preds") or []
+    fps, fns = _worst(preds, th.get("image_threshold"))
+    lo, hi = _map_range(preds)
+    ithr = th.get("image_threshold")
+    goods = sorted((p for p in preds if p.sample.label == 0), key=lambda p: -p.score)
+    bads = sorted((p for p in preds if p.sample.label == 1), key=lambda p: p.score)
+    for kind, items, closest, none_msg in (
+        ("false positives", fps, goods, "no false positive; the highest-scored good images"),
+        ("false negatives", fns, bads, "no false negative; the lowest-scored anomalous images"),
+    ):
+        parts.append(
+            f"<h3>Worst {kind} at the image threshold {_cell(ithr, False)} "
+            f"({len(items)} in all; image | ground truth | prediction)</h3>"
+        )
+        if not items:
+            parts.append(f"<p>{none_msg} (the closest to being one):</p>")
+            items = closest
+        parts += [_strip_block(p, lo, hi, th.get("threshold")) for p in items[:WORST_K]]
+    parts.append("</section>")
+    return "".join(parts), png is not None
+
+
+def _map_range(preds: list) -> tuple[float | None, float | None]:
+    """(min, max) over the category's stored maps (None when none can be read)."""
+    lo = hi = None
+    for p in preds:
+        try:
+            m = np.load(p.map_path, mmap_mode="r")
+        except OSError:
+            continue
+        lo = float(m.min()) if lo is None else min(lo, float(m.min()))
+        hi = float(m.max()) if hi is None else max(hi, float(m.max()))
+    return lo, hi
+
+
+def _strip_block(p: Any, lo: float | None, hi: float | None, thr: float | None) -> str:
+    """One prediction's strip with its caption (or why it cannot be drawn)."""
+    esc = html.escape
+    try:
+        b64 = _strip(p, lo or 0.0, hi or 1.0, thr)
+    except Exception as exc:  # noqa: BLE001 - a moved image: say so, go on
+        return f"<p>{esc(str(p.sample.image_path))}: {esc(str(exc))}</p>"
+    return (
+        f"<div class='strip'><img alt='strip' src='data:image/png;base64,{b64}'>"
+        f"{esc(p.sample.image_path.name)} ({esc(p.sample.defect)}), "
+        f"score {p.score:.4g}</div>"
+    )
 
 
 def write_anomaly_report(out: Path, table: Any, report_data: dict[str, dict], size: int) -> Path:

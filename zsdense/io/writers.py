@@ -11,7 +11,7 @@ Formats (lossless unless said otherwise):
 
 * ``*.mask.png``: 8-bit grayscale, 0 / 255.
 * label PNG: palette (``P``) image, one byte per pixel, default palette the PASCAL VOC colormap.
-* ``*.map.tiff``: float32 ``(H, W)`` or ``(K, H, W)`` (K pages), zlib-compressed, via tifffile.
+* ``*.map.tiff``: float32 ``(H, W)`` or ``(K, H, W)`` (K pages), uncompressed, via tifffile.
 * ``*.npy``: ``np.save`` without pickle.
 * ``*.overlay.jpg``: for people only (lossy), heat map / labels / mask outline / legend / caption.
 * COCO RLE: ``{"size": [H, W], "counts": str}``, byte-identical to pycocotools' compressed RLE.
@@ -159,6 +159,11 @@ def write_json(path: str | Path, obj: Any, *, indent: int | None = 2) -> Path:
 # ----------------------------------------------------------------------------------------------
 
 
+# zlib level of the mask / label PNGs: 1 wrote a 480×640 mask in 1.6 ms against 2.6 ms at
+# PIL's default 6 (the same pixels; a few KB larger)
+PNG_LEVEL = 1
+
+
 def _as_mask(mask: np.ndarray) -> np.ndarray:
     m = np.asarray(mask)
     if m.ndim != 2:
@@ -171,7 +176,7 @@ def write_mask_png(path: str | Path, mask: np.ndarray) -> Path:
     m = _as_mask(mask)
     img = Image.fromarray(np.ascontiguousarray(m.astype(np.uint8) * np.uint8(255)))
     with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG")
+        img.save(tmp, format="PNG", compress_level=PNG_LEVEL)
     return Path(path)
 
 
@@ -244,15 +249,24 @@ def write_label_png(path: str | Path, labels: np.ndarray, palette: Any = None) -
     img = Image.frombytes("P", (lab.shape[1], lab.shape[0]), np.ascontiguousarray(lab).tobytes())
     img.putpalette(pal.reshape(-1).tolist())
     with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG")
+        img.save(tmp, format="PNG", compress_level=PNG_LEVEL)
     return Path(path)
 
 
-def write_map_tiff(path: str | Path, arr: np.ndarray, *, metadata: dict | None = None) -> Path:
-    """Write a float map ``(H, W)`` or ``(K, H, W)`` as lossless float32 TIFF (zlib).
+def write_map_tiff(
+    path: str | Path,
+    arr: np.ndarray,
+    *,
+    metadata: dict | None = None,
+    compression: str | None = None,
+) -> Path:
+    """Write a float map ``(H, W)`` or ``(K, H, W)`` as lossless float32 TIFF.
 
     ``(K, H, W)`` becomes K pages; ``tifffile.imread`` returns the same shape. ``metadata`` (e.g.
-    ``{"class_names": [...]}``) is stored as JSON in the image description.
+    ``{"class_names": [...]}``) is stored as JSON in the image description. Uncompressed by
+    default: zlib saved 12 % of a smooth 480×640 map's size at 200× the time (43 ms against
+    0.2 ms, the largest per-image cost of a run after the models); ``compression="zlib"`` (any
+    ``tifffile`` compression) compresses.
     """
     import tifffile
 
@@ -263,7 +277,7 @@ def write_map_tiff(path: str | Path, arr: np.ndarray, *, metadata: dict | None =
     if metadata:
         md.update(to_jsonable(metadata))
     with atomic_path(path) as tmp:
-        tifffile.imwrite(tmp, a, photometric="minisblack", compression="zlib", metadata=md)
+        tifffile.imwrite(tmp, a, photometric="minisblack", compression=compression, metadata=md)
     return Path(path)
 
 
@@ -283,13 +297,23 @@ def write_map_npy(path: str | Path, arr: np.ndarray) -> Path:
 # ----------------------------------------------------------------------------------------------
 
 
-def jet_colors(x: np.ndarray) -> np.ndarray:
-    """Jet-like colour map: ``x`` in [0, 1] ``(...)`` -> RGB float ``(..., 3)`` in [0, 1]."""
-    x = np.clip(np.asarray(x, dtype=np.float32), 0.0, 1.0)
-    r = np.clip(1.5 - np.abs(4.0 * x - 3.0), 0.0, 1.0)
-    g = np.clip(1.5 - np.abs(4.0 * x - 2.0), 0.0, 1.0)
-    b = np.clip(1.5 - np.abs(4.0 * x - 1.0), 0.0, 1.0)
-    return np.stack([r, g, b], axis=-1)
+def jet_colors(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Jet-like colour map: ``x`` in [0, 1] ``(...)`` -> RGB float ``(..., 3)`` in [0, 1].
+
+    Channel c is ``clip(1.5 − |4x − (3 − c)|, 0, 1)``; computed into ``out`` (float32
+    ``(..., 3)``, allocated when None) one channel at a time with in-place float32 operations
+    (the same values as the expression, without its temporaries)."""
+    x4 = np.clip(np.asarray(x, dtype=np.float32), 0.0, 1.0) * np.float32(4.0)
+    if out is None:
+        out = np.empty(x4.shape + (3,), dtype=np.float32)
+    t = np.empty_like(x4)
+    for c, centre in enumerate((3.0, 2.0, 1.0)):
+        np.subtract(x4, np.float32(centre), out=t)
+        np.abs(t, out=t)
+        np.subtract(np.float32(1.5), t, out=t)
+        np.clip(t, 0.0, 1.0, out=t)
+        out[..., c] = t
+    return out
 
 
 def _resize(a: np.ndarray, hw: tuple[int, int], nearest: bool) -> np.ndarray:

@@ -18,23 +18,41 @@ import torch
 from zsdense.errors import WeightsError
 
 
-def _attention_keeping_probs(module, captured: dict, x: torch.Tensor) -> torch.Tensor:
-    """``segment_anything``'s ``Attention.forward``, the same operations in the same order (so
-    the same output bits), storing the softmaxed attention (heads, N, N) and the values (heads,
-    gh, gw, d) in ``captured``: Trident reads them, and they are computed once."""
-    from segment_anything.modeling.image_encoder import add_decomposed_rel_pos
+def _attention(module, captured: dict | None, x: torch.Tensor) -> torch.Tensor:
+    """``segment_anything``'s ``Attention.forward``: the same operations in the same order (so
+    the same output bits), with the decomposed relative positions added *in place* (the
+    reference adds them into two new N×N tensors per head: at 64×64 tokens 2 × 200 M values
+    per global block, 1.6 GB of float32 temporaries; the time is the same); with ``captured``
+    (a dict) the softmaxed attention (heads, N, N) and the values (heads, gh, gw, d) are kept
+    there: Trident reads them, and they are computed once."""
+    from segment_anything.modeling.image_encoder import get_rel_pos
 
-    b, h, w, _ = x.shape  # the last block is global (no windows)
+    b, h, w, _ = x.shape  # (windows, or the whole grid for global blocks)
     qkv = module.qkv(x).reshape(b, h * w, 3, module.num_heads, -1).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.reshape(3, b * module.num_heads, h * w, -1).unbind(0)
     attn = (q * module.scale) @ k.transpose(-2, -1)
-    if module.use_rel_pos:
-        attn = add_decomposed_rel_pos(attn, q, module.rel_pos_h, module.rel_pos_w, (h, w), (h, w))
+    if module.use_rel_pos:  # add_decomposed_rel_pos, in place: (attn + rel_h) + rel_w
+        rh = get_rel_pos(h, h, module.rel_pos_h)
+        rw = get_rel_pos(w, w, module.rel_pos_w)
+        bh, _, dim = q.shape
+        r_q = q.reshape(bh, h, w, dim)
+        rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, rh)
+        rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, rw)
+        grid = attn.view(bh, h, w, h, w)
+        grid.add_(rel_h[:, :, :, :, None]).add_(rel_w[:, :, :, None, :])
     attn = attn.softmax(dim=-1)
-    captured["attn"] = attn  # (heads, N, N) for b == 1
-    captured["v"] = v.reshape(b * module.num_heads, h, w, -1)
+    if captured is not None:
+        captured["attn"] = attn  # (heads, N, N) for b == 1
+        captured["v"] = v.reshape(b * module.num_heads, h, w, -1)
     out = (attn @ v).view(b, module.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
     return module.proj(out)
+
+
+def _sam_attention_modules(model) -> list:
+    """The image encoder's ``segment_anything`` Attention modules (others are left alone)."""
+    from segment_anything.modeling.image_encoder import Attention
+
+    return [blk.attn for blk in model.image_encoder.blocks if type(blk.attn) is Attention]
 
 
 SAM_ARCHS = {
@@ -53,7 +71,7 @@ class SamImageState:
     embedding: torch.Tensor  # (1, 256, 64, 64) image embedding
     original_size: tuple[int, int]  # (H, W) of the image given to SAM
     input_size: tuple[int, int]  # (h, w) after ResizeLongestSide, before padding
-    last_attn: torch.Tensor | None = None  # (heads, N, N) last encoder block, N = gh*gw
+    last_attn: torch.Tensor | None = None  # (heads, N, N) last block, N = gh*gw; encoder dtype
     last_v: torch.Tensor | None = None  # (heads, gh, gw, head_dim)
     extra: dict = field(default_factory=dict)
 
@@ -147,22 +165,29 @@ class SamModel:
         x_t = self.model.preprocess(x_t.float()).to(enc_dtype)
 
         captured: dict[str, torch.Tensor] = {}
-        attn_mod = self.model.image_encoder.blocks[-1].attn
-        if capture_last_attn:
-            # The last block's own forward, keeping what it computes anyway (no second pass)
-            attn_mod.forward = partial(_attention_keeping_probs, attn_mod, captured)
+        mods = _sam_attention_modules(self.model)
+        last = self.model.image_encoder.blocks[-1].attn
+        if capture_last_attn and (not mods or mods[-1] is not last):
+            raise WeightsError("SAM's last encoder block is not segment_anything's Attention")
+        # every block through _attention (relative positions added in place); the last one
+        # also keeps what it computes anyway when asked (no second pass)
+        for m in mods:
+            keep = captured if capture_last_attn and m is last else None
+            m.forward = partial(_attention, m, keep)
         try:
             emb = self.model.image_encoder(x_t)
         finally:
-            if capture_last_attn:
-                del attn_mod.forward  # back to the class's forward
+            for m in mods:
+                del m.forward  # back to the class's forward
         self.encoder_calls += 1
         attn, v = captured.get("attn"), captured.get("v")
         return SamImageState(
             embedding=emb.float(),
             original_size=(int(image_u8_hwc.shape[0]), int(image_u8_hwc.shape[1])),
             input_size=input_size,  # type: ignore[arg-type]
-            last_attn=None if attn is None else attn.float(),
+            # kept in the encoder's precision: (heads, N, N) is 800 MB in float32 at 64×64
+            # tokens, and its reader (Trident's aggregation) converts one row chunk at a time
+            last_attn=attn,
             last_v=None if v is None else v.float(),
         )
 

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 from zsdense.config import AnomalyPreset
 from zsdense.dense.crane import scale_layers
+from zsdense.dense.knn import search_dtype, unit_distance, unit_similarity
 from zsdense.dense.musc_backbones import (
     clip_activation,
     clip_streams,
@@ -193,6 +194,8 @@ def nearest_distance_table(
     blocked matrix products of ``block_rows`` patches at a time; a block whose both image ranges
     lie in ``rows`` is used in both directions (row and column maxima), so scoring the whole set
     costs half the products. Where the data lives changes neither the products nor the result.
+    Inside a bf16 autocast region the products run in bf16
+    (:func:`zsdense.dense.knn.unit_similarity`); float32 otherwise.
     """
     m, n, c = z_mnc.shape
     rows = range(m) if rows is None else rows
@@ -202,6 +205,10 @@ def nearest_distance_table(
     per = max(1, int(block_rows) // n)
     load = _block_loader(z_mnc, device)
     dev = z_mnc.device if isinstance(z_mnc, torch.Tensor) else torch.device(device or "cpu")
+    dt = search_dtype("autocast", dev)  # float32 unless inside a bf16 autocast region
+    if dt != torch.float32:
+        loaded = load
+        load = lambda i0, i1: loaded(i0, i1).to(dt)  # noqa: E731
     d = torch.full((r1 - r0, n, m), float("inf"), dtype=torch.float32, device=dev)
     a_blocks = _blocks(r0, r1, per)
     b_blocks = _blocks(0, r0, per) + a_blocks + _blocks(r1, m, per)
@@ -218,13 +225,14 @@ def nearest_distance_table(
                     continue  # filled from block (b, a) in both directions
                 if zb is None:
                     zb = load(b0, b1)
-                s = za @ zb.t()  # (Ba·N, Bb·N)
+                s = unit_similarity(za, zb, dt)  # (Ba·N, Bb·N): za @ zb.t() in float32
                 ba, bb = a1 - a0, b1 - b0
                 row = s.view(ba * n, bb, n).amax(dim=2)  # best match of each query patch per image
-                d[a0 - r0 : a1 - r0, :, b0:b1] = _dist(row).view(ba, n, bb)
+                d[a0 - r0 : a1 - r0, :, b0:b1] = unit_distance(row, dt).view(ba, n, bb)
                 if inside and b0 != a0:
                     col = s.view(ba, n, bb * n).amax(dim=1)  # (Ba, Bb·N): image b's patches vs a
-                    d[b0 - r0 : b1 - r0, :, a0:a1] = _dist(col).view(ba, bb, n).permute(1, 2, 0)
+                    col = unit_distance(col, dt)
+                    d[b0 - r0 : b1 - r0, :, a0:a1] = col.view(ba, bb, n).permute(1, 2, 0)
             del zb
         del group
     idx = torch.arange(r0, r1, device=d.device)
@@ -234,10 +242,6 @@ def nearest_distance_table(
 
 def _blocks(lo: int, hi: int, per: int) -> list[tuple[int, int]]:
     return [(s, min(s + per, hi)) for s in range(lo, hi, per)]
-
-
-def _dist(sim: torch.Tensor) -> torch.Tensor:
-    return (2.0 - 2.0 * sim).clamp_min_(0.0).sqrt_()
 
 
 @torch.no_grad()
@@ -552,7 +556,8 @@ def run_musc(
             (lambda layer=layer: torch.stack([f["tokens"][layer] for f in feats]))
             for layer in info["layers"]
         ]
-        patch = musc_patch_scores(tokens, grid, cfg.musc_r, cfg.musc_topmin, device=rt.device)
+        with rt.autocast():  # the distance products at the runtime's precision
+            patch = musc_patch_scores(tokens, grid, cfg.musc_r, cfg.musc_topmin, device=rt.device)
         del feats, tokens
     else:
         if cache_dir is not None:
@@ -576,9 +581,10 @@ def run_musc(
                         st.write(len(embed_list), f["tokens"][layer].unsqueeze(0))
                     embed_list.append(f["embed"])
             embeds = torch.stack(embed_list)
-            patch = musc_patch_scores(
-                list(stacks.values()), grid, cfg.musc_r, cfg.musc_topmin, device=rt.device
-            )
+            with rt.autocast():  # the distance products at the runtime's precision
+                patch = musc_patch_scores(
+                    list(stacks.values()), grid, cfg.musc_r, cfg.musc_topmin, device=rt.device
+                )
     maps64 = upsample_aligned(patch, grid, cfg.image_size)  # (M, S, S) float64
     if cfg.sigma and cfg.sigma > 0:
         from zsdense.dense.smoothing import smooth_maps

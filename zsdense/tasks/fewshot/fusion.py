@@ -20,10 +20,10 @@ from zsdense.tasks import crane_head
 from zsdense.tasks.anomaly_registry import RawScore
 from zsdense.tasks.anomaly_result import AnomalyResult
 from zsdense.tasks.fewshot.options import FewShotOptions
-from zsdense.tasks.fewshot.run import FewShotState, fewshot_raw, fewshot_state
+from zsdense.tasks.fewshot.run import FewShotState, decided_results, fewshot_raw, fewshot_state
 from zsdense.tasks.fewshot.scoring import reference_maps
 from zsdense.tasks.good_images import is_bank, resolve_images, score_good_images, single
-from zsdense.tasks.thresholds import Default, resolve_thresholds
+from zsdense.tasks.thresholds import Default
 
 FUSION_RULES = ("mean", "max")
 
@@ -279,22 +279,16 @@ def run_crane_fewshot(
         images = single(reference)
     copts = crane_side_options(crane_preset, object_name, crane_options)
     state = fused_state(rt, few, copts, images, weight=weight, rule=rule)
-    raws = fused_raw(rt, ctxs, state)
-    calibrate = None
-    if calibrate_with is not None:
-        from zsdense.tasks.good_images import calibration_values
-
-        def calibrate():
-            return calibration_values(rt, calibrate_with, lambda cs: fused_raw(rt, cs, state))
-
-    th = resolve_thresholds(
+    return decided_results(
+        rt,
+        lambda cs: fused_raw(rt, cs, state),
+        ctxs,
+        default=lambda: fused_default(state),
         threshold=threshold,
         image_threshold=image_threshold,
-        calibrate=calibrate,
-        percentile=calibrate_percentile,
-        default=lambda: fused_default(state),
+        calibrate_with=calibrate_with,
+        calibrate_percentile=calibrate_percentile,
     )
-    return [AnomalyResult.from_raw(r, th, rt.result_meta()) for r in raws]
 
 
 def add_crane_stats(

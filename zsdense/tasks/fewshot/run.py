@@ -157,19 +157,45 @@ def run_fewshot(
     if not ctxs:
         return []
     state = fewshot_state(rt, reference, options, object_name, dataset)
-    raws = fewshot_raw(rt, ctxs, state)
+    return decided_results(
+        rt,
+        lambda cs: fewshot_raw(rt, cs, state),
+        ctxs,
+        default=lambda: reference_default(state),
+        threshold=threshold,
+        image_threshold=image_threshold,
+        calibrate_with=calibrate_with,
+        calibrate_percentile=calibrate_percentile,
+    )
+
+
+def decided_results(
+    rt,
+    score,
+    ctxs: list,
+    *,
+    default,
+    threshold: float | None,
+    image_threshold: float | None,
+    calibrate_with: Any,
+    calibrate_percentile: float | None,
+) -> list[AnomalyResult]:
+    """``score(ctxs)``'s raw results decided as every preset decides
+    (:func:`~zsdense.tasks.thresholds.resolve_thresholds`): fixed values, else calibrated on
+    ``calibrate_with`` scored by the same ``score``, else ``default()``."""
+    raws = score(ctxs)
     calibrate = None
     if calibrate_with is not None:
 
         def calibrate():
-            return calibration_values(rt, calibrate_with, lambda cs: fewshot_raw(rt, cs, state))
+            return calibration_values(rt, calibrate_with, score)
 
     th = resolve_thresholds(
         threshold=threshold,
         image_threshold=image_threshold,
         calibrate=calibrate,
         percentile=calibrate_percentile,
-        default=lambda: reference_default(state),
+        default=default,
     )
     return [AnomalyResult.from_raw(r, th, rt.result_meta()) for r in raws]
 

@@ -1,0 +1,303 @@
+"""The reduced-precision (bf16) paths below the heads: each stays within its stated tolerance of
+float32, and float32 itself is untouched (the exact path the fixtures are matched on).
+
+Everything here is tiny, so it also runs (slower, emulated) on CPUs without native bf16.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+BF16 = torch.bfloat16
+
+
+def _bf16_autocast():
+    return torch.autocast("cpu", dtype=BF16)
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x, dim=-1)
+
+
+# ---- nearest neighbours (few-shot kNN) ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bank():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(40, 64, generator=g)
+    rows = _unit(
+        centres[torch.randint(0, 40, (3000,), generator=g)]
+        + 0.6 * torch.randn(3000, 64, generator=g)
+    )
+    queries = _unit(
+        centres[torch.randint(0, 40, (300,), generator=g)] + 0.6 * torch.randn(300, 64, generator=g)
+    )
+    queries[:30] = _unit(torch.randn(30, 64, generator=g))  # far from everything ("anomalous")
+    return queries, [rows[:1700], rows[1700:]]
+
+
+def _exact(queries, blocks):
+    rows = torch.cat(blocks).double()
+    d = torch.cdist(queries.double(), rows).square()
+    return d.min(dim=1).values, d
+
+
+def test_knn_bf16_search_within_tolerance_and_refined(bank):
+    from zsdense.dense.knn import knn_search
+
+    q, blocks = bank
+    with _bf16_autocast():
+        d, i = knn_search(q, blocks, 1, budget_bytes=64 << 10)  # small blocks: many steps
+    best, full = _exact(q, blocks)
+    chosen = full.gather(1, i).squeeze(1)
+    # the returned distance is the exact (float32) distance to the returned row ...
+    assert torch.allclose(d.squeeze(1).double(), chosen, atol=1e-5)
+    # ... and that row is the nearest to within bf16 ranking (2^-9 of the distance, measured
+    # 0.5 % at most; asserted at 2 %)
+    assert torch.all(chosen <= best * 1.02 + 1e-6)
+    d32, i32 = knn_search(q, blocks, 1)
+    assert (i == i32).float().mean() > 0.8
+    assert not torch.equal(i, i32) or not torch.equal(d, d32)  # bf16 really ran
+
+
+def test_knn_float32_is_exact_inside_autocast_and_for_raw_features(bank):
+    from zsdense.dense.knn import knn_search
+
+    q, blocks = bank
+    ref = knn_search(q, blocks, 3)
+    with _bf16_autocast():
+        forced = knn_search(q, blocks, 3, dtype=torch.float32)
+        raw = knn_search(q * 20.0, [b * 20.0 for b in blocks], 3)  # |m|² = 400: not normalised
+    assert torch.equal(forced[0], ref[0]) and torch.equal(forced[1], ref[1])
+    ref_raw = knn_search(q * 20.0, [b * 20.0 for b in blocks], 3)
+    assert torch.equal(raw[0], ref_raw[0]) and torch.equal(raw[1], ref_raw[1])
+
+
+def test_knn_bf16_copy_made_once_per_block_and_renewed_after_change(bank):
+    from zsdense.dense import knn
+
+    q, blocks = bank
+    block = blocks[0].clone()
+    with _bf16_autocast():
+        knn.knn_search(q, [block], 1)
+        first = knn._CAST_CACHE[(id(block), BF16)][2]
+        knn.knn_search(q, [block], 1)
+        assert knn._CAST_CACHE[(id(block), BF16)][2] is first  # reused
+        block.mul_(-1.0)  # modified in place: a new copy
+        knn.knn_search(q, [block], 1)
+        assert knn._CAST_CACHE[(id(block), BF16)][2] is not first
+    key = (id(block), BF16)
+    del block
+    assert key not in knn._CAST_CACHE  # dropped with its block
+
+
+def test_unit_similarity_float32_is_the_plain_product_and_bf16_close():
+    from zsdense.dense.knn import unit_distance, unit_similarity
+
+    g = torch.Generator().manual_seed(1)
+    a = _unit(torch.randn(50, 32, generator=g))
+    b = _unit(a[:40] + 0.1 * torch.randn(40, 32, generator=g))
+    s = unit_similarity(a, b, torch.float32)
+    assert torch.equal(s, a @ b.t())
+    assert torch.equal(unit_distance(s, torch.float32), (2.0 - 2.0 * s).clamp_min(0.0).sqrt())
+    t = unit_similarity(a.to(BF16), b.to(BF16), BF16)
+    exact = torch.cdist(a.double(), b.double())
+    got = unit_distance(t, BF16)
+    assert got.dtype == torch.float32
+    # close pairs keep their distance to ~1e-2 (the shifted product: s − 1 near 0)
+    near = exact < 0.5
+    assert near.any()
+    assert (got.double() - exact)[near].abs().max() < 0.02
+
+
+def test_musc_distances_in_bf16_close_to_float32():
+    from zsdense.tasks.musc import mutual_scores
+
+    g = torch.Generator().manual_seed(2)
+    z = _unit(torch.randn(6, 49, 32, generator=g) + torch.randn(1, 49, 32, generator=g))
+    ref = mutual_scores(z)
+    with _bf16_autocast():
+        got = mutual_scores(z)
+    assert got.dtype == torch.float32
+    assert not torch.equal(got, ref)
+    assert (got - ref).abs().max() < 0.01 * ref.abs().max()
+
+
+# ---- E-Attn on the CPU in bf16 ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attn_type", ["qq+kk+vv", "(q+k+v)^2", "vv"])
+def test_dual_attention_bf16_materialised_close_to_float64(attn_type):
+    from zsdense.dense.attention import dual_attention_heads
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 3, 37, 16, generator=g) for _ in range(3))
+    ref_p, ref_c = dual_attention_heads(q.double(), k.double(), v.double(), attn_type)
+    p, c = dual_attention_heads(q.to(BF16), k.to(BF16), v.to(BF16), attn_type)
+    assert p.dtype == c.dtype == BF16
+    # bf16 keeps 8 bits: outputs of magnitude ~3 within a few of their last places
+    assert (p.double() - ref_p).abs().max() < 0.05 * ref_p.abs().max()
+    assert (c.double() - ref_c).abs().max() < 0.05 * ref_c.abs().max()
+    _, c_only = dual_attention_heads(
+        q.to(BF16), k.to(BF16), v.to(BF16), attn_type, with_plain=False
+    )
+    assert torch.equal(c_only, c)
+
+
+def test_dual_attention_chunking_does_not_change_the_result(monkeypatch):
+    """Whole heads per chunk, one head per chunk, and blocks of rows of one head agree."""
+    from zsdense.dense import attention as A
+
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 4, 50, 8, generator=g).to(BF16) for _ in range(3))
+    outs = []
+    for budget in (1 << 20, 50 * 50 * 2, 20 * 50 * 2):  # all slices / one slice / 20 rows
+        monkeypatch.setattr(A, "ATTN_CHUNK_BYTES", budget)
+        outs.append(A.dual_attention_heads(q, k, v))
+    for p, c in outs[1:]:
+        assert (p.float() - outs[0][0].float()).abs().max() < 0.02
+        assert (c.float() - outs[0][1].float()).abs().max() < 0.05
+
+
+def test_dual_attention_float32_keeps_the_fused_kernel(monkeypatch):
+    from zsdense.dense import attention as A
+
+    called = []
+    monkeypatch.setattr(A, "_dual_attention_materialised", lambda *a: called.append(1))
+    q = torch.randn(1, 2, 10, 8)
+    A.dual_attention_heads(q, q, q)
+    assert not called
+
+
+# ---- SAM mask decoder in bf16 ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_sams():
+    from zsdense.models import _cast
+    from zsdense.models.sam import build_sam
+
+    return build_sam("vit_b", tiny=True), _cast(build_sam("vit_b", tiny=True), BF16)
+
+
+def _prompts(n: int = 8):
+    g = torch.Generator().manual_seed(5)
+    return torch.rand(n, 1, 2, generator=g) * 1000, torch.ones(n, 1, dtype=torch.int)
+
+
+def test_decoder_for_float32_is_the_model_and_bf16_a_cached_copy(tiny_sams):
+    from zsdense.models.sam_proposals import ReducedDecoderSam, decoder_for
+
+    s32, s16 = tiny_sams
+    assert decoder_for(s32) is s32.model
+    red = decoder_for(s16)
+    assert isinstance(red, ReducedDecoderSam) and decoder_for(s16) is red
+    assert red.mask_decoder.iou_token.weight.dtype == BF16
+    assert s16.model.mask_decoder.iou_token.weight.dtype == torch.float32  # predictors' own
+
+
+def test_reduced_decoding_is_the_same_model_rearranged(tiny_sams):
+    """decode_points_reduced on a float32 copy of the decoder equals the reference-order
+    decode_points up to float rounding: the rearrangement changes no arithmetic."""
+    from zsdense.models import sam_proposals as SP
+
+    s32, _ = tiny_sams
+    g = torch.Generator().manual_seed(6)
+    emb = torch.randn(1, 256, 64, 64, generator=g)
+    coords, labels = _prompts()
+    m32 = SP.ReducedDecoderSam(s32.model, torch.float32)
+    side = SP.decoder_image_side(m32, emb)
+    ref_low, ref_iou = SP.decode_points(
+        s32.model, SP.decoder_image_side(s32.model, emb), coords, labels
+    )
+    low, iou = SP.decode_points_reduced(m32, side, coords, labels)
+    assert low.shape == ref_low.shape and iou.shape == ref_iou.shape
+    assert torch.allclose(low, ref_low, atol=1e-4 * ref_low.abs().max())
+    assert torch.allclose(iou, ref_iou, atol=1e-5)
+
+
+def test_reduced_decoding_in_bf16_close_to_float32(tiny_sams):
+    from zsdense.models import sam_proposals as SP
+
+    s32, s16 = tiny_sams
+    g = torch.Generator().manual_seed(7)
+    emb = torch.randn(1, 256, 64, 64, generator=g)
+    coords, labels = _prompts()
+    ref_low, ref_iou = SP.decode_points(
+        s32.model, SP.decoder_image_side(s32.model, emb), coords, labels
+    )
+    with _bf16_autocast():
+        red = SP.decoder_for(s16)
+        low, iou = SP.decode_in_chunks(red, SP.decoder_image_side(red, emb), coords, labels)
+    assert low.dtype == BF16
+    scale = float(ref_low.abs().max())
+    assert (low.float() - ref_low).abs().max() < 0.03 * scale
+    assert (iou.float() - ref_iou).abs().max() < 0.01
+    assert ((low.float() > 0) == (ref_low > 0)).float().mean() > 0.99
+
+
+def test_prompt_encoder_positional_features_stay_float32(tiny_sams):
+    from zsdense.models.sam_proposals import decoder_for
+
+    s32, s16 = tiny_sams
+    coords, labels = _prompts(4)
+    with _bf16_autocast():
+        sparse, dense = decoder_for(s16).prompt_encoder(points=(coords, labels))
+        pe = decoder_for(s16).prompt_encoder.get_dense_pe()
+    ref_sparse, _ = s32.model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+    assert sparse.dtype == BF16 and pe.dtype == torch.float32
+    # only the final cast to bf16 (2^-9 relative), not bf16 sin/cos arguments (~0.1 off)
+    assert (sparse.float() - ref_sparse).abs().max() <= 2**-8 * ref_sparse.abs().max()
+    assert torch.equal(pe, s32.model.prompt_encoder.get_dense_pe())
+
+
+# ---- per-image work outside the models: the same outputs, less work --------------------------
+
+
+def test_close_to_rounded_decides_like_allclose():
+    from zsdense.models.clip import _close_to_rounded
+
+    rng = np.random.default_rng(0)
+    u8 = rng.integers(0, 256, (20, 30, 3)).astype(np.float32)
+    cases = [
+        u8 / 255.0,  # decoded 8-bit
+        rng.random((20, 30, 3), dtype=np.float32),  # float data
+        (u8 + 0.002) / 255.0,  # just outside atol: decided by allclose itself
+        np.where(u8 > 250, np.nan, u8 / 255.0).astype(np.float32),
+        np.zeros((0, 4, 3), np.float32),
+    ]
+    for img in cases:
+        x = img * 255.0
+        r = np.round(x)
+        assert _close_to_rounded(r, x) == bool(np.allclose(r, x, atol=1e-3))
+
+
+def test_jet_colors_in_place_equals_the_formula():
+    from zsdense.io.writers import jet_colors
+
+    x = np.linspace(-0.2, 1.2, 257, dtype=np.float32).reshape(1, 257)
+    xc = np.clip(x, 0.0, 1.0)
+    want = np.stack([np.clip(1.5 - np.abs(4.0 * xc - c), 0.0, 1.0) for c in (3.0, 2.0, 1.0)], -1)
+    assert np.array_equal(jet_colors(x), want)
+    assert jet_colors(np.float32(0.5)).shape == (3,)
+
+
+def test_float_maps_are_written_uncompressed_unless_asked(tmp_path):
+    import tifffile
+
+    from zsdense.io.writers import write_map_tiff
+
+    a = np.random.default_rng(0).random((2, 30, 40)).astype(np.float32)
+    plain = write_map_tiff(tmp_path / "a.map.tiff", a)
+    zipped = write_map_tiff(tmp_path / "b.map.tiff", a, compression="zlib")
+    for path, want in ((plain, 1), (zipped, 8)):  # TIFF compression tags: none, deflate
+        with tifffile.TiffFile(path) as tf:
+            assert int(tf.pages[0].compression) == want
+        assert np.array_equal(tifffile.imread(path), a)
+    assert math.isclose(plain.stat().st_size, a.nbytes, rel_tol=0.05)
