@@ -11,7 +11,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import click
 
-from zsdense.config import DEFAULT_BATCH_SIZE, MAX_PIXELS
+from zsdense.config import DATTN_MEAN_MODES, DEFAULT_BATCH_SIZE, MAX_PIXELS
 from zsdense.errors import ConfigError
 from zsdense.options import OUTPUT_FORMATS as FORMATS
 
@@ -62,6 +62,26 @@ def option(*decls: str, choices: Mapping | Sequence[str] | None = None, **kw: An
             RegistryChoice(choices) if isinstance(choices, Mapping) else click.Choice(choices)
         )
     return click.option(*decls, **kw)
+
+
+# options several commands take with the same flag, type and meaning (each words its own help)
+
+
+def shots_option(help: str) -> Callable:
+    """``--shots N``: use only the first N good images (N >= 1)."""
+    return option("--shots", type=click.IntRange(min=1), help=help)
+
+
+def thresholds_option(help: str) -> Callable:
+    """``--thresholds FILE`` (``thresholds_file``): an existing thresholds.json."""
+    return option(
+        "--thresholds", "thresholds_file", type=click.Path(exists=True, dir_okay=False), help=help
+    )
+
+
+def dattn_mean_option(help: str) -> Callable:
+    """``--dattn-mean image|batch``: Crane+'s D-Attn mean per image or over the batch."""
+    return option("--dattn-mean", choices=DATTN_MEAN_MODES, help=help)
 
 
 def _apply(f: Callable, opts: dict[str, Callable], exclude: Sequence[str] = ()) -> Callable:

@@ -15,7 +15,13 @@ import time
 
 import click
 
-from zsdense.cli.common import make_runtime, runtime_options
+from zsdense.cli.common import (
+    make_runtime,
+    option,
+    runtime_options,
+    shots_option,
+    thresholds_option,
+)
 from zsdense.config import FEWSHOT_PRESET_NAMES, KNN_METRICS
 from zsdense.errors import ConfigError
 
@@ -27,61 +33,40 @@ def memory_group() -> None:
 
 @memory_group.command("build")
 @click.argument("good", nargs=-1, required=True)
-@click.option(
-    "--out",
-    "out_path",
-    required=True,
-    type=click.Path(dir_okay=False),
+@option(
+    "--out", "out_path", required=True, type=click.Path(dir_okay=False),
     help="The bank file to write (.zsdmem).",
-)
-@click.option(
-    "--preset",
-    type=click.Choice(FEWSHOT_PRESET_NAMES),
-    default="anomalydino",
-    show_default=True,
+)  # fmt: skip
+@option(
+    "--preset", choices=FEWSHOT_PRESET_NAMES, default="anomalydino", show_default=True,
     help="Few-shot method and its published settings.",
-)
-@click.option("--model", "model_name", default=None, help="DINOv2 registry name (dinov2-small).")
-@click.option("--image-size", type=click.IntRange(min=14), default=None, help="Smaller edge (448).")
-@click.option("--shots", type=click.IntRange(min=1), default=None, help="Use the first N images.")
-@click.option("--object", "object_name", default=None, help="Object name (decides masking).")
-@click.option(
-    "--dataset",
-    default=None,
-    help="mvtec | visa: the reference's per-dataset masking/rotation table.",
-)
-@click.option(
-    "--preprocess",
-    default="agnostic",
-    show_default=True,
+)  # fmt: skip
+@option("--model", "model_name", help="DINOv2 registry name (dinov2-small).")
+@option("--image-size", type=click.IntRange(min=14), help="Smaller edge (448).")
+@shots_option("Use the first N images.")
+@option("--object", "object_name", help="Object name (decides masking).")
+@option("--dataset", help="mvtec | visa: the reference's per-dataset masking/rotation table.")
+@option(
+    "--preprocess", default="agnostic", show_default=True,
     help="The reference's preprocessing mode (agnostic, informed, masking_only, ...).",
-)
-@click.option("--rotation/--no-rotation", default=None, help="8 rotations of each good image.")
-@click.option("--masking/--no-masking", default=None, help="PCA foreground masking.")
-@click.option(
-    "--mask-ref-images", is_flag=True, default=None, help="Also mask the good images' patches."
-)
-@click.option(
-    "--knn-metric",
-    type=click.Choice(KNN_METRICS),
-    default=None,
+)  # fmt: skip
+@option("--rotation/--no-rotation", default=None, help="8 rotations of each good image.")
+@option("--masking/--no-masking", default=None, help="PCA foreground masking.")
+@option("--mask-ref-images", is_flag=True, default=None, help="Also mask the good images' patches.")
+@option(
+    "--knn-metric", choices=KNN_METRICS,
     help="L2_normalized (1 - cos, the paper) or L2 on raw features.",
-)
-@click.option(
+)  # fmt: skip
+@option(
     "--crane-preset",
-    default=None,
     help="Also store Crane's statistics on these images (crane+fewshot from the bank).",
 )
-@click.option(
-    "--thresholds",
-    "thresholds_file",
-    type=click.Path(exists=True, dir_okay=False),
-    default=None,
-    help="Keep these thresholds (a thresholds.json from a calibrated run, `zsdense decide` or "
+@thresholds_option(
+    "Keep these thresholds (a thresholds.json from a calibrated run, `zsdense decide` or "
     "`zsdense eval anomaly`) in the bank: `zsdense anomaly --reference BANK` then uses them "
-    "when no threshold option is given.",
+    "when no threshold option is given."
 )
-@click.option("--force", is_flag=True, default=False, help="Overwrite an existing bank.")
+@option("--force", is_flag=True, default=False, help="Overwrite an existing bank.")
 @runtime_options
 def build_cmd(
     good,

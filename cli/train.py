@@ -11,8 +11,8 @@ import time
 
 import click
 
-from zsdense.cli.common import RegistryChoice, make_runtime, runtime_options
-from zsdense.config import DATTN_MEAN_MODES, TRAIN_CACHE_MODES
+from zsdense.cli.common import dattn_mean_option, make_runtime, option, runtime_options
+from zsdense.config import TRAIN_CACHE_MODES
 from zsdense.eval.protocols import ANOMALY_LAYOUT_CHOICES
 from zsdense.train.recipe import RECIPES
 
@@ -65,80 +65,52 @@ class _Progress:
 
 @click.command("train-prompts")
 @click.argument("data", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
-@click.option(
-    "--out",
-    "out_dir",
-    required=True,
-    type=click.Path(file_okay=False),
+@option(
+    "--out", "out_dir", required=True, type=click.Path(file_okay=False),
     help="Run folder: epoch_N.safetensors, best.safetensors, train.jsonl, state.",
-)
-@click.option(
-    "--preset",
-    type=RegistryChoice(RECIPES),
-    default="crane",
-    show_default=True,
+)  # fmt: skip
+@option(
+    "--preset", choices=RECIPES, default="crane", show_default=True,
     help="crane (E-Attn, 4 aliased block-24 maps) or crane+ (plus DINOv2 D-Attn).",
-)
-@click.option("--epochs", type=int, default=None, help="Epochs (Crane: 5).")
-@click.option("--batch-size", type=int, default=None, help="Images per step (Crane: 8).")
-@click.option("--lr", type=float, default=None, help="Adam learning rate (Crane: 1e-3).")
-@click.option("--seed", type=int, default=None, help="Prompt init and data order (Crane: 111).")
-@click.option(
-    "--val",
-    "val",
-    multiple=True,
-    type=click.Path(exists=True, file_okay=False),
+)  # fmt: skip
+@option("--epochs", type=int, help="Epochs (Crane: 5).")
+@option("--batch-size", type=int, help="Images per step (Crane: 8).")
+@option("--lr", type=float, help="Adam learning rate (Crane: 1e-3).")
+@option("--seed", type=int, help="Prompt init and data order (Crane: 111).")
+@option(
+    "--val", "val", multiple=True, type=click.Path(exists=True, file_okay=False),
     help="Validation set (same layouts): image and pixel AUROC after each epoch; "
     "best.safetensors follows their mean.",
-)
-@click.option(
-    "--resume",
-    is_flag=True,
-    default=False,
+)  # fmt: skip
+@option(
+    "--resume", is_flag=True, default=False,
     help="Continue the run in --out where it stopped (bit for bit).",
-)
-@click.option("--image-size", type=int, default=None, help="Input size (Crane: 518).")
-@click.option(
-    "--cache-features",
-    type=click.Choice(TRAIN_CACHE_MODES),
-    default="auto",
-    show_default=True,
+)  # fmt: skip
+@option("--image-size", type=int, help="Input size (Crane: 518).")
+@option(
+    "--cache-features", choices=TRAIN_CACHE_MODES, default="auto", show_default=True,
     help="Compute the frozen encoders' features once instead of every batch "
     "(auto: when the recipe allows; Crane+ with --dattn-mean batch does not).",
-)
-@click.option(
-    "--micro-batch",
-    type=int,
-    default=None,
+)  # fmt: skip
+@option(
+    "--micro-batch", type=int,
     help="Gradient accumulation: at most this many images through the text tower at "
     "once (same step, less memory).",
-)
-@click.option(
-    "--dattn-mean",
-    type=click.Choice(DATTN_MEAN_MODES),
-    default=None,
-    help="crane+: D-Attn mean per image (default) or over the batch (as run).",
-)
-@click.option(
-    "--reference-dice",
-    is_flag=True,
-    default=False,
+)  # fmt: skip
+@dattn_mean_option("crane+: D-Attn mean per image (default) or over the batch (as run).")
+@option(
+    "--reference-dice", is_flag=True, default=False,
     help="Reproduce the reference's Dice on a final batch of one image (rows as images).",
-)
-@click.option(
-    "--layout",
-    type=click.Choice(ANOMALY_LAYOUT_CHOICES),
-    default="auto",
-    show_default=True,
+)  # fmt: skip
+@option(
+    "--layout", choices=ANOMALY_LAYOUT_CHOICES, default="auto", show_default=True,
     help="Dataset layout of DATA and --val.",
-)
-@click.option(
-    "--export-pth",
-    is_flag=True,
-    default=False,
+)  # fmt: skip
+@option(
+    "--export-pth", is_flag=True, default=False,
     help="Also write best.pth in the layout Crane's train.py saves (loads in Crane).",
-)
-@click.option("--quiet", "-q", is_flag=True, default=False, help="No progress output.")
+)  # fmt: skip
+@option("--quiet", "-q", is_flag=True, default=False, help="No progress output.")
 @runtime_options(exclude=("batch_size", "max_pixels"))
 def train_prompts_cmd(
     data,

@@ -30,7 +30,7 @@ def _cli(args, capsys):
     return int(e.value.code or 0), cap.out, cap.err
 
 
-def test_help_imports_no_torch_and_is_fast():
+def test_help_imports_no_torch_and_is_fast(tmp_path):
     code = (
         "import sys, time, io, contextlib\n"
         "t0 = time.perf_counter()\n"
@@ -50,7 +50,9 @@ def test_help_imports_no_torch_and_is_fast():
         "out['total'] = time.perf_counter() - t0\n"
         "import json; print(json.dumps(out))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     for cmd in HELP_CMDS:
@@ -167,7 +169,7 @@ for args in (
     _img(d / "a.png")
     _img(d / "b.png", 90)
     proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=tmp_path
     )
     assert proc.returncode == 0, proc.stderr
     want = 0o666 & ~umask
@@ -207,9 +209,7 @@ def test_bank_keeps_thresholds_and_anomaly_uses_them(tmp_path, capsys):
         "belongs_to": {"preset": "anomalydino", "models": "tiny"},
     }))  # fmt: skip
     bank = tmp_path / "b.zsdmem"
-    code, _, err = _cli(
-        ["memory", "build", d, "--out", bank, *TINY, "--thresholds", th], capsys
-    )
+    code, _, err = _cli(["memory", "build", d, "--out", bank, *TINY, "--thresholds", th], capsys)
     assert code == 0, err
     out = tmp_path / "o"
     code, _, err = _cli(

@@ -116,7 +116,7 @@ def test_decide_without_a_model_matches_a_fresh_run(run_dir, tmp_path):
         "print('SECONDS', time.perf_counter() - t, file=sys.stderr)\n"
     )
     proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path
     )
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
@@ -165,9 +165,7 @@ def test_decide_without_a_model_matches_a_fresh_run(run_dir, tmp_path):
         ).read_bytes()
 
 
-def test_resume_after_decide_refuses_old_thresholds_and_resumes_decided(
-    run_dir, tmp_path, capsys
-):
+def test_resume_after_decide_refuses_old_thresholds_and_resumes_decided(run_dir, tmp_path, capsys):
     data, out = _copy(run_dir, tmp_path)
     thr = _quantile_threshold(out, 0.9)
     assert _cli(["decide", out, "--threshold", thr, "-q"], capsys)[0] == 0

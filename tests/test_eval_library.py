@@ -192,6 +192,7 @@ def test_sigkill_mid_run_then_resume(tmp_path):
         [sys.executable, str(script), str(data), str(out)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        cwd=tmp_path,
     )
     try:
         deadline = time.monotonic() + 120

@@ -195,7 +195,7 @@ def test_to_float_rgb_accepted_shapes_dtypes_and_non_finite() -> None:
 # ---------------------------------------------------------------------------------- structure
 
 
-def test_medical_dependencies_imported_only_in_their_modules() -> None:
+def test_medical_dependencies_imported_only_in_their_modules(tmp_path) -> None:
     root = Path(readers_pkg.__file__).parent
     where: dict[str, set[str]] = {"pydicom": set(), "nibabel": set()}
     for py in root.glob("*.py"):
@@ -211,7 +211,9 @@ def test_medical_dependencies_imported_only_in_their_modules() -> None:
                     where[top].add(py.name)
     assert where == {"pydicom": {"dicom.py"}, "nibabel": {"nifti.py"}}
     code = "import sys, zsdense.io; print('pydicom' in sys.modules, 'nibabel' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path
+    )
     assert out.stdout.split() == ["False", "False"]
 
 

@@ -58,7 +58,7 @@ def _peak_mb(args: list, tmp: Path) -> float:
     """Peak RSS (MB) of one CLI run in a fresh process."""
     report = tmp / f"peak-{len(list(tmp.glob('peak-*')))}.json"
     cmd = [sys.executable, "-c", _CHILD, str(report)] + [str(a) for a in args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=tmp)
     assert report.exists(), proc.stderr[-3000:]
     got = json.loads(report.read_text())
     assert got["code"] == 0, proc.stderr[-3000:]

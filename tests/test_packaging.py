@@ -46,3 +46,24 @@ def test_every_package_folder_is_declared():
 
     stale = sorted(p for p in packages if not folder(p).is_dir())
     assert not stale, f"pyproject.toml lists packages with no folder: {stale}"
+
+
+def test_python_subprocesses_of_the_tests_start_outside_the_source_tree():
+    """``python -c`` puts the working directory first on ``sys.path``: started in the checkout,
+    the source ``zsdense/`` (without ``zsdense.cli``, which installs from ``cli/``) would shadow
+    the installed package CI tests. Every subprocess a test starts names its ``cwd``."""
+    import ast
+
+    loose = []
+    for f in sorted((ROOT / "tests").rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("run", "Popen", "check_output", "check_call")
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "subprocess"
+                and "cwd" not in {k.arg for k in node.keywords}
+            ):
+                loose.append(f"{f.relative_to(ROOT)}:{node.lineno}")
+    assert not loose, f"subprocess started without cwd= (in the source tree): {loose}"

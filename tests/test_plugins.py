@@ -256,7 +256,12 @@ def test_plugins_load_lazily_and_before_the_cli_parses(site):
     )
     env = {**os.environ, "PYTHONPATH": str(site), "PYTHONWARNINGS": "ignore::FutureWarning"}
     p = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=site,
     )
     assert p.returncode == 0, p.stderr
     assert "toyrefer" in p.stdout

@@ -60,7 +60,7 @@ def test_proc_cpuinfo_answers_where_torch_cannot(cpu_flags):
 
 
 @pytest.mark.parametrize("value, native", [("native", True), ("none", False), ("NONE", False)])
-def test_environment_overrides_what_the_cpu_says(cpu_flags, monkeypatch, value, native):
+def test_environment_overrides_what_the_cpu_says(cpu_flags, monkeypatch, value, native, tmp_path):
     """$ZSDENSE_CPU_BF16 answers before the flags (both ways), in this process and in a
     subprocess (how tests and CI play a CPU of the other kind)."""
     import subprocess
@@ -73,7 +73,9 @@ def test_environment_overrides_what_the_cpu_says(cpu_flags, monkeypatch, value, 
     want = torch.bfloat16 if native else torch.float32
     assert runtime.resolve_precision("auto", CPU) == want
     code = "import torch, zsdense.runtime as r; print(r.auto_precision(torch.device('cpu'))[0])"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path
+    )
     assert out.stdout.strip() == str(want)
     monkeypatch.setenv(runtime.CPU_BF16_ENV, "")  # empty: ask the CPU again
     assert runtime.cpu_bf16_support().native is not native

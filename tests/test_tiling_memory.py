@@ -75,6 +75,7 @@ def test_tiled_run_peak_rss_is_bounded_by_the_image(tmp_path):
         capture_output=True,
         text=True,
         timeout=300,
+        cwd=tmp_path,  # not the source tree: its zsdense/ would shadow the installed package
     )
     assert r.returncode == 0, r.stderr[-2000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])

@@ -33,7 +33,7 @@ import pkgutil
 import sys
 import threading
 import warnings
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, TypeVar
 
@@ -303,3 +303,37 @@ def reload_plugins() -> list[PluginStatus]:
 def plugins_loaded() -> bool:
     """True once :func:`load_plugins` ran in this process."""
     return bool(_state["loaded"])
+
+
+# ---- what every method family does with its registries --------------------------------------
+
+
+def withdraw_method(
+    name: str, methods: MutableMapping, presets: Registry, *preset_tables: MutableMapping
+) -> list[str]:
+    """Remove method ``name`` from ``methods`` and every preset of ``presets`` that uses it,
+    with its rows in ``preset_tables`` (descriptions...); returns the presets removed. Reads
+    what is registered now (no plug-in load): for tests and plug-in reloads."""
+    methods.pop(name, None)
+    gone = [key for key, p in presets.current().items() if p.method == name]
+    for key in gone:
+        presets.pop(key)
+        for table in preset_tables:
+            table.pop(key, None)
+    return gone
+
+
+def presets_table(
+    header: Sequence[str],
+    presets: Registry,
+    methods: Mapping,
+    row: Callable[[str, Any, Any], Sequence[str]],
+) -> str:
+    """A Markdown table (README, ``zsdense info --methods``): one row per preset whose method
+    is registered, ``row(preset name, preset, method)`` giving its cells."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for key, p in presets.items():
+        m = methods.get(p.method)
+        if m is not None:
+            lines.append("| " + " | ".join(row(key, p, m)) + " |")
+    return "\n".join(lines)

@@ -58,7 +58,7 @@ from zsdense.config import (
     preset_from_spec,
 )
 from zsdense.errors import ConfigError
-from zsdense.plugins import Registry
+from zsdense.plugins import Registry, presets_table, withdraw_method
 
 # (clip, x_norm_bchw, preset, vfm_fn or None) -> (B, D, gh, gw) float, L2-normalised over D
 FeatureFn = Callable[[Any, Any, OpenVocabPreset, Any], Any]
@@ -174,11 +174,8 @@ def _build_preset(
 
 def unregister_method(name: str) -> None:
     """Remove a method, its presets and its dataset settings (tests, plug-in reloads)."""
-    METHODS.pop(name, None)
     OPENVOCAB_DATASET_PRESETS.pop(name, None)
-    for pname in [k for k, p in OPENVOCAB_PRESETS.current().items() if p.method == name]:
-        OPENVOCAB_PRESETS.pop(pname)
-        PRESET_DESCRIPTIONS.pop(pname, None)
+    withdraw_method(name, METHODS, OPENVOCAB_PRESETS, PRESET_DESCRIPTIONS)
 
 
 def get_method(name: str) -> DenseMethod:
@@ -188,12 +185,11 @@ def get_method(name: str) -> DenseMethod:
 
 def methods_table() -> str:
     """A Markdown table of the open-vocabulary presets and their methods (README, info)."""
-    rows = ["| preset | method | encoders | pipeline | what |", "|---|---|---|---|---|"]
-    for pname, p in OPENVOCAB_PRESETS.items():
-        m = METHODS.get(p.method)
-        if m is None:
-            continue
+
+    def row(pname: str, _preset: OpenVocabPreset, m: DenseMethod) -> list[str]:
         enc = ["CLIP"] + (["DINOv2"] if m.needs_vfm else []) + (["SAM"] if m.needs_sam else [])
         what = PRESET_DESCRIPTIONS.get(pname) or m.description
-        rows.append(f"| `{pname}` | {m.name} | {' + '.join(enc)} | {m.pipeline} | {what} |")
-    return "\n".join(rows)
+        return [f"`{pname}`", m.name, " + ".join(enc), m.pipeline, what]
+
+    header = ("preset", "method", "encoders", "pipeline", "what")
+    return presets_table(header, OPENVOCAB_PRESETS, METHODS, row)

@@ -32,8 +32,8 @@ from typing import Any
 
 from zsdense.config import ENGINE
 from zsdense.errors import ConfigError, ZsdenseError
+from zsdense.io.atomic import atomic_path, dumps_strict
 from zsdense.io.inputs import strip_extension
-from zsdense.io.writers import atomic_path, dumps_strict
 
 MANIFEST_NAME = "results.jsonl"
 REPORT_NAME = "report.html"

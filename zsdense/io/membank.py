@@ -147,7 +147,7 @@ def save_memory(bank: MemoryBank, path: str | os.PathLike) -> Path:
         "extra": bank.extra,
         "payload_sha256": _payload_sha256(tensors),
     }
-    from zsdense.io.writers import atomic_path  # the outputs' one file mode (umask)
+    from zsdense.io.atomic import atomic_path  # the outputs' one file mode (umask)
 
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={HEADER_KEY: json.dumps(header, sort_keys=True)})

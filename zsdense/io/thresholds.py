@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from zsdense.errors import ConfigError
-from zsdense.io.writers import to_jsonable, write_json
+from zsdense.io.atomic import to_jsonable, write_json
 
 __all__ = [
     "THRESHOLDS_NAME",

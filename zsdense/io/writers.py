@@ -1,11 +1,9 @@
-"""Write masks, label maps, float maps, overlays, COCO RLE and JSON, each one atomically.
+"""Write masks, label maps, float maps and overlays, each one atomically; every result's files.
 
-Every writer goes through :func:`atomic_path`: the encoder writes a hidden temporary file in the
-destination folder, which is renamed over the final name with ``os.replace`` only once it is
-complete. A run killed mid-write therefore leaves either the previous file or no file, never a
-half-written one, and a rerun can trust that an existing output is whole. The temporary name keeps
-the final extension (encoders pick the format from it) and starts with a dot (folder listings skip
-it).
+Every writer goes through :func:`~zsdense.io.atomic.atomic_path` (a temporary file renamed over
+the final name once complete: a killed run never leaves a half-written output). Atomic files and
+strict JSON live in :mod:`zsdense.io.atomic`, COCO RLE in :mod:`zsdense.io.rle`; both are
+re-exported here.
 
 Formats (lossless unless said otherwise):
 
@@ -19,27 +17,38 @@ Formats (lossless unless said otherwise):
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import secrets
-import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from zsdense.io.atomic import (
+    atomic_path,
+    current_umask,
+    dumps_strict,
+    output_mode,
+    to_jsonable,
+    write_json,
+)
+from zsdense.io.rle import as_mask as _as_mask
+from zsdense.io.rle import mask_to_rle, rle_to_mask, write_rle_json
+
 __all__ = [
     "atomic_path",
+    "current_umask",
+    "dumps_strict",
+    "output_mode",
     "voc_palette",
     "write_mask_png",
     "write_label_png",
     "write_map_tiff",
     "write_map_npy",
     "write_overlay_jpg",
+    "write_outputs",
+    "write_result",
     "mask_to_rle",
     "rle_to_mask",
     "write_rle_json",
@@ -50,111 +59,6 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------------------------
-# Atomic files and JSON
-# ----------------------------------------------------------------------------------------------
-
-
-_UMASK_LOCK = threading.Lock()
-
-
-def current_umask() -> int:
-    """The process's umask, read without changing it where the system says it (Linux
-    ``/proc/self/status``); else set and restored under a lock."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    with _UMASK_LOCK:
-        mask = os.umask(0o022)
-        os.umask(mask)
-    return mask
-
-
-def output_mode() -> int:
-    """The one file mode of every output: ``0o666`` minus the umask, as ``open()`` creates
-    files (so a bank or checkpoint written through a library that creates 0600 files gets the
-    same mode as a mask or a manifest)."""
-    return 0o666 & ~current_umask()
-
-
-@contextmanager
-def atomic_path(final_path: str | Path, *, fsync: bool = False) -> Iterator[Path]:
-    """Yield a temporary path next to ``final_path``; on success rename it over ``final_path``.
-
-    Parents are created. If the body raises, the temporary file is deleted and the exception
-    propagates; ``final_path`` is untouched. ``fsync=True`` also flushes the file to disk before
-    the rename (for data that must survive a power loss, not only a killed process). The file
-    gets :func:`output_mode` (the umask's mode) whatever created it (safetensors writes 0600).
-    """
-    final = Path(final_path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    name = final.name
-    ext = "".join(final.suffixes[-1:])
-    stem = name[: len(name) - len(ext)] if ext else name
-    tmp = final.parent / f".{stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}{ext}"
-    try:
-        yield tmp
-        if not tmp.exists():
-            raise RuntimeError(f"atomic_path: nothing was written to the temporary file {tmp}")
-        os.chmod(tmp, output_mode())
-        if fsync:
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        os.replace(tmp, final)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def to_jsonable(obj: Any) -> Any:
-    """Make ``obj`` strict-JSON-serialisable: non-finite floats -> None, numpy -> Python, Path ->
-    str, tuples/sets -> lists, dict keys -> str."""
-    if obj is None or isinstance(obj, (bool, str)):
-        return obj
-    if isinstance(obj, int):
-        return obj
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, np.generic):
-        return to_jsonable(obj.item())
-    if isinstance(obj, np.ndarray):
-        return to_jsonable(obj.tolist())
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, bytes):
-        return obj.decode("ascii", errors="replace")
-    if hasattr(obj, "__fspath__"):
-        return os.fspath(obj)
-    raise TypeError(f"cannot serialise {type(obj).__name__} to JSON")
-
-
-def dumps_strict(obj: Any, *, indent: int | None = None) -> str:
-    """Strict JSON text (no NaN/Infinity) of ``to_jsonable(obj)``."""
-    return json.dumps(to_jsonable(obj), allow_nan=False, ensure_ascii=False, indent=indent)
-
-
-def write_json(path: str | Path, obj: Any, *, indent: int | None = 2) -> Path:
-    """Write ``obj`` as strict JSON (UTF-8), atomically; non-finite floats become null."""
-    text = dumps_strict(obj, indent=indent) + "\n"
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return Path(path)
-
-
-# ----------------------------------------------------------------------------------------------
 # Masks, label maps, float maps
 # ----------------------------------------------------------------------------------------------
 
@@ -162,13 +66,6 @@ def write_json(path: str | Path, obj: Any, *, indent: int | None = 2) -> Path:
 # zlib level of the mask / label PNGs: 1 wrote a 480×640 mask in 1.6 ms against 2.6 ms at
 # PIL's default 6 (the same pixels; a few KB larger)
 PNG_LEVEL = 1
-
-
-def _as_mask(mask: np.ndarray) -> np.ndarray:
-    m = np.asarray(mask)
-    if m.ndim != 2:
-        raise ValueError(f"mask must be (H, W), got shape {m.shape}")
-    return m if m.dtype == np.bool_ else m != 0
 
 
 def write_mask_png(path: str | Path, mask: np.ndarray) -> Path:
@@ -374,6 +271,19 @@ def _caption_layout(caption: str, font: Any, width: int) -> tuple[list[str], int
     return lines, line_h, line_h * len(lines) + 8
 
 
+@dataclass
+class _Layers:
+    """What an overlay blends over its image, each resized to the image (None: not drawn)."""
+
+    heat: np.ndarray | None = None  # (H, W) float32
+    lo: float = 0.0  # heat normalisation range
+    hi: float = 1.0
+    labels: np.ndarray | None = None  # (H, W) uint8
+    palette: np.ndarray | None = None  # (256, 3) uint8
+    mask: np.ndarray | None = None  # (H, W) bool, drawn as an outline
+    width: int = 1  # outline thickness
+
+
 def write_overlay_jpg(
     path: str | Path,
     image: np.ndarray,
@@ -404,85 +314,141 @@ def write_overlay_jpg(
     picture (3 bytes a pixel, plus Pillow's copy) and a few MB of float temporaries, not several
     float copies of the image.
     """
-    img = np.asarray(image)
-    if img.ndim != 2 and (img.ndim != 3 or img.shape[2] != 3):
-        raise ValueError(f"image must be (H, W, 3), got shape {img.shape}")
-    if img.ndim == 2:
-        img = img[:, :, None]
+    img = _overlay_image(image)
     hw = (img.shape[0], img.shape[1])
     step = max(1, OVERLAY_STRIP_VALUES // max(1, hw[1] * 3))
-    h = lo = hi = None
+    layers = _Layers()
     if heat is not None:
-        h = _resize(np.asarray(heat, dtype=np.float32), hw, nearest=False)
-        rng = _finite_range(h, step) if vmin is None or vmax is None else None
-        lo = vmin if vmin is not None else (rng[0] if rng else 0.0)
-        hi = vmax if vmax is not None else (rng[1] if rng else 1.0)
+        layers.heat, layers.lo, layers.hi = _heat_layer(heat, hw, vmin, vmax, step)
     legend: list[tuple[str, tuple[int, int, int]]] = []
-    lab = pal = None
     if labels is not None:
-        lab = _resize(_check_labels(labels), hw, nearest=True)
-        pal = _palette_array(palette, int(lab.max()) + 1 if lab.size else 1)
+        layers.labels = _resize(_check_labels(labels), hw, nearest=True)
+        lab = layers.labels
+        layers.palette = _palette_array(palette, int(lab.max()) + 1 if lab.size else 1)
         if class_names:
-            counts = np.bincount(lab.ravel(), minlength=256)
-            present = [int(i) for i in np.argsort(-counts, kind="stable") if counts[i] > 0]
-            for i in present[:max_legend]:
-                name = class_names[i] if i < len(class_names) else f"label {i}"
-                legend.append((str(name), tuple(int(v) for v in pal[i])))
-            if len(present) > max_legend:
-                legend.append((f"+{len(present) - max_legend} more", (0, 0, 0)))
-    m = width = None
+            legend = _legend_entries(lab, layers.palette, class_names, max_legend)
     if mask is not None:
-        m = _resize(_as_mask(mask), hw, nearest=True)
-        width = max(1, round(min(hw) / 256))
+        layers.mask = _resize(_as_mask(mask), hw, nearest=True)
+        layers.width = max(1, round(min(hw) / 256))
     font_size = max(10, min(hw) // 40)
     font = _font(font_size)
     strip_h = 0
     if caption:
         lines, line_h, strip_h = _caption_layout(caption, font, hw[1])
-    rgb = np.zeros((hw[0] + strip_h, hw[1], 3), dtype=np.uint8)  # the caption strip is black
-    color = np.asarray(mask_color, dtype=np.uint8)
+    rgb = _blend(img, layers, step, strip_h, np.asarray(mask_color, dtype=np.uint8), alpha)
+    pil = Image.fromarray(rgb)
+    del rgb
+    if legend:
+        _draw_legend(pil, legend, font, font_size)
+    if caption:
+        _draw_caption(pil, hw, lines, line_h, strip_h, font, clear=bool(legend))
+    with atomic_path(path) as tmp:
+        pil.save(tmp, format="JPEG", quality=int(quality))
+    return Path(path)
+
+
+def _overlay_image(image: np.ndarray) -> np.ndarray:
+    """The picture under an overlay as ``(H, W, C)``, C = 3 or 1 (grey, repeated when drawn)."""
+    img = np.asarray(image)
+    if img.ndim != 2 and (img.ndim != 3 or img.shape[2] != 3):
+        raise ValueError(f"image must be (H, W, 3), got shape {img.shape}")
+    return img[:, :, None] if img.ndim == 2 else img
+
+
+def _heat_layer(
+    heat: np.ndarray, hw: tuple[int, int], vmin: float | None, vmax: float | None, step: int
+) -> tuple[np.ndarray, float, float]:
+    """The heat map at the image size and its range (``vmin``/``vmax``, else its finite
+    min/max, else [0, 1])."""
+    h = _resize(np.asarray(heat, dtype=np.float32), hw, nearest=False)
+    rng = _finite_range(h, step) if vmin is None or vmax is None else None
+    lo = vmin if vmin is not None else (rng[0] if rng else 0.0)
+    hi = vmax if vmax is not None else (rng[1] if rng else 1.0)
+    return h, lo, hi
+
+
+def _legend_entries(
+    lab: np.ndarray, pal: np.ndarray, class_names: Sequence[str], max_legend: int
+) -> list[tuple[str, tuple[int, int, int]]]:
+    """(name, colour) of the labels present, largest area first, at most ``max_legend`` and a
+    "+N more" line."""
+    legend: list[tuple[str, tuple[int, int, int]]] = []
+    counts = np.bincount(lab.ravel(), minlength=256)
+    present = [int(i) for i in np.argsort(-counts, kind="stable") if counts[i] > 0]
+    for i in present[:max_legend]:
+        name = class_names[i] if i < len(class_names) else f"label {i}"
+        legend.append((str(name), tuple(int(v) for v in pal[i])))
+    if len(present) > max_legend:
+        legend.append((f"+{len(present) - max_legend} more", (0, 0, 0)))
+    return legend
+
+
+def _blend(
+    img: np.ndarray, layers: _Layers, step: int, strip_h: int, color: np.ndarray, alpha: float
+) -> np.ndarray:
+    """The uint8 picture (``strip_h`` black rows below for the caption), ``step`` rows at a
+    time: image, then heat, then labels blended with ``alpha``, then the mask outline."""
+    hw = (img.shape[0], img.shape[1])
+    rgb = np.zeros((hw[0] + strip_h, hw[1], 3), dtype=np.uint8)
     for a in range(0, hw[0], step):
         b = min(hw[0], a + step)
         part = img[a:b].astype(np.float32, copy=False)
         if part.shape[2] == 1:
             part = np.repeat(part, 3, axis=2)
         out = np.clip(part, 0.0, 1.0)
-        if h is not None:
-            hp = h[a:b]
+        if layers.heat is not None:
+            hp = layers.heat[a:b]
+            lo, hi = layers.lo, layers.hi
             finite = np.isfinite(hp)
             norm = (hp - lo) / (hi - lo) if hi > lo else np.zeros_like(hp)
             norm = np.where(finite, norm, 0.0)
             out = (1.0 - alpha) * out + alpha * jet_colors(norm)
-        if lab is not None:
-            out = (1.0 - alpha) * out + alpha * (pal[lab[a:b]].astype(np.float32) / 255.0)
+        if layers.labels is not None:
+            colours = layers.palette[layers.labels[a:b]].astype(np.float32) / 255.0
+            out = (1.0 - alpha) * out + alpha * colours
         rgb[a:b] = (np.clip(out, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-        if m is not None:  # the outline of these rows needs `width` rows of mask around them
+        if layers.mask is not None:  # the outline of these rows needs `width` rows around them
+            width = layers.width
             a0, b0 = max(0, a - width), min(hw[0], b + width)
-            edge = _outline(m[a0:b0], width)[a - a0 : a - a0 + (b - a)]
+            edge = _outline(layers.mask[a0:b0], width)[a - a0 : a - a0 + (b - a)]
             rgb[a:b][edge] = color
-    pil = Image.fromarray(rgb)
-    del rgb
-    if legend:
-        draw = ImageDraw.Draw(pil)
-        pad, sw = 4, font_size
-        sizes = [_text_size(draw, name, font) for name, _ in legend]
-        line_h_l = max(sw, max(s[1] for s in sizes)) + 2
-        box_w = pad * 3 + sw + max(s[0] for s in sizes)
-        box_h = pad * 2 + line_h_l * len(legend)
-        draw.rectangle([0, 0, box_w, box_h], fill=(255, 255, 255))
-        for k, (name, color_k) in enumerate(legend):
-            y = pad + k * line_h_l
-            draw.rectangle([pad, y, pad + sw, y + sw], fill=color_k, outline=(0, 0, 0))
-            draw.text((pad * 2 + sw, y), name, fill=(0, 0, 0), font=font)
-    if caption:
-        draw = ImageDraw.Draw(pil)
-        if legend:  # a legend taller than the image stops at its bottom edge
-            draw.rectangle([0, hw[0], hw[1], hw[0] + strip_h], fill=(0, 0, 0))
-        for k, ln in enumerate(lines):
-            draw.text((4, hw[0] + 4 + k * line_h), ln, fill=(255, 255, 255), font=font)
-    with atomic_path(path) as tmp:
-        pil.save(tmp, format="JPEG", quality=int(quality))
-    return Path(path)
+    return rgb
+
+
+def _draw_legend(
+    pil: Image.Image, legend: list[tuple[str, tuple[int, int, int]]], font: Any, font_size: int
+) -> None:
+    """A white box in the top-left corner: a colour swatch and a name per line."""
+    draw = ImageDraw.Draw(pil)
+    pad, sw = 4, font_size
+    sizes = [_text_size(draw, name, font) for name, _ in legend]
+    line_h = max(sw, max(s[1] for s in sizes)) + 2
+    box_w = pad * 3 + sw + max(s[0] for s in sizes)
+    box_h = pad * 2 + line_h * len(legend)
+    draw.rectangle([0, 0, box_w, box_h], fill=(255, 255, 255))
+    for k, (name, color_k) in enumerate(legend):
+        y = pad + k * line_h
+        draw.rectangle([pad, y, pad + sw, y + sw], fill=color_k, outline=(0, 0, 0))
+        draw.text((pad * 2 + sw, y), name, fill=(0, 0, 0), font=font)
+
+
+def _draw_caption(
+    pil: Image.Image,
+    hw: tuple[int, int],
+    lines: list[str],
+    line_h: int,
+    strip_h: int,
+    font: Any,
+    *,
+    clear: bool,
+) -> None:
+    """The caption's lines in white on the black strip under the image; ``clear`` blackens
+    the strip first (a legend taller than the image stops at its bottom edge)."""
+    draw = ImageDraw.Draw(pil)
+    if clear:
+        draw.rectangle([0, hw[0], hw[1], hw[0] + strip_h], fill=(0, 0, 0))
+    for k, ln in enumerate(lines):
+        draw.text((4, hw[0] + 4 + k * line_h), ln, fill=(255, 255, 255), font=font)
 
 
 def _wrap(text: str, draw: ImageDraw.ImageDraw, font: Any, width: int) -> list[str]:
@@ -498,93 +464,6 @@ def _wrap(text: str, draw: ImageDraw.ImageDraw, font: Any, width: int) -> list[s
                 cur = trial
         lines.append(cur)
     return lines
-
-
-# ----------------------------------------------------------------------------------------------
-# COCO RLE
-# ----------------------------------------------------------------------------------------------
-
-
-def _runs(mask: np.ndarray) -> list[int]:
-    """Alternating run lengths (zeros first) of the column-major flattening of ``mask``."""
-    flat = np.asarray(mask, dtype=bool).ravel(order="F")
-    if flat.size == 0:
-        return []
-    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    bounds = np.concatenate([[0], change, [flat.size]])
-    runs = np.diff(bounds).tolist()
-    if flat[0]:
-        runs.insert(0, 0)
-    return [int(r) for r in runs]
-
-
-def _counts_to_string(counts: Sequence[int]) -> str:
-    """COCO's compressed counts string (delta against the count two back, 5-bit LEB128-like)."""
-    chars: list[str] = []
-    for i, c in enumerate(counts):
-        x = int(c)
-        if i > 2:
-            x -= int(counts[i - 2])
-        more = True
-        while more:
-            ch = x & 0x1F
-            x >>= 5
-            more = (x != -1) if (ch & 0x10) else (x != 0)
-            if more:
-                ch |= 0x20
-            chars.append(chr(ch + 48))
-    return "".join(chars)
-
-
-def _string_to_counts(s: str | bytes) -> list[int]:
-    data = s.encode("ascii") if isinstance(s, str) else bytes(s)
-    counts: list[int] = []
-    p = 0
-    while p < len(data):
-        x, k, more = 0, 0, True
-        while more:
-            if p >= len(data):
-                raise ValueError("truncated RLE counts string")
-            c = data[p] - 48
-            x |= (c & 0x1F) << (5 * k)
-            more = bool(c & 0x20)
-            p += 1
-            k += 1
-            if not more and (c & 0x10):
-                x |= -1 << (5 * k)
-        if len(counts) > 2:
-            x += counts[-2]
-        counts.append(x)
-    return counts
-
-
-def mask_to_rle(mask: np.ndarray) -> dict:
-    """Binary mask ``(H, W)`` -> COCO compressed RLE ``{"size": [H, W], "counts": str}``.
-
-    Identical to ``pycocotools.mask.encode(np.asfortranarray(mask.astype(np.uint8)))`` with the
-    counts decoded to ``str`` (so it is JSON-ready).
-    """
-    m = _as_mask(mask)
-    return {"size": [int(m.shape[0]), int(m.shape[1])], "counts": _counts_to_string(_runs(m))}
-
-
-def rle_to_mask(rle: dict) -> np.ndarray:
-    """COCO RLE (compressed ``str``/``bytes`` counts, or uncompressed list counts) -> bool
-    ``(H, W)``."""
-    h, w = (int(v) for v in rle["size"])
-    counts = rle["counts"]
-    runs = list(counts) if isinstance(counts, (list, tuple)) else _string_to_counts(counts)
-    if sum(runs) != h * w:
-        raise ValueError(f"RLE counts sum to {sum(runs)}, expected {h * w} for size [{h}, {w}]")
-    values = np.zeros(len(runs), dtype=bool)
-    values[1::2] = True
-    flat = np.repeat(values, runs)
-    return flat.reshape((h, w), order="F")
-
-
-def write_rle_json(path: str | Path, obj: Any) -> Path:
-    """Write an RLE dict (or any structure holding RLEs) as strict JSON, atomically."""
-    return write_json(path, obj, indent=None)
 
 
 # ---- the one output path of every result --------------------------------------------------
@@ -649,3 +528,20 @@ def write_outputs(
     if fmt == "rle" and mask is not None and labels is None:
         outputs["rle"] = str(write_rle_json(f"{stem}.rle.json", mask_to_rle(mask)))
     return outputs
+
+
+def write_result(
+    stem: str | Path,
+    image: np.ndarray,
+    out: Any,
+    meta: Mapping[str, Any] | None = None,
+    **layers: Any,
+) -> dict[str, str]:
+    """:func:`write_outputs` as a result type's ``write`` calls it: the map format and the
+    overlay switch from ``out`` (an :class:`~zsdense.options.OutputOptions`), the random-weights
+    mark from the result's ``meta``; ``layers`` are the rest of its keywords (``mask``,
+    ``labels``, ``float_map``, ``heat``, ``caption``, ...)."""
+    random_weights = bool((meta or {}).get("random_weights"))
+    return write_outputs(
+        stem, image, fmt=out.fmt, overlay=out.overlay, random_weights=random_weights, **layers
+    )

@@ -291,87 +291,98 @@ JAFAR: tuple[JafarRelease, ...] = (
 
 def build_checkpoints() -> dict[str, Checkpoint]:
     """The registry entries, by name, built from the tables above."""
-    reg: dict[str, Checkpoint] = {}
-    for arch, repo, openai_file, openai_sha in OPENAI_CLIP:
-        digest_dir = f"https://openaipublic.azureedge.net/clip/models/{openai_sha}"
-        reg[f"clip-{arch}-openai"] = Checkpoint(
-            name=f"clip-{arch}-openai",
-            kind="clip",
-            arch=arch,
-            files=(
-                FileSpec(
-                    "open_clip_model.safetensors",
-                    hf_url(repo, "open_clip_model.safetensors"),
-                    None,
-                ),
+    entries = [
+        *(_openai_clip(*row) for row in OPENAI_CLIP),
+        *(_dinov2(*row) for row in DINOV2),
+        *(_sam(*row) for row in SAM),
+        *(_crane(*row) for row in CRANE),
+        *(_jafar(rel) for rel in JAFAR),
+    ]
+    return {c.name: c for c in entries}
+
+
+def _openai_clip(arch: str, repo: str, openai_file: str, openai_sha: str) -> Checkpoint:
+    """An OpenAI CLIP row: open_clip safetensors on the HF hub, OpenAI's .pt and the .bin as
+    alternates."""
+    digest_dir = f"https://openaipublic.azureedge.net/clip/models/{openai_sha}"
+    safetensors = "open_clip_model.safetensors"
+    return Checkpoint(
+        name=f"clip-{arch}-openai",
+        kind="clip",
+        arch=arch,
+        files=(FileSpec(safetensors, hf_url(repo, safetensors), None),),
+        hub_id=repo,
+        license="MIT (OpenAI CLIP)",
+        description=f"OpenAI CLIP {arch} (open_clip format from the HF hub)",
+        alternates=(
+            FileSpec(openai_file, f"{digest_dir}/{openai_file}", openai_sha),
+            FileSpec(
+                "open_clip_pytorch_model.bin",
+                hf_url(repo, "open_clip_pytorch_model.bin"),
+                None,
             ),
-            hub_id=repo,
-            license="MIT (OpenAI CLIP)",
-            description=f"OpenAI CLIP {arch} (open_clip format from the HF hub)",
-            alternates=(
-                FileSpec(openai_file, f"{digest_dir}/{openai_file}", openai_sha),
-                FileSpec(
-                    "open_clip_pytorch_model.bin",
-                    hf_url(repo, "open_clip_pytorch_model.bin"),
-                    None,
-                ),
-            ),
-        )
-    for name, repo, sha in DINOV2:
-        size = repo.rsplit("-", 1)[-1]
-        reg[name] = Checkpoint(
-            name=name,
-            kind="dinov2",
-            arch=repo,
-            files=(
-                FileSpec("config.json", hf_url(repo, "config.json"), None),
-                FileSpec("model.safetensors", hf_url(repo, "model.safetensors"), sha),
-            ),
-            hub_id=repo,
-            license="Apache-2.0",
-            description=f"DINOv2 ViT-{size[0].upper()}/14"
-            + (" with registers" if "registers" in repo else ""),
-        )
-    for arch, filename, sha, nbytes in SAM:
-        reg[f"sam-{arch}"] = Checkpoint(
-            name=f"sam-{arch}",
-            kind="sam",
-            arch=arch,
-            files=(
-                FileSpec(
-                    filename,
-                    f"https://dl.fbaipublicfiles.com/segment_anything/{filename}",
-                    sha,
-                    nbytes,
-                ),
-            ),
-            license="Apache-2.0",
-            description=f"Segment Anything ViT-{arch[4:].upper()}",
-        )
-    for name, folder, epoch, sha in CRANE:
-        url = (
-            f"https://raw.githubusercontent.com/AlirezaSalehy/Crane/{CRANE_COMMIT}/checkpoints/"
-            f"{folder}/epoch_{epoch}.pth"
-        )
-        reg[name] = Checkpoint(
-            name=name,
-            kind="prompts",
-            arch="ViT-L-14-336",
-            files=(FileSpec(f"{folder}_epoch_{epoch}.pth", url, sha),),
-            license="MIT (Crane)",
-            description=f"Crane{'+' if folder.endswith('cranep') else ''} prompt learner, "
-            f"{folder.split('_')[2]}, epoch {epoch}",
-        )
-    for rel in JAFAR:
-        reg[rel.name] = Checkpoint(
-            name=rel.name,
-            kind="upsampler",
-            arch=rel.backbone,
-            files=(FileSpec(rel.filename, f"{JAFAR_RELEASE_URL}/{rel.filename}", None),),
-            license="see github.com/PaulCouairon/JAFAR (not verified here)",
-            description=f"{rel.description} (timm {rel.backbone})",
-        )
-    return reg
+        ),
+    )
+
+
+def _dinov2(name: str, repo: str, sha: str | None) -> Checkpoint:
+    """A DINOv2 row: config and safetensors from the HF hub."""
+    size = repo.rsplit("-", 1)[-1]
+    return Checkpoint(
+        name=name,
+        kind="dinov2",
+        arch=repo,
+        files=(
+            FileSpec("config.json", hf_url(repo, "config.json"), None),
+            FileSpec("model.safetensors", hf_url(repo, "model.safetensors"), sha),
+        ),
+        hub_id=repo,
+        license="Apache-2.0",
+        description=f"DINOv2 ViT-{size[0].upper()}/14"
+        + (" with registers" if "registers" in repo else ""),
+    )
+
+
+def _sam(arch: str, filename: str, sha: str, nbytes: int | None) -> Checkpoint:
+    """A SAM row: the published .pth from Meta."""
+    url = f"https://dl.fbaipublicfiles.com/segment_anything/{filename}"
+    return Checkpoint(
+        name=f"sam-{arch}",
+        kind="sam",
+        arch=arch,
+        files=(FileSpec(filename, url, sha, nbytes),),
+        license="Apache-2.0",
+        description=f"Segment Anything ViT-{arch[4:].upper()}",
+    )
+
+
+def _crane(name: str, folder: str, epoch: int, sha: str) -> Checkpoint:
+    """A Crane row: a prompt-learner checkpoint at the pinned commit of Crane's repository."""
+    url = (
+        f"https://raw.githubusercontent.com/AlirezaSalehy/Crane/{CRANE_COMMIT}/checkpoints/"
+        f"{folder}/epoch_{epoch}.pth"
+    )
+    return Checkpoint(
+        name=name,
+        kind="prompts",
+        arch="ViT-L-14-336",
+        files=(FileSpec(f"{folder}_epoch_{epoch}.pth", url, sha),),
+        license="MIT (Crane)",
+        description=f"Crane{'+' if folder.endswith('cranep') else ''} prompt learner, "
+        f"{folder.split('_')[2]}, epoch {epoch}",
+    )
+
+
+def _jafar(rel: JafarRelease) -> Checkpoint:
+    """A JAFAR release asset."""
+    return Checkpoint(
+        name=rel.name,
+        kind="upsampler",
+        arch=rel.backbone,
+        files=(FileSpec(rel.filename, f"{JAFAR_RELEASE_URL}/{rel.filename}", None),),
+        license="see github.com/PaulCouairon/JAFAR (not verified here)",
+        description=f"{rel.description} (timm {rel.backbone})",
+    )
 
 
 CHECKPOINTS: dict[str, Checkpoint] = build_checkpoints()

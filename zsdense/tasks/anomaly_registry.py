@@ -33,7 +33,7 @@ import numpy as np
 
 from zsdense.config import ANOMALY_PRESETS, AnomalyPreset
 from zsdense.errors import ConfigError
-from zsdense.plugins import Registry
+from zsdense.plugins import Registry, withdraw_method
 
 GROUPS = ("batch", "all")
 REFERENCE_NEEDS = ("none", "required", "optional")
@@ -165,10 +165,9 @@ def anomaly_methods_table() -> str:
 
 
 def unregister(name: str) -> None:
-    """Remove a scorer and the presets that use it (tests, plug-in reloads)."""
-    _SCORERS.pop(name, None)
-    for key in [k for k, p in ANOMALY_PRESETS.items() if p.method == name]:
-        del ANOMALY_PRESETS[key]
+    """Remove a scorer, the presets that use it and their descriptions (tests, plug-in
+    reloads)."""
+    withdraw_method(name, _SCORERS, ANOMALY_PRESETS, PRESET_DESCRIPTIONS)
 
 
 def get_scorer(method: str) -> AnomalyScorer:

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from zsdense.io.instances import instance_masks, mask_instances, to_supervision
-from zsdense.io.writers import write_outputs
+from zsdense.io.writers import write_result
 from zsdense.options import OutputOptions
 from zsdense.tasks.anomaly_registry import RawScore
 from zsdense.tasks.thresholds import Thresholds, decide, decision_note
@@ -62,16 +62,10 @@ class AnomalyResult:
     ) -> dict:
         """Mask, float map and overlay next to ``stem``; the scores and decisions for the
         manifest (the thresholds used and where they came from, the defect area)."""
-        outputs = write_outputs(
-            stem,
-            image,
-            fmt=out.fmt,
-            overlay=out.overlay,
-            mask=self.mask,
-            float_map=self.anomaly_map,
-            heat=self.anomaly_map,
-            caption=f"anomaly score {float(self.score):.3f}",
-            random_weights=bool(self.meta.get("random_weights")),
+        caption = f"anomaly score {float(self.score):.3f}"
+        amap = self.anomaly_map
+        outputs = write_result(
+            stem, image, out, self.meta, mask=self.mask, float_map=amap, heat=amap, caption=caption
         )
         scores: dict[str, Any] = {"score": float(self.score)}
         if self.label is not None:

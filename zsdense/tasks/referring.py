@@ -47,9 +47,9 @@ import numpy as np
 from zsdense.config import REFER_PRESETS, ReferPreset, preset_from_spec
 from zsdense.errors import ConfigError
 from zsdense.io.instances import instance_masks, to_supervision, whole_mask_instance
-from zsdense.io.writers import write_outputs
+from zsdense.io.writers import write_result
 from zsdense.options import OutputOptions, ReferOptions
-from zsdense.plugins import Registry
+from zsdense.plugins import Registry, presets_table, withdraw_method
 
 ENCODERS = ("clip", "sam")  # what a referring method may declare it loads (setup, info table)
 
@@ -76,15 +76,8 @@ class ReferResult:
         the query id and text for the manifest (and ``fallback``, the reason, when one)."""
         params = params or {}
         text = params.get("text") or self.meta.get("text")
-        outputs = write_outputs(
-            stem,
-            image,
-            fmt=out.fmt,
-            overlay=out.overlay,
-            mask=self.mask,
-            caption=str(text) if text else None,
-            random_weights=bool(self.meta.get("random_weights")),
-        )
+        caption = str(text) if text else None
+        outputs = write_result(stem, image, out, self.meta, mask=self.mask, caption=caption)
         scores: dict[str, Any] = {"score": float(self.score), "candidates": self.candidates}
         if params.get("id") is not None:
             scores["id"] = params["id"]
@@ -202,10 +195,7 @@ def _build_preset(pname: str, method: str, spec: ReferPresetSpec) -> tuple[Refer
 
 def unregister_refer_method(name: str) -> None:
     """Remove a referring method and its presets (tests, plug-in reloads)."""
-    REFER_METHODS.pop(name, None)
-    for pname in [k for k, p in REFER_PRESETS.current().items() if p.method == name]:
-        REFER_PRESETS.pop(pname)
-        REFER_PRESET_DESCRIPTIONS.pop(pname, None)
+    withdraw_method(name, REFER_METHODS, REFER_PRESETS, REFER_PRESET_DESCRIPTIONS)
 
 
 def get_refer_method(name: str) -> ReferMethod:
@@ -215,15 +205,13 @@ def get_refer_method(name: str) -> ReferMethod:
 
 def refer_methods_table() -> str:
     """A Markdown table of the referring presets and their methods (README, info)."""
-    rows = ["| preset | method | encoders | what |", "|---|---|---|---|"]
-    for pname, p in REFER_PRESETS.items():
-        m = REFER_METHODS.get(p.method)
-        if m is None:
-            continue
+
+    def row(pname: str, _preset: ReferPreset, m: ReferMethod) -> list[str]:
         enc = " + ".join({"clip": "CLIP", "sam": "SAM"}[e] for e in m.encoders) or "-"
-        what = REFER_PRESET_DESCRIPTIONS.get(pname) or m.description
-        rows.append(f"| `{pname}` | {m.name} | {enc} | {what} |")
-    return "\n".join(rows)
+        return [f"`{pname}`", m.name, enc, REFER_PRESET_DESCRIPTIONS.get(pname) or m.description]
+
+    header = ("preset", "method", "encoders", "what")
+    return presets_table(header, REFER_PRESETS, REFER_METHODS, row)
 
 
 # ---- the task ---------------------------------------------------------------------------------
