@@ -249,27 +249,34 @@ def _knn_torch(
         return _knn_torch_reduced(queries, blocks, k, budget_bytes, dtype)
     device = blocks[0].device
     q_all = queries.to(device=device, dtype=torch.float32)
-    n_q = q_all.shape[0]
-    if n_q == 0:
-        return (
-            torch.zeros(0, k, dtype=torch.float32, device=device),
-            torch.zeros(0, k, dtype=torch.long, device=device),
-        )
+    n_q = q_all.shape[0]  # (none: empty results from the scan)
     elems = max(1, int(budget_bytes) // 4)
     q_chunk = max(1, min(n_q, elems // 1024))  # at least 1024 memory rows per step
+    norms = [torch.linalg.vector_norm(b.float(), dim=1).square_() for b in blocks]  # |m|²
+
+    def as_float32():  # cast one block at a time (the memory may be half precision)
+        return (b if b.dtype == torch.float32 else b.float() for b in blocks)
+
+    return _scan_blocks(q_all, as_float32, norms, k, elems, q_chunk, shift=0.0)
+
+
+def _scan_blocks(q_all, blocks, norms, k, elems, q_chunk, *, shift):
+    """The streamed search of :func:`_knn_torch`: per query chunk, per step of memory rows one
+    ``addmm`` of ``norms − 2 q·m`` into a reused buffer of ``q_all``'s dtype, the step's k best
+    merged into the running best; ``|q|² − shift`` added to the winners (float32 distances,
+    clamped at 0). ``blocks()`` yields the memory blocks (again for every query chunk)."""
+    n_q, device = q_all.shape[0], q_all.device
     out_d = torch.empty(n_q, k, dtype=torch.float32, device=device)
     out_i = torch.empty(n_q, k, dtype=torch.long, device=device)
-    norms = [torch.linalg.vector_norm(b.float(), dim=1).square_() for b in blocks]  # |m|²
     for q0 in range(0, n_q, q_chunk):
         q = q_all[q0 : q0 + q_chunk]
         nq = q.shape[0]
         m_step = max(k, elems // nq)
-        buf = torch.empty(nq * m_step, dtype=torch.float32, device=device)
+        buf = torch.empty(nq * m_step, dtype=q_all.dtype, device=device)
         best_d: torch.Tensor | None = None
         best_i: torch.Tensor | None = None
         offset = 0
-        for block, bn_all in zip(blocks, norms):
-            b = block if block.dtype == torch.float32 else block.float()
+        for b, bn_all in zip(blocks(), norms):
             for m0 in range(0, b.shape[0], m_step):
                 mb = b[m0 : m0 + m_step]
                 d = buf[: nq * mb.shape[0]].view(nq, mb.shape[0])
@@ -277,11 +284,13 @@ def _knn_torch(
                 if k == 1:
                     dv, di = d.min(dim=1, keepdim=True)
                 else:
-                    kk = min(k, d.shape[1])
-                    dv, di = torch.topk(d, kk, dim=1, largest=False, sorted=True)
-                best_d, best_i = _merge_best(best_d, best_i, dv, di + (offset + m0), k)
+                    dv, di = torch.topk(d, min(k, d.shape[1]), dim=1, largest=False, sorted=True)
+                best_d, best_i = _merge_best(best_d, best_i, dv.float(), di + (offset + m0), k)
             offset += b.shape[0]
-        qn = (q * q).sum(dim=1, keepdim=True)
+        qf = q.float()
+        qn = (qf * qf).sum(dim=1, keepdim=True)
+        if shift:
+            qn -= shift
         out_d[q0 : q0 + nq] = (best_d + qn).clamp_(min=0.0)
         out_i[q0 : q0 + nq] = best_i
     return out_d, out_i
@@ -300,42 +309,12 @@ def _knn_torch_reduced(
     distances come back in float32 with bf16 rounding (refine them)."""
     device = blocks[0].device
     q_all = queries.to(device=device, dtype=dtype)
-    n_q = q_all.shape[0]
-    if n_q == 0:
-        return (
-            torch.zeros(0, k, dtype=torch.float32, device=device),
-            torch.zeros(0, k, dtype=torch.long, device=device),
-        )
+    n_q = q_all.shape[0]  # (none: empty results from the scan)
     cast = [_per_block(b, dtype) for b in blocks]
     elems = max(1, int(budget_bytes) // q_all.element_size())
     q_chunk = max(1, min(n_q, elems // 1024))
-    out_d = torch.empty(n_q, k, dtype=torch.float32, device=device)
-    out_i = torch.empty(n_q, k, dtype=torch.long, device=device)
     norms = [(bn + 1.0).to(dtype) for _b, bn in cast]  # |m|² + 1 ≈ 2 for normalised rows
-    for q0 in range(0, n_q, q_chunk):
-        q = q_all[q0 : q0 + q_chunk]
-        nq = q.shape[0]
-        m_step = max(k, elems // nq)
-        buf = torch.empty(nq * m_step, dtype=dtype, device=device)
-        best_d: torch.Tensor | None = None
-        best_i: torch.Tensor | None = None
-        offset = 0
-        for (b, _bn), bn_all in zip(cast, norms):
-            for m0 in range(0, b.shape[0], m_step):
-                mb = b[m0 : m0 + m_step]
-                d = buf[: nq * mb.shape[0]].view(nq, mb.shape[0])
-                torch.addmm(bn_all[None, m0 : m0 + m_step], q, mb.T, alpha=-2.0, out=d)
-                if k == 1:
-                    dv, di = d.min(dim=1, keepdim=True)
-                else:
-                    dv, di = torch.topk(d, min(k, d.shape[1]), dim=1, largest=False, sorted=True)
-                best_d, best_i = _merge_best(best_d, best_i, dv.float(), di + (offset + m0), k)
-            offset += b.shape[0]
-        qf = q.float()
-        qn = (qf * qf).sum(dim=1, keepdim=True) - 1.0
-        out_d[q0 : q0 + nq] = (best_d + qn).clamp_(min=0.0)
-        out_i[q0 : q0 + nq] = best_i
-    return out_d, out_i
+    return _scan_blocks(q_all, lambda: (b for b, _bn in cast), norms, k, elems, q_chunk, shift=1.0)
 
 
 def unit_similarity(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

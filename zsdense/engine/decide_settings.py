@@ -12,20 +12,36 @@ from __future__ import annotations
 
 import json
 import shlex
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Any, Sequence
 
 from zsdense.errors import ConfigError
 from zsdense.io.manifest import MANIFEST_NAME, SETTINGS_NAME, Manifest
 from zsdense.io.thresholds import THRESHOLDS_NAME, Thresholds, belongs_to, write_thresholds
 from zsdense.io.writers import atomic_path
 
-if TYPE_CHECKING:
-    from zsdense.engine.decide_values import Decision
-
 PENDING_KEY = "decide_pending"
 DECIDED_KEY = "decided"
 HISTORY = 20  # decisions kept in the settings' history
+
+
+@dataclass
+class Decision:
+    """The thresholds a decision uses, where they came from (``*_source``), whether they were
+    given anew (``*_changed``; else the run's current value is kept), the run's ``previous``
+    values, the ``calibration`` details, the thresholds ``file`` used, and ``warnings``."""
+
+    threshold: float | None  # a float once chosen
+    image_threshold: float | None
+    threshold_source: Any
+    image_threshold_source: str | None
+    threshold_changed: bool
+    image_threshold_changed: bool
+    previous: dict
+    calibration: dict | None = None
+    file: str | None = None
+    warnings: list[str] = field(default_factory=list)
 
 
 # ---- reading ---------------------------------------------------------------------------------

@@ -10,13 +10,12 @@ run's current values: :func:`choose_thresholds` gathers them into a :class:`Deci
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from zsdense.engine.decide_settings import record_outputs, task_part
+from zsdense.engine.decide_settings import Decision, record_outputs, task_part
 from zsdense.errors import ConfigError
 from zsdense.io.saved_maps import read_map
 from zsdense.io.thresholds import Thresholds, belongs_to, mismatches, pick, read_thresholds
@@ -49,24 +48,6 @@ def calibrate_values(values: Sequence[np.ndarray], percentile: float | None = No
 
 
 # ---- the values ------------------------------------------------------------------------------
-
-
-@dataclass
-class Decision:
-    """The thresholds a decision uses, where they came from (``*_source``), whether they were
-    given anew (``*_changed``; else the run's current value is kept), the run's ``previous``
-    values, the ``calibration`` details, the thresholds ``file`` used, and ``warnings``."""
-
-    threshold: float | None  # a float once chosen
-    image_threshold: float | None
-    threshold_source: Any
-    image_threshold_source: str | None
-    threshold_changed: bool
-    image_threshold_changed: bool
-    previous: dict
-    calibration: dict | None = None
-    file: str | None = None
-    warnings: list[str] = field(default_factory=list)
 
 
 def current_thresholds(records: list[dict], task: str, multi: bool) -> dict:

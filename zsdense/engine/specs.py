@@ -78,11 +78,18 @@ class TaskSpec:
     settings: dict = field(default_factory=dict)
 
 
-def _writer(out: OutputOptions) -> Callable[[Any, ImageContext, Path, dict], dict]:
+def _head_spec(
+    kind: str, name: str, run, opts: Any, out: OutputOptions, setup, **extra
+) -> TaskSpec:
+    """A head's task: its ``run``, the result's own ``write`` with the output options, its
+    ``setup`` and the options recorded as the task's settings."""
+
     def write(result: Any, ctx: ImageContext, stem: Path, params: dict) -> dict:
         return result.write(stem, ctx.image, out, params)
 
-    return write
+    return TaskSpec(
+        name=name, run=run, write=write, setup=setup, settings=_settings(kind, opts, out), **extra
+    )
 
 
 def _settings(kind: str, opts: Any, out: OutputOptions) -> dict:
@@ -115,14 +122,7 @@ def anomaly_spec(
             setup()
         return anomaly_scorers.run(rt, ctxs, opts, state["prepared"])
 
-    return TaskSpec(
-        name=name,
-        run=run,
-        write=_writer(out),
-        group=scorer.group,
-        setup=setup,
-        settings=_settings("anomaly", opts, out),
-    )
+    return _head_spec("anomaly", name, run, opts, out, setup, group=scorer.group)
 
 
 def openvocab_spec(
@@ -135,13 +135,8 @@ def openvocab_spec(
     def run(ctxs: list[ImageContext], params: list[dict]) -> list:
         return openvocab_head.run_open_vocab(rt, ctxs, opts)
 
-    return TaskSpec(
-        name=name,
-        run=run,
-        write=_writer(out),
-        setup=lambda: openvocab_head.load_encoders(rt, opts),
-        settings=_settings("openvocab", opts, out),
-    )
+    setup = lambda: openvocab_head.load_encoders(rt, opts)  # noqa: E731
+    return _head_spec("openvocab", name, run, opts, out, setup)
 
 
 def refer_spec(
@@ -157,13 +152,8 @@ def refer_spec(
             raise ConfigError("task refer needs a text (--text, text = '...' or a queries file)")
         return refer_head.run_refer(rt, ctxs, texts, opts)
 
-    return TaskSpec(
-        name=name,
-        run=run,
-        write=_writer(out),
-        setup=lambda: refer_head.load_encoders(rt, opts),
-        settings=_settings("refer", opts, out),
-    )
+    setup = lambda: refer_head.load_encoders(rt, opts)  # noqa: E731
+    return _head_spec("refer", name, run, opts, out, setup)
 
 
 # task name -> spec builder; the option types are zsdense.options.TASK_OPTIONS

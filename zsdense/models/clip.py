@@ -380,8 +380,7 @@ def build_tiny_clip(arch: str = "ViT-B-16", seed: int = TINY_SEED) -> ClipModel:
     """
     import open_clip
 
-    gen_state = torch.random.get_rng_state()
-    try:
+    with torch.random.fork_rng(devices=[]):  # the global RNG left as it was
         torch.manual_seed(seed)
         model = open_clip.CLIP(**_tiny_cfg(arch))
         with torch.no_grad():
@@ -393,8 +392,6 @@ def build_tiny_clip(arch: str = "ViT-B-16", seed: int = TINY_SEED) -> ClipModel:
                         p.add_(0.05 * torch.randn_like(p))
                 if name.endswith("in_proj_bias"):
                     p.add_(0.1 * torch.randn_like(p))
-    finally:
-        torch.random.set_rng_state(gen_state)
     model = model.float().eval().requires_grad_(False)
     return ClipModel(model=model, arch=f"tiny-{arch}", is_random=True)
 
@@ -407,12 +404,9 @@ def build_random_clip(arch: str = "ViT-B-16", seed: int = 0) -> ClipModel:
     cfg = open_clip.get_model_config(arch)
     if cfg is None:
         raise ConfigError(f"unknown CLIP architecture {arch!r}; known: {', '.join(CLIP_ARCHS)}")
-    state = torch.random.get_rng_state()
-    try:
+    with torch.random.fork_rng(devices=[]):  # the global RNG left as it was
         torch.manual_seed(seed)
         model = open_clip.CLIP(**cfg, quick_gelu=True)
-    finally:
-        torch.random.set_rng_state(state)
     return ClipModel(model=model.float().eval().requires_grad_(False), arch=arch, is_random=True)
 
 

@@ -229,12 +229,9 @@ def build_dinov2(
     hub_id = DINOV2_MODELS[name]
     cfg = _config(hub_id, tiny)
     cls = Dinov2WithRegistersModel if "with-registers" in hub_id else Dinov2Model
-    state = torch.random.get_rng_state()
-    try:
+    with torch.random.fork_rng(devices=[]):  # the global RNG left as it was
         torch.manual_seed(seed)
         model = cls(cfg)
-    finally:
-        torch.random.set_rng_state(state)
     model = model.float().eval().requires_grad_(False)
     return DinoModel(model=model, name=("tiny-" if tiny else "") + name, is_random=True)
 

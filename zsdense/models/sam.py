@@ -215,8 +215,7 @@ def build_sam(arch: str = "vit_b", *, tiny: bool = False, seed: int = TINY_SEED)
     """SAM architecture with random weights (fixed seed); ``tiny``: 2 encoder blocks, width 64."""
     if arch not in SAM_ARCHS:
         raise WeightsError(f"unknown SAM architecture {arch!r}; known: {', '.join(SAM_ARCHS)}")
-    state = torch.random.get_rng_state()
-    try:
+    with torch.random.fork_rng(devices=[]):  # the global RNG left as it was
         torch.manual_seed(seed)
         model = _build(arch, tiny)
         if tiny:
@@ -224,8 +223,6 @@ def build_sam(arch: str = "vit_b", *, tiny: bool = False, seed: int = TINY_SEED)
                 for blk in model.image_encoder.blocks:
                     blk.attn.rel_pos_h.normal_(0, 0.1)
                     blk.attn.rel_pos_w.normal_(0, 0.1)
-    finally:
-        torch.random.set_rng_state(state)
     model = model.float().eval().requires_grad_(False)
     return SamModel(model=model, arch=("tiny-" if tiny else "") + arch, is_random=True)
 

@@ -239,14 +239,20 @@ def decoder_image_side(model, embedding: torch.Tensor) -> DecoderImageSide:
     return DecoderImageSide(keys, key_pe, k_pe, t2i_k, t2i_v, i2t_q, (c, h, w))
 
 
-def _block(layer, queries, keys, query_pe, key_pe, first: DecoderImageSide | None):
-    """``TwoWayAttentionBlock.forward``; ``first``: the shared image side of block 0."""
+def _token_self_attention(layer, queries, query_pe):
+    """A ``TwoWayAttentionBlock``'s first step: the prompt tokens' self-attention (with their
+    positional encoding unless the block skips it) and ``norm1``, in the reference's order."""
     if layer.skip_first_layer_pe:
         queries = layer.self_attn(q=queries, k=queries, v=queries)
     else:
         q = queries + query_pe
         queries = queries + layer.self_attn(q=q, k=q, v=queries)
-    queries = layer.norm1(queries)
+    return layer.norm1(queries)
+
+
+def _block(layer, queries, keys, query_pe, key_pe, first: DecoderImageSide | None):
+    """``TwoWayAttentionBlock.forward``; ``first``: the shared image side of block 0."""
+    queries = _token_self_attention(layer, queries, query_pe)
     q = queries + query_pe
     t2i = layer.cross_attn_token_to_image
     if first is not None:
@@ -445,12 +451,7 @@ def decode_points_reduced(
 
     queries, keys = tokens, side.keys  # keys: (1, HW, C) shared until block 0 writes them
     for i, layer in enumerate(tr.layers):
-        if layer.skip_first_layer_pe:
-            queries = layer.self_attn(q=queries, k=queries, v=queries)
-        else:
-            q = queries + tokens
-            queries = queries + layer.self_attn(q=q, k=q, v=queries)
-        queries = layer.norm1(queries)
+        queries = _token_self_attention(layer, queries, tokens)
         q = queries + tokens
         t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
         if i == 0:

@@ -149,6 +149,38 @@ def check_resume_settings(out: str | Path, saved: dict, now: dict) -> None:
         )
 
 
+def check_out_for_training(
+    out: Path, state_file: str, resume: bool, started_glob: str = ""
+) -> Path:
+    """The training state's path under ``out``, refusing a ``--resume`` with nothing to resume
+    (naming the epochs a stopped run wrote, when ``started_glob`` finds any) and a fresh run
+    over an existing one. Returns the state path."""
+    state_path = out / state_file
+    if resume and not state_path.is_file():
+        started = sorted(p.name for p in out.glob(started_glob)) if started_glob else []
+        why = (
+            f" ({', '.join(started)} written, but the run stopped before that epoch's "
+            "resume point): start it again without --resume"
+            if started
+            else "; nothing to resume"
+        )
+        raise ConfigError(f"--resume: {state_path} not found{why}")
+    if not resume and state_path.is_file():
+        raise ConfigError(
+            f"{out} already holds a training run ({state_file}); pass --resume to "
+            f"continue it or choose another --out"
+        )
+    return state_path
+
+
+def training_runtime(runtime: Any):
+    """The runtime a trainer runs on: the caller's (a Runtime or a Segmenter), else the CPU in
+    float32."""
+    from zsdense.runtime import Runtime, runtime_of
+
+    return runtime_of(runtime) if runtime is not None else Runtime(device="cpu", precision="fp32")
+
+
 def export_published(src: str | Path, dst: str | Path) -> Path:
     """A zsdense prompt checkpoint -> ``{'prompt_learner': state_dict}`` as Crane's train.py
     saves it (``torch.save``; token ids int32; Crane's key order)."""

@@ -51,7 +51,13 @@ import torch.nn.functional as F
 from zsdense.dense.jafar import JAFAR, JafarConfig, save_jafar
 from zsdense.errors import ConfigError, InputError
 from zsdense.io.writers import atomic_path
-from zsdense.train.checkpoint import check_resume_settings, load_state, save_state
+from zsdense.train.checkpoint import (
+    check_out_for_training,
+    check_resume_settings,
+    load_state,
+    save_state,
+    training_runtime,
+)
 
 FORMAT = "zsdense-jafar-train/1"
 STATE_FILE = "state.safetensors"
@@ -291,8 +297,7 @@ def make_optimizer(model: JAFAR, recipe: JafarRecipe) -> torch.optim.AdamW:
 def new_jafar(v_dim: int, recipe: JafarRecipe) -> JAFAR:
     """A freshly initialised upsampler (PyTorch default init, RoPE init) from ``recipe.seed``,
     without touching the global RNG."""
-    state = torch.random.get_rng_state()
-    try:
+    with torch.random.fork_rng(devices=[]):  # the global RNG left as it was
         torch.manual_seed(int(recipe.seed))
         cfg = JafarConfig(
             v_dim=int(v_dim),
@@ -301,8 +306,6 @@ def new_jafar(v_dim: int, recipe: JafarRecipe) -> JAFAR:
             kernel_size=recipe.kernel_size,
         )
         return JAFAR(cfg).float()
-    finally:
-        torch.random.set_rng_state(state)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,7 +425,6 @@ class UpsamplerTrainer:
 
     def __post_init__(self) -> None:
         from zsdense.models.jafar_backbone import encoder_id, encoder_patch_size, encoder_width
-        from zsdense.runtime import Runtime, runtime_of
 
         r, o = self.recipe, self.options
         self.out = Path(self.out_dir)
@@ -451,19 +453,8 @@ class UpsamplerTrainer:
         if not train:
             raise ConfigError(f"{', '.join(str(d) for d in self.data)}: no images found")
         self.train_items, self.val_items = train, val
-        state_path = self.out / STATE_FILE
-        if self.resume and not state_path.is_file():
-            raise ConfigError(f"--resume: {state_path} not found; nothing to resume")
-        if not self.resume and state_path.is_file():
-            raise ConfigError(
-                f"{self.out} already holds a training run ({STATE_FILE}); pass --resume to "
-                f"continue it or choose another --out"
-            )
-        self.rt = (
-            runtime_of(self.runtime)
-            if self.runtime is not None
-            else Runtime(device="cpu", precision="fp32")
-        )
+        state_path = check_out_for_training(self.out, STATE_FILE, self.resume)
+        self.rt = training_runtime(self.runtime)
         self.precision = self.rt.precision
         if self.encoder is None:
             self.encoder = load_backbone(self.backbone, self.rt)

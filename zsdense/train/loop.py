@@ -26,13 +26,14 @@ import torch
 from zsdense.config import TRAIN_CACHE_MODES
 from zsdense.errors import ConfigError
 from zsdense.io.writers import atomic_path
-from zsdense.runtime import Runtime, runtime_of
 from zsdense.train.checkpoint import (
     base_model_info,
+    check_out_for_training,
     check_resume_settings,
     load_state,
     save_prompts,
     save_state,
+    training_runtime,
 )
 from zsdense.train.data import (
     TrainItem,
@@ -111,27 +112,11 @@ class PromptTrainer:
             self.val_items = read_training_set(list(o.val), o.layout)
             if not self.val_items:
                 raise ConfigError(f"--val {', '.join(o.val)}: no images found")
-        state_path = self.out / STATE_FILE
-        if self.resume and not state_path.is_file():
-            started = sorted(p.name for p in self.out.glob("epoch_*.safetensors"))
-            why = (
-                f" ({', '.join(started)} written, but the run stopped before that epoch's "
-                "resume point): start it again without --resume"
-                if started
-                else "; nothing to resume"
-            )
-            raise ConfigError(f"--resume: {state_path} not found{why}")
-        if not self.resume and state_path.is_file():
-            raise ConfigError(
-                f"{self.out} already holds a training run ({STATE_FILE}); pass --resume to "
-                f"continue it or choose another --out"
-            )
-        # models
-        self.rt = (
-            runtime_of(self.runtime)
-            if self.runtime is not None
-            else Runtime(device="cpu", precision="fp32")
+        state_path = check_out_for_training(
+            self.out, STATE_FILE, self.resume, "epoch_*.safetensors"
         )
+        # models
+        self.rt = training_runtime(self.runtime)
         if self.clip is None:
             self.clip = self.rt.clip(r.clip_arch)
         if r.use_dattn and self.dino is None:
