@@ -96,6 +96,17 @@ from zsdense.options import DOMAINS
     help="Model input size (default 518 as the papers; must be a multiple of 14).",
 )  # fmt: skip
 @option(
+    "--upsampler",
+    help="Feature upsampling (anomalydino): bilinear (default: the reference), jafar (the "
+    "released JAFAR upsampler for the DINOv2 in use) or jafar:FILE (e.g. from `zsdense "
+    "train-upsampler`). The test features are compared with the good patches on a grid "
+    "--upsampler-scale times finer.",
+)  # fmt: skip
+@option(
+    "--upsampler-scale", type=click.IntRange(1, 16),
+    help="With --upsampler jafar: cells per patch side (default 2; the search costs scale^2).",
+)  # fmt: skip
+@option(
     "--tile", metavar="SIZE[:OVERLAP]",
     help="Large images at full resolution: score SIZE x SIZE tiles (OVERLAP px shared, default "
     "SIZE/8, blended), stitch the maps; the image score is the max over tiles. Reference and "

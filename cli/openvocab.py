@@ -61,6 +61,16 @@ def classes_file_option(help_start: str = "A text file with one class per line")
     help="Score upsampling: bilinear (the references) or jbu (joint bilateral, edge-aware).",
 )  # fmt: skip
 @option(
+    "--upsampler",
+    help="Feature upsampling of the dense CLIP features before the text similarity: bilinear "
+    "(default: the references) or jafar:FILE (a JAFAR upsampler trained for this CLIP with "
+    "`zsdense train-upsampler`; no released one fits OpenAI's CLIP).",
+)  # fmt: skip
+@option(
+    "--upsampler-scale", type=click.IntRange(1, 16),
+    help="With --upsampler jafar: cells per CLIP patch side (default 4; trident 2).",
+)  # fmt: skip
+@option(
     "--save-probs/--no-save-probs", default=False, show_default=True,
     help="Also write the per-class probabilities (K, H, W) as .map.tiff / .map.npy (--format).",
 )  # fmt: skip

@@ -149,8 +149,9 @@ def train_upsampler_cmd(
 ) -> None:
     """Train a JAFAR upsampler for the encoder --backbone on the images in DATA (any folder the
     readers accept; no labels), as the authors' train.py does. RUN/upsampler.safetensors
-    records its backbone; load it with zsdense.dense.jafar.load_jafar (--export FILE.pth writes
-    the authors' released layout).
+    records its backbone; use it with `zsdense anomaly|openvocab ... --upsampler
+    jafar:RUN/upsampler.safetensors` (refused by any other encoder; --export FILE.pth writes the
+    authors' released layout).
 
     Validation reports the held-out loss of JAFAR against plain bilinear upsampling of the same
     low-resolution features (ratio < 1: JAFAR is better). Ctrl-C finishes the current step,

@@ -38,6 +38,7 @@ from zsdense.config import (
     with_overrides,
 )
 from zsdense.dense.methods import get_method
+from zsdense.dense.upsamplers import DEFAULT_SCALE, check_scale, parse_upsampler
 from zsdense.errors import ConfigError
 
 if TYPE_CHECKING:  # the classifier imports torch: loaded when classes are parsed, not for --help
@@ -156,6 +157,14 @@ class _TaskOptions:
     def with_options(self, **changes: Any):
         """A copy with some fields replaced (validated again)."""
         return replace(self, **changes)
+
+
+def _check_upsampler(opts: Any) -> None:
+    """``upsampler`` parsed (a registered name, a file where it takes one; stored as its
+    canonical text) and ``upsampler_scale`` checked (zsdense.dense.upsamplers)."""
+    spec = parse_upsampler(opts.upsampler)
+    object.__setattr__(opts, "upsampler", spec.text)
+    object.__setattr__(opts, "upsampler_scale", check_scale(opts.upsampler_scale, spec))
 
 
 # ---- anomaly -------------------------------------------------------------------------------
@@ -286,10 +295,14 @@ class AnomalyOptions(_TaskOptions):
     keep_model_map: bool = False
     reference: Any = None  # few-shot presets: good images (folder/glob/paths) or a .zsdmem bank
     shots: int | None = None  # use the first N references (None: all)
+    # feature upsampling (presets whose scorer declares it): bilinear | jafar | jafar:FILE
+    upsampler: str = "bilinear"
+    upsampler_scale: int | None = None  # cells per patch side (None: DEFAULT_SCALE["anomaly"])
     tile: Any = None  # "SIZE[:OVERLAP]": score tiles at full resolution (zsdense.tasks.tiling)
     overrides: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
+        _check_upsampler(self)
         for name in ("reference", "calibrate_with"):
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
@@ -311,6 +324,12 @@ class AnomalyOptions(_TaskOptions):
         if self.tile is not None:  # canonical "SIZE:OVERLAP" (the scorer checks the rest)
             object.__setattr__(self, "tile", parse_tile(self.tile).text())
         self.config()  # the preset and its overrides are valid
+
+    @property
+    def upsampler_factor(self) -> int:
+        """The finer grid of ``--upsampler``: cells per patch side (the given scale or the
+        anomaly default)."""
+        return int(self.upsampler_scale or DEFAULT_SCALE["anomaly"])
 
     @property
     def prompts_explicit(self) -> bool:
@@ -367,6 +386,9 @@ class OpenVocabOptions(_TaskOptions):
     preset: str = DEFAULT_OPENVOCAB_PRESET
     dataset: str | None = None  # benchmark settings (voc21, context60, ...)
     save_probs: bool = False  # also write the (K, H, W) probabilities as the float map
+    # feature upsampling of the dense CLIP features: bilinear | jafar | jafar:FILE
+    upsampler: str = "bilinear"
+    upsampler_scale: int | None = None  # cells per patch side (None: DEFAULT_SCALE)
     overrides: tuple[tuple[str, Any], ...] = ()
     classes_file: Any = field(default=None, repr=False, compare=False)
 
@@ -378,6 +400,7 @@ class OpenVocabOptions(_TaskOptions):
         return values
 
     def __post_init__(self) -> None:
+        _check_upsampler(self)
         if not self.classes:
             raise ConfigError("open-vocabulary segmentation needs classes")
         if self.dataset is not None and self.dataset not in OPENVOCAB_DATASETS:
@@ -394,6 +417,15 @@ class OpenVocabOptions(_TaskOptions):
 
     def config(self) -> OpenVocabPreset:
         return openvocab_preset(self.preset, self.dataset, **dict(self.overrides))
+
+    @property
+    def upsampler_factor(self) -> int:
+        """The finer grid of ``--upsampler``: cells per patch side (the given scale, else the
+        default of the preset's pipeline)."""
+        if self.upsampler_scale:
+            return int(self.upsampler_scale)
+        pipeline = get_method(self.config().method).pipeline
+        return int(DEFAULT_SCALE.get(f"openvocab-{pipeline}", DEFAULT_SCALE["openvocab"]))
 
 
 # ---- referring -----------------------------------------------------------------------------

@@ -1,6 +1,11 @@
 """AnomalyDINO (few-shot): each patch's distance to the good references' DINOv2 patches, as
 its reference code runs it. Declares the scorer and preset ``anomalydino``; the computation is
 :mod:`zsdense.tasks.fewshot`.
+
+``--upsampler jafar[:FILE]``: the test image's patch features are upsampled to ``scale`` × the
+patch grid (default 2) by the upsampler made for the DINOv2 in use, and every finer cell is
+compared with the memory of good patches at the memory's own grid (a bank is the same whatever
+the upsampler). The kNN search grows with scale² (the test cells); the memory does not grow.
 """
 
 from __future__ import annotations
@@ -24,10 +29,18 @@ def fewshot_options(opts):
 
 
 def prepare(rt, opts):
-    """The memory of good references: built from the images, or a bank loaded and checked."""
+    """The memory of good references: built from the images, or a bank loaded and checked; and
+    the feature upsampler of ``--upsampler`` for the bank's DINOv2 (loaded once, here)."""
+    from dataclasses import replace
+
+    from zsdense.dense.upsamplers import load_upsampler
     from zsdense.tasks.fewshot.run import fewshot_state
 
-    return fewshot_state(rt, opts.reference, fewshot_options(opts), opts.object_name, opts.dataset)
+    state = fewshot_state(rt, opts.reference, fewshot_options(opts), opts.object_name, opts.dataset)
+    up = load_upsampler(rt, opts.upsampler, rt.dinov2(state.options.model))
+    if up is None:
+        return state
+    return replace(state, upsampler=up, upsampler_scale=opts.upsampler_factor)
 
 
 def run(rt, ctxs, opts, state):  # noqa: ARG001 - the state holds the options
@@ -57,6 +70,7 @@ SCORER = register_scorer(
         reference_kinds=("images", "bank"),
         encoders=encoders,
         default_threshold=default_threshold,
+        feature_upsampling=True,
     )
 )
 # few-shot: good reference images score each test image (AnomalyDINO as its reference runs)

@@ -17,12 +17,14 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Sequence
 
+from zsdense.dense.upsamplers import BILINEAR
 from zsdense.errors import ConfigError
 from zsdense.options import AnomalyOptions
 from zsdense.tasks.anomaly_registry import (
     AnomalyScorer,
     get_scorer,
     presets_needing_references,
+    presets_with_feature_upsampling,
 )
 from zsdense.tasks.anomaly_result import AnomalyResult
 from zsdense.tasks.good_images import calibration_values, is_bank, memo, source_key
@@ -54,9 +56,16 @@ def scorer(opts: AnomalyOptions) -> AnomalyScorer:
 def check_options(opts: AnomalyOptions) -> AnomalyScorer:
     """The preset's scorer, after checking the options against its declarations: good
     reference images required, optional or not taken, and of a kind it takes (images, a
-    memory bank). Every face calls it before the first input (through :func:`prepare` or the
-    engine's task spec)."""
+    memory bank), and ``--upsampler`` only for a scorer that declares feature upsampling.
+    Every face calls it before the first input (through :func:`prepare` or the engine's task
+    spec)."""
     sc = scorer(opts)
+    if opts.upsampler != BILINEAR and not sc.feature_upsampling:
+        raise ConfigError(
+            f"--upsampler {opts.upsampler}: preset {opts.preset} does not score dense encoder "
+            f"features that an upsampler could refine; presets that take one: "
+            f"{', '.join(presets_with_feature_upsampling()) or 'none'} (or --upsampler bilinear)"
+        )
     if sc.references == "required" and opts.reference is None:
         raise ConfigError(
             f"--preset {opts.preset} scores images against good reference images: "

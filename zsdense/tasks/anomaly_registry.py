@@ -25,6 +25,7 @@ plug-ins of the ``zsdense.methods`` entry-point group the first time a table is 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -74,6 +75,9 @@ class AnomalyScorer:
       list) and/or ``"bank"`` (a ``.zsdmem`` memory bank);
     - ``encoders(cfg)``: the encoders it loads (``"clip/ViT-L-14-336"``), for the docs;
     - ``uses_prompts``: its maps come from CLIP text prompts (``--prompts`` applies);
+    - ``feature_upsampling``: its maps come from an encoder's dense patch features and its
+      ``prepare`` honours ``--upsampler`` (:mod:`zsdense.dense.upsamplers`); other scorers
+      refuse an upsampler other than ``bilinear``;
     - ``default_threshold(rt, opts, state) -> thresholds.Default``: the pixel threshold when
       none is given or calibrated (None: 0.5 on a probability map).
     """
@@ -88,6 +92,7 @@ class AnomalyScorer:
     reference_kinds: tuple[str, ...] = ()
     encoders: Callable[[AnomalyPreset], tuple[str, ...]] = _no_encoders
     uses_prompts: bool = False
+    feature_upsampling: bool = False
     default_threshold: Callable[[Any, Any, Any], Any] | None = None
 
     def __post_init__(self) -> None:
@@ -193,6 +198,16 @@ def scorer_for(preset: str | AnomalyPreset) -> AnomalyScorer:
     return get_scorer(preset.method)
 
 
+def presets_with_feature_upsampling() -> list[str]:
+    """The presets whose scorer honours ``--upsampler`` (for messages)."""
+    out = []
+    for name, p in ANOMALY_PRESETS.items():
+        with contextlib.suppress(ConfigError):
+            if get_scorer(p.method).feature_upsampling:
+                out.append(name)
+    return out
+
+
 def presets_needing_references() -> list[str]:
     """The presets whose scorer needs good reference images (for messages)."""
     out = []
@@ -210,6 +225,7 @@ __all__ = [
     "RawScore",
     "get_scorer",
     "presets_needing_references",
+    "presets_with_feature_upsampling",
     "register_anomaly_preset",
     "register_scorer",
     "scorer_for",

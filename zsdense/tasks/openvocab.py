@@ -165,9 +165,13 @@ def vfm_on_clip_windows(dino) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def trident_window_tokens(
-    clip, vfm_fn, x_norm_1chw: torch.Tensor, cfg: OpenVocabPreset
+    clip, vfm_fn, x_norm_1chw: torch.Tensor, cfg: OpenVocabPreset, upsampler=None, scale: int = 1
 ) -> tuple[torch.Tensor, win.WindowBatch, tuple[int, int]]:
-    """Per-window ProxyCLIP tokens before ln_post (n, C, hv, wv), the windows, the resized size."""
+    """Per-window ProxyCLIP tokens before ln_post (n, C, hv, wv), the windows, the resized size.
+
+    ``upsampler`` (a :class:`~zsdense.dense.upsamplers.LoadedUpsampler` for ``clip``): each
+    window's tokens are brought to ``scale`` × its CLIP patch grid, guided by the window, so
+    the spliced canvas is ``scale`` times finer (then resampled to SAM's grid as before)."""
     p = clip.patch_size
     x = win.trident_resize(x_norm_1chw, p, cfg.crop, upscale_small=cfg.upscale_small)
     wb = win.make_windows(x, cfg.crop, cfg.stride, pad_multiple=None)
@@ -184,6 +188,12 @@ def trident_window_tokens(
         mean_scope="batch",
     )  # (n, hv*wv, C)
     maps = tok.transpose(1, 2).reshape(tok.shape[0], -1, hv, wv)
+    if upsampler is not None:
+        maps = _batched(
+            lambda i: upsampler.by_scale(wb.images[i], maps[i], scale),
+            torch.arange(maps.shape[0]),
+            cfg.window_batch,
+        ).to(maps.dtype)
     return maps, wb, (int(x.shape[-2]), int(x.shape[-1]))
 
 
@@ -193,9 +203,12 @@ def trident_features(
     x_norm_1chw: torch.Tensor,
     sam_parts: list[tuple[torch.Tensor, torch.Tensor, tuple[int, int] | None]],
     cfg: OpenVocabPreset,
+    upsampler=None,
+    scale: int = 1,
 ) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Trident dense features: L2-normalised (h·w, D) on SAM's valid grid, and that grid."""
-    maps, wb, (H, W) = trident_window_tokens(clip, vfm_fn, x_norm_1chw, cfg)
+    """Trident dense features: L2-normalised (h·w, D) on SAM's valid grid, and that grid
+    (``upsampler``: see :func:`trident_window_tokens`)."""
+    maps, wb, (H, W) = trident_window_tokens(clip, vfm_fn, x_norm_1chw, cfg, upsampler, scale)
     p = clip.patch_size
     canvas = win.splice_tokens(maps, wb.patch_locs(p), (H // p, W // p))
     tokens, grid = agg.aggregate_canvas(
@@ -480,10 +493,20 @@ def sam_refine(
 
 
 def slide_features(
-    clip, x_norm_1chw: torch.Tensor, cfg: OpenVocabPreset, vfm_fn=None
+    clip,
+    x_norm_1chw: torch.Tensor,
+    cfg: OpenVocabPreset,
+    vfm_fn=None,
+    upsampler=None,
+    scale: int = 1,
 ) -> tuple[torch.Tensor, win.WindowBatch]:
     """Per-window L2-normalised dense features (n, D, gh, gw) for ProxyCLIP / SCLIP / ClearCLIP /
-    NACLIP, and the windows (boxes, padding) they came from."""
+    NACLIP, and the windows (boxes, padding) they came from.
+
+    ``upsampler`` (a :class:`~zsdense.dense.upsamplers.LoadedUpsampler` for ``clip``): each
+    window's features are brought to ``scale`` × its CLIP patch grid, guided by the window
+    (JAFAR's attention from CLIP's own patch features), and L2-normalised again, before the
+    text similarity; the window logits are then spliced as before."""
     h, w = x_norm_1chw.shape[-2:]
     if cfg.whole_image:
         crop = stride = (int(h), int(w))
@@ -494,7 +517,10 @@ def slide_features(
     method = get_method(cfg.method)
 
     def features(xb: torch.Tensor) -> torch.Tensor:
-        return method.features(clip, xb, cfg, vfm_fn)
+        f = method.features(clip, xb, cfg, vfm_fn)
+        if upsampler is None:
+            return f
+        return F.normalize(upsampler.by_scale(xb, f, scale), dim=1).to(f.dtype)
 
     return _batched(features, wb.images, cfg.window_batch), wb
 
@@ -555,7 +581,29 @@ def run_open_vocab(
     dino = rt.dinov2(cfg.vfm) if method.needs_vfm else None
     sam = rt.sam(cfg.sam_arch or "vit_b") if method.needs_sam else None
     vfm_fn = vfm_on_clip_windows(dino) if dino is not None else None
-    return [_run_one(rt, ctx, cfg, clip, clf, vfm_fn, sam) for ctx in ctxs]
+    up = feature_upsampler(rt, opts, clip)
+    scale = opts.upsampler_factor if up is not None else 1
+    return [_run_one(rt, ctx, cfg, clip, clf, vfm_fn, sam, up, scale) for ctx in ctxs]
+
+
+def feature_upsampler(rt, options: OpenVocabOptions, clip=None):
+    """The ``--upsampler`` of the options made for the preset's CLIP (None: bilinear), loaded
+    once per runtime (:func:`zsdense.dense.upsamplers.load_upsampler`)."""
+    from zsdense.dense.upsamplers import BILINEAR, load_upsampler
+
+    if options.upsampler == BILINEAR:
+        return None
+    return load_upsampler(rt, options.upsampler, clip or rt.clip(options.config().clip_arch))
+
+
+def _upsampler_meta(up, scale: int) -> dict:
+    if up is None:
+        return {"upsampler": "bilinear"}
+    return {
+        **up.record,
+        "scale": int(scale),
+        "compared": "window features upsampled to scale x the CLIP patch grid, then the text",
+    }
 
 
 def _options(options: OpenVocabOptions | None, kwargs: dict) -> OpenVocabOptions:
@@ -570,32 +618,39 @@ def load_encoders(rt, options: OpenVocabOptions) -> None:
     """Load every model the options need (a run's setup, before its first image)."""
     cfg = options.config()
     method = get_method(cfg.method)
-    rt.clip(cfg.clip_arch)
+    feature_upsampler(rt, options, rt.clip(cfg.clip_arch))
     if method.needs_vfm:
         rt.dinov2(cfg.vfm)
     if method.needs_sam:
         rt.sam(cfg.sam_arch or "vit_b")
 
 
-def _run_one(rt, ctx, cfg: OpenVocabPreset, clip, clf: TextClassifier, vfm_fn, sam):
+def _run_one(
+    rt, ctx, cfg: OpenVocabPreset, clip, clf: TextClassifier, vfm_fn, sam, up=None, scale=1
+):
     H, W = ctx.size
     size = mmseg_resize_hw((H, W), cfg.short_side, cfg.max_long_side)
     text = clf.weights
     meta: dict = dict(rt.result_meta())
     meta.update(preset=cfg.name, method=cfg.method, resized_hw=list(size))
+    meta["upsampler"] = _upsampler_meta(up, scale)
+    extra = () if up is None else ("upsampler", up.spec.text, int(scale))
     with rt.autocast():
         x = clip.normalize(resize_image(ctx.image, size).to(clip.device))
         if get_method(cfg.method).pipeline == "splice-then-segment":
             feats, grid = ctx.get(
-                _dense_key(cfg, clip),
+                _dense_key(cfg, clip, extra),
                 lambda: trident_features(
-                    clip, vfm_fn, x, sam_parts_for(ctx, sam, cfg.sam_strips), cfg
+                    clip, vfm_fn, x, sam_parts_for(ctx, sam, cfg.sam_strips), cfg, up, scale
                 ),
             )
             low = (feats @ text.to(feats.device).T).T.reshape(-1, grid[0], grid[1])
             meta["sam_grid"] = list(grid)
         else:
-            feats, wb = ctx.get(_dense_key(cfg, clip), lambda: slide_features(clip, x, cfg, vfm_fn))
+            feats, wb = ctx.get(
+                _dense_key(cfg, clip, extra),
+                lambda: slide_features(clip, x, cfg, vfm_fn, up, scale),
+            )
             low = slide_cos_logits(feats, wb, text, size)
         guide = torch.from_numpy(ctx.image) if cfg.upsample == "jbu" else None
         cos = upsample_scores(low.float(), (H, W), cfg.upsample, guide_hwc=guide)

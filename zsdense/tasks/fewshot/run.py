@@ -26,10 +26,13 @@ SCORE_RULE = (
 
 @dataclass
 class FewShotState:
-    """What a few-shot run computes once: the memory of good references and its options."""
+    """What a few-shot run computes once: the memory of good references and its options, and
+    the feature upsampler of ``--upsampler`` with its scale (None: bilinear, the reference)."""
 
     bank: MemoryBank
     options: FewShotOptions
+    upsampler: Any = None  # zsdense.dense.upsamplers.LoadedUpsampler
+    upsampler_scale: int = 1
 
 
 def fewshot_state(
@@ -56,17 +59,32 @@ def fewshot_state(
     return memo(rt, key, keep, compute)
 
 
-def fewshot_meta(state: FewShotState, grid, kept: int) -> dict:
+def upsampler_meta(state: FewShotState) -> dict:
+    """What a result records about the feature upsampling: ``{"upsampler": "bilinear"}``, or
+    the loaded upsampler's record with its scale and what the two sides are compared at."""
+    if state.upsampler is None:
+        return {"upsampler": "bilinear"}
+    return {
+        **state.upsampler.record,
+        "scale": int(state.upsampler_scale),
+        "compared": "test features upsampled to scale x the patch grid; the memory at its grid",
+    }
+
+
+def fewshot_meta(state: FewShotState, grid, kept: int, feature_grid=None) -> dict:
     opts = state.options
+    extra = {} if feature_grid is None else {"feature_grid": list(feature_grid)}
     return {
         "preset": "anomalydino",
         "method": "fewshot",
+        "upsampler": upsampler_meta(state),
         "fewshot": {
             **{k: v for k, v in asdict(opts).items() if k != "rot_angles"},
             "rot_angles": list(opts.angles()),
             "n_shots": state.bank.n_shots,
             "memory_rows": state.bank.n_rows,
             "grid": list(grid),
+            **extra,
             "kept_patches": int(kept),
             "score_rule": SCORE_RULE,
         },
@@ -76,13 +94,19 @@ def fewshot_meta(state: FewShotState, grid, kept: int) -> dict:
 def fewshot_raw(rt, ctxs: Sequence, state: FewShotState) -> list[RawScore]:
     """Raw few-shot maps (1 − cos distances, smoothed, at each image's size) and scores."""
     dino = rt.dinov2(state.options.model)
+    up, scale = state.upsampler, int(state.upsampler_scale)
     with rt.autocast():
-        scored = score_contexts(dino, state.bank, list(ctxs), state.options)
+        scored = score_contexts(dino, state.bank, list(ctxs), state.options, up, scale)
     return [
         RawScore(
             r.anomaly_map.astype(np.float32),
             float(r.score),
-            fewshot_meta(state, r.grid, r.mask.sum()),
+            fewshot_meta(
+                state,
+                r.grid,
+                r.mask.sum(),
+                None if up is None else (r.grid[0] // scale, r.grid[1] // scale),
+            ),
         )
         for r in scored
     ]

@@ -17,7 +17,11 @@ from zsdense.io.progress import phase
 from zsdense.tasks.fewshot.bank import check_bank
 from zsdense.tasks.fewshot.masking import foreground_mask
 from zsdense.tasks.fewshot.options import FewShotOptions
-from zsdense.tasks.fewshot.preprocess import extract_features, resolve_pos_interp
+from zsdense.tasks.fewshot.preprocess import (
+    extract_features,
+    prepare_image,
+    resolve_pos_interp,
+)
 
 # ---- distances, scores, maps -----------------------------------------------------------------
 
@@ -107,9 +111,13 @@ def score_features(
     options: FewShotOptions,
     *,
     keep_unsmoothed: bool = False,
+    mask: np.ndarray | None = None,
 ) -> FewShotImage:
-    """Score one image's (N, D) features against ``memory`` (bank rows)."""
-    if options.masking:
+    """Score one image's (N, D) features against ``memory`` (bank rows). ``mask`` (N,) bool:
+    the patches to score, when decided elsewhere (upsampled features: the grid's mask)."""
+    if mask is not None:
+        mask = np.asarray(mask, dtype=bool)
+    elif options.masking:
         mask = foreground_mask(features, grid, options.mask_threshold)
     else:
         mask = np.ones(features.shape[0], dtype=bool)
@@ -174,11 +182,22 @@ def score_images_with(
 
 @torch.no_grad()
 def score_contexts(
-    dino, bank: MemoryBank, ctxs: Sequence, options: FewShotOptions
+    dino,
+    bank: MemoryBank,
+    ctxs: Sequence,
+    options: FewShotOptions,
+    upsampler=None,
+    scale: int = 1,
 ) -> list[FewShotImage]:
     """Score ImageContexts; each image's features are computed once per context and model
     setting (``ctx.get``), so several heads on one image (``anomalydino`` and
-    ``crane+fewshot`` in one ``zsdense run``) share one DINOv2 forward."""
+    ``crane+fewshot`` in one ``zsdense run``) share one DINOv2 forward.
+
+    ``upsampler`` (a :class:`~zsdense.dense.upsamplers.LoadedUpsampler` for ``dino``): the test
+    features are brought to ``scale`` × the patch grid (:func:`upsampled_features`) and each
+    of those cells is compared with the memory as it is (the references' patches at their own
+    grid); the mask (PCA foreground) is decided on the patch grid and repeated onto the cells.
+    """
     check_bank(bank, options, dino)
     memory = _memory_on(bank, dino.device)
     mode = resolve_pos_interp(dino, options.pos_interp)
@@ -188,8 +207,40 @@ def score_contexts(
         f, grid = c.get(
             key, lambda c=c: extract_features(dino, [c.image_u8], options.image_size, mode)[0]
         )
-        out.append(score_features(f, grid, c.size, memory, options))
+        if upsampler is None:
+            out.append(score_features(f, grid, c.size, memory, options))
+            continue
+        up_key = (*key, "upsampled", upsampler.spec.text, int(scale))
+        fu, gu = c.get(
+            up_key,
+            lambda c=c, f=f, grid=grid: upsampled_features(
+                dino, upsampler, c.image_u8, f, grid, options, scale
+            ),
+        )
+        mask = None
+        if options.masking:
+            low = foreground_mask(f, grid, options.mask_threshold).reshape(grid)
+            mask = np.repeat(np.repeat(low, scale, axis=0), scale, axis=1).reshape(-1)
+        out.append(score_features(fu, gu, c.size, memory, options, mask=mask))
     return out
+
+
+@torch.no_grad()
+def upsampled_features(
+    dino, upsampler, image_u8: np.ndarray, features, grid, options: FewShotOptions, scale: int
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """(features (scale²·N, D) float32 on the CPU, grid × scale): the test image's patch
+    features upsampled by ``upsampler``, guided by the image exactly as the scorer prepared it
+    for DINOv2 (resized, ImageNet-normalised, cropped to the patch grid)."""
+    x, g = prepare_image(image_u8, options.image_size, dino.patch_size)
+    if tuple(g) != tuple(grid):
+        raise ConfigError(f"few-shot upsampling: grid {g} of the image, features on {grid}")
+    gh, gw = int(grid[0]), int(grid[1])
+    values = features.t().reshape(1, -1, gh, gw).to(dino.device)
+    out = upsampler.by_scale(x[None].to(dino.device), values, int(scale))
+    d = out.shape[1]
+    fu = out[0].reshape(d, -1).t().float().cpu().contiguous()
+    return fu, (int(out.shape[-2]), int(out.shape[-1]))
 
 
 def reference_maps(bank: MemoryBank, options: FewShotOptions) -> list[tuple[np.ndarray, float]]:
