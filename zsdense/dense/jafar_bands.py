@@ -1,6 +1,7 @@
-"""Banded pieces of JAFAR's memory-bounded path (:meth:`zsdense.dense.jafar_model.JAFAR.
-forward_chunked`): ``adaptive_avg_pool2d`` windows computed from the rows they need, and
-GroupNorm statistics gathered band by band then applied as one per-channel affine map."""
+"""Banded pieces of JAFAR's memory-bounded path (``JAFAR.forward_chunked`` in
+:mod:`zsdense.dense.jafar_model`): ``adaptive_avg_pool2d`` windows computed from the rows they
+need, and GroupNorm statistics gathered band by band then applied as one per-channel affine map.
+"""
 
 from __future__ import annotations
 
