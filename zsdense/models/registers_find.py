@@ -416,6 +416,34 @@ def _batches(images: Iterable[torch.Tensor], size: int):
         yield torch.stack(buf)
 
 
+def _found_set(
+    a: _Adapter,
+    acc: NeuronScoreAccumulator,
+    selected: list[tuple[int, int, float]],
+    settings: SearchSettings,
+    n_outliers: int,
+    provenance: str,
+    extra_rules: dict | None,
+) -> NeuronSet:
+    """The :class:`NeuronSet` of a search: the selected neurons, the encoder, the rules with the
+    image and outlier counts (and ``extra_rules``), the provenance (default: the rules' source)."""
+    rules = settings.to_json()
+    rules.update(images_seen=acc.n_seen, images_used=acc.n_used, outlier_tokens=n_outliers)
+    rules.update(extra_rules or {})
+    return NeuronSet(
+        layers=tuple(group_neurons(selected).items()),
+        encoder=a.identity(),
+        rules=rules,
+        scores=tuple(selected),
+        provenance=provenance
+        or (
+            f"found by zsdense with the rules of {REFERENCE_REPO} ({REFERENCE_COMMIT[:10]}): "
+            f"find_register_neurons + filter_layers + top_k on {acc.n_used} of {acc.n_seen} "
+            "images with outliers"
+        ),
+    )
+
+
 def find_register_neurons(
     model: Any,
     images: Iterable[torch.Tensor],
@@ -467,21 +495,7 @@ def find_register_neurons(
             progress(int(batch.shape[0]))
     ranked = acc.ranked() if acc.n_used else []
     selected = select_neurons(ranked, settings)
-    rules = settings.to_json()
-    rules.update(images_seen=acc.n_seen, images_used=acc.n_used, outlier_tokens=n_outliers)
-    rules.update(extra_rules or {})
-    neurons = NeuronSet(
-        layers=tuple(group_neurons(selected).items()),
-        encoder=a.identity(),
-        rules=rules,
-        scores=tuple(selected),
-        provenance=provenance
-        or (
-            f"found by zsdense with the rules of {REFERENCE_REPO} ({REFERENCE_COMMIT[:10]}): "
-            f"find_register_neurons + filter_layers + top_k on {acc.n_used} of {acc.n_seen} "
-            "images with outliers"
-        ),
-    )
+    neurons = _found_set(a, acc, selected, settings, n_outliers, provenance, extra_rules)
     return SearchResult(
         neurons=neurons,
         selected=selected,

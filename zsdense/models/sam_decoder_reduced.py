@@ -1,0 +1,228 @@
+"""SAM's mask decoder in reduced precision (:mod:`zsdense.models.sam_proposals`, "Reduced
+precision"): a bf16 copy of the decoder with the prompt encoder kept in float32, cached per SAM
+wrapper (:func:`decoder_for`), and :func:`decode_points_reduced`, the same model arranged for
+speed instead of bit-identity."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from zsdense.models.sam_decoder import (
+    DecoderImageSide,
+    _token_self_attention,
+    decode_points,
+)
+
+
+class _PromptEncoderAt:
+    """SAM's prompt encoder computed in float32 with autocast off (its positional encoding takes
+    sin/cos of ``2π·coords·G``, up to ~30 rad: bf16 would shift them by up to 0.1 rad), the
+    sparse (point) embeddings cast to ``dtype``."""
+
+    def __init__(self, prompt_encoder, dtype: torch.dtype):
+        self._pe = prompt_encoder
+        self.dtype = dtype
+        self.no_mask_embed = prompt_encoder.no_mask_embed  # float32: added to the float32 image
+
+    def _fp32(self):
+        dev = self.no_mask_embed.weight.device.type
+        return torch.autocast(device_type=dev, enabled=False)
+
+    def __call__(self, points=None, boxes=None, masks=None):
+        with self._fp32():
+            sparse, dense = self._pe(points=points, boxes=boxes, masks=masks)
+        # dense: the no-mask embedding expanded over the grid (a view; decoding adds it to the
+        # image side once, in float32): casting it would copy B × 256 × 64 × 64 values
+        return sparse.to(self.dtype), dense
+
+    def get_dense_pe(self) -> torch.Tensor:
+        with self._fp32():
+            return self._pe.get_dense_pe()
+
+
+class ReducedDecoderSam:
+    """What :func:`decode_points` reads from a ``Sam`` model, with the mask decoder in ``dtype``
+    (a cast copy: the model's own decoder is left in float32) and the prompt encoder in float32
+    (:class:`_PromptEncoderAt`)."""
+
+    def __init__(self, model, dtype: torch.dtype):
+        self.dtype = dtype
+        self.image_encoder = model.image_encoder
+        self.mask_threshold = model.mask_threshold
+        self.prompt_encoder = _PromptEncoderAt(model.prompt_encoder, dtype)
+        self.mask_decoder = copy.deepcopy(model.mask_decoder).to(dtype).eval()
+        self.mask_decoder.requires_grad_(False)
+
+
+def decoder_for(sam) -> Any:
+    """The model :func:`sam_proposals` decodes with: ``sam.model`` itself when SAM's image encoder
+    is float32 (the exact path), else a :class:`ReducedDecoderSam` at the encoder's precision,
+    built once per SAM wrapper and precision."""
+    model = sam.model
+    dtype = model.image_encoder.patch_embed.proj.weight.dtype
+    if dtype == torch.float32:
+        return model
+    cache = sam.__dict__.setdefault("_reduced_decoders", {})
+    dev = str(model.device)
+    key = (dtype, dev)
+    if key not in cache:
+        cache[key] = ReducedDecoderSam(model, dtype)
+    return cache[key]
+
+
+def _heads(x: torch.Tensor, h: int) -> torch.Tensor:
+    """(B, N, h·c) -> (B·h, N, c)."""
+    b, n, hc = x.shape
+    return x.view(b, n, h, hc // h).transpose(1, 2).reshape(b * h, n, hc // h)
+
+
+def _unheads(x: torch.Tensor, b: int) -> torch.Tensor:
+    """(B·h, N, c) -> (B, N, h·c)."""
+    bh, n, c = x.shape
+    return x.view(b, bh // b, n, c).transpose(1, 2).reshape(b, n, (bh // b) * c)
+
+
+def _attend_tokens_to_image(attn, qp, kp, vp) -> torch.Tensor:
+    """Tokens (B, T, C') attending to image keys/values (1 or B, HW, C'), then out_proj.
+    Shared (batch-1) image keys are not expanded: the prompts' tokens are stacked as rows."""
+    h, b, t, c = attn.num_heads, qp.shape[0], qp.shape[1], qp.shape[2]
+    scale = 1.0 / math.sqrt(c // h)
+    if kp.shape[0] == 1:
+        q = qp.reshape(1, b * t, c)  # every prompt's tokens as rows of one batch
+        out = _attend_rows(_heads(q * scale, h), _heads(kp, h), _heads(vp, h))  # (h, B·T, c)
+        out = _unheads(out, 1).view(b, t, c)
+    else:
+        out = _unheads(_attend_rows(_heads(qp * scale, h), _heads(kp, h), _heads(vp, h)), b)
+    return attn.out_proj(out)
+
+
+def _attend_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q kᵀ) v over a batch of heads (q already scaled)."""
+    return torch.bmm(torch.softmax(torch.bmm(q, k.transpose(1, 2)), dim=-1), v)
+
+
+def _attend_image_to_tokens(attn, qp, kp, vp) -> torch.Tensor:
+    """Image queries (1 or B, HW, C') attending to each prompt's few tokens (B, T, C'), then
+    out_proj. The scores are formed transposed, (…, T, HW), so that the softmax over the T
+    tokens runs along a dimension with HW contiguous elements behind it (10× faster than rows
+    of 7 on the CPU), and shared image queries are never expanded."""
+    h, b, t, c = attn.num_heads, kp.shape[0], kp.shape[1], kp.shape[2]
+    hw, cph = qp.shape[1], c // h
+    k = (kp * (1.0 / math.sqrt(cph))).view(b, t, h, cph)
+    v = vp.view(b, t, h, cph)
+    if qp.shape[0] == 1:  # one image side for every prompt: heads outermost
+        qh = _heads(qp, h)  # (h, HW, c/h)
+        kh = k.permute(2, 0, 1, 3).reshape(h, b * t, cph)
+        st = torch.bmm(kh, qh.transpose(1, 2)).view(h * b, t, hw)
+        vh = v.permute(2, 0, 1, 3).reshape(h * b, t, cph)
+        out = torch.bmm(torch.softmax(st, dim=1).transpose(1, 2), vh)  # (h·B, HW, c/h)
+        out = out.view(h, b, hw, cph).permute(1, 2, 0, 3).reshape(b, hw, c)
+    else:
+        kh = k.permute(0, 2, 1, 3).reshape(b * h, t, cph)
+        st = torch.bmm(kh, _heads(qp, h).transpose(1, 2))  # (B·h, T, HW)
+        vh = v.permute(0, 2, 1, 3).reshape(b * h, t, cph)
+        out = _unheads(torch.bmm(torch.softmax(st, dim=1).transpose(1, 2), vh), b)
+    return attn.out_proj(out)
+
+
+def _conv_t2x2_channels_last(conv, x: torch.Tensor) -> torch.Tensor:
+    """A 2×2 stride-2 ``ConvTranspose2d`` on per-pixel rows ``x`` (..., C_in) as one matrix
+    product: (..., 2, 2, C_out) with the new pixels (di, dj) of each input pixel, in whatever
+    pixel order ``x`` has (the caller puts the pixels in place at the end)."""
+    w = conv.weight  # (C_in, C_out, 2, 2)
+    cin, cout = w.shape[0], w.shape[1]
+    wm = w.permute(0, 2, 3, 1).reshape(cin, 4 * cout)  # (C_in, [di, dj, C_out])
+    bias = conv.bias.repeat(4) if conv.bias is not None else None
+    y = F.linear(x, wm.t(), bias)
+    return y.view(*x.shape[:-1], 2, 2, cout)
+
+
+def _upscaling_is_standard(seq) -> bool:
+    from segment_anything.modeling.common import LayerNorm2d
+
+    mods = list(seq)
+    types = (torch.nn.ConvTranspose2d, LayerNorm2d, torch.nn.GELU, torch.nn.ConvTranspose2d)
+    if len(mods) != 5 or not all(isinstance(m, t) for m, t in zip(mods, types)):
+        return False
+    if not isinstance(mods[4], torch.nn.GELU):
+        return False
+    return all(
+        tuple(m.kernel_size) == (2, 2) and tuple(m.stride) == (2, 2) and tuple(m.padding) == (0, 0)
+        for m in (mods[0], mods[3])
+    )
+
+
+@torch.no_grad()
+def decode_points_reduced(
+    model, side: DecoderImageSide, coords: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`decode_points` for a reduced-precision decoder (:class:`ReducedDecoderSam`): the
+    same model, arranged for speed instead of bit-identity with ``MaskDecoder``:
+
+    - attention between a prompt's tokens and the image never expands the shared image side
+      (the tokens of every prompt become rows of one product), and image-to-token scores are
+      formed transposed so that the softmax over a prompt's few tokens is vectorised;
+    - the output upscaling runs channels-last: each 2×2 stride-2 transposed convolution is one
+      matrix product per pixel, LayerNorm2d a LayerNorm over the last axis, and the pixels stay
+      in blocked order until the mask logits (3 channels instead of 32) are put in place.
+
+    Low-resolution logits (B, 3, 4h, 4w) and IoUs (B, 3), in the decoder's dtype."""
+    dec = model.mask_decoder
+    tr = dec.transformer
+    if not _upscaling_is_standard(dec.output_upscaling) or len(tr.layers) == 0:
+        return decode_points(model, side, coords, labels)
+    sparse, _ = model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+    out_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
+    tokens = torch.cat((out_tokens.unsqueeze(0).expand(sparse.size(0), -1, -1), sparse), dim=1)
+    b = tokens.shape[0]
+    c, h, w = side.size
+
+    queries, keys = tokens, side.keys  # keys: (1, HW, C) shared until block 0 writes them
+    for i, layer in enumerate(tr.layers):
+        queries = _token_self_attention(layer, queries, tokens)
+        q = queries + tokens
+        t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
+        if i == 0:
+            kp, vp, iq = side.t2i_k, side.t2i_v, side.i2t_q
+        else:
+            k_pe = keys + side.key_pe
+            kp, vp, iq = t2i.k_proj(k_pe), t2i.v_proj(keys), i2t.q_proj(k_pe)
+        queries = layer.norm2(queries + _attend_tokens_to_image(t2i, t2i.q_proj(q), kp, vp))
+        queries = layer.norm3(queries + layer.mlp(queries))
+        q = queries + tokens
+        upd = _attend_image_to_tokens(i2t, iq, i2t.k_proj(q), i2t.v_proj(queries))
+        keys = layer.norm4(keys + upd)  # (B, HW, C)
+    fin = tr.final_attn_token_to_image
+    k_pe = keys + side.key_pe
+    att = _attend_tokens_to_image(
+        fin, fin.q_proj(queries + tokens), fin.k_proj(k_pe), fin.v_proj(keys)
+    )
+    queries = tr.norm_final_attn(queries + att)
+
+    iou_token_out = queries[:, 0, :]
+    mask_tokens_out = queries[:, 1 : 1 + dec.num_mask_tokens, :]
+    conv1, ln, gelu1, conv2, gelu2 = list(dec.output_upscaling)
+    x = keys.view(b, h, w, c)  # channels-last pixels, row-major
+    x = _conv_t2x2_channels_last(conv1, x)  # (B, h, w, 2, 2, C1)
+    x = F.layer_norm(x, (x.shape[-1],), ln.weight, ln.bias, ln.eps)
+    x = torch.ops.aten.gelu_(x, approximate=gelu1.approximate)
+    x = _conv_t2x2_channels_last(conv2, x)  # (B, h, w, 2, 2, 2, 2, C2)
+    x = torch.ops.aten.gelu_(x, approximate=gelu2.approximate)
+    hyper = torch.stack(
+        [
+            dec.output_hypernetworks_mlps[j](mask_tokens_out[:, j, :])
+            for j in range(1, dec.num_mask_tokens)
+        ],
+        dim=1,
+    )  # (B, 3, C2): the multimask outputs only
+    blocked = torch.bmm(hyper, x.reshape(b, -1, x.shape[-1]).transpose(1, 2))  # (B, 3, pixels)
+    # blocked pixel (i, j, di1, dj1, di2, dj2) -> row 4i + 2di1 + di2, column 4j + 2dj1 + dj2
+    masks = blocked.view(b, -1, h, w, 2, 2, 2, 2).permute(0, 1, 2, 4, 6, 3, 5, 7)
+    masks = masks.reshape(b, -1, 4 * h, 4 * w)
+    iou_pred = dec.iou_prediction_head(iou_token_out)[:, 1:]
+    return masks, iou_pred
