@@ -105,7 +105,8 @@ class Timer:
 
 
 def _jafar_file(folder: Path, v_dim: int, qk: int, name: str) -> Path:
-    from zsdense.dense.jafar import JAFAR, JafarConfig, save_jafar
+    from zsdense.dense.jafar import JAFAR, JafarConfig
+    from zsdense.train.checkpoint import save_jafar
 
     torch.manual_seed(v_dim)
     return save_jafar(JAFAR(JafarConfig(v_dim=v_dim, qk_dim=qk)), folder / f"{name}.pth")

@@ -18,10 +18,10 @@ from zsdense.dense.jafar import (
     load_jafar,
     read_jafar_file,
     reference_key_order,
-    save_jafar,
     upsample,
 )
 from zsdense.errors import ConfigError, WeightsError
+from zsdense.train.checkpoint import save_jafar
 
 
 @pytest.fixture(autouse=True)

@@ -28,7 +28,8 @@ FEW = ["--models", "tiny", "--device", "cpu", "--precision", "fp32", "-q", "--no
 def _random_jafar_file(path: Path, v_dim: int, seed: int, qk_dim: int = 32) -> Path:
     """A JAFAR for ``v_dim``-channel features with every parameter moved off its init, saved
     in the released layout (4 heads: what a file without metadata is read with)."""
-    from zsdense.dense.jafar import JAFAR, JafarConfig, save_jafar
+    from zsdense.dense.jafar import JAFAR, JafarConfig
+    from zsdense.train.checkpoint import save_jafar
 
     g = torch.Generator().manual_seed(seed)
     m = JAFAR(JafarConfig(v_dim=v_dim, qk_dim=qk_dim, num_heads=4))
@@ -279,7 +280,8 @@ def test_anomaly_cli_run_toml_settings_and_resume(files, tmp_path, capsys):
 
 
 def test_mismatched_files_are_refused_at_setup(files, tmp_path, capsys):
-    from zsdense.dense.jafar import JAFAR, JafarConfig, save_jafar
+    from zsdense.dense.jafar import JAFAR, JafarConfig
+    from zsdense.train.checkpoint import save_jafar
 
     base = ["anomaly", files["test"], "--preset", "anomalydino", "--reference", files["bank"]]
     code, text = _main(

@@ -6,7 +6,9 @@ output size, guided by the image. The public face: :class:`Upsampler`, :func:`lo
   measured memory);
 - :mod:`zsdense.dense.jafar_layers`: :class:`JafarConfig`, the layers, the positional encoding;
 - :mod:`zsdense.dense.jafar_bands`: banded pooling and GroupNorm statistics of the chunked path;
-- :mod:`zsdense.dense.jafar_files`: state dicts and upsampler files.
+- :mod:`zsdense.dense.jafar_files`: state dicts and reading upsampler files (written by
+  :func:`zsdense.train.checkpoint.save_jafar`: algorithms here take tensors, files are written
+  above).
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from zsdense.dense.jafar_files import (
     jafar_from_state_dict,
     read_jafar_file,
     reference_key_order,
-    save_jafar,
 )
 from zsdense.dense.jafar_layers import (
     DEFAULT_HEADS,
@@ -68,7 +69,6 @@ __all__ = [
     "read_jafar_file",
     "reference_key_order",
     "rope_init",
-    "save_jafar",
     "upsample",
 ]
 

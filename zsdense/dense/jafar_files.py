@@ -146,26 +146,3 @@ def read_jafar_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
             f"layout) or a plain state dict of tensors, found {type(obj).__name__}"
         )
     return dict(obj), meta
-
-
-def save_jafar(model: JAFAR, path: str | Path, meta: dict | None = None) -> Path:
-    """Write an upsampler atomically: ``.safetensors`` with the metadata JSON (backbone, head
-    count...), or any other suffix as the released layout ``{"jafar": state_dict}`` exactly
-    (``torch.save``; the authors' loaders read it; no metadata)."""
-    import json
-
-    from zsdense.io.writers import atomic_path
-
-    p = Path(path)
-    sd = {
-        k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()
-    }
-    info = {"format": FORMAT, **model.config.to_json(), **(meta or {})}
-    with atomic_path(p) as tmp:
-        if p.suffix == ".safetensors":
-            from safetensors.torch import save_file
-
-            save_file(sd, str(tmp), metadata={META_KEY: json.dumps(info, sort_keys=True)})
-        else:
-            torch.save({STATE_DICT_KEY: sd}, str(tmp))
-    return p

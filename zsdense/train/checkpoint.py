@@ -8,6 +8,8 @@ and an exporter to the layout Crane's ``train.py`` saves.
   model is refused.
 - ``state.safetensors``: the same tensors plus the Adam moments and step counts and the
   data-order generator state; with the metadata it continues a run bit for bit.
+- :func:`save_jafar`: a JAFAR upsampler (``zsdense train-upsampler``'s files, or the released
+  ``{"jafar": state_dict}`` layout).
 - :func:`export_published`: ``{'prompt_learner': state_dict}`` saved with ``torch.save``, which
   Crane's ``test.py`` and :func:`zsdense.text.anomaly_prompts.load_learned_prompts` both load.
 
@@ -179,6 +181,28 @@ def training_runtime(runtime: Any):
     from zsdense.runtime import Runtime, runtime_of
 
     return runtime_of(runtime) if runtime is not None else Runtime(device="cpu", precision="fp32")
+
+
+def save_jafar(model, path: str | Path, meta: dict | None = None) -> Path:
+    """Write an upsampler atomically: ``.safetensors`` with the metadata JSON (backbone, head
+    count...), or any other suffix as the released layout ``{"jafar": state_dict}`` exactly
+    (``torch.save``; the authors' loaders read it; no metadata). ``model``: a
+    :class:`~zsdense.dense.jafar.JAFAR`; :func:`~zsdense.dense.jafar.load_jafar` reads it back."""
+    p = Path(path)
+    sd = {
+        k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()
+    }
+    from zsdense.dense.jafar_files import FORMAT, META_KEY, STATE_DICT_KEY
+
+    info = {"format": FORMAT, **model.config.to_json(), **(meta or {})}
+    with atomic_path(p) as tmp:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file(sd, str(tmp), metadata={META_KEY: json.dumps(info, sort_keys=True)})
+        else:
+            torch.save({STATE_DICT_KEY: sd}, str(tmp))
+    return p
 
 
 def export_published(src: str | Path, dst: str | Path) -> Path:

@@ -24,13 +24,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from zsdense.dense.jafar import save_jafar
 from zsdense.errors import ConfigError, InputError
 from zsdense.io.writers import atomic_path
 from zsdense.train.checkpoint import (
     check_out_for_training,
     check_resume_settings,
     load_state,
+    save_jafar,
     save_state,
     training_runtime,
 )
