@@ -27,19 +27,17 @@ import numpy as np
 
 from zsdense.config import DEFAULT_BATCH_SIZE, MAX_PIXELS
 from zsdense.context import ImageContext
+from zsdense.engine.inputs import read_units, record_skipped_inputs
 from zsdense.engine.local import (
-    RunSummary,
-    _jsonable_meta,
     _Progress,
     finish_run,
     image_batches,
     prepare_out_dir,
-    process_units,
-    read_units,
-    record_skipped_inputs,
     run_settings,
 )
 from zsdense.engine.specs import META_KEYS, build_task_specs, parse_task_option
+from zsdense.engine.summary import RunSummary
+from zsdense.engine.units import _jsonable_meta, process_units
 from zsdense.errors import ConfigError, DependencyError
 from zsdense.io.manifest import (
     MANIFEST_NAME,
