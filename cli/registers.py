@@ -372,41 +372,27 @@ def find_cmd(
     prep.update({k: v for k, v in (("resize", resize), ("crop", crop)) if v is not None})
     batch = runtime.get("batch_size") or 1
     t0 = time.perf_counter()
-    bar = _progress(len(items), quiet, "finding register neurons")
-    stream = _ImageStream(items, max_images, prep, runtime.get("max_pixels"), bar)
-    try:
-        res = rf.find_register_neurons(
-            model,
-            stream,
-            settings,
-            batch_size=batch,
-            extra_rules={
-                "preprocess": {
-                    k: (list(v) if isinstance(v, tuple) else v) for k, v in prep.items()
-                },
-                "max_images": max_images,
-                "seed": seed,
-                "precision": rt.precision,
-                "data": [str(d) for d in data],
-            },
-        )
-    finally:
-        if bar is not None:
-            bar.render_finish()
+    res, stream = _search(
+        model,
+        items,
+        settings,
+        prep,
+        batch=batch,
+        quiet=quiet,
+        max_images=max_images,
+        max_pixels=runtime.get("max_pixels"),
+        rules={
+            "preprocess": {k: (list(v) if isinstance(v, tuple) else v) for k, v in prep.items()},
+            "max_images": max_images,
+            "seed": seed,
+            "precision": rt.precision,
+            "data": [str(d) for d in data],
+        },
+    )
     seconds = time.perf_counter() - t0
     for rel, problem in stream.failed[:10]:
         warn(f"skipped {rel}: {problem}")
-    det = settings.detect_outliers_layer
-    if res.n_seen == 0:
-        raise ConfigError("no image could be read from " + " ".join(data))
-    if res.n_used == 0:
-        raise ConfigError(
-            f"no token of the {res.n_seen} image(s) has a norm above "
-            f"{settings.register_norm_threshold:g} at layer {det} (the largest is "
-            f"{res.max_detect_norm:.1f}): nothing to find. The "
-            "default thresholds are absolute norms of CLIP ViT-B/16 (30) and DINOv2-L (150); "
-            "pass a --threshold inside this encoder's range"
-        )
+    _require_outliers(res, settings, data)
     ns = res.neurons
     ns = type(ns)(
         layers=ns.layers,
@@ -423,13 +409,51 @@ def find_cmd(
         check = rf.norms_with_registers(model, sub, spec, settings, batch_size=batch)
     ns.save(out)
     report = out.with_suffix(".html")
+    lines = _found_lines(rt, res, settings, ns, len(stream.failed), seconds, check)
+    lines.append(f"wrote {out} and {report}")
+    facts = _found_facts(res, settings, ns)
+    _write_text(report, _html_report(f"Register neurons: {ns.encoder.name}", facts, res, check))
+    click.echo("\n".join(lines))
+
+
+def _search(model, items, settings, prep: dict, *, batch, quiet, max_images, max_pixels, rules):
+    """The search over the images, with a progress bar: (the result, the image stream, which
+    knows the files it could not read)."""
+    from zsdense.models import registers_find as rf
+
+    bar = _progress(len(items), quiet, "finding register neurons")
+    stream = _ImageStream(items, max_images, prep, max_pixels, bar)
+    try:
+        res = rf.find_register_neurons(model, stream, settings, batch_size=batch, extra_rules=rules)
+    finally:
+        if bar is not None:
+            bar.render_finish()
+    return res, stream
+
+
+def _require_outliers(res, settings, data) -> None:
+    """Nothing read or no outlier token: nothing to find (a ConfigError saying what to do)."""
+    det = settings.detect_outliers_layer
+    if res.n_seen == 0:
+        raise ConfigError("no image could be read from " + " ".join(data))
+    if res.n_used == 0:
+        raise ConfigError(
+            f"no token of the {res.n_seen} image(s) has a norm above "
+            f"{settings.register_norm_threshold:g} at layer {det} (the largest is "
+            f"{res.max_detect_norm:.1f}): nothing to find. The "
+            "default thresholds are absolute norms of CLIP ViT-B/16 (30) and DINOv2-L (150); "
+            "pass a --threshold inside this encoder's range"
+        )
+
+
+def _found_lines(rt, res, settings, ns, n_failed: int, seconds: float, check) -> list[str]:
+    """What ``registers find`` prints: the run, the outliers, the chosen neurons, the check."""
     thr = settings.register_norm_threshold
-    ident = ns.encoder
+    det = settings.detect_outliers_layer
     lines = [
-        f"zsdense registers find: {ident.describe()}, "
-        f"{rt.precision} on {rt.device}",
+        f"zsdense registers find: {ns.encoder.describe()}, {rt.precision} on {rt.device}",
         f"images: {res.n_seen} read, {res.n_used} with outliers (used), "
-        f"{res.n_seen - res.n_used} without (skipped), {len(stream.failed)} unreadable; "
+        f"{res.n_seen - res.n_used} without (skipped), {n_failed} unreadable; "
         f"{seconds:.1f} s ({seconds / max(res.n_seen, 1) * 1000:.0f} ms/image)",
         f"outliers: token norm > {thr:g} at layer {det} ({res.outlier_tokens} tokens; largest "
         f"norm {res.max_detect_norm:.1f})",
@@ -442,9 +466,15 @@ def find_cmd(
     ]
     if check is not None:
         lines.extend(_check_lines(check, thr))
-    lines.append(f"wrote {out} and {report}")
-    facts = [
-        ("encoder", ident.describe()),
+    return lines
+
+
+def _found_facts(res, settings, ns) -> list[tuple[str, Any]]:
+    """The facts table of the HTML report next to the neurons file."""
+    thr = settings.register_norm_threshold
+    det = settings.detect_outliers_layer
+    return [
+        ("encoder", ns.encoder.describe()),
         (
             "images read / used / skipped",
             f"{res.n_seen} / {res.n_used} / {res.n_seen - res.n_used}",
@@ -455,8 +485,6 @@ def find_cmd(
         ("neurons", ns.count),
         ("provenance", ns.provenance),
     ]
-    _write_text(report, _html_report(f"Register neurons: {ident.name}", facts, res, check))
-    click.echo("\n".join(lines))
 
 
 @registers_group.command("check")

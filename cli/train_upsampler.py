@@ -159,21 +159,9 @@ def train_upsampler_cmd(
 
     --precision auto trains in float32 on the CPU and under bf16 autocast on CUDA (as the
     authors)."""
-    from pathlib import Path
+    from zsdense.train.jafar import JafarRecipe, UpsamplerOptions, UpsamplerTrainer
 
-    from zsdense.runtime import resolve_device
-    from zsdense.train.jafar import (
-        LOG_FILE,
-        UPSAMPLER_FILE,
-        JafarRecipe,
-        UpsamplerOptions,
-        UpsamplerTrainer,
-    )
-
-    if runtime.get("precision") == "auto":
-        cuda = resolve_device(runtime.get("device", "auto")).type == "cuda"
-        runtime["precision"] = "bf16" if cuda else "fp32"
-    rt = make_runtime(batch_size=batch_size, **runtime)
+    rt = _make_training_runtime(batch_size, runtime)
     recipe = JafarRecipe(
         img_size=img_size,
         batch_size=batch_size,
@@ -203,6 +191,27 @@ def train_upsampler_cmd(
             f"{trainer.precision}" + (f", resuming after step {trainer.step}" if resume else ""),
             err=True,
         )
+    history, stop_asked = _train_until_done_or_stopped(trainer, quiet, recipe.steps)
+    _print_outcome(trainer, history, out_dir, export_path)
+    if stop_asked and trainer.step < recipe.steps:
+        click.echo(f"interrupted at step {trainer.step}: rerun with --resume to continue", err=True)
+        sys.exit(130)
+
+
+def _make_training_runtime(batch_size, runtime: dict):
+    """The runtime to train with: ``--precision auto`` is float32 on the CPU and bf16 on CUDA
+    (as the authors train)."""
+    from zsdense.runtime import resolve_device
+
+    if runtime.get("precision") == "auto":
+        cuda = resolve_device(runtime.get("device", "auto")).type == "cuda"
+        runtime["precision"] = "bf16" if cuda else "fp32"
+    return make_runtime(batch_size=batch_size, **runtime)
+
+
+def _train_until_done_or_stopped(trainer, quiet: bool, total: int) -> tuple[list, bool]:
+    """Run the trainer with progress; the first Ctrl-C lets the step in progress finish and be
+    saved, a second one stops at once. Returns (the history, whether a stop was asked)."""
     stop = {"asked": False}
 
     def on_sigint(signum, frame):  # noqa: ARG001 - signal handler signature
@@ -212,12 +221,21 @@ def train_upsampler_cmd(
         click.echo("\nstopping after this step (Ctrl-C again to stop now)", err=True)
 
     old = signal.signal(signal.SIGINT, on_sigint)
-    bar = _Progress(quiet, trainer.step, recipe.steps)
+    bar = _Progress(quiet, trainer.step, total)
     try:
         history = trainer.run(progress=bar, should_stop=lambda: stop["asked"])
     finally:
         bar.close()
         signal.signal(signal.SIGINT, old)
+    return history, stop["asked"]
+
+
+def _print_outcome(trainer, history: list, out_dir, export_path) -> None:
+    """Export if asked, then print the last held-out comparison and where the files went."""
+    from pathlib import Path
+
+    from zsdense.train.jafar import LOG_FILE, UPSAMPLER_FILE
+
     out = Path(out_dir)
     if export_path:
         trainer.export(export_path)
@@ -230,6 +248,3 @@ def train_upsampler_cmd(
             f"{v['bilinear']:.4f} (ratio {v['ratio']:.3f})"
         )
     click.echo(f"upsampler: {out / UPSAMPLER_FILE} (step {trainer.step}), log: {out / LOG_FILE}")
-    if stop["asked"] and trainer.step < recipe.steps:
-        click.echo(f"interrupted at step {trainer.step}: rerun with --resume to continue", err=True)
-        sys.exit(130)

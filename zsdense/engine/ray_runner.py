@@ -21,29 +21,28 @@ import sys
 import threading
 import time
 from pathlib import Path, PurePosixPath
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
 from zsdense.config import DEFAULT_BATCH_SIZE, MAX_PIXELS
 from zsdense.context import ImageContext
+from zsdense.engine.inputs import read_units, record_skipped_inputs
 from zsdense.engine.local import (
-    RunSummary,
-    _jsonable_meta,
     _Progress,
     finish_run,
     image_batches,
     prepare_out_dir,
-    process_units,
-    read_units,
-    record_skipped_inputs,
     run_settings,
 )
 from zsdense.engine.specs import META_KEYS, build_task_specs, parse_task_option
+from zsdense.engine.summary import RunSummary
+from zsdense.engine.units import _jsonable_meta, process_units
 from zsdense.errors import ConfigError, DependencyError
 from zsdense.io.manifest import (
     MANIFEST_NAME,
     Manifest,
+    Plan,
     WorkItem,
     check_settings,
     clean_orphan_temp_files,
@@ -51,6 +50,7 @@ from zsdense.io.manifest import (
     error_record,
     plan_run,
 )
+from zsdense.io.progress import Progress
 from zsdense.io.writers import dumps_strict
 from zsdense.options import options_for
 from zsdense.runtime import Runtime, runtime_of
@@ -230,9 +230,6 @@ def _item(v: Any, i: int) -> Any:
 # ---- the driver ----------------------------------------------------------------------------
 
 
-# run_ray is longer than the house's ~80 lines: it mirrors run_batch step by step (settings,
-# plan, skipped records, the Ray pipeline, the summary); it is split with run_batch, in the
-# engine's own refactor (issue 19).
 def run_ray(
     items: Sequence[WorkItem],
     out_dir: str | Path,
@@ -256,84 +253,30 @@ def run_ray(
     """Run ``task_cfgs`` (task configs, see :mod:`zsdense.engine.specs`) over ``items`` on
     Ray; same manifest, outputs, resume rules and summary as :func:`run_batch`."""
     ray = _require_ray()
-    from ray.data import ActorPoolStrategy
-
     t_start = time.perf_counter()
-    cfgs = [parse_task_option(c) if isinstance(c, str) else dict(c) for c in task_cfgs]
-    for c in cfgs:  # validated here, on the driver, before Ray starts
-        if str(c.get("task")) == "anomaly":
-            opts = options_for("anomaly", {k: v for k, v in c.items() if k not in META_KEYS})
-            if anomaly_methods.scorer(opts).group == "all":
-                raise ConfigError(
-                    f"preset {opts.preset!r} scores images against each other: use --engine local"
-                )
+    cfgs = _driver_checked_cfgs(task_cfgs)
     seg_kwargs = dict(seg_kwargs or {})
     if max_pixels is None:
         max_pixels = seg_kwargs.get("max_pixels", MAX_PIXELS)
     out_dir = prepare_out_dir(Path(out_dir).resolve())
-    # the driver validates the heads and records the settings like the local engine (no model
-    # loads here: specs are lazy); the actors build their own
-    driver_rt = Runtime(**seg_kwargs)
-    settings = run_settings(driver_rt, build_task_specs(driver_rt, cfgs, fmt=fmt, overlay=overlay))
-    expect_precision = settings["precision"]  # CPU workers must resolve `auto` as the driver did
-    if gpus_per_worker and driver_rt.config.precision == "auto":
-        # the driver may have no GPU: each GPU worker resolves `auto` for its own card
-        expect_precision = None
-        settings["precision"] = "auto (resolved per GPU worker)"
+    settings, expect_precision = _driver_settings(seg_kwargs, cfgs, fmt, overlay, gpus_per_worker)
     check_settings(out_dir, settings, force=force)
     clean_orphan_temp_files(out_dir)
     plan = plan_run(items, out_dir, force=force, retry_errors=retry_errors)
     manifest = Manifest(out_dir / MANIFEST_NAME)
-    summary = RunSummary(skipped=plan.skipped, inputs=len(items))
-    summary.failed += plan.skipped_failed
-    summary.not_processed = record_skipped_inputs(
-        manifest, items, [str(c.get("task")) for c in cfgs], manifest.load()
-    )
-    for key in plan.done_keys:
-        summary.skipped += 1
-        summary.failed += plan.previous.get(key, {}).get("status") != "ok"
-
-    rows = []
-    for group in image_batches(plan.todo, 1):  # the queries of one image: one row, one decode
-        members = []
-        for it in group:
-            done = [
-                k[len(it.key) :]
-                for k in plan.done_keys
-                if k.startswith(it.key) and plan.previous.get(k, {}).get("item") == it.key
-            ]
-            members.append(item_row(it, done))
-        rows.append(dict(members[0], members=json.dumps(members)))
+    summary = _start_summary(manifest, items, plan, cfgs)
+    rows = _image_rows(plan)
     n_items = len(plan.todo)
 
     if rows:
-        if not ray.is_initialized():
-            init_kw: dict[str, Any] = {
-                "include_dashboard": False,
-                "log_to_driver": False,
-                "configure_logging": False,
-            }
-            if address:
-                init_kw["address"] = address
-            ray.init(**init_kw)
-        cluster_cpus = float(ray.cluster_resources().get("CPU", 1.0))
-        if cpus_per_worker is None:
-            # leave at least one CPU for the decode tasks, or the pipeline cannot progress
-            cpus_per_worker = max(0.25, min(1.0, (cluster_cpus - 1.0) / workers))
-        torch_threads = max(1, int(cluster_cpus // workers))
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
-        try:
-            ctx.print_on_execution_start = False
-        except AttributeError:  # pragma: no cover - older Ray
-            pass
+        cpus_per_worker, torch_threads = _start_ray(ray, address, workers, cpus_per_worker)
         prog = _Progress(n_items, progress)
         seen_items: set[str] = set()
-        ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 4 * workers)))
-        ds = ds.flat_map(decode_item, fn_kwargs={"max_pixels": max_pixels})
-        ds = ds.map_batches(
-            SegmentBatch,
-            fn_constructor_kwargs={
+        ds = _dataset(
+            ray,
+            rows,
+            max_pixels=max_pixels,
+            actor_kwargs={
                 "seg_kwargs": seg_kwargs,
                 "task_cfgs": cfgs,
                 "out_dir": str(out_dir),
@@ -343,33 +286,13 @@ def run_ray(
                 "expect_precision": expect_precision,
             },
             batch_size=batch_size,
-            batch_format="numpy",
-            compute=ActorPoolStrategy(size=workers),
-            num_gpus=gpus_per_worker or None,
-            num_cpus=cpus_per_worker,
+            workers=workers,
+            gpus_per_worker=gpus_per_worker,
+            cpus_per_worker=cpus_per_worker,
         )
-        old_term = None
-        if threading.current_thread() is threading.main_thread():
-
-            def on_term(signum, frame):  # noqa: ARG001 - SIGTERM stops like Ctrl-C (exit 143)
-                summary.stop_signal = int(signum)
-                raise KeyboardInterrupt
-
-            old_term = signal.signal(signal.SIGTERM, on_term)
+        old_term = _sigterm_as_interrupt(summary)
         try:
-            for row in ds.iter_rows():
-                rec = json.loads(str(row["record"]))
-                manifest.append(rec)
-                summary.total += 1
-                if rec.get("status") == "ok":
-                    summary.ok += 1
-                    summary.fallbacks += bool(rec.get("fallback"))
-                else:
-                    summary.failed += 1
-                    summary.errors.append((rec["key"], rec.get("error")))
-                if rec.get("item") not in seen_items:
-                    seen_items.add(rec.get("item"))
-                    prog.update(1, summary.failed)
+            _append_records(ds.iter_rows(), manifest, summary, prog, seen_items)
         except KeyboardInterrupt:
             summary.interrupted = True
             summary.not_started = n_items - len(seen_items)
@@ -384,6 +307,166 @@ def run_ray(
     summary.wall_seconds = time.perf_counter() - t_start
     summary.stage_seconds["ray"] = summary.wall_seconds
     return summary
+
+
+# ---- the driver's steps, in the order they run ----------------------------------------------
+
+
+def _driver_checked_cfgs(task_cfgs: Sequence[dict | str]) -> list[dict]:
+    """The task configs as dicts, validated on the driver before Ray starts: a preset that
+    scores images against each other needs the whole set in one process (the local engine)."""
+    cfgs = [parse_task_option(c) if isinstance(c, str) else dict(c) for c in task_cfgs]
+    for c in cfgs:  # validated here, on the driver, before Ray starts
+        if str(c.get("task")) == "anomaly":
+            opts = options_for("anomaly", {k: v for k, v in c.items() if k not in META_KEYS})
+            if anomaly_methods.scorer(opts).group == "all":
+                raise ConfigError(
+                    f"preset {opts.preset!r} scores images against each other: use --engine local"
+                )
+    return cfgs
+
+
+def _driver_settings(
+    seg_kwargs: dict, cfgs: list[dict], fmt: str, overlay: bool, gpus_per_worker: float
+) -> tuple[dict, str | None]:
+    """The run's settings record, made on the driver like the local engine's, and the
+    precision every worker must run (None: each GPU worker resolves ``auto`` for its card)."""
+    # the driver validates the heads and records the settings like the local engine (no model
+    # loads here: specs are lazy); the actors build their own
+    driver_rt = Runtime(**seg_kwargs)
+    settings = run_settings(driver_rt, build_task_specs(driver_rt, cfgs, fmt=fmt, overlay=overlay))
+    expect_precision = settings["precision"]  # CPU workers must resolve `auto` as the driver did
+    if gpus_per_worker and driver_rt.config.precision == "auto":
+        # the driver may have no GPU: each GPU worker resolves `auto` for its own card
+        expect_precision = None
+        settings["precision"] = "auto (resolved per GPU worker)"
+    return settings, expect_precision
+
+
+def _start_summary(
+    manifest: Manifest, items: Sequence[WorkItem], plan: Plan, cfgs: list[dict]
+) -> RunSummary:
+    """The summary before the first input: records settled by an earlier run (skipped, their
+    failures counted) and the paths the listing left out (one ``skipped`` record each)."""
+    summary = RunSummary(skipped=plan.skipped, inputs=len(items))
+    summary.failed += plan.skipped_failed
+    summary.not_processed = record_skipped_inputs(
+        manifest, items, [str(c.get("task")) for c in cfgs], manifest.load()
+    )
+    for key in plan.done_keys:
+        summary.skipped += 1
+        summary.failed += plan.previous.get(key, {}).get("status") != "ok"
+    return summary
+
+
+def _image_rows(plan: Plan) -> list[dict]:
+    """One row per image to do, carrying the items (queries) that need it in ``members``, each
+    with the record suffixes an earlier run settled: one row, one decode."""
+    rows = []
+    for group in image_batches(plan.todo, 1):  # the queries of one image: one row, one decode
+        members = []
+        for it in group:
+            done = [
+                k[len(it.key) :]
+                for k in plan.done_keys
+                if k.startswith(it.key) and plan.previous.get(k, {}).get("item") == it.key
+            ]
+            members.append(item_row(it, done))
+        rows.append(dict(members[0], members=json.dumps(members)))
+    return rows
+
+
+def _start_ray(
+    ray, address: str | None, workers: int, cpus_per_worker: float | None
+) -> tuple[float, int]:
+    """Join (or start) the cluster, quiet Ray Data's progress output and share the CPUs out:
+    returns (CPUs per actor, torch threads per CPU actor)."""
+    if not ray.is_initialized():
+        init_kw: dict[str, Any] = {
+            "include_dashboard": False,
+            "log_to_driver": False,
+            "configure_logging": False,
+        }
+        if address:
+            init_kw["address"] = address
+        ray.init(**init_kw)
+    cluster_cpus = float(ray.cluster_resources().get("CPU", 1.0))
+    if cpus_per_worker is None:
+        # leave at least one CPU for the decode tasks, or the pipeline cannot progress
+        cpus_per_worker = max(0.25, min(1.0, (cluster_cpus - 1.0) / workers))
+    torch_threads = max(1, int(cluster_cpus // workers))
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    try:
+        ctx.print_on_execution_start = False
+    except AttributeError:  # pragma: no cover - older Ray
+        pass
+    return cpus_per_worker, torch_threads
+
+
+def _dataset(
+    ray,
+    rows: list[dict],
+    *,
+    max_pixels: int | None,
+    actor_kwargs: dict,
+    batch_size: int,
+    workers: int,
+    gpus_per_worker: float,
+    cpus_per_worker: float,
+):
+    """The lazy pipeline: rows → ``decode_item`` tasks → a pool of :class:`SegmentBatch`
+    actors (built with ``actor_kwargs``) → one record per image."""
+    from ray.data import ActorPoolStrategy
+
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 4 * workers)))
+    ds = ds.flat_map(decode_item, fn_kwargs={"max_pixels": max_pixels})
+    return ds.map_batches(
+        SegmentBatch,
+        fn_constructor_kwargs=actor_kwargs,
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ActorPoolStrategy(size=workers),
+        num_gpus=gpus_per_worker or None,
+        num_cpus=cpus_per_worker,
+    )
+
+
+def _sigterm_as_interrupt(summary: RunSummary):
+    """On the main thread: SIGTERM stops the run like Ctrl-C (exit 143). Returns the handler it
+    replaces (None elsewhere)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def on_term(signum, frame):  # noqa: ARG001 - SIGTERM stops like Ctrl-C (exit 143)
+        summary.stop_signal = int(signum)
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, on_term)
+
+
+def _append_records(
+    rows: Iterable[dict],
+    manifest: Manifest,
+    summary: RunSummary,
+    prog: Progress,
+    seen_items: set[str],
+) -> None:
+    """Append each record the actors return to the manifest as it arrives and count it; the
+    progress line counts items (``seen_items``), not images."""
+    for row in rows:
+        rec = json.loads(str(row["record"]))
+        manifest.append(rec)
+        summary.total += 1
+        if rec.get("status") == "ok":
+            summary.ok += 1
+            summary.fallbacks += bool(rec.get("fallback"))
+        else:
+            summary.failed += 1
+            summary.errors.append((rec["key"], rec.get("error")))
+        if rec.get("item") not in seen_items:
+            seen_items.add(rec.get("item"))
+            prog.update(1, summary.failed)
 
 
 def ray_available() -> bool:

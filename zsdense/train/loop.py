@@ -286,77 +286,87 @@ class PromptTrainer:
         if self.start_epoch >= r.epochs:
             return self.history
         self.precompute(progress)
-        n = len(self.items)
         self.learner.train()
         for epoch in range(self.start_epoch, r.epochs):
             t0 = time.perf_counter()
-            order = epoch_order(self.data_gen, n)
-            bl = batches(order, r.batch_size)
-            sums: dict[str, float] = {}
-            seen = 0
-            for bi, idx in enumerate(bl):
-                vb, masks, labels = self.batch(idx)
-                scalars, _ = train_step(
-                    self.learner,
-                    self.optimizer,
-                    self.clip,
-                    vb,
-                    masks,
-                    labels,
-                    r,
-                    micro_batch=self.options.micro_batch,
-                )
-                self.global_step += 1
-                seen += len(idx)
-                for k, v in scalars.items():
-                    sums[k] = sums.get(k, 0.0) + v * len(idx)
-                if progress:
-                    progress(
-                        {
-                            "phase": "train",
-                            "epoch": epoch + 1,
-                            "epochs": r.epochs,
-                            "batch": bi + 1,
-                            "batches": len(bl),
-                            "loss": {k: v / seen for k, v in sums.items()},
-                        }
-                    )
+            loss, seen = self._train_epoch(epoch, progress)
             record = {
                 "epoch": epoch + 1,
                 "steps": self.global_step,
                 "images": seen,
-                "loss": {k: v / seen for k, v in sums.items()},
+                "loss": loss,
                 "seconds": round(time.perf_counter() - t0, 3),
             }
-            if self.val_items:
-                record["val"] = self.validate()
-            ckpt = self.out / f"epoch_{epoch + 1}.safetensors"
-            sd = self.learner.state_dict()
-            save_prompts(ckpt, sd, self._meta(epoch + 1, record))
-            record["checkpoint"] = ckpt.name
-            score = _score(record)
-            if self.best is None or score > self.best["score"]:
-                self.best = {"epoch": epoch + 1, "score": score}
-                save_prompts(self.out / BEST_FILE, sd, self._meta(epoch + 1, record))
-            record["best_epoch"] = self.best["epoch"]
-            self.history.append(record)
-            self._write_log()
-            save_state(
-                self.out / STATE_FILE,
-                self.learner,
-                self.optimizer,
-                self.data_gen,
-                {
-                    **self._meta(epoch + 1, record),
-                    "global_step": self.global_step,
-                    "history": self.history,
-                    "best": self.best,
-                    "settings": self.settings,
-                },
-            )
+            self._end_epoch(epoch, record)
             if on_epoch_end is not None and on_epoch_end(record) is False:
                 break
         return self.history
+
+    def _train_epoch(self, epoch: int, progress: ProgressFn | None) -> tuple[dict, int]:
+        """One pass over the training images in this epoch's order: (mean losses, images)."""
+        r = self.recipe
+        order = epoch_order(self.data_gen, len(self.items))
+        bl = batches(order, r.batch_size)
+        sums: dict[str, float] = {}
+        seen = 0
+        for bi, idx in enumerate(bl):
+            vb, masks, labels = self.batch(idx)
+            scalars, _ = train_step(
+                self.learner,
+                self.optimizer,
+                self.clip,
+                vb,
+                masks,
+                labels,
+                r,
+                micro_batch=self.options.micro_batch,
+            )
+            self.global_step += 1
+            seen += len(idx)
+            for k, v in scalars.items():
+                sums[k] = sums.get(k, 0.0) + v * len(idx)
+            if progress:
+                progress(
+                    {
+                        "phase": "train",
+                        "epoch": epoch + 1,
+                        "epochs": r.epochs,
+                        "batch": bi + 1,
+                        "batches": len(bl),
+                        "loss": {k: v / seen for k, v in sums.items()},
+                    }
+                )
+        return {k: v / seen for k, v in sums.items()}, seen
+
+    def _end_epoch(self, epoch: int, record: dict) -> None:
+        """Validate, write the epoch's checkpoint (and the best one), the log and the resume
+        state; ``record`` gains ``val``, ``checkpoint`` and ``best_epoch``."""
+        if self.val_items:
+            record["val"] = self.validate()
+        ckpt = self.out / f"epoch_{epoch + 1}.safetensors"
+        sd = self.learner.state_dict()
+        save_prompts(ckpt, sd, self._meta(epoch + 1, record))
+        record["checkpoint"] = ckpt.name
+        score = _score(record)
+        if self.best is None or score > self.best["score"]:
+            self.best = {"epoch": epoch + 1, "score": score}
+            save_prompts(self.out / BEST_FILE, sd, self._meta(epoch + 1, record))
+        record["best_epoch"] = self.best["epoch"]
+        self.history.append(record)
+        self._write_log()
+        save_state(
+            self.out / STATE_FILE,
+            self.learner,
+            self.optimizer,
+            self.data_gen,
+            {
+                **self._meta(epoch + 1, record),
+                "global_step": self.global_step,
+                "history": self.history,
+                "best": self.best,
+                "settings": self.settings,
+            },
+        )
 
 
 def _num(x: float) -> float | None:
