@@ -44,6 +44,21 @@ if _threads:
     os.environ["OMP_NUM_THREADS"] = _threads
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """torch's thread count as each test found it: a test (or a bench it runs in-process) that
+    sets another leaves the rest of the run unchanged. Results that depend on the summation
+    order are compared with tolerances that hold at any thread count; this keeps one test's
+    setting from reaching the next."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    n = torch.get_num_threads() if torch is not None else None
+    yield
+    if n is not None and torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
 def pytest_report_header(config):
     import torch
 

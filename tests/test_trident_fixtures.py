@@ -95,6 +95,24 @@ def _close(a, b, atol):
     assert err <= atol, f"max |diff| {err:.3g} > {atol}"
 
 
+FLIP_TOKENS = 0.01  # share of query tokens whose proxy-attention mask may flip (see below)
+
+
+def _close_up_to_mask_flips(a, b, atol):
+    """Tokens (..., D) within ``atol``, except for up to ``FLIP_TOKENS`` of them (at least one).
+
+    The proxy attention masks the entries with ``γ(S − β·mean S) < 0``; an entry within float
+    error of 0 lands on either side depending on the summation order of the similarity product,
+    which MKL / oneDNN choose by thread count and ISA (measured: 4 of 1764 tokens 4.9e-3 apart
+    with 1 thread, none with 2, on the same CPU). A flip changes only its own query token's row,
+    so the others must still agree to ``atol``, and the downstream logits are compared to
+    ``atol`` as they are."""
+    assert a.shape == b.shape, (a.shape, b.shape)
+    over = ((a.float() - b.float()).abs() > atol).flatten(0, -2).any(-1)
+    allowed = max(1, int(FLIP_TOKENS * over.numel()))
+    assert int(over.sum()) <= allowed, f"{int(over.sum())} of {over.numel()} tokens over {atol}"
+
+
 @pytest.fixture(scope="module")
 def proxy(fixtures_dir):
     d = _load(fixtures_dir, "proxy_attn.pt")
@@ -636,7 +654,9 @@ def test_trident_end_to_end(fixtures_dir):
             assert all(s % patch == 0 and s >= crop for s in hw), hw
             counts = [max(s - crop + stride - 1, 0) // stride + 1 for s in hw]
             assert len(wb.boxes) == counts[0] * counts[1] == c["custom_attn_tokens_LBD"].shape[1]
-            _close(maps.flatten(2).permute(2, 0, 1), c["custom_attn_tokens_LBD"], TOK)
+            _close_up_to_mask_flips(
+                maps.flatten(2).permute(2, 0, 1), c["custom_attn_tokens_LBD"], TOK
+            )
             feats, grid = ov.trident_features(clip, vfm, d["src_img"], parts, cfg)
             assert grid == valid, name  # final tokens on SAM's valid grid
             low = (feats @ d["query_features"].T).T.reshape(-1, *grid)
