@@ -230,14 +230,7 @@ def throughput(
         data = root / "data"
         make_data(data, n, hw)
         for arch in archs:
-            cfg = {
-                "task": "anomaly",
-                "preset": "crane",
-                "object": "object",
-                "prompts": "ensemble",
-                "clip_arch": arch,
-                "image_size": size_for(arch),
-            }
+            cfg = common.crane_cfg(arch, size_for(arch))
             runner(seg, data, [cfg], root / "warm", 1)  # models, text embeddings
             best = {1: float("inf"), 4: float("inf")}
             for _ in range(max(1, repeats)):  # interleaved: load changes hit both alike
@@ -316,11 +309,8 @@ def main(argv=None) -> int:
         help="print each preset's N largest operators outside matrix products (profiled)",
     )
     args = ap.parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("--device cuda: no CUDA device is available to torch here", file=sys.stderr)
-        return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if (rc := common.setup_torch(args)) is not None:
+        return rc
     from zsdense.api import Segmenter
     from zsdense.errors import ConfigError
 

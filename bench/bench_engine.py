@@ -32,6 +32,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
 
 def make_data(folder: Path, n: int, size: tuple[int, int]) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
@@ -181,14 +184,7 @@ def bench_fixed_costs(
     from zsdense.engine.local import items_from_data, run_batch
     from zsdense.engine.specs import build_task_specs
 
-    cfg = {
-        "task": "anomaly",
-        "preset": "crane",
-        "object": "object",
-        "prompts": "ensemble",
-        "clip_arch": arch,
-        "image_size": size,
-    }
+    cfg = common.crane_cfg(arch, size)
     tmp = Path(tempfile.mkdtemp(prefix="zsb-fixed-"))
     try:
         items = items_from_data([data_dir])

@@ -228,11 +228,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--models", default="random", help="random (full size) | tiny (smoke test)")
     args = ap.parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("--device cuda: no CUDA device is available to torch here", file=sys.stderr)
-        return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if (rc := common.setup_torch(args)) is not None:
+        return rc
     from zsdense.api import Segmenter
     from zsdense.errors import ConfigError
     from zsdense.runtime import _cpu_name, cpu_capability

@@ -12,6 +12,30 @@ import numpy as np
 import torch
 
 
+def setup_torch(args) -> int | None:
+    """``--device`` / ``--threads`` of a bench's arguments: 2 (the exit status) when CUDA is asked
+    for and torch has none, else None after setting torch's threads."""
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device is available to torch here", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return None
+
+
+def crane_cfg(arch: str, size: int) -> dict:
+    """The engine task of the folder throughput and fixed-cost runs: ``crane`` with the CLI's
+    defaults on ``arch`` at ``size``."""
+    return {
+        "task": "anomaly",
+        "preset": "crane",
+        "object": "object",
+        "prompts": "ensemble",
+        "clip_arch": arch,
+        "image_size": size,
+    }
+
+
 def peak_rss_mb() -> float:
     """The process's peak resident memory so far (never goes down)."""
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
