@@ -72,9 +72,17 @@ def _stats(
         s = np.asarray(score_map, dtype=np.float64)
         if s.shape != lab.shape:
             raise ValueError(f"score map {s.shape} and mask {lab.shape} differ in shape")
-        idx = np.arange(1, len(boxes) + 1)
-        smax = np.asarray(ndimage.maximum(s, lab, idx), dtype=np.float64)
-        smean = np.asarray(ndimage.mean(s, lab, idx), dtype=np.float64)
+        # over the mask's pixels only, without sorting them (ndimage.maximum sorts every pixel
+        # by label: 18 ms for a 480x640 map): the max is order-free, and the mean is the same
+        # raster-order sum over the same count as ndimage.mean's
+        flat = lab.ravel()
+        fg = np.flatnonzero(flat)
+        comp, vals = flat[fg], s.ravel()[fg]
+        smax = np.full(len(boxes) + 1, -np.inf)
+        np.maximum.at(smax, comp, vals)
+        smax = smax[1:]
+        sums = np.bincount(comp, weights=vals, minlength=len(boxes) + 1)[1:]
+        smean = sums / np.bincount(comp, minlength=len(boxes) + 1)[1:]
     out = []
     for rank, k in enumerate(labels, start=1):
         sl = boxes[k - 1]
