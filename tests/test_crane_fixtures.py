@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from fixture_files import load_pt as _load  # tests/helpers
 
 from zsdense.dense.crane import (
     crane_features,
@@ -109,13 +110,6 @@ def crane_sizes(eattn: dict, maps_fx: dict, dattn_fx: dict) -> CraneSizes:
         dattn_cases=tuple(by_batch),
         as_run_case=as_run[0],
     )
-
-
-def _load(d, name):
-    p = d / name
-    if not p.is_file():
-        pytest.skip(f"fixture {p} not found")
-    return torch.load(p, weights_only=True)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from fixture_files import load_pt as _load  # tests/helpers
 
 from zsdense.dense.jafar import (
     JAFAR,
@@ -29,13 +30,6 @@ LOSS_TOL = 1e-6
 GRAD_REL = 1e-3
 PARAM_TOL = 5e-6
 MOMENT_TOL = 1e-6
-
-
-def _load(d, name):
-    p = d / name
-    if not p.is_file():
-        pytest.skip(f"fixture {p} not found")
-    return torch.load(p, weights_only=True)
 
 
 @pytest.fixture(scope="module")

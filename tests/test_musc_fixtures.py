@@ -15,6 +15,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from fixture_files import load_pt as _load  # tests/helpers
 
 from zsdense.api import Segmenter
 from zsdense.dense.crane import REFERENCE_LAYERS, scale_layers
@@ -39,13 +40,6 @@ from zsdense.tasks.musc import (
 TOL = 1e-5
 TOL_MSM = 2e-5
 TOL_LOWDIM = 1e-4
-
-
-def _load(d, name):
-    p = d / name
-    if not p.is_file():
-        pytest.skip(f"fixture {p} not found")
-    return torch.load(p, weights_only=True)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -19,6 +19,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
+from fixture_files import load_pt  # tests/helpers
 
 from zsdense.config import openvocab_preset
 from zsdense.dense import aggregation as ag
@@ -33,10 +34,7 @@ EXACT = 1e-6
 
 
 def _load(fixtures_dir, name: str) -> dict:
-    p = fixtures_dir("trident") / name
-    if not p.is_file():
-        pytest.skip(f"fixture {p} not found")
-    return torch.load(p, weights_only=True)
+    return load_pt(fixtures_dir("trident"), name)
 
 
 def _tiny_clip(fx: dict) -> ClipModel:
