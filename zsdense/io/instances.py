@@ -82,7 +82,7 @@ def _stats(
         np.maximum.at(smax, comp, vals)
         smax = smax[1:]
         sums = np.bincount(comp, weights=vals, minlength=len(boxes) + 1)[1:]
-        smean = sums / np.bincount(comp, minlength=len(boxes) + 1)[1:]
+        smean = sums / areas  # the components' pixel counts, already counted
     out = []
     for rank, k in enumerate(labels, start=1):
         sl = boxes[k - 1]
