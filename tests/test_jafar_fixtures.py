@@ -13,7 +13,8 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from fixture_files import load_pt as _load  # tests/helpers
+from fixture_files import SCALAR_KERNEL_TOL, scalar_kernels  # tests/helpers
+from fixture_files import load_pt as _load
 
 from zsdense.dense.jafar import (
     JAFAR,
@@ -305,7 +306,11 @@ def test_random_draws_from_the_step_seeds(train_pt):
         assert (dr.blur_sigma is not None) == st["blur"] and dr.blur_sigma == st["blur_sigma"]
         assert (dr.noise is not None) == st["noise"]
         if dr.noise is not None:
-            assert torch.equal(dr.noise, st["noise_tensor"])
+            # exact with torch's vectorised normal_ (the fixture's); its scalar kernel
+            # (ATEN_CPU_CAPABILITY=default) computes Box–Muller in another order
+            tol = SCALAR_KERNEL_TOL if scalar_kernels() else 0.0
+            assert dr.noise.shape == st["noise_tensor"].shape
+            assert _maxdiff(dr.noise, st["noise_tensor"]) <= tol
         patch = train_pt["steps"][0]["image_batch"].shape[-1] // st["hr_feats"].shape[-1]
         assert [lr_size(r.img_size, dr.factor, patch)] * 2 == list(st["lr_image_hw"])
 

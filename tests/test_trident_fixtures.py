@@ -19,7 +19,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-from fixture_files import load_pt  # tests/helpers
+from fixture_files import SCALAR_KERNEL_TOL, load_pt, scalar_kernels  # tests/helpers
 
 from zsdense.config import openvocab_preset
 from zsdense.dense import aggregation as ag
@@ -31,6 +31,9 @@ from zsdense.tasks import openvocab as ov
 
 TOK = 1e-5
 EXACT = 1e-6
+# resized outputs (bilinear): EXACT with torch's vectorised kernels, the fixtures' own; the
+# scalar ones (ATEN_CPU_CAPABILITY=default) weigh in another order (tests/helpers/fixture_files)
+RESIZED = SCALAR_KERNEL_TOL if scalar_kernels() else EXACT
 
 
 def _load(fixtures_dir, name: str) -> dict:
@@ -316,7 +319,7 @@ def test_trident_resize_rule(windows_fx):
     assert W.trident_resize_hw(small, patch, crop, upscale_small=False) == small
     assert W.trident_resize_hw(small, patch, crop) == (crop, crop)
     ex = windows_fx["preprocess_image_example"]
-    _close(W.trident_resize(ex["input"], patch, crop), ex["output"], EXACT)
+    _close(W.trident_resize(ex["input"], patch, crop), ex["output"], RESIZED)
 
 
 def test_pad_56(windows_fx):
@@ -358,7 +361,7 @@ def test_proxyclip_logit_splice(windows_fx):
         ]
         out = W.splice_logits(e["window_grid_logits"], boxes, pads, e["img_hw"])
         out = F.interpolate(out[None], size=e["ori_shape"], mode="bilinear", align_corners=False)
-        _close(out[0], e["output"], EXACT)
+        _close(out[0], e["output"], RESIZED)
 
 
 # ---- fixture 3: SAM aggregation -------------------------------------------------------------
