@@ -381,7 +381,7 @@ def test_sigint_finishes_batch_exits_130_and_resumes(tmp_path):
         "--out",
         "out",
         "--task",
-        "engine_dummy:spec,name=dummy,sleep=0.1",
+        "engine_dummy:spec,name=dummy,sleep=0.1,hold=go",
         "--models",
         "tiny",
         "--batch-size",
@@ -400,7 +400,9 @@ def test_sigint_finishes_batch_exits_130_and_resumes(tmp_path):
     while _count_lines(man) < 1:
         assert time.monotonic() < deadline and p.poll() is None
         time.sleep(0.005)
-    p.send_signal(signal.SIGINT)
+    p.send_signal(signal.SIGINT)  # batch 2 is held until `go` exists: the run is mid-way
+    time.sleep(0.2)
+    (tmp_path / "go").touch()
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130, err
     assert "rerun the same command to resume" in err

@@ -34,7 +34,7 @@ def _lines(path: Path) -> int:
 def test_sigterm_finishes_batch_writes_report_exits_143_and_resumes(tmp_path):
     make_images(tmp_path / "data", 12)
     args = [
-        "run", "data", "--out", "out", "--task", "engine_dummy:spec,name=dummy,sleep=0.1",
+        "run", "data", "--out", "out", "--task", "engine_dummy:spec,name=dummy,sleep=0.1,hold=go",
         "--models", "tiny", "--batch-size", "3", "-q",
     ]  # fmt: skip
     p = subprocess.Popen(
@@ -49,7 +49,9 @@ def test_sigterm_finishes_batch_writes_report_exits_143_and_resumes(tmp_path):
     while _lines(man) < 1:
         assert time.monotonic() < deadline and p.poll() is None
         time.sleep(0.005)
-    p.send_signal(signal.SIGTERM)
+    p.send_signal(signal.SIGTERM)  # batch 2 is held until `go` exists: the run is mid-way
+    time.sleep(0.2)
+    (tmp_path / "go").touch()
     _, err = p.communicate(timeout=60)
     assert p.returncode == 143, err
     assert "termination signal received" in err

@@ -144,15 +144,26 @@ def test_evaluate_anomaly_tiny_values_and_resume_after_interruption(tmp_path):
 
 _KILL_SCRIPT = textwrap.dedent(
     """
-    import sys, time
+    import os, signal, sys, time
+    from pathlib import Path
     from types import SimpleNamespace
     import numpy as np
     from zsdense import Segmenter
     from zsdense.engine.specs import TaskSpec
     from zsdense.eval import evaluate_anomaly
 
+    manifest = Path(sys.argv[2]) / "predictions/anomaly/results.jsonl"
+    calls = [0]
+
     def run(ctxs, params):
-        time.sleep(0.4)
+        # kill -9 from inside at a fixed point: mid-run, once two records are on disk
+        calls[0] += 1
+        if calls[0] >= 3:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                if manifest.is_file() and len(manifest.read_text().splitlines()) >= 2:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                time.sleep(0.01)
         out = []
         for c in ctxs:
             g = c.image.mean(axis=2).astype(np.float32)
@@ -188,24 +199,14 @@ def test_sigkill_mid_run_then_resume(tmp_path):
     script = tmp_path / "run_eval.py"
     script.write_text(_KILL_SCRIPT)
     manifest = out / "predictions/anomaly/results.jsonl"
-    proc = subprocess.Popen(
+    proc = subprocess.run(
         [sys.executable, str(script), str(data), str(out)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
         cwd=tmp_path,
+        timeout=300,
     )
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if manifest.is_file() and len(manifest.read_text().splitlines()) >= 2:
-                break
-            if proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "the evaluation finished before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
     lines = manifest.read_text().splitlines()
     assert 2 <= len(lines) < 8 and not (out / "metrics_anomaly.json").exists()
     done = set()

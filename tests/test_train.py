@@ -408,7 +408,6 @@ def test_sigkill_after_epoch_1_of_3_then_resume_equals_an_uninterrupted_run(data
     import signal
     import subprocess
     import sys
-    import time
 
     common = ["--models", "tiny", "--image-size", str(SIZE), "--batch-size", "4", "-q"]
     cmd = [sys.executable, "-m", "zsdense.cli.main", "train-prompts", str(dataset)]
@@ -423,22 +422,33 @@ def test_sigkill_after_epoch_1_of_3_then_resume_equals_an_uninterrupted_run(data
     )
     assert full.returncode == 0, full.stderr
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        cmd + ["--out", str(killed), "--epochs", "3"] + common,
-        env=env,
-        cwd=tmp_path,  # not the source tree: `-m` must import the installed package
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    # The kill comes from inside, at a fixed point: right after epoch 1's resume state is on
+    # disk (a kill from the test after it saw the file raced the epochs: on a fast machine the
+    # run was past epoch 3 before the signal landed).
+    kill_after_epoch_1 = (
+        "import os, signal, sys\n"
+        "import zsdense.train.loop as loop\n"
+        "from zsdense.cli.main import main\n"
+        "saved = loop.save_state\n"
+        "def save_then_die(*a, **k):\n"
+        "    saved(*a, **k)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "loop.save_state = save_then_die\n"
+        "sys.exit(main(sys.argv[1:]))\n"
     )
-    deadline = time.monotonic() + 600
-    # the resume point of an epoch is its state file, written after the epoch's checkpoints
-    while not (killed / "state.safetensors").is_file():
-        assert proc.poll() is None, "the run ended before it could be killed"
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
-    assert not (killed / "epoch_3.safetensors").is_file()
+    proc = subprocess.run(
+        [sys.executable, "-c", kill_after_epoch_1, "train-prompts", str(dataset)]
+        + ["--out", str(killed), "--epochs", "3"]
+        + common,
+        env=env,
+        cwd=tmp_path,  # not the source tree: `-c` must import the installed package
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert (killed / "state.safetensors").is_file() and (killed / "epoch_1.safetensors").is_file()
+    assert not (killed / "epoch_2.safetensors").is_file()
     res = subprocess.run(
         cmd + ["--out", str(killed), "--epochs", "3", "--resume"] + common,
         env=env,

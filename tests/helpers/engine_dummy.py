@@ -5,7 +5,9 @@ for a shared "encoder" output (counted in ``ctx.computed``), computes a determin
 and writes a mask PNG, a float map and an overlay JPEG atomically. Options (all optional):
 ``sleep`` seconds per image, ``fail`` a substring of the input path that makes the head raise,
 ``fail_batch`` raise whenever a batch holds more than one image (exercises the one-by-one retry),
-``encoder`` the cache key name (two dummy tasks with the same name share one computation).
+``encoder`` the cache key name (two dummy tasks with the same name share one computation),
+``hold`` a file path: every batch after the first waits (up to 120 s) until that file exists, so
+a test can signal a run that is certainly mid-way and then let it go on.
 """
 
 from __future__ import annotations
@@ -35,11 +37,18 @@ def spec(
     encoder: str = "dummy-enc",
     fmt: str = "npy",
     overlay: bool = True,
+    hold: str | None = None,
     **_: Any,
 ) -> TaskSpec:
     """A :class:`TaskSpec` for the dummy head (see the module docstring)."""
+    batches = [0]
 
     def run(ctxs: list[ImageContext], params: list[dict]) -> list[dict]:
+        batches[0] += 1
+        if hold and batches[0] > 1:
+            deadline = time.monotonic() + 120
+            while not Path(hold).exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
         if fail_batch and len(ctxs) > 1:
             raise MemoryError("dummy: batch too large (simulated out-of-memory)")
         out = []
