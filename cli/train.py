@@ -143,8 +143,8 @@ def train_prompts_cmd(
     `zsdense anomaly --prompts RUN_DIR/best.safetensors`."""
     from pathlib import Path
 
-    from zsdense.train.checkpoint import export_published
-    from zsdense.train.loop import BEST_FILE, LOG_FILE, PromptTrainer, TrainOptions
+    from zsdense.train.checkpoint import LOG_FILE, export_published
+    from zsdense.train.loop import BEST_FILE, PromptTrainer, TrainOptions
     from zsdense.train.recipe import get_recipe
 
     recipe = get_recipe(

@@ -234,7 +234,8 @@ def _print_outcome(trainer, history: list, out_dir, export_path) -> None:
     """Export if asked, then print the last held-out comparison and where the files went."""
     from pathlib import Path
 
-    from zsdense.train.jafar import LOG_FILE, UPSAMPLER_FILE
+    from zsdense.train.checkpoint import LOG_FILE
+    from zsdense.train.jafar import UPSAMPLER_FILE
 
     out = Path(out_dir)
     if export_path:

@@ -203,7 +203,7 @@ def test_registry_declarations_replace_method_checks():
         )
     from zsdense.config import AnomalyPreset
 
-    with pytest.raises(ConfigError, match="no anomaly scorer"):
+    with pytest.raises(ConfigError, match="unknown anomaly scorer .nope."):
         anomaly_registry.register_anomaly_preset(AnomalyPreset(name="x", method="nope"))
 
 

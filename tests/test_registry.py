@@ -158,7 +158,7 @@ def test_table_is_data_and_registry_reexports_it():
 
 
 def test_unknown_name_lists_known_ones():
-    with pytest.raises(ConfigError, match="known checkpoints:.*sam-vit_b"):
+    with pytest.raises(ConfigError, match="known:.*sam-vit_b"):
         registry.get_checkpoint("sam-vit_x")
 
 

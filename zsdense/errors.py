@@ -7,6 +7,8 @@ prints the message without a traceback and exits with ``exit_code``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class ZsdenseError(Exception):
     """Base class of every user-facing error; ``exit_code`` is what the CLI exits with."""
@@ -29,6 +31,14 @@ class WeightsError(ZsdenseError):
 
 class ConfigError(ZsdenseError):
     """An option, preset, class list or prompt file is invalid."""
+
+
+def unknown(
+    what: str, name: object, known: Iterable[str], error: type[ZsdenseError] | None = None
+) -> ZsdenseError:
+    """The error for a ``name`` that is none of ``known``: what was asked for and what exists
+    (a ConfigError unless ``error`` says otherwise); raise it."""
+    return (error or ConfigError)(f"unknown {what} {name!r}; known: {', '.join(sorted(known))}")
 
 
 class DependencyError(ZsdenseError):

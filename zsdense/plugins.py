@@ -37,7 +37,7 @@ from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, TypeVar
 
-from zsdense.errors import ConfigError
+from zsdense.errors import unknown
 
 ENTRY_POINT_GROUP = "zsdense.methods"
 BUILTIN_PACKAGE = "zsdense.methods"
@@ -129,9 +129,7 @@ class Registry(MutableMapping, Generic[V]):
         try:
             return self[key]
         except KeyError:
-            raise ConfigError(
-                f"unknown {self.what} {key!r}; registered: {', '.join(sorted(self))}"
-            ) from None
+            raise unknown(self.what, key, self) from None
 
     def registered(self, key: str) -> bool:
         """True if ``key`` is registered now (no plug-in load: for the register functions)."""

@@ -99,6 +99,7 @@ __all__ = [
     "compute_units",
     "finish_run",
     "image_batches",
+    "open_run",
     "items_from_data",
     "items_from_queries",
     "load_queries",
@@ -190,9 +191,7 @@ def run_batch(
         progress_interval=progress_interval,
         record_settings=record_settings,
     )
-    clean_orphan_temp_files(out_dir)
-    manifest = Manifest(out_dir / MANIFEST_NAME)
-    summary = _start_summary(manifest, items, plan, tasks)
+    manifest, summary = open_run(out_dir, items, plan, [t.name for t in tasks])
 
     batch_size = batch_size or rt.config.batch_size
     needs_all = any(t.group == "all" for t in tasks)
@@ -266,16 +265,17 @@ def _plan_and_set_up(
     return plan
 
 
-def _start_summary(
-    manifest: Manifest, items: Sequence[WorkItem], plan: Plan, tasks: list[TaskSpec]
-) -> RunSummary:
-    """The summary before the first input: what earlier runs settled (skipped; their failures
-    counted and named) and the paths the listing left out (one ``skipped`` record each)."""
+def open_run(
+    out_dir: Path, items: Sequence[WorkItem], plan: Plan, task_names: list[str]
+) -> tuple[Manifest, RunSummary]:
+    """The manifest (temporary files a killed run left removed first) and the summary before
+    the first input: what earlier runs settled (skipped; their failures counted and named) and
+    the paths the listing left out (one ``skipped`` record each). Local and Ray runs alike."""
+    clean_orphan_temp_files(out_dir)
+    manifest = Manifest(out_dir / MANIFEST_NAME)
     summary = RunSummary(skipped=plan.skipped, inputs=len(items))
     summary.failed += plan.skipped_failed
-    summary.not_processed = record_skipped_inputs(
-        manifest, items, [t.name for t in tasks], manifest.load()
-    )
+    summary.not_processed = record_skipped_inputs(manifest, items, task_names, manifest.load())
     for key in plan.done_keys:  # settled records inside items that are redone
         rec = plan.previous.get(key, {})
         summary.skipped += 1
@@ -286,7 +286,7 @@ def _start_summary(
     for rec in plan.previous.values():  # failures of settled items: named, with the hint
         if rec.get("status") == "error" and rec.get("item", rec.get("key")) in settled:
             summary.previous_errors.append((rec.get("key"), rec.get("error")))
-    return summary
+    return manifest, summary
 
 
 @dataclass

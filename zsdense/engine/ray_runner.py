@@ -27,11 +27,12 @@ import numpy as np
 
 from zsdense.config import DEFAULT_BATCH_SIZE, MAX_PIXELS
 from zsdense.context import ImageContext
-from zsdense.engine.inputs import read_units, record_skipped_inputs
+from zsdense.engine.inputs import read_units
 from zsdense.engine.local import (
     _Progress,
     finish_run,
     image_batches,
+    open_run,
     prepare_out_dir,
     run_settings,
 )
@@ -40,12 +41,10 @@ from zsdense.engine.summary import RunSummary
 from zsdense.engine.units import _jsonable_meta, process_units
 from zsdense.errors import ConfigError, DependencyError
 from zsdense.io.manifest import (
-    MANIFEST_NAME,
     Manifest,
     Plan,
     WorkItem,
     check_settings,
-    clean_orphan_temp_files,
     error_message,
     error_record,
     plan_run,
@@ -261,10 +260,8 @@ def run_ray(
     out_dir = prepare_out_dir(Path(out_dir).resolve())
     settings, expect_precision = _driver_settings(seg_kwargs, cfgs, fmt, overlay, gpus_per_worker)
     check_settings(out_dir, settings, force=force)
-    clean_orphan_temp_files(out_dir)
     plan = plan_run(items, out_dir, force=force, retry_errors=retry_errors)
-    manifest = Manifest(out_dir / MANIFEST_NAME)
-    summary = _start_summary(manifest, items, plan, cfgs)
+    manifest, summary = open_run(out_dir, items, plan, [str(c.get("task")) for c in cfgs])
     rows = _image_rows(plan)
     n_items = len(plan.todo)
 
@@ -341,22 +338,6 @@ def _driver_settings(
         expect_precision = None
         settings["precision"] = "auto (resolved per GPU worker)"
     return settings, expect_precision
-
-
-def _start_summary(
-    manifest: Manifest, items: Sequence[WorkItem], plan: Plan, cfgs: list[dict]
-) -> RunSummary:
-    """The summary before the first input: records settled by an earlier run (skipped, their
-    failures counted) and the paths the listing left out (one ``skipped`` record each)."""
-    summary = RunSummary(skipped=plan.skipped, inputs=len(items))
-    summary.failed += plan.skipped_failed
-    summary.not_processed = record_skipped_inputs(
-        manifest, items, [str(c.get("task")) for c in cfgs], manifest.load()
-    )
-    for key in plan.done_keys:
-        summary.skipped += 1
-        summary.failed += plan.previous.get(key, {}).get("status") != "ok"
-    return summary
 
 
 def _image_rows(plan: Plan) -> list[dict]:

@@ -43,6 +43,7 @@ def __getattr__(name: str) -> Any:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'zsdense.eval' has no attribute {name!r}")
 
+
 __all__ = [
     "ANOMALY_METRICS",
     "EVAL_SIZE",

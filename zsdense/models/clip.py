@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from zsdense.errors import ConfigError, WeightsError
+from zsdense.errors import ConfigError, WeightsError, unknown
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -357,7 +357,7 @@ def _tiny_cfg(arch: str) -> dict:
     except Exception:  # pragma: no cover - open_clip versions differ in what they raise
         full = None
     if full is None:
-        raise ConfigError(f"unknown CLIP architecture {arch!r}; known: {', '.join(CLIP_ARCHS)}")
+        raise unknown("CLIP architecture", arch, CLIP_ARCHS)
     v = full["vision_cfg"]
     return dict(
         embed_dim=64,
@@ -403,7 +403,7 @@ def build_random_clip(arch: str = "ViT-B-16", seed: int = 0) -> ClipModel:
 
     cfg = open_clip.get_model_config(arch)
     if cfg is None:
-        raise ConfigError(f"unknown CLIP architecture {arch!r}; known: {', '.join(CLIP_ARCHS)}")
+        raise unknown("CLIP architecture", arch, CLIP_ARCHS)
     with torch.random.fork_rng(devices=[]):  # the global RNG left as it was
         torch.manual_seed(seed)
         model = open_clip.CLIP(**cfg, quick_gelu=True)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from zsdense.errors import ConfigError, WeightsError
+from zsdense.errors import ConfigError, WeightsError, unknown
 from zsdense.models.weights_table import DINOV2 as DINOV2_TABLE
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -249,7 +249,7 @@ def load_dinov2(
     from zsdense.models import registry
 
     if name not in DINOV2_MODELS:
-        raise WeightsError(f"unknown DINOv2 model {name!r}; known: {', '.join(DINOV2_MODELS)}")
+        raise unknown("DINOv2 model", name, DINOV2_MODELS, WeightsError)
     path = registry.resolve(name, weights_dir=weights_dir, download=download)
     directory = path if path.is_dir() else path.parent
     try:

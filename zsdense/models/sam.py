@@ -15,7 +15,7 @@ from functools import partial
 import numpy as np
 import torch
 
-from zsdense.errors import WeightsError
+from zsdense.errors import WeightsError, unknown
 
 
 def _attention(module, captured: dict | None, x: torch.Tensor) -> torch.Tensor:
@@ -214,7 +214,7 @@ class SamModel:
 def build_sam(arch: str = "vit_b", *, tiny: bool = False, seed: int = TINY_SEED) -> SamModel:
     """SAM architecture with random weights (fixed seed); ``tiny``: 2 encoder blocks, width 64."""
     if arch not in SAM_ARCHS:
-        raise WeightsError(f"unknown SAM architecture {arch!r}; known: {', '.join(SAM_ARCHS)}")
+        raise unknown("SAM architecture", arch, SAM_ARCHS, WeightsError)
     with torch.random.fork_rng(devices=[]):  # the global RNG left as it was
         torch.manual_seed(seed)
         model = _build(arch, tiny)
@@ -238,7 +238,7 @@ def load_sam(
     from zsdense.models import registry
 
     if arch not in SAM_ARCHS:
-        raise WeightsError(f"unknown SAM architecture {arch!r}; known: {', '.join(SAM_ARCHS)}")
+        raise unknown("SAM architecture", arch, SAM_ARCHS, WeightsError)
     path = registry.resolve(f"sam-{arch}", weights_dir=weights_dir, download=download)
     sd = registry.load_state_dict_file(path)
     model = _build(arch, tiny=False)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from zsdense.errors import ConfigError
+from zsdense.errors import unknown
 
 __all__ = [
     "CHECKPOINTS",
@@ -393,6 +393,4 @@ def get_checkpoint(name: str) -> Checkpoint:
     try:
         return CHECKPOINTS[name]
     except KeyError:
-        raise ConfigError(
-            f"unknown checkpoint {name!r}; known checkpoints: {', '.join(sorted(CHECKPOINTS))}"
-        ) from None
+        raise unknown("checkpoint", name, CHECKPOINTS) from None

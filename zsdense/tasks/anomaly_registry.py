@@ -172,13 +172,7 @@ def unregister(name: str) -> None:
 
 def get_scorer(method: str) -> AnomalyScorer:
     """The scorer registered for ``method`` (ConfigError listing the known ones)."""
-    try:
-        return _SCORERS[method]
-    except KeyError:
-        raise ConfigError(
-            f"no anomaly scorer is registered for method {method!r}; known: "
-            f"{', '.join(sorted(_SCORERS))}"
-        ) from None
+    return _SCORERS.lookup(method)
 
 
 def scorers() -> dict[str, AnomalyScorer]:

@@ -175,6 +175,31 @@ def check_out_for_training(
     return state_path
 
 
+LOG_FILE = "train.jsonl"  # one JSON line per epoch (prompts) or per logged step (JAFAR)
+RUN_FILE = "run.json"  # what the run was given: settings, data, models, device
+
+
+def write_training_log(out: Path, history: list[dict]) -> None:
+    """``train.jsonl`` of ``out``: the history so far, one sorted-key JSON line per entry."""
+    with atomic_path(out / LOG_FILE) as tmp:
+        tmp.write_text("".join(json.dumps(h, sort_keys=True) + "\n" for h in history))
+
+
+def write_run_info(trainer: Any, **extra: Any) -> None:
+    """``run.json`` of ``trainer.out``: its settings, data, held-out folders, models and device,
+    with the trainer's own ``extra`` fields (counts, recipe, precision...)."""
+    info = {
+        "settings": trainer.settings,
+        "data": [str(d) for d in trainer.data],
+        "val": list(trainer.options.val),
+        "models": trainer.rt.config.models,
+        "device": str(trainer.device),
+        **extra,
+    }
+    with atomic_path(trainer.out / RUN_FILE) as tmp:
+        tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+
+
 def training_runtime(runtime: Any):
     """The runtime a trainer runs on: the caller's (a Runtime or a Segmenter), else the CPU in
     float32."""

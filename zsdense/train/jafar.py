@@ -12,7 +12,6 @@ something even on random weights (below 1 = JAFAR beats bilinear).
 
 from __future__ import annotations
 
-import json
 import math
 import time
 import warnings
@@ -25,7 +24,6 @@ import torch
 import torch.nn.functional as F
 
 from zsdense.errors import ConfigError, InputError
-from zsdense.io.writers import atomic_path
 from zsdense.train.checkpoint import (
     check_out_for_training,
     check_resume_settings,
@@ -33,6 +31,8 @@ from zsdense.train.checkpoint import (
     save_jafar,
     save_state,
     training_runtime,
+    write_run_info,
+    write_training_log,
 )
 from zsdense.train.jafar_data import (
     ImageItem,
@@ -58,8 +58,6 @@ from zsdense.train.jafar_step import (
 
 FORMAT = "zsdense-jafar-train/1"
 STATE_FILE = "state.safetensors"
-LOG_FILE = "train.jsonl"
-RUN_FILE = "run.json"
 UPSAMPLER_FILE = "upsampler.safetensors"
 
 # ---------------------------------------------------------------------------------------------
@@ -300,23 +298,16 @@ class UpsamplerTrainer:
         return save_jafar(self.model, path, self.upsampler_meta())
 
     def _write_log(self) -> None:
-        with atomic_path(self.out / LOG_FILE) as tmp:
-            tmp.write_text("".join(json.dumps(h, sort_keys=True) + "\n" for h in self.history))
+        write_training_log(self.out, self.history)
 
     def _write_run(self) -> None:
-        info = {
-            "settings": self.settings,
-            "recipe": self.recipe.to_json(),
-            "data": [str(d) for d in self.data],
-            "val": list(self.options.val),
-            "train_images": len(self.train_items),
-            "val_images": len(self.val_items),
-            "models": self.rt.config.models,
-            "precision": self.precision,
-            "device": str(self.device),
-        }
-        with atomic_path(self.out / RUN_FILE) as tmp:
-            tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        write_run_info(
+            self,
+            recipe=self.recipe.to_json(),
+            train_images=len(self.train_items),
+            val_images=len(self.val_items),
+            precision=self.precision,
+        )
 
     # ---- the run -----------------------------------------------------------------------------
     def run(

@@ -13,7 +13,6 @@ order (dataset order, chunks of the batch size) so a resumed run reuses identica
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -25,7 +24,6 @@ import torch
 
 from zsdense.config import TRAIN_CACHE_MODES
 from zsdense.errors import ConfigError
-from zsdense.io.writers import atomic_path
 from zsdense.train.checkpoint import (
     base_model_info,
     check_out_for_training,
@@ -34,6 +32,8 @@ from zsdense.train.checkpoint import (
     save_prompts,
     save_state,
     training_runtime,
+    write_run_info,
+    write_training_log,
 )
 from zsdense.train.data import (
     TrainItem,
@@ -57,8 +57,6 @@ from zsdense.train.recipe import TrainRecipe
 from zsdense.train.step import make_optimizer, train_step
 
 STATE_FILE = "state.safetensors"
-LOG_FILE = "train.jsonl"
-RUN_FILE = "run.json"
 BEST_FILE = "best.safetensors"
 CACHE_MODES = TRAIN_CACHE_MODES
 
@@ -253,21 +251,10 @@ class PromptTrainer:
         }
 
     def _write_log(self) -> None:
-        with atomic_path(self.out / LOG_FILE) as tmp:
-            tmp.write_text("".join(json.dumps(h, sort_keys=True) + "\n" for h in self.history))
+        write_training_log(self.out, self.history)
 
     def _write_run(self) -> None:
-        info = {
-            "settings": self.settings,
-            "data": [str(d) for d in self.data],
-            "val": list(self.options.val),
-            "counts": self.counts,
-            "epochs": self.recipe.epochs,
-            "models": self.rt.config.models,
-            "device": str(self.device),
-        }
-        with atomic_path(self.out / RUN_FILE) as tmp:
-            tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        write_run_info(self, counts=self.counts, epochs=self.recipe.epochs)
 
     def run(
         self,
