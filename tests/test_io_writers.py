@@ -360,3 +360,68 @@ def test_manifest_append_fsyncs(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(manifest_mod.os, "fsync", lambda fd: (calls.append(fd), real(fd)))
     Manifest(tmp_path / "r.jsonl").append(record_ok("a.png"))
     assert calls, "append must fsync"
+
+
+def _wrap_word_by_word(text, draw, font, width):
+    """The greedy wrap measured word by word (what the bisection must equal)."""
+    from zsdense.io.writers import _text_size
+
+    lines = []
+    for para in text.splitlines() or [""]:
+        cur = ""
+        for word in para.split(" "):
+            trial = f"{cur} {word}" if cur else word
+            if cur and _text_size(draw, trial, font)[0] > width:
+                lines.append(cur)
+                cur = word
+            else:
+                cur = trial
+        lines.append(cur)
+    return lines
+
+
+def test_caption_wrap_by_bisection_equals_word_by_word() -> None:
+    from PIL import ImageDraw
+
+    from zsdense.io.writers import _font, _wrap
+
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    rng = np.random.default_rng(0)
+    vocab = ["a", "score", "0.5312,", "threshold", "", "RANDOM", "WEIGHTS", "-", "x" * 30, "of"]
+    texts = ["", " ", "a", "  double  spaces  ", "one\n\ntwo three", "w" * 80]
+    texts += [" ".join(rng.choice(vocab, size=int(rng.integers(1, 25)))) for _ in range(60)]
+    for size in (10, 16):
+        font = _font(size)
+        for width in (16, 40, 120, 300, 640):
+            for t in texts:
+                assert _wrap(t, draw, font, width) == _wrap_word_by_word(t, draw, font, width), (
+                    t,
+                    width,
+                )
+
+
+def test_overlay_blend_in_place_equals_the_formula() -> None:
+    """The strip blend (in place, float32) gives the bytes of the plain expression."""
+    from zsdense.io.writers import _blend, _Layers, _palette_array, jet_colors
+
+    rng = np.random.default_rng(1)
+    img = rng.random((37, 29, 3), dtype=np.float32) * 1.2 - 0.1  # some values outside [0, 1]
+    heat = rng.random((37, 29), dtype=np.float32) * 3 - 1
+    heat[5, 7] = np.nan
+    lab = rng.integers(0, 4, (37, 29)).astype(np.uint8)
+    pal = _palette_array(None, 4)
+    for alpha in (0.5, 0.3):
+        for with_heat, with_labels in ((True, False), (False, True), (True, True)):
+            layers = _Layers(lo=-0.5, hi=1.5)
+            want = np.clip(img, 0.0, 1.0)
+            if with_heat:
+                layers.heat = heat
+                finite = np.isfinite(heat)
+                norm = np.where(finite, (heat - layers.lo) / (layers.hi - layers.lo), 0.0)
+                want = (1.0 - alpha) * want + alpha * jet_colors(norm)
+            if with_labels:
+                layers.labels, layers.palette = lab, pal
+                want = (1.0 - alpha) * want + alpha * (pal[lab].astype(np.float32) / 255.0)
+            want = (np.clip(want, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+            got = _blend(img, layers, 5, 0, np.zeros(3, np.uint8), alpha)
+            assert np.array_equal(got, want)

@@ -395,24 +395,38 @@ def _blend(
         part = img[a:b].astype(np.float32, copy=False)
         if part.shape[2] == 1:
             part = np.repeat(part, 3, axis=2)
-        out = np.clip(part, 0.0, 1.0)
+        out = np.clip(part, 0.0, 1.0)  # a new float32 array: blended in place below
         if layers.heat is not None:
             hp = layers.heat[a:b]
             lo, hi = layers.lo, layers.hi
-            finite = np.isfinite(hp)
-            norm = (hp - lo) / (hi - lo) if hi > lo else np.zeros_like(hp)
-            norm = np.where(finite, norm, 0.0)
-            out = (1.0 - alpha) * out + alpha * jet_colors(norm)
+            if hi > lo:
+                norm = np.subtract(hp, np.float32(lo), dtype=np.float32)
+                norm /= np.float32(hi - lo)
+                norm[~np.isfinite(hp)] = 0.0
+            else:
+                norm = np.zeros(hp.shape, np.float32)
+            _mix(out, jet_colors(norm), alpha)
         if layers.labels is not None:
-            colours = layers.palette[layers.labels[a:b]].astype(np.float32) / 255.0
-            out = (1.0 - alpha) * out + alpha * colours
-        rgb[a:b] = (np.clip(out, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+            colours = layers.palette[layers.labels[a:b]].astype(np.float32)
+            colours /= np.float32(255.0)
+            _mix(out, colours, alpha)
+        np.clip(out, 0.0, 1.0, out=out)
+        out *= np.float32(255.0)
+        out += np.float32(0.5)
+        rgb[a:b] = out  # uint8 assignment truncates, as astype did
         if layers.mask is not None:  # the outline of these rows needs `width` rows around them
             width = layers.width
             a0, b0 = max(0, a - width), min(hw[0], b + width)
             edge = _outline(layers.mask[a0:b0], width)[a - a0 : a - a0 + (b - a)]
             rgb[a:b][edge] = color
     return rgb
+
+
+def _mix(out: np.ndarray, layer: np.ndarray, alpha: float) -> None:
+    """``out = (1 - alpha) * out + alpha * layer`` in place (``layer`` is overwritten)."""
+    out *= np.float32(1.0 - alpha)
+    layer *= np.float32(alpha)
+    out += layer
 
 
 def _draw_legend(
@@ -452,17 +466,33 @@ def _draw_caption(
 
 
 def _wrap(text: str, draw: ImageDraw.ImageDraw, font: Any, width: int) -> list[str]:
+    """Greedy word wrap: each line takes the most words that fit ``width`` (a first word that
+    does not fit still makes a line; empty words, from repeated spaces, never start one). A
+    line's width grows with every word it takes, so its break is found by bisection: a few text
+    measurements a line, not one per word."""
     lines: list[str] = []
     for para in text.splitlines() or [""]:
-        cur = ""
-        for word in para.split(" "):
-            trial = f"{cur} {word}" if cur else word
-            if cur and _text_size(draw, trial, font)[0] > width:
-                lines.append(cur)
-                cur = word
-            else:
-                cur = trial
-        lines.append(cur)
+        words = para.split(" ")
+        n, i = len(words), 0
+        while True:
+            start = i
+            while i < n and not words[i]:
+                i += 1
+            if i == n:
+                if i > start:  # only empty words left: an empty last line, as typed
+                    lines.append("")
+                break
+            lo, hi = i + 1, n  # words[i:lo] is a line (its first word, fitting or not)
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if _text_size(draw, " ".join(words[i:mid]), font)[0] > width:
+                    hi = mid - 1
+                else:
+                    lo = mid
+            lines.append(" ".join(words[i:lo]))
+            i = lo
+            if i == n:
+                break
     return lines
 
 
