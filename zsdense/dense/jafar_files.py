@@ -10,6 +10,7 @@ import torch
 from zsdense.dense.jafar_layers import DEFAULT_HEADS, JafarConfig
 from zsdense.dense.jafar_model import DEFAULT_CHUNK_BYTES, JAFAR
 from zsdense.errors import ConfigError, WeightsError
+from zsdense.models.weights_load import frozen
 
 STATE_DICT_KEY = "jafar"  # the released files are {"jafar": state_dict}
 META_KEY = "zsdense"  # safetensors metadata entry (JSON) of zsdense's own upsampler files
@@ -80,7 +81,7 @@ def jafar_from_state_dict(
             f"features, {len(want)} tensors): " + "; ".join(parts)
         )
     model.load_state_dict({k: sd[k].float() for k in want}, strict=True)
-    return model.float().eval().requires_grad_(False)
+    return frozen(model)
 
 
 def _is_tensor_dict(obj: object) -> bool:

@@ -5,7 +5,7 @@ parameters)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
@@ -44,13 +44,7 @@ class JafarConfig:
             raise ConfigError("JAFAR kernel_size must be odd")
 
     def to_json(self) -> dict:
-        return {
-            "v_dim": self.v_dim,
-            "qk_dim": self.qk_dim,
-            "num_heads": self.num_heads,
-            "kernel_size": self.kernel_size,
-            "input_dim": self.input_dim,
-        }
+        return asdict(self)
 
 
 class _ResBlock(nn.Module):

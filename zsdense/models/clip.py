@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from zsdense.errors import ConfigError, WeightsError, unknown
+from zsdense.models.weights_load import frozen
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -345,7 +346,7 @@ def clip_from_state_dict(
         model.load_state_dict(sd, strict=True)
     except RuntimeError as exc:
         raise WeightsError(f"CLIP state dict does not fit {arch}: {exc}") from None
-    model = model.float().eval().requires_grad_(False)
+    model = frozen(model)
     return ClipModel(model=model, arch=arch, is_random=is_random)
 
 
@@ -392,7 +393,7 @@ def build_tiny_clip(arch: str = "ViT-B-16", seed: int = TINY_SEED) -> ClipModel:
                         p.add_(0.05 * torch.randn_like(p))
                 if name.endswith("in_proj_bias"):
                     p.add_(0.1 * torch.randn_like(p))
-    model = model.float().eval().requires_grad_(False)
+    model = frozen(model)
     return ClipModel(model=model, arch=f"tiny-{arch}", is_random=True)
 
 
@@ -407,7 +408,7 @@ def build_random_clip(arch: str = "ViT-B-16", seed: int = 0) -> ClipModel:
     with torch.random.fork_rng(devices=[]):  # the global RNG left as it was
         torch.manual_seed(seed)
         model = open_clip.CLIP(**cfg, quick_gelu=True)
-    return ClipModel(model=model.float().eval().requires_grad_(False), arch=arch, is_random=True)
+    return ClipModel(model=frozen(model), arch=arch, is_random=True)
 
 
 def load_clip(

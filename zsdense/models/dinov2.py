@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from zsdense.errors import ConfigError, WeightsError, unknown
+from zsdense.models.weights_load import frozen
 from zsdense.models.weights_table import DINOV2 as DINOV2_TABLE
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -232,7 +233,7 @@ def build_dinov2(
     with torch.random.fork_rng(devices=[]):  # the global RNG left as it was
         torch.manual_seed(seed)
         model = cls(cfg)
-    model = model.float().eval().requires_grad_(False)
+    model = frozen(model)
     return DinoModel(model=model, name=("tiny-" if tiny else "") + name, is_random=True)
 
 
@@ -265,7 +266,7 @@ def load_dinov2(
         model = cls.from_pretrained(str(directory), local_files_only=True, use_safetensors=True)
     except Exception as exc:  # noqa: BLE001 - any failure here is a weights problem
         raise WeightsError(f"{directory}: DINOv2 weights do not fit {name} ({exc})") from None
-    model = model.float().eval().requires_grad_(False)
+    model = frozen(model)
     files = sorted(directory.glob("*.safetensors"))
     weights_file = str(files[0]) if len(files) == 1 else None
     return DinoModel(model=model, name=name, weights_file=weights_file).to(device)
@@ -384,7 +385,7 @@ def dinov2_from_hub_state_dict(
         model.load_state_dict(mapped, strict=True)
     except RuntimeError as exc:
         raise WeightsError(f"DINOv2 hub state dict does not fit ({exc})") from None
-    model = model.float().eval().requires_grad_(False)
+    model = frozen(model)
     return DinoModel(
         model=model,
         name=name,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping, Sequence
@@ -47,14 +47,7 @@ class EncoderId:
         return f"{self.family} {self.name} ({what}; {self.num_layers} layers × {self.mlp_dim})"
 
     def to_json(self) -> dict:
-        return {
-            "family": self.family,
-            "name": self.name,
-            "weights_sha256": self.weights_sha256,
-            "random_weights": self.random_weights,
-            "num_layers": self.num_layers,
-            "mlp_dim": self.mlp_dim,
-        }
+        return asdict(self)
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> EncoderId:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from zsdense.errors import WeightsError, unknown
+from zsdense.models.weights_load import frozen
 
 
 def _attention(module, captured: dict | None, x: torch.Tensor) -> torch.Tensor:
@@ -223,7 +224,7 @@ def build_sam(arch: str = "vit_b", *, tiny: bool = False, seed: int = TINY_SEED)
                 for blk in model.image_encoder.blocks:
                     blk.attn.rel_pos_h.normal_(0, 0.1)
                     blk.attn.rel_pos_w.normal_(0, 0.1)
-    model = model.float().eval().requires_grad_(False)
+    model = frozen(model)
     return SamModel(model=model, arch=("tiny-" if tiny else "") + arch, is_random=True)
 
 
@@ -246,5 +247,5 @@ def load_sam(
         model.load_state_dict(sd, strict=True)
     except RuntimeError as exc:
         raise WeightsError(f"{path}: SAM weights do not fit {arch}: {exc}") from None
-    model = model.float().eval().requires_grad_(False)
+    model = frozen(model)
     return SamModel(model=model, arch=arch).to(device)

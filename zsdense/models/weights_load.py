@@ -18,7 +18,14 @@ from zsdense.errors import WeightsError
 if TYPE_CHECKING:  # torch is imported when a file is loaded (the CLI's --help stays fast)
     import torch
 
-__all__ = ["load_state_dict_file"]
+def frozen(model: torch.nn.Module) -> torch.nn.Module:
+    """An encoder as zsdense runs it: fp32 weights (reduced copies are made per run), eval
+    mode, no gradients (training wraps what it trains itself)."""
+    return model.float().eval().requires_grad_(False)
+
+
+__all__ = [
+    "frozen","load_state_dict_file"]
 
 _WRAPPER_KEYS = ("state_dict", "model", "prompt_learner")
 _JIT_META_KEYS = ("input_resolution", "context_length", "vocab_size")
