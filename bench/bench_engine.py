@@ -11,8 +11,9 @@ Prints, for the tiny model set and one full-size preset (random weights, so no d
      local engine with the CLI's outputs (mask PNG, float TIFF, overlay JPEG, manifest): what
      the engine does per image outside the model (decode, context, resize and normalise, maps,
      smoothing, outputs, manifest) against the model's own work (the CLIP forward with E-Attn
-     on prepared inputs), in CPU seconds (steady on a shared machine) and wall seconds.
-     Target: under 10 % of the model time.
+     on prepared inputs), in CPU seconds (steady on a shared machine) and wall seconds; and,
+     directly, the CPU time of the same engine runs with the encoder forward replayed from a
+     recording (not a difference of two large totals). Target: under 10 % of the model time.
 
     python bench/bench_engine.py [--n 12] [--skip-full] [--skip-ray] [--skip-fixed]
 
