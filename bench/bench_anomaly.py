@@ -17,17 +17,15 @@ Usage: ``python bench/bench_anomaly.py [--repeats 2] [--image-size 518] [--threa
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-
-def peak_rss_mb() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r / 1024.0 if sys.platform != "darwin" else r / 1024.0 / 1024.0
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 
 
 def build_models():
@@ -71,7 +69,7 @@ def main(argv=None) -> int:
     print(
         f"built ViT-L-14-336 + dinov2-reg-base (random) in {time.perf_counter() - t0:.1f}s; "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"input {args.image_size}px; peak RSS {peak_rss_mb():.0f} MB",
+        f"input {args.image_size}px; peak RSS {common.peak_rss_mb():.0f} MB",
         flush=True,
     )
     seg = make_segmenter(clip, dino)
@@ -112,7 +110,7 @@ def main(argv=None) -> int:
             rows.append((preset, i, tp, tb))
             print(
                 f"{preset:7s} image {i}: pipeline {tp:7.2f}s  bare encoders {tb:7.2f}s  "
-                f"ratio {tp / tb:5.2f}  peak RSS {peak_rss_mb():.0f} MB",
+                f"ratio {tp / tb:5.2f}  peak RSS {common.peak_rss_mb():.0f} MB",
                 flush=True,
             )
     print("\nsummary per image (min over repeats: robust to other load on the machine; mean):")
@@ -123,7 +121,7 @@ def main(argv=None) -> int:
             f"  {preset:7s} pipeline min {min(tp):.2f}s mean {np.mean(tp):.2f}s | bare min "
             f"{min(tb):.2f}s mean {np.mean(tb):.2f}s | ratio of mins {min(tp) / min(tb):.2f}"
         )
-    print(f"  peak RSS {peak_rss_mb():.0f} MB")
+    print(f"  peak RSS {common.peak_rss_mb():.0f} MB")
     return 0
 
 

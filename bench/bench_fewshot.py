@@ -26,27 +26,15 @@ Usage: ``python bench/bench_fewshot.py [--repeats 2] [--build-shots 2] [--shots 
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-
-def peak_rss_mb() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r / 1024.0 if sys.platform != "darwin" else r / 1024.0 / 1024.0
-
-
-def current_rss_mb() -> float:
-    """Resident memory now (Linux /proc; falls back to the peak elsewhere)."""
-    try:
-        with open("/proc/self/statm") as f:
-            pages = int(f.read().split()[1])
-        return pages * resource.getpagesize() / 2**20
-    except OSError:
-        return peak_rss_mb()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:
@@ -122,7 +110,7 @@ def main(argv=None) -> int:
     print(
         f"built dinov2-small (ViT-S/14, random weights) in {time.perf_counter() - t0:.1f}s; "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {s}px; "
-        f"peak RSS {peak_rss_mb():.0f} MB",
+        f"peak RSS {common.peak_rss_mb():.0f} MB",
         flush=True,
     )
     rng = np.random.default_rng(0)
@@ -138,7 +126,7 @@ def main(argv=None) -> int:
         dino.tokens(x[None], pos_interp=mode)  # warm-up
         t_fwd, _ = timed(lambda: dino.tokens(x[None], pos_interp=mode), args.repeats)
     n_patches = grid[0] * grid[1]
-    base_mb = current_rss_mb()
+    base_mb = common.current_rss_mb()
     print(
         f"forward  {t_fwd * 1e3:8.0f} ms  (bare DINOv2, 1 image, grid {grid[0]}x{grid[1]}); "
         f"resident {base_mb:.0f} MB after it (baseline)"
@@ -150,7 +138,7 @@ def main(argv=None) -> int:
     t_build = (time.perf_counter() - t_build) / len(refs)
     print(
         f"build    {t_build:8.2f} s per shot (8 rotations = 8 forwards; "
-        f"{t_build / t_fwd:.1f}x one forward); peak RSS {peak_rss_mb():.0f} MB",
+        f"{t_build / t_fwd:.1f}x one forward); peak RSS {common.peak_rss_mb():.0f} MB",
         flush=True,
     )
 
@@ -176,7 +164,7 @@ def main(argv=None) -> int:
             f"{shots:5d}  {b.n_rows:8d}  {b.nbytes() / 2**20:7.0f}  {t_score * 1e3:8.0f}  "
             f"{t_score / t_fwd:9.2f}  {t_knn * 1e3:6.0f}  {flops / t_knn / 1e9:11.1f}  "
             f"{t_mm * 1e3:5.0f}  {flops / t_mm / 1e9:10.1f}  {t_mm / t_knn:6.2f}  "
-            f"{peak_rss_mb():11.0f}  {peak_rss_mb() - base_mb:16.0f}",
+            f"{common.peak_rss_mb():11.0f}  {common.peak_rss_mb() - base_mb:16.0f}",
             flush=True,
         )
         assert res[0].anomaly_map.shape == test.shape[:2]

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -41,27 +40,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 SCALES = (2, 4, 8)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _rss_mb() -> float:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return common.peak_rss_mb()
 
 
 def _load() -> str:
@@ -91,7 +69,10 @@ class Timer:
 
     def __call__(self, name: str, fn):
         common.sync(self.device)
-        before = _rss_mb() if self.device == "cpu" else torch.cuda.memory_allocated() / 2**20
+        if self.device == "cpu":
+            before = common.current_rss_mb()
+        else:
+            before = torch.cuda.memory_allocated() / 2**20
         common.reset_peak(self.device)
         c, w = time.process_time(), time.perf_counter()
         out = fn()
@@ -316,7 +297,7 @@ def main(argv=None) -> int:
     args.image_hw = tuple(int(v) for v in args.image.lower().split("x"))
     args.scales = [int(v) for v in str(args.scales).split(",") if v]
     torch.set_num_threads(args.threads)
-    from zsdense.runtime import Runtime, cpu_bf16_support, cpu_capability
+    from zsdense.runtime import Runtime, _cpu_name, cpu_bf16_support, cpu_capability
 
     sup = cpu_bf16_support()
     print(

@@ -54,18 +54,30 @@ def reset_peak(device: str) -> None:
         pass
 
 
+def _proc_status_mb(field: str) -> float | None:
+    """A memory field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in MB; None off Linux."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def current_rss_mb() -> float:
+    """Resident memory now (Linux; the peak elsewhere)."""
+    mb = _proc_status_mb("VmRSS")
+    return peak_rss_mb() if mb is None else mb
+
+
 def peak_mb(device: str) -> float:
     """Peak memory since :func:`reset_peak`: GPU allocated on CUDA, resident set (VmHWM) else."""
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return peak_rss_mb()
+    mb = _proc_status_mb("VmHWM")
+    return peak_rss_mb() if mb is None else mb
 
 
 def sync(device: str) -> None:

@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+from bench_scripts import bench_on_path  # tests/helpers
 
 
 @pytest.fixture(scope="module")
 def bench_modules():
-    sys.path.insert(0, str(BENCH))
-    try:
+    with bench_on_path():
         import bench_all
         import common
 
         yield common, bench_all
-    finally:
-        sys.path.remove(str(BENCH))
 
 
 def test_count_flops_matmul_and_cpu_attention(bench_modules):

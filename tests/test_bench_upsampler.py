@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+from bench_scripts import bench_on_path  # tests/helpers
 
 
 @pytest.fixture(scope="module")
 def bench_module():
-    sys.path.insert(0, str(BENCH))
-    try:
+    with bench_on_path():
         import bench_upsampler
 
         yield bench_upsampler
-    finally:
-        sys.path.remove(str(BENCH))
 
 
 def test_bench_upsampler_runs_on_tiny_models(bench_module, capsys):

@@ -135,6 +135,14 @@ def test_ray_run_then_resume_after_partial_run(tmp_path, local_ray):
     assert output_bytes(tmp_path / "ray") == output_bytes(tmp_path / "local")
     assert not [p for p in (tmp_path / "ray").rglob("*") if ".tmp-" in p.name]
     assert (tmp_path / "ray" / "report.html").is_file()
+    # a rerun has nothing to do; like a local rerun it names the failure an earlier run settled
+    again = run_ray(items, tmp_path / "ray", TASKS, **kw)
+    local_again = run_batch(
+        seg, items, tmp_path / "local", build_task_specs(seg, TASKS), progress=False
+    )
+    assert (again.ok, again.skipped, again.failed) == (0, 9, 1)
+    assert again.previous_errors == local_again.previous_errors
+    assert len(again.previous_errors) == 1 and "zero" in str(again.previous_errors[0][0])
 
 
 def test_queries_on_one_image_are_decoded_once_and_share_a_context(tmp_path):

@@ -18,14 +18,7 @@ from zsdense.errors import WeightsError
 if TYPE_CHECKING:  # torch is imported when a file is loaded (the CLI's --help stays fast)
     import torch
 
-def frozen(model: torch.nn.Module) -> torch.nn.Module:
-    """An encoder as zsdense runs it: fp32 weights (reduced copies are made per run), eval
-    mode, no gradients (training wraps what it trains itself)."""
-    return model.float().eval().requires_grad_(False)
-
-
-__all__ = [
-    "frozen","load_state_dict_file"]
+__all__ = ["frozen", "load_state_dict_file"]
 
 _WRAPPER_KEYS = ("state_dict", "model", "prompt_learner")
 _JIT_META_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -125,3 +118,9 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if all(k.startswith("module.") for k in sd):
         sd = {k[len("module.") :]: v for k, v in sd.items()}
     return sd
+
+
+def frozen(model: torch.nn.Module) -> torch.nn.Module:
+    """An encoder as zsdense loads it: fp32 weights (a bf16 run casts them once, at load:
+    ``zsdense.models._cast``), eval mode, no gradients (what training trains is built apart)."""
+    return model.float().eval().requires_grad_(False)
