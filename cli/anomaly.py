@@ -11,9 +11,11 @@ from zsdense.cli.common import (
     list_data,
     make_runtime,
     option,
+    preset_option,
     run_cli_batch,
     shots_option,
     thresholds_option,
+    upsampler_options,
 )
 from zsdense.config import ANOMALY_PRESETS, CORRELATION_TYPES, DEFAULT_ANOMALY_PRESET
 from zsdense.options import DOMAINS
@@ -26,9 +28,9 @@ from zsdense.options import DOMAINS
     help='Object name for the prompt ensemble ("screw", "pcb"); default "object". '
     "Learned prompts are object-agnostic.",
 )  # fmt: skip
-@option(
-    "--preset", choices=ANOMALY_PRESETS, default=DEFAULT_ANOMALY_PRESET, show_default=True,
-    help="No good images: crane (CLIP ViT-L/14-336, E-Attn), crane+ (plus DINOv2 D-Attn). "
+@preset_option(
+    ANOMALY_PRESETS, DEFAULT_ANOMALY_PRESET,
+    "No good images: crane (CLIP ViT-L/14-336, E-Attn), crane+ (plus DINOv2 D-Attn). "
     "A few good images (--reference): anomalydino (kNN to their DINOv2 patches), crane+fewshot "
     "(both, fused). A whole lot of one product: musc (the images score each other; >= 5), "
     "musc-fixed (QuickGELU).",
@@ -95,17 +97,13 @@ from zsdense.options import DOMAINS
     "--image-size", type=click.IntRange(min=28),
     help="Model input size (default 518 as the papers; must be a multiple of 14).",
 )  # fmt: skip
-@option(
-    "--upsampler",
-    help="Feature upsampling (anomalydino): bilinear (default: the reference), jafar (the "
-    "released JAFAR upsampler for the DINOv2 in use) or jafar:FILE (e.g. from `zsdense "
-    "train-upsampler`). The test features are compared with the good patches on a grid "
-    "--upsampler-scale times finer.",
-)  # fmt: skip
-@option(
-    "--upsampler-scale", type=click.IntRange(1, 16),
-    help="With --upsampler jafar: cells per patch side (default 2; the search costs scale^2).",
-)  # fmt: skip
+@upsampler_options(
+    "Feature upsampling (anomalydino): bilinear (default: the reference), jafar (the released "
+    "JAFAR upsampler for the DINOv2 in use) or jafar:FILE (e.g. from `zsdense train-upsampler`). "
+    "The test features are compared with the good patches on a grid --upsampler-scale times "
+    "finer.",
+    "With --upsampler jafar: cells per patch side (default 2; the search costs scale^2).",
+)
 @option(
     "--tile", metavar="SIZE[:OVERLAP]",
     help="Large images at full resolution: score SIZE x SIZE tiles (OVERLAP px shared, default "

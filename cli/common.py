@@ -79,6 +79,39 @@ def thresholds_option(help: str) -> Callable:
     )
 
 
+def out_option(help: str, dest: str = "out_dir") -> Callable:
+    """``--out``, required: a run folder (``dest="out_dir"``) or one file to write
+    (``dest="out_path"``)."""
+    kind = click.Path(file_okay=False) if dest == "out_dir" else click.Path(dir_okay=False)
+    return option("--out", dest, required=True, type=kind, help=help)
+
+
+def preset_option(choices: Mapping | Sequence[str], default: str, help: str) -> Callable:
+    """``--preset``: one of the library's presets (a registry or a table of names)."""
+    return option("--preset", choices=choices, default=default, show_default=True, help=help)
+
+
+def resume_option(help: str) -> Callable:
+    """``--resume``: continue the run in --out."""
+    return option("--resume", is_flag=True, default=False, help=help)
+
+
+def quiet_option(help: str = "No progress output.") -> Callable:
+    """``--quiet`` / ``-q``."""
+    return option("--quiet", "-q", is_flag=True, default=False, help=help)
+
+
+def upsampler_options(help: str, scale_help: str) -> Callable:
+    """``--upsampler`` (a registered feature upsampler, ``jafar:FILE``) and
+    ``--upsampler-scale`` (cells per patch side)."""
+
+    def apply(f: Callable) -> Callable:
+        f = option("--upsampler-scale", type=click.IntRange(1, 16), help=scale_help)(f)
+        return option("--upsampler", help=help)(f)
+
+    return apply
+
+
 def dattn_mean_option(help: str) -> Callable:
     """``--dattn-mean image|batch``: Crane+'s D-Attn mean per image or over the batch."""
     return option("--dattn-mean", choices=DATTN_MEAN_MODES, help=help)
@@ -201,10 +234,7 @@ def runtime_options(f: Callable | None = None, *, exclude: Sequence[str] = ()) -
 
 
 OUTPUT_OPTIONS: dict[str, Callable] = {
-    "out_dir": lambda: option(
-        "--out", "out_dir", required=True, type=click.Path(file_okay=False),
-        help="Output folder; the input tree is mirrored inside it.",
-    ),
+    "out_dir": lambda: out_option("Output folder; the input tree is mirrored inside it."),
     "fmt": lambda: option(
         "--format", "fmt", choices=FORMATS, default="tiff", show_default=True,
         help="Float maps as tiff or npy; 'rle' also writes COCO RLE JSON masks; "

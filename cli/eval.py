@@ -114,9 +114,7 @@ def _run(ctx: click.Context, kw: dict[str, Any], fn: str) -> None:
         rt = make_runtime(**runtime)
         if quiet:
             kw["log"] = _silent
-        table = evaluate(
-            runtime=rt, progress=not quiet, batch_size=runtime.get("batch_size"), **kw
-        )
+        table = evaluate(runtime=rt, progress=not quiet, batch_size=runtime.get("batch_size"), **kw)
     except ZsdenseError as exc:
         click.echo(f"error: {exc}", err=True)
         ctx.exit(exc.exit_code)

@@ -61,6 +61,7 @@ def lazy_short_help(spec: str, limit: int = 45) -> str | None:
             ).get_short_help_str(limit)
     return None
 
+
 # commands that read no method registry: they start without loading the plug-ins
 NO_PLUGIN_COMMANDS = frozenset({"models"})
 

@@ -18,6 +18,8 @@ import click
 from zsdense.cli.common import (
     make_runtime,
     option,
+    out_option,
+    preset_option,
     runtime_options,
     shots_option,
     thresholds_option,
@@ -33,14 +35,8 @@ def memory_group() -> None:
 
 @memory_group.command("build")
 @click.argument("good", nargs=-1, required=True)
-@option(
-    "--out", "out_path", required=True, type=click.Path(dir_okay=False),
-    help="The bank file to write (.zsdmem).",
-)  # fmt: skip
-@option(
-    "--preset", choices=FEWSHOT_PRESET_NAMES, default="anomalydino", show_default=True,
-    help="Few-shot method and its published settings.",
-)  # fmt: skip
+@out_option("The bank file to write (.zsdmem).", dest="out_path")
+@preset_option(FEWSHOT_PRESET_NAMES, "anomalydino", "Few-shot method and its published settings.")
 @option("--model", "model_name", help="DINOv2 registry name (dinov2-small).")
 @option("--image-size", type=click.IntRange(min=14), help="Smaller edge (448).")
 @shots_option("Use the first N images.")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from zsdense.cli.common import option, task_command
+from zsdense.cli.common import option, preset_option, task_command, upsampler_options
 from zsdense.config import (
     DEFAULT_OPENVOCAB_PRESET,
     OPENVOCAB_DATASETS,
@@ -33,9 +33,9 @@ def classes_file_option(help_start: str = "A text file with one class per line")
 @click.argument("data", nargs=-1, required=True)
 @option("--classes", "classes_str", help=CLASSES_HELP)
 @classes_file_option()
-@option(
-    "--preset", choices=OPENVOCAB_PRESETS, default=DEFAULT_OPENVOCAB_PRESET, show_default=True,
-    help="A registered method preset (`zsdense info --methods`): trident (CLIP+DINOv2+SAM), "
+@preset_option(
+    OPENVOCAB_PRESETS, DEFAULT_OPENVOCAB_PRESET,
+    "A registered method preset (`zsdense info --methods`): trident (CLIP+DINOv2+SAM), "
     "trident-fixed, proxyclip (CLIP+DINOv2), sclip / clearclip / naclip (CLIP only, fastest).",
 )  # fmt: skip
 @option(
@@ -60,16 +60,12 @@ def classes_file_option(help_start: str = "A text file with one class per line")
     "--upsample", choices=UPSAMPLE_MODES,
     help="Score upsampling: bilinear (the references) or jbu (joint bilateral, edge-aware).",
 )  # fmt: skip
-@option(
-    "--upsampler",
-    help="Feature upsampling of the dense CLIP features before the text similarity: bilinear "
+@upsampler_options(
+    "Feature upsampling of the dense CLIP features before the text similarity: bilinear "
     "(default: the references) or jafar:FILE (a JAFAR upsampler trained for this CLIP with "
     "`zsdense train-upsampler`; no released one fits OpenAI's CLIP).",
-)  # fmt: skip
-@option(
-    "--upsampler-scale", type=click.IntRange(1, 16),
-    help="With --upsampler jafar: cells per CLIP patch side (default 4; trident 2).",
-)  # fmt: skip
+    "With --upsampler jafar: cells per CLIP patch side (default 4; trident 2).",
+)
 @option(
     "--save-probs/--no-save-probs", default=False, show_default=True,
     help="Also write the per-class probabilities (K, H, W) as .map.tiff / .map.npy (--format).",

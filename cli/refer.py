@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from zsdense.cli.common import option, task_command
+from zsdense.cli.common import option, preset_option, task_command
 from zsdense.config import (
     DEFAULT_REFER_PRESET,
     FUSION_MODES,
@@ -24,9 +24,9 @@ from zsdense.config import (
     help='JSONL file of {"image": path, "text": "...", "id": optional} lines; relative '
     "image paths are resolved against the file's folder.",
 )  # fmt: skip
-@option(
-    "--preset", choices=REFER_PRESETS, default=DEFAULT_REFER_PRESET, show_default=True,
-    help="A registered referring preset (`zsdense info --methods`): hybridgl (the reference) "
+@preset_option(
+    REFER_PRESETS, DEFAULT_REFER_PRESET,
+    "A registered referring preset (`zsdense info --methods`): hybridgl (the reference) "
     "or hybridgl+ (its defects fixed).",
 )  # fmt: skip
 @option("--refine", is_flag=True, help="Refine the chosen mask with SAM when SAM is surer.")

@@ -22,7 +22,14 @@ from typing import Any, Iterator
 import click
 import numpy as np
 
-from zsdense.cli.common import REGISTER_KEYS, make_runtime, runtime_options, warn
+from zsdense.cli.common import (
+    REGISTER_KEYS,
+    make_runtime,
+    out_option,
+    quiet_option,
+    runtime_options,
+    warn,
+)
 from zsdense.config import REGISTER_MODES
 from zsdense.errors import ConfigError, InputError
 
@@ -251,12 +258,8 @@ def registers_group() -> None:
 @registers_group.command("find")
 @click.argument("data", nargs=-1, required=True)
 @encoder_option
-@click.option(
-    "--out",
-    "out_path",
-    required=True,
-    type=click.Path(dir_okay=False),
-    help="The neuron file to write (neurons.json); the HTML report goes next to it.",
+@out_option(
+    "The neuron file to write (neurons.json); the HTML report goes next to it.", dest="out_path"
 )
 @click.option(
     "--threshold",
@@ -322,7 +325,7 @@ def registers_group() -> None:
     "recommendation).",
 )
 @click.option("--force", is_flag=True, default=False, help="Overwrite an existing file.")
-@click.option("--quiet", "-q", is_flag=True, default=False, help="No progress bar.")
+@quiet_option("No progress bar.")
 @runtime_options(exclude=REGISTER_KEYS)  # the plain encoder: its own --num-registers
 def find_cmd(
     data,

@@ -16,6 +16,10 @@ from zsdense.cli.common import (
     dattn_mean_option,
     make_runtime,
     option,
+    out_option,
+    preset_option,
+    quiet_option,
+    resume_option,
     runtime_options,
 )
 from zsdense.config import TRAIN_CACHE_MODES
@@ -71,14 +75,10 @@ class _Progress:
 
 @click.command("train-prompts")
 @click.argument("data", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
-@option(
-    "--out", "out_dir", required=True, type=click.Path(file_okay=False),
-    help="Run folder: epoch_N.safetensors, best.safetensors, train.jsonl, state.",
-)  # fmt: skip
-@option(
-    "--preset", choices=RECIPES, default="crane", show_default=True,
-    help="crane (E-Attn, 4 aliased block-24 maps) or crane+ (plus DINOv2 D-Attn).",
-)  # fmt: skip
+@out_option("Run folder: epoch_N.safetensors, best.safetensors, train.jsonl, state.")
+@preset_option(
+    RECIPES, "crane", "crane (E-Attn, 4 aliased block-24 maps) or crane+ (plus DINOv2 D-Attn)."
+)
 @option("--epochs", type=int, help="Epochs (Crane: 5).")
 @option("--batch-size", type=int, help="Images per step (Crane: 8).")
 @option("--lr", type=float, help="Adam learning rate (Crane: 1e-3).")
@@ -88,10 +88,7 @@ class _Progress:
     help="Validation set (same layouts): image and pixel AUROC after each epoch; "
     "best.safetensors follows their mean.",
 )  # fmt: skip
-@option(
-    "--resume", is_flag=True, default=False,
-    help="Continue the run in --out where it stopped (bit for bit).",
-)  # fmt: skip
+@resume_option("Continue the run in --out where it stopped (bit for bit).")
 @option("--image-size", type=int, help="Input size (Crane: 518).")
 @option(
     "--cache-features", choices=TRAIN_CACHE_MODES, default="auto", show_default=True,
@@ -116,7 +113,7 @@ class _Progress:
     "--export-pth", is_flag=True, default=False,
     help="Also write best.pth in the layout Crane's train.py saves (loads in Crane).",
 )  # fmt: skip
-@option("--quiet", "-q", is_flag=True, default=False, help="No progress output.")
+@quiet_option()
 @runtime_options(exclude=("batch_size", "max_pixels", *REGISTER_KEYS))
 def train_prompts_cmd(
     data,

@@ -13,7 +13,14 @@ import time
 
 import click
 
-from zsdense.cli.common import REGISTER_KEYS, make_runtime, runtime_options
+from zsdense.cli.common import (
+    REGISTER_KEYS,
+    make_runtime,
+    out_option,
+    quiet_option,
+    resume_option,
+    runtime_options,
+)
 
 
 class _Progress:
@@ -68,19 +75,8 @@ class _Progress:
     help="The encoder whose features to upsample: a DINOv2 (dinov2-small, dinov2-reg-base, "
     "...) or a CLIP (clip-ViT-B-16-openai or ViT-B-16, ...).",
 )
-@click.option(
-    "--out",
-    "out_dir",
-    required=True,
-    type=click.Path(file_okay=False),
-    help="Run folder: state.safetensors (resume), upsampler.safetensors, train.jsonl, run.json.",
-)
-@click.option(
-    "--resume",
-    is_flag=True,
-    default=False,
-    help="Continue the run in --out from its last saved step (bit for bit); same options.",
-)
+@out_option("Run folder: state.safetensors (resume), upsampler.safetensors, train.jsonl, run.json.")
+@resume_option("Continue the run in --out from its last saved step (bit for bit); same options.")
 @click.option(
     "--export",
     "export_path",
@@ -124,7 +120,7 @@ class _Progress:
 )
 @click.option("--save-every", type=click.IntRange(min=1), default=500, show_default=True)
 @click.option("--val-every", type=click.IntRange(min=1), default=500, show_default=True)
-@click.option("--quiet", "-q", is_flag=True, default=False, help="No progress output.")
+@quiet_option()
 @runtime_options(exclude=REGISTER_KEYS)  # trains on the plain backbone
 def train_upsampler_cmd(
     data,

@@ -37,7 +37,7 @@ from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, TypeVar
 
-from zsdense.errors import unknown
+from zsdense.errors import ConfigError, unknown
 
 ENTRY_POINT_GROUP = "zsdense.methods"
 BUILTIN_PACKAGE = "zsdense.methods"
@@ -335,3 +335,85 @@ def presets_table(
         if m is not None:
             lines.append("| " + " | ".join(row(key, p, m)) + " |")
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class MethodFamily:
+    """A task family's three registries, a method's and its presets' life cycle over them:
+    ``methods`` (name -> method entry, with a ``description``), ``presets`` (name -> preset,
+    whose ``method`` names its method) and ``descriptions`` (preset name -> its own text).
+
+    ``what`` / ``preset_what`` name them in errors ("referring method", "referring preset")."""
+
+    what: str
+    preset_what: str
+    methods: Registry
+    presets: Registry
+    descriptions: Registry
+
+    @classmethod
+    def over(cls, presets: Registry, what: str, preset_what: str) -> MethodFamily:
+        """A family whose presets live in ``presets``, with new method and description
+        registries."""
+        return cls(
+            what, preset_what, Registry(what), presets, Registry(f"{preset_what} description")
+        )
+
+    def check_new(self, name: str, replace_existing: bool) -> None:
+        """A ConfigError if a method ``name`` is registered and may not be replaced."""
+        if self.methods.registered(name) and not replace_existing:
+            raise ConfigError(f"{self.what} {name!r} is already registered")
+
+    def build_presets(
+        self,
+        name: str,
+        preset: Any,
+        presets: Mapping[str, Any] | None,
+        build: Callable[[str, Any], tuple[Any, str]],
+        replace_existing: bool,
+    ) -> dict[str, tuple[Any, str]]:
+        """Method ``name``'s presets, built (``build(preset name, spec) -> (preset,
+        description)``) but not yet registered: ``presets`` as given, else one preset named
+        after the method from ``preset`` (or the defaults). Names taken are a ConfigError."""
+        if preset is not None and presets is not None:
+            raise ConfigError(f"{self.what} {name!r}: give preset= or presets=, not both")
+        table = dict(presets) if presets is not None else {name: preset or {}}
+        built = {pname: build(pname, spec) for pname, spec in table.items()}
+        for pname in built:
+            if self.presets.registered(pname) and not replace_existing:
+                raise ConfigError(f"{self.preset_what} {pname!r} is already registered")
+        return built
+
+    def add(self, name: str, entry: Any, built: Mapping[str, tuple[Any, str]]) -> Any:
+        """Register method ``entry`` as ``name`` with its built presets (a preset without a
+        description of its own shares the method's)."""
+        self.methods[name] = entry
+        for pname, (p, desc) in built.items():
+            self.presets[pname] = p
+            self.descriptions[pname] = desc or entry.description
+        return entry
+
+    def add_preset(
+        self,
+        name: str,
+        method: str,
+        spec: Mapping[str, Any],
+        build: Callable[[str, Any], tuple[Any, str]],
+        replace_existing: bool,
+    ) -> Any:
+        """Register one more preset ``name`` of the registered ``method``."""
+        m = self.methods.lookup(method)
+        if self.presets.registered(name) and not replace_existing:
+            raise ConfigError(f"{self.preset_what} {name!r} is already registered")
+        p, desc = build(name, spec)
+        self.presets[name] = p
+        self.descriptions[name] = desc or m.description
+        return p
+
+    def withdraw(self, name: str) -> list[str]:
+        """Remove method ``name`` and its presets (:func:`withdraw_method`)."""
+        return withdraw_method(name, self.methods, self.presets, self.descriptions)
+
+    def table(self, header: Sequence[str], row: Callable[[str, Any, Any], Sequence[str]]) -> str:
+        """The family's Markdown table (:func:`presets_table`)."""
+        return presets_table(header, self.presets, self.methods, row)

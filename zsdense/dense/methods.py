@@ -58,11 +58,16 @@ from zsdense.config import (
     preset_from_spec,
 )
 from zsdense.errors import ConfigError
-from zsdense.plugins import Registry, presets_table, withdraw_method
+from zsdense.plugins import MethodFamily, Registry
 
 # (clip, x_norm_bchw, preset, vfm_fn or None) -> (B, D, gh, gw) float, L2-normalised over D
 FeatureFn = Callable[[Any, Any, OpenVocabPreset, Any], Any]
 PIPELINES = ("segment-then-splice", "splice-then-segment")
+FAMILY = MethodFamily.over(OPENVOCAB_PRESETS, "dense method", "open-vocabulary preset")
+METHODS: Registry[DenseMethod] = FAMILY.methods
+PRESET_DESCRIPTIONS: Registry[str] = FAMILY.descriptions
+
+PresetSpec = OpenVocabPreset | Mapping[str, Any]
 
 
 @dataclass(frozen=True)
@@ -76,12 +81,6 @@ class DenseMethod:
     pipeline: str = "segment-then-splice"
     description: str = ""
     reference: str = ""
-
-
-METHODS: Registry[DenseMethod] = Registry("dense method")
-PRESET_DESCRIPTIONS: Registry[str] = Registry("open-vocabulary preset description")
-
-PresetSpec = OpenVocabPreset | Mapping[str, Any]
 
 
 def register_method(
@@ -115,22 +114,18 @@ def register_method(
 
     A name (method or preset) already registered is a ConfigError unless ``replace_existing``.
     """
-    if METHODS.registered(name) and not replace_existing:
-        raise ConfigError(f"dense method {name!r} is already registered")
+    FAMILY.check_new(name, replace_existing)
     if pipeline not in PIPELINES:
         raise ConfigError(f"unknown pipeline {pipeline!r}; choose one of: {', '.join(PIPELINES)}")
     if features is None and pipeline == "segment-then-splice":
         raise ConfigError(f"method {name!r}: segment-then-splice needs a feature function")
-    if preset is not None and presets is not None:
-        raise ConfigError(f"method {name!r}: give preset= or presets=, not both")
-    table = dict(presets) if presets is not None else {name: preset or {}}
-    built = {
-        pname: _build_preset(pname, name, spec, needs_vfm, needs_sam)
-        for pname, spec in table.items()
-    }
-    for pname in built:
-        if OPENVOCAB_PRESETS.registered(pname) and not replace_existing:
-            raise ConfigError(f"open-vocabulary preset {pname!r} is already registered")
+    built = FAMILY.build_presets(
+        name,
+        preset,
+        presets,
+        lambda pname, spec: _build_preset(pname, name, spec, needs_vfm, needs_sam),
+        replace_existing,
+    )
     if datasets:
         valid = {f.name for f in fields(OpenVocabPreset)} - {"name", "method"}
         for ds, over in datasets.items():
@@ -138,10 +133,7 @@ def register_method(
             if bad:
                 raise ConfigError(f"method {name!r}, dataset {ds!r}: unknown field(s) {bad}")
     entry = DenseMethod(name, features, needs_vfm, needs_sam, pipeline, description, reference)
-    METHODS[name] = entry
-    for pname, (p, desc) in built.items():
-        OPENVOCAB_PRESETS[pname] = p
-        PRESET_DESCRIPTIONS[pname] = desc or description
+    FAMILY.add(name, entry, built)
     if datasets:
         OPENVOCAB_DATASET_PRESETS[name] = {ds: dict(v) for ds, v in datasets.items()}
     return entry
@@ -153,14 +145,13 @@ def register_openvocab_preset(
     """Add a preset of an already registered method (e.g. a plug-in's tuning of ``trident``):
     ``fields_`` are :class:`OpenVocabPreset` fields over the defaults."""
     m = get_method(method)
-    if OPENVOCAB_PRESETS.registered(name) and not replace_existing:
-        raise ConfigError(f"open-vocabulary preset {name!r} is already registered")
-    p, desc = _build_preset(
-        name, method, {**fields_, "description": description}, m.needs_vfm, m.needs_sam
+    return FAMILY.add_preset(
+        name,
+        method,
+        {**fields_, "description": description},
+        lambda pname, spec: _build_preset(pname, method, spec, m.needs_vfm, m.needs_sam),
+        replace_existing,
     )
-    OPENVOCAB_PRESETS[name] = p
-    PRESET_DESCRIPTIONS[name] = desc or m.description
-    return p
 
 
 def _build_preset(
@@ -175,7 +166,7 @@ def _build_preset(
 def unregister_method(name: str) -> None:
     """Remove a method, its presets and its dataset settings (tests, plug-in reloads)."""
     OPENVOCAB_DATASET_PRESETS.pop(name, None)
-    withdraw_method(name, METHODS, OPENVOCAB_PRESETS, PRESET_DESCRIPTIONS)
+    FAMILY.withdraw(name)
 
 
 def get_method(name: str) -> DenseMethod:
@@ -192,4 +183,4 @@ def methods_table() -> str:
         return [f"`{pname}`", m.name, " + ".join(enc), m.pipeline, what]
 
     header = ("preset", "method", "encoders", "pipeline", "what")
-    return presets_table(header, OPENVOCAB_PRESETS, METHODS, row)
+    return FAMILY.table(header, row)

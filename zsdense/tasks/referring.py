@@ -49,7 +49,7 @@ from zsdense.errors import ConfigError
 from zsdense.io.instances import instance_masks, to_supervision, whole_mask_instance
 from zsdense.io.writers import write_result
 from zsdense.options import OutputOptions, ReferOptions
-from zsdense.plugins import Registry, presets_table, withdraw_method
+from zsdense.plugins import MethodFamily, Registry
 
 ENCODERS = ("clip", "sam")  # what a referring method may declare it loads (setup, info table)
 
@@ -127,8 +127,9 @@ class ReferMethod:
     reference: str = ""
 
 
-REFER_METHODS: Registry[ReferMethod] = Registry("referring method")
-REFER_PRESET_DESCRIPTIONS: Registry[str] = Registry("referring preset description")
+FAMILY = MethodFamily.over(REFER_PRESETS, "referring method", "referring preset")
+REFER_METHODS: Registry[ReferMethod] = FAMILY.methods
+REFER_PRESET_DESCRIPTIONS: Registry[str] = FAMILY.descriptions
 
 ReferPresetSpec = ReferPreset | Mapping[str, Any]
 
@@ -153,26 +154,16 @@ def register_refer_method(
     (from the preset's ``clip_arch`` / ``sam_arch``), so missing weights fail before the first
     image. A name already registered is a ConfigError unless ``replace_existing``.
     """
-    if REFER_METHODS.registered(name) and not replace_existing:
-        raise ConfigError(f"referring method {name!r} is already registered")
+    FAMILY.check_new(name, replace_existing)
     if not callable(run):
         raise ConfigError(f"referring method {name!r}: run must be a function")
     bad = sorted(set(encoders) - set(ENCODERS))
     if bad:
         raise ConfigError(f"referring method {name!r}: unknown encoder(s) {bad}; use {ENCODERS}")
-    if preset is not None and presets is not None:
-        raise ConfigError(f"referring method {name!r}: give preset= or presets=, not both")
-    table = dict(presets) if presets is not None else {name: preset or {}}
-    built = {p: _build_preset(p, name, spec) for p, spec in table.items()}
-    for pname in built:
-        if REFER_PRESETS.registered(pname) and not replace_existing:
-            raise ConfigError(f"referring preset {pname!r} is already registered")
-    entry = ReferMethod(name, run, tuple(encoders), description, reference)
-    REFER_METHODS[name] = entry
-    for pname, (p, desc) in built.items():
-        REFER_PRESETS[pname] = p
-        REFER_PRESET_DESCRIPTIONS[pname] = desc or description
-    return entry
+    built = FAMILY.build_presets(
+        name, preset, presets, lambda p, spec: _build_preset(p, name, spec), replace_existing
+    )
+    return FAMILY.add(name, ReferMethod(name, run, tuple(encoders), description, reference), built)
 
 
 def register_refer_preset(
@@ -180,13 +171,10 @@ def register_refer_preset(
 ) -> ReferPreset:
     """Add a preset of an already registered referring method (``fields_`` over the
     :class:`~zsdense.config.ReferPreset` defaults)."""
-    m = get_refer_method(method)
-    if REFER_PRESETS.registered(name) and not replace_existing:
-        raise ConfigError(f"referring preset {name!r} is already registered")
-    p, desc = _build_preset(name, method, {**fields_, "description": description})
-    REFER_PRESETS[name] = p
-    REFER_PRESET_DESCRIPTIONS[name] = desc or m.description
-    return p
+    spec = {**fields_, "description": description}
+    return FAMILY.add_preset(
+        name, method, spec, lambda p, s: _build_preset(p, method, s), replace_existing
+    )
 
 
 def _build_preset(pname: str, method: str, spec: ReferPresetSpec) -> tuple[ReferPreset, str]:
@@ -195,7 +183,7 @@ def _build_preset(pname: str, method: str, spec: ReferPresetSpec) -> tuple[Refer
 
 def unregister_refer_method(name: str) -> None:
     """Remove a referring method and its presets (tests, plug-in reloads)."""
-    withdraw_method(name, REFER_METHODS, REFER_PRESETS, REFER_PRESET_DESCRIPTIONS)
+    FAMILY.withdraw(name)
 
 
 def get_refer_method(name: str) -> ReferMethod:
@@ -211,7 +199,7 @@ def refer_methods_table() -> str:
         return [f"`{pname}`", m.name, enc, REFER_PRESET_DESCRIPTIONS.get(pname) or m.description]
 
     header = ("preset", "method", "encoders", "what")
-    return presets_table(header, REFER_PRESETS, REFER_METHODS, row)
+    return FAMILY.table(header, row)
 
 
 # ---- the task ---------------------------------------------------------------------------------
