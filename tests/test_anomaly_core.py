@@ -290,3 +290,31 @@ def test_torch_gaussian_equals_scipy(shape):
         from scipy.ndimage import gaussian_filter
 
         assert np.abs(gaussian_filter(x[0], 4.0, mode="mirror") - ref[0]).max() > 1e-4
+
+
+def _gaussian_conv2d(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The filter as two single-channel conv2d passes (the implementation before the tap sums)."""
+    import torch.nn.functional as F
+
+    from zsdense.dense.smoothing import _symmetric_pad_index, gaussian_kernel1d
+
+    w = torch.as_tensor(gaussian_kernel1d(sigma), dtype=maps.dtype)
+    r = (w.numel() - 1) // 2
+    h, wd = maps.shape[-2:]
+    x = maps.reshape(-1, 1, h, wd)
+    x = F.conv2d(x.index_select(2, _symmetric_pad_index(h, r)), w.view(1, 1, -1, 1))
+    x = F.conv2d(x.index_select(3, _symmetric_pad_index(wd, r)), w.view(1, 1, 1, -1))
+    return x.reshape(maps.shape)
+
+
+@pytest.mark.parametrize("sigma", [4.0, 1.5, 0.6])
+@pytest.mark.parametrize("shape", [(4, 64, 80), (2, 3, 40), (1, 30, 2)])
+def test_gaussian_tap_sums_equal_conv2d(shape, sigma):
+    """The tap-by-tap sums give the conv2d passes' values (to float32 rounding), at sizes
+    smaller than the kernel too, with leading axes kept."""
+    x = torch.from_numpy(np.random.default_rng(1).random(shape).astype(np.float32))
+    ours = gaussian_filter_torch(x, sigma)
+    assert ours.shape == x.shape and ours.dtype == torch.float32
+    torch.testing.assert_close(ours, _gaussian_conv2d(x, sigma), atol=1e-6, rtol=0)
+    batched = gaussian_filter_torch(x.reshape(1, *shape), sigma).reshape(shape)
+    torch.testing.assert_close(batched, ours, atol=0, rtol=0)

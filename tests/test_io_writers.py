@@ -400,6 +400,29 @@ def test_caption_wrap_by_bisection_equals_word_by_word() -> None:
                 )
 
 
+def test_caption_that_fits_is_measured_once() -> None:
+    """A caption that fits one line costs one text measurement, shared with its height."""
+    from PIL import ImageDraw
+
+    from zsdense.io import writers
+
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    font = writers._font(12)
+    cap = "anomaly score 0.5312, threshold 0.5 (default of crane) - RANDOM WEIGHTS"
+    sizes: dict = {}
+    assert writers._wrap(cap, draw, font, 10_000, sizes) == [cap]
+    assert list(sizes) == [cap]
+    calls = []
+    real = writers._text_size
+    try:
+        writers._text_size = lambda *a: (calls.append(a[1]), real(*a))[1]
+        lines, line_h, strip_h = writers._caption_layout(cap, font, 10_000)
+    finally:
+        writers._text_size = real
+    assert lines == [cap] and calls == [cap]
+    assert line_h == real(draw, cap, font)[1] + 4 and strip_h == line_h + 8
+
+
 def test_overlay_blend_in_place_equals_the_formula() -> None:
     """The strip blend (in place, float32) gives the bytes of the plain expression."""
     from zsdense.io.writers import _blend, _Layers, _palette_array, jet_colors

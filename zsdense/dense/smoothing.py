@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 
 def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> np.ndarray:
@@ -40,21 +39,31 @@ def gaussian_filter_torch(
     Any number of leading (batch) axes; the dtype is kept (float32 in, float32 out; the taps are
     cast to the input dtype, as scipy computes float32 input with float64 taps accumulating in
     float64 — differences are at the 1e-7 level).
+
+    Each axis is a sum of shifted copies of the padded maps, tap by tap in order (``out = w0·x0``,
+    then ``out += wk·xk``). The two ``conv2d`` passes (1×33 kernels) this replaces take an im2col
+    path on the CPU that was 12× slower at 518×518 (36 ms against 3 ms CPU a map, 2 threads) and
+    2× at 224; their results agree to float32 rounding (equal bits on the AVX-512 machine
+    measured; ``tests/test_anomaly_core.py`` compares both with scipy and with each other).
     """
     if sigma <= 0:
         return maps
-    w = torch.as_tensor(gaussian_kernel1d(sigma, truncate), dtype=maps.dtype, device=maps.device)
-    radius = (w.numel() - 1) // 2
+    taps = [float(v) for v in torch.as_tensor(gaussian_kernel1d(sigma, truncate), dtype=maps.dtype)]
+    radius = (len(taps) - 1) // 2
     lead = maps.shape[:-2]
     h, wd = maps.shape[-2:]
-    x = maps.reshape(-1, 1, h, wd)
-    # axis 0 (rows)
-    iy = _symmetric_pad_index(h, radius).to(maps.device)
-    x = F.conv2d(x.index_select(2, iy), w.view(1, 1, -1, 1))
-    # axis 1 (columns)
-    ix = _symmetric_pad_index(wd, radius).to(maps.device)
-    x = F.conv2d(x.index_select(3, ix), w.view(1, 1, 1, -1))
+    x = maps.reshape(-1, h, wd)
+    x = _taps_sum(x.index_select(1, _symmetric_pad_index(h, radius).to(maps.device)), taps, 1, h)
+    x = _taps_sum(x.index_select(2, _symmetric_pad_index(wd, radius).to(maps.device)), taps, 2, wd)
     return x.reshape(*lead, h, wd)
+
+
+def _taps_sum(padded: torch.Tensor, taps: list[float], axis: int, n: int) -> torch.Tensor:
+    """``sum_k taps[k] * padded[k : k + n]`` along ``axis``, accumulated in tap order."""
+    out = padded.narrow(axis, 0, n) * taps[0]
+    for k in range(1, len(taps)):
+        out.add_(padded.narrow(axis, k, n), alpha=taps[k])
+    return out
 
 
 def gaussian_filter_scipy(maps: np.ndarray, sigma: float = 4.0) -> np.ndarray:

@@ -266,8 +266,9 @@ def _finite_range(h: np.ndarray, step: int) -> tuple[float, float] | None:
 def _caption_layout(caption: str, font: Any, width: int) -> tuple[list[str], int, int]:
     """(wrapped lines, line height, strip height) of the caption strip under an overlay."""
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    lines = _wrap(caption, probe, font, max(width - 8, 16))
-    line_h = max(_text_size(probe, ln or " ", font)[1] for ln in lines) + 4
+    sizes: dict[str, tuple[int, int]] = {}  # the wrap's measurements serve the heights too
+    lines = _wrap(caption, probe, font, max(width - 8, 16), sizes)
+    line_h = max(_measured(sizes, probe, ln or " ", font)[1] for ln in lines) + 4
     return lines, line_h, line_h * len(lines) + 8
 
 
@@ -465,11 +466,29 @@ def _draw_caption(
         draw.text((4, hw[0] + 4 + k * line_h), ln, fill=(255, 255, 255), font=font)
 
 
-def _wrap(text: str, draw: ImageDraw.ImageDraw, font: Any, width: int) -> list[str]:
+def _measured(
+    sizes: dict[str, tuple[int, int]], draw: ImageDraw.ImageDraw, text: str, font: Any
+) -> tuple[int, int]:
+    """``_text_size`` of ``text``, measured once per ``sizes``."""
+    got = sizes.get(text)
+    if got is None:
+        got = sizes[text] = _text_size(draw, text, font)
+    return got
+
+
+def _wrap(
+    text: str,
+    draw: ImageDraw.ImageDraw,
+    font: Any,
+    width: int,
+    sizes: dict[str, tuple[int, int]] | None = None,
+) -> list[str]:
     """Greedy word wrap: each line takes the most words that fit ``width`` (a first word that
     does not fit still makes a line; empty words, from repeated spaces, never start one). A
-    line's width grows with every word it takes, so its break is found by bisection: a few text
-    measurements a line, not one per word."""
+    line's width grows with every word it takes, so its break is found by bisection, after one
+    look at the whole rest (a caption usually fits one line): a few text measurements a line,
+    not one per word. ``sizes`` keeps the measurements (text -> (width, height))."""
+    sizes = {} if sizes is None else sizes
     lines: list[str] = []
     for para in text.splitlines() or [""]:
         words = para.split(" ")
@@ -483,9 +502,14 @@ def _wrap(text: str, draw: ImageDraw.ImageDraw, font: Any, width: int) -> list[s
                     lines.append("")
                 break
             lo, hi = i + 1, n  # words[i:lo] is a line (its first word, fitting or not)
+            if lo < hi:
+                if _measured(sizes, draw, " ".join(words[i:hi]), font)[0] <= width:
+                    lo = hi
+                else:
+                    hi -= 1
             while lo < hi:
                 mid = (lo + hi + 1) // 2
-                if _text_size(draw, " ".join(words[i:mid]), font)[0] > width:
+                if _measured(sizes, draw, " ".join(words[i:mid]), font)[0] > width:
                     hi = mid - 1
                 else:
                     lo = mid
