@@ -423,6 +423,33 @@ def test_caption_that_fits_is_measured_once() -> None:
     assert line_h == real(draw, cap, font)[1] + 4 and strip_h == line_h + 8
 
 
+@pytest.mark.parametrize("width", [1, 2, 3])
+def test_mask_outline_is_the_mask_less_its_erosion(width) -> None:
+    """The outline drawn on overlays: mask minus its cross erosion (border = background), as
+    scipy computes it, and painted exactly on those pixels."""
+    from scipy import ndimage
+
+    from zsdense.io.writers import _blend, _Layers, _outline
+
+    rng = np.random.default_rng(width)
+    cross = ndimage.generate_binary_structure(2, 1)
+    for shape in [(41, 57), (1, 6), (2, 2), (5, 1), (3, 3)]:
+        m = rng.random(shape) > 0.35
+        want = m & ~ndimage.binary_erosion(m, cross, iterations=width, border_value=0)
+        assert np.array_equal(_outline(m, width), want), shape
+    img = rng.random((41, 57, 3), dtype=np.float32)
+    m = np.zeros((41, 57), bool)
+    m[5:30, 10:50] = True
+    m[33:40, 2:6] = True
+    color = np.array([0, 255, 0], np.uint8)
+    for step in (4, 41):  # strips of rows: the outline of a strip needs the rows around it
+        plain = _blend(img, _Layers(), step, 0, color, 0.5)
+        drawn = _blend(img, _Layers(mask=m, width=width), step, 0, color, 0.5)
+        edge = m & ~ndimage.binary_erosion(m, cross, iterations=width, border_value=0)
+        assert np.array_equal(drawn[edge], np.broadcast_to(color, (int(edge.sum()), 3)))
+        assert np.array_equal(drawn[~edge], plain[~edge])
+
+
 def test_overlay_blend_in_place_equals_the_formula() -> None:
     """The strip blend (in place, float32) gives the bytes of the plain expression."""
     from zsdense.io.writers import _blend, _Layers, _palette_array, jet_colors

@@ -123,7 +123,8 @@ def make_view(amap: np.ndarray, image: np.ndarray | None = None) -> dict:
     else:
         small_codes = np.zeros((h, w), np.uint8)
     buf = io.BytesIO()
-    Image.fromarray(small_codes, mode="L").save(buf, format="PNG", optimize=True)
+    # zlib level 1, as the mask PNGs: optimize=True took 0.5-0.8 ms a view for files 8 % smaller
+    Image.fromarray(small_codes, mode="L").save(buf, format="PNG", compress_level=1)
     view: dict[str, Any] = {
         "v": VIEW_VERSION,
         "H": int(H),
@@ -143,7 +144,11 @@ def make_view(amap: np.ndarray, image: np.ndarray | None = None) -> dict:
         img = _decimate(img, h, w)[:, :, :3]
         if img.shape[2] == 1:
             img = np.repeat(img, 3, axis=2)
-        rgb = (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+        # one new array, scaled and rounded in place (the dtype the expression would have)
+        f = np.clip(img, 0, 1).astype(np.result_type(img.dtype, np.float32), copy=False)
+        f *= 255
+        f += 0.5
+        rgb = f.astype(np.uint8)
         pil = Image.fromarray(np.ascontiguousarray(rgb)).resize((w, h), Image.Resampling.BOX)
         buf = io.BytesIO()
         pil.save(buf, format="JPEG", quality=80)

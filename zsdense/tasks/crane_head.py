@@ -15,7 +15,13 @@ import torch
 
 from zsdense.config import AnomalyPreset
 from zsdense.tasks.anomaly_registry import RawScore
-from zsdense.tasks.common import batched_get, model_input, preset_meta, resize_map
+from zsdense.tasks.common import (
+    batched_get,
+    exact_inputs,
+    model_input,
+    preset_meta,
+    resize_map,
+)
 
 if TYPE_CHECKING:
     from zsdense.options import AnomalyOptions
@@ -158,7 +164,7 @@ def _crane_batch_features(rt, cfg: AnomalyPreset, ctxs: list) -> list[dict]:
     n_layers = clip.num_layers
     start = scale_block(cfg.eattn_start_block, n_layers)
     layers = None if cfg.eattn_layers is None else scale_layers(cfg.eattn_layers, n_layers)
-    x01 = model_input(ctxs, cfg.image_size, rt.device)
+    x01 = model_input(ctxs, cfg.image_size, rt.device, exact=exact_inputs(clip))
     x = clip.normalize(x01)
     dino_feats = None
     with rt.autocast():

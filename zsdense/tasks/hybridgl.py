@@ -365,12 +365,15 @@ def _dense_heat_features(ctx, clip, preset: ReferPreset) -> torch.Tensor:
     """Dense CLIP features of the whole image (D, gh, gw), L2-normalised, cached per image."""
     from zsdense.dense.lastblock import dense_clip_features
     from zsdense.models.clip import preprocess_images
+    from zsdense.tasks.common import exact_inputs
 
     size = clip.native_size if preset.heat_size is None else int(preset.heat_size)
     key = ("clip-dense", clip.arch, (size, size), preset.heat_variant, "whole-image")
 
     def compute() -> torch.Tensor:
-        x = preprocess_images([ctx.image], size=(size, size), device=clip.device)
+        x = preprocess_images(
+            [ctx.image], size=(size, size), device=clip.device, exact=exact_inputs(clip)
+        )
         return dense_clip_features(clip, clip.normalize(x), preset.heat_variant)[0]
 
     return ctx.get(key, compute)

@@ -52,7 +52,7 @@ from zsdense.dense.musc_backbones import (
     resolve_backbone,
 )
 from zsdense.errors import ConfigError
-from zsdense.tasks.common import batched_get, model_input
+from zsdense.tasks.common import batched_get, exact_inputs, model_input
 from zsdense.tasks.musc_scoring import (
     BLOCK_ROWS,
     GROUP_BYTES,
@@ -112,13 +112,14 @@ def _backbone_features(
         clip = rt.clip(cfg.clip_arch)
         layers = scale_layers(layers_24, clip.num_layers)
         act = clip_activation(clip, cfg.image_size, cfg.musc_act)
-        x = clip.normalize(model_input(ctxs, cfg.image_size, rt.device))
+        x = clip.normalize(model_input(ctxs, cfg.image_size, rt.device, exact=exact_inputs(clip)))
         with rt.autocast():
             st = clip_streams(clip, x, layers, act=act, pos_mode="bicubic")
     else:
         dino = rt.dinov2(dino_name)
         layers = scale_layers(layers_24, len(dino.model.encoder.layer))
-        x = dino.normalize(model_input(ctxs, cfg.image_size, rt.device, "bilinear"))
+        x01 = model_input(ctxs, cfg.image_size, rt.device, "bilinear", exact=exact_inputs(dino))
+        x = dino.normalize(x01)
         with rt.autocast():
             st = dinov2_streams(dino, x, layers)
     per_layer = {layer: st.patches[layer].float().cpu() for layer in layers}
