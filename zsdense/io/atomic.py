@@ -95,7 +95,16 @@ def atomic_path(final_path: str | Path, *, fsync: bool = False) -> Iterator[Path
 def to_jsonable(obj: Any) -> Any:
     """Make ``obj`` strict-JSON-serialisable: non-finite floats -> None, numpy -> Python, Path ->
     str, tuples/sets -> lists, dict keys -> str."""
-    if obj is None or isinstance(obj, (bool, str)):
+    t = type(obj)  # the common exact types first (a manifest record is mostly these)
+    if t is str or t is int or t is bool or obj is None:
+        return obj
+    if t is float:
+        return obj if math.isfinite(obj) else None
+    if t is dict:
+        return {k if type(k) is str else str(k): to_jsonable(v) for k, v in obj.items()}
+    if t is list:
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, (bool, str)):
         return obj
     if isinstance(obj, int):
         return obj

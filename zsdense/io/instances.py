@@ -81,13 +81,14 @@ def _stats(
     boxes = ndimage.find_objects(lab)
     smax = smean = None
     if score_map is not None:
-        s = np.asarray(score_map, dtype=np.float64)
+        s = np.asarray(score_map)
         if s.shape != lab.shape:
             raise ValueError(f"score map {s.shape} and mask {lab.shape} differ in shape")
         # over the mask's pixels only, without sorting them (ndimage.maximum sorts every pixel
         # by label: 18 ms for a 480x640 map): the max is order-free, and the mean is the same
-        # raster-order sum over the same count as ndimage.mean's
-        vals = s.ravel()[fg]
+        # raster-order sum over the same count as ndimage.mean's; only those pixels are
+        # converted to float64
+        vals = s.ravel()[fg].astype(np.float64)
         smax = np.full(len(boxes) + 1, -np.inf)
         np.maximum.at(smax, comp, vals)
         smax = smax[1:]
