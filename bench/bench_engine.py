@@ -142,10 +142,10 @@ def bench_multi(label, seg, data_dir, n, cfgs, batch_size, repeat=2):
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def model_seconds(seg, ctxs, cfg: dict, batch_size: int, repeat: int):
-    """(wall, CPU) seconds of what ``crane``'s model computes on ``ctxs`` in batches: its CLIP
+def model_forwards(seg, ctxs, cfg: dict, batch_size: int):
+    """A function timing what ``crane``'s model computes on ``ctxs`` in batches: its CLIP
     forward with the E-Attn dual path (``crane_features``), on inputs resized and normalised
-    beforehand (the minimum of ``repeat`` runs)."""
+    beforehand; each call returns (wall, CPU) seconds. Warmed up once."""
     import torch
 
     from zsdense.dense.crane import crane_features, scale_block
@@ -170,7 +170,7 @@ def model_seconds(seg, ctxs, cfg: dict, batch_size: int, repeat: int):
         return time.perf_counter() - t0, time.process_time() - c0
 
     forwards()  # warm-up
-    return best(forwards, repeat)
+    return forwards
 
 
 @contextlib.contextmanager
@@ -237,13 +237,21 @@ def bench_fixed_costs(
         for _ in range(max(1, repeat)):
             for overlap in (False, True):
                 runs[overlap].append(engine(overlap))
+        ctxs = [seg.context(p) for p in sorted(Path(data_dir).iterdir())]
+        forwards = model_forwards(seg, ctxs, cfg, batch_size)
+        models = [forwards() for _ in range(max(1, repeat))]
         # the same runs with the encoder forward replayed from a recording: their CPU time is
-        # the fixed cost itself, not a small difference of two large, noisy totals
+        # the fixed cost itself, not a small difference of two large, noisy totals; each one
+        # next to a run of the model's forwards, so that a pair shares the machine's speed of
+        # the moment (the fraction is the median of the pairs')
+        pairs = []
         with _replayed_crane_features():
             engine(False)  # records each batch's forward
-            replay = [engine(False) for _ in range(max(3, repeat))]
-        ctxs = [seg.context(p) for p in sorted(Path(data_dir).iterdir())]
-        m_wall, m_cpu = model_seconds(seg, ctxs, cfg, batch_size, repeat)
+            for _ in range(max(5, repeat)):
+                pairs.append((engine(False)[1], forwards()[1]))
+        models += [(0.0, m) for _, m in pairs]
+        m_wall = min(w for w, _ in models if w > 0)
+        m_cpu = min(c for _, c in models)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     serial = min(runs[False], key=lambda r: r[1])  # the least disturbed serial run (CPU)
@@ -258,8 +266,10 @@ def bench_fixed_costs(
         "run_cpu": serial[1] / n,
         "run_wall": min(r[0] for r in runs[True]) / n,
     }
-    per["replay_cpu"] = min(r[1] for r in replay) / n
-    per["fraction_replay_cpu"] = per["replay_cpu"] / max(per["model_cpu"], 1e-12)
+    per["replay_cpu"] = min(r for r, _ in pairs) / n
+    fractions = sorted(r / max(m, 1e-12) for r, m in pairs)
+    per["fraction_replay_cpu"] = float(np.median(fractions))
+    per["fraction_replay_range"] = (fractions[0], fractions[-1])
     per["fixed_cpu"] = max(0.0, per["run_cpu"] - per["model_cpu"])
     per["fixed_wall"] = max(0.0, per["run_wall"] - per["model_wall"])
     per["fraction_cpu"] = per["fixed_cpu"] / max(per["model_cpu"], 1e-12)
@@ -282,9 +292,11 @@ def bench_fixed_costs(
         f"({per['fixed_cpu'] * 1e3:.1f} ms), {per['fraction_wall']:.3f} wall as the CLI runs "
         f"({per['fixed_wall'] * 1e3:.1f} ms); target < 0.10"
     )
+    lo, hi = per["fraction_replay_range"]
     print(
-        f"    with the forward replayed : {per['fraction_replay_cpu']:.3f} CPU "
-        f"({per['replay_cpu'] * 1e3:.1f} ms: the engine's own work, measured directly)"
+        f"    with the forward replayed : {per['fraction_replay_cpu']:.3f} CPU, median of "
+        f"{len(pairs)} pairs (range {lo:.3f}-{hi:.3f}; {per['replay_cpu'] * 1e3:.1f} ms at "
+        "least: the engine's own work, measured directly)"
     )
     print(
         f"fixed: cpu={per['fraction_cpu']:.3f} replayed={per['fraction_replay_cpu']:.3f} "
