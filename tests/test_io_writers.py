@@ -364,14 +364,14 @@ def test_manifest_append_fsyncs(tmp_path: Path, monkeypatch) -> None:
 
 def _wrap_word_by_word(text, draw, font, width):
     """The greedy wrap measured word by word (what the bisection must equal)."""
-    from zsdense.io.writers import _text_size
+    from zsdense.io.overlay_text import text_size
 
     lines = []
     for para in text.splitlines() or [""]:
         cur = ""
         for word in para.split(" "):
             trial = f"{cur} {word}" if cur else word
-            if cur and _text_size(draw, trial, font)[0] > width:
+            if cur and text_size(draw, trial, font)[0] > width:
                 lines.append(cur)
                 cur = word
             else:
@@ -383,7 +383,7 @@ def _wrap_word_by_word(text, draw, font, width):
 def test_caption_wrap_by_bisection_equals_word_by_word() -> None:
     from PIL import ImageDraw
 
-    from zsdense.io.writers import _font, _wrap
+    from zsdense.io.overlay_text import default_font, wrap
 
     draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     rng = np.random.default_rng(0)
@@ -391,34 +391,31 @@ def test_caption_wrap_by_bisection_equals_word_by_word() -> None:
     texts = ["", " ", "a", "  double  spaces  ", "one\n\ntwo three", "w" * 80]
     texts += [" ".join(rng.choice(vocab, size=int(rng.integers(1, 25)))) for _ in range(60)]
     for size in (10, 16):
-        font = _font(size)
+        font = default_font(size)
         for width in (16, 40, 120, 300, 640):
             for t in texts:
-                assert _wrap(t, draw, font, width) == _wrap_word_by_word(t, draw, font, width), (
+                assert wrap(t, draw, font, width) == _wrap_word_by_word(t, draw, font, width), (
                     t,
                     width,
                 )
 
 
-def test_caption_that_fits_is_measured_once() -> None:
+def test_caption_that_fits_is_measured_once(monkeypatch) -> None:
     """A caption that fits one line costs one text measurement, shared with its height."""
     from PIL import ImageDraw
 
-    from zsdense.io import writers
+    from zsdense.io import overlay_text
 
     draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    font = writers._font(12)
+    font = overlay_text.default_font(12)
     cap = "anomaly score 0.5312, threshold 0.5 (default of crane) - RANDOM WEIGHTS"
     sizes: dict = {}
-    assert writers._wrap(cap, draw, font, 10_000, sizes) == [cap]
+    assert overlay_text.wrap(cap, draw, font, 10_000, sizes) == [cap]
     assert list(sizes) == [cap]
     calls = []
-    real = writers._text_size
-    try:
-        writers._text_size = lambda *a: (calls.append(a[1]), real(*a))[1]
-        lines, line_h, strip_h = writers._caption_layout(cap, font, 10_000)
-    finally:
-        writers._text_size = real
+    real = overlay_text.text_size
+    monkeypatch.setattr(overlay_text, "text_size", lambda *a: (calls.append(a[1]), real(*a))[1])
+    lines, line_h, strip_h = overlay_text.caption_layout(cap, font, 10_000)
     assert lines == [cap] and calls == [cap]
     assert line_h == real(draw, cap, font)[1] + 4 and strip_h == line_h + 8
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from zsdense.io.atomic import (
     atomic_path,
@@ -33,6 +33,7 @@ from zsdense.io.atomic import (
     to_jsonable,
     write_json,
 )
+from zsdense.io.overlay_text import caption_layout, default_font, draw_caption, draw_legend
 from zsdense.io.rle import as_mask as _as_mask
 from zsdense.io.rle import mask_to_rle, rle_to_mask, write_rle_json
 
@@ -239,18 +240,6 @@ def _outline(m: np.ndarray, width: int) -> np.ndarray:
     return m & ~inner
 
 
-def _font(size: int) -> Any:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: fixed bitmap font
-        return ImageFont.load_default()
-
-
-def _text_size(draw: ImageDraw.ImageDraw, text: str, font: Any) -> tuple[int, int]:
-    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-    return right - left, bottom - top
-
-
 # rows of an overlay computed at once: its float temporaries stay a few MB whatever the image
 OVERLAY_STRIP_VALUES = 1 << 19
 
@@ -267,15 +256,6 @@ def _finite_range(h: np.ndarray, step: int) -> tuple[float, float] | None:
             vals = part[finite]
             lo, hi = min(lo, float(vals.min())), max(hi, float(vals.max()))
     return None if lo > hi else (lo, hi)
-
-
-def _caption_layout(caption: str, font: Any, width: int) -> tuple[list[str], int, int]:
-    """(wrapped lines, line height, strip height) of the caption strip under an overlay."""
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    sizes: dict[str, tuple[int, int]] = {}  # the wrap's measurements serve the heights too
-    lines = _wrap(caption, probe, font, max(width - 8, 16), sizes)
-    line_h = max(_measured(sizes, probe, ln or " ", font)[1] for ln in lines) + 4
-    return lines, line_h, line_h * len(lines) + 8
 
 
 @dataclass
@@ -338,17 +318,17 @@ def write_overlay_jpg(
         layers.mask = _resize(_as_mask(mask), hw, nearest=True)
         layers.width = max(1, round(min(hw) / 256))
     font_size = max(10, min(hw) // 40)
-    font = _font(font_size)
+    font = default_font(font_size)
     strip_h = 0
     if caption:
-        lines, line_h, strip_h = _caption_layout(caption, font, hw[1])
+        lines, line_h, strip_h = caption_layout(caption, font, hw[1])
     rgb = _blend(img, layers, step, strip_h, np.asarray(mask_color, dtype=np.uint8), alpha)
     pil = Image.fromarray(rgb)
     del rgb
     if legend:
-        _draw_legend(pil, legend, font, font_size)
+        draw_legend(pil, legend, font, font_size)
     if caption:
-        _draw_caption(pil, hw, lines, line_h, strip_h, font, clear=bool(legend))
+        draw_caption(pil, hw, lines, line_h, strip_h, font, clear=bool(legend))
     with atomic_path(path) as tmp:
         pil.save(tmp, format="JPEG", quality=int(quality))
     return Path(path)
@@ -434,96 +414,6 @@ def _mix(out: np.ndarray, layer: np.ndarray, alpha: float) -> None:
     out *= np.float32(1.0 - alpha)
     layer *= np.float32(alpha)
     out += layer
-
-
-def _draw_legend(
-    pil: Image.Image, legend: list[tuple[str, tuple[int, int, int]]], font: Any, font_size: int
-) -> None:
-    """A white box in the top-left corner: a colour swatch and a name per line."""
-    draw = ImageDraw.Draw(pil)
-    pad, sw = 4, font_size
-    sizes = [_text_size(draw, name, font) for name, _ in legend]
-    line_h = max(sw, max(s[1] for s in sizes)) + 2
-    box_w = pad * 3 + sw + max(s[0] for s in sizes)
-    box_h = pad * 2 + line_h * len(legend)
-    draw.rectangle([0, 0, box_w, box_h], fill=(255, 255, 255))
-    for k, (name, color_k) in enumerate(legend):
-        y = pad + k * line_h
-        draw.rectangle([pad, y, pad + sw, y + sw], fill=color_k, outline=(0, 0, 0))
-        draw.text((pad * 2 + sw, y), name, fill=(0, 0, 0), font=font)
-
-
-def _draw_caption(
-    pil: Image.Image,
-    hw: tuple[int, int],
-    lines: list[str],
-    line_h: int,
-    strip_h: int,
-    font: Any,
-    *,
-    clear: bool,
-) -> None:
-    """The caption's lines in white on the black strip under the image; ``clear`` blackens
-    the strip first (a legend taller than the image stops at its bottom edge)."""
-    draw = ImageDraw.Draw(pil)
-    if clear:
-        draw.rectangle([0, hw[0], hw[1], hw[0] + strip_h], fill=(0, 0, 0))
-    for k, ln in enumerate(lines):
-        draw.text((4, hw[0] + 4 + k * line_h), ln, fill=(255, 255, 255), font=font)
-
-
-def _measured(
-    sizes: dict[str, tuple[int, int]], draw: ImageDraw.ImageDraw, text: str, font: Any
-) -> tuple[int, int]:
-    """``_text_size`` of ``text``, measured once per ``sizes``."""
-    got = sizes.get(text)
-    if got is None:
-        got = sizes[text] = _text_size(draw, text, font)
-    return got
-
-
-def _wrap(
-    text: str,
-    draw: ImageDraw.ImageDraw,
-    font: Any,
-    width: int,
-    sizes: dict[str, tuple[int, int]] | None = None,
-) -> list[str]:
-    """Greedy word wrap: each line takes the most words that fit ``width`` (a first word that
-    does not fit still makes a line; empty words, from repeated spaces, never start one). A
-    line's width grows with every word it takes, so its break is found by bisection, after one
-    look at the whole rest (a caption usually fits one line): a few text measurements a line,
-    not one per word. ``sizes`` keeps the measurements (text -> (width, height))."""
-    sizes = {} if sizes is None else sizes
-    lines: list[str] = []
-    for para in text.splitlines() or [""]:
-        words = para.split(" ")
-        n, i = len(words), 0
-        while True:
-            start = i
-            while i < n and not words[i]:
-                i += 1
-            if i == n:
-                if i > start:  # only empty words left: an empty last line, as typed
-                    lines.append("")
-                break
-            lo, hi = i + 1, n  # words[i:lo] is a line (its first word, fitting or not)
-            if lo < hi:
-                if _measured(sizes, draw, " ".join(words[i:hi]), font)[0] <= width:
-                    lo = hi
-                else:
-                    hi -= 1
-            while lo < hi:
-                mid = (lo + hi + 1) // 2
-                if _measured(sizes, draw, " ".join(words[i:mid]), font)[0] > width:
-                    hi = mid - 1
-                else:
-                    lo = mid
-            lines.append(" ".join(words[i:lo]))
-            i = lo
-            if i == n:
-                break
-    return lines
 
 
 # ---- the one output path of every result --------------------------------------------------
