@@ -179,13 +179,25 @@ def _dual_attention_materialised(
         pairs = [(src[t], src[t], s) for t in terms]
     # flatten batch and heads; scale each left operand (and each right one of a square term)
     bh = b * h
-    v_f = v.reshape(bh, n, d)
-    plain_ops = (q.reshape(bh, n, -1) * s, k.reshape(bh, n, -1)) if with_plain else None
+
+    def dense(x: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+        # x (b, h, n, e) as a contiguous (b·h, n, e), scaled in the same pass: the heads come
+        # as strided views of the qkv projection, and an operand in that layout (a product with
+        # it, or a reshape of it with b = 1) made bmm copy it again inside, every chunk
+        out = torch.empty((b, h, n, x.shape[-1]), dtype=x.dtype, device=x.device)
+        if scale is None:
+            out.copy_(x)
+        else:
+            torch.mul(x, scale, out=out)
+        return out.view(bh, n, -1)
+
+    v_f = dense(v)
+    plain_ops = (dense(q, s), dense(k)) if with_plain else None
     corr_ops = []
     for left, right, sc in pairs:
         root = math.sqrt(sc)
-        lf = left.reshape(bh, n, -1) * root
-        corr_ops.append((lf, lf if right is left else right.reshape(bh, n, -1) * root))
+        lf = dense(left, root)
+        corr_ops.append((lf, lf if right is left else dense(right, root)))
     per_slice = n * n * q.element_size()
     slices = max(1, ATTN_CHUNK_BYTES // max(1, per_slice))
     rows = (
