@@ -67,6 +67,10 @@ __all__ = [
 # zlib level of the mask / label PNGs: 1 wrote a 480×640 mask in 1.6 ms against 2.6 ms at
 # PIL's default 6 (the same pixels; a few KB larger)
 PNG_LEVEL = 1
+# zlib's run-length strategy for the 0/255 masks: half the file (3.6 against 6.9 KB for a
+# 480×640 mask) and a little faster (1.68 against 1.80 ms with the write); label maps keep the
+# default strategy (RLE was slower for them)
+PNG_MASK_STRATEGY = 3  # Z_RLE
 
 
 def write_mask_png(path: str | Path, mask: np.ndarray) -> Path:
@@ -74,7 +78,7 @@ def write_mask_png(path: str | Path, mask: np.ndarray) -> Path:
     m = _as_mask(mask)
     img = Image.fromarray(np.ascontiguousarray(m.astype(np.uint8) * np.uint8(255)))
     with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG", compress_level=PNG_LEVEL)
+        img.save(tmp, format="PNG", compress_level=PNG_LEVEL, compress_type=PNG_MASK_STRATEGY)
     return Path(path)
 
 
