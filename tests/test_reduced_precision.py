@@ -242,6 +242,51 @@ def test_reduced_decoding_in_bf16_close_to_float32(tiny_sams):
     assert ((low.float() > 0) == (ref_low > 0)).float().mean() > 0.99
 
 
+def test_reduced_image_side_is_row_major_and_float32_side_the_reference_views(tiny_sams):
+    """The bf16 decoder's image side is laid out row-major (a channel-strided side made every
+    batch's ``keys + update`` 16× slower); the float32 exact path keeps the reference's views."""
+    from zsdense.models import sam_proposals as SP
+
+    s32, s16 = tiny_sams
+    emb = torch.randn(1, 256, 64, 64, generator=torch.Generator().manual_seed(8))
+    red = SP.decoder_for(s16)
+    side = SP.decoder_image_side(red, emb)
+    assert side.keys.dtype == BF16
+    assert side.keys.is_contiguous() and side.key_pe.is_contiguous()
+    exact = SP.decoder_image_side(s32.model, emb)
+    assert exact.keys.stride() == (emb[0].numel(), 1, emb.shape[2] * emb.shape[3])  # a view
+    no_mask = (s.model.prompt_encoder.no_mask_embed.weight for s in (s16, s32))
+    if torch.equal(*no_mask):  # the same tiny weights: the same values, another layout
+        assert torch.equal(side.keys, exact.keys.to(BF16))
+
+
+@pytest.mark.parametrize("hw", [(96, 128), (240, 320), (480, 640), (512, 512), (700, 300)])
+def test_composite_upsampling_matches_the_two_resizes(tiny_sams, hw):
+    """``postprocess_masks``' two bilinear resizes composed into one (reduced precision, images
+    of at most half SAM's input pixels): the same logits up to float32 weight rounding."""
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    from zsdense.models import sam_proposals as SP
+
+    s32, s16 = tiny_sams
+    red = SP.decoder_for(s16)
+    size = int(red.image_encoder.img_size)
+    input_size = ResizeLongestSide(size).get_preprocess_shape(hw[0], hw[1], size)
+    g = torch.Generator().manual_seed(hw[0])
+    low = (torch.randn(5, size // 4, size // 4, generator=g) * 4).to(BF16)
+    up = SP.composite_upsampler(red, low.shape[-2:], input_size, hw)
+    assert SP.composite_upsampler(s32.model, low.shape[-2:], input_size, hw) is None  # exact path
+    ref = SP.upsample_logits(red, low[:, None].float(), input_size, hw)[:, 0]
+    if 2 * hw[0] * hw[1] > input_size[0] * input_size[1]:
+        assert up is None
+        return
+    out = up(low)
+    assert out.shape == ref.shape == (5, *hw) and out.dtype == torch.float32
+    assert (out - ref).abs().max() < 1e-4 * float(ref.abs().max())
+    near = ref.abs() < 1e-3 * float(ref.abs().max())
+    assert torch.equal((out > 0)[~near], (ref > 0)[~near])
+
+
 def test_prompt_encoder_positional_features_stay_float32(tiny_sams):
     from zsdense.models.sam_proposals import decoder_for
 
