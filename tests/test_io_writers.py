@@ -472,3 +472,27 @@ def test_overlay_blend_in_place_equals_the_formula() -> None:
             want = (np.clip(want, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
             got = _blend(img, layers, 5, 0, np.zeros(3, np.uint8), alpha)
             assert np.array_equal(got, want)
+
+
+def test_compacted_manifest_is_the_strict_text_of_each_last_record(tmp_path: Path) -> None:
+    """compact_manifest rewrites each key's last record as dumps_strict writes it (in the
+    items' order), a NaN token from another writer nulled."""
+    from zsdense.io.atomic import dumps_strict
+    from zsdense.io.manifest import compact_manifest
+
+    man = Manifest(tmp_path / "results.jsonl")
+    nested = {
+        "instances": [{"box": [1, 2, 3, 4], "area": 7, "mean": 0.123456789012345}],
+        "name": "ünïcode é",
+        "flags": [True, False, None],
+    }
+    man.append({**record_ok("b.png"), **nested})
+    man.append({**record_ok("a.png"), "score": 1e-300})
+    with open(man.path, "a", encoding="utf-8") as f:
+        f.write(json.dumps({**record_ok("c.png"), "score": float("nan")}) + "\n")  # NaN token
+    records = list(Manifest(man.path).records())
+    assert compact_manifest(man.path, ["a.png", "b.png", "c.png"]) == 3
+    lines = man.path.read_text(encoding="utf-8").splitlines()
+    want = {record_key(r): dumps_strict(r) for r in records}
+    assert lines == [want["a.png"], want["b.png"], want["c.png"]]
+    assert json.loads(lines[2])["score"] is None

@@ -381,3 +381,24 @@ def test_float_maps_are_written_uncompressed_unless_asked(tmp_path):
             assert int(tf.pages[0].compression) == want
         assert np.array_equal(tifffile.imread(path), a)
     assert math.isclose(plain.stat().st_size, a.nbytes, rel_tol=0.05)
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_model_input_makes_the_8bit_picture_once_for_every_head(exact):
+    """model_input rounds an 8-bit-representable image once per context (``exact_u8``) and
+    leaves it as ``image_u8`` for SAM and the other heads; the model input is unchanged."""
+    from zsdense.context import ImageContext
+    from zsdense.models.clip import eight_bit, preprocess_images
+    from zsdense.tasks.common import model_input
+
+    rng = np.random.default_rng(4)
+    u8 = rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    photo = ImageContext(image=u8.astype(np.float32) / np.float32(255.0))
+    floats = ImageContext(image=rng.random((60, 80, 3), dtype=np.float32))  # not 8-bit
+    x = model_input([photo, floats], 32, "cpu", exact=exact)
+    ref = preprocess_images([photo.image, floats.image], 32, exact=exact)
+    assert torch.equal(x, ref)
+    assert np.array_equal(photo.cache["_u8"], u8) and photo.exact_u8 is photo.image_u8
+    assert floats.exact_u8 is None and eight_bit(floats.image) is None
+    assert "_u8" not in floats.cache  # image_u8 of a float image: its own rounding, on demand
+    assert np.array_equal(floats.image_u8, np.round(floats.image * 255.0).astype(np.uint8))

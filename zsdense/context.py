@@ -39,6 +39,19 @@ class ImageContext:
             self.cache["_u8"] = u8
         return u8
 
+    @property
+    def exact_u8(self) -> np.ndarray | None:
+        """The image as uint8 when it is 8-bit-representable (``models.clip.eight_bit``), else
+        None; computed once, and then also :attr:`image_u8` (the same pixels)."""
+        if "_u8_exact" not in self.cache:
+            from zsdense.models.clip import eight_bit
+
+            u8 = eight_bit(self.image)
+            self.cache["_u8_exact"] = u8
+            if u8 is not None:
+                self.cache.setdefault("_u8", u8)
+        return self.cache["_u8_exact"]
+
     def get(self, key: Hashable, compute: Callable[[], Any]) -> Any:
         """The cached value for ``key``, computing (and counting) it on first use."""
         if key not in self.cache:

@@ -37,7 +37,12 @@ def model_input(
     from zsdense.models.clip import preprocess_images
 
     return preprocess_images(
-        [c.image for c in ctxs], size, interpolation=interpolation, device=device, exact=exact
+        [c.image for c in ctxs],
+        size,
+        interpolation=interpolation,
+        device=device,
+        exact=exact,
+        u8s=[c.exact_u8 for c in ctxs],  # made once per image, kept for SAM and the outputs
     )
 
 
