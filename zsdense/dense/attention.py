@@ -164,40 +164,31 @@ ATTN_CHUNK_BYTES = 4 << 20
 def _dual_attention_materialised(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, terms: tuple[str, ...], with_plain: bool
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """:func:`dual_attention_heads` with explicit ``bmm`` + softmax, ``ATTN_CHUNK_BYTES`` of
-    scores at a time (whole heads when they fit, else blocks of query rows). The correlation
-    terms' probabilities are summed before the one product with ``v`` (``Σ_t P_t v =
-    (Σ_t P_t) v``); the softmax scale is folded into the operands (``s·x xᵀ = (√s x)(√s x)ᵀ``).
+    """:func:`dual_attention_heads` with explicit matrix products + softmax,
+    ``ATTN_CHUNK_BYTES`` of scores at a time (whole heads when they fit, else blocks of query
+    rows). The correlation terms' probabilities are summed before the one product with ``v``
+    (``Σ_t P_t v = (Σ_t P_t) v``); the softmax scale is applied by the score products
+    themselves (``baddbmm``'s ``alpha``, in float32 before the scores are rounded to bf16), so
+    each operand is only made contiguous: the heads arrive as strided views of the qkv
+    projection, and an operand in that layout (a product with it, or a reshape of it with
+    b = 1) made ``bmm`` copy it again inside, every chunk.
     """
     b, h, n, d = q.shape
     s = d**-0.5
-    if terms == ("qkv",):
-        x = torch.cat([q, k, v], dim=-1)
-        pairs = [(x, x, s / math.sqrt(3.0))]
-    else:
-        src = {"q": q, "k": k, "v": v}
-        pairs = [(src[t], src[t], s) for t in terms]
-    # flatten batch and heads; scale each left operand (and each right one of a square term)
     bh = b * h
 
-    def dense(x: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-        # x (b, h, n, e) as a contiguous (b·h, n, e), scaled in the same pass: the heads come
-        # as strided views of the qkv projection, and an operand in that layout (a product with
-        # it, or a reshape of it with b = 1) made bmm copy it again inside, every chunk
+    def dense(x: torch.Tensor) -> torch.Tensor:  # (b, h, n, e) -> contiguous (b·h, n, e)
         out = torch.empty((b, h, n, x.shape[-1]), dtype=x.dtype, device=x.device)
-        if scale is None:
-            out.copy_(x)
-        else:
-            torch.mul(x, scale, out=out)
+        out.copy_(x)
         return out.view(bh, n, -1)
 
-    v_f = dense(v)
-    plain_ops = (dense(q, s), dense(k)) if with_plain else None
-    corr_ops = []
-    for left, right, sc in pairs:
-        root = math.sqrt(sc)
-        lf = dense(left, root)
-        corr_ops.append((lf, lf if right is left else dense(right, root)))
+    q_f, k_f, v_f = dense(q), dense(k), dense(v)
+    if terms == ("qkv",):
+        x = torch.cat([q_f, k_f, v_f], dim=-1)
+        corr_ops = [(x, s / math.sqrt(3.0))]
+    else:
+        src = {"q": q_f, "k": k_f, "v": v_f}
+        corr_ops = [(src[t], s) for t in terms]
     per_slice = n * n * q.element_size()
     slices = max(1, ATTN_CHUNK_BYTES // max(1, per_slice))
     rows = (
@@ -208,18 +199,21 @@ def _dual_attention_materialised(
     slices = min(slices, bh)
     plain = torch.empty(bh, n, d, dtype=v.dtype, device=v.device) if with_plain else None
     corr = torch.empty(bh, n, d, dtype=v.dtype, device=v.device)
+    ignored = torch.empty((), dtype=q.dtype, device=q.device)  # baddbmm's input at beta = 0
+
+    def scores(left: torch.Tensor, right: torch.Tensor, i: int, r: int, alpha: float):
+        lc, rc = left[i : i + slices, r : r + rows], _t(right, i, slices)
+        return torch.baddbmm(ignored, lc, rc, beta=0.0, alpha=alpha)
+
     for i in range(0, bh, slices):
         vc = v_f[i : i + slices]
         for r in range(0, n, rows):
-            if plain_ops is not None:
-                a = torch.bmm(
-                    plain_ops[0][i : i + slices, r : r + rows], _t(plain_ops[1], i, slices)
-                )
+            if with_plain:
+                a = scores(q_f, k_f, i, r, s)
                 torch.bmm(torch.softmax(a, dim=-1), vc, out=plain[i : i + slices, r : r + rows])
             acc = None
-            for lf, rf in corr_ops:
-                a = torch.bmm(lf[i : i + slices, r : r + rows], _t(rf, i, slices))
-                p_t = torch.softmax(a, dim=-1)
+            for x, alpha in corr_ops:
+                p_t = torch.softmax(scores(x, x, i, r, alpha), dim=-1)
                 acc = p_t if acc is None else acc.add_(p_t)
             torch.bmm(acc, vc, out=corr[i : i + slices, r : r + rows])
     plain_out = None if plain is None else plain.view(b, h, n, d)
