@@ -242,21 +242,24 @@ def test_reduced_decoding_in_bf16_close_to_float32(tiny_sams):
     assert ((low.float() > 0) == (ref_low > 0)).float().mean() > 0.99
 
 
-def test_reduced_image_side_is_row_major_and_float32_side_the_reference_views(tiny_sams):
-    """The bf16 decoder's image side is laid out row-major (a channel-strided side made every
-    batch's ``keys + update`` 16× slower); the float32 exact path keeps the reference's views."""
+def test_decoder_image_side_is_row_major(tiny_sams):
+    """The image side every batch adds its first update to is row-major in both precisions
+    (a channel-strided side made each bf16 batch's ``keys + update`` 16× slower); the float32
+    side holds the same values as the reference's view."""
     from zsdense.models import sam_proposals as SP
 
     s32, s16 = tiny_sams
     emb = torch.randn(1, 256, 64, 64, generator=torch.Generator().manual_seed(8))
     red = SP.decoder_for(s16)
     side = SP.decoder_image_side(red, emb)
-    assert side.keys.dtype == BF16
-    assert side.keys.is_contiguous() and side.key_pe.is_contiguous()
     exact = SP.decoder_image_side(s32.model, emb)
-    assert exact.keys.stride() == (emb[0].numel(), 1, emb.shape[2] * emb.shape[3])  # a view
-    no_mask = (s.model.prompt_encoder.no_mask_embed.weight for s in (s16, s32))
-    if torch.equal(*no_mask):  # the same tiny weights: the same values, another layout
+    assert side.keys.dtype == BF16 and exact.keys.dtype == torch.float32
+    for sd in (side, exact):
+        assert sd.keys.is_contiguous() and sd.key_pe.is_contiguous()
+    no_mask = s32.model.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+    assert torch.equal(exact.keys, (emb + no_mask).flatten(2).transpose(1, 2))
+    no_mask16 = (s.model.prompt_encoder.no_mask_embed.weight for s in (s16, s32))
+    if torch.equal(*no_mask16):  # the same tiny weights: the same values, cast
         assert torch.equal(side.keys, exact.keys.to(BF16))
 
 
