@@ -206,15 +206,22 @@ def bench_preset(
 
 
 TARGET = 1.15
+MARGIN = 0.05
 MAX_REPEATS = 25
 
 
+def limit(r: dict) -> float:
+    """This round's rule: max(1.15, FLOP ratio) + 0.05 (a preset that does more arithmetic
+    than its encoders has that ratio as its floor)."""
+    return max(TARGET, r["flop_ratio"]) + MARGIN
+
+
 def target(r: dict) -> str:
-    """``met`` when the ratio is at most 1.15, or at most the FLOP ratio (the preset does that
-    much more arithmetic than its encoders: its floor); else ``missed``."""
-    if r["ratio"] <= TARGET:
+    """``met`` when the ratio is within :func:`limit`; ``met (FLOP floor)`` when only the
+    FLOP ratio's floor brings it there; else ``missed``."""
+    if r["ratio"] <= TARGET + MARGIN:
         return "met"
-    if r["ratio"] <= r["flop_ratio"]:
+    if r["ratio"] <= limit(r):
         return "met (FLOP floor)"
     return "missed"
 
@@ -371,7 +378,7 @@ def main(argv=None) -> int:
         print()
         print(
             "| preset | pipeline s/img | bare encoders s/img | ratio | GFLOP pipeline / bare "
-            "| FLOP ratio | target | non-matrix / bare (bare's own) | peak MB | precision "
+            "| FLOP ratio | target (limit) | non-matrix / bare (bare's own) | peak MB | precision "
             "| note |"
         )
         print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -379,7 +386,8 @@ def main(argv=None) -> int:
             print(
                 f"| `{r['name']}` | {r['pipeline']:.2f} | {r['bare']:.2f} | {r['ratio']:.2f} | "
                 f"{r['gflop_pipeline']:.1f} / {r['gflop_bare']:.1f} | {r['flop_ratio']:.2f} | "
-                f"{target(r)} | {r['nonmatrix']:.3f} ({r['nonmatrix_bare']:.3f}) | "
+                f"{target(r)} ({limit(r):.2f}) | "
+                f"{r['nonmatrix']:.3f} ({r['nonmatrix_bare']:.3f}) | "
                 f"{r['peak_mb']:.0f} | {r['precision']} | {r['note']} |"
             )
     if tp_rows:

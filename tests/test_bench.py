@@ -64,8 +64,12 @@ def test_profile_by_op_splits_matrix_from_other_work(bench_modules):
 def test_target_rule(bench_modules):
     _, bench_all = bench_modules
     assert bench_all.target(dict(ratio=1.10, flop_ratio=1.0)) == "met"
+    assert bench_all.target(dict(ratio=1.20, flop_ratio=1.0)) == "met"  # 1.15 + 0.05
+    assert bench_all.target(dict(ratio=1.21, flop_ratio=1.12)) == "missed"
     assert bench_all.target(dict(ratio=1.30, flop_ratio=1.40)) == "met (FLOP floor)"
-    assert bench_all.target(dict(ratio=1.30, flop_ratio=1.20)) == "missed"
+    assert bench_all.target(dict(ratio=1.25, flop_ratio=1.21)) == "met (FLOP floor)"
+    assert bench_all.target(dict(ratio=1.27, flop_ratio=1.21)) == "missed"
+    assert bench_all.limit(dict(flop_ratio=1.24)) == pytest.approx(1.29)
 
 
 def test_bench_all_runs_on_tiny_models(bench_modules, capsys):
