@@ -414,6 +414,9 @@ def test_ctrl_c_finishes_the_batch_then_raises_eval_interrupted(tmp_path):
     seg = Segmenter(models="tiny", batch_size=2)
     quiet = dict(progress=False, log=lambda m: None)
     seen: list = []
+    # whatever the process had (Python's default handler; SIG_IGN when started in the
+    # background by a shell): the engine must put it back
+    before = signal.getsignal(signal.SIGINT)
 
     def ctrl_c_once(record: dict) -> None:
         if not seen:
@@ -433,7 +436,7 @@ def test_ctrl_c_finishes_the_batch_then_raises_eval_interrupted(tmp_path):
     # the first record is written (in the writer thread) while the second batch computes:
     # that batch, the current one, is finished and written, nothing more is started
     assert err.value.exit_code == 130 and len(seen) == 4
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is before  # handler restored
     rest: list = []
     table = evaluate_anomaly(
         data, tmp_path / "o", seg, preset="stub", task=_gray_head(rest), **quiet
