@@ -387,7 +387,7 @@ def test_float_maps_are_written_uncompressed_unless_asked(tmp_path):
 
 
 @pytest.mark.parametrize("exact", [True, False])
-def test_model_input_makes_the_8bit_picture_once_for_every_head(exact):
+def test_model_input_makes_the_8bit_picture_once_for_every_head(exact, monkeypatch):
     """model_input rounds an 8-bit-representable image once per context (``exact_u8``) and
     leaves it as ``image_u8`` for SAM and the other heads; the model input is unchanged."""
     from zsdense.context import ImageContext
@@ -398,7 +398,14 @@ def test_model_input_makes_the_8bit_picture_once_for_every_head(exact):
     u8 = rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)
     photo = ImageContext(image=u8.astype(np.float32) / np.float32(255.0))
     floats = ImageContext(image=rng.random((60, 80, 3), dtype=np.float32))  # not 8-bit
+    from zsdense.models import clip as clip_mod
+
+    calls: list = []
+    real = clip_mod.eight_bit
+    monkeypatch.setattr(clip_mod, "eight_bit", lambda im: calls.append(1) or real(im))
     x = model_input([photo, floats], 32, "cpu", exact=exact)
+    assert len(calls) == 2  # once per image, the float one included
+    monkeypatch.setattr(clip_mod, "eight_bit", real)
     ref = preprocess_images([photo.image, floats.image], 32, exact=exact)
     assert torch.equal(x, ref)
     assert np.array_equal(photo.cache["_u8"], u8) and photo.exact_u8 is photo.image_u8

@@ -476,8 +476,9 @@ def preprocess_images(
     against 2.45 ms for a 480×640 photo), within 2/255 of PIL's values on under 1 % of the
     pixels, which bf16's own rounding of the input (1/256 relative) already exceeds.
 
-    ``u8s``: per image, its :func:`eight_bit` picture when the caller has it (an image
-    context's :attr:`~zsdense.context.ImageContext.exact_u8`), None to compute it here.
+    ``u8s``: per image, what :func:`eight_bit` gives for it (its uint8 picture, or None for an
+    image that is not 8-bit), when the caller already has it (an image context's
+    :attr:`~zsdense.context.ImageContext.exact_u8`); omitted, it is computed here.
     """
     from PIL import Image
 
@@ -487,7 +488,7 @@ def preprocess_images(
     ]
     out = np.empty((len(images), 3, h, w), dtype=np.float32)
     for i, img in enumerate(images):
-        u8 = u8s[i] if u8s is not None and u8s[i] is not None else eight_bit(img)
+        u8 = u8s[i] if u8s is not None else eight_bit(img)
         if u8 is not None:
             if not exact and interpolation != "nearest":
                 out[i] = _torch_resize_u8(u8, (h, w), interpolation)

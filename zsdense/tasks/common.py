@@ -42,7 +42,7 @@ def model_input(
         interpolation=interpolation,
         device=device,
         exact=exact,
-        u8s=[c.exact_u8 for c in ctxs],  # made once per image, kept for SAM and the outputs
+        u8s=[c.exact_u8 for c in ctxs],  # decided once per image; the uint8 picture stays for SAM
     )
 
 
