@@ -326,3 +326,23 @@ def test_run_musc_on_disk_bit_identical_to_in_memory_and_removes_files(
         run_musc(tiny_seg, cfg, tiny_seg.contexts(imgs), cache_dir=tmp_path)
     assert len(seen) == len(info_mem["layers"]) and all(s.startswith("tokens-") for s in seen)
     assert _musc_dirs(tmp_path) == []
+
+
+def test_lnamd_sets_layernorm_once_equals_each_r_alone(tmp_path, monkeypatch):
+    from zsdense.tasks import musc_scoring as ms
+
+    g = torch.Generator().manual_seed(3)
+    grid = (3, 5)
+    tok = torch.randn(5, 15, 6, generator=g) * 2 + 0.5
+    want = [ms.layer_features(tok, grid, r) for r in (1, 3, 5)]
+    calls = []
+    real_ln = ms.F.layer_norm
+    monkeypatch.setattr(ms.F, "layer_norm", lambda *a, **k: calls.append(1) or real_ln(*a, **k))
+    got = ms.lnamd_sets(tok, grid, (1, 3, 5), chunk=2)
+    assert len(calls) == 3  # one LayerNorm per chunk of images (5 images, chunks of 2), all r
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    outs = [DiskStack(tmp_path / f"r{r}.f32", tok.shape) for r in (1, 3, 5)]
+    assert ms.lnamd_sets(tok, grid, (1, 3, 5), chunk=2, outs=outs) == outs
+    assert all(torch.equal(o.read(0, 5), w) for o, w in zip(outs, want))
+    with pytest.raises(ValueError, match="2 outputs for 3 values of r"):
+        ms.lnamd_sets(tok, grid, (1, 3, 5), outs=outs[:2])
