@@ -286,10 +286,30 @@ def test_run_musc_on_disk_bit_identical_to_in_memory_and_removes_files(
     cfg = resolve_preset("musc", image_size=SIZE)
     mem_ctxs = tiny_seg.contexts(imgs)
     maps_mem, scores_mem, info_mem = run_musc(tiny_seg, cfg, mem_ctxs, in_memory=True)
-    disk_ctxs = tiny_seg.contexts(imgs)
-    maps_disk, scores_disk, info_disk = run_musc(tiny_seg, cfg, disk_ctxs, cache_dir=tmp_path)
-    assert torch.equal(maps_disk, maps_mem) and torch.equal(scores_disk, scores_mem)
-    assert info_disk == info_mem
+    # a small set, left to choose (the default): its tokens stay in RAM, no directory is made
+    made = []
+    real_tmp = musc_mod.tempfile.TemporaryDirectory
+    monkeypatch.setattr(
+        musc_mod.tempfile,
+        "TemporaryDirectory",
+        lambda *a, **k: made.append(1) or real_tmp(*a, **k),
+    )
+    ram_ctxs = tiny_seg.contexts(imgs)
+    maps_ram, scores_ram, info_ram = run_musc(tiny_seg, cfg, ram_ctxs, cache_dir=tmp_path)
+    assert made == [] and _musc_dirs(tmp_path) == []
+    assert torch.equal(maps_ram, maps_mem) and torch.equal(scores_ram, scores_mem)
+    assert info_ram == info_mem
+    # the same set over the size limit, and a set told to spill: both go through files
+    for limit, flag in ((0, None), (musc_mod.SPILL_BYTES, False)):
+        monkeypatch.setattr(musc_mod, "SPILL_BYTES", limit)
+        disk_ctxs = tiny_seg.contexts(imgs)
+        maps_disk, scores_disk, info_disk = run_musc(
+            tiny_seg, cfg, disk_ctxs, cache_dir=tmp_path, in_memory=flag
+        )
+        assert torch.equal(maps_disk, maps_mem) and torch.equal(scores_disk, scores_mem)
+        assert info_disk == info_mem
+    assert len(made) == 2
+    monkeypatch.setattr(musc_mod, "SPILL_BYTES", 0)
 
     # the in-memory run kept the tokens in the contexts, the on-disk run did not
     def has_tokens(c):

@@ -16,8 +16,9 @@ its own outputs in ``shared/fixtures/musc``):
    (M·N)² distance matrix. The result does not depend on the order of the images.
    **Memory independent of M**: :func:`run_musc` writes each layer's tokens to a file
    (:class:`DiskStack`, in a temporary directory under ``cache_dir`` / ``TMPDIR``, removed at the
-   end) as the encoder batches finish; LNAMD goes chunk by chunk to a file per (layer, r) and the
-   distances read it back in blocks, so RAM holds the table slice (≤ ``TABLE_BYTES``, plus about
+   end) as the encoder batches finish, once they exceed :data:`SPILL_BYTES` (smaller sets stay in
+   RAM); LNAMD goes chunk by chunk to a file per (layer, r) and the distances read it back in
+   blocks, so RAM holds the table slice (≤ ``TABLE_BYTES``, plus about
    as much for its top-k), ``GROUP_BYTES`` of query blocks, one product block and one LNAMD
    chunk: a bound that does not depend on M (below it the table grows as M²·N until it is
    sliced). Bit-identical to the in-memory path (``in_memory=True``): the same products on the
@@ -36,6 +37,7 @@ NaN. The reference's ``divide_num`` grouping is not offered: the category is one
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -81,6 +83,7 @@ __all__ = [
     "GROUP_BYTES",
     "RSCIN_K_DEFAULT",
     "RSCIN_K_LISTS",
+    "SPILL_BYTES",
     "TABLE_BYTES",
     "DiskStack",
     "FeatureSet",
@@ -144,20 +147,23 @@ def run_musc(
     dataset: str | None = None,
     *,
     cache_dir: str | os.PathLike | None = None,
-    in_memory: bool = False,
+    in_memory: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Maps (M, S, S) float32 at the input size and image scores (M,) for one category's set.
 
     ``dataset`` picks the RsCIN k-list as the reference does (``visa`` -> 1,8,9; otherwise
     1,2,3) unless the preset's ``musc_k`` is set.
 
-    By default the per-layer patch tokens are written, as each encoder batch finishes, to one
-    file per layer in a temporary directory under ``cache_dir`` (default: the system temp dir,
-    ``TMPDIR``), and LNAMD and the distances are computed from there chunk by chunk, so the
-    memory does not grow with the number of images (the files take 4 × M × N × C × 4 bytes of
-    disk, plus one layer's LNAMD features at a time). The directory is removed at the end, also
-    after an error. ``in_memory=True`` keeps the tokens in the contexts' cache instead (reused
-    by a later call on the same contexts); both give bit-identical results. Tokens cached by an
+    The per-layer patch tokens are gathered as each encoder batch finishes. A set whose tokens
+    exceed :data:`SPILL_BYTES` (512 MiB; ``in_memory=None``, the default), or any set with
+    ``in_memory=False``, has them written to one file per layer in a temporary directory under
+    ``cache_dir`` (default: the system temp dir, ``TMPDIR``), and LNAMD and the distances are
+    computed from there chunk by chunk, so the memory does not grow with the number of images
+    (the files take 4 × M × N × C × 4 bytes of disk, plus one layer's LNAMD features per r at a
+    time). The directory is removed at the end, also after an error. A smaller set keeps them
+    in RAM for the call (writing and reading them back cost about 8 % of the encoders on a
+    6-image ViT-B/16 set). ``in_memory=True`` keeps the tokens in the contexts' cache (reused
+    by a later call on the same contexts). All three give bit-identical results. Tokens cached by an
     earlier call are used as they are: where they cover part of an encoder batch, the rest of
     that batch is encoded as a smaller batch, whose matrix products can differ in the last bits
     on some CPUs and thread counts (measured 2.3e-10 on the image scores).
@@ -177,8 +183,11 @@ def run_musc(
     def features(cs: list) -> list[dict]:
         return _backbone_features(rt, cfg, cs, cfg.musc_layers)
 
-    score = _score_in_memory if in_memory else _score_on_disk
-    patch, grid, info, embeds = score(rt, cfg, ctxs, key, features, cache_dir)
+    if in_memory:
+        patch, grid, info, embeds = _score_in_memory(rt, cfg, ctxs, key, features)
+    else:
+        spill = None if in_memory is None else True
+        patch, grid, info, embeds = _score_streamed(rt, cfg, ctxs, key, features, cache_dir, spill)
     maps64 = upsample_aligned(patch, grid, cfg.image_size)  # (M, S, S) float64
     if cfg.sigma and cfg.sigma > 0:
         from zsdense.dense.smoothing import smooth_maps
@@ -211,10 +220,10 @@ def _k_list(cfg: AnomalyPreset, dataset: str | None, m: int) -> tuple[int, ...]:
 
 
 def _score_in_memory(
-    rt: Any, cfg: AnomalyPreset, ctxs: list, key: tuple, features: Features, cache_dir: Any
+    rt: Any, cfg: AnomalyPreset, ctxs: list, key: tuple, features: Features
 ) -> tuple[torch.Tensor, tuple[int, int], dict, torch.Tensor]:
     """(patch scores, grid, info, RsCIN embeddings) with the tokens kept in the contexts'
-    cache (``cache_dir`` unused)."""
+    cache."""
     bs = int(rt.config.batch_size)
     feats: list[dict] = []
     for i in range(0, len(ctxs), bs):
@@ -232,44 +241,83 @@ def _score_in_memory(
     return patch, grid, info, embeds
 
 
-def _score_on_disk(
-    rt: Any, cfg: AnomalyPreset, ctxs: list, key: tuple, features: Features, cache_dir: Any
+def _score_streamed(
+    rt: Any,
+    cfg: AnomalyPreset,
+    ctxs: list,
+    key: tuple,
+    features: Features,
+    cache_dir: Any,
+    spill: bool | None,
 ) -> tuple[torch.Tensor, tuple[int, int], dict, torch.Tensor]:
-    """(patch scores, grid, info, RsCIN embeddings) with the tokens in one file per layer in
-    a temporary directory under ``cache_dir``, removed at the end (also after an error)."""
-    if cache_dir is not None:
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="zsdense-musc-", dir=cache_dir) as tmp:
+    """(patch scores, grid, info, RsCIN embeddings) with the tokens gathered per layer as the
+    encoder batches finish: in one file per layer in a temporary directory under ``cache_dir``
+    (removed at the end, also after an error) when ``spill`` is true, or when it is None and
+    they exceed :data:`SPILL_BYTES`; else in RAM for this call only."""
+    with contextlib.ExitStack() as cleanup:
+
+        def spill_dir() -> Path:
+            if cache_dir is not None:
+                Path(cache_dir).mkdir(parents=True, exist_ok=True)
+            tmp = tempfile.TemporaryDirectory(prefix="zsdense-musc-", dir=cache_dir)
+            return Path(cleanup.enter_context(tmp))
+
         bs = int(rt.config.batch_size)
-        stacks, grid, info, embeds = _spill_tokens(ctxs, key, features, bs, Path(tmp))
+        stores, grid, info, embeds = _gather_tokens(ctxs, key, features, bs, spill_dir, spill)
         with rt.autocast():  # the distance products at the runtime's precision
             patch = musc_patch_scores(
-                list(stacks.values()), grid, cfg.musc_r, cfg.musc_topmin, device=rt.device
+                list(stores.values()), grid, cfg.musc_r, cfg.musc_topmin, device=rt.device
             )
     return patch, grid, info, embeds
 
 
-def _spill_tokens(
-    ctxs: list, key: tuple, features: Features, bs: int, tmp: Path
-) -> tuple[dict[int, DiskStack], tuple[int, int], dict, torch.Tensor]:
-    """Encode ``bs`` images at a time and write each layer's tokens to its :class:`DiskStack`
-    in ``tmp``; (stacks by layer, grid, info, RsCIN embeddings)."""
+# Above this many bytes of tokens (all layers, float32) a set's tokens go to disk when
+# ``run_musc`` is left to choose: 22 ViT-L/14 images at 518 px (4 layers of 1369 × 1024), 213
+# ViT-B/16 images at 224. In RAM the peak adds one layer's LNAMD features per r (3/4 of this).
+SPILL_BYTES = 512 << 20
+
+
+def _gather_tokens(
+    ctxs: list,
+    key: tuple,
+    features: Features,
+    bs: int,
+    spill_dir: Callable[[], Path],
+    spill: bool | None,
+) -> tuple[dict[int, FeatureSet], tuple[int, int], dict, torch.Tensor]:
+    """Encode ``bs`` images at a time and put each layer's tokens in its (M, N, C) store: a
+    :class:`DiskStack` in ``spill_dir()`` or a tensor (see :func:`_score_streamed`), chosen once
+    the first batch shows the token shapes; (stores by layer, grid, info, RsCIN embeddings)."""
     m = len(ctxs)
-    stacks: dict[int, DiskStack] = {}
+    stores: dict[int, FeatureSet] = {}
     embed_list: list[torch.Tensor] = []
     for i in range(0, m, bs):
         batch = ctxs[i : i + bs]
         missing = [c for c in batch if key not in c.cache]
         fresh = iter(features(missing) if missing else [])
-        # cached features are used as they are; new ones are not cached (they go to disk)
+        # cached features are used as they are; new ones are not cached (they go to the stores)
         for f in (c.cache[key] if key in c.cache else next(fresh) for c in batch):
-            if not stacks:
+            if not stores:
                 grid, info = f["grid"], dict(f["info"])
-                for li, layer in enumerate(info["layers"]):
-                    t = f["tokens"][layer]
-                    shape = (m, int(t.shape[0]), int(t.shape[1]))
-                    stacks[layer] = DiskStack(tmp / f"tokens-{li}.f32", shape)
-            for layer, st in stacks.items():
-                st.write(len(embed_list), f["tokens"][layer].unsqueeze(0))
+                shapes = {
+                    layer: (m, int(f["tokens"][layer].shape[0]), int(f["tokens"][layer].shape[1]))
+                    for layer in info["layers"]
+                }
+                total = sum(4 * a * b * c for a, b, c in shapes.values())
+                to_disk = total > SPILL_BYTES if spill is None else spill
+                where = spill_dir() if to_disk else None
+                for li, (layer, shape) in enumerate(shapes.items()):
+                    stores[layer] = (
+                        DiskStack(where / f"tokens-{li}.f32", shape)
+                        if where is not None
+                        else torch.empty(shape, dtype=torch.float32)
+                    )
+            j = len(embed_list)
+            for layer, st in stores.items():
+                t = f["tokens"][layer]
+                if isinstance(st, DiskStack):
+                    st.write(j, t.unsqueeze(0))
+                else:
+                    st[j] = t
             embed_list.append(f["embed"])
-    return stacks, grid, info, torch.stack(embed_list)
+    return stores, grid, info, torch.stack(embed_list)
