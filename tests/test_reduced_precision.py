@@ -150,6 +150,24 @@ def test_dual_attention_bf16_materialised_close_to_float64(attn_type):
     assert torch.equal(c_only, c)
 
 
+def test_dual_attention_plain_rows_only_in_the_materialised_path():
+    """bf16 on the CPU computes only the requested rows of the plain attention (Crane's last
+    block reads its class token); float32 returns every row, the same bits as without."""
+    from zsdense.dense.attention import dual_attention_heads
+
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, 3, 29, 16, generator=g) for _ in range(3))
+    full_p, full_c = dual_attention_heads(q.to(BF16), k.to(BF16), v.to(BF16))
+    p, c = dual_attention_heads(q.to(BF16), k.to(BF16), v.to(BF16), plain_rows=1)
+    assert p.shape == (2, 3, 1, 16) and torch.equal(c, full_c)
+    ref_p, _ = dual_attention_heads(q.double(), k.double(), v.double())
+    assert (p.double() - ref_p[:, :, :1]).abs().max() < 0.05 * ref_p.abs().max()
+    assert (p.float() - full_p[:, :, :1].float()).abs().max() < 0.02
+    p32, c32 = dual_attention_heads(q, k, v, plain_rows=1)
+    want_p, want_c = dual_attention_heads(q, k, v)
+    assert torch.equal(p32, want_p) and torch.equal(c32, want_c)
+
+
 def test_dual_attention_chunking_does_not_change_the_result(monkeypatch):
     """Whole heads per chunk, one head per chunk, and blocks of rows of one head agree."""
     from zsdense.dense import attention as A

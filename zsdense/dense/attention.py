@@ -116,8 +116,13 @@ def dual_attention_heads(
     attn_type: str = "qq+kk+vv",
     *,
     with_plain: bool = True,
+    plain_rows: int | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """(plain ``softmax(s·qkᵀ)·v``, E-Attn ``A·v``), each (B, H, N, d), without forming N×N.
+
+    ``plain_rows``: only the first rows of the plain attention are needed (Crane's last block
+    uses the class token's); the materialised path below then computes and returns only those
+    (B, H, plain_rows, d), the fused path still returns all rows (the same bits as ever).
 
     ``A·v = Σ_t softmax(s·x_t x_tᵀ)·v`` is evaluated as a sum of fused scaled-dot-product
     attentions ``sdpa(x_t, x_t, v)`` (linearity of the product in A), one call per term on the
@@ -135,6 +140,9 @@ def dual_attention_heads(
     """
     terms = correlation_terms(attn_type)
     if q_bhnd.device.type == "cpu" and q_bhnd.dtype in MATERIALISE_DTYPES:
+        if with_plain and plain_rows is not None and plain_rows < q_bhnd.shape[2]:
+            _, corr = _dual_attention_materialised(q_bhnd, k_bhnd, v_bhnd, terms, False)
+            return _plain_rows(q_bhnd, k_bhnd, v_bhnd, int(plain_rows)), corr
         return _dual_attention_materialised(q_bhnd, k_bhnd, v_bhnd, terms, with_plain)
     if terms == ("qkv",):
         x = torch.cat([q_bhnd, k_bhnd, v_bhnd], dim=-1)
@@ -218,6 +226,16 @@ def _dual_attention_materialised(
             torch.bmm(acc, vc, out=corr[i : i + slices, r : r + rows])
     plain_out = None if plain is None else plain.view(b, h, n, d)
     return plain_out, corr.view(b, h, n, d)
+
+
+def _plain_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: int) -> torch.Tensor:
+    """The plain attention of the first ``rows`` queries only, materialised: (B, H, rows, d)."""
+    b, h, n, d = q.shape
+    qr = q[:, :, :rows].reshape(b * h, rows, d)
+    kt = k.reshape(b * h, n, d).transpose(1, 2)
+    ignored = torch.empty((), dtype=q.dtype, device=q.device)
+    p = torch.softmax(torch.baddbmm(ignored, qr, kt, beta=0.0, alpha=d**-0.5), dim=-1)
+    return torch.bmm(p, v.reshape(b * h, n, d)).view(b, h, rows, d)
 
 
 def _t(x: torch.Tensor, i: int, slices: int) -> torch.Tensor:

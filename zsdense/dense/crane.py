@@ -138,11 +138,17 @@ def eattn_dual_path(
         last = i == n_layers - 1
         x_ln = bw.ln_1(o)
         q, k, v = qkv_heads(bw, x_ln)  # (B, H, 1+N, d)
-        plain, corr = dual_attention_heads(q, k, v, attn_type)  # each (B, H, 1+N, d)
+        # the last block's original stream is only read at its class token (unless kept):
+        # the materialised (bf16 CPU) attention then computes that row alone
+        cls_only = last and not keep_last_inputs and not keep_streams
+        plain, corr = dual_attention_heads(
+            q, k, v, attn_type, plain_rows=1 if cls_only else None
+        )  # each (B, H, 1+N, d); plain (B, H, 1, d) where only the class row was computed
         attn_o = out_proj(bw, merge_heads(plain))
         r = r + out_proj(bw, merge_heads(corr))
+        rows = plain.shape[2]
         del plain, corr
-        o_mid = o + _layer_scale(mod, "ls_1")(attn_o)
+        o_mid = (o if rows == o.shape[1] else o[:, :rows]) + _layer_scale(mod, "ls_1")(attn_o)
         if last and keep_last_inputs:
             out.last_in, out.last_mid = clip.strip_registers(o), clip.strip_registers(o_mid)
         if last and not keep_streams:
