@@ -439,3 +439,45 @@ def test_to_float_rgb_arrays_and_pil() -> None:
 def test_supported_extensions_listed() -> None:
     for ext in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".nii", ".nii.gz"):
         assert ext in SUPPORTED_EXTENSIONS
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "LA", "RGBA", "P", "1", "I;16"])
+def test_decoded_uint8_pixels_are_what_eight_bit_gives(tmp_path, mode):
+    """An 8-bit file's record carries its uint8 pixels (the channel rule applied), exactly what
+    ``eight_bit`` recovers from the floats; other depths carry none. The engine's context then
+    knows them without converting."""
+    from PIL import Image
+
+    from zsdense.engine.inputs import read_units
+    from zsdense.io.manifest import WorkItem
+    from zsdense.io.readers import read_image
+    from zsdense.models.clip import eight_bit
+
+    rng = np.random.default_rng(4)
+    rgb = rng.integers(0, 256, (9, 11, 3), dtype=np.uint8)
+    if mode == "I;16":
+        im = Image.fromarray(rng.integers(0, 65536, (9, 11), dtype=np.uint16))
+    elif mode == "P":
+        im = Image.fromarray(rgb).quantize(16)
+    else:
+        im = Image.fromarray(rgb).convert(mode)
+    path = tmp_path / "a.png"
+    im.save(path)
+    rec = read_image(path)
+    want = eight_bit(rec.image)
+    if mode == "I;16":
+        assert rec.u8 is None
+        return
+    assert rec.u8 is not None and rec.u8.dtype == np.uint8 and np.array_equal(rec.u8, want)
+    from pathlib import PurePosixPath
+
+    [(_, ctx)] = read_units(WorkItem(key="a", path=path, rel=PurePosixPath("a.png")), None)
+    assert ctx.known_u8 is rec.u8 or np.array_equal(ctx.known_u8, want)
+    assert np.array_equal(ctx.exact_u8, want) and np.array_equal(ctx.image_u8, want)
+
+
+def test_every_uint8_value_survives_the_float_round_trip():
+    from zsdense.models.clip import eight_bit
+
+    v = np.arange(256, dtype=np.uint8)
+    assert np.array_equal(eight_bit(v.astype(np.float32) / np.float32(255.0)), v)

@@ -323,3 +323,12 @@ def test_ci_installs_the_browser():
     text = ci.read_text()
     assert "chromium-driver" in text and "command -v apt-get" in text
     assert os.access(ci, os.X_OK)
+
+
+def test_view_of_an_8_bit_picture_equals_the_view_of_its_floats():
+    """The engine hands ``make_view`` the context's uint8 pixels when it knows them: the same
+    thumbnail bytes as from the float image they were divided into."""
+    rng = np.random.default_rng(6)
+    amap = rng.random((150, 230), np.float32)
+    u8 = rng.integers(0, 256, (150, 230, 3), dtype=np.uint8)
+    assert make_view(amap, u8) == make_view(amap, u8.astype(np.float32) / np.float32(255.0))

@@ -52,6 +52,26 @@ class ImageContext:
                 self.cache.setdefault("_u8", u8)
         return self.cache["_u8_exact"]
 
+    @property
+    def known_u8(self) -> np.ndarray | None:
+        """:attr:`exact_u8` when it is known already (decoded, or found by an earlier head),
+        else None; never computes it."""
+        return self.cache.get("_u8_exact")
+
+    def decoded_u8(self, u8: np.ndarray | None) -> ImageContext:
+        """Record the uint8 pixels the image was decoded from (``image == u8 / 255``, an 8-bit
+        file; None: nothing to record), so that :attr:`exact_u8` and :attr:`image_u8` need not
+        recover them from the floats: they are the pixels ``eight_bit`` would give back."""
+        if u8 is not None:
+            if u8.dtype != np.uint8 or u8.shape != self.image.shape:
+                raise ValueError(
+                    f"decoded pixels {u8.dtype} {u8.shape} do not match the image "
+                    f"{self.image.shape}"
+                )
+            self.cache["_u8_exact"] = u8
+            self.cache["_u8"] = u8
+        return self
+
     def get(self, key: Hashable, compute: Callable[[], Any]) -> Any:
         """The cached value for ``key``, computing (and counting) it on first use."""
         if key not in self.cache:

@@ -96,7 +96,8 @@ def read_units(item: WorkItem, max_pixels: int | None) -> list[tuple[str, ImageC
     records = read_image_records(item.path, max_pixels=max_pixels)
     out: list[tuple[str, ImageContext]] = []
     for rec in records:
-        out.append((rec.suffix, ImageContext(image=rec.image, meta=dict(rec.meta))))
+        ctx = ImageContext(image=rec.image, meta=dict(rec.meta)).decoded_u8(rec.u8)
+        out.append((rec.suffix, ctx))
     if not out:
         raise InputError(item.path, "the file holds no image")
     return out

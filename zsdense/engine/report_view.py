@@ -100,7 +100,8 @@ def code_threshold(lo: float, hi: float, t: float) -> int:
 
 
 def make_view(amap: np.ndarray, image: np.ndarray | None = None) -> dict:
-    """The embedded view of one map (and its image): see the module docstring."""
+    """The embedded view of one map (and its image: float in [0, 1], or its uint8 pixels):
+    see the module docstring."""
     from PIL import Image
 
     a = np.asarray(amap, dtype=np.float32)
@@ -144,11 +145,14 @@ def make_view(amap: np.ndarray, image: np.ndarray | None = None) -> dict:
         img = _decimate(img, h, w)[:, :, :3]
         if img.shape[2] == 1:
             img = np.repeat(img, 3, axis=2)
-        # one new array, scaled and rounded in place (the dtype the expression would have)
-        f = np.clip(img, 0, 1).astype(np.result_type(img.dtype, np.float32), copy=False)
-        f *= 255
-        f += 0.5
-        rgb = f.astype(np.uint8)
+        if img.dtype == np.uint8:  # an 8-bit picture (u8 / 255 is the float image): as is
+            rgb = img
+        else:
+            # one new array, scaled and rounded in place (the dtype the expression would have)
+            f = np.clip(img, 0, 1).astype(np.result_type(img.dtype, np.float32), copy=False)
+            f *= 255
+            f += 0.5
+            rgb = f.astype(np.uint8)
         pil = Image.fromarray(np.ascontiguousarray(rgb)).resize((w, h), Image.Resampling.BOX)
         buf = io.BytesIO()
         pil.save(buf, format="JPEG", quality=80)

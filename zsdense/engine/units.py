@@ -206,7 +206,8 @@ def _store_view(out_dir, key, task_name, got, results, task, i, ctx) -> None:
         return
     try:
         rel = _stringify_paths(map_path, out_dir)
-        store_view(out_dir, key, task_name, rel, amap, ctx.image)
+        picture = ctx.known_u8  # the same pixels as the floats give, without converting them
+        store_view(out_dir, key, task_name, rel, amap, ctx.image if picture is None else picture)
     except Exception as exc:  # noqa: BLE001 - the report makes it later from the files
         log.debug("report view of %s not cached: %s", key, exc)
 

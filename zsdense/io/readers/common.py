@@ -81,6 +81,9 @@ class ImageRecord:
     image: np.ndarray  # (H, W, 3) float32 in [0, 1]
     meta: dict = field(default_factory=dict)
     suffix: str = ""
+    # (H, W, 3) uint8 with image == u8 / 255 (an 8-bit source), else None: handed to the image
+    # context, whose 8-bit paths (SAM, PIL resizes) need not recover it from the floats
+    u8: np.ndarray | None = field(default=None, repr=False)
 
 
 def digits(n: int) -> int:
@@ -143,8 +146,10 @@ def scale_array(
     raise TypeError(f"unsupported array dtype {dt}")
 
 
-def to_rgb(x: np.ndarray, warn: list[str], *, alpha: bool = True) -> tuple[np.ndarray, int]:
-    """(H, W) / (H, W, C) float -> (H, W, 3) float32; return it and the source channel count.
+def to_rgb(
+    x: np.ndarray, warn: list[str], *, alpha: bool = True, dtype: Any = np.float32
+) -> tuple[np.ndarray, int]:
+    """(H, W) / (H, W, C) float -> (H, W, 3) ``dtype``; return it and the source channel count.
 
     One rule for every format (:data:`CHANNEL_RULE`): 1 channel is replicated; 2 keep the first
     as grey; 3 are RGB; 4 keep the first three as RGB; 5 and more keep the first three as RGB.
@@ -172,7 +177,7 @@ def to_rgb(x: np.ndarray, warn: list[str], *, alpha: bool = True) -> tuple[np.nd
     else:
         warn.append(f"{ch} channels: only the first 3 are used as RGB")
         rgb = x[:, :, :3]
-    return np.ascontiguousarray(rgb, dtype=np.float32), ch
+    return np.ascontiguousarray(rgb, dtype=dtype), ch
 
 
 #: How a file's channels become RGB (README, "input formats"; recorded as meta channels_used).
@@ -224,13 +229,22 @@ def base_meta(path: Path | None, fmt: str) -> dict[str, Any]:
 
 
 def finish(
-    arr_float: np.ndarray, meta: dict, warn: list[str], suffix: str = "", *, alpha: bool = True
+    arr_float: np.ndarray,
+    meta: dict,
+    warn: list[str],
+    suffix: str = "",
+    *,
+    alpha: bool = True,
+    u8: np.ndarray | None = None,
 ) -> ImageRecord:
     """Scaled pixels -> an :class:`ImageRecord` with ``channels``, ``channels_used``,
-    ``orig_size``, ``warnings`` (``alpha``: see :func:`to_rgb`)."""
+    ``orig_size``, ``warnings`` (``alpha``: see :func:`to_rgb`). ``u8``: the uint8 pixels
+    ``arr_float`` was divided from (``/255``), given the same channel rule as the record's
+    ``u8``."""
     rgb, ch = to_rgb(arr_float, warn, alpha=alpha)
     meta["channels"] = ch
     meta["channels_used"] = channels_used(ch)
     meta["orig_size"] = [int(rgb.shape[0]), int(rgb.shape[1])]
     meta["warnings"] = list(warn)
-    return ImageRecord(image=rgb, meta=meta, suffix=suffix)
+    rgb_u8 = None if u8 is None else to_rgb(u8, [], alpha=alpha, dtype=np.uint8)[0]
+    return ImageRecord(image=rgb, meta=meta, suffix=suffix, u8=rgb_u8)

@@ -96,22 +96,27 @@ def _pil_orientation(im: Image.Image) -> int:
 
 def pil_to_float(im: Image.Image, warn: list[str], meta: dict) -> tuple[np.ndarray, str]:
     """PIL image -> (H, W[, C]) float32 in [0, 1] and the scaling used (no clipping)."""
+    return scale_array(pil_pixels(im, meta), warn)
+
+
+def pil_pixels(im: Image.Image, meta: dict) -> np.ndarray:
+    """PIL image -> its (H, W[, C]) pixel array before scaling (uint8 for 8-bit modes, alpha
+    dropped; uint16 / int32 / float32 for the 16-bit, ``I`` and ``F`` modes)."""
     mode = im.mode
     meta["mode"] = mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N"):
-        arr = np.asarray(im).astype(np.uint16)
         meta["dtype"], meta["bits"] = "uint16", 16
-        return scale_array(arr, warn)
+        return np.asarray(im).astype(np.uint16)
     if mode == "I":
         arr = np.asarray(im).astype(np.int64)
         if arr.size and arr.min() >= 0 and arr.max() <= 65535:
             meta["dtype"], meta["bits"] = "uint16", 16
-            return scale_array(arr.astype(np.uint16), warn)
+            return arr.astype(np.uint16)
         meta["dtype"], meta["bits"] = "int32", 32
-        return scale_array(arr.astype(np.int32), warn)
+        return arr.astype(np.int32)
     if mode == "F":
         meta["dtype"], meta["bits"] = "float32", 32
-        return scale_array(np.asarray(im, dtype=np.float32), warn)
+        return np.asarray(im, dtype=np.float32)
     meta["dtype"] = "bool" if mode == "1" else "uint8"
     meta["bits"] = 1 if mode == "1" else 8
     if mode in ("L", "RGB"):
@@ -135,7 +140,7 @@ def pil_to_float(im: Image.Image, warn: list[str], meta: dict) -> tuple[np.ndarr
                 meta["source"], f"cannot convert Pillow mode {mode!r} to RGB: {exc}"
             ) from exc
         arr = np.asarray(conv)[:, :, :3]
-    return scale_array(np.ascontiguousarray(arr), warn)
+    return np.ascontiguousarray(arr)
 
 
 def _png_ihdr(path: Path) -> tuple[int, int]:
@@ -174,6 +179,7 @@ def read_pil_file(path: Path, fmt: str, max_pixels: int | None) -> ImageRecord:
     meta = base_meta(path, fmt)
     try:
         orientation = 1
+        u8 = None
         _load_pil(im, path, fmt)
         orientation = _pil_orientation(im)
         arr16 = None
@@ -189,7 +195,10 @@ def read_pil_file(path: Path, fmt: str, max_pixels: int | None) -> ImageRecord:
                 arr16 = arr16[:, :, :-1]
             x, scaling = scale_array(arr16, warn)
         else:
-            x, scaling = pil_to_float(im, warn, meta)
+            raw = pil_pixels(im, meta)
+            x, scaling = scale_array(raw, warn)
+            if raw.dtype == np.uint8 and scaling == "/255":
+                u8 = raw  # x is exactly raw / 255: the picture the models' 8-bit paths want
         if getattr(im, "n_frames", 1) > 1:
             meta["frames_in_file"] = int(im.n_frames)
             warn.append(f"file holds {im.n_frames} frames; only the first is used")
@@ -198,4 +207,4 @@ def read_pil_file(path: Path, fmt: str, max_pixels: int | None) -> ImageRecord:
     meta["scaling"] = scaling
     meta["orientation"] = orientation
     x = orient(x, orientation)
-    return finish(x, meta, warn)
+    return finish(x, meta, warn, u8=None if u8 is None else orient(u8, orientation))
