@@ -140,10 +140,7 @@ def dual_attention_heads(
     """
     terms = correlation_terms(attn_type)
     if q_bhnd.device.type == "cpu" and q_bhnd.dtype in MATERIALISE_DTYPES:
-        if with_plain and plain_rows is not None and plain_rows < q_bhnd.shape[2]:
-            _, corr = _dual_attention_materialised(q_bhnd, k_bhnd, v_bhnd, terms, False)
-            return _plain_rows(q_bhnd, k_bhnd, v_bhnd, int(plain_rows)), corr
-        return _dual_attention_materialised(q_bhnd, k_bhnd, v_bhnd, terms, with_plain)
+        return _dual_attention_materialised(q_bhnd, k_bhnd, v_bhnd, terms, with_plain, plain_rows)
     if terms == ("qkv",):
         x = torch.cat([q_bhnd, k_bhnd, v_bhnd], dim=-1)
         s = q_bhnd.shape[-1] ** -0.5 / math.sqrt(3.0)
@@ -170,7 +167,12 @@ ATTN_CHUNK_BYTES = 4 << 20
 
 
 def _dual_attention_materialised(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, terms: tuple[str, ...], with_plain: bool
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    terms: tuple[str, ...],
+    with_plain: bool,
+    plain_rows: int | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """:func:`dual_attention_heads` with explicit matrix products + softmax,
     ``ATTN_CHUNK_BYTES`` of scores at a time (whole heads when they fit, else blocks of query
@@ -179,11 +181,14 @@ def _dual_attention_materialised(
     themselves (``baddbmm``'s ``alpha``, in float32 before the scores are rounded to bf16), so
     each operand is only made contiguous: the heads arrive as strided views of the qkv
     projection, and an operand in that layout (a product with it, or a reshape of it with
-    b = 1) made ``bmm`` copy it again inside, every chunk.
+    b = 1) made ``bmm`` copy it again inside, every chunk. ``plain_rows`` (fewer than N): the
+    plain attention of those first rows only, one product over every head before the chunks.
     """
     b, h, n, d = q.shape
     s = d**-0.5
     bh = b * h
+    few = with_plain and plain_rows is not None and plain_rows < n  # the first rows only
+    with_plain = with_plain and not few  # the chunks' plain attention: every row
 
     def dense(x: torch.Tensor) -> torch.Tensor:  # (b, h, n, e) -> contiguous (b·h, n, e)
         out = torch.empty((b, h, n, x.shape[-1]), dtype=x.dtype, device=x.device)
@@ -208,6 +213,10 @@ def _dual_attention_materialised(
     plain = torch.empty(bh, n, d, dtype=v.dtype, device=v.device) if with_plain else None
     corr = torch.empty(bh, n, d, dtype=v.dtype, device=v.device)
     ignored = torch.empty((), dtype=q.dtype, device=q.device)  # baddbmm's input at beta = 0
+    if few:  # a few rows of the plain attention, all heads in one product, before the chunks
+        rows_p = int(plain_rows)
+        sp = torch.baddbmm(ignored, q_f[:, :rows_p], k_f.transpose(1, 2), beta=0.0, alpha=s)
+        plain = torch.bmm(torch.softmax(sp, dim=-1), v_f)
 
     def scores(left: torch.Tensor, right: torch.Tensor, i: int, r: int, alpha: float):
         lc, rc = left[i : i + slices, r : r + rows], _t(right, i, slices)
@@ -224,18 +233,8 @@ def _dual_attention_materialised(
                 p_t = torch.softmax(scores(x, x, i, r, alpha), dim=-1)
                 acc = p_t if acc is None else acc.add_(p_t)
             torch.bmm(acc, vc, out=corr[i : i + slices, r : r + rows])
-    plain_out = None if plain is None else plain.view(b, h, n, d)
+    plain_out = None if plain is None else plain.view(b, h, -1, d)
     return plain_out, corr.view(b, h, n, d)
-
-
-def _plain_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: int) -> torch.Tensor:
-    """The plain attention of the first ``rows`` queries only, materialised: (B, H, rows, d)."""
-    b, h, n, d = q.shape
-    qr = q[:, :, :rows].reshape(b * h, rows, d)
-    kt = k.reshape(b * h, n, d).transpose(1, 2)
-    ignored = torch.empty((), dtype=q.dtype, device=q.device)
-    p = torch.softmax(torch.baddbmm(ignored, qr, kt, beta=0.0, alpha=d**-0.5), dim=-1)
-    return torch.bmm(p, v.reshape(b * h, n, d)).view(b, h, rows, d)
 
 
 def _t(x: torch.Tensor, i: int, slices: int) -> torch.Tensor:
