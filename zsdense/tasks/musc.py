@@ -161,7 +161,7 @@ def run_musc(
     computed from there chunk by chunk, so the memory does not grow with the number of images
     (the files take 4 × M × N × C × 4 bytes of disk, plus one layer's LNAMD features per r at a
     time). The directory is removed at the end, also after an error. A smaller set keeps them
-    in RAM for the call (writing and reading them back cost about 8 % of the encoders on a
+    in RAM for the call (writing and reading them back cost about 7 % of the encoders on a
     6-image ViT-B/16 set). ``in_memory=True`` keeps the tokens in the contexts' cache (reused
     by a later call on the same contexts). All three give bit-identical results. Tokens cached by an
     earlier call are used as they are: where they cover part of an encoder batch, the rest of
