@@ -11,7 +11,7 @@ downloaded). For each preset, in one process and interleaved (pipeline, bare, pi
 - ``bare``: the plain encoder forwards the preset needs on the same inputs (``bench/common.py``:
   CLIP [+ DINOv2] for crane / crane+ / musc, DINOv2 for anomalydino, CLIP and DINOv2 on the
   windows [+ one SAM encoder pass] for trident / proxyclip, SAM encoder + CLIP on the 2N views
-  for hybridgl+);
+  and on the whole image (its heat map) for hybridgl+);
 - their ratio; the FLOPs of each (``torch.utils.flop_counter``: matrix products, convolutions,
   attention; one extra untimed run) and their ratio, the preset's floor: a pipeline that does
   more arithmetic than its encoders cannot run faster than that ratio allows, so the target is

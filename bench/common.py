@@ -157,13 +157,17 @@ def bare_openvocab(seg, ctx, cfg) -> None:
 
 @torch.no_grad()
 def bare_refer(seg, ctx, cfg, n_views: int) -> None:
-    """HybridGL: one SAM encoder pass and the plain CLIP forward of the 2N mask views."""
+    """HybridGL: one SAM encoder pass, the plain CLIP forward of the 2N mask views, and the
+    plain CLIP forward of the whole image that the heat map's dense features come from."""
     clip = seg.clip(cfg.clip_arch)
     size = cfg.view_size or clip.native_size
+    heat = cfg.heat_size or clip.native_size
     with seg.autocast():
         seg.sam(cfg.sam_arch).encode(ctx.image_u8, capture_last_attn=False)
         views = torch.rand(max(1, n_views), 3, size, size, device=seg.device)
         clip.encode_image_global(clip.normalize(views), "bilinear")
+        whole = torch.rand(1, 3, heat, heat, device=seg.device)
+        clip.encode_image_global(clip.normalize(whole), "bilinear")
 
 
 # ---- FLOP counts -------------------------------------------------------------------------

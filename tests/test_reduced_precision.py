@@ -260,6 +260,37 @@ def test_reduced_decoding_in_bf16_close_to_float32(tiny_sams):
     assert ((low.float() > 0) == (ref_low > 0)).float().mean() > 0.99
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_folded_attentions_equal_sams_attention_in_float64(tiny_sams, shared):
+    """The reduced decoder's two folded attentions are SAM's ``Attention`` rearranged: in
+    float64 they equal the module's forward on the same inputs (tokens to a prompt's own image
+    side; image to tokens from the image rows, or from block 0's projected shared queries)."""
+    import copy
+
+    from zsdense.models import sam_decoder_reduced as R
+
+    s32, _ = tiny_sams
+    layer = copy.deepcopy(s32.model.mask_decoder.transformer.layers[0]).double()
+    g = torch.Generator().manual_seed(11)
+    b, t, hw = 3, 7, 50
+    c = layer.cross_attn_token_to_image.q_proj.in_features
+    for attn in (layer.cross_attn_token_to_image, layer.cross_attn_image_to_token):
+        for p in attn.parameters():  # non-zero biases: each one's path is exercised
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.3)
+    tok_q, tok_v = (torch.randn(b, t, c, generator=g, dtype=torch.float64) for _ in range(2))
+    k_pe, keys = (torch.randn(b, hw, c, generator=g, dtype=torch.float64) for _ in range(2))
+    t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
+    ref = t2i(q=tok_q, k=k_pe, v=keys)
+    got = R._tokens_to_image_folded(t2i, t2i.q_proj(tok_q), k_pe, keys)
+    assert got.shape == ref.shape and torch.allclose(got, ref, rtol=0, atol=1e-10)
+    img = k_pe[:1] if shared else k_pe
+    ref = i2t(q=img, k=tok_q, v=tok_v)  # (B, HW, C): the shared image queries broadcast
+    iq = i2t.q_proj(img) if shared else img
+    got = R._image_to_tokens_folded(i2t, iq, i2t.k_proj(tok_q), i2t.v_proj(tok_v), shared)
+    assert got.shape == (b, hw, c)
+    assert torch.allclose(got, ref.expand(b, -1, -1), rtol=0, atol=1e-10)
+
+
 def test_decoder_image_side_is_row_major(tiny_sams):
     """The image side every batch adds its first update to is row-major in both precisions
     (a channel-strided side made each bf16 batch's ``keys + update`` 16× slower); the float32

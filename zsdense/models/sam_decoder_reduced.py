@@ -91,47 +91,72 @@ def _unheads(x: torch.Tensor, b: int) -> torch.Tensor:
     return x.view(b, bh // b, n, c).transpose(1, 2).reshape(b, n, (bh // b) * c)
 
 
-def _attend_tokens_to_image(attn, qp, kp, vp) -> torch.Tensor:
-    """Tokens (B, T, C') attending to image keys/values (1 or B, HW, C'), then out_proj.
-    Shared (batch-1) image keys are not expanded: the prompts' tokens are stacked as rows."""
+def _tokens_to_shared_image(attn, qp, kp, vp) -> torch.Tensor:
+    """Tokens (B, T, C') attending to the shared image side's projected keys and values (1, HW,
+    C'; block 0, projected once per image), then out_proj. The image side is not expanded: the
+    tokens of every prompt are stacked as rows of one product per head."""
     h, b, t, c = attn.num_heads, qp.shape[0], qp.shape[1], qp.shape[2]
-    scale = 1.0 / math.sqrt(c // h)
-    if kp.shape[0] == 1:
-        q = qp.reshape(1, b * t, c)  # every prompt's tokens as rows of one batch
-        out = _attend_rows(_heads(q * scale, h), _heads(kp, h), _heads(vp, h))  # (h, B·T, c)
-        out = _unheads(out, 1).view(b, t, c)
-    else:
-        out = _unheads(_attend_rows(_heads(qp * scale, h), _heads(kp, h), _heads(vp, h)), b)
+    q = qp.reshape(1, b * t, c) * (1.0 / math.sqrt(c // h))
+    a = torch.softmax(torch.bmm(_heads(q, h), _heads(kp, h).transpose(1, 2)), dim=-1)
+    out = torch.bmm(a, _heads(vp, h))  # (h, B·T, c/h)
+    return attn.out_proj(_unheads(out, 1).view(b, t, c))
+
+
+def _by_head(x: torch.Tensor, h: int) -> torch.Tensor:
+    """(B, T, h·c) -> (h, B·T, c): each head's rows for every prompt."""
+    b, t, hc = x.shape
+    return x.view(b, t, h, hc // h).permute(2, 0, 1, 3).reshape(h, b * t, hc // h)
+
+
+def _by_prompt(x: torch.Tensor, b: int) -> torch.Tensor:
+    """(h, B·T, D) -> (B, h·T, D): each prompt's rows, head-major."""
+    h, bt, d = x.shape
+    return x.view(h, b, bt // b, d).transpose(0, 1).reshape(b, h * (bt // b), d)
+
+
+def _tokens_to_image_folded(attn, qp, k_pe, keys) -> torch.Tensor:
+    """Tokens (B, T, C') attending to each prompt's own image side (``k_pe``, ``keys``: (B, HW,
+    C)), then out_proj, without projecting the HW image rows: the key projection is folded into
+    the queries (q_h·(W_k,h x + b_k,h) = (q_h W_k,h)·x + a constant per query row, which the
+    softmax cancels) and the value projection applied after the weighted sum (the attention
+    weights of a row sum to 1, so its bias passes through). The image-side products have h·T
+    rows (56 for SAM's single-point prompts) instead of HW × C' columns."""
+    h, b, t, ci = attn.num_heads, qp.shape[0], qp.shape[1], qp.shape[2]
+    cph = ci // h
+    qh = _by_head(qp * (1.0 / math.sqrt(cph)), h)  # (h, B·T, c/h)
+    qf = _by_prompt(torch.bmm(qh, attn.k_proj.weight.view(h, cph, -1)), b)  # (B, h·T, C)
+    a = torch.softmax(torch.bmm(qf, k_pe.transpose(1, 2)), dim=-1)  # (B, h·T, HW)
+    pooled = torch.bmm(a, keys).view(b, h, t, -1).transpose(0, 1).reshape(h, b * t, -1)
+    out = torch.bmm(pooled, attn.v_proj.weight.view(h, cph, -1).transpose(1, 2))  # (h, B·T, c/h)
+    out = out.view(h, b, t, cph).permute(1, 2, 0, 3).reshape(b, t, ci) + attn.v_proj.bias
     return attn.out_proj(out)
 
 
-def _attend_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q kᵀ) v over a batch of heads (q already scaled)."""
-    return torch.bmm(torch.softmax(torch.bmm(q, k.transpose(1, 2)), dim=-1), v)
-
-
-def _attend_image_to_tokens(attn, qp, kp, vp) -> torch.Tensor:
-    """Image queries (1 or B, HW, C') attending to each prompt's few tokens (B, T, C'), then
-    out_proj. The scores are formed transposed, (…, T, HW), so that the softmax over the T
-    tokens runs along a dimension with HW contiguous elements behind it (10× faster than rows
-    of 7 on the CPU), and shared image queries are never expanded."""
-    h, b, t, c = attn.num_heads, kp.shape[0], kp.shape[1], kp.shape[2]
-    hw, cph = qp.shape[1], c // h
-    k = (kp * (1.0 / math.sqrt(cph))).view(b, t, h, cph)
-    v = vp.view(b, t, h, cph)
-    if qp.shape[0] == 1:  # one image side for every prompt: heads outermost
-        qh = _heads(qp, h)  # (h, HW, c/h)
-        kh = k.permute(2, 0, 1, 3).reshape(h, b * t, cph)
-        st = torch.bmm(kh, qh.transpose(1, 2)).view(h * b, t, hw)
-        vh = v.permute(2, 0, 1, 3).reshape(h * b, t, cph)
-        out = torch.bmm(torch.softmax(st, dim=1).transpose(1, 2), vh)  # (h·B, HW, c/h)
-        out = out.view(h, b, hw, cph).permute(1, 2, 0, 3).reshape(b, hw, c)
+def _image_to_tokens_folded(attn, iq, kp, vp, projected: bool) -> torch.Tensor:
+    """Image queries attending to each prompt's few tokens (keys ``kp``, values ``vp``: (B, T,
+    C') after their projections), out_proj included, as (B, HW, C), without projecting the HW
+    image rows: the output projection is applied to the values first (Σₕ Pₕ Vₕ W_o,hᵀ + b_o =
+    Σₕ Pₕ (Vₕ W_o,hᵀ + b_o / h): every head's weights sum to 1 per pixel), so the update is one
+    product of the (HW × h·T) weights with (h·T × C) projected values. ``iq``: the image
+    queries already projected ((1, HW, C'), ``projected``: block 0's shared image side) or the
+    image rows ``keys + key_pe`` (B, HW, C), whose query projection is folded into the token
+    keys (a score bias per token, b_q,h·kₜ, is kept: it varies along the softmax). Scores are
+    formed (…, T, HW) so that the softmax over a prompt's tokens is vectorised along HW."""
+    h, b, t, ci = attn.num_heads, kp.shape[0], kp.shape[1], kp.shape[2]
+    cph = ci // h
+    kh = _by_head(kp * (1.0 / math.sqrt(cph)), h)  # (h, B·T, c/h)
+    wo = attn.out_proj.weight.view(-1, h, cph).permute(1, 2, 0)  # (h, c/h, C)
+    vo = _by_prompt(torch.bmm(_by_head(vp, h), wo), b) + attn.out_proj.bias / h  # (B, h·T, C)
+    if projected:  # (1, HW, C') shared by every prompt: heads outermost, then re-ordered
+        st = torch.bmm(kh, _heads(iq, h).transpose(1, 2))  # (h, B·T, HW)
+        p = torch.softmax(st.view(h, b, t, -1), dim=2).transpose(0, 1)
+        p = p.reshape(b, h * t, -1)
     else:
-        kh = k.permute(0, 2, 1, 3).reshape(b * h, t, cph)
-        st = torch.bmm(kh, _heads(qp, h).transpose(1, 2))  # (B·h, T, HW)
-        vh = v.permute(0, 2, 1, 3).reshape(b * h, t, cph)
-        out = _unheads(torch.bmm(torch.softmax(st, dim=1).transpose(1, 2), vh), b)
-    return attn.out_proj(out)
+        kf = _by_prompt(torch.bmm(kh, attn.q_proj.weight.view(h, cph, -1)), b)  # (B, h·T, C)
+        bias = (kh * attn.q_proj.bias.view(h, 1, cph)).sum(-1, keepdim=True)  # (h, B·T, 1)
+        st = torch.baddbmm(_by_prompt(bias, b), kf, iq.transpose(1, 2))  # (B, h·T, HW)
+        p = torch.softmax(st.view(b, h, t, -1), dim=2).view(b, h * t, -1)
+    return torch.bmm(p.transpose(1, 2), vo)  # (B, HW, C)
 
 
 def _conv_t2x2_channels_last(conv, x: torch.Tensor) -> torch.Tensor:
@@ -168,9 +193,16 @@ def decode_points_reduced(
     """:func:`decode_points` for a reduced-precision decoder (:class:`ReducedDecoderSam`): the
     same model, arranged for speed instead of bit-identity with ``MaskDecoder``:
 
-    - attention between a prompt's tokens and the image never expands the shared image side
-      (the tokens of every prompt become rows of one product), and image-to-token scores are
-      formed transposed so that the softmax over a prompt's few tokens is vectorised;
+    - attention between a prompt's tokens and the image never projects the HW image rows
+      per prompt: block 0 reads the shared image side's projections (computed once per image;
+      the tokens of every prompt become rows of one product), and from block 1 on, where each
+      prompt has its own image side, the projections are folded into the few tokens
+      (:func:`_tokens_to_image_folded`, :func:`_image_to_tokens_folded`): each image-side
+      product then has one dimension of h·T (56: 8 heads × 7 tokens for a single-point prompt)
+      where the reference's projections have 128 or 256 (39 % fewer multiply-adds for the
+      whole decoder of the full-size SAM: ``bench/bench_sam_decoder.py``), and the heads are
+      never split or merged on the image side. Image-to-token scores are formed (…, T, HW),
+      so that the softmax over a prompt's few tokens is vectorised along HW;
     - the output upscaling runs channels-last: each 2×2 stride-2 transposed convolution is one
       matrix product per pixel, LayerNorm2d a LayerNorm over the last axis, and the pixels stay
       in blocked order until the mask logits (3 channels instead of 32) are put in place.
@@ -191,21 +223,19 @@ def decode_points_reduced(
         queries = _token_self_attention(layer, queries, tokens)
         q = queries + tokens
         t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
-        if i == 0:
-            kp, vp, iq = side.t2i_k, side.t2i_v, side.i2t_q
-        else:
+        if i == 0:  # the shared image side's projections, computed once per image
+            att = _tokens_to_shared_image(t2i, t2i.q_proj(q), side.t2i_k, side.t2i_v)
+        else:  # each prompt's own image side: projections folded into the tokens
             k_pe = keys + side.key_pe
-            kp, vp, iq = t2i.k_proj(k_pe), t2i.v_proj(keys), i2t.q_proj(k_pe)
-        queries = layer.norm2(queries + _attend_tokens_to_image(t2i, t2i.q_proj(q), kp, vp))
+            att = _tokens_to_image_folded(t2i, t2i.q_proj(q), k_pe, keys)
+        queries = layer.norm2(queries + att)
         queries = layer.norm3(queries + layer.mlp(queries))
         q = queries + tokens
-        upd = _attend_image_to_tokens(i2t, iq, i2t.k_proj(q), i2t.v_proj(queries))
+        iq = side.i2t_q if i == 0 else k_pe
+        upd = _image_to_tokens_folded(i2t, iq, i2t.k_proj(q), i2t.v_proj(queries), i == 0)
         keys = layer.norm4(keys + upd)  # (B, HW, C)
     fin = tr.final_attn_token_to_image
-    k_pe = keys + side.key_pe
-    att = _attend_tokens_to_image(
-        fin, fin.q_proj(queries + tokens), fin.k_proj(k_pe), fin.v_proj(keys)
-    )
+    att = _tokens_to_image_folded(fin, fin.q_proj(queries + tokens), keys + side.key_pe, keys)
     queries = tr.norm_final_attn(queries + att)
 
     iou_token_out = queries[:, 0, :]
