@@ -120,7 +120,7 @@ def _tokens_to_image_folded(attn, qp, k_pe, keys) -> torch.Tensor:
     the queries (q_h·(W_k,h x + b_k,h) = (q_h W_k,h)·x + a constant per query row, which the
     softmax cancels) and the value projection applied after the weighted sum (the attention
     weights of a row sum to 1, so its bias passes through). The image-side products have h·T
-    rows (56 for SAM's single-point prompts) instead of HW × C' columns."""
+    rows (56 for SAM's single-point prompts) instead of projecting HW rows to C' columns."""
     h, b, t, ci = attn.num_heads, qp.shape[0], qp.shape[1], qp.shape[2]
     cph = ci // h
     qh = _by_head(qp * (1.0 / math.sqrt(cph)), h)  # (h, B·T, c/h)
@@ -195,8 +195,9 @@ def decode_points_reduced(
 
     - attention between a prompt's tokens and the image never projects the HW image rows
       per prompt: block 0 reads the shared image side's projections (computed once per image;
-      the tokens of every prompt become rows of one product), and from block 1 on, where each
-      prompt has its own image side, the projections are folded into the few tokens
+      the tokens of every prompt become rows of one product), and from block 1 on and in the
+      final attention, where each prompt has its own image side, the projections are folded
+      into the few tokens
       (:func:`_tokens_to_image_folded`, :func:`_image_to_tokens_folded`): each image-side
       product then has one dimension of h·T (56: 8 heads × 7 tokens for a single-point prompt)
       where the reference's projections have 128 or 256 (39 % fewer multiply-adds for the
