@@ -7,6 +7,8 @@ multimask the way :func:`zsdense.models.sam_proposals.sam_proposals` decodes the
 
 - ``fp32``: :func:`~zsdense.models.sam_decoder.decode_points` on the float32 model, the exact
   path (bit-identical to ``MaskDecoder``);
+- ``fp32 arranged``: the arranged decoder (below) on a float32 copy of the decoder, the opt-in
+  ``--proposal-decoder arranged``;
 - ``<dtype> reference order``: ``decode_points`` on the reduced-precision copy of the decoder
   (``ReducedDecoderSam``), ``MaskDecoder``'s arithmetic in that dtype;
 - ``<dtype> arranged``: :func:`~zsdense.models.sam_decoder_reduced.decode_points_reduced`, what
@@ -97,8 +99,19 @@ def main(argv: list[str] | None = None) -> int:
         with autocast:
             return SP.decode_in_chunks(red, side_red, coords, labels)
 
+    red32 = SP.decoder_for(s32, arranged=True)  # the opt-in float32 arrangement
+    side_red32 = SP.decoder_image_side(red32, emb)
+
+    def fp32_arranged():
+        return SP.decode_in_chunks(red32, side_red32, coords, labels)
+
     name = args.precision
-    cases = {"fp32": fp32, f"{name} reference order": reference_order, f"{name} arranged": arranged}
+    cases = {
+        "fp32": fp32,
+        "fp32 arranged": fp32_arranged,
+        f"{name} reference order": reference_order,
+        f"{name} arranged": arranged,
+    }
     print(
         f"SAM {args.arch} mask decoder ({'tiny' if tiny else 'full size'}, random weights), "
         f"{coords.shape[0]} single-point prompts "

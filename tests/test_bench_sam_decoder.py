@@ -16,11 +16,13 @@ def test_bench_sam_decoder_runs_on_the_tiny_sam(capsys):
     assert rc == 0
     assert "4 single-point prompts" in out[0]
     rows = {line.split("|")[1].strip(): line.split("|") for line in out if line.startswith("| ")}
-    assert set(rows) == {"path", "fp32", "bf16 reference order", "bf16 arranged"}
+    assert set(rows) == {"path", "fp32", "fp32 arranged", "bf16 reference order", "bf16 arranged"}
     assert float(rows["fp32"][5]) == 0.0  # the reference against itself
+    assert 0.0 < float(rows["fp32 arranged"][5]) < 1e-4  # the same model, other last bits
     flops = {k: float(r[4]) for k, r in rows.items() if k != "path"}
     assert flops["bf16 arranged"] < flops["bf16 reference order"] == flops["fp32"]
+    assert flops["fp32 arranged"] == flops["bf16 arranged"]
     for k in ("bf16 reference order", "bf16 arranged"):
         assert 0.0 < float(rows[k][5]) < 0.05 and float(rows[k][6]) > 0.99
     last = out[-1]
-    assert last.startswith("ratios: fp32=1.000 ") and "bf16_arranged=" in last
+    assert last.startswith("ratios: fp32=1.000 fp32_arranged=") and "bf16_arranged=" in last

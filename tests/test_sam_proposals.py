@@ -291,6 +291,37 @@ def test_lowres_stability_mode(sam, images):
         SP.sam_proposals(sam, state, None, points_per_bach=4)
 
 
+def test_proposal_decoder_modes_in_float32(sam, images):
+    """``decoder``: "auto" and "reference" are the exact path (the same bits); "arranged" (opt-in
+    in float32) runs the arranged decoder on a float32 copy, cached: the same model, so the
+    same masks up to pixels at the threshold, IoUs and stability to float rounding."""
+    from zsdense.models.sam_decoder_reduced import ReducedDecoderSam
+
+    _, state = images["landscape"]
+    base = dict(
+        points_per_side=4,
+        pred_iou_thresh=-1e9,
+        stability_score_thresh=-1e9,
+        stability_score_offset=0.02,
+        box_nms_thresh=1.0,
+        min_mask_region_area=0,
+    )
+    auto = SP.sam_proposals(sam, state, None, **base)
+    ref = SP.sam_proposals(sam, state, None, decoder="reference", **base)
+    assert torch.equal(auto.masks, ref.masks) and torch.equal(auto.iou_preds, ref.iou_preds)
+    arr = SP.sam_proposals(sam, state, None, decoder="arranged", **base)
+    red = SP.decoder_for(sam, arranged=True)
+    assert isinstance(red, ReducedDecoderSam) and red.dtype == torch.float32
+    assert SP.decoder_for(sam, arranged=True) is red and SP.decoder_for(sam) is sam.model
+    assert arr.masks.shape == auto.masks.shape  # every mask kept: the order is the grid's
+    assert torch.allclose(arr.iou_preds, auto.iou_preds, rtol=0, atol=1e-5)
+    assert torch.allclose(arr.stability, auto.stability, rtol=0, atol=0.02)
+    agree = (arr.masks == auto.masks).flatten(1).float().mean(dim=1)
+    assert float(agree.min()) > 0.99
+    with pytest.raises(ConfigError, match="unknown proposal decoder"):
+        SP.sam_proposals(sam, state, None, decoder="fast")
+
+
 def test_referring_uses_the_moved_proposals(sam, images):
     from zsdense.tasks import hybridgl as R
 

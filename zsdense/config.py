@@ -304,6 +304,10 @@ def openvocab_preset(
 
 # --- referring ---
 PROPOSAL_STABILITY_MODES = ("image", "lowres")
+# SAM's mask decoder for the proposals: auto (MaskDecoder's arithmetic in float32, the arranged
+# decoder in reduced precision), reference (MaskDecoder's arithmetic), arranged (folded
+# projections, channels-last upscaling: zsdense.models.sam_decoder_reduced)
+PROPOSAL_DECODERS = ("auto", "reference", "arranged")
 FUSION_MODES = ("G2L", "L2G", "G2L&L2G")  # hybrid global-local mask features
 PARSERS = ("auto", "spacy", "fallback")  # expression parsers (zsdense.text.parse)
 FALLBACK_READINGS = ("reference", "sensible")  # ReferPreset.fallback_reading
@@ -340,6 +344,10 @@ class ReferPreset:
     # stability scored on the upsampled logits (image: as the reference) or, opt-in, on the
     # 256x256 decoder logits (lowres: masks failing it are never upsampled; scores differ)
     proposal_stability: str = "image"
+    # the mask decoder (PROPOSAL_DECODERS): auto = the reference's arithmetic in float32 (bit for
+    # bit SamAutomaticMaskGenerator's), the arranged decoder in bf16; "arranged" in float32 is
+    # opt-in (decoding about 1.5x faster; the same model, not the same bits)
+    proposal_decoder: str = "auto"
     # hybrid mask features
     view_size: int | None = None  # None: the CLIP's native input (224 for ViT-B/16)
     fusion: str = "G2L"  # FUSION_MODES: G2L | L2G | G2L&L2G

@@ -28,6 +28,7 @@ from zsdense.config import (
     OPENVOCAB_DATASETS,
     OPENVOCAB_PRESETS,
     PARSERS,
+    PROPOSAL_DECODERS,
     PROPOSAL_STABILITY_MODES,
     REFER_PRESETS,
     AnomalyPreset,
@@ -451,6 +452,7 @@ class ReferOptions(_TaskOptions):
         cfg = with_overrides(base, **dict(self.overrides)) if self.overrides else base
         for name, allowed in (
             ("proposal_stability", PROPOSAL_STABILITY_MODES),
+            ("proposal_decoder", PROPOSAL_DECODERS),
             ("fusion", FUSION_MODES),
             ("parser", PARSERS),
             ("fallback_reading", FALLBACK_READINGS),

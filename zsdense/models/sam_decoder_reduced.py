@@ -63,13 +63,15 @@ class ReducedDecoderSam:
         self.mask_decoder.requires_grad_(False)
 
 
-def decoder_for(sam) -> Any:
+def decoder_for(sam, *, arranged: bool = False) -> Any:
     """The model :func:`sam_proposals` decodes with: ``sam.model`` itself when SAM's image encoder
     is float32 (the exact path), else a :class:`ReducedDecoderSam` at the encoder's precision,
-    built once per SAM wrapper and precision."""
+    built once per SAM wrapper and precision. ``arranged``: in float32 too, a float32
+    :class:`ReducedDecoderSam` (the copy :func:`decode_points_reduced` runs; opt-in, as its
+    logits are not the reference's bits)."""
     model = sam.model
     dtype = model.image_encoder.patch_embed.proj.weight.dtype
-    if dtype == torch.float32:
+    if dtype == torch.float32 and not arranged:
         return model
     cache = sam.__dict__.setdefault("_reduced_decoders", {})
     dev = str(model.device)

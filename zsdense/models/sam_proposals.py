@@ -63,8 +63,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from zsdense.config import PROPOSAL_DECODERS, ReferPreset
 from zsdense.config import PROPOSAL_STABILITY_MODES as STABILITY_MODES
-from zsdense.config import ReferPreset
 from zsdense.errors import ConfigError
 from zsdense.models.sam_decoder import DecoderImageSide, decode_points, decoder_image_side
 from zsdense.models.sam_decoder_reduced import (
@@ -159,7 +159,12 @@ def decoder_call_sizes(batch: int, device: torch.device | str = "cpu") -> list[i
 
 
 def decode_in_chunks(
-    model, side: DecoderImageSide, coords: torch.Tensor, labels: torch.Tensor
+    model,
+    side: DecoderImageSide,
+    coords: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    arranged: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`decode_points` for one batch of ``points_per_batch`` prompts, in the calls that
     :func:`decoder_call_sizes` gives (``DECODE_CHUNK`` prompts at a time on the CPU when the
@@ -174,8 +179,14 @@ def decode_in_chunks(
     ``points_per_batch=DECODE_CHUNK``; ``tests/test_sam_proposals.py``). The per-prompt
     image-side tensors (4 × 4096 × 256 floats, 16 MB) stay in the CPU's cache: decoding the
     preset's 64 prompts took 0.76 of the time of one batch of 64
-    (``bench/bench_sam_proposals.py``)."""
-    decode = decode_points_reduced if isinstance(model, ReducedDecoderSam) else decode_points
+    (``bench/bench_sam_proposals.py``).
+
+    ``arranged``: decode with :func:`decode_points_reduced` (True) or :func:`decode_points`
+    (False); None: the arranged decoder exactly when ``model`` is a
+    :class:`ReducedDecoderSam`."""
+    if arranged is None:
+        arranged = isinstance(model, ReducedDecoderSam)
+    decode = decode_points_reduced if arranged else decode_points
     sizes = decoder_call_sizes(coords.shape[0], coords.device)
     if len(sizes) == 1:
         return decode(model, side, coords, labels)
@@ -270,6 +281,7 @@ def sam_proposals(
     *,
     points_per_side: int | None = None,
     stability: str = "image",
+    decoder: str = "auto",
     **overrides: Any,
 ) -> Proposals:
     """SAM automatic masks from an encoded image (no second encoder pass).
@@ -283,18 +295,29 @@ def sam_proposals(
     smaller than ``min_mask_region_area`` are removed and NMS reruns (at
     max(``box_nms_thresh``, ``crop_nms_thresh``), as the reference) preferring unchanged
     masks. Returns the whole-image fallback when nothing survives. ``stability="lowres"``: the
-    opt-in fast mode (module docstring).
+    opt-in fast mode (module docstring). ``decoder`` (``PROPOSAL_DECODERS``): ``"auto"``
+    decodes with ``MaskDecoder``'s arithmetic in float32 (the exact path) and with the arranged
+    decoder in reduced precision; ``"reference"`` with ``MaskDecoder``'s arithmetic whatever
+    the precision; ``"arranged"`` with :func:`decode_points_reduced` whatever the precision (in
+    float32 on a float32 copy of the decoder: the same model, other last bits).
     """
     from segment_anything.utils.amg import batched_mask_to_box, build_point_grid
     from segment_anything.utils.transforms import ResizeLongestSide
 
     cfg = _resolved_settings(settings, points_per_side, stability, overrides)
-    model = decoder_for(sam)  # sam.model in float32; a reduced-precision decoder otherwise
+    if decoder not in PROPOSAL_DECODERS:
+        raise ConfigError(
+            f"unknown proposal decoder {decoder!r}; choose one of {', '.join(PROPOSAL_DECODERS)}"
+        )
+    # sam.model in float32 (a float32 copy arranged for speed with decoder="arranged"); a
+    # reduced-precision copy otherwise
+    model = decoder_for(sam, arranged=decoder == "arranged")
+    arranged = decoder == "arranged" or (decoder == "auto" and isinstance(model, ReducedDecoderSam))
     H, W = state.original_size
     transform = ResizeLongestSide(int(model.image_encoder.img_size))
     points = build_point_grid(cfg.points_per_side) * np.array([[W, H]], dtype=np.float64)
     side = decoder_image_side(model, state.embedding)
-    masks, iou, stab = _decode_grid(model, state, side, points, transform, cfg, stability)
+    masks, iou, stab = _decode_grid(model, state, side, points, transform, cfg, stability, arranged)
     if masks.shape[0] == 0:
         return whole_image_proposal(H, W)
     boxes = batched_mask_to_box(masks)
@@ -302,7 +325,14 @@ def sam_proposals(
 
 
 def _decode_grid(
-    model, state, side: DecoderImageSide, points, transform, cfg: ProposalSettings, stability: str
+    model,
+    state,
+    side: DecoderImageSide,
+    points,
+    transform,
+    cfg: ProposalSettings,
+    stability: str,
+    arranged: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Steps 1-3: decode the grid ``points_per_batch`` prompts at a time, keep by predicted IoU
     on the low-resolution logits, then (:func:`_finish_survivors`) the survivors of several
@@ -319,7 +349,9 @@ def _decode_grid(
         pts = points[s : s + per_batch]
         coords = torch.as_tensor(transform.apply_coords(pts, (H, W)), device=device)
         labels = torch.ones(coords.shape[0], dtype=torch.int, device=device)
-        low, iou = decode_in_chunks(model, side, coords[:, None, :], labels[:, None])
+        low, iou = decode_in_chunks(
+            model, side, coords[:, None, :], labels[:, None], arranged=arranged
+        )
         low, iou = low.flatten(0, 1), iou.flatten(0, 1)
         if iou_thr > 0.0:
             keep = iou > iou_thr

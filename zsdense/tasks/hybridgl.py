@@ -390,6 +390,7 @@ def _proposal_key(sam, preset: ReferPreset, n_side: int) -> tuple:
         preset.box_nms_thresh,
         preset.min_mask_region_area,
         preset.proposal_stability,
+        preset.proposal_decoder,
     )
 
 
@@ -432,7 +433,12 @@ def _image_stage(rt, ctx, cfg: ReferPreset, n_side: int, timing: dict):
     props: Proposals = ctx.get(
         pkey,
         lambda: sam_proposals(
-            sam, state, cfg, points_per_side=n_side, stability=cfg.proposal_stability
+            sam,
+            state,
+            cfg,
+            points_per_side=n_side,
+            stability=cfg.proposal_stability,
+            decoder=cfg.proposal_decoder,
         ),
     )
     _sync(rt.device)
