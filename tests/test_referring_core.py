@@ -352,9 +352,19 @@ def test_refine_option_and_bad_options(tiny_seg, scene):
         tiny_seg.refer(scene, "   ")
 
 
-def test_proposal_stability_option_reaches_the_generator(tiny_seg, scene, monkeypatch):
-    """``proposal_stability`` (preset field, ``--proposal-stability``): validated up front,
-    passed to the proposal generator, and part of the proposals' cache key."""
+@pytest.mark.parametrize(
+    "option, keyword, default, other",
+    [
+        ("proposal_stability", "stability", "image", "lowres"),
+        ("proposal_decoder", "decoder", "auto", "arranged"),
+    ],
+)
+def test_proposal_options_reach_the_generator(
+    tiny_seg, scene, monkeypatch, option, keyword, default, other
+):
+    """``proposal_stability`` and ``proposal_decoder`` (preset fields, ``--proposal-stability``,
+    ``--proposal-decoder``): validated up front, passed to the proposal generator, and part of
+    the proposals' cache key."""
     from zsdense.errors import ConfigError
     from zsdense.models import sam_proposals as SP
     from zsdense.tasks import hybridgl
@@ -362,42 +372,18 @@ def test_proposal_stability_option_reaches_the_generator(tiny_seg, scene, monkey
     seen = []
 
     def spy(*args, **kw):
-        seen.append(kw.get("stability"))
+        seen.append(kw.get(keyword))
         return SP.sam_proposals(*args, **kw)
 
     monkeypatch.setattr(hybridgl, "sam_proposals", spy)
     ctx = tiny_seg.context(scene)
     opened = dict(pred_iou_thresh=-1e9, stability_score_offset=0.02)
     a = tiny_seg.refer_batch([ctx], ["the red box"], **opened)[0]
-    b = tiny_seg.refer_batch([ctx], ["the red box"], proposal_stability="lowres", **opened)[0]
-    assert seen == ["image", "lowres"]  # two modes: two proposal runs on one context
+    b = tiny_seg.refer_batch([ctx], ["the red box"], **{option: other}, **opened)[0]
+    assert seen == [default, other]  # two settings: two proposal runs on one context
     assert a.meta["proposals"] >= 1 and b.meta["proposals"] >= 1
-    with pytest.raises(ConfigError, match="proposal_stability"):
-        tiny_seg.refer(scene, "the red box", proposal_stability="fast")
-
-
-def test_proposal_decoder_option_reaches_the_generator(tiny_seg, scene, monkeypatch):
-    """``proposal_decoder`` (preset field, ``--proposal-decoder``): validated up front, passed
-    to the proposal generator, and part of the proposals' cache key."""
-    from zsdense.errors import ConfigError
-    from zsdense.models import sam_proposals as SP
-    from zsdense.tasks import hybridgl
-
-    seen = []
-
-    def spy(*args, **kw):
-        seen.append(kw.get("decoder"))
-        return SP.sam_proposals(*args, **kw)
-
-    monkeypatch.setattr(hybridgl, "sam_proposals", spy)
-    ctx = tiny_seg.context(scene)
-    opened = dict(pred_iou_thresh=-1e9, stability_score_offset=0.02)
-    a = tiny_seg.refer_batch([ctx], ["the red box"], **opened)[0]
-    b = tiny_seg.refer_batch([ctx], ["the red box"], proposal_decoder="arranged", **opened)[0]
-    assert seen == ["auto", "arranged"]  # two decoders: two proposal runs on one context
-    assert a.meta["proposals"] >= 1 and b.meta["proposals"] >= 1
-    with pytest.raises(ConfigError, match="proposal_decoder"):
-        tiny_seg.refer(scene, "the red box", proposal_decoder="fast")
+    with pytest.raises(ConfigError, match=option):
+        tiny_seg.refer(scene, "the red box", **{option: "fast"})
 
 
 def test_proposals_equal_segment_anything_generator(tiny_seg, scene):

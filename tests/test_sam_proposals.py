@@ -258,19 +258,24 @@ def test_cropped_upsampling_equals_postprocess_masks(sam, input_size, original_s
     assert torch.equal(SP.upsample_logits(sam.model, low, input_size, original_size), ref)
 
 
+# a 4×4 grid with the IoU filter opened, every mask kept through NMS and no region cleaning;
+# offset 0.02 gives the random tiny SAM's noise logits non-trivial stability scores
+OPEN_4X4 = dict(
+    points_per_side=4,
+    pred_iou_thresh=-1e9,
+    stability_score_offset=0.02,
+    box_nms_thresh=1.0,
+    min_mask_region_area=0,
+)
+
+
 def test_lowres_stability_mode(sam, images):
     """Opt-in: stability from the 256² logits (cropped to the image). Without a stability
     filter the masks are the reference's and only the scores differ; with one, the masks kept
     are exactly those whose low-resolution score passes. (Random tiny SAM logits are noise at
     pixel scale, so the scores here differ far more than on trained weights.)"""
     _, state = images["landscape"]
-    base = dict(
-        points_per_side=4,
-        pred_iou_thresh=-1e9,
-        stability_score_offset=0.02,
-        box_nms_thresh=1.0,
-        min_mask_region_area=0,
-    )
+    base = OPEN_4X4
     exact = SP.sam_proposals(sam, state, None, stability_score_thresh=-1e9, **base)
     fast = SP.sam_proposals(
         sam, state, None, stability_score_thresh=-1e9, stability="lowres", **base
@@ -298,14 +303,7 @@ def test_proposal_decoder_modes_in_float32(sam, images):
     from zsdense.models.sam_decoder_reduced import ReducedDecoderSam
 
     _, state = images["landscape"]
-    base = dict(
-        points_per_side=4,
-        pred_iou_thresh=-1e9,
-        stability_score_thresh=-1e9,
-        stability_score_offset=0.02,
-        box_nms_thresh=1.0,
-        min_mask_region_area=0,
-    )
+    base = dict(OPEN_4X4, stability_score_thresh=-1e9)
     auto = SP.sam_proposals(sam, state, None, **base)
     ref = SP.sam_proposals(sam, state, None, decoder="reference", **base)
     assert torch.equal(auto.masks, ref.masks) and torch.equal(auto.iou_preds, ref.iou_preds)
