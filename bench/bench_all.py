@@ -261,17 +261,13 @@ def _load() -> float:
 def machine_line(seg) -> str:
     """The machine the figures belong to: CPU name and kernel capability, whether bf16 is
     native, the GPU's name on CUDA, and the precision that ran (and what ``auto`` picks)."""
-    from zsdense.runtime import _cpu_name, auto_precision, cpu_bf16_support, cpu_capability
+    from zsdense.runtime import auto_precision
 
     dev = seg.device
     parts = []
     if dev.type == "cuda":
         parts.append(f"GPU {torch.cuda.get_device_name(dev)}")
-    sup = cpu_bf16_support()
-    parts.append(
-        f"CPU {_cpu_name()} ({os.cpu_count()} CPUs, capability {cpu_capability()}, "
-        f"bf16 {'native' if sup.native else 'emulated'}: {sup.detail})"
-    )
+    parts.append(common.cpu_line())
     auto = precision_name(auto_precision(dev)[0])
     parts.append(f"precision {precision_name(seg.dtype)} (auto picks {auto})")
     return "; ".join(parts)

@@ -89,11 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def reference_order():
         with autocast:
-            chunks = [
-                SP.decode_points(red, side_red, coords[i : i + n], labels[i : i + n])
-                for i, n in _chunks(coords.shape[0])
-            ]
-        return torch.cat([x[0] for x in chunks]), torch.cat([x[1] for x in chunks])
+            return SP.decode_in_chunks(red, side_red, coords, labels, arranged=False)
 
     def arranged():
         with autocast:
@@ -119,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{SP.DECODE_CHUNK} per call; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs"
     )
-    print(f"machine: {_machine()}")
+    print(f"machine: {common.cpu_line()}")
     print(f"load average at start: {os.getloadavg()[0]:.1f}")
     ref_low, ref_iou = fp32()
     outs = {k: f() for k, f in cases.items()}  # warm-up, and the outputs compared
@@ -152,25 +148,6 @@ def main(argv: list[str] | None = None) -> int:
         "ratios: " + " ".join(f"{k.replace(' ', '_')}={best[k] / best['fp32']:.3f}" for k in cases)
     )
     return 0
-
-
-def _machine() -> str:
-    from zsdense.runtime import _cpu_name, cpu_bf16_support, cpu_capability
-
-    sup = cpu_bf16_support()
-    return (
-        f"CPU {_cpu_name()} ({os.cpu_count()} CPUs, capability {cpu_capability()}, "
-        f"bf16 {'native' if sup.native else 'emulated'}: {sup.detail})"
-    )
-
-
-def _chunks(n: int):
-    from zsdense.models.sam_proposals import decoder_call_sizes
-
-    i = 0
-    for size in decoder_call_sizes(n):
-        yield i, size
-        i += size
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ forwards on the inputs a preset's pipeline feeds them (so pipeline / bare is its
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 import time
@@ -92,6 +93,18 @@ def timed(fn: Callable[[], object], device: str) -> float:
     fn()
     sync(device)
     return time.perf_counter() - t
+
+
+def cpu_line() -> str:
+    """The CPU the figures belong to: name, CPU count, kernel capability, whether bf16 is
+    native."""
+    from zsdense.runtime import _cpu_name, cpu_bf16_support, cpu_capability
+
+    sup = cpu_bf16_support()
+    return (
+        f"CPU {_cpu_name()} ({os.cpu_count()} CPUs, capability {cpu_capability()}, "
+        f"bf16 {'native' if sup.native else 'emulated'}: {sup.detail})"
+    )
 
 
 def synthetic_image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
