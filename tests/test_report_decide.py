@@ -332,3 +332,34 @@ def test_view_of_an_8_bit_picture_equals_the_view_of_its_floats():
     amap = rng.random((150, 230), np.float32)
     u8 = rng.integers(0, 256, (150, 230, 3), dtype=np.uint8)
     assert make_view(amap, u8) == make_view(amap, u8.astype(np.float32) / np.float32(255.0))
+
+
+def test_the_engine_hands_the_view_the_decoded_pixels_after_releasing_a_batch(
+    tmp_path, monkeypatch, capsys
+):
+    """The engine drops each context's encoder outputs once its batch is computed, before the
+    writes (``ImageContext.release``); the decoded uint8 pixels stay, so the report's view is
+    made from them rather than converted again from the floats."""
+    import zsdense.engine.units as units
+    from zsdense.context import IMAGE_KEYS, ImageContext
+
+    u8 = np.random.default_rng(2).integers(0, 256, (5, 6, 3), dtype=np.uint8)
+    ctx = ImageContext(image=u8.astype(np.float32) / np.float32(255.0)).decoded_u8(u8)
+    ctx.cache[("clip-dense", "x")] = object()
+    ctx.release()
+    assert set(ctx.cache) == set(IMAGE_KEYS) and ctx.known_u8 is u8
+
+    seen = []
+    real = units.store_view
+
+    def spy(out_dir, key, task, rel, amap, image):
+        seen.append(np.asarray(image).dtype)
+        return real(out_dir, key, task, rel, amap, image)
+
+    monkeypatch.setattr(units, "store_view", spy)
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.fromarray(np.tile(u8, (6, 6, 1))).save(data / "a.png")
+    rc, _, err = _cli(["anomaly", data, "--out", tmp_path / "out", *TINY, "-q"], capsys)
+    assert rc == 0, err
+    assert seen == [np.dtype(np.uint8)]

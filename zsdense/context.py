@@ -14,6 +14,10 @@ from typing import Any, Callable, Hashable
 
 import numpy as np
 
+# cache entries that are the image itself (its uint8 pixels: decoded, or rounded from the
+# floats), not outputs computed from it: ImageContext.release keeps them
+IMAGE_KEYS = ("_u8", "_u8_exact")
+
 
 @dataclass
 class ImageContext:
@@ -93,5 +97,9 @@ class ImageContext:
         return state
 
     def release(self) -> None:
-        """Drop cached encoder outputs (after every head of this image has run)."""
+        """Drop cached encoder outputs (after every head of this image has run). The image's
+        uint8 pixels (:data:`IMAGE_KEYS`) stay: they are the image, not an output, and the
+        writes that follow use them (the report's view takes the decoded pixels as they are)."""
+        kept = {k: self.cache[k] for k in IMAGE_KEYS if k in self.cache}
         self.cache.clear()
+        self.cache.update(kept)

@@ -569,9 +569,7 @@ class Runtime:
         outputs it cached there (computed with other registers), keeping the image."""
         mine = self._registers_stamp()
         if ctx.registers is not None and ctx.registers != mine:
-            kept = {k: ctx.cache[k] for k in ("_u8", "_u8_exact") if k in ctx.cache}
-            ctx.cache.clear()
-            ctx.cache.update(kept)
+            ctx.release()
         ctx.registers = mine
 
     def contexts(self, images) -> list[ImageContext]:
