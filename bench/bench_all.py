@@ -34,7 +34,7 @@ Then images per second of ``crane`` through the local engine (``run_batch``: dec
 ahead of the encoders, outputs written) at ``--batch-size`` 1 and 4, on ViT-B/16 and, unless
 ``--quick``, ViT-L/14-336. The last line is ``ratios: name=value ...`` for every preset.
 
-    python bench/bench_all.py [--quick] [--repeats 3] [--device cpu|cuda]
+    python bench/bench_all.py [--quick] [--repeats 3] [--device cpu|cuda] [--set P.OPTION=V]
         [--precision fp32|bf16|auto] [--threads N] [--top N]
 """
 
@@ -122,6 +122,29 @@ def preset_cases(quick: bool, musc_images: int, ref_dir: Path) -> dict[str, dict
     }
 
 
+def apply_settings(cases: dict[str, dict], settings: list[str]) -> None:
+    """``--set PRESET.OPTION=VALUE``: the option added to that preset's task config (a JSON
+    value where the text parses as one, else the text), and named in its row's note."""
+    import json
+
+    from zsdense.errors import ConfigError
+
+    for item in settings:
+        key, sep, text = item.partition("=")
+        name, dot, option = key.rpartition(".")
+        if not sep or not dot or not option or name not in cases:
+            raise ConfigError(
+                f"--set {item!r}: expected PRESET.OPTION=VALUE with PRESET one of "
+                f"{', '.join(cases)}"
+            )
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        cases[name]["cfg"][option] = value
+        cases[name].setdefault("settings", []).append(f"{option}={text}")
+
+
 def bench_preset(
     seg, name: str, case: dict, repeats: int, device: str, min_seconds: float = 0.0
 ) -> dict:
@@ -201,7 +224,7 @@ def bench_preset(
         flop_ratio=fp / fb if fb else float("nan"),
         peak_mb=common.peak_mb(device),
         precision=precision_name(seg.dtype),
-        note=f"per image of {n}" if n > 1 else "",
+        note="; ".join(([f"per image of {n}"] if n > 1 else []) + list(case.get("settings", []))),
     )
 
 
@@ -306,6 +329,14 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--models", default="random", help="random (full size) | tiny (smoke test)")
     ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="PRESET.OPTION=VALUE",
+        help="a preset option for this run, as the task config spells it (repeatable), e.g. "
+        "hybridgl+.proposal_decoder=arranged; the row's note names it",
+    )
+    ap.add_argument(
         "--top",
         type=int,
         default=0,
@@ -337,6 +368,7 @@ def main(argv=None) -> int:
     try:
         make_data(ref_dir, 2, (240, 320) if args.quick else (480, 640))
         cases = preset_cases(args.quick, musc_n, ref_dir)
+        apply_settings(cases, args.set)
         for name in names:
             t = time.perf_counter()
             r = bench_preset(seg, name, cases[name], args.repeats, args.device, args.min_seconds)

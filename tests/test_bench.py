@@ -76,16 +76,33 @@ def test_bench_all_runs_on_tiny_models(bench_modules, capsys):
     _, bench_all = bench_modules
     rc = bench_all.main(
         ["--quick", "--repeats", "1", "--models", "tiny", "--skip-throughput"]
-        + ["--presets", "crane,proxyclip"]
+        + ["--presets", "crane,proxyclip", "--set", "crane.sigma=2"]
     )
     out = capsys.readouterr().out.strip().splitlines()
     assert rc == 0
     rows = [line for line in out if line.startswith("| `")]
     assert [r.split("`")[1] for r in rows] == ["crane", "proxyclip"]
     assert len(rows[0].split("|")) == 13  # eleven columns
+    assert rows[0].split("|")[11].strip() == "sigma=2" and rows[1].split("|")[11].strip() == ""
     nonmatrix = rows[0].split("|")[8].split()
     assert float(nonmatrix[0]) > 0 and nonmatrix[1].startswith("(")  # pipeline (bare's own)
     assert any(line.startswith("machine: CPU ") and "bf16 " in line for line in out)
     last = out[-1]
     assert last.startswith("ratios: crane=") and " proxyclip=" in last
     assert float(last.split("crane=")[1].split()[0]) > 0
+
+
+def test_set_adds_a_preset_option_and_names_it(bench_modules):
+    from zsdense.errors import ConfigError
+
+    _, bench_all = bench_modules
+    cases = {"crane": {"cfg": {"preset": "crane"}}, "hybridgl+": {"cfg": {"preset": "hybridgl+"}}}
+    bench_all.apply_settings(
+        cases, ["hybridgl+.proposal_decoder=arranged", "crane.sigma=2", "crane.x=[1, 2]"]
+    )
+    assert cases["hybridgl+"]["cfg"]["proposal_decoder"] == "arranged"
+    assert cases["crane"]["cfg"]["sigma"] == 2 and cases["crane"]["cfg"]["x"] == [1, 2]
+    assert cases["crane"]["settings"] == ["sigma=2", "x=[1, 2]"]
+    for bad in ("crane.sigma", "nope.sigma=2", "sigma=2", "crane.=2"):
+        with pytest.raises(ConfigError, match="PRESET.OPTION=VALUE"):
+            bench_all.apply_settings(cases, [bad])
