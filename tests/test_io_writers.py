@@ -455,9 +455,13 @@ def test_overlay_blend_in_place_equals_the_formula() -> None:
     img = rng.random((37, 29, 3), dtype=np.float32) * 1.2 - 0.1  # some values outside [0, 1]
     heat = rng.random((37, 29), dtype=np.float32) * 3 - 1
     heat[5, 7] = np.nan
+    img[0] = 1.0  # white rows under the hottest heat: sums of weights within ulps of 1
+    heat[0, ::2] = 1.5
     lab = rng.integers(0, 4, (37, 29)).astype(np.uint8)
     pal = _palette_array(None, 4)
-    for alpha in (0.5, 0.3):
+    pal[3] = 255
+    # weights in [0, 1] (the blend then skips the final clip), and outside (it clips)
+    for alpha in (0.5, 0.3, 0.7, 0.1, 1.0, 0.0, 1.3, -0.2):
         for with_heat, with_labels in ((True, False), (False, True), (True, True)):
             layers = _Layers(lo=-0.5, hi=1.5)
             want = np.clip(img, 0.0, 1.0)

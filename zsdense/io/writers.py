@@ -76,7 +76,7 @@ PNG_MASK_STRATEGY = 3  # Z_RLE
 def write_mask_png(path: str | Path, mask: np.ndarray) -> Path:
     """Write a binary mask ``(H, W)`` (bool; non-bool: ``!= 0``) as an 8-bit 0/255 PNG."""
     m = _as_mask(mask)
-    img = Image.fromarray(np.ascontiguousarray(m.astype(np.uint8) * np.uint8(255)))
+    img = Image.fromarray(np.ascontiguousarray(np.multiply(m, np.uint8(255), dtype=np.uint8)))
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG", compress_level=PNG_LEVEL, compress_type=PNG_MASK_STRATEGY)
     return Path(path)
@@ -393,7 +393,9 @@ def _blend(
             if hi > lo:
                 norm = np.subtract(hp, np.float32(lo), dtype=np.float32)
                 norm /= np.float32(hi - lo)
-                norm[~np.isfinite(hp)] = 0.0
+                finite = np.isfinite(hp)
+                if not finite.all():
+                    norm[~finite] = 0.0
             else:
                 norm = np.zeros(hp.shape, np.float32)
             _mix(out, jet_colors(norm), alpha)
@@ -401,7 +403,10 @@ def _blend(
             colours = layers.palette[layers.labels[a:b]].astype(np.float32)
             colours /= np.float32(255.0)
             _mix(out, colours, alpha)
-        np.clip(out, 0.0, 1.0, out=out)
+        if not 0.0 <= alpha <= 1.0:
+            # else every layer and weight is in [0, 1]: a sum above 1 is at most a few ulps
+            # over and still truncates to 255 below, so the clip would change nothing
+            np.clip(out, 0.0, 1.0, out=out)
         out *= np.float32(255.0)
         out += np.float32(0.5)
         rgb[a:b] = out  # uint8 assignment truncates, as astype did
