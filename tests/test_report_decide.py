@@ -169,6 +169,19 @@ def test_quantisation_rule_matches_the_threshold():
         assert abs(got - exact) <= int((np.abs(a.astype(np.float64) - t) <= step / 2).sum())
 
 
+@pytest.mark.parametrize("shape", [(50, 70), (1, 1), (3, 301)])
+def test_view_histogram_counts_every_code_of_the_full_map(shape):
+    rng = np.random.default_rng(sum(shape))
+    for a in (
+        rng.normal(size=shape).astype(np.float32),
+        np.full(shape, 0.25, np.float32),  # one value: every pixel code 0
+        np.where(rng.random(shape) < 0.2, np.nan, rng.random(shape)).astype(np.float32),
+    ):
+        hist = make_view(a)["hist"]
+        want = np.bincount(quantise(a)[0].ravel(), minlength=CODES)
+        assert hist == want.tolist() and sum(hist) == a.size
+
+
 def test_multitask_rows_are_labelled(tmp_path, capsys):
     d = tmp_path / "d"
     d.mkdir()
