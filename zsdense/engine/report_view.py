@@ -135,7 +135,7 @@ def make_view(amap: np.ndarray, image: np.ndarray | None = None) -> dict:
         "w": int(w),
         "lo": lo,
         "hi": hi,
-        "hist": [int(c) for c in hist],
+        "hist": hist,  # Python ints already
         "map": _b64(buf.getvalue()),
         "orig": None,
     }
