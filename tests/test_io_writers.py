@@ -69,13 +69,25 @@ def test_atomic_path_failure_keeps_old_file_and_removes_temp(tmp_path: Path) -> 
 
 
 def test_encoder_failing_midway_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
-    def half_save(self, fp, format=None, **kw):  # writes some bytes, then dies
+    real_write_bytes = Path.write_bytes
+
+    def half_write(self, data):  # writes some bytes, then dies
+        real_write_bytes(self, bytes(data[:8]))
+        raise OSError("disk full")
+
+    with monkeypatch.context() as m:
+        m.setattr(Path, "write_bytes", half_write)
+        with pytest.raises(OSError, match="disk full"):
+            write_mask_png(tmp_path / "out" / "m.mask.png", np.ones((4, 4), bool))
+    assert _files(tmp_path / "out") == []
+
+    def half_save(self, fp, format=None, **kw):  # Pillow's encoder, the same way
         Path(fp).write_bytes(b"\x89PNG partial")
         raise OSError("disk full")
 
     monkeypatch.setattr(Image.Image, "save", half_save)
     with pytest.raises(OSError, match="disk full"):
-        write_mask_png(tmp_path / "out" / "m.mask.png", np.ones((4, 4), bool))
+        write_label_png(tmp_path / "out" / "l.png", np.ones((4, 4), np.uint8))
     assert _files(tmp_path / "out") == []
 
     import tifffile
@@ -110,6 +122,9 @@ def test_mask_png_is_8bit_0_255(tmp_path: Path) -> None:
     np.testing.assert_array_equal(a == 255, m)
     with pytest.raises(ValueError, match=r"\(H, W\)"):
         write_mask_png(tmp_path / "bad.png", np.zeros((2, 2, 2), bool))
+    with pytest.raises(ValueError, match="empty mask"):
+        write_mask_png(tmp_path / "empty.png", np.zeros((0, 3), bool))
+    assert not (tmp_path / "empty.png").exists()
 
 
 def test_voc_palette_known_values() -> None:
