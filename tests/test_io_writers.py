@@ -435,6 +435,34 @@ def test_caption_that_fits_is_measured_once(monkeypatch) -> None:
     assert line_h == real(draw, cap, font)[1] + 4 and strip_h == line_h + 8
 
 
+def test_default_font_is_loaded_once_per_size_and_thread(tmp_path) -> None:
+    """The overlay's font comes from a per-thread cache (bounded), and an overlay drawn with a
+    cached font is the same file as one drawn with a freshly loaded font."""
+    import threading
+
+    from zsdense.io import overlay_text
+
+    f12 = overlay_text.default_font(12)
+    assert overlay_text.default_font(12) is f12 and overlay_text.default_font(13) is not f12
+    other: list = []
+    t = threading.Thread(target=lambda: other.append(overlay_text.default_font(12)))
+    t.start()
+    t.join()
+    assert other[0] is not f12  # another thread loads its own
+    for size in range(20, 20 + overlay_text.FONTS_KEPT + 2):
+        overlay_text.default_font(size)
+    assert overlay_text.default_font(12) is not f12  # evicted: at most FONTS_KEPT sizes kept
+    img = RNG.random((480, 400, 3)).astype(np.float32)  # font size min(480, 400) // 40 = 10
+    heat = RNG.random((60, 50)).astype(np.float32)
+    cap = "score 0.53 - a caption that needs more than one line " * 3
+    write_overlay_jpg(tmp_path / "a.jpg", img, heat=heat, caption=cap)  # loads, then cached
+    write_overlay_jpg(tmp_path / "b.jpg", img, heat=heat, caption=cap)
+    overlay_text._FONTS.by_size.clear()
+    write_overlay_jpg(tmp_path / "c.jpg", img, heat=heat, caption=cap)
+    a = (tmp_path / "a.jpg").read_bytes()
+    assert a == (tmp_path / "b.jpg").read_bytes() == (tmp_path / "c.jpg").read_bytes()
+
+
 @pytest.mark.parametrize("width", [1, 2, 3])
 def test_mask_outline_is_the_mask_less_its_erosion(width) -> None:
     """The outline drawn on overlays: mask minus its cross erosion (border = background), as
