@@ -156,10 +156,24 @@ def test_rerun_after_failures_names_the_file(run, tmp_path, capsys):
     assert "--retry-errors" in err and "0 ok, 1 failed" in err
 
 
-def test_quantisation_rule_matches_the_threshold():
+def _maps_to_quantise() -> list[np.ndarray]:
     rng = np.random.default_rng(1)
-    a = rng.normal(size=(50, 70)).astype(np.float32)
+    big = np.finfo(np.float32).max
+    one_ulp = np.array([1.0, np.nextafter(np.float32(1.0), np.float32(2.0))], np.float32)
+    tiny = np.array([0.0, 1e-45, 3e-45, 1e-44], np.float32)  # subnormals
+    return [
+        rng.normal(size=(50, 70)).astype(np.float32),
+        np.array([-big, 0.0, big, big / 3, -big / 7], np.float32).reshape(1, 5),
+        np.resize(one_ulp, (4, 6)),
+        np.resize(tiny, (3, 8)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_quantisation_rule_matches_the_threshold(case):
+    a = _maps_to_quantise()[case]
     codes, lo, hi = quantise(a)
+    assert codes.min() == 0 and codes.max() == CODES - 1  # the extremes: the ends of the range
     step = (hi - lo) / (CODES - 1)
     assert np.abs(lo + codes * step - a).max() <= step / 2 + 1e-6
     for t in (lo - 1, lo, float(np.median(a)), hi, hi + 1):
@@ -338,12 +352,14 @@ def test_ci_installs_the_browser():
     assert os.access(ci, os.X_OK)
 
 
-def test_view_of_an_8_bit_picture_equals_the_view_of_its_floats():
+@pytest.mark.parametrize("shape", [(150, 230, 3), (480, 640, 3), (400, 700, 4), (300, 520)])
+def test_view_of_an_8_bit_picture_equals_the_view_of_its_floats(shape):
     """The engine hands ``make_view`` the context's uint8 pixels when it knows them: the same
-    thumbnail bytes as from the float image they were divided into."""
+    thumbnail bytes as from the float image they were divided into (thinned to every k-th
+    pixel first for large pictures, an alpha channel or grey included)."""
     rng = np.random.default_rng(6)
-    amap = rng.random((150, 230), np.float32)
-    u8 = rng.integers(0, 256, (150, 230, 3), dtype=np.uint8)
+    amap = rng.random(shape[:2], np.float32)
+    u8 = rng.integers(0, 256, shape, dtype=np.uint8)
     assert make_view(amap, u8) == make_view(amap, u8.astype(np.float32) / np.float32(255.0))
 
 

@@ -78,7 +78,8 @@ def quantise(amap: np.ndarray) -> tuple[np.ndarray, float, float]:
     codes = np.subtract(a, lo, dtype=np.float64)
     codes /= step
     np.rint(codes, out=codes)
-    np.clip(codes, 0, CODES - 1, out=codes)
+    # no clip: every value is in [lo, hi] here, so (v - lo) / step is in [0, 255 (1 + 2 eps)]
+    # (rounding is monotone) and rounds into 0..255
     return codes.astype(np.uint8), lo, hi
 
 
@@ -87,6 +88,17 @@ def _decimate(a: np.ndarray, h: int, w: int) -> np.ndarray:
     a thumbnail does not need every pixel of a large image."""
     k = max(1, min(a.shape[0] // (2 * h), a.shape[1] // (2 * w)))
     return a[::k, ::k] if k > 1 else a
+
+
+def _packed(a: np.ndarray) -> np.ndarray:
+    """A C-contiguous copy of a strided (h, w, c) array, one channel at a time: numpy copies
+    strided pixels of 3 bytes slowly (0.59 against 0.08 ms for a 240x320 RGB picture)."""
+    if a.flags.c_contiguous:
+        return a
+    out = np.empty(a.shape, a.dtype)
+    for c in range(a.shape[2]):
+        out[:, :, c] = a[:, :, c]
+    return out
 
 
 def code_threshold(lo: float, hi: float, t: float) -> int:
@@ -147,7 +159,7 @@ def make_view(amap: np.ndarray, image: np.ndarray | None = None) -> dict:
         if img.shape[2] == 1:
             img = np.repeat(img, 3, axis=2)
         if img.dtype == np.uint8:  # an 8-bit picture (u8 / 255 is the float image): as is
-            rgb = img
+            rgb = _packed(img)
         else:
             # one new array, scaled and rounded in place (the dtype the expression would have)
             f = np.clip(img, 0, 1).astype(np.result_type(img.dtype, np.float32), copy=False)
