@@ -240,6 +240,27 @@ def test_dattn_bad_mean_option():
 # ---- maps, fusion orders, score pooling ------------------------------------------------------
 
 
+@pytest.mark.parametrize("n_maps", [1, 3])
+@pytest.mark.parametrize("soft_mean", [True, False])
+def test_crane_maps_of_the_abnormal_channel_alone_are_the_same(n_maps, soft_mean):
+    """What the heads ask for (``abnormal_only``): the same anomaly maps and scores, bit for bit,
+    without the normal channel's map (soft mean); the hard order needs both and ignores it."""
+    g = torch.Generator().manual_seed(n_maps)
+    grid, size = (5, 7), (33, 41)
+    maps = [F.normalize(torch.randn(2, 35, 16, generator=g), dim=-1) for _ in range(n_maps)]
+    text = F.normalize(torch.randn(2, 16, generator=g), dim=-1)
+    glob = F.normalize(torch.randn(2, 16, generator=g), dim=-1)
+    kw = dict(grid=grid, size=size, soft_mean=soft_mean, temperature=0.07)
+    full = crane_maps(maps, text, glob, **kw)
+    alone = crane_maps(maps, text, glob, abnormal_only=True, **kw)
+    assert torch.equal(alone.anomaly_map, full.anomaly_map)
+    assert torch.equal(alone.anomaly_score, full.anomaly_score)
+    assert alone.anomaly_map.shape == (2, *size)
+    assert (alone.score_map is None) == soft_mean
+    kept = crane_maps(maps, text, glob, abnormal_only=True, keep_steps=True, **kw)
+    assert kept.score_map is not None and torch.equal(kept.anomaly_map, full.anomaly_map)
+
+
 def test_fusion_orders_and_score_pooling_on_hand_made_tokens():
     t = 0.07
     text = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # logits = tokens / t

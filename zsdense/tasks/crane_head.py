@@ -239,6 +239,7 @@ def crane_model_maps(
         soft_mean=cfg.soft_mean,
         temperature=cfg.temperature,
         alpha=cfg.fusion_alpha,
+        abnormal_only=True,
     )
     smoothed = smooth_maps(r.anomaly_map, cfg.sigma, cfg.smoothing_backend)
     return smoothed, r.anomaly_score, dict(feats[0]["info"])

@@ -224,6 +224,7 @@ class PromptTrainer:
                 soft_mean=preset.soft_mean,
                 temperature=preset.temperature,
                 alpha=preset.fusion_alpha,
+                abnormal_only=True,
             )
             maps = smooth_maps(r.anomaly_map, preset.sigma).cpu().numpy()
             for m, k, ok in zip(maps, masks.numpy(), known):
