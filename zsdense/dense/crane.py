@@ -374,7 +374,8 @@ def crane_maps(
             steps.update(layer_probs=probs, layer_probs_upsampled=up)
     else:
         up = upsample_grid(logits.reshape(L * B, -1, 2), grid, size).reshape(L, B, *size, 2)
-        mean_logits = up.mean(dim=0)
+        # (B, S, S, 2) laid out channel last, as the softmax over the channels always ran
+        mean_logits = up.mean(dim=0).contiguous()
         score_map = mean_logits.softmax(dim=-1)
         if keep_steps:
             steps.update(layer_logits_upsampled=up, mean_logits_map=mean_logits)
