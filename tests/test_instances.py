@@ -232,7 +232,10 @@ def test_component_statistics_equal_ndimage_on_many_specks():
     assert n > 50
     order = I._ordered(np.bincount(lab.ravel(), minlength=n + 1)[1:])
     assert np.array_equal(I._components(lab, n)[2], ndimage.sum(mask, lab, np.arange(1, n + 1)))
+    for a, b in zip(I._components(lab, n), I._components(lab, n, mask)):  # the mask's scan
+        assert np.array_equal(a, b)
     got = I.mask_instances(mask, score)
+    assert I.mask_instances(np.where(mask, 255, 0).astype(np.uint8), score) == got
     idx = np.arange(1, n + 1)
     s64 = score.astype(np.float64)
     assert [g["score_max"] for g in got] == list(

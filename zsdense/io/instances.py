@@ -54,11 +54,15 @@ def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return lab.astype(np.int32, copy=False), int(n)
 
 
-def _components(lab: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _components(
+    lab: np.ndarray, n: int, mask: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(flat indices of the mask's pixels in raster order, their component labels, the areas
-    of components 1..n): one scan of the label image, shared by every statistic."""
+    of components 1..n): one scan of the label image, shared by every statistic. ``mask``: the
+    boolean mask ``lab`` labels, whose scan finds the same pixels 4x faster (a byte a pixel
+    against the labels' four)."""
     flat = lab.ravel()
-    fg = np.flatnonzero(flat)
+    fg = np.flatnonzero(flat if mask is None else mask.ravel())
     comp = flat[fg]
     return fg, comp, np.bincount(comp, minlength=n + 1)[1:]
 
@@ -114,10 +118,11 @@ def _stats(
 def mask_instances(mask: np.ndarray, score_map: np.ndarray | None = None) -> list[dict]:
     """The instances (see the module docstring) of a binary ``mask`` (H, W), with the max and
     mean of ``score_map`` (H, W) over each when given."""
-    lab, n = label_components(mask)
+    m = np.asarray(mask).astype(bool, copy=False)
+    lab, n = label_components(m)
     if n == 0:
         return []
-    fg, comp, areas = _components(lab, n)
+    fg, comp, areas = _components(lab, n, m)
     return _stats(lab, fg, comp, areas, score_map)
 
 
