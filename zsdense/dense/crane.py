@@ -324,7 +324,9 @@ def upsample_grid(values_bnk: torch.Tensor, grid: tuple[int, int], size: tuple[i
 
     The small grid is made contiguous (B, K, h, w) first: interpolated from the channels-last
     view of the tokens, torch took 4-7x as long for K = 2 (1.2-1.8 against 0.3-0.6 ms for four
-    224x224 maps; the same values in every shape and CPU capability tried)."""
+    224x224 maps). For K <= 3 torch's CPU bilinear kernel is chosen by the channel count and the
+    output size, not the layout (its vectorised channels-last kernel is for K > 3), so the
+    values are the same (and were in every shape and CPU capability tried)."""
     b, n, k = values_bnk.shape
     g = values_bnk.reshape(b, grid[0], grid[1], k).permute(0, 3, 1, 2).contiguous()
     g = F.interpolate(g, size=size, mode="bilinear", align_corners=False)
