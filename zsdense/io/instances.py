@@ -190,7 +190,7 @@ def instance_masks(
         if k not in cache:
             m = arr == k if k is not None else arr.astype(bool)
             lab, n = label_components(m)
-            cache[k] = (lab, _ordered(_components(lab, n)[2]) if n else np.zeros(0, dtype=int))
+            cache[k] = (lab, _ordered(_components(lab, n, m)[2]) if n else np.zeros(0, dtype=int))
         lab, labels = cache[k]
         rank = seen.get(k, 0)
         seen[k] = rank + 1

@@ -414,10 +414,11 @@ def _blend(
                     norm[~finite] = 0.0
             else:
                 norm = np.zeros(hp.shape, np.float32)
-            _mix(out, jet_colors(norm, scale=alpha), alpha, scaled=True)
+            _mix(out, jet_colors(norm, scale=alpha), alpha)
         if layers.labels is not None:
             colours = layers.palette[layers.labels[a:b]].astype(np.float32)
             colours /= np.float32(255.0)
+            colours *= np.float32(alpha)
             _mix(out, colours, alpha)
         if not 0.0 <= alpha <= 1.0:
             # else every layer and weight is in [0, 1]: a sum above 1 is at most a few ulps
@@ -434,13 +435,11 @@ def _blend(
     return rgb
 
 
-def _mix(out: np.ndarray, layer: np.ndarray, alpha: float, scaled: bool = False) -> None:
-    """``out = (1 - alpha) * out + alpha * layer`` in place (``layer`` is overwritten;
-    ``scaled``: it holds ``alpha * layer`` already)."""
+def _mix(out: np.ndarray, scaled_layer: np.ndarray, alpha: float) -> None:
+    """``out = (1 - alpha) * out + scaled_layer`` in place, ``scaled_layer`` being
+    ``float32(alpha) * layer`` already (each layer is scaled as it is made)."""
     out *= np.float32(1.0 - alpha)
-    if not scaled:
-        layer *= np.float32(alpha)
-    out += layer
+    out += scaled_layer
 
 
 # ---- the one output path of every result --------------------------------------------------
