@@ -193,6 +193,86 @@ def test_dual_attention_float32_keeps_the_fused_kernel(monkeypatch):
     assert not called
 
 
+def _tiny_clip_pair():
+    """A tiny CLIP in float32 and a bf16 copy of the same weights."""
+    import copy
+
+    from zsdense.models.clip import build_tiny_clip
+
+    c32 = build_tiny_clip("ViT-B-16")
+    c16 = copy.deepcopy(c32)
+    c16.model.to(BF16)
+    c16.clear_caches()
+    return c32, c16
+
+
+def test_eattn_bf16_refined_stream_projected_once(monkeypatch):
+    """bf16 on the CPU, as run: the refined stream's per-block output projections become one
+    product (``ClipModel.stacked_out_proj``, asked once a forward); it stays as close to
+    float32 as the per-block sums (closer: one rounding instead of one a block). float32, the
+    per-layer variant and the kept streams add block by block, as before."""
+    from zsdense.dense import crane
+
+    c32, c16 = _tiny_clip_pair()
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 3, 48, 64, generator=g)
+    start = crane.scale_block(6, c32.num_layers)
+    asked = []
+    for clip in (c32, c16):
+        spy = lambda a, b, real=clip.stacked_out_proj: asked.append(a) or real(a, b)
+        monkeypatch.setattr(clip, "stacked_out_proj", spy)
+    with torch.inference_mode():
+        ref = crane.eattn_dual_path(c32, x, start_block=start)
+        assert asked == []  # float32: block by block
+        one = crane.eattn_dual_path(c16, x.to(BF16), start_block=start)
+        assert asked == [start - 1]
+        monkeypatch.setattr(crane, "MATERIALISE_DTYPES", ())  # the per-block sums in bf16
+        per_block = crane.eattn_dual_path(c16, x.to(BF16), start_block=start)
+        assert asked == [start - 1]
+    want = ref.dense_raw[0]
+    scale = want.abs().max()
+    err_one = (one.dense_raw[0].float() - want).abs()
+    err_blocks = (per_block.dense_raw[0].float() - want).abs()
+    assert one.dense_raw[0].dtype == BF16 and one.dense_raw[0].shape == want.shape
+    assert err_one.max() < 0.03 * scale and err_blocks.max() < 0.03 * scale
+    assert err_one.mean() <= 1.5 * err_blocks.mean()
+    assert torch.equal(one.global_raw, per_block.global_raw)  # the original stream: untouched
+    monkeypatch.undo()
+    with torch.inference_mode():  # the per-layer variant reads the stream between blocks
+        last = c16.num_layers
+        layered = crane.eattn_dual_path(c16, x.to(BF16), start_block=start, layers=(start, last))
+    assert layered.layers == [start, last]
+    assert (layered.dense_raw[1].float() - want).abs().max() < 0.03 * scale
+
+
+def test_stacked_out_proj_is_the_sum_of_the_blocks_projections():
+    """``Σ_j out_proj_j(x_j)`` = one product with the projections side by side; the pair is
+    cached and rebuilt after a weight changes (in place) or the model changes dtype."""
+    from zsdense.dense.attention import out_proj
+
+    c32, _ = _tiny_clip_pair()
+    c64 = c32
+    c64.model.double()
+    c64.clear_caches()
+    first, last = 1, c64.num_layers
+    width = c64.width
+    g = torch.Generator().manual_seed(9)
+    xs = [torch.randn(2, 5, width, generator=g, dtype=torch.float64) for _ in range(first, last)]
+    weight, bias = c64.stacked_out_proj(first, last)
+    assert weight.shape == (width, width * (last - first)) and bias.shape == (width,)
+    want = sum(out_proj(c64.block(i), x) for i, x in zip(range(first, last), xs))
+    got = F.linear(torch.cat(xs, dim=-1), weight, bias)
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+    assert c64.stacked_out_proj(first, last)[0] is weight  # cached
+    with torch.no_grad():
+        c64.block(first).out_proj_weight.mul_(2.0)
+    again, _ = c64.stacked_out_proj(first, last)
+    assert again is not weight and torch.equal(again[:, :width], 2.0 * weight[:, :width])
+    c64.model.float()
+    w32, b32 = c64.stacked_out_proj(first, last)
+    assert w32.dtype == b32.dtype == torch.float32
+
+
 # ---- SAM mask decoder in bf16 ---------------------------------------------------------------
 
 

@@ -36,8 +36,8 @@ def _cast(model, dtype):
         inner.image_encoder.to(dtype)
     elif inner is not None:
         inner.to(dtype)
-        if hasattr(model, "_pos_cache"):
-            model._pos_cache.clear()
+        if hasattr(model, "clear_caches"):
+            model.clear_caches()
     return model
 
 
