@@ -76,3 +76,44 @@ def test_faiss_backend_identical_neighbours(data, k):
     assert torch.equal(d_t, d_f)  # distances are recomputed from the neighbours by one code
     d_raw, _ = knn_search(q, blocks, k, backend="faiss", refine=False)
     assert torch.allclose(d_raw, d_f, atol=1e-4)
+
+
+@pytest.mark.parametrize("width", [64 * 4, 64 * 9 + 17, 1000, 255, 64 * 4 - 1])
+def test_row_min_is_torchs_min_with_first_indices(width):
+    """The pieced minimum gives torch's ``min(dim=1)``: the same values and the first index of
+    each row's minimum, with ties inside a piece, across pieces and in the narrower last piece,
+    infinities, and a NaN row (torch's own answer)."""
+    from zsdense.dense.knn import ROW_MIN_CHUNK, _row_min
+
+    g = torch.Generator().manual_seed(width)
+    d = torch.randn(12, width, generator=g)
+    low = d.min(dim=1).values - 1.0
+    d[0, [5, 3]] = low[0]  # a tie inside the first piece: index 3 is the first
+    d[1, [width - 1, ROW_MIN_CHUNK + 2]] = low[1]  # across pieces
+    d[2, [width - 2, width - 1]] = low[2]  # at the end (the last piece may be narrower)
+    d[3, :] = 7.0  # all equal: index 0
+    d[4, ROW_MIN_CHUNK * 2] = float("-inf")
+    d[5, :] = float("inf")
+    d[6, width // 2] = float("nan")
+    d[7, [1, width - 1]] = float("-inf")
+    want_v, want_i = d.min(dim=1, keepdim=True)
+    got_v, got_i = _row_min(d)
+    assert torch.equal(got_i, want_i)
+    assert torch.equal(torch.nan_to_num(got_v), torch.nan_to_num(want_v))
+    assert torch.isnan(got_v[6]).all() and got_v.shape == want_v.shape == (12, 1)
+    assert got_i.dtype == torch.long
+
+
+def test_row_min_serves_the_search(data, monkeypatch):
+    """k = 1 steps take their minimum through ``_row_min`` (wide steps), and the neighbours stay
+    the brute-force ones."""
+    from zsdense.dense import knn
+
+    q, m = data
+    seen = []
+    real = knn._row_min
+    monkeypatch.setattr(knn, "_row_min", lambda d: seen.append(d.shape) or real(d))
+    d, i = knn_search(q, m, 1)
+    assert seen and all(s[0] <= q.shape[0] for s in seen)
+    bd, bi = _brute(q, m, 1)
+    assert torch.equal(i, bi) and torch.allclose(d, bd, rtol=1e-5, atol=1e-5)

@@ -282,7 +282,7 @@ def _scan_blocks(q_all, blocks, norms, k, elems, q_chunk, *, shift):
                 d = buf[: nq * mb.shape[0]].view(nq, mb.shape[0])
                 torch.addmm(bn_all[None, m0 : m0 + m_step], q, mb.T, alpha=-2.0, out=d)
                 if k == 1:
-                    dv, di = d.min(dim=1, keepdim=True)
+                    dv, di = _row_min(d)
                 else:
                     dv, di = torch.topk(d, min(k, d.shape[1]), dim=1, largest=False, sorted=True)
                 best_d, best_i = _merge_best(best_d, best_i, dv.float(), di + (offset + m0), k)
@@ -294,6 +294,40 @@ def _scan_blocks(q_all, blocks, norms, k, elems, q_chunk, *, shift):
         out_d[q0 : q0 + nq] = (best_d + qn).clamp_(min=0.0)
         out_i[q0 : q0 + nq] = best_i
     return out_d, out_i
+
+
+# Width of the pieces :func:`_row_min` takes the minimum of at once
+ROW_MIN_CHUNK = 64
+
+
+def _row_min(d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``d.min(dim=1, keepdim=True)`` of a step's distances (the value and the *first* index of
+    each row's minimum: the same values and indices), faster for float32 on the CPU.
+
+    torch's ``min`` with indices runs a scalar loop over every value on the CPU (1.7–2.5 ms for
+    4 M float32 values here), its value-only ``amin`` a vectorised one (0.1 ms). So each row is
+    cut into pieces of ``ROW_MIN_CHUNK`` values: ``amin`` over every piece, the indexed ``min``
+    over the pieces' minima (the first piece holding the row's minimum) and over that one
+    piece's values (the first place in it): 0.3–0.5 ms for the same 4 M values. The minimum is
+    exact, so the values are the same bits; a row with a NaN takes torch's own ``min``. Other
+    dtypes (bf16's ``amin`` is no faster here), devices and narrow rows go to ``min`` as well.
+    """
+    n, m = d.shape
+    c = ROW_MIN_CHUNK
+    if d.dtype != torch.float32 or d.device.type != "cpu" or m < 4 * c or not d.is_contiguous():
+        return d.min(dim=1, keepdim=True)
+    full = m - m % c
+    piece_min = d[:, :full].view(n, full // c, c).amin(dim=2)  # (n, full / c)
+    if full < m:  # the narrower last piece
+        piece_min = torch.cat([piece_min, d[:, full:].amin(dim=1, keepdim=True)], dim=1)
+    value, piece = piece_min.min(dim=1, keepdim=True)  # the first piece holding the minimum
+    if bool(torch.isnan(value).any()):
+        return d.min(dim=1, keepdim=True)
+    start = piece * c
+    cols = (start + torch.arange(c, device=d.device)).clamp_max_(m - 1)  # (n, c)
+    # in the last piece the clamped columns repeat column m - 1 after it: never a first place
+    _, within = d.gather(1, cols).min(dim=1, keepdim=True)
+    return value, start + within
 
 
 def _knn_torch_reduced(
