@@ -358,3 +358,29 @@ def test_unknown_variant_is_config_error():
 
 
 _ = np  # numpy used by other tests in this module family
+
+
+@pytest.mark.parametrize("k", [2, 3, 21, 256, 257])
+def test_class_max_is_torchs_max_with_first_classes(k, monkeypatch):
+    """The marked maximum gives torch's ``max(dim=0)``: the same scores and the first class
+    holding each pixel's maximum (ties between classes), in pieces of pixels too; NaN pixels
+    and over 256 classes take torch's own answer."""
+    from zsdense.tasks import openvocab as ov
+
+    g = torch.Generator().manual_seed(k)
+    s = torch.rand(k, 13, 17, generator=g)
+    s[:, 0, :5] = 0.5  # every class ties: class 0
+    s[[1, k - 1], 1, 1] = 2.0  # the first of two
+    s[k - 1, 2, 2] = 3.0  # the last class alone
+    s[:, 3, 3] = torch.arange(k, dtype=torch.float32)  # rising: the last class
+    monkeypatch.setattr(ov, "CLASS_MAX_PIXELS", 50)  # 221 pixels in five pieces
+    want = s.max(dim=0)
+    got_v, got_i = ov.class_max(s)
+    assert torch.equal(got_v, want.values) and torch.equal(got_i, want.indices)
+    assert got_i.dtype == torch.long and got_i.shape == (13, 17)
+    s[k // 2, 4, 4] = float("nan")
+    want = s.max(dim=0)
+    got_v, got_i = ov.class_max(s)
+    assert torch.equal(got_i, want.indices)
+    assert torch.equal(torch.nan_to_num(got_v), torch.nan_to_num(want.values))
+    assert torch.equal(ov.class_max(s.transpose(1, 2))[1], s.transpose(1, 2).max(dim=0).indices)

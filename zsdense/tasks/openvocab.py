@@ -135,12 +135,49 @@ def resize_image(image_hwc: np.ndarray, size_hw: tuple[int, int]) -> torch.Tenso
 # decision
 
 
+# Pixels :func:`class_max` marks at once (its byte marks: classes × this many bytes)
+CLASS_MAX_PIXELS = 1 << 20
+
+
+def class_max(scores_khw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``scores.max(dim=0)``: each pixel's largest class score and the *first* class holding it
+    (the same values and indices), in vectorised passes.
+
+    torch's indexed max over the first dimension runs a scalar loop on the CPU (13 ms for 21
+    classes at 480×640 here; ``argmax`` 30 ms), its value-only ``amax`` a vectorised one. So:
+    the maximum by ``amax``; each class marked (one byte) where it holds it, with the weight
+    K−1−k (the first class weighs most); the first class = K−1 − the largest mark (``amax``
+    again): 3.9 ms for the same 21 × 480 × 640 scores. The marks are made for
+    ``CLASS_MAX_PIXELS`` pixels at a time. A NaN (torch's max propagates it, with its index),
+    over 256 classes and other devices go to torch's own ``max``.
+    """
+    k = scores_khw.shape[0]
+    if (
+        scores_khw.device.type != "cpu"
+        or not 2 <= k <= 256
+        or not scores_khw.dtype.is_floating_point
+        or not scores_khw.is_contiguous()
+    ):
+        return tuple(scores_khw.max(dim=0))
+    mx = scores_khw.amax(dim=0)
+    if bool(torch.isnan(mx).any()):
+        return tuple(scores_khw.max(dim=0))
+    flat, top = scores_khw.reshape(k, -1), mx.reshape(-1)
+    labels = torch.empty(top.shape, dtype=torch.long)
+    weight = torch.arange(k - 1, -1, -1, dtype=torch.uint8)[:, None]
+    for p0 in range(0, top.numel(), CLASS_MAX_PIXELS):
+        part = slice(p0, p0 + CLASS_MAX_PIXELS)
+        marks = (flat[:, part] == top[part]).view(torch.uint8).mul_(weight)  # (k, pixels)
+        torch.sub(k - 1, marks.amax(dim=0), out=labels[part])
+    return mx, labels.view(mx.shape)
+
+
 def coarse_decision(
     clf: TextClassifier, cos_qhw: torch.Tensor, logit_scale: float, prob_thd: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(probs (K, H, W), labels (H, W)) from cosine logits (Q, H, W)."""
     probs = clf.class_probs(cos_qhw.float(), logit_scale)
-    mx, labels = probs.max(dim=0)
+    mx, labels = class_max(probs)
     if prob_thd > 0:
         labels = torch.where(mx < prob_thd, torch.zeros_like(labels), labels)
     return probs, labels
@@ -283,7 +320,7 @@ def half_res_inputs(
     ph = F.interpolate(probs_khw[None], size=(h2, w2), mode="bilinear", align_corners=False)[0]
     lh = F.interpolate(labels_hw[None, None].float(), size=(h2, w2), mode="nearest")[0, 0].long()
     if coarse_thresh > 0:
-        lh = torch.where(ph.max(dim=0).values < coarse_thresh, torch.full_like(lh, -1), lh)
+        lh = torch.where(ph.amax(dim=0) < coarse_thresh, torch.full_like(lh, -1), lh)
     return ph, lh
 
 
@@ -476,11 +513,11 @@ def sam_refine(
                 failed |= up[0, 0] > 0
         if bool(keep.any()):
             lk = logits[keep]
-            best = torch.sigmoid(lk).max(dim=0).values
+            best = torch.sigmoid(lk).amax(dim=0)
             union = (lk > 0).any(dim=0)
             scores[cp.cls] = probs_khw[cp.cls] * best * union
             kept_boxes.append(cp.boxes_xyxy[keep.cpu()] * 2)
-    labels = scores.argmax(dim=0)
+    labels = class_max(scores)[1]
     none = (scores == 0).all(dim=0)
     labels = torch.where(none, labels_hw, labels)
     out_probs = torch.maximum(scores, probs_khw * failed)
