@@ -249,9 +249,9 @@ def test_stacked_out_proj_is_the_sum_of_the_blocks_projections():
     """``Σ_j out_proj_j(x_j)`` = one product with the projections side by side; the pair is
     cached and rebuilt after a weight changes (in place) or the model changes dtype."""
     from zsdense.dense.attention import out_proj
+    from zsdense.models.clip import build_tiny_clip
 
-    c32, _ = _tiny_clip_pair()
-    c64 = c32
+    c64 = build_tiny_clip("ViT-B-16")
     c64.model.double()
     c64.clear_caches()
     first, last = 1, c64.num_layers

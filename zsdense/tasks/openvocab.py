@@ -147,7 +147,7 @@ def class_max(scores_khw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     classes at 480×640 here; ``argmax`` 30 ms), its value-only ``amax`` a vectorised one. So:
     the maximum by ``amax``; each class marked (one byte) where it holds it, with the weight
     K−1−k (the first class weighs most); the first class = K−1 − the largest mark (``amax``
-    again): 3.9 ms for the same 21 × 480 × 640 scores. The marks are made for
+    again): 3.7–3.9 ms for the same 21 × 480 × 640 scores. The marks are made for
     ``CLASS_MAX_PIXELS`` pixels at a time. A NaN (torch's max propagates it, with its index),
     over 256 classes and other devices go to torch's own ``max``.
     """
