@@ -31,11 +31,13 @@ CUDA) and the precision (``--precision auto`` picks the machine's best: bf16 whe
 
 ``musc`` scores a set: its row is per image of a ``--musc-images`` set (20; 6 with ``--quick``).
 Then images per second of ``crane`` through the local engine (``run_batch``: decoding in threads
-ahead of the encoders, outputs written) at ``--batch-size`` 1 and 4, on ViT-B/16 and, unless
-``--quick``, ViT-L/14-336. The last line is ``ratios: name=value ...`` for every preset.
+ahead of the encoders, outputs written) at each ``--throughput-batches`` size (1 and 4; a GPU run
+adds 16), on ViT-B/16 and, unless ``--quick``, ViT-L/14-336. The last line is
+``ratios: name=value ...`` for every preset. ``bench/device_check.sh`` is the prepared script
+for a lent GPU (README, "Benchmarks").
 
     python bench/bench_all.py [--quick] [--repeats 3] [--device cpu|cuda] [--set P.OPTION=V]
-        [--precision fp32|bf16|auto] [--threads N] [--top N]
+        [--precision fp32|bf16|auto] [--threads N] [--top N] [--throughput-batches 1,4,16]
 """
 
 from __future__ import annotations
@@ -250,10 +252,17 @@ def target(r: dict) -> str:
 
 
 def throughput(
-    seg, archs: list[str], n: int, hw: tuple[int, int], size_for, repeats: int
+    seg,
+    archs: list[str],
+    n: int,
+    hw: tuple[int, int],
+    size_for,
+    repeats: int,
+    batches: tuple[int, ...] = (1, 4),
 ) -> list[dict]:
-    """Images per second of ``crane`` through the local engine at batch 1 and 4 (the minimum
-    wall time of ``repeats`` interleaved runs; every output written)."""
+    """Images per second of ``crane`` through the local engine at each batch size of
+    ``batches`` (the minimum wall time of ``repeats`` interleaved runs; every output
+    written)."""
     rows = []
     root = Path(tempfile.mkdtemp(prefix="zsb-all-"))
     try:
@@ -262,7 +271,7 @@ def throughput(
         for arch in archs:
             cfg = common.crane_cfg(arch, size_for(arch))
             runner(seg, data, [cfg], root / "warm", 1)  # models, text embeddings
-            best = {1: float("inf"), 4: float("inf")}
+            best = {int(bs): float("inf") for bs in batches}
             for _ in range(max(1, repeats)):  # interleaved: load changes hit both alike
                 for bs in best:
                     best[bs] = min(best[bs], runner(seg, data, [cfg], root / f"b{bs}", bs)[0])
@@ -272,6 +281,19 @@ def throughput(
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return rows
+
+
+def parse_batches(text: str) -> tuple[int, ...]:
+    """``--throughput-batches``: comma-separated positive batch sizes, in order, each once."""
+    try:
+        sizes = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive batch sizes such as 1,4,16, got {text!r}"
+        )
+    return tuple(dict.fromkeys(sizes))
 
 
 def _load() -> float:
@@ -320,6 +342,12 @@ def main(argv=None) -> int:
     ap.add_argument("--musc-images", type=int, default=None, help="set size (20; quick: 6)")
     ap.add_argument("--throughput-images", type=int, default=None, help="16 (quick: 8)")
     ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument(
+        "--throughput-batches",
+        type=parse_batches,
+        default=(1, 4),
+        help="comma-separated batch sizes of the folder throughput (1,4; on a GPU 1,4,16)",
+    )
     ap.add_argument(
         "--throughput-archs",
         default=None,
@@ -399,6 +427,7 @@ def main(argv=None) -> int:
             hw,
             lambda a: 224 if args.quick else (518 if "L" in a else 224),
             args.repeats,
+            args.throughput_batches,
         )
     if rows:
         print()
@@ -420,11 +449,16 @@ def main(argv=None) -> int:
             )
     if tp_rows:
         print()
-        print("| crane through the local engine | batch 1 img/s | batch 4 img/s |")
-        print("|---|---|---|")
+        sizes = list(dict.fromkeys(t["batch"] for t in tp_rows))
+        print(
+            "| crane through the local engine | "
+            + " | ".join(f"batch {bs} img/s" for bs in sizes)
+            + " |"
+        )
+        print("|---" * (len(sizes) + 1) + "|")
         for arch in dict.fromkeys(t["arch"] for t in tp_rows):
             b = {t["batch"]: t["ips"] for t in tp_rows if t["arch"] == arch}
-            print(f"| {arch} | {b[1]:.3f} | {b[4]:.3f} |")
+            print(f"| {arch} | " + " | ".join(f"{b[bs]:.3f}" for bs in sizes) + " |")
     if rows:
         print("non-matrix: " + " ".join(f"{r['name']}={r['nonmatrix']:.3f}" for r in rows))
     print("ratios: " + " ".join(f"{r['name']}={r['ratio']:.2f}" for r in rows))

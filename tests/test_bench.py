@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from bench_scripts import bench_on_path  # tests/helpers
@@ -106,3 +108,57 @@ def test_set_adds_a_preset_option_and_names_it(bench_modules):
     for bad in ("crane.sigma", "nope.sigma=2", "sigma=2", "crane.=2"):
         with pytest.raises(ConfigError, match="PRESET.OPTION=VALUE"):
             bench_all.apply_settings(cases, [bad])
+
+
+def test_throughput_batches_are_parsed_in_order_once(bench_modules):
+    import argparse
+
+    _, bench_all = bench_modules
+    assert bench_all.parse_batches("1,4,16") == (1, 4, 16)
+    assert bench_all.parse_batches("4, 1,4") == (4, 1)
+    for bad in ("", "0,4", "a,4", "-1"):
+        with pytest.raises(argparse.ArgumentTypeError, match="positive batch sizes"):
+            bench_all.parse_batches(bad)
+
+
+def test_device_check_script_dry_run_on_the_cpu(tmp_path):
+    """bench/device_check.sh, the prepared GPU check, run on the CPU with tiny models: it
+    assembles the package as installed (zsdense.prompts from prompts/), runs both bench_all
+    steps and leaves their logs, the throughput at batch 1, 4 and 16 included."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if shutil.which("bash") is None or shutil.which("timeout") is None:
+        pytest.skip("bash and coreutils' timeout run the device check script")
+    root = Path(__file__).resolve().parents[1]
+    script = root / "bench" / "device_check.sh"
+    if not script.is_file():
+        pytest.skip("the source tree's bench/ folder is not here")
+    out = tmp_path / "out"
+    env = dict(
+        os.environ,
+        OUT=str(out),
+        PYTHON=sys.executable,
+        ZSDENSE_CHECK_DEVICE="cpu",
+        ZSDENSE_CHECK_MODELS="tiny",
+        ZSDENSE_CHECK_PRESETS="crane",
+        ZSDENSE_CHECK_THROUGHPUT_IMAGES="2",
+        ZSDENSE_CHECK_MIN_SECONDS="0",
+        ZSDENSE_CHECK_SECONDS="300",
+    )
+    res = subprocess.run(
+        ["bash", str(script)], env=env, capture_output=True, text=True, timeout=400
+    )
+    log = (out / "device_check.log").read_text() if (out / "device_check.log").exists() else ""
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:] + log[-3000:]
+    env_txt = (out / "env.txt").read_text()
+    assert "zsdense " in env_txt and str(root / "zsdense") not in env_txt  # the assembled copy
+    auto = (out / "bench_all_auto.txt").read_text()
+    head = "| crane through the local engine | batch 1 img/s | batch 4 img/s | batch 16 img/s |"
+    assert head in auto
+    assert auto.strip().splitlines()[-1].startswith("ratios: crane=")
+    fp32 = (out / "bench_all_fp32.txt").read_text()
+    assert "| `crane` |" in fp32 and "| fp32 |" in fp32
+    assert "done, exit status 0" in log
