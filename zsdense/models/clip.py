@@ -543,6 +543,9 @@ def _torch_resize_u8(u8: np.ndarray, hw: tuple[int, int], interpolation: str) ->
     """(H, W, 3) uint8 -> (3, h, w) float32 in [0, 1] by torch's antialiased uint8 resize."""
     import torch.nn.functional as F
 
-    t = torch.from_numpy(u8).permute(2, 0, 1)[None].contiguous(memory_format=torch.channels_last)
+    # a decoded image's pixels are often read-only (Pillow's buffer): torch would warn that a
+    # tensor on them must not be written (it is only read here); a copy is 0.03 ms at 480x640
+    src = u8 if u8.flags.writeable else u8.copy()
+    t = torch.from_numpy(src).permute(2, 0, 1)[None].contiguous(memory_format=torch.channels_last)
     r = F.interpolate(t, size=hw, mode=interpolation, antialias=True, align_corners=False)
     return r[0].numpy().astype(np.float32) / np.float32(255.0)
