@@ -32,7 +32,8 @@ def test_hwc_array_file_is_one_image_with_c_channels(tmp_path, c):
     arr = _array(c)
     path = tmp_path / f"c{c}.tif"
     tifffile.imwrite(path, arr)  # the user's one-liner: stored as H pages of W×C
-    assert len(tifffile.TiffFile(path).pages) == H  # (what made it 40 thin images before)
+    with tifffile.TiffFile(path) as tif:
+        assert len(tif.pages) == H  # (what made it 40 thin images before)
     recs = read_image_records(path)
     assert len(recs) == 1 and recs[0].suffix == ""
     rec = recs[0]

@@ -118,7 +118,8 @@ def test_gif_first_frame_only_with_a_warning(tmp_path: Path) -> None:
     img = Image.fromarray(pal, "L")
     img.save(tmp_path / "gray.gif")
     rec = read_image(tmp_path / "gray.gif")
-    want = np.asarray(Image.open(tmp_path / "gray.gif").convert("RGB")) / 255.0
+    with Image.open(tmp_path / "gray.gif") as gif:
+        want = np.asarray(gif.convert("RGB")) / 255.0
     np.testing.assert_allclose(rec.image, want, atol=1e-7)
     assert "frames_in_file" not in rec.meta
 

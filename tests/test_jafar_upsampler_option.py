@@ -188,7 +188,8 @@ def test_anomalydino_tiles_take_the_upsampler(files, monkeypatch, tmp_path):
     for name in ("gravel.png", "brick.png"):
         shutil.copy(ASSETS / "inspection" / name, good / name)
     img = str(files["test"] / "scratch.png")
-    w, h = Image.open(img).size
+    with Image.open(img) as im:
+        w, h = im.size
     spec = tiling.parse_tile(max(h, w) // 2)
     seg = Segmenter(models="tiny", device="cpu", precision="fp32")
     kw = dict(preset="anomalydino", reference=str(good), tile=spec.text())

@@ -68,10 +68,12 @@ def test_cli_every_preset(data_dir, tmp_path, preset):
     (rec,) = _records(out)
     assert rec["status"] == "ok"
     stem = Path(rec["outputs"]["mask"]).name[: -len(".mask.png")]
-    labels = np.asarray(Image.open(out / rec["outputs"]["mask"]))
-    img = Image.open(next(data_dir.iterdir()))
-    assert labels.shape == (img.size[1], img.size[0]) and labels.max() < 3
-    assert Image.open(out / rec["outputs"]["mask"]).mode == "P"  # palette label PNG
+    with Image.open(out / rec["outputs"]["mask"]) as mask:
+        labels, mode = np.asarray(mask), mask.mode
+    with Image.open(next(data_dir.iterdir())) as img:
+        size = img.size
+    assert labels.shape == (size[1], size[0]) and labels.max() < 3
+    assert mode == "P"  # palette label PNG
     probs = np.load(out / f"{stem}.map.npy")
     assert probs.shape == (3, *labels.shape) and probs.dtype == np.float32
     assert (out / f"{stem}.overlay.jpg").is_file()

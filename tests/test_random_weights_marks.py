@@ -37,8 +37,8 @@ def test_overlay_gets_the_mark(tmp_path):
     mask = np.zeros((40, 60), bool)
     plain = write_outputs(tmp_path / "p", img, fmt="none", mask=mask)
     marked = write_outputs(tmp_path / "m", img, fmt="none", mask=mask, random_weights=True)
-    h_plain = Image.open(plain["overlay"]).size[1]
-    h_marked = Image.open(marked["overlay"]).size[1]
+    with Image.open(plain["overlay"]) as a, Image.open(marked["overlay"]) as b:
+        h_plain, h_marked = a.size[1], b.size[1]
     assert h_plain == 40 and h_marked > 40  # a caption strip with the mark
     cap = write_outputs(tmp_path / "c", img, fmt="none", mask=mask, caption="score 0.5")
     both = write_outputs(

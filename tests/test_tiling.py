@@ -259,7 +259,11 @@ def test_reference_tiles_make_the_memory(tiny_seg, small_fewshot, good_dir, monk
 
     spec = TileSpec(64, 16)
     refs = sorted(good_dir.glob("*.png"))
-    per_ref = [len(tiling.tile_boxes(Image.open(p).size[::-1], spec)) for p in refs]
+    sizes = []
+    for p in refs:
+        with Image.open(p) as im:
+            sizes.append(im.size[::-1])
+    per_ref = [len(tiling.tile_boxes(hw, spec)) for hw in sizes]
     opts = AnomalyOptions(preset="anomalydino", reference=str(good_dir), shots=2, tile="64:16")
     prep = anomaly_methods.prepare(tiny_seg.runtime, opts)
     bank = prep.state.state.bank

@@ -43,4 +43,5 @@ def test_trident_cli_thin_images_written_at_input_size(tmp_path, capsys):
     recs = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     assert sorted(r["status"] for r in recs) == ["ok"] * 3
     for h, w in THIN:
-        assert Image.open(out / f"t{h}x{w}.mask.png").size == (w, h)
+        with Image.open(out / f"t{h}x{w}.mask.png") as im:
+            assert im.size == (w, h)
