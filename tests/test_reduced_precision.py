@@ -245,6 +245,41 @@ def test_eattn_bf16_refined_stream_projected_once(monkeypatch):
     assert (layered.dense_raw[1].float() - want).abs().max() < 0.03 * scale
 
 
+def test_eattn_bf16_heads_packed_by_one_copy_with_the_same_bits(monkeypatch):
+    """bf16 on the CPU: each E-Attn block lays q, k, v out head-major by one copy
+    (``qkv_heads_packed``: the same values as ``qkv_heads``' strided views, each contiguous), so
+    the materialised attention copies nothing; the dual path's outputs are the same bits as with
+    the strided views. float32 (the fused kernel) keeps ``qkv_heads``."""
+    from zsdense.dense import attention, crane
+
+    c32, c16 = _tiny_clip_pair()
+    g = torch.Generator().manual_seed(9)
+    tokens = torch.randn(2, 7, c16.block(0).in_proj_weight.shape[1], generator=g).to(BF16)
+    with torch.inference_mode():
+        strided = attention.qkv_heads(c16.block(0), tokens)
+        packed = attention.qkv_heads_packed(c16.block(0), tokens)
+    for a, b in zip(strided, packed):
+        assert b.is_contiguous() and not a.is_contiguous()
+        assert b.shape == a.shape and torch.equal(a, b)
+
+    x = torch.randn(2, 3, 48, 64, generator=g)
+    start = crane.scale_block(6, c16.num_layers)
+    calls = []
+    real = attention.qkv_heads_packed
+    monkeypatch.setattr(crane, "qkv_heads_packed", lambda *a: calls.append(1) or real(*a))
+    with torch.inference_mode():
+        crane.eattn_dual_path(c32, x, start_block=start)
+        assert calls == []  # float32: the strided views, as ever
+        for kw in ({}, {"keep_last_inputs": True}, {"layers": (start, c16.num_layers)}):
+            got = crane.eattn_dual_path(c16, x.to(BF16), start_block=start, **kw)
+            with monkeypatch.context() as m:
+                m.setattr(crane, "qkv_heads_packed", attention.qkv_heads)
+                want = crane.eattn_dual_path(c16, x.to(BF16), start_block=start, **kw)
+            assert all(torch.equal(a, b) for a, b in zip(got.dense_raw, want.dense_raw))
+            assert torch.equal(got.global_raw, want.global_raw)
+    assert len(calls) == 3 * (c16.num_layers - start + 1)
+
+
 def test_stacked_out_proj_is_the_sum_of_the_blocks_projections():
     """``Σ_j out_proj_j(x_j)`` = one product with the projections side by side; the pair is
     cached and rebuilt after a weight changes (in place) or the model changes dtype."""

@@ -49,6 +49,17 @@ def qkv_heads(block_weights, x_ln_bnc: torch.Tensor) -> tuple[torch.Tensor, ...]
     return split_heads(q, h), split_heads(k, h), split_heads(v, h)
 
 
+def qkv_heads_packed(block_weights, x_ln_bnc: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """:func:`qkv_heads` with each of q, k, v contiguous (B, H, N, d): the in-projection's
+    output laid out head-major by one copy (the same values; the materialised attention then
+    copies nothing, where it made three copies of the strided views)."""
+    h = block_weights.num_heads
+    qkv = F.linear(x_ln_bnc, block_weights.in_proj_weight, block_weights.in_proj_bias)
+    b, n, c3 = qkv.shape
+    packed = qkv.view(b, n, 3, h, c3 // (3 * h)).permute(2, 0, 3, 1, 4).contiguous()
+    return packed.unbind(0)
+
+
 def out_proj(block_weights, x_bnc: torch.Tensor) -> torch.Tensor:
     """The block's attention out-projection (with bias): (B, N, C) -> (B, N, C)."""
     return F.linear(x_bnc, block_weights.out_proj_weight, block_weights.out_proj_bias)
@@ -191,6 +202,8 @@ def _dual_attention_materialised(
     with_plain = with_plain and not few  # the chunks' plain attention: every row
 
     def dense(x: torch.Tensor) -> torch.Tensor:  # (b, h, n, e) -> contiguous (b·h, n, e)
+        if x.is_contiguous():  # e.g. from qkv_heads_packed: already laid out
+            return x.view(bh, n, -1)
         out = torch.empty((b, h, n, x.shape[-1]), dtype=x.dtype, device=x.device)
         out.copy_(x)
         return out.view(bh, n, -1)

@@ -35,6 +35,7 @@ from zsdense.dense.attention import (
     merge_heads,
     out_proj,
     qkv_heads,
+    qkv_heads_packed,
     vfm_guided_attention,
 )
 from zsdense.errors import ConfigError
@@ -133,6 +134,9 @@ def eattn_dual_path(
     refined_at: dict[int, torch.Tensor] = {}
     out = DualPathOutput([], [], [], o, o, (gh, gw))
     blocks = clip.blocks
+    # the materialised attention (bf16 on the CPU) wants contiguous heads: one copy per block
+    materialised = o.device.type == "cpu" and o.dtype in MATERIALISE_DTYPES
+    heads = qkv_heads_packed if materialised else qkv_heads
     # Reduced precision on the CPU, the refined stream read after the last block only (as run):
     # it is the start block's input plus every block's out_proj(A·v), so the blocks' merged
     # heads are kept side by side and projected by one product with the blocks' projections
@@ -153,7 +157,7 @@ def eattn_dual_path(
         mod = blocks[i]
         last = i == n_layers - 1
         x_ln = bw.ln_1(o)
-        q, k, v = qkv_heads(bw, x_ln)  # (B, H, 1+N, d)
+        q, k, v = heads(bw, x_ln)  # (B, H, 1+N, d)
         # the last block's original stream is only read at its class token (unless kept):
         # the materialised (bf16 CPU) attention then computes that row alone
         cls_only = last and not keep_last_inputs and not keep_streams
