@@ -149,7 +149,7 @@ def test_device_check_script_dry_run_on_the_cpu(tmp_path):
         ZSDENSE_CHECK_SECONDS="300",
     )
     res = subprocess.run(
-        ["bash", str(script)], env=env, capture_output=True, text=True, timeout=400
+        ["bash", str(script)], env=env, capture_output=True, text=True, timeout=400, cwd=tmp_path
     )
     log = (out / "device_check.log").read_text() if (out / "device_check.log").exists() else ""
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:] + log[-3000:]
