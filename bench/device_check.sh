@@ -85,7 +85,7 @@ EOF
   )
 } >"$OUT/env.txt" 2>&1
 rc_env=$?
-cat "$OUT/env.txt" | tee -a "$LOG"
+tee -a "$LOG" <"$OUT/env.txt"
 if [ "$rc_env" -ne 0 ]; then
   log "the environment check failed: zsdense or torch does not import"
   exit 4

@@ -38,8 +38,12 @@ def qkv_tokens(block_weights, x_ln_bnc: torch.Tensor) -> tuple[torch.Tensor, ...
 
     ``x_ln_bnc`` is the block's *normalised* input (``ln_1`` already applied).
     """
-    qkv = F.linear(x_ln_bnc, block_weights.in_proj_weight, block_weights.in_proj_bias)
-    return qkv.chunk(3, dim=-1)
+    return in_proj(block_weights, x_ln_bnc).chunk(3, dim=-1)
+
+
+def in_proj(block_weights, x_ln_bnc: torch.Tensor) -> torch.Tensor:
+    """The block's in-projection (with bias) of ``ln_1``-normalised tokens: (B, N, 3C)."""
+    return F.linear(x_ln_bnc, block_weights.in_proj_weight, block_weights.in_proj_bias)
 
 
 def qkv_heads(block_weights, x_ln_bnc: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -54,7 +58,7 @@ def qkv_heads_packed(block_weights, x_ln_bnc: torch.Tensor) -> tuple[torch.Tenso
     output laid out head-major by one copy (the same values; the materialised attention then
     copies nothing, where it made three copies of the strided views)."""
     h = block_weights.num_heads
-    qkv = F.linear(x_ln_bnc, block_weights.in_proj_weight, block_weights.in_proj_bias)
+    qkv = in_proj(block_weights, x_ln_bnc)
     b, n, c3 = qkv.shape
     packed = qkv.view(b, n, 3, h, c3 // (3 * h)).permute(2, 0, 3, 1, 4).contiguous()
     return packed.unbind(0)
@@ -173,6 +177,8 @@ def dual_attention_heads(
 
 # Dtypes for which CPU attention is computed materialised in chunks (see dual_attention_heads)
 MATERIALISE_DTYPES = (torch.bfloat16,)
+
+
 # Bytes of attention scores held at once per chunk (several heads, or a block of rows of one)
 ATTN_CHUNK_BYTES = 4 << 20
 

@@ -145,12 +145,7 @@ def eattn_dual_path(
     # at 224 (197 tokens, 10 blocks, one image; 0.92x for four), 1.4 ms of the 120 ms forward
     # (median of 80 paired runs, AMD EPYC). float32 keeps the per-block sums (its bits).
     stacked = None
-    if (
-        o.device.type == "cpu"
-        and o.dtype in MATERIALISE_DTYPES
-        and want == [n_layers]
-        and not keep_streams
-    ):
+    if materialised and want == [n_layers] and not keep_streams:
         stacked = o.new_empty(o.shape[:-1] + (o.shape[-1] * (n_layers - start_block + 1),))
     for i in range(start_block - 1, n_layers):
         bw = clip.block(i)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from zsdense.dense.attention import merge_heads, out_proj, qkv_heads
 from zsdense.errors import ConfigError
+from zsdense.models.clip import pixels_tensor
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -70,13 +71,6 @@ def _resize(x_nchw: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x_nchw, size=size, mode="bilinear", align_corners=False, antialias=False)
 
 
-def _pixels(image_u8_hwc: np.ndarray, device) -> torch.Tensor:
-    """The image's uint8 pixels as a tensor (only read): sharing the array's memory, or a copy
-    of it where the array is read-only (Pillow's decoded buffer), on which torch would warn."""
-    arr = np.ascontiguousarray(image_u8_hwc)
-    return torch.as_tensor(arr if arr.flags.writeable else arr.copy(), device=device)
-
-
 def global_views(
     image_u8_hwc: np.ndarray,
     masks_nhw: np.ndarray | torch.Tensor,
@@ -89,7 +83,7 @@ def global_views(
     ImageNet-normalised. ``blurred_u8_hwc`` may pass a precomputed blur (shared by all masks)."""
     size = (size, size) if isinstance(size, int) else tuple(size)
     blur = blur_image_u8(image_u8_hwc) if blurred_u8_hwc is None else blurred_u8_hwc
-    img = _pixels(image_u8_hwc, device)
+    img = pixels_tensor(image_u8_hwc, device)
     blr = torch.as_tensor(np.ascontiguousarray(blur), device=device)
     m = _as_masks(masks_nhw, img.device)  # (N, H, W)
     comp = torch.where(m[..., None], img[None], blr[None])  # (N, H, W, 3) uint8
@@ -104,7 +98,7 @@ def normalise_imagenet(
     image_u8_hwc: np.ndarray, device: str | torch.device = "cpu"
 ) -> torch.Tensor:
     """The full image /255, ImageNet-normalised: (3, H, W) float32."""
-    x = _pixels(image_u8_hwc, device).permute(2, 0, 1)
+    x = pixels_tensor(image_u8_hwc, device).permute(2, 0, 1)
     x = x.float() / 255.0
     mean = torch.tensor(IMAGENET_MEAN, device=x.device)[:, None, None]
     std = torch.tensor(IMAGENET_STD, device=x.device)[:, None, None]
