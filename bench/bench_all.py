@@ -315,6 +315,9 @@ def machine_line(seg) -> str:
     parts.append(common.cpu_line())
     auto = precision_name(auto_precision(dev)[0])
     parts.append(f"precision {precision_name(seg.dtype)} (auto picks {auto})")
+    from zsdense.runtime import allocator_state
+
+    parts.append(f"allocator {allocator_state().mode}")
     return "; ".join(parts)
 
 
@@ -355,6 +358,12 @@ def main(argv=None) -> int:
         "--quick also ViT-L-14-336)",
     )
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument(
+        "--allocator",
+        default="tuned",
+        choices=("tuned", "system"),
+        help="the runtime's --allocator (tuned, as the CLI; bench_allocator.py measures both)",
+    )
     ap.add_argument("--models", default="random", help="random (full size) | tiny (smoke test)")
     ap.add_argument(
         "--set",
@@ -381,7 +390,13 @@ def main(argv=None) -> int:
     if bad:
         raise ConfigError(f"unknown preset(s) {', '.join(bad)}; choose from {', '.join(PRESETS)}")
     musc_n = args.musc_images or (6 if args.quick else 20)
-    seg = Segmenter(device=args.device, models=args.models, precision=args.precision, batch_size=4)
+    seg = Segmenter(
+        device=args.device,
+        models=args.models,
+        precision=args.precision,
+        batch_size=4,
+        allocator=args.allocator,
+    )
     load = _load()
     print(
         f"zsdense bench_all{' --quick' if args.quick else ''}: torch {torch.__version__}, "

@@ -138,6 +138,7 @@ RUNTIME_KEYS = (
     "offline",
     "max_pixels",
     *REGISTER_KEYS,
+    "allocator",
 )
 
 
@@ -160,7 +161,7 @@ def _register_values(ctx, param, value):  # noqa: ARG001 - click callback
 
 
 def _runtime_option_table() -> dict[str, Callable]:
-    from zsdense.config import PRECISIONS, REGISTER_BATCHES, REGISTER_MODES
+    from zsdense.config import ALLOCATORS, PRECISIONS, REGISTER_BATCHES, REGISTER_MODES
     from zsdense.models import MODEL_SETS
 
     return {
@@ -219,12 +220,22 @@ def _runtime_option_table() -> dict[str, Callable]:
             "first image of each batch is edited, as the reference code does (a defect; for "
             "comparisons only).",
         ),
+        "allocator": lambda: option(
+            "--allocator", choices=ALLOCATORS, default="tuned", show_default=True,
+            envvar="ZSDENSE_ALLOCATOR",
+            help="tuned: glibc's malloc keeps large freed blocks for reuse instead of returning "
+            "them to the OS (faster: the encoders' attention scores are not page-faulted in "
+            "again for every block and image; the process keeps its peak memory until it "
+            "exits); left alone where LD_PRELOAD or MALLOC_* settings tune it already. system: "
+            "the C library's defaults. Never changes an output (env ZSDENSE_ALLOCATOR).",
+        ),
     }  # fmt: skip
 
 
 def runtime_options(f: Callable | None = None, *, exclude: Sequence[str] = ()) -> Callable:
     """--models, --device, --precision, --weights-dir, --batch-size, --offline, --max-pixels,
-    --registers (with --registers-count, --registers-mode, --registers-batch): every command
+    --registers (with --registers-count, --registers-mode, --registers-batch), --allocator: every
+    command
     takes the runtime options from here (``exclude`` drops the ones a command has no use for,
     e.g. ``max_pixels`` or the register options for training). Choices come from the
     library."""
@@ -287,6 +298,7 @@ def make_runtime(
     registers_count: int | None = None,
     registers_mode: str | None = None,
     registers_batch: str = "per-image",
+    allocator: str = "tuned",
     **_: Any,
 ):
     """The :class:`~zsdense.runtime.Runtime` of the runtime options."""
@@ -308,6 +320,7 @@ def make_runtime(
             registers_count=registers_count,
             registers_mode=registers_mode,
             registers_batch=registers_batch or "per-image",
+            allocator=allocator or "tuned",
         )
     )
 

@@ -167,7 +167,13 @@ def info(methods_only: bool = False) -> None:
     import torch
 
     from zsdense.models import registry
-    from zsdense.runtime import auto_precision, cpu_bf16_support, cpu_capability, resolve_device
+    from zsdense.runtime import (
+        allocator_state,
+        auto_precision,
+        cpu_bf16_support,
+        cpu_capability,
+        resolve_device,
+    )
 
     dev = resolve_device("auto")
     lines = [
@@ -206,6 +212,7 @@ def info(methods_only: bool = False) -> None:
     lines.append(f"precision    {str(dtype).replace('torch.', '')} (auto on {dev.type}: {why})")
     if dev.type == "cpu":
         lines.append(f"cpu threads  {torch.get_num_threads()}")
+    lines.append(f"allocator    {allocator_state().detail} (before a run: --allocator)")
     lines.append(f"anomaly      presets: {', '.join(ANOMALY_PRESETS)}")
     lines.extend(f"  {row}" for row in method_tables().splitlines())
     plugins = [p for p in plugin_status() if p.dist != "zsdense"]

@@ -25,6 +25,7 @@ RUN_TABLE_KEYS = (
     "registers_count",
     "registers_mode",
     "registers_batch",
+    "allocator",
 )
 
 

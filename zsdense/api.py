@@ -198,6 +198,7 @@ _SEGMENTER_KW = (
     "registers_count",
     "registers_mode",
     "registers_batch",
+    "allocator",
 )
 
 

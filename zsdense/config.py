@@ -18,6 +18,8 @@ from zsdense.plugins import Registry
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# --allocator: how the C library's malloc serves the process (zsdense.runtime.tune_allocator)
+ALLOCATORS = ("tuned", "system")
 # --max-pixels: larger images are refused before decoding. 25 MP (6000 x 4000 photos pass) keeps
 # a 2-core 8 GB machine safe: peak RSS of one image through `zsdense anomaly --models tiny` is
 # 1.3 / 2.2 / 3.6 GB at 4 / 16 / 36 MP (bench/bench_max_pixels.py); real models add their weights.
@@ -79,6 +81,9 @@ class RuntimeConfig:
     registers_count: int | None = None  # R; None: the neuron list's own (1 for the shipped one)
     registers_mode: str | None = None  # REGISTER_MODES; None: the neuron list's own ("zero")
     registers_batch: str = "per-image"  # REGISTER_BATCHES
+    # tuned: large blocks kept for reuse, not returned to the OS (zsdense.runtime.tune_allocator);
+    # system: the C library's defaults. Process-wide; recorded, never changes an output.
+    allocator: str = "tuned"
 
     def __post_init__(self) -> None:
         register_entries(self.registers)  # validated here; resolved by the Runtime
@@ -95,6 +100,10 @@ class RuntimeConfig:
         r = self.registers_count
         if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 0):
             raise ConfigError(f"--registers-count must be an integer >= 0, not {r!r}")
+        if self.allocator not in ALLOCATORS:
+            raise ConfigError(
+                f"unknown allocator {self.allocator!r}; choose one of: {', '.join(ALLOCATORS)}"
+            )
         if self.precision not in PRECISIONS:
             raise ConfigError(
                 f"unknown precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}"
