@@ -168,6 +168,7 @@ def info(methods_only: bool = False) -> None:
 
     from zsdense.models import registry
     from zsdense.runtime import (
+        allocator_plan,
         allocator_state,
         auto_precision,
         cpu_bf16_support,
@@ -212,7 +213,8 @@ def info(methods_only: bool = False) -> None:
     lines.append(f"precision    {str(dtype).replace('torch.', '')} (auto on {dev.type}: {why})")
     if dev.type == "cpu":
         lines.append(f"cpu threads  {torch.get_num_threads()}")
-    lines.append(f"allocator    {allocator_state().detail} (before a run: --allocator)")
+    state = allocator_state()
+    lines.append(f"allocator    {state.detail if state.applied else allocator_plan()}")
     lines.append(f"anomaly      presets: {', '.join(ANOMALY_PRESETS)}")
     lines.extend(f"  {row}" for row in method_tables().splitlines())
     plugins = [p for p in plugin_status() if p.dist != "zsdense"]

@@ -193,3 +193,22 @@ def test_tuned_reuses_a_freed_block_where_the_defaults_fault_it_in_again(tmp_pat
     assert sum(f < pages // 10 for f in faults[1:]) >= 3, faults
     applied, pages, faults = got["system"]
     assert not applied and all(f > pages * 0.9 for f in faults), faults
+
+
+def test_info_says_what_a_run_will_do(fresh, monkeypatch, capsys):
+    from zsdense.cli.main import main
+
+    assert R.allocator_plan().startswith("runs tune glibc's malloc")
+    with pytest.raises(SystemExit):
+        main(["info"])
+    assert "allocator    runs tune glibc's malloc" in capsys.readouterr().out
+    monkeypatch.setenv("MALLOC_TOP_PAD_", "1")
+    assert R.allocator_plan() == (
+        "runs keep the C library's defaults (the environment sets MALLOC_TOP_PAD_)"
+    )
+    R.tune_allocator("system")
+    monkeypatch.delenv("MALLOC_TOP_PAD_")
+    R.tune_allocator("tuned")  # once applied, info says how
+    with pytest.raises(SystemExit):
+        main(["info"])
+    assert "allocator    glibc malloc: blocks up to 2048 MiB" in capsys.readouterr().out

@@ -347,10 +347,11 @@ TINY_WARNING = "zsdense: models='{}' uses random weights: results are NOT meanin
 # glibc's malloc serves a block above its mmap threshold (at most 32 MiB by default, adjusted as
 # blocks are freed) with fresh pages from the kernel and gives them back on free, and it gives
 # back the top of its heap past the trim threshold. The encoders' attention scores are such
-# blocks (SAM's global attention: 12·4096² values a block; ViT-L/14 at 518: 16·1370²), so every
-# block of every image page-faulted its scores in anew: 2.4 GB of minor faults per ViT-L/14-336
-# forward at bf16 (1 s of system time on 2 cores). Tuned, blocks up to TUNED_MALLOC_BYTES come
-# from the heap and the heap keeps what was freed: the next image reuses it.
+# blocks (SAM's global attention: 12·4096² values a block, 400 MB in bf16), so every block of
+# every image page-faulted its scores in anew: 3.2-5.3 GB of minor faults and 1.5-2.5 s of
+# system time an image for hybridgl+ and trident at bf16 (2 cores). Tuned, blocks up to
+# TUNED_MALLOC_BYTES come from the heap and the heap keeps what was freed: the next block and
+# image reuse it (README, "The memory allocator": 0.79-0.85x the time, and the peak it costs).
 M_TRIM_THRESHOLD = -1  # mallopt parameters (malloc.h)
 M_MMAP_THRESHOLD = -3
 TUNED_MALLOC_BYTES = (1 << 31) - 1  # the largest value mallopt takes (an int)
@@ -418,8 +419,8 @@ def tune_allocator(mode: str = "tuned") -> AllocatorState:
     ``tuned`` (glibc on Linux): ``mallopt`` raises the mmap and trim thresholds to
     ``TUNED_MALLOC_BYTES``, so large tensors freed by one block or image are reused by the next
     instead of being returned to the kernel and faulted in again. Measured on the SAM presets at
-    bf16 (README, "Benchmarks"). The cost: memory freed stays with the process (its resident
-    size stays at its peak until it exits). Left alone, and said so, where another allocator is
+    bf16 (README, "The memory allocator"). The cost: memory freed stays with the process (its
+    resident size stays at its peak until it exits), and the peak can be higher (trident: +28 %). Left alone, and said so, where another allocator is
     preloaded, the environment tunes malloc already (``MALLOC_*_``, ``GLIBC_TUNABLES``), or the
     C library is not glibc. ``system`` changes nothing.
 
@@ -470,6 +471,15 @@ def release_free_memory() -> None:
         ctypes.CDLL(None).malloc_trim(ctypes.c_size_t(0))
     except (OSError, AttributeError):
         pass
+
+
+def allocator_plan() -> str:
+    """What ``--allocator tuned`` (the default) would do in this process, in words
+    (``zsdense info``, before any runtime applied it)."""
+    why = _allocator_blocker()
+    if why is not None:
+        return f"runs keep the C library's defaults ({why})"
+    return "runs tune glibc's malloc (--allocator tuned, the default; system: its defaults)"
 
 
 def allocator_state() -> AllocatorState:
