@@ -58,6 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from bench_engine import make_data, runner  # noqa: E402
 
+from zsdense.config import ALLOCATORS  # noqa: E402
 from zsdense.runtime import precision_name  # noqa: E402
 
 PRESETS = ("crane", "crane+", "anomalydino", "musc", "trident", "proxyclip", "hybridgl+")
@@ -147,6 +148,17 @@ def apply_settings(cases: dict[str, dict], settings: list[str]) -> None:
         cases[name].setdefault("settings", []).append(f"{option}={text}")
 
 
+def preset_inputs(seg, name: str, case: dict) -> tuple[list, object, list[dict]]:
+    """A preset's synthetic images (seeded by its name), its engine task spec (no outputs
+    written) and one task config per image (``bench_allocator.py`` runs the same)."""
+    from zsdense.engine.specs import build_task_spec
+
+    rng = np.random.default_rng(len(name))
+    images = [common.synthetic_image(rng, *case["hw"]) for _ in range(case["n"])]
+    spec = build_task_spec(seg, case["cfg"], fmt="none", overlay=False)
+    return images, spec, [dict(case["cfg"]) for _ in images]
+
+
 def bench_preset(
     seg, name: str, case: dict, repeats: int, device: str, min_seconds: float = 0.0
 ) -> dict:
@@ -156,13 +168,9 @@ def bench_preset(
     ``min_seconds`` in total (at most ``MAX_REPEATS``): on a shared machine the minimum of many
     short runs is the least disturbed one."""
     from zsdense.context import ImageContext
-    from zsdense.engine.specs import build_task_spec
     from zsdense.options import options_for
 
-    rng = np.random.default_rng(len(name))
-    images = [common.synthetic_image(rng, *case["hw"]) for _ in range(case["n"])]
-    spec = build_task_spec(seg, case["cfg"], fmt="none", overlay=False)
-    params = [dict(case["cfg"]) for _ in images]
+    images, spec, params = preset_inputs(seg, name, case)
     common.reset_peak(device)
     if spec.setup:
         spec.setup()
@@ -361,7 +369,7 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--allocator",
         default="tuned",
-        choices=("tuned", "system"),
+        choices=ALLOCATORS,
         help="the runtime's --allocator (tuned, as the CLI; bench_allocator.py measures both)",
     )
     ap.add_argument("--models", default="random", help="random (full size) | tiny (smoke test)")

@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,29 +33,16 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_PRESETS = "crane,hybridgl+,trident"
 
 
-def _hwm_mb() -> float:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return float("nan")
-
-
 def child(args) -> int:
     """One measurement: ``args.child`` is the allocator setting; prints one JSON line."""
     sys.path.insert(0, str(HERE))
-    import numpy as np
-    import torch
-
     import common
-    from bench_all import preset_cases
+    import torch
+    from bench_all import preset_cases, preset_inputs
+    from bench_engine import make_data
 
     from zsdense.api import Segmenter
     from zsdense.context import ImageContext
-    from zsdense.engine.specs import build_task_spec
     from zsdense.runtime import allocator_state, precision_name
 
     if args.threads:
@@ -62,29 +50,27 @@ def child(args) -> int:
     seg = Segmenter(
         device="cpu", models=args.models, precision=args.precision, allocator=args.child
     )
-    ref_dir = Path(tempfile.mkdtemp(prefix="zsb-alloc-"))
-    from bench_engine import make_data
+    ref_dir = Path(tempfile.mkdtemp(prefix="zsb-alloc-"))  # anomalydino's reference images
+    try:
+        make_data(ref_dir, 2, (240, 320) if args.quick else (480, 640))
+        case = preset_cases(args.quick, 6 if args.quick else 20, ref_dir)[args.preset]
+        images, spec, params = preset_inputs(seg, args.preset, case)
+        if spec.setup:
+            spec.setup()
 
-    make_data(ref_dir, 2, (240, 320) if args.quick else (480, 640))
-    case = preset_cases(args.quick, 6 if args.quick else 20, ref_dir)[args.preset]
-    rng = np.random.default_rng(len(args.preset))
-    images = [common.synthetic_image(rng, *case["hw"]) for _ in range(case["n"])]
-    spec = build_task_spec(seg, case["cfg"], fmt="none", overlay=False)
-    params = [dict(case["cfg"]) for _ in images]
-    if spec.setup:
-        spec.setup()
+        def run() -> None:
+            spec.run([ImageContext(image=im) for im in images], params)
 
-    def run() -> None:
-        spec.run([ImageContext(image=im) for im in images], params)
-
-    run()  # warm-up: models, text embeddings, memories
-    best = float("inf")
-    r0 = resource.getrusage(resource.RUSAGE_SELF)
-    for _ in range(args.runs):
-        t = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - t)
-    r1 = resource.getrusage(resource.RUSAGE_SELF)
+        run()  # warm-up: models, text embeddings, memories
+        best = float("inf")
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
+        for _ in range(args.runs):
+            t = time.perf_counter()
+            run()
+            best = min(best, time.perf_counter() - t)
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+    finally:
+        shutil.rmtree(ref_dir, ignore_errors=True)
     page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
     state = allocator_state()
     print(
@@ -96,7 +82,7 @@ def child(args) -> int:
                 "seconds": best / len(images),
                 "fault_mb": (r1.ru_minflt - r0.ru_minflt) * page / 2**20 / args.runs,
                 "sys_s": (r1.ru_stime - r0.ru_stime) / args.runs,
-                "peak_mb": _hwm_mb(),
+                "peak_mb": common.peak_mb("cpu"),
                 "precision": precision_name(seg.dtype),
             }
         ),
@@ -110,11 +96,15 @@ def measure(args, preset: str, setting: str) -> dict:
     cmd += ["--precision", args.precision, "--models", args.models, "--runs", str(args.runs)]
     cmd += ["--quick"] if args.quick else []
     cmd += ["--threads", str(args.threads)] if args.threads else []
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=tempfile.gettempdir())
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, check=False, cwd=tempfile.gettempdir()
+    )
     for line in reversed(out.stdout.splitlines()):
         if line.startswith("{"):
             return json.loads(line)
-    raise RuntimeError(f"{preset} ({setting}) failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
+    raise RuntimeError(
+        f"{preset} ({setting}) failed (exit {out.returncode}):\n{out.stderr[-3000:]}"
+    )
 
 
 def main(argv=None) -> int:
@@ -126,7 +116,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=2, help="children per setting, alternating")
     ap.add_argument("--runs", type=int, default=3, help="timed runs per child (minimum kept)")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--child", choices=("tuned", "system"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=("tuned", "system"), help=argparse.SUPPRESS)  # ALLOCATORS
     ap.add_argument("--preset", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:

@@ -234,11 +234,10 @@ def _runtime_option_table() -> dict[str, Callable]:
 
 def runtime_options(f: Callable | None = None, *, exclude: Sequence[str] = ()) -> Callable:
     """--models, --device, --precision, --weights-dir, --batch-size, --offline, --max-pixels,
-    --registers (with --registers-count, --registers-mode, --registers-batch), --allocator: every
-    command
-    takes the runtime options from here (``exclude`` drops the ones a command has no use for,
-    e.g. ``max_pixels`` or the register options for training). Choices come from the
-    library."""
+    --registers (with --registers-count, --registers-mode, --registers-batch), --allocator:
+    every command takes the runtime options from here (``exclude`` drops the ones a command
+    has no use for, e.g. ``max_pixels`` or the register options for training). Choices come
+    from the library."""
     if f is None:
         return lambda g: runtime_options(g, exclude=exclude)
     return _apply(f, _runtime_option_table(), exclude)

@@ -131,6 +131,7 @@ def test_the_cli_option_reaches_the_record_and_a_resume_ignores_it(fresh, tmp_pa
     data.mkdir()
     rng = np.random.default_rng(0)
     Image.fromarray((rng.random((40, 48, 3)) * 255).astype(np.uint8)).save(data / "a.png")
+
     def run(out, *extra) -> None:
         cmd = ["anomaly", str(data), "--out", str(out), "--models", "tiny", "-q", *extra]
         with pytest.raises(SystemExit) as exc:

@@ -420,9 +420,10 @@ def tune_allocator(mode: str = "tuned") -> AllocatorState:
     ``TUNED_MALLOC_BYTES``, so large tensors freed by one block or image are reused by the next
     instead of being returned to the kernel and faulted in again. Measured on the SAM presets at
     bf16 (README, "The memory allocator"). The cost: memory freed stays with the process (its
-    resident size stays at its peak until it exits), and the peak can be higher (trident: +28 %). Left alone, and said so, where another allocator is
-    preloaded, the environment tunes malloc already (``MALLOC_*_``, ``GLIBC_TUNABLES``), or the
-    C library is not glibc. ``system`` changes nothing.
+    resident size stays at its peak until it exits), and the peak can be higher (trident: up to
+    +28 %). Left alone, and said so, where another allocator is preloaded, the environment tunes
+    malloc already (``MALLOC_*_``, ``GLIBC_TUNABLES``), or the C library is not glibc.
+    ``system`` changes nothing.
 
     Process-wide and once: the first runtime asking ``tuned`` applies it and ``system`` does not
     undo it. Allocation never changes a result."""
