@@ -155,19 +155,24 @@ def test_ray_actors_and_the_run_table_get_the_setting():
     assert _seg_kwargs({"allocator": "system", "models": "tiny"})["allocator"] == "system"
 
 
-FAULTS = """
-import resource, sys, torch
+KEPT = """
+import sys, torch
 from zsdense.runtime import tune_allocator
+
+
+def rss_mb():
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+
+
 state = tune_allocator(sys.argv[1])
-n = 64 << 20
-faults = []
-for _ in range(6):
-    r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    x = torch.empty(n, dtype=torch.uint8)
-    x.fill_(1)
-    del x
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)
-print(state.applied, n // resource.getpagesize(), *faults)
+x = torch.empty(64 << 20, dtype=torch.uint8)
+x.fill_(1)
+held = rss_mb()
+del x
+print(state.applied, held - rss_mb())
 """
 
 
@@ -175,25 +180,24 @@ print(state.applied, n // resource.getpagesize(), *faults)
     not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
     reason="the allocator is tuned on Linux with glibc only",
 )
-def test_tuned_reuses_a_freed_block_where_the_defaults_fault_it_in_again(tmp_path):
-    """A 64 MiB tensor allocated, written and freed six times in a fresh interpreter: with the
-    C library's defaults every round faults its pages in anew; tuned, the freed block is reused
-    (a round or two may still grow the heap where a small allocation landed after the block)."""
+def test_tuned_keeps_a_freed_block_where_the_defaults_return_it(tmp_path):
+    """A 64 MiB tensor written and freed in a fresh interpreter: with the C library's defaults
+    its pages go back to the kernel at once (the next one is faulted in anew); tuned, they stay
+    with the process for reuse. (Whether a later request reuses them depends on where the
+    heap's other blocks landed: a loop of such tensors faulted in 5 of 6 rounds in one process,
+    none after the first in another; README, "The memory allocator".)"""
     env = {k: v for k, v in os.environ.items() if k not in (*R.MALLOC_ENV, "GLIBC_TUNABLES")}
     env.pop("LD_PRELOAD", None)
     got = {}
     for setting in ("tuned", "system"):
         out = subprocess.run(
-            [sys.executable, "-c", FAULTS, setting],
+            [sys.executable, "-c", KEPT, setting],
             capture_output=True, text=True, env=env, cwd=tmp_path, check=True, timeout=120,
         )  # fmt: skip
-        applied, pages, *faults = out.stdout.split()
-        got[setting] = (applied == "True", int(pages), [int(f) for f in faults])
-    applied, pages, faults = got["tuned"]
-    assert applied
-    assert sum(f < pages // 10 for f in faults[1:]) >= 3, faults
-    applied, pages, faults = got["system"]
-    assert not applied and all(f > pages * 0.9 for f in faults), faults
+        applied, released = out.stdout.split()
+        got[setting] = (applied == "True", float(released))
+    assert got["tuned"][0] and got["tuned"][1] < 8, got  # MB handed back on free
+    assert not got["system"][0] and got["system"][1] > 56, got
 
 
 def test_info_says_what_a_run_will_do(fresh, monkeypatch, capsys):
