@@ -12,7 +12,11 @@ downloaded). For each preset, in one process and interleaved (pipeline, bare, pi
   CLIP [+ DINOv2] for crane / crane+ / musc, DINOv2 for anomalydino, CLIP and DINOv2 on the
   windows [+ one SAM encoder pass] for trident / proxyclip, SAM encoder + CLIP on the 2N views
   and on the whole image (its heat map) for hybridgl+);
-- their ratio; the FLOPs of each (``torch.utils.flop_counter``: matrix products, convolutions,
+- their ratio (of the minima), and the ratio of each run's pair (pipeline and bare one after
+  the other, which side first alternating): the pairs' median and quartiles. This VM's
+  timings drift from minute to minute, and a pair shares its minute; the spread says how far
+  one run's ratio can be trusted;
+- the FLOPs of each (``torch.utils.flop_counter``: matrix products, convolutions,
   attention; one extra untimed run) and their ratio, the preset's floor: a pipeline that does
   more arithmetic than its encoders cannot run faster than that ratio allows, so the target is
   ``ratio <= max(1.15, FLOP ratio) + 0.05`` (the ``target (limit)`` column);
@@ -208,19 +212,23 @@ def bench_preset(
     )
     runs = max(1, repeats, min(MAX_REPEATS, math.ceil(min_seconds / max(t_one, 1e-3))))
     tp, tb = [], []
-    for _ in range(runs):
-        ctxs = [ImageContext(image=im) for im in images]
-        tp.append(common.timed(lambda c=ctxs: spec.run(c, params), device))
-        ctxs = [ImageContext(image=im) for im in images]
-        tb.append(common.timed(lambda c=ctxs: bare(c), device))
+    for i in range(runs):  # one pair a run; which side goes first alternates
+        for side in ("pipeline", "bare") if i % 2 == 0 else ("bare", "pipeline"):
+            ctxs = [ImageContext(image=im) for im in images]
+            if side == "pipeline":
+                tp.append(common.timed(lambda c=ctxs: spec.run(c, params), device))
+            else:
+                tb.append(common.timed(lambda c=ctxs: bare(c), device))
     n = len(images)
     ratio = min(tp) / min(tb)
+    paired = paired_ratios(tp, tb)
     return dict(
         name=name,
         n=n,
         pipeline=min(tp) / n,
         bare=min(tb) / n,
         ratio=ratio,
+        paired=paired,
         runs=runs,
         # the pipeline's time outside matrix products / convolutions / attention, as a
         # fraction of the bare encoders' time: its profiled share of the pipeline's time times
@@ -241,6 +249,29 @@ def bench_preset(
 TARGET = 1.15
 MARGIN = 0.05
 MAX_REPEATS = 25
+
+
+def paired_ratios(pipeline: list[float], bare: list[float]) -> tuple[float, float, float]:
+    """The ratio of each run's pipeline time to the bare time of the same run (run one after
+    the other): their median and quartiles (the spread of the pairs; with fewer than four
+    pairs the lowest and highest). The minima's ratio compares each side's least disturbed
+    run, which need not be of the same minute; a pair shares its minute, so a machine that
+    slows down for a while moves both of its sides."""
+    import statistics
+
+    r = sorted(p / b for p, b in zip(pipeline, bare))
+    if not r:
+        raise ValueError("no runs to pair")
+    if len(r) < 4:
+        return statistics.median(r), r[0], r[-1]
+    q1, q2, q3 = statistics.quantiles(r, n=4, method="inclusive")
+    return q2, q1, q3
+
+
+def paired_cell(r: dict) -> str:
+    """``median (low–high)`` of :func:`paired_ratios`."""
+    med, lo, hi = r["paired"]
+    return f"{med:.2f} ({lo:.2f}–{hi:.2f})"
 
 
 def limit(r: dict) -> float:
@@ -426,7 +457,8 @@ def main(argv=None) -> int:
             rows.append(r)
             print(
                 f"  {name}: pipeline {r['pipeline']:.2f}s bare {r['bare']:.2f}s ratio "
-                f"{r['ratio']:.2f}, FLOPs {r['gflop_pipeline']:.1f} / {r['gflop_bare']:.1f} G = "
+                f"{r['ratio']:.2f} (paired {paired_cell(r)}), FLOPs {r['gflop_pipeline']:.1f} / "
+                f"{r['gflop_bare']:.1f} G = "
                 f"{r['flop_ratio']:.2f}; minimum of {r['runs']} runs "
                 f"({time.perf_counter() - t:.0f}s incl. warm-up); outside matrix products "
                 f"{r['nonmatrix']:.3f} of the bare encoders (theirs {r['nonmatrix_bare']:.3f})",
@@ -457,14 +489,16 @@ def main(argv=None) -> int:
         print(f"machine: {machine_line(seg)}; load average {_load():.1f} at the end")
         print()
         print(
-            "| preset | pipeline s/img | bare encoders s/img | ratio | GFLOP pipeline / bare "
+            "| preset | pipeline s/img | bare encoders s/img | ratio | paired ratio: median "
+            "(quartiles) | GFLOP pipeline / bare "
             "| FLOP ratio | target (limit) | non-matrix / bare (bare's own) | peak MB | precision "
             "| note |"
         )
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             print(
                 f"| `{r['name']}` | {r['pipeline']:.2f} | {r['bare']:.2f} | {r['ratio']:.2f} | "
+                f"{paired_cell(r)} | "
                 f"{r['gflop_pipeline']:.1f} / {r['gflop_bare']:.1f} | {r['flop_ratio']:.2f} | "
                 f"{target(r)} ({limit(r):.2f}) | "
                 f"{r['nonmatrix']:.3f} ({r['nonmatrix_bare']:.3f}) | "

@@ -74,6 +74,22 @@ def test_target_rule(bench_modules):
     assert bench_all.limit(dict(flop_ratio=1.24)) == pytest.approx(1.29)
 
 
+def test_paired_ratios_median_and_quartiles(bench_modules):
+    """Each run's pipeline time over the same run's bare time; median and quartiles (the
+    extremes below four pairs); the minima's ratio is another figure."""
+    _, bench_all = bench_modules
+    pipe = [1.2, 2.6, 1.1, 1.3, 1.5]
+    bare = [1.0, 2.0, 1.0, 1.0, 1.0]  # pairs: 1.2, 1.3, 1.1, 1.3, 1.5
+    med, q1, q3 = bench_all.paired_ratios(pipe, bare)
+    assert (med, q1, q3) == pytest.approx((1.3, 1.2, 1.3))
+    assert min(pipe) / min(bare) == pytest.approx(1.1)
+    assert bench_all.paired_ratios([3.0, 1.0], [2.0, 1.0]) == pytest.approx((1.25, 1.0, 1.5))
+    assert bench_all.paired_ratios([2.0], [1.0]) == (2.0, 2.0, 2.0)
+    assert bench_all.paired_cell(dict(paired=(1.234, 1.2, 1.26))) == "1.23 (1.20–1.26)"
+    with pytest.raises(ValueError, match="no runs"):
+        bench_all.paired_ratios([], [])
+
+
 def test_bench_all_runs_on_tiny_models(bench_modules, capsys):
     _, bench_all = bench_modules
     rc = bench_all.main(
@@ -84,9 +100,12 @@ def test_bench_all_runs_on_tiny_models(bench_modules, capsys):
     assert rc == 0
     rows = [line for line in out if line.startswith("| `")]
     assert [r.split("`")[1] for r in rows] == ["crane", "proxyclip"]
-    assert len(rows[0].split("|")) == 13  # eleven columns
-    assert rows[0].split("|")[11].strip() == "sigma=2" and rows[1].split("|")[11].strip() == ""
-    nonmatrix = rows[0].split("|")[8].split()
+    assert len(rows[0].split("|")) == 14  # twelve columns
+    assert rows[0].split("|")[12].strip() == "sigma=2" and rows[1].split("|")[12].strip() == ""
+    med, spread = rows[0].split("|")[5].strip().split(" ", 1)  # median (low–high)
+    lo, hi = (float(v) for v in spread.strip("()").split("–"))
+    assert 0 < lo <= float(med) <= hi
+    nonmatrix = rows[0].split("|")[9].split()
     assert float(nonmatrix[0]) > 0 and nonmatrix[1].startswith("(")  # pipeline (bare's own)
     assert any(line.startswith("machine: CPU ") and "bf16 " in line for line in out)
     last = out[-1]
