@@ -1,9 +1,10 @@
 """One benchmark table: every preset against its bare encoders, and folder throughput.
 
 Full-size architectures with random weights (speed does not depend on the weights; nothing is
-downloaded). For each preset, in one process and interleaved (pipeline, bare, pipeline, bare,
-...; the minimum of ``--repeats`` runs of each is kept, and fast presets run more often, up to
-``--min-seconds`` per side: the machine may be shared):
+downloaded). For each preset, in one process and interleaved (pipeline, bare, bare, pipeline,
+pipeline, bare, ...: a pair a run, which side first alternating; the minimum of ``--repeats``
+runs of each is kept, and fast presets run more often, up to ``--min-seconds`` per side: the
+machine may be shared):
 
 - ``pipeline``: the preset's task run through its engine spec (``build_task_spec(...).run``) on
   fresh image contexts; models, text embeddings and few-shot memories are built by a warm-up run
@@ -50,6 +51,7 @@ import argparse
 import math
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -212,13 +214,18 @@ def bench_preset(
     )
     runs = max(1, repeats, min(MAX_REPEATS, math.ceil(min_seconds / max(t_one, 1e-3))))
     tp, tb = [], []
+
+    def time_pipeline() -> None:
+        ctxs = [ImageContext(image=im) for im in images]
+        tp.append(common.timed(lambda: spec.run(ctxs, params), device))
+
+    def time_bare() -> None:
+        ctxs = [ImageContext(image=im) for im in images]
+        tb.append(common.timed(lambda: bare(ctxs), device))
+
     for i in range(runs):  # one pair a run; which side goes first alternates
-        for side in ("pipeline", "bare") if i % 2 == 0 else ("bare", "pipeline"):
-            ctxs = [ImageContext(image=im) for im in images]
-            if side == "pipeline":
-                tp.append(common.timed(lambda c=ctxs: spec.run(c, params), device))
-            else:
-                tb.append(common.timed(lambda c=ctxs: bare(c), device))
+        for step in (time_pipeline, time_bare) if i % 2 == 0 else (time_bare, time_pipeline):
+            step()
     n = len(images)
     ratio = min(tp) / min(tb)
     paired = paired_ratios(tp, tb)
@@ -257,8 +264,6 @@ def paired_ratios(pipeline: list[float], bare: list[float]) -> tuple[float, floa
     pairs the lowest and highest). The minima's ratio compares each side's least disturbed
     run, which need not be of the same minute; a pair shares its minute, so a machine that
     slows down for a while moves both of its sides."""
-    import statistics
-
     r = sorted(p / b for p, b in zip(pipeline, bare))
     if not r:
         raise ValueError("no runs to pair")
@@ -269,7 +274,8 @@ def paired_ratios(pipeline: list[float], bare: list[float]) -> tuple[float, floa
 
 
 def paired_cell(r: dict) -> str:
-    """``median (low–high)`` of :func:`paired_ratios`."""
+    """``median (first quartile–third quartile)`` of :func:`paired_ratios` (below four pairs:
+    lowest–highest)."""
     med, lo, hi = r["paired"]
     return f"{med:.2f} ({lo:.2f}–{hi:.2f})"
 
